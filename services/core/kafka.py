@@ -1,0 +1,175 @@
+"""Kafka topics and durable producing, shared by every service.
+
+A write counts as done only when the broker acknowledged it with acks=all; callers turn
+`BrokerUnavailable` into gRPC UNAVAILABLE so that nothing unwritten is ever acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from prometheus_client import Counter, Histogram
+
+log = logging.getLogger(__name__)
+
+PRODUCE_SECONDS = Histogram(
+    "modalign_kafka_produce_seconds",
+    "Time from send to broker acknowledgement (acks=all) of one record.",
+    ["topic"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PRODUCE_ERRORS = Counter(
+    "modalign_kafka_produce_errors_total",
+    "Records the broker did not acknowledge, by topic and error type.",
+    ["topic", "error"],
+)
+
+DAY_MS = 24 * 60 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """How a service reaches Kafka and names its topics."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of brokers."""
+    topic_prefix: str = "modalign."
+    """Prepended to every topic name, so several deployments can share one cluster."""
+    partitions: int = 3
+    """Partitions of the generations and feedback topics (and their dead-letter topic): the unit of
+    trainer parallelism."""
+    replication_factor: int = 1
+    """Replicas per partition; 3 in a production cluster."""
+    min_insync_replicas: int = 1
+    """Replicas that must have a write before acks=all returns; 2 in a production cluster."""
+    retention_days: float = 7.0
+    """How long generations, feedback and dead letters are kept."""
+    produce_timeout_s: float = 10.0
+    """Upper bound on waiting for an acknowledgement; past it the write counts as failed."""
+    security_protocol: str = "PLAINTEXT"
+    """PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."""
+    client_options: dict = field(default_factory=dict)
+    """Further kafka-python options (ssl_cafile, sasl_mechanism, ...), passed through unchanged."""
+
+    def topic(self, name: str) -> str:
+        return self.topic_prefix + name
+
+    def client_kwargs(self) -> dict:
+        return {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            **self.client_options,
+        }
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    compacted: bool
+    """Compacted topics keep the newest record per key (the current state); the others expire by age."""
+    partitioned: bool
+    """Whether the topic gets KafkaConfig.partitions partitions; state topics have one, so readers see
+    one total order."""
+
+
+TOPICS = (
+    TopicSpec("generations", compacted=False, partitioned=True),
+    TopicSpec("feedback", compacted=False, partitioned=True),
+    TopicSpec("feedback.dlq", compacted=False, partitioned=True),
+    TopicSpec("policy-versions", compacted=True, partitioned=False),
+    TopicSpec("rollout", compacted=True, partitioned=False),
+)
+
+
+def topic_configs(spec: TopicSpec, config: KafkaConfig) -> dict[str, str]:
+    settings = {"min.insync.replicas": str(config.min_insync_replicas)}
+    if spec.compacted:
+        settings |= {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(DAY_MS)}
+    else:
+        settings |= {"cleanup.policy": "delete", "retention.ms": str(int(config.retention_days * DAY_MS))}
+    return settings
+
+
+def ensure_topics(config: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
+    """Creates any missing modalign topic with its settings; returns the names it created.
+
+    Idempotent: topics that exist are left as they are (their settings are not rewritten).
+    """
+    admin = KafkaAdminClient(**config.client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
+    try:
+        existing = set(admin.list_topics())
+        wanted = [
+            NewTopic(
+                name=config.topic(spec.name),
+                num_partitions=config.partitions if spec.partitioned else 1,
+                replication_factor=config.replication_factor,
+                topic_configs=topic_configs(spec, config),
+            )
+            for spec in TOPICS
+            if config.topic(spec.name) not in existing
+        ]
+        created = []
+        for topic in wanted:
+            try:
+                admin.create_topics([topic], timeout_ms=int(timeout_s * 1000))
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass  # another process created it between our listing and our request
+        return created
+    finally:
+        admin.close()
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker did not acknowledge a write in time; the record must be treated as not written."""
+
+
+def make_producer(config: KafkaConfig) -> KafkaProducer:
+    """A producer whose acknowledged writes are durable and never duplicated by its own retries."""
+    timeout_ms = int(config.produce_timeout_s * 1000)
+    return KafkaProducer(
+        **config.client_kwargs(),
+        acks="all",
+        enable_idempotence=True,
+        retries=2**31 - 1,
+        max_in_flight_requests_per_connection=5,
+        linger_ms=2,
+        compression_type=None,
+        max_block_ms=timeout_ms,
+        request_timeout_ms=max(timeout_ms - 1000, 1000),
+        delivery_timeout_ms=timeout_ms,
+        reconnect_backoff_max_ms=1000,
+    )
+
+
+def produce_durably(producer: KafkaProducer, topic: str, key: str, value: bytes, timeout_s: float) -> None:
+    """Sends one record and returns only once the broker acknowledged it (acks=all).
+
+    Raises BrokerUnavailable when it did not within timeout_s; the caller must not acknowledge anything.
+    """
+    started = time.perf_counter()
+    try:
+        producer.send(topic, key=key.encode(), value=value).get(timeout=timeout_s)
+    except KafkaError as error:
+        PRODUCE_ERRORS.labels(topic, type(error).__name__).inc()
+        raise BrokerUnavailable(f"Kafka did not acknowledge the write to {topic}: {error}") from error
+    PRODUCE_SECONDS.labels(topic).observe(time.perf_counter() - started)
+
+
+def make_consumer(config: KafkaConfig, *topics: str, group_id: str | None, **options) -> KafkaConsumer:
+    """A consumer with manual commits; session timeouts kept short so group joins take seconds."""
+    return KafkaConsumer(
+        *topics,
+        **config.client_kwargs(),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=options.pop("session_timeout_ms", 10_000),
+        heartbeat_interval_ms=options.pop("heartbeat_interval_ms", 1_000),
+        **options,
+    )
