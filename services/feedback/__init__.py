@@ -1,0 +1,1 @@
+"""The feedback service: validated, de-duplicated, durably acknowledged user feedback."""

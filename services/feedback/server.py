@@ -1,0 +1,156 @@
+"""FeedbackService over gRPC: validate, de-duplicate by feedback_id, write to Kafka, then acknowledge."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import grpc
+from google.protobuf import timestamp_pb2
+from prometheus_client import Counter, start_http_server
+
+from modalign.core.config import parse_config
+from modalign.core.grpc_server import build_server, serve_until_signalled
+from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
+from modalign.feedback.ledger import FeedbackLedger
+from modalign.feedback.validation import InvalidFeedback, validate_feedback
+from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FEEDBACK = Counter(
+    "modalign_feedback_received_total",
+    "Feedback messages by kind and outcome (accepted, duplicate, invalid, conflict, unavailable).",
+    ["kind", "outcome"],
+)
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """The feedback service."""
+
+    listen: str = "127.0.0.1:50052"
+    """gRPC address, host:port; 0.0.0.0 or [::] in a container."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9102
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    kafka: KafkaConfig = field(default_factory=lambda: KafkaConfig(produce_timeout_s=5.0))
+    max_workers: int = 32
+    """Threads serving RPCs; each holds one feedback while its write is acknowledged."""
+
+
+def content_digest(feedback: feedback_pb2.Feedback) -> str:
+    return hashlib.sha256(feedback.SerializeToString(deterministic=True)).hexdigest()
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+    def __init__(self, config: FeedbackConfig, ledger: FeedbackLedger) -> None:
+        self._config = config
+        self._ledger = ledger
+        self._producer = make_producer(config.kafka)
+        self._topic = config.kafka.topic("feedback")
+        self._id_locks: dict[str, threading.Lock] = {}
+        self._id_locks_guard = threading.Lock()
+        self._uncertain_ids: set[str] = set()
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
+
+    def Submit(self, request: feedback_pb2.Feedback, context: grpc.ServicerContext) -> feedback_pb2.SubmitResponse:
+        duplicate = self._store(request, context, field_prefix="")
+        return feedback_pb2.SubmitResponse(feedback_id=request.feedback_id, duplicate=duplicate)
+
+    def SubmitStream(
+        self, request_iterator: Iterator[feedback_pb2.Feedback], context: grpc.ServicerContext
+    ) -> feedback_pb2.SubmitStreamResponse:
+        accepted = duplicates = 0
+        for index, feedback in enumerate(request_iterator):
+            if self._store(feedback, context, field_prefix=f"feedback[{index}]."):
+                duplicates += 1
+            else:
+                accepted += 1
+        return feedback_pb2.SubmitStreamResponse(accepted=accepted, duplicates=duplicates)
+
+    def _store(self, feedback: feedback_pb2.Feedback, context: grpc.ServicerContext, field_prefix: str) -> bool:
+        """Writes one feedback durably; returns True when it had already been stored. Aborts the RPC
+        with the right status code otherwise."""
+        kind = feedback.WhichOneof("kind") or "none"
+        try:
+            validate_feedback(feedback)
+        except InvalidFeedback as error:
+            FEEDBACK.labels(kind, "invalid").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, field_prefix + str(error))
+        digest = content_digest(feedback)
+        with self._lock_for(feedback.feedback_id):
+            try:
+                if feedback.feedback_id in self._uncertain_ids:
+                    # An earlier write of this id timed out and may still have landed: learn its fate first.
+                    self._ledger.catch_up(self._config.kafka.produce_timeout_s)
+                    self._uncertain_ids.discard(feedback.feedback_id)
+                stored = self._ledger.stored_content(feedback.feedback_id)
+                if stored == digest:
+                    FEEDBACK.labels(kind, "duplicate").inc()
+                    return True
+                if stored is not None:
+                    FEEDBACK.labels(kind, "conflict").inc()
+                    context.abort(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"{field_prefix}feedback_id: {feedback.feedback_id!r} was already used for different content",
+                    )
+                event = events_pb2.FeedbackReceived(
+                    feedback=feedback, received_at=timestamp_pb2.Timestamp(), content_sha256=digest
+                )
+                event.received_at.GetCurrentTime()
+                produce_durably(
+                    self._producer, self._topic, feedback.feedback_id, event.SerializeToString(),
+                    timeout_s=self._config.kafka.produce_timeout_s + 2,
+                )
+            except (BrokerUnavailable, TimeoutError) as error:
+                self._uncertain_ids.add(feedback.feedback_id)
+                FEEDBACK.labels(kind, "unavailable").inc()
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"feedback not stored, retry later: {error}")
+            self._ledger.record(feedback.feedback_id, digest)
+        FEEDBACK.labels(kind, "accepted").inc()
+        return False
+
+    def _lock_for(self, feedback_id: str) -> threading.Lock:
+        # Serialises concurrent submits of one id so exactly one of them writes. Locks are not reclaimed:
+        # one small object per id seen, the same order of memory as the ledger itself.
+        with self._id_locks_guard:
+            return self._id_locks.setdefault(feedback_id, threading.Lock())
+
+
+SERVICE_NAMES = [feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name]
+
+
+def serve(config: FeedbackConfig) -> None:
+    ensure_topics(config.kafka)
+    ledger = FeedbackLedger(config.kafka)
+    ledger.start()
+    servicer = FeedbackServicer(config, ledger)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.metrics_host)
+    server, health, port = build_server(
+        config.listen,
+        [lambda s: feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, s)],
+        SERVICE_NAMES,
+        max_workers=config.max_workers,
+    )
+    log.info("feedback service listening on %s (port %d)", config.listen, port)
+    try:
+        serve_until_signalled(server, health, SERVICE_NAMES)
+    finally:
+        servicer.close()
+        ledger.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(parse_config(FeedbackConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
