@@ -1,0 +1,1 @@
+"""The policy service: the multimodal policy model, batched sampling with behaviour log-probs, and serving."""

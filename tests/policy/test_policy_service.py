@@ -1,0 +1,208 @@
+"""The policy service as clients meet it: a real process, real gRPC, a real Kafka broker."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import re
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from kafka import TopicPartition
+from PIL import Image, ImageDraw
+
+from modalign.core.kafka import KafkaConfig, make_consumer
+from modalign.core.processes import ManagedProcess, free_port, grpc_serving
+from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
+
+from tests.conftest import kafka_args
+
+pytestmark = pytest.mark.integration
+
+
+def png(size: tuple[int, int] = (32, 32), colour: str = "red", mode: str = "RGB") -> bytes:
+    image = Image.new(mode, size, "white" if mode == "RGB" else 0)
+    if mode == "RGB":
+        ImageDraw.Draw(image).rectangle((4, 4, 16, 16), fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def request(text: str = "What colour is the square?", n: int = 1, **sampling) -> policy_pb2.GenerateRequest:
+    return policy_pb2.GenerateRequest(
+        text=text,
+        images=[common_pb2.Image(data=png(), mime_type="image/png")],
+        sampling=common_pb2.SamplingParams(**{"max_new_tokens": 12, "seed": 7, **sampling}),
+        n=n, user_id="user-1", session_id="session-1",
+    )
+
+
+class PolicyUnderTest:
+    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, address: str, metrics_url: str, blob_dir: Path,
+                 kafka: KafkaConfig) -> None:
+        self.stub, self.address, self.metrics_url, self.blob_dir, self.kafka = stub, address, metrics_url, blob_dir, kafka
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+
+    def logged(self) -> list[events_pb2.GenerationLogged]:
+        consumer = make_consumer(self.kafka, group_id=None)
+        try:
+            topic = self.kafka.topic("generations")
+            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+            consumer.assign(partitions)
+            consumer.seek_to_beginning(*partitions)
+            ends = consumer.end_offsets(partitions)
+            records = []
+            while any(consumer.position(tp) < end for tp, end in ends.items()):
+                for batch in consumer.poll(timeout_ms=1000).values():
+                    records.extend(events_pb2.GenerationLogged.FromString(r.value) for r in batch)
+            return records
+        finally:
+            consumer.close()
+
+
+@pytest.fixture(scope="module")
+def policy(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyUnderTest]:
+    work = tmp_path_factory.mktemp("policy")
+    port, metrics_port = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    process = ManagedProcess.python_module(
+        "policy", "modalign.policy.server",
+        ["--listen", address, "--metrics-port", str(metrics_port), "--blob-dir", str(work / "blobs"),
+         "--image-max-pixels", "1000000", "--max-batch-wait-ms", "50", *kafka_args(kafka_config)],
+        ready=lambda: grpc_serving(address), log_dir=work,
+    )
+    process.start()
+    try:
+        process.wait_ready(120)
+        with grpc.insecure_channel(address) as channel:
+            yield PolicyUnderTest(policy_pb2_grpc.PolicyServiceStub(channel), address,
+                                  f"http://127.0.0.1:{metrics_port}/metrics", work / "blobs", kafka_config)
+    finally:
+        process.stop()
+
+
+def test_generate_logs_exactly_one_generation_per_candidate(policy: PolicyUnderTest) -> None:
+    reply = policy.stub.Generate(request(), timeout=60)
+    assert reply.policy_version == "v0"
+    [candidate] = reply.candidates
+    assert candidate.token_count >= 1
+    assert candidate.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+
+    logged = [g for g in policy.logged() if g.prompt_id == reply.prompt_id]
+    assert len(logged) == 1
+    [generation] = logged
+    assert generation.response_id == candidate.response_id
+    assert generation.response_text == candidate.text
+    assert generation.policy_version == "v0"
+    assert len(generation.response_token_ids) == len(generation.response_logprobs) == candidate.token_count
+    assert all(logprob <= 0.0 for logprob in generation.response_logprobs)
+    assert len(generation.prompt_token_ids) > 16  # the image's placeholder tokens are part of the prompt
+    [image] = generation.images
+    assert image.sha256 == hashlib.sha256(png()).hexdigest()
+    assert (image.width, image.height) == (32, 32)
+    assert (policy.blob_dir / image.sha256[:2] / image.sha256).read_bytes() == png()
+
+
+def test_candidates_share_a_prompt_and_are_each_logged(policy: PolicyUnderTest) -> None:
+    reply = policy.stub.Generate(request(n=3, temperature=1.0), timeout=60)
+    assert len(reply.candidates) == len({c.response_id for c in reply.candidates}) == 3
+    logged = sorted((g for g in policy.logged() if g.prompt_id == reply.prompt_id), key=lambda g: g.candidate_index)
+    assert [g.response_id for g in logged] == [c.response_id for c in reply.candidates]
+    assert all(g.num_candidates == 3 for g in logged)
+
+
+def test_same_seed_gives_the_same_answer(policy: PolicyUnderTest) -> None:
+    first = policy.stub.Generate(request(seed=123), timeout=60).candidates[0].text
+    second = policy.stub.Generate(request(seed=123), timeout=60).candidates[0].text
+    assert first == second
+
+
+def test_stream_deltas_add_up_to_the_logged_text(policy: PolicyUnderTest) -> None:
+    chunks = list(policy.stub.GenerateStream(request(n=2), timeout=60))
+    finals = [c for c in chunks if c.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED]
+    assert sorted(c.candidate_index for c in finals) == [0, 1]
+    prompt_id = finals[0].prompt_id
+    logged = {g.response_id: g for g in policy.logged() if g.prompt_id == prompt_id}
+    for final in finals:
+        text = "".join(c.text_delta for c in chunks if c.candidate_index == final.candidate_index)
+        assert logged[final.response_id].response_text == text
+        assert final.token_count == len(logged[final.response_id].response_token_ids)
+
+
+def test_concurrent_requests_are_batched_together(policy: PolicyUnderTest) -> None:
+    def batches_and_rows() -> tuple[float, float]:
+        text = policy.metrics()
+        count = float(re.search(r"^modalign_policy_batch_rows_count (\S+)$", text, re.M).group(1))
+        rows = float(re.search(r"^modalign_policy_batch_rows_sum (\S+)$", text, re.M).group(1))
+        return count, rows
+
+    batches_before, rows_before = batches_and_rows()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: policy.stub.Generate(request(seed=i), timeout=120), range(8)))
+    assert len(replies) == 8
+    batches, rows = batches_and_rows()
+    assert rows - rows_before == 8
+    assert batches - batches_before < 8  # at least two requests shared a batch
+
+
+def bomb() -> bytes:
+    # 2000 x 2000 = 4 megapixels, a few KB encoded: above the 1-megapixel limit this server was given.
+    return png(size=(2000, 2000), mode="L")
+
+
+BAD_REQUESTS = [
+    (lambda r: setattr(r, "text", ""), "text"),
+    (lambda r: setattr(r, "text", "x" * 9000), "text"),
+    (lambda r: r.ClearField("images"), "images"),
+    (lambda r: r.images.extend([r.images[0]] * 8), "images"),
+    (lambda r: setattr(r.images[0], "mime_type", "image/bmp"), "images[0]"),
+    (lambda r: setattr(r.images[0], "mime_type", "image/jpeg"), "images[0]"),
+    (lambda r: setattr(r.images[0], "data", b"\x89PNG\r\n\x1a\n not really"), "images[0]"),
+    (lambda r: setattr(r.images[0], "data", b""), "images[0]"),
+    (lambda r: setattr(r.images[0], "data", bomb()), "images[0]"),
+    (lambda r: setattr(r.sampling, "temperature", 2.5), "sampling.temperature"),
+    (lambda r: setattr(r.sampling, "top_p", 0.0), "sampling.top_p"),
+    (lambda r: setattr(r.sampling, "max_new_tokens", 0), "sampling.max_new_tokens"),
+    (lambda r: setattr(r.sampling, "max_new_tokens", 100_000), "sampling.max_new_tokens"),
+    (lambda r: setattr(r, "n", 9), "n"),
+    (lambda r: setattr(r, "user_id", "no spaces allowed"), "user_id"),
+    (lambda r: setattr(r, "session_id", "s" * 129), "session_id"),
+    (lambda r: setattr(r, "text", "sneaky <image> token"), "text"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "field"), BAD_REQUESTS, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_REQUESTS)])
+def test_invalid_requests_are_refused_naming_the_field(policy: PolicyUnderTest, mutate, field: str) -> None:
+    bad = request()
+    mutate(bad)
+    with pytest.raises(grpc.RpcError) as raised:
+        policy.stub.Generate(bad, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith(field + ":"), raised.value.details()
+
+
+def test_health_reflection_and_metrics_answer(policy: PolicyUnderTest) -> None:
+    policy.stub.Generate(request(), timeout=60)
+    with grpc.insecure_channel(policy.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="modalign.v1.PolicyService"), timeout=5
+        ).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        listing = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        ))
+        assert "modalign.v1.PolicyService" in {s.name for s in listing.list_services_response.service}
+    metrics = policy.metrics()
+    assert re.search(r'^modalign_policy_generated_tokens_total\{policy_version="v0"\} [1-9]', metrics, re.M)
+    assert re.search(r'^modalign_policy_version_info\{policy_version="v0"\} 1\.0', metrics, re.M)
+    assert re.search(r'modalign_grpc_server_handled_total\{grpc_code="OK",grpc_method="Generate",grpc_service="modalign.v1.PolicyService"\} [1-9]', metrics)
+    assert 'modalign_kafka_produce_seconds_count{topic="' in metrics
