@@ -1,0 +1,456 @@
+"""Batched sampling from the policy with exact behaviour log-probs, and a dynamic batcher for servers.
+
+Every sampled token comes with its log-probability under the distribution it was actually drawn from
+(temperature, then top_p truncation). The trainer divides by these for importance ratios, so they
+must be exact rather than re-derived later from a model that may have moved on.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
+
+log = logging.getLogger(__name__)
+
+_SEED_MODULUS = 2**64  # torch generators take 64-bit seeds; candidate seeds wrap around
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. temperature 0 means greedy decoding; top_p 1 means no truncation."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int | None = None  # None: a random seed; candidate i uses seed + i
+
+
+@dataclass
+class Sample:
+    """One generated candidate.
+
+    logprobs[j] is the log-probability (nats) of token_ids[j] under the distribution it was sampled
+    from: log_softmax(logits / temperature) restricted to the top_p nucleus and renormalised; for greedy
+    decoding, the untempered log_softmax. token_ids include the EOS token when one was produced; text
+    excludes special tokens. seed is the one this candidate was sampled with (request seed + index),
+    so a generation can be replayed; policy_version names the engine that produced it.
+    """
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "length"]
+    seed: int
+    policy_version: str
+
+
+@dataclass
+class GenerationRequest:
+    """A prompt (already formatted, e.g. by model.format_prompt) and its images, sampled n times.
+
+    Callbacks run on the generating thread, in token order per candidate; keep them short (hand off to
+    a queue). on_token(candidate_index, token_id, text_delta): the deltas of a candidate concatenate to
+    its final text; text held back while a multi-byte character is incomplete is released by a later
+    token, at the latest by the candidate's last one. on_finish(candidate_index, sample) is called as
+    soon as that candidate stops. If a callback raises, it is logged and that request's callbacks are
+    dropped; its generation and every other request's carry on.
+    """
+
+    prompt_text: str
+    images: list[Image.Image]
+    params: SamplingParams
+    n: int = 1
+    on_token: Callable[[int, int, str], None] | None = None
+    on_finish: Callable[[int, Sample], None] | None = None
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the distribution each row samples from, shape (rows, vocab), float32.
+
+    Rows with temperature 0 (greedy) get the untempered log_softmax. Otherwise logits are divided by
+    the row's temperature and, when top_p < 1, restricted to the smallest set of most probable tokens
+    whose mass reaches top_p (ties broken towards the lower token id), then renormalised; tokens
+    outside the nucleus get -inf.
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
+    truncate = (top_p < 1) & ~greedy
+    if truncate.any():
+        probs = torch.softmax(scaled, dim=-1)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        # The most probable token always stays: its mass_before is 0 < top_p.
+        keep_sorted = mass_before < top_p.unsqueeze(-1)
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        keep |= ~truncate.unsqueeze(-1)  # rows with top_p = 1 keep every token, exactly
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def draw_tokens(logprobs: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Pick one token per row: argmax for greedy rows, else inverse-CDF sampling with the row's uniform.
+
+    Inverse-CDF with a pre-drawn uniform (rather than torch.multinomial) lets every row use its own
+    random stream while the arithmetic stays one batched operation.
+    """
+    probs = logprobs.double().exp()
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the first cdf entry above the target is a token with mass.
+    target = torch.minimum(uniforms.to(cdf).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return torch.where(greedy, logprobs.argmax(dim=-1), sampled)
+
+
+@dataclass
+class _Row:
+    """Decoding state of one candidate."""
+
+    request_index: int
+    candidate_index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    generator: torch.Generator
+    token_ids: list[int]
+    logprobs: list[float]
+    emitted_text: str = ""
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class PolicyEngine:
+    """Samples candidates for many requests as one left-padded batch with a KV cache.
+
+    Not thread-safe: one thread (e.g. a DynamicBatcher's worker) calls generate at a time.
+    """
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, policy_version: str = "v0") -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.policy_version = policy_version
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos_ids)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
+
+    def encode(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """Validate a request and run the processor on it (image placeholders expanded), on the CPU."""
+        params = request.params
+        if request.n < 1:
+            raise ValueError(f"n must be at least 1, got {request.n}")
+        if not (params.temperature >= 0 and params.temperature != float("inf")):
+            raise ValueError(f"temperature must be finite and >= 0, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
+        return self.processor(text=request.prompt_text, images=request.images or None, return_tensors="pt")
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Sample]]:
+        """Sample request.n candidates for every request; returns them per request, in order."""
+        return self.generate_encoded(requests, [self.encode(request) for request in requests])
+
+    @torch.inference_mode()
+    def generate_encoded(
+        self, requests: list[GenerationRequest], encoded: list[dict[str, torch.Tensor]]
+    ) -> list[list[Sample]]:
+        """generate() for requests already passed through encode()."""
+        if not requests:
+            return []
+        rows = self._make_rows(requests, encoded)
+        callbacks_on = [r.on_token is not None or r.on_finish is not None for r in requests]
+        samples: list[list[Sample | None]] = [[None] * r.n for r in requests]
+
+        # Prefill each distinct prompt once, then give each of its n candidates a copy of its cache.
+        logits, cache, attention_mask, next_position = self._prefill(encoded)
+        row_request = torch.tensor([row.request_index for row in rows], device=logits.device)
+        cache.batch_select_indices(row_request)
+        logits, attention_mask, next_position = logits[row_request], attention_mask[row_request], next_position[row_request]
+
+        active = rows
+        temperature = torch.tensor([r.params.temperature for r in active], device=logits.device)
+        top_p = torch.tensor([r.params.top_p for r in active], device=logits.device)
+        while True:
+            # The uniforms come from per-row CPU generators: a row's stream depends only on its seed,
+            # never on its batch companions or on the device.
+            uniforms = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active])
+            logprobs = sampling_logprobs(logits, temperature, top_p)
+            tokens = draw_tokens(logprobs, temperature <= 0, uniforms.to(logits.device))
+            token_logprobs = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+            keep = []
+            for i, (row, token, token_logprob) in enumerate(zip(active, tokens.tolist(), token_logprobs.tolist())):
+                row.token_ids.append(token)
+                row.logprobs.append(token_logprob)
+                if token in self.eos_token_ids:
+                    row.finish_reason = "stop"
+                elif len(row.token_ids) >= row.params.max_new_tokens:
+                    row.finish_reason = "length"
+                else:
+                    keep.append(i)
+                if callbacks_on[row.request_index]:
+                    self._stream(requests[row.request_index], row, callbacks_on)
+                if row.finish_reason is not None:
+                    sample = self._to_sample(row)
+                    samples[row.request_index][row.candidate_index] = sample
+                    if callbacks_on[row.request_index] and requests[row.request_index].on_finish is not None:
+                        self._call(requests[row.request_index].on_finish, callbacks_on, row, row.candidate_index, sample)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                # Finished rows leave the batch: later steps compute only for rows still generating.
+                index = torch.tensor(keep, device=logits.device)
+                cache.batch_select_indices(index)
+                attention_mask, next_position, tokens = attention_mask[index], next_position[index], tokens[index]
+                temperature, top_p = temperature[index], top_p[index]
+                active = [active[i] for i in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
+            out = self.model(
+                input_ids=tokens.unsqueeze(-1),
+                attention_mask=attention_mask,
+                position_ids=next_position.unsqueeze(-1),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits, cache, next_position = out.logits[:, -1], out.cache, next_position + 1
+        return samples  # type: ignore[return-value]  # every row finished, so every slot is filled
+
+    def _make_rows(self, requests: list[GenerationRequest], encoded: list[dict[str, torch.Tensor]]) -> list[_Row]:
+        rows = []
+        for request_index, (request, inputs) in enumerate(zip(requests, encoded)):
+            prompt_ids = inputs["input_ids"][0].tolist()
+            base_seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+            for candidate_index in range(request.n):
+                seed = (base_seed + candidate_index) % _SEED_MODULUS
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(seed)
+                rows.append(
+                    _Row(request_index, candidate_index, prompt_ids, request.params, seed, generator, [], [])
+                )
+        return rows
+
+    def _prefill(self, encoded: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Run the prompts (one row each) through the model; return last-position logits, the cache,
+        the attention mask and each row's next position id."""
+        device, dtype = self.model.device, self.model.dtype
+        lengths = [inputs["input_ids"].shape[-1] for inputs in encoded]
+        width = max(lengths)
+        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, (inputs, length) in enumerate(zip(encoded, lengths)):
+            # Left padding: every prompt ends at the last column, where generation continues.
+            input_ids[i, width - length :] = inputs["input_ids"][0]
+            attention_mask[i, width - length :] = 1
+        # Positions count real tokens only, so a padded prompt sees the same positions as alone.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # Image tensors (pixel_values, image_sizes, ...) of all prompts, in placeholder order.
+        extra: dict[str, torch.Tensor] = {}
+        for key in sorted({k for inputs in encoded for k in inputs} - {"input_ids", "attention_mask"}):
+            parts = [inputs[key] for inputs in encoded if key in inputs]
+            value = torch.cat(parts).to(device)
+            extra[key] = value.to(dtype) if value.is_floating_point() else value
+        out = self.model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        next_position = torch.tensor(lengths, device=device)
+        return out.logits[:, -1], out.cache, attention_mask.to(device), next_position
+
+    def _decode(self, token_ids: list[int]) -> str:
+        # No clean-up of spaces: it rewrites earlier text (" ," -> ","), so a prefix's decoding would
+        # stop being a prefix of the whole decoding and streamed deltas would not add up.
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _stream(self, request: GenerationRequest, row: _Row, callbacks_on: list[bool]) -> None:
+        if request.on_token is None:
+            return
+        text = self._decode(row.token_ids)
+        if row.finish_reason is None and (text.endswith("\ufffd") or not text.startswith(row.emitted_text)):
+            # An incomplete UTF-8 sequence (or a decoding that will still change): wait for more tokens.
+            delta = ""
+        else:
+            delta = text[len(row.emitted_text) :]
+            row.emitted_text = text
+        self._call(request.on_token, callbacks_on, row, row.candidate_index, row.token_ids[-1], delta)
+
+    def _to_sample(self, row: _Row) -> Sample:
+        assert row.finish_reason is not None
+        return Sample(
+            prompt_token_ids=row.prompt_token_ids,
+            token_ids=row.token_ids,
+            logprobs=row.logprobs,
+            text=self._decode(row.token_ids),
+            finish_reason=row.finish_reason,
+            seed=row.seed,
+            policy_version=self.policy_version,
+        )
+
+    @staticmethod
+    def _call(callback: Callable[..., None], callbacks_on: list[bool], row: _Row, *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            # A consumer that went away (e.g. a cancelled stream) must not fail the batch it shares.
+            log.exception("generation callback failed; dropping callbacks of request %d", row.request_index)
+            callbacks_on[row.request_index] = False
+
+
+class BatcherClosed(RuntimeError):
+    """submit() after close()."""
+
+
+class BatcherOverloaded(RuntimeError):
+    """submit() while max_pending_rows candidates are already waiting (a server answers RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    future: Future[list[Sample]]
+
+
+class DynamicBatcher:
+    """Merges concurrent requests into batches for one PolicyEngine, on one worker thread.
+
+    submit() returns a concurrent.futures.Future at once, so a caller chooses how to wait (with a
+    deadline, or cancel() before its batch starts). The worker takes the oldest request, then waits up
+    to max_wait_ms for more until max_batch_rows candidates are gathered (a request with more
+    candidates than that runs alone), encodes each request (a bad one fails only its own future), and
+    runs one generate. If the batch raises, that batch's futures get the exception; the worker goes on.
+    swap() replaces the engine between batches: a running batch finishes on the engine it started with.
+    """
+
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        max_batch_rows: int = 32,
+        max_wait_ms: float = 5.0,
+        max_pending_rows: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be at least 1")
+        self.max_batch_rows = max_batch_rows
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_pending_rows = max_pending_rows
+        self.on_batch = on_batch
+        self._engine = engine
+        self._queue: deque[_Pending] = deque()
+        self._pending_rows = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._worker = threading.Thread(target=self._run, name="policy-batcher", daemon=True)
+        self._worker.start()
+
+    @property
+    def engine(self) -> PolicyEngine:
+        return self._engine
+
+    @property
+    def policy_version(self) -> str:
+        """The version new batches run on (each Sample names the version that actually produced it)."""
+        return self._engine.policy_version
+
+    def swap(self, engine: PolicyEngine) -> PolicyEngine:
+        """Serve later batches from `engine` (hot reload); returns the engine it replaces."""
+        with self._cond:
+            old, self._engine = self._engine, engine
+        return old
+
+    def submit(self, request: GenerationRequest) -> Future[list[Sample]]:
+        """Queue a request; the future resolves to its n samples, or to the error that stopped them."""
+        future: Future[list[Sample]] = Future()
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed("the batcher is closed")
+            if self.max_pending_rows is not None and self._pending_rows + request.n > self.max_pending_rows:
+                raise BatcherOverloaded(f"{self._pending_rows} candidates already queued")
+            self._queue.append(_Pending(request, future))
+            self._pending_rows += request.n
+            self._cond.notify()
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests, finish the queued ones, and stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._worker.join(timeout)
+
+    def _next_batch(self) -> tuple[list[_Pending], PolicyEngine] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = time.monotonic() + self.max_wait_s
+            while not self._closed and self._queued_rows_that_fit() < self.max_batch_rows:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch, rows = [], 0
+            while self._queue and (not batch or rows + self._queue[0].request.n <= self.max_batch_rows):
+                pending = self._queue.popleft()
+                rows += pending.request.n
+                batch.append(pending)
+            self._pending_rows -= rows
+            return batch, self._engine
+
+    def _queued_rows_that_fit(self) -> int:
+        rows = 0
+        for pending in self._queue:
+            if rows and rows + pending.request.n > self.max_batch_rows:
+                return self.max_batch_rows  # the next batch is already full
+            rows += pending.request.n
+        return rows
+
+    def _run(self) -> None:
+        while (next_batch := self._next_batch()) is not None:
+            batch, engine = next_batch
+            # Skip callers that cancelled while queued; the rest can no longer cancel.
+            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            runnable, encoded = [], []
+            for pending in batch:
+                try:
+                    encoded.append(engine.encode(pending.request))
+                    runnable.append(pending)
+                except Exception as error:
+                    pending.future.set_exception(error)
+            if not runnable:
+                continue
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(sum(p.request.n for p in runnable))
+                except Exception:
+                    log.exception("on_batch hook failed")
+            try:
+                results = engine.generate_encoded([p.request for p in runnable], encoded)
+            except Exception as error:
+                log.exception("generation batch of %d requests failed", len(runnable))
+                for pending in runnable:
+                    pending.future.set_exception(error)
+                continue
+            for pending, samples in zip(runnable, results):
+                pending.future.set_result(samples)
