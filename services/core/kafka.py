@@ -147,14 +147,18 @@ def make_producer(config: KafkaConfig) -> KafkaProducer:
     )
 
 
-def produce_durably(producer: KafkaProducer, topic: str, key: str, value: bytes, timeout_s: float) -> None:
-    """Sends one record and returns only once the broker acknowledged it (acks=all).
+def produce_durably(
+    producer: KafkaProducer, topic: str, records: list[tuple[str, bytes]], timeout_s: float
+) -> None:
+    """Sends (key, value) records and returns only once the broker acknowledged all of them (acks=all).
 
     Raises BrokerUnavailable when it did not within timeout_s; the caller must not acknowledge anything.
     """
     started = time.perf_counter()
     try:
-        producer.send(topic, key=key.encode(), value=value).get(timeout=timeout_s)
+        pending = [producer.send(topic, key=key.encode(), value=value) for key, value in records]
+        for acknowledgement in pending:
+            acknowledgement.get(timeout=max(timeout_s - (time.perf_counter() - started), 0.001))
     except KafkaError as error:
         PRODUCE_ERRORS.labels(topic, type(error).__name__).inc()
         raise BrokerUnavailable(f"Kafka did not acknowledge the write to {topic}: {error}") from error
