@@ -24,6 +24,11 @@ ANSWER = "Red 🙂."
 
 
 @pytest.fixture(scope="session")
+def taught_answer() -> str:
+    return ANSWER
+
+
+@pytest.fixture(scope="session")
 def taught_policy(policy):
     """A copy of the policy trained for a moment to answer ANSWER and stop: a model that really emits
     EOS and a multi-byte character, so stopping and streaming are tested on genuine behaviour."""

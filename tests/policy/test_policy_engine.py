@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ANSWER
 from modalign.policy.engine import (
     BatcherClosed,
     BatcherOverloaded,
@@ -150,7 +149,7 @@ def test_unseeded_requests_record_the_seed_they_used(policy, images, engine):
     assert replay.token_ids == first[1].token_ids
 
 
-def test_stop_at_eos_and_length(taught_policy, images):
+def test_stop_at_eos_and_length(taught_policy, taught_answer):
     model, processor = taught_policy
     engine = PolicyEngine(model, processor, policy_version="v7")
     red = [Image.new("RGB", (32, 32), "red")]
@@ -159,14 +158,14 @@ def test_stop_at_eos_and_length(taught_policy, images):
         request(processor, "What colour is it?", red, temperature=0.0, max_new_tokens=2),
     ])
     eos = processor.tokenizer.eos_token_id
-    assert stopped[0].text == ANSWER
+    assert stopped[0].text == taught_answer
     assert stopped[0].token_ids[-1] == eos and eos not in stopped[0].token_ids[:-1]
     assert stopped[0].finish_reason == "stop" and stopped[0].policy_version == "v7"
     assert len(stopped[0].logprobs) == len(stopped[0].token_ids) < 20
     assert cut[0].finish_reason == "length" and cut[0].token_ids == stopped[0].token_ids[:2]
 
 
-def test_streamed_deltas_concatenate_to_the_text(taught_policy, policy, images):
+def test_streamed_deltas_concatenate_to_the_text(taught_policy, taught_answer, policy, images):
     red = [Image.new("RGB", (32, 32), "red")]
     for (model, processor), req_images, text, temperature in [
         (taught_policy, red, "What colour is it?", 0.0),  # an emoji split over four byte tokens
@@ -191,7 +190,7 @@ def test_streamed_deltas_concatenate_to_the_text(taught_policy, policy, images):
             assert finished[index] is sample
         if temperature == 0.0:
             # The emoji arrives whole, in one delta, once its last byte is sampled.
-            assert samples[0].text == ANSWER
+            assert samples[0].text == taught_answer
             assert "🙂" in streamed[0] or any("🙂" in delta and "\ufffd" not in delta for delta in streamed[0])
             assert not any("\ufffd" in delta for delta in streamed[0])
 
