@@ -1,0 +1,1 @@
+"""The online trainer's RLHF math: losses, KL estimators and advantage estimators as pure functions on tensors."""

@@ -1,0 +1,139 @@
+"""Training losses: the reward model's (Bradley-Terry), DPO's, and PPO's clipped policy and value losses.
+
+Per-sequence inputs are [batch]; per-token inputs are [batch, length] with a response mask that is true on
+response tokens, and per-token losses are averaged over those tokens only. Log-probs are in nats.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from modalign.trainer.masked import masked_mean
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Reward-model loss, mean over pairs of -log sigmoid(r_chosen - r_rejected - margin).
+
+    chosen_rewards, rejected_rewards: [batch] scalar rewards of the preferred and the other response.
+    margin: [batch] or a float, how much better the chosen response must score (as in Llama 2's reward model,
+    from graded preferences); none by default. Returns a scalar.
+    """
+    difference = chosen_rewards - rejected_rewards
+    if margin is not None:
+        difference = difference - margin
+    return -F.logsigmoid(difference).mean()
+
+
+def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs ([batch] each) whose chosen response scores strictly higher; a tie counts as wrong."""
+    return (chosen_rewards > rejected_rewards).float().mean()
+
+
+DPOLossType = Literal["sigmoid", "hinge", "ipo"]
+
+
+class DPOLoss(NamedTuple):
+    losses: torch.Tensor
+    """[batch] per-pair loss; average it for the training loss."""
+    chosen_rewards: torch.Tensor
+    """[batch] implicit reward beta * (log pi - log pi_ref) of the chosen response, detached."""
+    rejected_rewards: torch.Tensor
+    """[batch] the same for the rejected response."""
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: DPOLossType = "sigmoid",
+) -> DPOLoss:
+    """Direct preference optimisation losses from sequence log-probs ([batch] each, see `sequence_logprobs`).
+
+    With delta = (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected):
+    "sigmoid" (Rafailov et al., 2023): -log sigmoid(beta * delta);
+    "hinge" (SLiC, Zhao et al., 2023): relu(1 - beta * delta);
+    "ipo" (Azar et al., 2023): (delta - 1 / (2 * beta))^2. IPO's optimum depends on response length; to use
+    TRL's length-normalised IPO, pass log-probs averaged over each response's tokens instead of summed.
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    delta = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; expected one of sigmoid, hinge, ipo")
+    return DPOLoss(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+class PolicyLoss(NamedTuple):
+    loss: torch.Tensor
+    """Scalar clipped surrogate loss to minimise."""
+    clip_fraction: torch.Tensor
+    """Share of valid tokens whose gradient the clip removed, detached."""
+    approx_kl: torch.Tensor
+    """Mean over valid tokens of (log pi - log pi_old)^2 / 2, how far the update moved the policy, detached."""
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange: float = 0.2,
+) -> PolicyLoss:
+    """PPO's clipped surrogate (Schulman et al., 2017): mean over valid tokens of
+    max(-A * ratio, -A * clip(ratio, 1 - cliprange, 1 + cliprange)), ratio = exp(logprobs - old_logprobs).
+
+    logprobs: [batch, length] under the policy being trained; old_logprobs: under the policy that sampled the
+    tokens; advantages: [batch, length]; response_mask: [batch, length].
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), response_mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), response_mask)
+        approx_kl = masked_mean(0.5 * log_ratio**2, response_mask)
+    return PolicyLoss(loss, clip_fraction, approx_kl)
+
+
+class ValueLoss(NamedTuple):
+    loss: torch.Tensor
+    """Scalar vf_coef * 0.5 * mean over valid tokens of the clipped squared error; add it to the policy loss."""
+    clip_fraction: torch.Tensor
+    """Share of valid tokens where the clipped error was the larger one, detached."""
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+    vf_coef: float = 0.1,
+) -> ValueLoss:
+    """PPO's clipped value loss: the critic may move at most cliprange_value from the values seen at rollout,
+    so one batch of noisy returns cannot drag it far.
+
+    values: [batch, length] current predictions; old_values: the rollout's; returns: GAE returns; all
+    [batch, length] with response_mask. The squared errors are in the reward's units squared.
+    """
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    unclipped_errors = (values - returns) ** 2
+    clipped_errors = (clipped_values - returns) ** 2
+    loss = vf_coef * 0.5 * masked_mean(torch.max(unclipped_errors, clipped_errors), response_mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped_errors > unclipped_errors).float(), response_mask)
+    return ValueLoss(loss, clip_fraction)

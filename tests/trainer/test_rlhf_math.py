@@ -1,0 +1,242 @@
+"""Properties of modalign's RLHF math that hold whatever TRL does: each would catch a plausible bug."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from modalign.trainer.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    gae_advantages_and_returns,
+    grpo_advantages,
+    register_advantage_estimator,
+    reward_to_go,
+    rloo_advantages,
+)
+from modalign.trainer.kl import KL_ESTIMATORS
+from modalign.trainer.logprobs import sequence_logprobs, token_logprobs
+from modalign.trainer.losses import bradley_terry_loss, dpo_loss, ppo_policy_loss, ppo_value_loss, preference_accuracy
+from modalign.trainer.masked import masked_mean, masked_var, masked_whiten
+from modalign.trainer.rewards import kl_penalized_token_rewards, penalize_missing_eos
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def right_padded_mask(lengths: list[int], length: int) -> torch.Tensor:
+    return torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+
+
+def test_bradley_terry_loss_falls_as_the_chosen_score_rises_and_a_margin_raises_it() -> None:
+    rejected = torch.zeros(3)
+    losses = [bradley_terry_loss(torch.full((3,), score), rejected).item() for score in (-1.0, 0.0, 1.0, 3.0)]
+    assert losses == sorted(losses, reverse=True)
+    assert losses[1] == pytest.approx(math.log(2))
+    assert bradley_terry_loss(torch.ones(3), rejected, margin=0.5) > bradley_terry_loss(torch.ones(3), rejected)
+
+
+def test_preference_accuracy_counts_ties_as_wrong() -> None:
+    assert preference_accuracy(torch.tensor([1.0, 2.0, 0.0, 5.0]), torch.tensor([0.0, 2.0, 1.0, 4.0])) == 0.5
+
+
+def test_dpo_at_the_reference_costs_log_2_and_pushes_chosen_up_and_rejected_down() -> None:
+    chosen = torch.tensor([-5.0, -9.0], requires_grad=True)
+    rejected = torch.tensor([-6.0, -4.0], requires_grad=True)
+    result = dpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), beta=0.1)
+    assert_close(result.losses, torch.full((2,), math.log(2)))
+    assert_close(result.chosen_rewards, torch.zeros(2))
+    result.losses.sum().backward()
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
+
+
+def test_ipo_is_minimal_at_a_log_ratio_gap_of_one_over_two_beta_and_hinge_is_zero_past_its_margin() -> None:
+    beta = 0.5
+    reference = torch.zeros(1)
+    gaps = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0])  # 1 / (2 * beta) = 1.0
+    ipo = [dpo_loss(gap.view(1), reference, reference, reference, beta, "ipo").losses.item() for gap in gaps]
+    assert min(ipo) == ipo[2] == 0.0
+    hinge = [dpo_loss(gap.view(1), reference, reference, reference, beta, "hinge").losses.item() for gap in gaps]
+    assert hinge[4] == 0.0 and hinge[0] == 1.0  # zero once beta * gap >= 1
+
+
+@pytest.mark.parametrize("distance", [0.05, 0.8])
+def test_kl_estimators_in_expectation_under_the_policy(distance: float) -> None:
+    # Expectations are taken exactly, weighting every token of a small vocabulary by its policy probability.
+    gen = generator(20)
+    policy_logits = torch.randn(6, generator=gen, dtype=torch.float64)
+    policy = torch.log_softmax(policy_logits, -1)
+    ref = torch.log_softmax(policy_logits + distance * torch.randn(6, generator=gen, dtype=torch.float64), -1)
+    weights = policy.exp()
+    exact_kl = (weights * (policy - ref)).sum()
+    estimates = {name: estimator(policy, ref) for name, estimator in KL_ESTIMATORS.items()}
+    expectation = {name: (weights * values).sum() for name, values in estimates.items()}
+    assert_close(expectation["k1"], exact_kl)  # unbiased
+    assert_close(expectation["k3"], exact_kl)  # unbiased
+    k2_bias = abs(expectation["k2"] - exact_kl) / exact_kl
+    assert k2_bias < 0.05 if distance < 0.1 else k2_bias > 0.05  # biased, but only at third order in log r
+    assert (estimates["k2"] >= 0).all() and (estimates["k3"] >= 0).all()
+    k1_variance = (weights * (estimates["k1"] - exact_kl) ** 2).sum()
+    k3_variance = (weights * (estimates["k3"] - exact_kl) ** 2).sum()
+    assert k3_variance < k1_variance  # why k3 is preferred as a per-token penalty
+    same = torch.tensor([-1.0, -2.0])
+    assert all((estimator(same, same) == 0).all() for estimator in KL_ESTIMATORS.values())
+
+
+def test_gae_with_lambda_and_gamma_one_is_reward_to_go_minus_value() -> None:
+    gen = generator(21)
+    mask = right_padded_mask([6, 2, 4], 6)
+    rewards = torch.randn(3, 6, generator=gen).masked_fill(~mask, 0)
+    values = torch.randn(3, 6, generator=gen)
+    advantages, returns = gae_advantages_and_returns(rewards, mask, values, gamma=1.0, lam=1.0)
+    rtg = reward_to_go(rewards, mask)
+    assert_close(returns, rtg)
+    assert_close(advantages, (rtg - values).masked_fill(~mask, 0))
+
+
+def test_gae_with_lambda_zero_is_the_one_step_td_error() -> None:
+    gen = generator(22)
+    mask = right_padded_mask([5, 3], 5)
+    rewards, values = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)
+    gamma = 0.9
+    next_is_valid = torch.cat([mask[:, 1:], torch.zeros(2, 1, dtype=torch.bool)], dim=1)
+    next_values = torch.cat([values[:, 1:], torch.zeros(2, 1)], dim=1).masked_fill(~next_is_valid, 0)
+    advantages, _ = gae_advantages_and_returns(rewards, mask, values, gamma=gamma, lam=0.0)
+    assert_close(advantages, (rewards + gamma * next_values - values).masked_fill(~mask, 0))
+
+
+def test_gae_skips_masked_positions_inside_and_before_a_response() -> None:
+    gen = generator(23)
+    rewards, values = torch.randn(1, 5, generator=gen), torch.randn(1, 5, generator=gen)
+    keep = [1, 2, 4]  # position 0 is left padding, position 3 a masked-out span (say, tool output)
+    mask = torch.zeros(1, 5, dtype=torch.bool)
+    mask[0, keep] = True
+    advantages, returns = gae_advantages_and_returns(rewards, mask, values, gamma=0.9, lam=0.8)
+    compact_advantages, compact_returns = gae_advantages_and_returns(
+        rewards[:, keep], torch.ones(1, 3, dtype=torch.bool), values[:, keep], gamma=0.9, lam=0.8
+    )
+    assert_close(advantages[:, keep], compact_advantages)
+    assert_close(returns[:, keep], compact_returns)
+    assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
+
+
+def test_masked_statistics_ignore_whatever_the_padding_holds() -> None:
+    gen = generator(24)
+    mask = right_padded_mask([7, 3, 5], 7)
+    values = torch.randn(3, 7, generator=gen)
+    poisoned = values.masked_fill(~mask, float("nan"))
+    whitened = masked_whiten(poisoned, mask)
+    assert_close(whitened[mask], masked_whiten(values, mask)[mask])
+    assert masked_mean(whitened, mask).abs() < 1e-6
+    assert_close(masked_var(whitened, mask), torch.tensor(1.0))
+    assert masked_mean(values, torch.zeros_like(mask)) == 0  # an all-padding batch is not NaN
+    with pytest.raises(ValueError, match="at least 2"):
+        masked_var(values, right_padded_mask([1, 0, 0], 7))
+
+
+def test_ppo_policy_loss_on_policy_is_minus_the_mean_advantage_and_clipped_tokens_get_no_gradient() -> None:
+    mask = right_padded_mask([4, 2], 4)
+    advantages = torch.tensor([[1.0, -2.0, 3.0, 0.5], [2.0, 1.0, 9.0, 9.0]])
+    old = torch.full((2, 4), -1.0)
+    on_policy = ppo_policy_loss(old.clone(), old, advantages, mask)
+    assert_close(on_policy.loss, -masked_mean(advantages, mask))
+    assert on_policy.clip_fraction == 0 and on_policy.approx_kl == 0
+
+    # Token 0 moved past the clip range in the direction its positive advantage favours: the clip stops its
+    # gradient. Token 1 moved as far in the direction its negative advantage disfavours: the pessimistic max keeps
+    # that gradient so the mistake is undone. Token 2 moved a little and still learns.
+    logprobs = torch.tensor([[-0.5, -0.5, -0.95, -1.0], [-1.0, -1.0, -1.0, -1.0]], requires_grad=True)
+    result = ppo_policy_loss(logprobs, old, advantages, mask, cliprange=0.2)
+    result.loss.backward()
+    assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 1] != 0 and logprobs.grad[0, 2] != 0
+    assert (logprobs.grad[1, 2:] == 0).all()  # padding
+    assert result.clip_fraction == pytest.approx(1 / 6)
+
+
+def test_ppo_value_loss_gives_no_gradient_to_a_value_clipped_away_from_its_rollout_value() -> None:
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    old_values = torch.zeros(1, 2)
+    returns = torch.tensor([[1.0, 0.1]])
+    values = torch.tensor([[1.0, 0.15]], requires_grad=True)  # the first moved 1.0 > cliprange_value
+    result = ppo_value_loss(values, old_values, returns, mask, cliprange_value=0.2, vf_coef=0.5)
+    result.loss.backward()
+    assert values.grad[0, 0] == 0 and values.grad[0, 1] != 0
+    assert result.clip_fraction == 0.5
+    # 0.5 * vf_coef * mean(max squared error): (1 - 0.2)^2 for the clipped value, 0.05^2 for the other.
+    assert result.loss.item() == pytest.approx(0.5 * 0.5 * (0.64 + 0.0025) / 2)
+
+
+def test_rloo_advantages_sum_to_zero_per_prompt_and_scale_the_deviation_from_the_mean() -> None:
+    scores = torch.randn(4, 5, generator=generator(25))
+    advantages = rloo_advantages(scores)
+    assert_close(advantages.sum(dim=-1), torch.zeros(4))
+    assert_close(advantages, 5 / 4 * (scores - scores.mean(dim=-1, keepdim=True)))
+    with pytest.raises(ValueError):
+        rloo_advantages(torch.ones(3, 1))
+
+
+def test_grpo_advantages_are_standardised_per_group_and_zero_for_a_tied_group() -> None:
+    scores = torch.randn(3, 6, generator=generator(26)) * 4 + 2
+    scores[1] = 7.0
+    advantages = grpo_advantages(scores)
+    assert_close(advantages[[0, 2]].mean(dim=-1), torch.zeros(2), atol=1e-5, rtol=0)
+    assert_close(advantages[[0, 2]].std(dim=-1), torch.ones(2), atol=1e-3, rtol=0)
+    assert (advantages[1] == 0).all()
+
+
+def test_token_rewards_put_the_score_on_the_last_response_token() -> None:
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True], [True, False, False, False]])
+    kl = torch.rand(3, 4, generator=generator(27))
+    scores = torch.tensor([1.0, -2.0, 0.5])
+    rewards = kl_penalized_token_rewards(scores, kl, mask, kl_coef=0.1)
+    assert_close(rewards.sum(dim=-1), scores - 0.1 * (kl * mask).sum(dim=-1))
+    score_positions = (rewards + 0.1 * kl * mask).nonzero().tolist()
+    assert score_positions == [[0, 2], [1, 3], [2, 0]]
+    assert (rewards[~mask] == 0).all()
+    with pytest.raises(ValueError, match="at least one valid token"):
+        kl_penalized_token_rewards(scores, kl, mask & False, kl_coef=0.1)
+
+
+def test_missing_eos_penalty_hits_only_truncated_responses() -> None:
+    penalised = penalize_missing_eos(torch.tensor([1.0, 1.0, -1.0]), torch.tensor([True, False, False]), 2.0)
+    assert_close(penalised, torch.tensor([1.0, -1.0, -3.0]))
+
+
+def test_registered_estimators_share_one_calling_convention() -> None:
+    assert {"gae", "rloo", "grpo"} <= ADVANTAGE_ESTIMATORS.keys()
+    prompts, k, length = 2, 3, 4
+    gen = generator(28)
+    mask = right_padded_mask([4, 1, 3, 2, 4, 3], length)
+    token_rewards = torch.randn(prompts * k, length, generator=gen).masked_fill(~mask, 0)
+    values = torch.randn(prompts * k, length, generator=gen)
+    options_by_name = {"gae": {"values": values}, "rloo": {"samples_per_prompt": k}, "grpo": {"samples_per_prompt": k}}
+    for name, options in options_by_name.items():
+        advantages, returns = ADVANTAGE_ESTIMATORS[name](token_rewards, mask, **options)
+        assert advantages.shape == returns.shape == (prompts * k, length), name
+        assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all(), name
+    # The critic-free estimators give every token of a response the same advantage and the Monte-Carlo return.
+    advantages, returns = ADVANTAGE_ESTIMATORS["rloo"](token_rewards, mask, samples_per_prompt=k)
+    sequence_advantages = rloo_advantages((token_rewards * mask).sum(-1).view(prompts, k)).view(-1, 1)
+    assert_close(advantages, sequence_advantages * mask)
+    assert_close(returns, gae_advantages_and_returns(token_rewards, mask, torch.zeros_like(values), 1.0, 1.0)[1])
+    with pytest.raises(ValueError, match="already registered"):
+        register_advantage_estimator("gae")(gae_advantages_and_returns)
+
+
+def test_sequence_logprobs_ignore_padding_and_token_logprobs_are_normalised() -> None:
+    gen = generator(29)
+    logits = torch.randn(2, 5, 11, generator=gen)
+    tokens = torch.randint(0, 11, (2, 5), generator=gen)
+    mask = right_padded_mask([5, 2], 5)
+    changed_padding = tokens.clone()
+    changed_padding[1, 2:] = (tokens[1, 2:] + 1) % 11
+    assert_close(sequence_logprobs(logits, tokens, mask), sequence_logprobs(logits, changed_padding, mask))
+    every_token = torch.arange(11).expand(2, 5, 11).permute(2, 0, 1)
+    for temperature in (1.0, 0.5):
+        total = torch.stack([token_logprobs(logits, ids, temperature) for ids in every_token]).exp().sum(0)
+        assert_close(total, torch.ones(2, 5))
+    with pytest.raises(ValueError):
+        token_logprobs(logits, tokens, temperature=0.0)
