@@ -40,12 +40,3 @@ def kafka_config(kafka_broker: broker.BrokerConfig) -> KafkaConfig:
     )
     ensure_topics(config)
     return config
-
-
-def kafka_args(config: KafkaConfig) -> list[str]:
-    """The command-line flags that point a service at config's broker and topics."""
-    return [
-        "--kafka.bootstrap-servers", config.bootstrap_servers,
-        "--kafka.topic-prefix", config.topic_prefix,
-        "--kafka.partitions", str(config.partitions),
-    ]

@@ -76,6 +76,23 @@ class GenerationRequest:
     on_finish: Callable[[int, Sample], None] | None = None
 
 
+def unsampleable_token_ids(tokenizer: Any, eos_token_ids: frozenset[int]) -> list[int]:
+    """Special tokens a response must never contain: image placeholders, padding, BOS, role markers.
+
+    A sampled "<image>" would be read as an image slot on the next forward pass and break it. Only the
+    end-of-sequence tokens stay sampleable.
+    """
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_encoder.values())
+    return sorted(special - set(eos_token_ids))
+
+
+def mask_unsampleable(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """logits with the given tokens at -inf; the policy's distribution for sampling and for training."""
+    if not token_ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(token_ids, device=logits.device), float("-inf"))
+
+
 def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the distribution each row samples from, shape (rows, vocab), float32.
 
@@ -148,6 +165,7 @@ class PolicyEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos_ids)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
+        self.unsampleable_token_ids = unsampleable_token_ids(self.tokenizer, self.eos_token_ids)
 
     def encode(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """Validate a request and run the processor on it (image placeholders expanded), on the CPU."""
@@ -190,7 +208,7 @@ class PolicyEngine:
             # The uniforms come from per-row CPU generators: a row's stream depends only on its seed,
             # never on its batch companions or on the device.
             uniforms = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active])
-            logprobs = sampling_logprobs(logits, temperature, top_p)
+            logprobs = sampling_logprobs(mask_unsampleable(logits, self.unsampleable_token_ids), temperature, top_p)
             tokens = draw_tokens(logprobs, temperature <= 0, uniforms.to(logits.device))
             token_logprobs = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 

@@ -25,6 +25,8 @@ from modalign.core.config import parse_config
 from modalign.core.grpc_server import build_server, serve_until_signalled
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
+from modalign.core.modelstore import ModelStore
+from modalign.core.versions import VersionFollower, local_path
 from modalign.policy.engine import (
     BatcherOverloaded,
     DynamicBatcher,
@@ -68,6 +70,9 @@ class PolicyConfig:
     """Folder of a Hugging Face image-text-to-text checkpoint; empty builds the small default policy."""
     policy_version: str = "v0"
     """The version name this replica reports for the model it loaded at start-up."""
+    follow_versions: bool = True
+    """Load each version the trainer publishes (policy-versions topic), verified by checksum, without
+    dropping in-flight requests; at start-up, the newest one published so far."""
     seed: int = 0
     """Seed of the default policy's random initialisation (when model_dir is empty)."""
     device: str = "cpu"
@@ -243,6 +248,22 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return prompt_id, candidates
 
 
+def load_version(event: events_pb2.PolicyVersionPublished, batcher: DynamicBatcher, device: str) -> None:
+    """Verifies a published version's files, loads it, and serves later batches from it.
+
+    The batch running during the swap finishes on the old model, so no request fails because of it.
+    """
+    if event.version == batcher.policy_version:
+        return
+    folder = local_path(event.uri)
+    ModelStore.verify(folder, event.manifest_sha256)
+    model, processor = load_policy(folder, device=device)
+    old = batcher.swap(PolicyEngine(model, processor, policy_version=event.version))
+    VERSION_INFO.labels(event.version).set(1)
+    VERSION_INFO.remove(old.policy_version)
+    log.info("now serving policy %s (was %s)", event.version, old.policy_version)
+
+
 SERVICE_NAMES = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name]
 
 
@@ -259,6 +280,10 @@ def serve(config: PolicyConfig) -> None:
         max_pending_rows=config.max_pending_rows, on_batch=BATCH_ROWS.observe,
     )
     VERSION_INFO.labels(config.policy_version).set(1)
+    follower = None
+    if config.follow_versions:
+        follower = VersionFollower(config.kafka, lambda event: load_version(event, batcher, config.device))
+        follower.start()
     servicer = PolicyServicer(config, batcher, BlobStore(config.blob_dir))
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.metrics_host)
@@ -272,6 +297,8 @@ def serve(config: PolicyConfig) -> None:
     try:
         serve_until_signalled(server, health, SERVICE_NAMES)
     finally:
+        if follower is not None:
+            follower.stop()
         batcher.close()
         servicer.close()
 

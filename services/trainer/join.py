@@ -52,6 +52,8 @@ class DeadLetter:
     position: tuple[int, int]
     """(partition, offset) of the feedback record."""
     reason: str
+    raw: bytes | None = None
+    """The record's bytes when they could not be parsed into `feedback`."""
 
 
 @dataclass

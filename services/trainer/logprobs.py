@@ -35,4 +35,5 @@ def sequence_logprobs(
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) at every position: logits [..., vocab] -> [...]."""
     log_probs = torch.log_softmax(logits, dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
+    # Masked-out tokens (logit -inf) have p = 0 and contribute 0, not 0 * -inf = NaN.
+    return -torch.where(log_probs > float("-inf"), log_probs.exp() * log_probs, 0.0).sum(dim=-1)

@@ -11,31 +11,22 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from kafka import TopicPartition
 
 from modalign.core import broker
-from modalign.core.kafka import KafkaConfig, ensure_topics, make_consumer
-from modalign.core.processes import ManagedProcess, free_port, grpc_serving
+from modalign.core.kafka import KafkaConfig, ensure_topics
+from modalign.core.processes import ManagedProcess
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
-from tests.conftest import kafka_args, start_broker
+from tests.conftest import start_broker
+from tests.services import read_topic, start_grpc_service
 from tests.feedback.cases import BAD_FEEDBACK, valid_feedback
 
 pytestmark = pytest.mark.integration
 
 
 def start_feedback_service(kafka: KafkaConfig, log_dir: Path, produce_timeout_s: float = 3.0) -> tuple[ManagedProcess, str, int]:
-    port, metrics_port = free_port(), free_port()
-    address = f"127.0.0.1:{port}"
-    process = ManagedProcess.python_module(
-        "feedback", "modalign.feedback.server",
-        ["--listen", address, "--metrics-port", str(metrics_port), *kafka_args(kafka),
-         "--kafka.produce-timeout-s", str(produce_timeout_s)],
-        ready=lambda: grpc_serving(address), log_dir=log_dir,
-    )
-    process.start()
-    process.wait_ready(60)
-    return process, address, metrics_port
+    return start_grpc_service("feedback", "modalign.feedback.server", kafka, log_dir,
+                              "--kafka.produce-timeout-s", str(produce_timeout_s))
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +38,7 @@ def feedback_service(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPat
 
 
 def stored_feedback(kafka: KafkaConfig) -> list[events_pb2.FeedbackReceived]:
-    """Every record in the feedback topic, read from the beginning to the end offsets."""
-    consumer = make_consumer(kafka, group_id=None)
-    try:
-        topic = kafka.topic("feedback")
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        ends = consumer.end_offsets(partitions)
-        records = []
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
-            for batch in consumer.poll(timeout_ms=1000).values():
-                records.extend(events_pb2.FeedbackReceived.FromString(r.value) for r in batch)
-        return records
-    finally:
-        consumer.close()
+    return read_topic(kafka, "feedback", events_pb2.FeedbackReceived)
 
 
 def test_feedback_sent_twice_is_acknowledged_twice_and_stored_once(feedback_service, kafka_config) -> None:

@@ -14,14 +14,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from kafka import TopicPartition
 from PIL import Image, ImageDraw
 
-from modalign.core.kafka import KafkaConfig, make_consumer
-from modalign.core.processes import ManagedProcess, free_port, grpc_serving
+from modalign.core.kafka import KafkaConfig
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 
-from tests.conftest import kafka_args
+from tests.services import read_topic, start_grpc_service
 
 pytestmark = pytest.mark.integration
 
@@ -53,36 +51,17 @@ class PolicyUnderTest:
         return urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
 
     def logged(self) -> list[events_pb2.GenerationLogged]:
-        consumer = make_consumer(self.kafka, group_id=None)
-        try:
-            topic = self.kafka.topic("generations")
-            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-            consumer.assign(partitions)
-            consumer.seek_to_beginning(*partitions)
-            ends = consumer.end_offsets(partitions)
-            records = []
-            while any(consumer.position(tp) < end for tp, end in ends.items()):
-                for batch in consumer.poll(timeout_ms=1000).values():
-                    records.extend(events_pb2.GenerationLogged.FromString(r.value) for r in batch)
-            return records
-        finally:
-            consumer.close()
+        return read_topic(self.kafka, "generations", events_pb2.GenerationLogged)
 
 
 @pytest.fixture(scope="module")
 def policy(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyUnderTest]:
     work = tmp_path_factory.mktemp("policy")
-    port, metrics_port = free_port(), free_port()
-    address = f"127.0.0.1:{port}"
-    process = ManagedProcess.python_module(
-        "policy", "modalign.policy.server",
-        ["--listen", address, "--metrics-port", str(metrics_port), "--blob-dir", str(work / "blobs"),
-         "--image-max-pixels", "1000000", "--max-batch-wait-ms", "50", *kafka_args(kafka_config)],
-        ready=lambda: grpc_serving(address), log_dir=work,
+    process, address, metrics_port = start_grpc_service(
+        "policy", "modalign.policy.server", kafka_config, work,
+        "--blob-dir", str(work / "blobs"), "--image-max-pixels", "1000000", "--max-batch-wait-ms", "50",
     )
-    process.start()
     try:
-        process.wait_ready(120)
         with grpc.insecure_channel(address) as channel:
             yield PolicyUnderTest(policy_pb2_grpc.PolicyServiceStub(channel), address,
                                   f"http://127.0.0.1:{metrics_port}/metrics", work / "blobs", kafka_config)

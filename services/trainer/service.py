@@ -1,0 +1,403 @@
+"""The online trainer: Kafka in, preference pairs joined, models learned, versions published.
+
+One round, start to end:
+  1. consume generations (all partitions, to join against) and feedback (this member's share of the
+     partitions, in the consumer group), skipping feedback ids already consumed;
+  2. join feedback into preference pairs; dead-letter what cannot be joined;
+  3. learn from the new pairs (reward model, then the policy by the configured algorithm);
+  4. when a version is due, run the evaluation gate and mark the version for publishing;
+  5. write one atomic checkpoint, then commit the feedback offsets;
+  6. publish the marked version (model store, then a PolicyVersionPublished event).
+A crash anywhere resumes from the checkpoint's positions, so every feedback is learned from exactly
+once; a crash between 5 and 6 publishes on restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from modalign.core.blobs import BlobStore
+from modalign.core.config import parse_config
+from modalign.core.kafka import KafkaConfig, ensure_topics, make_consumer, make_producer, produce_durably
+from modalign.core.modelstore import MANIFEST, Manifest, ModelStore, file_sha256
+from modalign.trainer.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from modalign.trainer.join import DeadLetter, FeedbackJoiner, JoinLimits, PreferencePair, prompt_key
+from modalign.trainer.learner import Learner, LearnerConfig, Prompt
+from modalign.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_CONSUMED = Counter("modalign_trainer_feedback_consumed_total", "Feedback records consumed, by outcome.", ["outcome"])
+PAIRS = Counter("modalign_trainer_pairs_total", "Preference pairs joined, by source and split.", ["source", "split"])
+DEAD_LETTERS = Counter("modalign_trainer_dead_letters_total", "Feedback sent to the dead-letter topic, by reason.", ["reason"])
+ROUND_SECONDS = Histogram("modalign_trainer_round_seconds", "Wall time of one training round.",
+                          buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+SAMPLES_PER_SECOND = Gauge("modalign_trainer_samples_per_second", "Preference pairs learned per second in the last learning round.")
+CONSUMER_LAG = Gauge("modalign_trainer_consumer_lag_records", "Feedback records not yet consumed, by partition.", ["partition"])
+VERSIONS = Counter("modalign_trainer_versions_total", "Policy versions by gate outcome (published, rejected).", ["outcome"])
+GATE_REJECTIONS = Counter("modalign_trainer_gate_rejections_total", "Versions the evaluation gate refused, by check.", ["check"])
+LEARN_METRIC = Gauge("modalign_trainer_metric", "The last value of each learning and evaluation metric.", ["name"])
+LAST_ROUND = Gauge("modalign_trainer_last_round_timestamp_seconds", "When the last round ended (Unix time).")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Thresholds a version must meet to be published."""
+
+    min_heldout_accuracy: float = 0.5
+    """Held-out preference accuracy of the reward model at least this (0.5 is chance)."""
+    max_kl: float = 5.0
+    """KL to the reference policy at most this many nats per response."""
+    min_reward_gain: float = -0.05
+    """Mean reward of the candidate's held-out samples minus the current version's, at least this."""
+    max_mean_length_ratio: float = 3.0
+    """The candidate's mean response length at most this multiple of the current version's."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The online trainer."""
+
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    group_id: str = "modalign-trainer"
+    """Kafka consumer group; torchrun ranks join the same one and share the feedback partitions."""
+    work_dir: Path = Path.home() / ".local" / "share" / "modalign" / "trainer"
+    """Holds the checkpoint."""
+    model_store: Path = Path.home() / ".local" / "share" / "modalign" / "models"
+    blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9104
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    round_max_feedback: int = 256
+    """Feedback records consumed per round at most."""
+    round_max_seconds: float = 5.0
+    """A round closes after this long even when little feedback arrived."""
+    min_pairs_to_learn: int = 16
+    """New training pairs needed before a learning step runs; fewer wait for the next round."""
+    rounds_per_version: int = 4
+    """Learning rounds between two candidate versions."""
+    heldout_percent: int = 10
+    """Share of feedback (by hash of its id, so stable across restarts) kept out of training for evaluation."""
+    max_prompts: int = 4096
+    """Distinct recent prompts kept for on-policy rollouts."""
+    max_heldout_pairs: int = 2048
+    gate: GateConfig = field(default_factory=GateConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    join: JoinLimits = field(default_factory=JoinLimits)
+
+
+def is_heldout(feedback_id: str, percent: int) -> bool:
+    return int(hashlib.sha256(feedback_id.encode()).hexdigest()[:8], 16) % 100 < percent
+
+
+@dataclass
+class TrainerState:
+    """Everything a checkpoint holds besides the learner's models."""
+
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Next offset to consume, by (topic, partition), for generations and feedback."""
+    consumed_ids: set[str] = field(default_factory=set)
+    trained_ids: list[str] = field(default_factory=list)
+    """Feedback ids in the order they were learned from: the exactly-once audit trail."""
+    joiner: FeedbackJoiner = field(default_factory=FeedbackJoiner)
+    pending_pairs: list[PreferencePair] = field(default_factory=list)
+    heldout_pairs: list[PreferencePair] = field(default_factory=list)
+    prompts: OrderedDict[str, Prompt] = field(default_factory=OrderedDict)
+    rounds: int = 0
+    learning_rounds: int = 0
+    serving_version: str = "v0"
+    """The last version published (the parent of the next)."""
+    pending_publish: dict[str, Any] | None = None
+    """A version that passed the gate and is in this checkpoint, but whose publishing may not have happened."""
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig, learner: Learner) -> None:
+        self.config = config
+        self.learner = learner
+        self.store = ModelStore(config.model_store)
+        self.blobs = BlobStore(config.blob_dir)
+        self.topics = {name: config.kafka.topic(name) for name in ("generations", "feedback", "feedback.dlq", "policy-versions")}
+        self.state = TrainerState(joiner=FeedbackJoiner(limits=config.join))
+        self._restore()
+        self.producer = make_producer(config.kafka)
+        self.generations = make_consumer(config.kafka, group_id=None)
+        partitions = [TopicPartition(self.topics["generations"], p)
+                      for p in sorted(self.generations.partitions_for_topic(self.topics["generations"]) or [])]
+        self.generations.assign(partitions)
+        for tp in partitions:
+            self._seek(self.generations, tp)
+        self.feedback = make_consumer(config.kafka, group_id=config.group_id, max_poll_records=config.round_max_feedback)
+        self.feedback.subscribe([self.topics["feedback"]], listener=_SeekOnAssign(self))
+
+    def close(self) -> None:
+        self.feedback.close()
+        self.generations.close()
+        self.producer.close(timeout=5)
+
+    def _seek(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
+        position = self.state.positions.get((tp.topic, tp.partition))
+        if position is None:
+            consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, position)
+
+    def _restore(self) -> None:
+        checkpoint = load_checkpoint(self.config.work_dir)
+        if checkpoint is None:
+            return
+        self.state = checkpoint["trainer"]
+        self.learner.load_state_dict(checkpoint["learner"])
+        restore_rng_state(checkpoint["rng"])
+        log.info("resumed from round %d (%d feedback consumed)", self.state.rounds, len(self.state.consumed_ids))
+
+    # --- one round -------------------------------------------------------------------------------
+
+    def run_round(self) -> dict[str, float]:
+        started = time.monotonic()
+        if self.state.pending_publish is not None:  # a crash came between checkpoint and publishing
+            self._publish(self.state.pending_publish)
+        consumed = 0
+        deadline = started + self.config.round_max_seconds
+        new_pairs: list[PreferencePair] = []
+        dead: list[DeadLetter] = []
+        while consumed < self.config.round_max_feedback and time.monotonic() < deadline:
+            self._consume_generations()
+            batches = self.feedback.poll(timeout_ms=200, max_records=self.config.round_max_feedback - consumed)
+            for tp, records in batches.items():
+                for record in records:
+                    consumed += 1
+                    self.state.positions[(tp.topic, tp.partition)] = record.offset + 1
+                    joined, rejected = self._on_feedback(record)
+                    new_pairs += joined
+                    dead += rejected
+        self._consume_generations()
+        joined, rejected = self.state.joiner.retry_waiting()
+        new_pairs += joined
+        dead += rejected
+        self._dead_letter(dead)
+        self._split(new_pairs)
+
+        metrics: dict[str, float] = {}
+        if len(self.state.pending_pairs) >= self.config.min_pairs_to_learn:
+            metrics |= self._learn()
+        self.state.rounds += 1
+        self.state.pending_publish = self._maybe_gate(metrics)
+        save_checkpoint(self.config.work_dir, {
+            "trainer": self.state, "learner": self.learner.state_dict(), "rng": rng_state(),
+        })
+        log.info("round %d checkpointed: %d pairs learned so far", self.state.rounds, len(self.state.trained_ids))
+        self._commit()
+        log.info("round %d committed", self.state.rounds)
+        if self.state.pending_publish is not None:
+            self._publish(self.state.pending_publish)
+        ROUND_SECONDS.observe(time.monotonic() - started)
+        LAST_ROUND.set_to_current_time()
+        for name, value in metrics.items():
+            LEARN_METRIC.labels(name).set(value)
+        return metrics
+
+    def _consume_generations(self) -> None:
+        while batches := self.generations.poll(timeout_ms=0, max_records=1000):
+            for tp, records in batches.items():
+                for record in records:
+                    self.state.positions[(tp.topic, tp.partition)] = record.offset + 1
+                    generation = events_pb2.GenerationLogged.FromString(record.value)
+                    self.state.joiner.add_generation(generation)
+                    self._remember_prompt(generation)
+
+    def _remember_prompt(self, generation: events_pb2.GenerationLogged) -> None:
+        key = prompt_key(generation)
+        self.state.prompts[key] = Prompt(text=generation.prompt_text, image_sha256=tuple(i.sha256 for i in generation.images))
+        self.state.prompts.move_to_end(key)
+        while len(self.state.prompts) > self.config.max_prompts:
+            self.state.prompts.popitem(last=False)
+
+    def _on_feedback(self, record) -> tuple[list[PreferencePair], list[DeadLetter]]:
+        position = (record.partition, record.offset)
+        try:
+            received = events_pb2.FeedbackReceived.FromString(record.value)
+        except Exception:  # protobuf raises DecodeError and others for garbage bytes
+            FEEDBACK_CONSUMED.labels("malformed").inc()
+            placeholder = events_pb2.FeedbackReceived()
+            return [], [DeadLetter(placeholder, position, "malformed: not a FeedbackReceived message", raw=record.value)]
+        feedback_id = received.feedback.feedback_id
+        if feedback_id in self.state.consumed_ids:
+            FEEDBACK_CONSUMED.labels("duplicate").inc()
+            return [], []
+        self.state.consumed_ids.add(feedback_id)
+        FEEDBACK_CONSUMED.labels("new").inc()
+        return self.state.joiner.add_feedback(received, position)
+
+    def _dead_letter(self, dead: list[DeadLetter]) -> None:
+        if not dead:
+            return
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        records = []
+        for letter in dead:
+            DEAD_LETTERS.labels(letter.reason.split(":")[0]).inc()
+            value = letter.raw if letter.raw is not None else letter.feedback.SerializeToString()
+            records.append((letter.feedback.feedback.feedback_id, events_pb2.DeadLetter(
+                source_topic=self.topics["feedback"], source_partition=letter.position[0],
+                source_offset=letter.position[1], source_value=value, reason=letter.reason, dead_lettered_at=now,
+            ).SerializeToString()))
+        produce_durably(self.producer, self.topics["feedback.dlq"], records, self.config.kafka.produce_timeout_s)
+
+    def _split(self, pairs: list[PreferencePair]) -> None:
+        for pair in pairs:
+            heldout = is_heldout(pair.feedback_id, self.config.heldout_percent)
+            PAIRS.labels(pair.source, "heldout" if heldout else "train").inc()
+            (self.state.heldout_pairs if heldout else self.state.pending_pairs).append(pair)
+        del self.state.heldout_pairs[: -self.config.max_heldout_pairs]
+
+    def _learn(self) -> dict[str, float]:
+        pairs = self.state.pending_pairs
+        started = time.monotonic()
+        metrics = self.learner.learn(pairs, self._prompts())
+        SAMPLES_PER_SECOND.set(len(pairs) / max(time.monotonic() - started, 1e-9))
+        self.state.trained_ids.extend(dict.fromkeys(pair.feedback_id for pair in pairs))
+        self.state.pending_pairs = []
+        self.state.learning_rounds += 1
+        return metrics
+
+    def _prompts(self) -> list[Prompt]:
+        return list(self.state.prompts.values())
+
+    def _maybe_gate(self, metrics: dict[str, float]) -> dict[str, Any] | None:
+        if not metrics or self.state.learning_rounds % self.config.rounds_per_version != 0:
+            return None
+        evaluation = self.learner.evaluate(self.state.heldout_pairs, self._prompts())
+        metrics |= evaluation
+        failed = gate_failures(evaluation, self.config.gate)
+        if failed:
+            for check in failed:
+                GATE_REJECTIONS.labels(check).inc()
+            VERSIONS.labels("rejected").inc()
+            log.warning("candidate after round %d rejected by the gate: %s", self.state.rounds, "; ".join(failed.values()))
+            self.learner.revert_policy()
+            return None
+        self.learner.accept_candidate()
+        version = f"v{self._next_version_number()}"
+        return {"version": version, "parent": self.state.serving_version, "eval_metrics": evaluation,
+                "trained_through": self._trained_through()}
+
+    def _next_version_number(self) -> int:
+        numbers = [int(v[1:]) for v in self.store.versions("policy") if v[1:].isdigit()]
+        return max([0, *numbers, int(self.state.serving_version[1:] or 0)]) + 1
+
+    def _trained_through(self) -> list[dict]:
+        return [{"topic": topic, "partition": partition, "offset": offset}
+                for (topic, partition), offset in sorted(self.state.positions.items())]
+
+    def _commit(self) -> None:
+        assigned = self.feedback.assignment()
+        offsets = {tp: OffsetAndMetadata(self.state.positions[(tp.topic, tp.partition)], "", -1)
+                   for tp in assigned if (tp.topic, tp.partition) in self.state.positions}
+        if offsets:
+            self.feedback.commit(offsets)
+        try:
+            ends = self.feedback.end_offsets(list(assigned))
+            for tp, end in ends.items():
+                CONSUMER_LAG.labels(str(tp.partition)).set(end - self.state.positions.get((tp.topic, tp.partition), 0))
+        except Exception:
+            log.debug("could not read end offsets for the lag metric", exc_info=True)
+
+    def _publish(self, pending: dict[str, Any]) -> None:
+        version = pending["version"]
+        folder = self.store.folder("policy", version)
+        if not folder.exists():  # else a crash came after the folder was written, before the event
+            manifest = Manifest(version=version, kind="policy", parent=pending["parent"],
+                                algorithm=self.config.learner.algorithm, trained_through=pending["trained_through"],
+                                eval_metrics=pending["eval_metrics"])
+            self.store.publish(manifest, self.learner.export_policy)
+        reward_version = f"r{version[1:]}"
+        if not self.store.folder("reward", reward_version).exists():
+            self.store.publish(Manifest(version=reward_version, kind="reward", parent=pending["parent"]),
+                               self.learner.export_reward)
+        event = events_pb2.PolicyVersionPublished(
+            version=version, parent_version=pending["parent"], uri=folder.resolve().as_uri(),
+            manifest_sha256=file_sha256(folder / MANIFEST), algorithm=self.config.learner.algorithm,
+            trained_through=[events_pb2.PartitionOffset(**p) for p in pending["trained_through"]],
+            eval_metrics=pending["eval_metrics"], reward_model_version=reward_version,
+        )
+        event.published_at.GetCurrentTime()
+        produce_durably(self.producer, self.topics["policy-versions"], [(version, event.SerializeToString())],
+                        self.config.kafka.produce_timeout_s)
+        VERSIONS.labels("published").inc()
+        log.info("published policy %s (parent %s): %s", version, pending["parent"], pending["eval_metrics"])
+        self.state.serving_version = version
+        self.state.pending_publish = None
+
+
+def gate_failures(evaluation: dict[str, float], gate: GateConfig) -> dict[str, str]:
+    """The evaluation gate: each failed check by name, with why. Empty means publish."""
+    failures = {}
+    non_finite = [name for name, value in evaluation.items() if value != value or value in (float("inf"), float("-inf"))]
+    if non_finite:
+        failures["finite"] = f"non-finite metrics {non_finite}"
+    if evaluation.get("rm_heldout_accuracy", 1.0) < gate.min_heldout_accuracy:
+        failures["heldout_accuracy"] = f"rm_heldout_accuracy {evaluation['rm_heldout_accuracy']:.3f} < {gate.min_heldout_accuracy}"
+    if evaluation.get("kl_to_reference", 0.0) > gate.max_kl:
+        failures["kl"] = f"kl_to_reference {evaluation['kl_to_reference']:.3f} > {gate.max_kl}"
+    if evaluation.get("reward_gain", 0.0) < gate.min_reward_gain:
+        failures["reward"] = f"reward_gain {evaluation['reward_gain']:.3f} < {gate.min_reward_gain}"
+    if evaluation.get("length_ratio", 1.0) > gate.max_mean_length_ratio:
+        failures["length"] = f"length_ratio {evaluation['length_ratio']:.2f} > {gate.max_mean_length_ratio}"
+    return failures
+
+
+class _SeekOnAssign(ConsumerRebalanceListener):
+    """Positions newly assigned feedback partitions from the checkpoint, the source of truth."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned) -> None:
+        for tp in assigned:
+            self.trainer._seek(self.trainer.feedback, tp)
+
+
+def serve(config: TrainerConfig) -> None:
+    ensure_topics(config.kafka)
+    learner = Learner(config.learner, BlobStore(config.blob_dir))
+    trainer = Trainer(config, learner)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.metrics_host)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    log.info("trainer consuming %s as group %s (algorithm %s)", trainer.topics["feedback"], config.group_id,
+             config.learner.algorithm)
+    try:
+        while not stopping.is_set():
+            metrics = trainer.run_round()
+            if metrics:
+                log.info("round %d: %s", trainer.state.rounds,
+                         " ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items())))
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(parse_config(TrainerConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
