@@ -231,6 +231,8 @@ sasl:
 - name: kafka-client
   secret:
     secretName: {{ $connection.clientSecret.name }}
+    # The private key: readable by the pod's group (fsGroup) only.
+    defaultMode: 0440
     items:
       - {key: {{ $connection.clientSecret.certificateKey }}, path: tls.crt}
       - {key: {{ $connection.clientSecret.privateKeyKey }}, path: tls.key}

@@ -131,7 +131,9 @@ containers:
       - {name: blobs, mountPath: {{ $root.Values.blobStore.mountPath }}}
       {{- end }}
       {{- if $facts.usesKafka }}
-      {{- include "modalign.kafkaVolumeMounts" $root | nindent 6 }}
+      {{- with include "modalign.kafkaVolumeMounts" $root | trim }}
+      {{- . | nindent 6 }}
+      {{- end }}
       {{- end }}
 volumes:
   - {name: tmp, emptyDir: {}}
@@ -151,6 +153,8 @@ volumes:
       claimName: {{ include "modalign.blobStoreClaim" $root }}
   {{- end }}
   {{- if $facts.usesKafka }}
-  {{- include "modalign.kafkaVolumes" $root | nindent 2 }}
+  {{- with include "modalign.kafkaVolumes" $root | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- end }}
 {{- end }}
