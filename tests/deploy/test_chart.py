@@ -324,9 +324,13 @@ def test_dashboards_are_configmaps_for_the_grafana_sidecar() -> None:
         assert yaml.safe_load(content)["uid"].startswith("modalign-")
 
 
-def test_changing_a_setting_rolls_the_pods() -> None:
-    def checksum(*extra: str) -> str:
-        deployment = one(render(None, *extra), "Deployment", f"{RELEASE}-feedback")
-        return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+def test_changing_a_setting_rolls_the_pods_that_read_it_and_no_others() -> None:
+    def checksums(*extra: str) -> dict[str, str]:
+        return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+                for d in find(render(None, *extra), "Deployment")}
 
-    assert checksum() != checksum("--set", "feedback.settings.max-workers=8")
+    before = checksums()
+    feedback_setting = checksums("--set", "feedback.settings.max-workers=8")
+    assert {name for name in before if before[name] != feedback_setting[name]} == {f"{RELEASE}-feedback"}
+    kafka_setting = checksums("--set", "kafka.partitions=6")
+    assert {name for name in before if before[name] != kafka_setting[name]} == {f"{RELEASE}-policy", f"{RELEASE}-feedback"}

@@ -279,10 +279,3 @@ sasl:
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
-
-{{/* Checksum of the ConfigMaps a component reads, so a changed setting rolls its pods. Args: (dict "root" $ "component" NAME) */}}
-{{- define "modalign.configChecksum" -}}
-{{- $root := .root }}
-{{- $rendered := cat (include (print $root.Template.BasePath "/configmap.yaml") $root) }}
-{{- $rendered | sha256sum }}
-{{- end }}

@@ -1,0 +1,68 @@
+{{/* The data of the ConfigMaps in configmap.yaml, and the checksum that rolls a service's pods when its own settings change. */}}
+
+{{- define "modalign.kafkaConfigData" -}}
+{{- $connection := include "modalign.kafkaConnection" . | fromYaml }}
+MODALIGN_KAFKA_BOOTSTRAP_SERVERS: {{ $connection.bootstrapServers | quote }}
+MODALIGN_KAFKA_SECURITY_PROTOCOL: {{ $connection.securityProtocol | quote }}
+MODALIGN_KAFKA_TOPIC_PREFIX: {{ .Values.kafka.topicPrefix | quote }}
+MODALIGN_KAFKA_PARTITIONS: {{ .Values.kafka.partitions | quote }}
+MODALIGN_KAFKA_REPLICATION_FACTOR: {{ .Values.kafka.replicationFactor | quote }}
+MODALIGN_KAFKA_MIN_INSYNC_REPLICAS: {{ .Values.kafka.minInsyncReplicas | quote }}
+MODALIGN_KAFKA_RETENTION_DAYS: {{ .Values.kafka.retentionDays | quote }}
+{{- if $connection.caSecret.name }}
+MODALIGN_KAFKA_SSL_CAFILE: {{ printf "%s/ca.crt" (include "modalign.kafkaCaDir" .) | quote }}
+{{- end }}
+{{- if $connection.clientSecret.name }}
+MODALIGN_KAFKA_SSL_CERTFILE: {{ printf "%s/tls.crt" (include "modalign.kafkaClientDir" .) | quote }}
+MODALIGN_KAFKA_SSL_KEYFILE: {{ printf "%s/tls.key" (include "modalign.kafkaClientDir" .) | quote }}
+{{- end }}
+{{- with $connection.sasl.mechanism }}
+MODALIGN_KAFKA_SASL_MECHANISM: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Args: (dict "root" $ "component" NAME) */}}
+{{- define "modalign.componentConfigData" -}}
+{{- $root := .root }}
+{{- $component := .component }}
+{{- $values := index $root.Values $component }}
+{{- $kserve := eq (include "modalign.servedByKServe" .) "true" }}
+{{- /* KServe's storage initializer copies the model to /mnt/models; without KServe the chart mounts
+       the model store (or copies from S3) at modelStore.mountPath. */}}
+{{- $modelDir := ternary "/mnt/models" (printf "%s/%s" $root.Values.modelStore.mountPath $root.Values.modelStore.currentVersionPath) $kserve }}
+{{- if eq $component "policy" }}
+MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
+MODALIGN_METRICS_HOST: "0.0.0.0"
+MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
+{{- if $values.modelFromStore }}
+MODALIGN_MODEL_DIR: {{ $modelDir | quote }}
+{{- end }}
+MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
+MODALIGN_DEVICE: {{ $values.device | quote }}
+{{- else if eq $component "feedback" }}
+MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
+MODALIGN_METRICS_HOST: "0.0.0.0"
+MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
+{{- else if eq $component "reward" }}
+MODALIGN_HOST: "0.0.0.0"
+MODALIGN_HTTP_PORT: {{ $values.httpPort | quote }}
+MODALIGN_GRPC_PORT: {{ $values.grpcPort | quote }}
+{{- if $values.modelFromStore }}
+MODALIGN_MODEL_DIR: {{ $modelDir | quote }}
+{{- end }}
+MODALIGN_MODEL_NAME: {{ $values.modelName | quote }}
+{{- end }}
+{{- range $flag, $value := $values.settings }}
+{{ printf "MODALIGN_%s" ($flag | replace "." "_" | replace "-" "_" | upper) }}: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Checksum of the settings a service reads (its ConfigMap, and the Kafka one if it uses Kafka). Args: (dict "root" $ "component" NAME) */}}
+{{- define "modalign.configChecksum" -}}
+{{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
+{{- $settings := include "modalign.componentConfigData" . }}
+{{- if $facts.usesKafka }}
+{{- $settings = print $settings "\n" (include "modalign.kafkaConfigData" .root) }}
+{{- end }}
+{{- $settings | sha256sum }}
+{{- end }}
