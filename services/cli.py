@@ -13,6 +13,7 @@ SERVICES = {
     "policy": "modalign.policy.server",
     "reward": "modalign.reward.server",
     "feedback": "modalign.feedback.server",
+    "trainer": "modalign.trainer.service",
 }
 
 

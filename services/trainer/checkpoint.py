@@ -47,6 +47,8 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(directory: Path) -> dict[str, Any] | None:
+    for leftover in directory.glob(f".{CHECKPOINT}.*.tmp"):
+        leftover.unlink()  # a write that a crash interrupted; the checkpoint before it is intact
     path = directory / CHECKPOINT
     if not path.exists():
         return None

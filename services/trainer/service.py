@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import timestamp_pb2
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from modalign.core.blobs import BlobStore
@@ -124,7 +124,7 @@ class TrainerState:
 
 
 class Trainer:
-    def __init__(self, config: TrainerConfig, learner: Learner) -> None:
+    def __init__(self, config: TrainerConfig, learner: Learner, rank: int = 0, world_size: int = 1) -> None:
         self.config = config
         self.learner = learner
         self.store = ModelStore(config.model_store)
@@ -139,8 +139,19 @@ class Trainer:
         self.generations.assign(partitions)
         for tp in partitions:
             self._seek(self.generations, tp)
+        # Feedback partitions are split among the ranks statically (partition % world_size == rank)
+        # rather than by the group's rebalancing: the ranks of one torch.distributed job must stay in
+        # lockstep, which a rebalance in the middle of a round would break. The group still holds the
+        # committed offsets, so lag shows in the usual tools.
         self.feedback = make_consumer(config.kafka, group_id=config.group_id, max_poll_records=config.round_max_feedback)
-        self.feedback.subscribe([self.topics["feedback"]], listener=_SeekOnAssign(self))
+        feedback_partitions = [
+            TopicPartition(self.topics["feedback"], p)
+            for p in sorted(self.feedback.partitions_for_topic(self.topics["feedback"]) or [])
+            if p % world_size == rank
+        ]
+        self.feedback.assign(feedback_partitions)
+        for tp in feedback_partitions:
+            self._seek(self.feedback, tp)
 
     def close(self) -> None:
         self.feedback.close()
@@ -148,7 +159,11 @@ class Trainer:
         self.producer.close(timeout=5)
 
     def _seek(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
+        """From the checkpoint's position, the source of truth; without a checkpoint, from the group's
+        committed offset (e.g. after the work directory was lost), else from the beginning."""
         position = self.state.positions.get((tp.topic, tp.partition))
+        if position is None and consumer.config["group_id"] is not None:
+            position = consumer.committed(tp)
         if position is None:
             consumer.seek_to_beginning(tp)
         else:
@@ -359,20 +374,6 @@ def gate_failures(evaluation: dict[str, float], gate: GateConfig) -> dict[str, s
     return failures
 
 
-class _SeekOnAssign(ConsumerRebalanceListener):
-    """Positions newly assigned feedback partitions from the checkpoint, the source of truth."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-
-    def on_partitions_revoked(self, revoked) -> None:
-        pass
-
-    def on_partitions_assigned(self, assigned) -> None:
-        for tp in assigned:
-            self.trainer._seek(self.trainer.feedback, tp)
-
-
 def serve(config: TrainerConfig) -> None:
     ensure_topics(config.kafka)
     learner = Learner(config.learner, BlobStore(config.blob_dir))
@@ -398,6 +399,3 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(parse_config(TrainerConfig, argv))
 
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,7 @@ HELD_OUT_PROMPTS = 64
 def trainer_process(kafka: KafkaConfig, work: Path, *args: str) -> ManagedProcess:
     metrics_port = free_port()
     return ManagedProcess.python_module(
-        "trainer", "modalign.trainer.service",
+        "trainer", "modalign.trainer",
         ["--metrics-port", str(metrics_port), *kafka_args(kafka), "--work-dir", str(work / "trainer"),
          "--model-store", str(work / "models"), "--blob-dir", str(work / "blobs"), *args],
         ready=lambda: http_ok(f"http://127.0.0.1:{metrics_port}/metrics"), log_dir=work,

@@ -1,0 +1,119 @@
+"""Nothing lost, nothing counted twice: the trainer is SIGKILLed at several points and restarted.
+
+Real broker, real policy and feedback services, the trainer as a process. Afterwards every feedback
+id has been learned from exactly once (or kept out for evaluation exactly once), according to the
+trainer's own checkpoint, and the unjoinable feedback went to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+from modalign.core.kafka import KafkaConfig
+from modalign.trainer.checkpoint import load_checkpoint
+from modalign.trainer.service import is_heldout
+from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
+
+from tests.services import read_topic, start_grpc_service
+from tests.trainer.scripted_users import prompt
+from tests.trainer.test_trainer_learns import trainer_process
+
+pytestmark = pytest.mark.integration
+
+HELDOUT_PERCENT = 20
+
+
+def send_feedback(policy_address: str, feedback_address: str, interactions: int) -> tuple[list[str], str]:
+    """Preferences and edits on fresh generations, plus one feedback on a response never logged."""
+    rng = random.Random(11)
+    sent = []
+    with grpc.insecure_channel(policy_address) as p, grpc.insecure_channel(feedback_address) as f:
+        policy, feedback = policy_pb2_grpc.PolicyServiceStub(p), feedback_pb2_grpc.FeedbackServiceStub(f)
+        for index in range(interactions):
+            request, colour = prompt(rng, n=2, max_new_tokens=6)
+            first, second = policy.Generate(request, timeout=60).candidates
+            said = feedback_pb2.Feedback(feedback_id=f"crash-{index}", user_id="u")
+            said.client_time.FromSeconds(int(time.time()))
+            if index % 2:
+                said.edit.CopyFrom(feedback_pb2.Edit(response_id=first.response_id, edited_text=f"It is {colour}."))
+            else:
+                said.preference.CopyFrom(feedback_pb2.Preference(
+                    chosen_response_id=first.response_id, rejected_response_id=second.response_id))
+            feedback.Submit(said, timeout=30)
+            sent.append(said.feedback_id)
+        orphan = feedback_pb2.Feedback(feedback_id="orphan", user_id="u",
+                                       rating=feedback_pb2.Rating(response_id=str(uuid.uuid4()), score=3))
+        orphan.client_time.FromSeconds(int(time.time()))
+        feedback.Submit(orphan, timeout=30)
+    return sent, orphan.feedback_id
+
+
+def wait_for_log(process, pattern: str, after: int, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if re.search(pattern, process.log_path.read_text(errors="replace")[after:]):
+            return
+        if process.process.poll() is not None:
+            raise AssertionError(f"trainer exited:\n{process.log_tail()}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern!r} in the trainer log:\n{process.log_tail()}")
+
+
+def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfig, tmp_path: Path) -> None:
+    policy, policy_address, _ = start_grpc_service(
+        "policy", "modalign.policy.server", kafka_config, tmp_path, "--blob-dir", str(tmp_path / "blobs"))
+    feedback, feedback_address, _ = start_grpc_service("feedback", "modalign.feedback.server", kafka_config, tmp_path)
+    trainer = trainer_process(
+        kafka_config, tmp_path,
+        "--round-max-feedback", "5", "--round-max-seconds", "1", "--min-pairs-to-learn", "1",
+        "--rounds-per-version", "3", "--heldout-percent", str(HELDOUT_PERCENT), "--join.max-wait-s", "2",
+        "--learner.policy-updates-per-round", "1", "--learner.rollout-prompts", "2",
+        "--learner.samples-per-prompt", "2", "--learner.max-new-tokens", "6", "--learner.eval-prompts", "4",
+        "--gate.min-reward-gain", "-1000", "--gate.max-kl", "1000",
+    )
+    try:
+        sent, orphan = send_feedback(policy_address, feedback_address, interactions=40)
+        kills = [r"round 2 checkpointed", r"round \d+ committed", r"published policy v\d+", None]
+        for pattern in kills:
+            log_size = trainer.log_path.stat().st_size if trainer.log_path.exists() else 0
+            trainer.start()
+            if pattern is None:
+                time.sleep(random.Random(3).uniform(8, 12))  # mid-round, wherever it happens to be
+            else:
+                wait_for_log(trainer, pattern, after=log_size)
+            trainer.kill()
+
+        trainer.start()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            state = (load_checkpoint(tmp_path / "trainer") or {}).get("trainer")
+            if state is not None and set(sent) | {orphan} <= state.consumed_ids and not state.pending_pairs \
+                    and not state.joiner.waiting:
+                break
+            time.sleep(1)
+        trainer.stop()
+    finally:
+        trainer.kill()
+        feedback.stop()
+        policy.stop()
+
+    state = load_checkpoint(tmp_path / "trainer")["trainer"]
+    trained = Counter(state.trained_ids)
+    heldout = Counter(pair.feedback_id for pair in state.heldout_pairs)
+    assert max(trained.values()) == 1, [i for i, n in trained.items() if n > 1]
+    assert max(heldout.values(), default=1) == 1
+    expected_heldout = {i for i in sent if is_heldout(i, HELDOUT_PERCENT)}
+    assert set(trained) == set(sent) - expected_heldout
+    assert set(heldout) == expected_heldout
+    dead = read_topic(kafka_config, "feedback.dlq", events_pb2.DeadLetter)
+    orphans = [d for d in dead if events_pb2.FeedbackReceived.FromString(d.source_value).feedback.feedback_id == orphan]
+    assert orphans and orphans[0].reason.startswith("unjoinable")
+    assert state.serving_version != "v0"  # versions kept being published across the crashes
