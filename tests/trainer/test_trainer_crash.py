@@ -81,14 +81,14 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
     )
     try:
         sent, orphan = send_feedback(policy_address, feedback_address, interactions=40)
-        kills = [r"round 2 checkpointed", r"round \d+ committed", r"published policy v\d+", None]
-        for pattern in kills:
+        # Right after a checkpoint, right after a commit, right after publishing, and mid-round.
+        kills = [(r"round 2 checkpointed", 0.0), (r"round \d+ committed", 0.0), (r"published policy v\d+", 0.0),
+                 (r"resumed from round", random.Random(3).uniform(0.3, 1.5))]
+        for pattern, delay in kills:
             log_size = trainer.log_path.stat().st_size if trainer.log_path.exists() else 0
             trainer.start()
-            if pattern is None:
-                time.sleep(random.Random(3).uniform(8, 12))  # mid-round, wherever it happens to be
-            else:
-                wait_for_log(trainer, pattern, after=log_size)
+            wait_for_log(trainer, pattern, after=log_size)
+            time.sleep(delay)
             trainer.kill()
 
         trainer.start()
