@@ -21,6 +21,15 @@ protocol/rest/server.py, gRPC "[::]:port" in protocol/grpc/server.py) and offers
 BoundModelServer below replaces ModelServer.start so both listeners bind the host given by --host,
 which defaults to loopback; a pod passes --host 0.0.0.0.
 
+New versions: with --follow-versions true (and --kafka.* pointing at the broker) a daemon thread
+tails the policy-versions topic (modalign.core.versions.VersionFollower) and loads the reward model
+each PolicyVersionPublished event names (reward_model_version, in the same model store as the
+policy folder of its uri): verified file by file against its manifest first, then built beside the
+serving model and swapped in as one reference, so in-flight requests finish on the old model and no
+request fails. A version that fails verification or loading is refused (counted in
+modalign_reward_model_loads_total{outcome="failed"}) and the previous one keeps serving.
+modalign_reward_model_info{version} names the version being served.
+
 Command line: kserve.model_server parses sys.argv with parse_known_args when it is imported, for the
 defaults of its own flags (--http_port, --model_name, ...). Our flags come from RewardServerConfig via
 modalign.core.config and are spelled with hyphens or dots (--http-port, --limits.max-batch-size),
@@ -29,6 +38,7 @@ workers and grace period to ModelServer explicitly. Each flag is also an
 environment variable (MODALIGN_HTTP_PORT, ...).
 
 Run: python -m modalign.reward.server --http-port 8080 --grpc-port 8081 [--model-dir PATH]
+     [--follow-versions true --kafka.bootstrap-servers HOST:PORT --kafka.topic-prefix PREFIX]
 """
 
 from __future__ import annotations
@@ -36,10 +46,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
+import os
+import re
+import sys
 import threading
 import uuid
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +63,7 @@ import torch
 from grpc import aio
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, MAX_GRPC_MESSAGE_LENGTH
 from kserve.errors import InvalidInput
-from kserve.logging import logger
+from kserve.logging import KSERVE_LOGGER_DATE_FORMAT, KSERVE_LOGGER_FORMAT, logger
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer
@@ -61,8 +75,11 @@ from prometheus_client import Counter, Gauge
 
 from modalign.core.config import parse_config
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
-from modalign.core.modelstore import MANIFEST, ModelStore
+from modalign.core.kafka import KafkaConfig, ensure_topics
+from modalign.core.modelstore import MANIFEST, ChecksumMismatch, ModelStore
+from modalign.core.versions import VersionFollower, local_path
 from modalign.reward.model import RewardModel, UnscorableText, build_default_reward_model
+from modalign.v1 import events_pb2
 
 INPUTS = [
     {"name": "prompt", "datatype": "BYTES", "shape": [-1]},
@@ -74,6 +91,13 @@ OUTPUTS = [{"name": "score", "datatype": "FP32", "shape": [-1]}]
 # Defined once per process: prometheus_client's default registry is what KServe's /metrics serves.
 SCORED = Counter("modalign_reward_scored_total", "Responses scored by the reward model.")
 MODEL_INFO = Gauge("modalign_reward_model_info", "1 for the reward model version being served.", ["version"])
+MODEL_LOADS = Counter(
+    "modalign_reward_model_loads",
+    "Reward model loads, by outcome: loaded, or failed (the previous model keeps serving).",
+    ["outcome"],
+)
+# A version name becomes a folder name: nothing that could step out of the model store.
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Magic numbers of the formats modalign.core.images accepts: the protocol carries no MIME type.
 _SIGNATURES = (
@@ -225,20 +249,33 @@ def parse_request(request: InferRequest, limits: RequestLimits) -> ScoreBatch:
     )
 
 
-def verified_version(model_dir: Path | None, seed: int) -> str:
+def verified_version(model_dir: Path | None, seed: int, expected: str | None = None) -> str:
     """The version label of a folder about to be loaded.
 
     A model-store version (it has a manifest) is verified file by file first, and must be a reward
-    model; a bare folder from RewardModel.save is named by its folder.
+    model; a bare folder from RewardModel.save is named by its folder. With `expected` (a published
+    version), the manifest is required and must name that version.
     """
     if model_dir is None:
         return f"default-seed{seed}"
     if not (model_dir / MANIFEST).is_file():
+        if expected is not None:
+            raise ChecksumMismatch(f"{model_dir} has no {MANIFEST}: reward version {expected} cannot be verified")
         return model_dir.name
     manifest = ModelStore.verify(model_dir)
     if manifest.kind != "reward":
         raise ValueError(f"{model_dir} holds a {manifest.kind!r} model, not a reward model")
+    if expected is not None and manifest.version != expected:
+        raise ValueError(f"{model_dir} holds reward version {manifest.version!r}, not {expected!r}")
     return manifest.version
+
+
+def published_reward_folder(event: events_pb2.PolicyVersionPublished) -> Path:
+    """The folder of the reward version an event names: <store>/reward/<rN>, beside <store>/policy/<vN> (its uri)."""
+    version = event.reward_model_version
+    if not _VERSION_NAME.match(version):
+        raise ValueError(f"policy {event.version}: reward_model_version {version!r} is not a version name")
+    return local_path(event.uri).parent.parent / "reward" / version
 
 
 class RewardKServeModel(kserve.Model):
@@ -260,15 +297,45 @@ class RewardKServeModel(kserve.Model):
         self._served: _Served | None = None
         self._load_lock = threading.Lock()
 
-    def load(self, model_dir: Path | None = None) -> bool:
+    @property
+    def version(self) -> str | None:
+        """The version being served; None before the first load."""
+        served = self._served
+        return served.version if served is not None else None
+
+    def load(self, model_dir: Path | None = None, expected_version: str | None = None) -> bool:
         """Loads `model_dir` (or the folder given at construction) and swaps it in atomically.
 
         The new model is fully built before the swap, so requests keep being served by the old one
-        meanwhile; a failed load raises and leaves the old model serving.
+        meanwhile; a failed load (a checksum that differs from the manifest included) raises and
+        leaves the old model serving. `expected_version`: see verified_version.
         """
+        try:
+            self._load(model_dir, expected_version)
+        except Exception:
+            MODEL_LOADS.labels(outcome="failed").inc()
+            raise
+        MODEL_LOADS.labels(outcome="loaded").inc()
+        return self.ready
+
+    def load_published(self, event: events_pb2.PolicyVersionPublished) -> None:
+        """Serves the reward model a PolicyVersionPublished event names; the VersionFollower's callback.
+
+        Runs on the follower's thread. An event without a reward model, or naming the version already
+        served, changes nothing; one that fails to verify or load raises (the follower logs it and
+        goes on) and the current model keeps serving.
+        """
+        if not event.reward_model_version:
+            logger.info("policy %s names no reward model; still serving %s", event.version, self.version)
+            return
+        if event.reward_model_version == self.version:
+            return
+        self.load(published_reward_folder(event), expected_version=event.reward_model_version)
+
+    def _load(self, model_dir: Path | None, expected_version: str | None) -> None:
         with self._load_lock:
             folder = model_dir if model_dir is not None else self._model_dir
-            version = verified_version(folder, self._seed)
+            version = verified_version(folder, self._seed, expected_version)
             reward = RewardModel.load(folder) if folder is not None else build_default_reward_model(self._seed)
             served = _Served(reward=reward.to(self._device), version=version)
             previous, self._served = self._served, served
@@ -278,8 +345,10 @@ class RewardKServeModel(kserve.Model):
             MODEL_INFO.labels(version=served.version).set(1)
             self.ready = True
             # KServe's logger: KServe configures it when the ModelServer is built; one of ours would stay silent.
-            logger.info("serving reward model version %s", served.version)
-        return self.ready
+            logger.info(
+                "serving reward model version %s%s",
+                served.version, f" (was {previous.version})" if previous is not None else "",
+            )
 
     def get_input_types(self) -> list[dict]:
         return INPUTS
@@ -410,24 +479,67 @@ class RewardServerConfig:
     grace_period: int = 10
     """Seconds in-flight gRPC requests get to finish on SIGTERM."""
     limits: RequestLimits = RequestLimits()
+    follow_versions: bool = False
+    """Load each reward model the trainer publishes (the reward_model_version of every event on the
+    policy-versions topic), verified by checksum, without failing in-flight requests; at start-up the
+    newest published one replaces --model-dir. Off by default, unlike the policy service: scoring needs
+    no broker, so a standalone `modalign reward` (or one pinned to --model-dir) runs without Kafka.
+    Turn it on wherever a trainer publishes (`modalign up`, a cluster: MODALIGN_FOLLOW_VERSIONS=true);
+    on, the service needs Kafka (--kafka.*) to start."""
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    """The broker and topic prefix of policy-versions; used only with --follow-versions."""
+
+
+def _log_like_kserve() -> None:
+    """Shows modalign's own loggers (the version follower's) in KServe's format; KServe configures only its own."""
+    modalign_logger = logging.getLogger("modalign")
+    if modalign_logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(KSERVE_LOGGER_FORMAT, KSERVE_LOGGER_DATE_FORMAT))
+    modalign_logger.addHandler(handler)
+    modalign_logger.setLevel(logging.INFO)
+    modalign_logger.propagate = False
 
 
 def serve(config: RewardServerConfig) -> None:
-    """Loads the model and serves it until SIGTERM/SIGINT; must run on the main thread (KServe's signals)."""
+    """Loads the model and serves it until SIGTERM/SIGINT; must run on the main thread (KServe's signals).
+
+    With follow_versions, the follower starts before the listeners: the service reports ready only
+    once the newest published reward model (if any) is the one served.
+    """
     torch.set_num_threads(config.torch_threads)
     # The server first: constructing it configures KServe's logging, so the load is logged too.
     server = BoundModelServer(
         host=config.host, http_port=config.http_port, grpc_port=config.grpc_port, grace_period=config.grace_period
     )
+    _log_like_kserve()
     model = RewardKServeModel(
         config.model_name, config.model_dir, seed=config.seed, device=config.device, limits=config.limits
     )
+    # Loaded even when a published version will replace it: if that one fails verification, this serves.
     model.load()
-    server.start([model])
+    follower = None
+    if config.follow_versions:
+        ensure_topics(config.kafka)
+        follower = VersionFollower(config.kafka, model.load_published)
+        follower.start()
+    try:
+        server.start([model])
+    finally:
+        if follower is not None:
+            follower.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
     serve(parse_config(RewardServerConfig, argv))
+    # Served, drained and stopped. What remains is the interpreter tearing down torch's, transformers'
+    # and kserve's module graph, measured at 4-5 s here for nothing; a stop (a pod rollout, a test)
+    # need not wait for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 kserve is never imported in this process: tritonclient.grpc, which other tests may import, cannot
 share a process with it.
+
+One server process serves the whole module (starting one is the slow part): it follows the
+policy-versions topic of a real broker, and the hot-loading test comes last in the file because it
+changes the version being served; the tests before it score the version of `model_dir`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import json
 import re
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,11 +27,15 @@ import pytest
 import torch
 import tritonclient.http as httpclient
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tritonclient.utils import InferenceServerException
 
+from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
 from modalign.core.modelstore import Manifest, ModelStore
 from modalign.core.processes import ManagedProcess, free_port, http_ok
-from modalign.reward.model import RewardModel, build_default_reward_model
+from modalign.reward.model import HEAD_FILE, RewardModel, build_default_reward_model
+from modalign.v1 import events_pb2
+from tests.services import kafka_args
 
 pytestmark = pytest.mark.integration
 
@@ -73,28 +83,39 @@ def _grpc_spec(name: str, values: list) -> dict[str, Any]:
     return {"name": name, "datatype": "BYTES", "shape": list(array.shape), "data": encoded.tolist()}
 
 
-def _metric(text: str, name: str) -> float:
+def _metric(text: str, name: str, default: float | None = None) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    if match is None and default is not None:
+        return default
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    return ModelStore(tmp_path_factory.mktemp("model-store"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(store: ModelStore) -> Path:
     """A reward version published to a real model store: the server verifies its manifest and reports its version."""
-    store = ModelStore(tmp_path_factory.mktemp("model-store"))
     folder, _ = store.publish(Manifest(version=VERSION, kind="reward"), build_default_reward_model(seed=3).save)
     return folder
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def server(
+    model_dir: Path, kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     http_port, grpc_port = free_port(), free_port()
     base = f"127.0.0.1:{http_port}"
     process = ManagedProcess.python_module(
         "reward-server",
         "modalign.reward.server",
-        ["--model-dir", str(model_dir), "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+        [
+            "--model-dir", str(model_dir), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+            "--grace-period", "1", "--follow-versions", "true", *kafka_args(kafka_config),
+        ],
         ready=lambda: http_ok(f"http://{base}/v2/health/ready"),
         log_dir=tmp_path_factory.mktemp("logs"),
     )
@@ -229,3 +250,147 @@ def test_metrics_count_scored_responses_and_name_the_version(
     after = scrape()
     assert _metric(after, "modalign_reward_scored_total") == before + len(PROMPTS)
     assert _metric(after, f'modalign_reward_model_info{{version="{VERSION}"}}') == 1.0
+
+
+# --- Hot-loading published versions. Last in the module: it changes the version being served. ---
+
+
+def _rest_infer(base: str) -> dict[str, Any]:
+    """One v2 REST JSON call with urllib: a client of its own, safe on a background thread."""
+    body = {
+        "inputs": [
+            {"name": "prompt", "datatype": "BYTES", "shape": [len(PROMPTS)], "data": PROMPTS},
+            {"name": "response", "datatype": "BYTES", "shape": [len(RESPONSES)], "data": RESPONSES},
+            {
+                "name": "images", "datatype": "BYTES", "shape": [len(IMAGES_B64), len(IMAGES_B64[0])],
+                "data": [[image.decode() for image in row] for row in IMAGES_B64],
+            },
+        ]
+    }
+    request = urllib.request.Request(
+        f"http://{base}/v2/models/{MODEL_NAME}/infer", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+class _Traffic:
+    """Scores the fixed rows in a loop on a daemon thread, keeping every answer and every failure."""
+
+    def __init__(self, base: str) -> None:
+        self.answers: list[tuple[str, np.ndarray]] = []
+        self.failures: list[str] = []
+        self._base = base
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reward-traffic", daemon=True)
+
+    def __enter__(self) -> "_Traffic":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=60)
+
+    def wait_for_more(self, count: int, timeout_s: float = 30) -> None:
+        """Returns once `count` more requests have come back, answered or failed."""
+        target = len(self.answers) + len(self.failures) + count
+        deadline = time.monotonic() + timeout_s
+        while len(self.answers) + len(self.failures) < target:
+            assert time.monotonic() < deadline, f"the traffic thread made no {count} requests in {timeout_s:.0f}s"
+            time.sleep(0.05)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                answer = _rest_infer(self._base)
+                self.answers.append((answer["model_version"], np.array(answer["outputs"][0]["data"], dtype=np.float32)))
+            except Exception as error:  # noqa: BLE001 - every failure is the finding
+                self.failures.append(repr(error))
+            self._stopping.wait(0.02)
+
+
+def _publish_event(kafka_config: KafkaConfig, store: ModelStore, policy_version: str, reward_version: str) -> None:
+    """What the trainer produces after writing <store>/policy/<policy_version> and <store>/reward/<reward_version>."""
+    event = events_pb2.PolicyVersionPublished(
+        version=policy_version, parent_version="v0", uri=store.folder("policy", policy_version).resolve().as_uri(),
+        algorithm="rloo", reward_model_version=reward_version,
+    )
+    event.published_at.GetCurrentTime()
+    producer = make_producer(kafka_config)
+    try:
+        produce_durably(producer, kafka_config.topic("policy-versions"), [(policy_version, event.SerializeToString())],
+                        timeout_s=kafka_config.produce_timeout_s)
+    finally:
+        producer.close()
+
+
+def _scrape(base: str) -> str:
+    with urllib.request.urlopen(f"http://{base}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def _wait_for_metric(base: str, name: str, value: float, or_series: str = "", timeout_s: float = 60) -> str:
+    """The /metrics text once `name` reads `value` (an absent series reads 0), or once `or_series` appears."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = _scrape(base)
+        if _metric(text, name, default=0.0) == value or (or_series and or_series in text):
+            return text
+        assert time.monotonic() < deadline, f"{name} did not reach {value} in {timeout_s:.0f}s"
+        time.sleep(0.2)
+
+
+def test_published_reward_versions_are_hot_loaded_verified_and_without_failed_requests(
+    server: dict[str, str], store: ModelStore, kafka_config: KafkaConfig
+) -> None:
+    base = server["http"]
+    torch.set_num_threads(1)
+    first = _rest_infer(base)
+    assert first["model_version"] == VERSION
+    before = np.array(first["outputs"][0]["data"], dtype=np.float32)
+    failed_before = _metric(_scrape(base), 'modalign_reward_model_loads_total{outcome="failed"}', default=0.0)
+
+    # r8: a reward model with other weights, published as the trainer publishes it.
+    new_model = build_default_reward_model(seed=11)
+    new_folder, _ = store.publish(Manifest(version="r8", kind="reward", parent=VERSION), new_model.save)
+    expected = RewardModel.load(new_folder).score(PROMPTS, DECODED, RESPONSES).numpy()
+    # r9: published, then one file rewritten behind the manifest's back. The rewritten head is a
+    # valid safetensors file, so only the checksum can keep it out.
+    tampered, _ = store.publish(Manifest(version="r9", kind="reward", parent="r8"),
+                                build_default_reward_model(seed=13).save)
+    head = load_file(tampered / HEAD_FILE)
+    save_file({name: -tensor for name, tensor in head.items()}, tampered / HEAD_FILE)
+
+    with _Traffic(base) as traffic:
+        traffic.wait_for_more(3)  # some answers from r7 first
+        _publish_event(kafka_config, store, "v8", "r8")
+        _wait_for_metric(base, 'modalign_reward_model_info{version="r8"}', 1.0)
+        served_new = _rest_infer(base)
+
+        _publish_event(kafka_config, store, "v9", "r9")
+        # Refused (a failed load), or wrongly served: whichever shows first ends the wait.
+        metrics = _wait_for_metric(base, 'modalign_reward_model_loads_total{outcome="failed"}', failed_before + 1,
+                                   or_series='modalign_reward_model_info{version="r9"}')
+        served_after_tamper = _rest_infer(base)
+        traffic.wait_for_more(3)  # and some after the refusal
+
+    # The new version serves exactly what that model gives locally.
+    assert served_new["model_version"] == "r8"
+    scores_new = np.array(served_new["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(scores_new, expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(scores_new, before, atol=1e-4), "r8 must score differently from r7"
+
+    # The tampered version was refused: r8 keeps serving, with unchanged scores.
+    assert served_after_tamper["model_version"] == "r8"
+    np.testing.assert_array_equal(np.array(served_after_tamper["outputs"][0]["data"], dtype=np.float32), scores_new)
+    assert 'version="r9"' not in metrics and f'version="{VERSION}"' not in metrics
+    assert _metric(metrics, 'modalign_reward_model_info{version="r8"}') == 1.0
+
+    # No request failed across both reloads, and each answer is wholly one version's.
+    assert not traffic.failures, traffic.failures[:5]
+    versions = [version for version, _ in traffic.answers]
+    assert VERSION in versions and "r8" in versions and set(versions) == {VERSION, "r8"}, sorted(set(versions))
+    for version, scores in traffic.answers:
+        np.testing.assert_array_equal(scores, before if version == VERSION else scores_new)
