@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
@@ -53,18 +53,30 @@ class KafkaConfig:
     """Upper bound on waiting for an acknowledgement; past it the write counts as failed."""
     security_protocol: str = "PLAINTEXT"
     """PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."""
-    client_options: dict = field(default_factory=dict)
-    """Further kafka-python options (ssl_cafile, sasl_mechanism, ...), passed through unchanged."""
+    ssl_cafile: str = ""
+    """PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL)."""
+    ssl_certfile: str = ""
+    """PEM client certificate, for brokers that authenticate clients by TLS."""
+    ssl_keyfile: str = ""
+    """PEM private key of ssl_certfile."""
+    sasl_mechanism: str = ""
+    """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_PLAINTEXT, SASL_SSL)."""
+    sasl_plain_username: str = ""
+    sasl_plain_password: str = ""
+    """Read it from a Secret through MODALIGN_KAFKA_SASL_PLAIN_PASSWORD rather than a flag."""
 
     def topic(self, name: str) -> str:
         return self.topic_prefix + name
 
     def client_kwargs(self) -> dict:
-        return {
-            "bootstrap_servers": self.bootstrap_servers.split(","),
-            "security_protocol": self.security_protocol,
-            **self.client_options,
+        optional = {
+            name: getattr(self, name)
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism",
+                         "sasl_plain_username", "sasl_plain_password")
+            if getattr(self, name)
         }
+        return {"bootstrap_servers": self.bootstrap_servers.split(","), "security_protocol": self.security_protocol,
+                **optional}
 
 
 @dataclass(frozen=True)

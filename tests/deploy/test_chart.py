@@ -124,18 +124,6 @@ SERVICE_CONFIGS = {
     "feedback": ("modalign.feedback.server", "FeedbackConfig"),
     "reward": ("modalign.reward.server", "RewardServerConfig"),
 }
-# Env vars of kafka-python's TLS and SASL options, named as modalign.core.config names them; the chart
-# sets them for TLS or SASL Kafka, and KafkaConfig does not have these fields yet.
-KAFKA_SECURITY_ENV = {
-    "MODALIGN_KAFKA_SSL_CAFILE", "MODALIGN_KAFKA_SSL_CERTFILE", "MODALIGN_KAFKA_SSL_KEYFILE",
-    "MODALIGN_KAFKA_SASL_MECHANISM", "MODALIGN_KAFKA_SASL_PLAIN_USERNAME", "MODALIGN_KAFKA_SASL_PLAIN_PASSWORD",
-}
-AWAITING_KAFKA_SECURITY_FIELDS = pytest.mark.xfail(
-    strict=True, reason="KafkaConfig (services/core/kafka.py) has no ssl_cafile/ssl_certfile/ssl_keyfile/"
-    "sasl_mechanism/sasl_plain_username/sasl_plain_password fields yet",
-)
-
-
 def env_of_flags(module: str, config_class: str) -> set[str]:
     import importlib
 
@@ -145,12 +133,7 @@ def env_of_flags(module: str, config_class: str) -> set[str]:
             for action in parser._actions if action.dest != "help"}
 
 
-@pytest.mark.parametrize(
-    "values_file",
-    [pytest.param(v, marks=AWAITING_KAFKA_SECURITY_FIELDS) if v and v.stem in {"external-kafka-tls", "strimzi"} else v
-     for v in VALUES_FILES],
-    ids=values_id,
-)
+@pytest.mark.parametrize("values_file", VALUES_FILES, ids=values_id)
 def test_every_setting_the_chart_gives_a_service_is_one_of_its_flags(values_file: Path | None) -> None:
     docs = render(values_file)
     for component, spec in pod_specs(docs).items():
