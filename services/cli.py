@@ -46,9 +46,10 @@ def kafka_command(args: argparse.Namespace) -> int:
 
 
 def up_command(args: argparse.Namespace) -> int:
-    from modalign.up import run_local_system
+    from modalign.up import LocalPorts, run_local_system
 
-    return run_local_system(_broker_config(args), example=args.example)
+    ports = LocalPorts(grpc_base=args.grpc_base_port, metrics_base=args.metrics_base_port)
+    return run_local_system(_broker_config(args), ports, example=args.example)
 
 
 def service_command(args: argparse.Namespace, rest: list[str]) -> int:
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     up = commands.add_parser("up", help="start the broker and every service on loopback; Ctrl-C stops all")
     _add_broker_arguments(up)
     up.add_argument("--example", action="store_true", help="once up, make one example client call")
+    up.add_argument("--grpc-base-port", type=int, default=50051,
+                    help="policy, feedback, reward REST and reward gRPC listen on this port and the next three")
+    up.add_argument("--metrics-base-port", type=int, default=9101,
+                    help="policy, feedback and trainer /metrics listen on this port, +1 and +3")
 
     for name, module in SERVICES.items():
         commands.add_parser(name, help=f"run the {name} service (flags: modalign {name} -- --help)", add_help=False)

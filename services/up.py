@@ -7,6 +7,8 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from PIL import Image, ImageDraw
@@ -16,31 +18,68 @@ from modalign.core.kafka import KafkaConfig, ensure_topics
 from modalign.core.processes import ManagedProcess, grpc_serving, http_ok
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
-POLICY = "127.0.0.1:50051"
-FEEDBACK = "127.0.0.1:50052"
-REWARD_HTTP_PORT, REWARD_GRPC_PORT = 8080, 8081
+@dataclass(frozen=True)
+class LocalPorts:
+    """Where the local services listen on 127.0.0.1: consecutive ports from two bases."""
+
+    grpc_base: int = 50051
+    """policy gRPC, feedback gRPC, reward REST, reward gRPC, in that order."""
+    metrics_base: int = 9101
+    """Prometheus /metrics of policy, feedback, (reward serves its own on REST), trainer."""
+
+    @property
+    def policy(self) -> str:
+        return f"127.0.0.1:{self.grpc_base}"
+
+    @property
+    def feedback(self) -> str:
+        return f"127.0.0.1:{self.grpc_base + 1}"
+
+    @property
+    def reward_http(self) -> int:
+        return self.grpc_base + 2
+
+    @property
+    def reward_grpc(self) -> int:
+        return self.grpc_base + 3
+
+    def metrics(self, index: int) -> int:
+        return self.metrics_base + index
 
 
-def local_services(bootstrap_servers: str, log_dir) -> list[ManagedProcess]:
+def local_services(bootstrap_servers: str, home: Path, ports: LocalPorts) -> list[ManagedProcess]:
+    """The services of one local system, sharing the blob store, the model store and the broker."""
     kafka = ["--kafka.bootstrap-servers", bootstrap_servers]
+    blobs = ["--blob-dir", str(home / "blobs")]
+    log_dir = home / "logs"
+    trainer_metrics = f"http://127.0.0.1:{ports.metrics(3)}/metrics"
     return [
         ManagedProcess.python_module(
-            "feedback", "modalign.feedback.server", ["--listen", FEEDBACK, "--metrics-port", "9102", *kafka],
-            ready=lambda: grpc_serving(FEEDBACK), log_dir=log_dir,
+            "feedback", "modalign.feedback.server",
+            ["--listen", ports.feedback, "--metrics-port", str(ports.metrics(1)), *kafka],
+            ready=lambda: grpc_serving(ports.feedback), log_dir=log_dir,
         ),
         ManagedProcess.python_module(
-            "policy", "modalign.policy.server", ["--listen", POLICY, "--metrics-port", "9101", *kafka],
-            ready=lambda: grpc_serving(POLICY), log_dir=log_dir,
+            "policy", "modalign.policy.server",
+            ["--listen", ports.policy, "--metrics-port", str(ports.metrics(0)), *kafka, *blobs],
+            ready=lambda: grpc_serving(ports.policy), log_dir=log_dir,
         ),
         ManagedProcess.python_module(
             "reward", "modalign.reward.server",
-            ["--http-port", str(REWARD_HTTP_PORT), "--grpc-port", str(REWARD_GRPC_PORT)],
-            ready=lambda: http_ok(f"http://127.0.0.1:{REWARD_HTTP_PORT}/v2/health/ready"), log_dir=log_dir,
+            ["--http-port", str(ports.reward_http), "--grpc-port", str(ports.reward_grpc),
+             "--follow-versions", "true", *kafka],
+            ready=lambda: http_ok(f"http://127.0.0.1:{ports.reward_http}/v2/health/ready"), log_dir=log_dir,
+        ),
+        ManagedProcess.python_module(
+            "trainer", "modalign.trainer",
+            ["--metrics-port", str(ports.metrics(3)), *kafka, *blobs, "--work-dir", str(home / "trainer"),
+             "--model-store", str(home / "models")],
+            ready=lambda: http_ok(trainer_metrics), log_dir=log_dir,
         ),
     ]
 
 
-def run_local_system(broker_config: broker.BrokerConfig, example: bool = False) -> int:
+def run_local_system(broker_config: broker.BrokerConfig, ports: LocalPorts = LocalPorts(), example: bool = False) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -49,8 +88,8 @@ def run_local_system(broker_config: broker.BrokerConfig, example: bool = False) 
     print(f"kafka: starting on {broker_config.bootstrap_servers} (data in {broker_config.data_dir})", flush=True)
     broker.start(broker_config)
     ensure_topics(KafkaConfig(bootstrap_servers=broker_config.bootstrap_servers))
-    log_dir = broker_config.data_dir.parent / "logs"
-    services = local_services(broker_config.bootstrap_servers, log_dir)
+    home = broker_config.data_dir.parent
+    services = local_services(broker_config.bootstrap_servers, home, ports)
     try:
         for service in services:
             service.start()
@@ -58,17 +97,19 @@ def run_local_system(broker_config: broker.BrokerConfig, example: bool = False) 
             service.wait_ready(timeout_s=180)
         print(
             "modalign is up:\n"
-            f"  policy    gRPC {POLICY}  (modalign.v1.PolicyService)   metrics http://127.0.0.1:9101/metrics\n"
-            f"  feedback  gRPC {FEEDBACK}  (modalign.v1.FeedbackService) metrics http://127.0.0.1:9102/metrics\n"
-            f"  reward    OIP v2 http://127.0.0.1:{REWARD_HTTP_PORT}  gRPC 127.0.0.1:{REWARD_GRPC_PORT}"
-            f"  metrics http://127.0.0.1:{REWARD_HTTP_PORT}/metrics\n"
+            f"  policy    gRPC {ports.policy}  (modalign.v1.PolicyService)    metrics http://127.0.0.1:{ports.metrics(0)}/metrics\n"
+            f"  feedback  gRPC {ports.feedback}  (modalign.v1.FeedbackService)  metrics http://127.0.0.1:{ports.metrics(1)}/metrics\n"
+            f"  reward    OIP v2 http://127.0.0.1:{ports.reward_http}, gRPC 127.0.0.1:{ports.reward_grpc}"
+            f"      metrics http://127.0.0.1:{ports.reward_http}/metrics\n"
+            f"  trainer   learns from the feedback stream                metrics http://127.0.0.1:{ports.metrics(3)}/metrics\n"
             f"  kafka     {broker_config.bootstrap_servers}\n"
-            f"  logs      {log_dir}\n"
+            f"  models    {home / 'models'}  (each published version)\n"
+            f"  logs      {home / 'logs'}\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
         if example:
-            example_call(POLICY, FEEDBACK)
+            example_call(ports.policy, ports.feedback)
         while not stopping.wait(1.0):
             for service in services:
                 if service.process is not None and service.process.poll() is not None:

@@ -1,0 +1,86 @@
+"""README's main command, as a user runs it: `modalign up --example`, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modalign.core.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def free_run(count: int) -> int:
+    """A port such that it and the count - 1 after it are free on loopback."""
+    for _ in range(100):
+        base = free_port()
+        sockets = []
+        try:
+            for offset in range(count):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", base + offset))
+                sockets.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no run of free ports")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    modalign = shutil.which("modalign", path=str(Path(sys.executable).parent))
+    command = [
+        modalign, "up", "--example", "--data-dir", str(tmp_path / "kafka"),
+        "--port", str(free_port()), "--controller-port", str(free_port()),
+        "--grpc-base-port", str(free_run(4)), "--metrics-base-port", str(free_run(4)),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    output = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "acknowledged" in line:
+                break
+        text = "".join(output)
+        assert "modalign is up" in text, text
+        assert re.search(r"example: Generate answered with policy v0", text), text
+        assert re.search(r"example: preference example-\w+ acknowledged", text), text
+
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                   text=True).stdout.split() if int(p) != process.pid]
+        assert len(children) >= 5  # broker, feedback, policy, reward, trainer
+
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, text + rest
+        assert "stopped." in rest
+        time.sleep(1)
+        assert [pid for pid in children if pid_alive(pid)] == []
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
