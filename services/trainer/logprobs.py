@@ -35,5 +35,8 @@ def sequence_logprobs(
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) at every position: logits [..., vocab] -> [...]."""
     log_probs = torch.log_softmax(logits, dim=-1)
-    # Masked-out tokens (logit -inf) have p = 0 and contribute 0, not 0 * -inf = NaN.
-    return -torch.where(log_probs > float("-inf"), log_probs.exp() * log_probs, 0.0).sum(dim=-1)
+    # Masked-out tokens (logit -inf) have p = 0 and contribute 0, not 0 * -inf = NaN. Their log-prob is zeroed
+    # before the product rather than the product after it: torch.where would still send 0 * NaN = NaN back
+    # through the unselected branch, so an entropy bonus in a loss would poison every weight.
+    finite_log_probs = log_probs.masked_fill(log_probs == float("-inf"), 0.0)
+    return -(log_probs.exp() * finite_log_probs).sum(dim=-1)

@@ -17,7 +17,7 @@ from modalign.trainer.advantages import (
     rloo_advantages,
 )
 from modalign.trainer.kl import KL_ESTIMATORS
-from modalign.trainer.logprobs import sequence_logprobs, token_logprobs
+from modalign.trainer.logprobs import sequence_logprobs, token_entropy, token_logprobs
 from modalign.trainer.losses import bradley_terry_loss, dpo_loss, ppo_policy_loss, ppo_value_loss, preference_accuracy
 from modalign.trainer.masked import masked_mean, masked_var, masked_whiten
 from modalign.trainer.rewards import kl_penalized_token_rewards, penalize_missing_eos
@@ -240,3 +240,16 @@ def test_sequence_logprobs_ignore_padding_and_token_logprobs_are_normalised() ->
         assert_close(total, torch.ones(2, 5))
     with pytest.raises(ValueError):
         token_logprobs(logits, tokens, temperature=0.0)
+
+
+def test_entropy_of_masked_logits_is_that_of_the_tokens_left_and_its_gradient_stays_finite() -> None:
+    # The engine and the learner put unsampleable special tokens at -inf; they carry no probability.
+    logits = torch.randn(2, 3, 11, generator=generator(31), requires_grad=True)
+    masked_out = torch.tensor([0, 4, 7])
+    kept = torch.tensor([i for i in range(11) if i not in masked_out.tolist()])
+    entropy = token_entropy(logits.index_fill(-1, masked_out, float("-inf")))
+    kept_logits = logits.detach()[..., kept]
+    assert_close(entropy, -(kept_logits.softmax(-1) * kept_logits.log_softmax(-1)).sum(-1))
+    entropy.sum().backward()  # as an entropy bonus in a loss would
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[..., masked_out] == 0).all()
