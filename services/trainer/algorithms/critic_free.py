@@ -52,7 +52,9 @@ def critic_free_update(learner: Learner, rollouts: Rollouts, estimator: str, kl_
             history["policy_loss"].append(loss.item())
             history["clip_fraction"].append(clipped.clip_fraction.item())
             history["approx_kl"].append(clipped.approx_kl.item())
-            history["entropy"].append(masked_mean(token_entropy(logits.detach()), sub.response_mask).item())
+            # Entropy of the distribution the rollouts were sampled from: at the rollout temperature.
+            entropy = token_entropy(logits.detach() / config.rollout_temperature)
+            history["entropy"].append(masked_mean(entropy, sub.response_mask).item())
     return history
 
 

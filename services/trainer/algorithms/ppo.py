@@ -65,5 +65,7 @@ def ppo_update(learner: Learner, rollouts: Rollouts) -> dict[str, list[float]]:
             history["clip_fraction"].append(policy_loss.clip_fraction.item())
             history["value_clip_fraction"].append(value_loss.clip_fraction.item())
             history["approx_kl"].append(policy_loss.approx_kl.item())
-            history["entropy"].append(masked_mean(token_entropy(logits.detach()), sub.response_mask).item())
+            # Entropy of the distribution the rollouts were sampled from: at the rollout temperature.
+            entropy = token_entropy(logits.detach() / config.rollout_temperature)
+            history["entropy"].append(masked_mean(entropy, sub.response_mask).item())
     return history
