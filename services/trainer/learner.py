@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
 import random
 from collections import OrderedDict, defaultdict
@@ -31,6 +32,8 @@ from modalign.trainer.logprobs import token_logprobs
 from modalign.trainer.kl import kl_k1
 from modalign.trainer.losses import bradley_terry_loss, preference_accuracy
 from modalign.trainer.rewards import penalize_missing_eos
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,13 @@ class Learner:
             if self.value_model is not None else None
         )
         self.unsampleable_token_ids = PolicyEngine(self.policy, self.processor).unsampleable_token_ids
+        self._reserved_tokens = sorted({
+            token for tokenizer in (self.processor.tokenizer, self.reward_model.processor.tokenizer)
+            for token in (*tokenizer.all_special_tokens, *tokenizer.added_tokens_encoder)
+        })
+        self._max_positions = min(
+            self.reward_model.max_positions, self.policy.config.get_text_config().max_position_embeddings
+        )
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
 
     def _starting_policy(self) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -170,11 +180,41 @@ class Learner:
     def learn(self, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
         from modalign.trainer.algorithms import ALGORITHMS
 
-        metrics = self.train_reward_model(pairs)
-        metrics |= ALGORITHMS[self.config.algorithm](self, pairs, prompts)
+        usable = self.usable_pairs(pairs)
+        metrics = {"pairs_unusable": float(len(pairs) - len(usable))} | self.train_reward_model(usable)
+        metrics |= ALGORITHMS[self.config.algorithm](self, usable, prompts)
         return metrics
 
+    def unusable_reason(self, pair: PreferencePair) -> str | None:
+        """Why neither the reward model nor DPO can take this pair, or None when they can.
+
+        An edit is free user text: a reserved token in it ("<image>", "</s>") would be read as a control
+        token (the reward model refuses it; the policy would see an image slot without an image), and an
+        8 KiB edit can exceed the models' positions. Either would fail the whole round, again on every retry.
+        """
+        tokenizer = self.processor.tokenizer
+        for name, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            forged = [token for token in self._reserved_tokens if token in response.text]
+            if forged:
+                return f"{name} response contains reserved token(s) {forged}"
+            response_length = len(tokenizer(response.text, add_special_tokens=False).input_ids)
+            if len(pair.prompt.prompt_token_ids) + response_length + 1 > self._max_positions:
+                return f"{name} response is too long for the models' {self._max_positions} positions"
+        return None
+
+    def usable_pairs(self, pairs: list[PreferencePair]) -> list[PreferencePair]:
+        usable = []
+        for pair in pairs:
+            reason = self.unusable_reason(pair)
+            if reason is None:
+                usable.append(pair)
+            else:
+                log.warning("skipping the pair of feedback %s: %s", pair.feedback_id, reason)
+        return usable
+
     def train_reward_model(self, pairs: list[PreferencePair]) -> dict[str, float]:
+        if not pairs:
+            return {}
         losses, accuracies = [], []
         for _ in range(self.config.reward_epochs):
             order = list(range(len(pairs)))
@@ -358,6 +398,7 @@ class Learner:
         """What the gate decides on: held-out RM accuracy, and the candidate's samples against the last
         published version's on the same prompts and seeds (reward, KL to the reference, length)."""
         metrics: dict[str, float] = {}
+        heldout = self.usable_pairs(heldout)
         if heldout:
             chosen, rejected = [], []
             for start in range(0, len(heldout), 64):

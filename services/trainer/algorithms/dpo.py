@@ -27,6 +27,8 @@ def response_token_ids(learner: Learner, response: Response) -> list[int]:
 @register_algorithm("dpo")
 def dpo(learner: Learner, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
     config = learner.config
+    if not pairs:
+        return {}
     losses, accuracies, margins = [], [], []
     for _ in range(config.policy_epochs):
         order = list(range(len(pairs)))
