@@ -1,0 +1,319 @@
+"""Unit tests of the learner and the registered policy algorithms, on the real (tiny) default models, no Kafka.
+
+Every test seeds Python's and torch's RNGs and uses the default ~1M-parameter LLaVA, so runs are deterministic on
+one machine; the thresholds leave wide margins so that another CPU's rounding cannot flip them.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from modalign.core.blobs import BlobStore
+from modalign.policy.engine import Sample
+from modalign.policy.model import format_prompt
+from modalign.trainer.algorithms import ALGORITHMS
+from modalign.trainer.algorithms.critic_free import critic_free_update
+from modalign.trainer.algorithms.ppo import ppo_update
+from modalign.trainer.join import PreferencePair, Response
+from modalign.trainer.learner import Learner, LearnerConfig, Prompt
+from modalign.v1 import common_pb2, events_pb2
+
+SMALL = {
+    "rollout_prompts": 4, "samples_per_prompt": 4, "max_new_tokens": 8,
+    "policy_updates_per_round": 1, "policy_epochs": 1, "reward_epochs": 1, "eval_prompts": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory: pytest.TempPathFactory) -> BlobStore:
+    return BlobStore(tmp_path_factory.mktemp("blobs"))
+
+
+@pytest.fixture(scope="module")
+def images(blobs: BlobStore) -> dict[str, str]:
+    """sha256 of a 32x32 PNG with a square of each colour."""
+    shas = {}
+    for colour in ("red", "blue", "green"):
+        image = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(image).rectangle((4, 4, 20, 20), fill=colour)
+        data = io.BytesIO()
+        image.save(data, "PNG")
+        shas[colour] = blobs.put(data.getvalue())
+    return shas
+
+
+@pytest.fixture(scope="module")
+def prompts(images: dict[str, str]) -> list[Prompt]:
+    """Prompts of different lengths with zero, one and two images."""
+    return [
+        Prompt("Hi", ()),
+        Prompt("What colour is the square?", (images["red"],)),
+        Prompt("Compare these two pictures, please.", (images["blue"], images["green"])),
+        Prompt("Where?", (images["green"],)),
+    ]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_learner(blobs: BlobStore, **overrides) -> Learner:
+    return Learner(LearnerConfig(**(SMALL | overrides)), blobs)
+
+
+def logged_generation(learner: Learner, prompt: Prompt) -> events_pb2.GenerationLogged:
+    """The generation event the policy service would log for prompt: text, images, expanded prompt token ids."""
+    processor = learner.processor
+    encoded = processor(
+        text=format_prompt(processor, prompt.text, len(prompt.image_sha256)),
+        images=learner.prompt_images(prompt) or None, return_tensors="pt",
+    )
+    return events_pb2.GenerationLogged(
+        prompt_text=prompt.text, images=[common_pb2.ImageRef(sha256=sha) for sha in prompt.image_sha256],
+        prompt_token_ids=encoded["input_ids"][0].tolist(),
+    )
+
+
+def logged(sample: Sample) -> Response:
+    return Response(sample.text, tuple(sample.token_ids), tuple(sample.logprobs))
+
+
+def traffic_pairs(learner: Learner, prompts: list[Prompt]) -> list[PreferencePair]:
+    """Per prompt: a preference between two logged samples, and an edit preferred over a logged sample."""
+    samples = learner.rollout(prompts, 2, seed=1)
+    pairs = []
+    for i, prompt in enumerate(prompts):
+        first, second = samples[2 * i], samples[2 * i + 1]
+        generation = logged_generation(learner, prompt)
+        pairs.append(PreferencePair(f"p{i}", "preference", generation, logged(first), logged(second)))
+        pairs.append(PreferencePair(f"e{i}", "edit", generation, Response("A red square.", None, None), logged(first)))
+    return pairs
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the weights that are not bitwise equal (names, so that a failure does not print every tensor)."""
+    assert a.keys() == b.keys()
+    return [name for name in a if not torch.equal(a[name], b[name])]
+
+
+# --- (a) every algorithm: one round trains, the reference stays put ----------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "ppo", "dpo"])
+def test_one_round_of_each_algorithm_trains_the_policy_and_leaves_the_reference_frozen(
+    blobs: BlobStore, prompts: list[Prompt], algorithm: str
+) -> None:
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm=algorithm)
+    pairs = traffic_pairs(learner, prompts)
+    # An edit with a control token in it cannot be scored or tokenised as text: skipped, not fatal to the round.
+    poisoned = PreferencePair("bad", "edit", pairs[0].prompt, Response("a <image> and </s>", None, None), pairs[0].rejected)
+    policy, reference, reward = parameters(learner.policy), parameters(learner.reference), parameters(learner.reward_model)
+    value = parameters(learner.value_model) if learner.value_model is not None else None
+
+    metrics = learner.learn([*pairs, poisoned], prompts)
+
+    assert metrics["pairs_unusable"] == 1.0
+    expected = {"rm_loss", "rm_train_accuracy"} | (
+        {"dpo_loss", "dpo_reward_accuracy", "dpo_reward_margin"} if algorithm == "dpo"
+        else {"policy_loss", "clip_fraction", "approx_kl", "entropy", "reward_mean", "kl", "response_length_mean"}
+    )
+    assert expected <= metrics.keys()
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
+    assert differing(parameters(learner.policy), policy)
+    assert all(torch.isfinite(p).all() for p in learner.policy.parameters())
+    assert differing(parameters(learner.reward_model), reward)
+    assert not differing(parameters(learner.reference), reference)
+    assert not any(p.requires_grad for p in learner.reference.parameters())
+    if algorithm == "ppo":
+        assert "value_loss" in metrics
+        assert differing(parameters(learner.value_model), value)
+
+
+def test_pairs_the_models_cannot_take_are_reported_with_a_reason(blobs: BlobStore, prompts: list[Prompt]) -> None:
+    learner = make_learner(blobs, algorithm="dpo")
+    generation = logged_generation(learner, prompts[1])
+    plain = Response("A red square.", None, None)
+    assert learner.unusable_reason(PreferencePair("ok", "edit", generation, plain, plain)) is None
+    forged = PreferencePair("f", "edit", generation, Response("see <image>", None, None), plain)
+    assert "reserved" in learner.unusable_reason(forged)
+    huge = PreferencePair("h", "edit", generation, Response("x" * 8192, None, None), plain)  # 8 KiB: the edit limit
+    assert "too long" in learner.unusable_reason(huge)
+
+
+# --- (b) importance ratios start at exactly 1 --------------------------------------------------------------------
+
+
+def test_recomputed_logprobs_equal_the_behaviour_logprobs_so_ppo_ratios_start_at_one(
+    blobs: BlobStore, prompts: list[Prompt]
+) -> None:
+    # Temperature 0.7: recomputation must use the rollout's temperature, and the masked special tokens, to match.
+    learner = make_learner(blobs, algorithm="ppo", rollout_temperature=0.7, max_new_tokens=12, minibatch_size=8)
+    seed_everything(4)  # a seed whose rollouts include early EOS: rows of different lengths, right-padded
+    rollouts = learner.collect_rollouts(prompts)
+    finish = [s.finish_reason for s in rollouts.samples]
+    assert "stop" in finish and "length" in finish, finish
+
+    mask = rollouts.batch.response_mask
+    with torch.no_grad():
+        recomputed = learner.response_logprobs(learner.policy, rollouts.batch)
+        at_temperature_one = learner.response_logprobs(learner.policy, rollouts.batch, temperature=1.0)
+    torch.testing.assert_close(recomputed, rollouts.old_logprobs, atol=2e-5, rtol=0)
+    assert (recomputed[~mask] == 0).all() and (rollouts.old_logprobs[~mask] == 0).all()
+    assert (at_temperature_one - rollouts.old_logprobs).abs().max() > 0.1  # the check can tell temperatures apart
+    # The starting policy is the reference: the rollout's KL to it is zero up to rounding.
+    assert rollouts.kl.abs().max() < 2e-5
+
+    # The first minibatch of an update sees ratio 1 on every token: nothing clipped, no movement.
+    history = ppo_update(learner, rollouts)
+    assert history["clip_fraction"][0] == 0.0
+    assert history["approx_kl"][0] < 1e-9
+    history = critic_free_update(learner, learner.collect_rollouts(prompts), "rloo", kl_in_loss=False)
+    assert history["clip_fraction"][0] == 0.0
+    assert history["approx_kl"][0] < 1e-9
+
+
+# --- (c) the reward model learns a separable preference -----------------------------------------------------------
+
+
+def colour_pairs(learner: Learner, prompt: Prompt, combos: list[tuple[str, str]], tag: str) -> list[PreferencePair]:
+    """Pairs that differ only in the colour word: the one that says "red" is preferred over any other colour."""
+    rng = random.Random(tag)
+    generation = logged_generation(learner, prompt)
+    others = ["blue", "green", "yellow", "purple", "orange", "black", "white"]
+    return [
+        PreferencePair(
+            f"{tag}{i}", "preference", generation,
+            Response(f"I see a red {shape} at the {position}.", None, None),
+            Response(f"I see a {rng.choice(others)} {shape} at the {position}.", None, None),
+        )
+        for i, (shape, position) in enumerate(combos)
+    ]
+
+
+def test_the_reward_model_learns_a_preference_for_red_and_generalises_to_held_out_pairs(
+    blobs: BlobStore, prompts: list[Prompt]
+) -> None:
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="dpo", reward_epochs=2, reward_batch_size=16)
+    shapes = ["circle", "square", "triangle", "star", "rectangle", "dot", "line", "shape"]
+    positions = ["left", "right", "top", "bottom", "center", "top left", "top right", "bottom left", "bottom right"]
+    combos = list(itertools.product(shapes, positions))
+    random.Random(1).shuffle(combos)
+    train = colour_pairs(learner, prompts[1], combos[:16], "t")
+    heldout = colour_pairs(learner, prompts[1], combos[16:32], "h")  # shape-position combinations never trained on
+
+    def heldout_margin() -> float:
+        with torch.no_grad():
+            chosen, rejected = learner.pair_rewards(heldout)
+        return (chosen - rejected).mean().item()
+
+    before = learner.evaluate(heldout, [])
+    margin_before = heldout_margin()
+    for _ in range(3):
+        metrics = learner.learn(train, [])
+    after = learner.evaluate(heldout, [])
+
+    assert before["rm_heldout_pairs"] == after["rm_heldout_pairs"] == 16
+    assert before["rm_heldout_accuracy"] <= 0.75  # the fresh head has not got it by chance
+    assert after["rm_heldout_accuracy"] >= 0.9
+    assert heldout_margin() > margin_before + 0.5
+    # DPO on the same pairs moved the policy's implicit reward the same way.
+    assert metrics["dpo_reward_accuracy"] == 1.0 and metrics["dpo_reward_margin"] > 0
+
+
+# --- (d) on-policy algorithms raise the reward they are given -----------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
+def test_an_on_policy_algorithm_raises_the_expected_reward_of_its_samples(
+    blobs: BlobStore, prompts: list[Prompt], algorithm: str
+) -> None:
+    """A fixed reward: 1 when a response starts with an even token id, else 0. Its expectation under the policy
+    is computed exactly (the first token's probability mass on even ids, averaged over the prompts), so the
+    check has no sampling noise; a sign error anywhere in advantages, ratios or losses would lower it."""
+    seed_everything(0)
+    learner = make_learner(
+        blobs, algorithm=algorithm, max_new_tokens=2, policy_lr=1e-2, policy_epochs=2, missing_eos_penalty=0.0
+    )
+    rewarded = torch.zeros(learner.policy.config.get_text_config().vocab_size, dtype=torch.bool)
+    rewarded[0::2] = True
+    learner.score = lambda prompts_, samples: torch.tensor([float(rewarded[s.token_ids[0]]) for s in samples])
+    prompt_ids = [logged_generation(learner, p).prompt_token_ids for p in prompts]
+    first_token = learner.response_batch(prompt_ids, [[0]] * len(prompts), [learner.prompt_images(p) for p in prompts])
+
+    def expected_reward() -> float:
+        with torch.no_grad():
+            probs = learner.response_logits(learner.policy, first_token)[:, 0].softmax(-1)
+        return probs[:, rewarded].sum(-1).mean().item()
+
+    before = expected_reward()
+    for _ in range(6):
+        metrics = learner.learn([], prompts)
+    after = expected_reward()
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
+    assert 0.4 < before < 0.6
+    assert after > before + 0.15, (before, after)
+
+
+# --- (e) a learner's state round-trips exactly -------------------------------------------------------------------
+
+
+def test_a_learner_restored_from_its_state_dict_continues_identically(blobs: BlobStore, prompts: list[Prompt]) -> None:
+    seed_everything(0)
+    original = make_learner(blobs, algorithm="ppo")
+    pairs = traffic_pairs(original, prompts)
+    original.learn(pairs, prompts)
+    saved = io.BytesIO()
+    torch.save(original.state_dict(), saved)  # as the checkpoint does
+    saved.seek(0)
+
+    restored = make_learner(blobs, algorithm="ppo")
+    restored.load_state_dict(torch.load(saved, weights_only=False))
+    for name in ("policy", "published_policy", "reference", "reward_model", "value_model"):
+        assert not differing(parameters(getattr(restored, name)), parameters(getattr(original, name))), name
+
+    a, b = original.rollout(prompts, 2, seed=5), restored.rollout(prompts, 2, seed=5)
+    assert [(s.token_ids, s.logprobs) for s in a] == [(s.token_ids, s.logprobs) for s in b]
+    # The optimisers' state came along too: one more identical round gives identical weights.
+    for learner in (original, restored):
+        seed_everything(1)
+        learner.learn(pairs, prompts)
+    for name in ("policy", "reward_model", "value_model"):
+        assert not differing(parameters(getattr(restored, name)), parameters(getattr(original, name))), name
+
+
+# --- (f) a refused candidate is rolled back -----------------------------------------------------------------------
+
+
+def test_revert_policy_restores_the_last_accepted_policy(blobs: BlobStore, prompts: list[Prompt]) -> None:
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="dpo")
+    pairs = traffic_pairs(learner, prompts)
+    learner.learn(pairs, prompts)
+    learner.accept_candidate()
+    accepted = parameters(learner.policy)
+    learner.learn(pairs, prompts)
+    assert differing(parameters(learner.policy), accepted)
+    assert not differing(parameters(learner.published_policy), accepted)
+
+    learner.revert_policy()
+    assert not differing(parameters(learner.policy), accepted)
+    assert not learner.policy_optimizer.state  # Adam's moments belonged to the refused trajectory
+    ours, published = learner.rollout(prompts, 2, seed=3), learner.rollout(prompts, 2, seed=3, model=learner.published_policy)
+    assert [s.token_ids for s in ours] == [s.token_ids for s in published]
+    # Training continues from the reverted weights.
+    learner.learn(pairs, prompts)
+    assert differing(parameters(learner.policy), accepted)
