@@ -46,9 +46,14 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     return target
 
 
-def load_checkpoint(directory: Path) -> dict[str, Any] | None:
+def remove_interrupted_writes(directory: Path) -> None:
+    """Deletes temporary files of writes a crash interrupted (the checkpoint before each is intact).
+    Only the trainer, before it writes again, may call this: a reader would delete a write in progress."""
     for leftover in directory.glob(f".{CHECKPOINT}.*.tmp"):
-        leftover.unlink()  # a write that a crash interrupted; the checkpoint before it is intact
+        leftover.unlink()
+
+
+def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     path = directory / CHECKPOINT
     if not path.exists():
         return None

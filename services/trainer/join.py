@@ -44,6 +44,10 @@ class PreferencePair:
     rejected: Response
     margin: float = 0.0
     """How strongly chosen beats rejected: the rating difference for rating pairs, else 0."""
+    received: events_pb2.FeedbackReceived | None = None
+    """The feedback record itself, to dead-letter the pair if the models cannot take it."""
+    position: tuple[int, int] = (-1, -1)
+    """(partition, offset) of that record."""
 
 
 @dataclass(frozen=True)
@@ -160,13 +164,15 @@ class FeedbackJoiner:
             rejected = self.generations[feedback.preference.rejected_response_id]
             if prompt_key(chosen) != prompt_key(rejected):
                 return [], [DeadLetter(received, position, "mismatched: the two responses answer different prompts")]
-            return [PreferencePair(feedback.feedback_id, kind, chosen, response_of(chosen), response_of(rejected))], []
+            return [PreferencePair(feedback.feedback_id, kind, chosen, response_of(chosen), response_of(rejected),
+                                   received=received, position=position)], []
         if kind == "edit":
             original = self.generations[feedback.edit.response_id]
             if feedback.edit.edited_text.strip() == original.response_text.strip():
                 return [], [DeadLetter(received, position, "no signal: the edit equals the original response")]
             edited = Response(text=feedback.edit.edited_text, token_ids=None, logprobs=None)
-            return [PreferencePair(feedback.feedback_id, kind, original, edited, response_of(original))], []
+            return [PreferencePair(feedback.feedback_id, kind, original, edited, response_of(original),
+                                   received=received, position=position)], []
         rated = self.generations[feedback.rating.response_id]
         key, score = prompt_key(rated), feedback.rating.score
         pairs = []
@@ -176,7 +182,8 @@ class FeedbackJoiner:
                 continue
             high, low = (rated, other) if score > other_score else (other, rated)
             pairs.append(PreferencePair(
-                feedback.feedback_id, kind, rated, response_of(high), response_of(low), margin=abs(score - other_score)
+                feedback.feedback_id, kind, rated, response_of(high), response_of(low), margin=abs(score - other_score),
+                received=received, position=position,
             ))
         history = self.ratings.setdefault(key, [])
         history.append((rated.response_id, score))

@@ -10,6 +10,7 @@ network.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import logging
 import math
@@ -17,7 +18,7 @@ import random
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from PIL import Image
@@ -34,6 +35,7 @@ from modalign.trainer.losses import bradley_terry_loss, preference_accuracy
 from modalign.trainer.rewards import penalize_missing_eos
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -139,10 +141,30 @@ class Rollouts:
     """[batch, response_length] k1 KL estimate to the reference, zero on padding."""
 
 
+class TokenValues(torch.nn.Module):
+    """PPO's critic: a reward model whose scalar head reads every position, not only the last."""
+
+    def __init__(self, model: RewardModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, logit_positions: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """[batch, response_length] values at the positions that precede each response token."""
+        hidden = self.model.backbone.base_model(**inputs, use_cache=False).last_hidden_state
+        index = logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return self.model.head(hidden.gather(1, index).to(self.model.head.weight.dtype)).squeeze(-1).float()
+
+
 class Learner:
-    def __init__(self, config: LearnerConfig, blobs: BlobStore) -> None:
+    """The models and one round of learning. Under torchrun (world_size > 1) the trained modules are
+    wrapped in DistributedDataParallel: every rank takes the same number of steps on its own shard of
+    the (identical, gathered) pairs or on its own rollouts, and the gradients are averaged, so the
+    models stay identical on every rank."""
+
+    def __init__(self, config: LearnerConfig, blobs: BlobStore, rank: int = 0, world_size: int = 1) -> None:
         self.config = config
         self.blobs = blobs
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(config.device)
         self.policy, self.processor = self._starting_policy()
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
@@ -159,6 +181,14 @@ class Learner:
             torch.optim.AdamW(self.value_model.parameters(), lr=config.policy_lr, weight_decay=0.0)
             if self.value_model is not None else None
         )
+        self.critic = TokenValues(self.value_model) if self.value_model is not None else None
+        self.training_policy, self.training_reward_model, self.training_critic = (
+            self._data_parallel(module) for module in (self.policy, self.reward_model, self.critic)
+        )
+        # Draws every rank makes alike (the order of the shared pairs), and draws of this rank's own
+        # (its rollouts), re-derived from the shared one each round so that one RNG state is checkpointed.
+        self.shared_rng = random.Random(config.seed)
+        self.rank_rng = random.Random(f"{config.seed}-{rank}")
         self.unsampleable_token_ids = PolicyEngine(self.policy, self.processor).unsampleable_token_ids
         self._reserved_tokens = sorted({
             token for tokenizer in (self.processor.tokenizer, self.reward_model.processor.tokenizer)
@@ -169,6 +199,24 @@ class Learner:
         )
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
 
+    def _data_parallel(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
+        if module is None or self.world_size == 1:
+            return module
+        # Unused parameters: the reward model's backbone keeps an LM head it never calls.
+        return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+
+    def shard(self, items: list[T]) -> list[T]:
+        """This rank's share of a list every rank holds alike."""
+        return items[self.rank::self.world_size]
+
+    def parameter_digest(self) -> str:
+        """A short hash of every trained weight: equal on every rank while they stay in step."""
+        digest = hashlib.sha256()
+        for module in (self.policy, self.reward_model, self.value_model):
+            for tensor in (module.state_dict().values() if module is not None else ()):
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def _starting_policy(self) -> tuple[PreTrainedModel, ProcessorMixin]:
         if self.config.policy_model_dir:
             return load_policy(self.config.policy_model_dir, device=self.device)
@@ -178,11 +226,13 @@ class Learner:
     # --- the round ------------------------------------------------------------------------------
 
     def learn(self, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
+        """One round: the reward model on the pairs, then the policy. Pairs must be usable (see
+        unusable_reason) and, under torchrun, the same list on every rank, a multiple of world_size long."""
         from modalign.trainer.algorithms import ALGORITHMS
 
-        usable = self.usable_pairs(pairs)
-        metrics = {"pairs_unusable": float(len(pairs) - len(usable))} | self.train_reward_model(usable)
-        metrics |= ALGORITHMS[self.config.algorithm](self, usable, prompts)
+        self.rank_rng.seed(f"{self.shared_rng.getrandbits(64)}-{self.rank}")
+        metrics = self.train_reward_model(pairs)
+        metrics |= ALGORITHMS[self.config.algorithm](self, pairs, prompts)
         return metrics
 
     def unusable_reason(self, pair: PreferencePair) -> str | None:
@@ -202,26 +252,13 @@ class Learner:
                 return f"{name} response is too long for the models' {self._max_positions} positions"
         return None
 
-    def usable_pairs(self, pairs: list[PreferencePair]) -> list[PreferencePair]:
-        usable = []
-        for pair in pairs:
-            reason = self.unusable_reason(pair)
-            if reason is None:
-                usable.append(pair)
-            else:
-                log.warning("skipping the pair of feedback %s: %s", pair.feedback_id, reason)
-        return usable
-
     def train_reward_model(self, pairs: list[PreferencePair]) -> dict[str, float]:
         if not pairs:
             return {}
         losses, accuracies = [], []
         for _ in range(self.config.reward_epochs):
-            order = list(range(len(pairs)))
-            random.shuffle(order)
-            for start in range(0, len(order), self.config.reward_batch_size):
-                batch = [pairs[i] for i in order[start:start + self.config.reward_batch_size]]
-                chosen, rejected = self.pair_rewards(batch)
+            for batch in self.shared_minibatches(pairs, self.config.reward_batch_size):
+                chosen, rejected = self.pair_rewards(batch, self.training_reward_model)
                 margins = torch.tensor([p.margin for p in batch], dtype=chosen.dtype, device=chosen.device)
                 loss = bradley_terry_loss(chosen, rejected, margin=margins)
                 self.step(loss, (self.reward_model, self.reward_optimizer))
@@ -229,13 +266,24 @@ class Learner:
                 accuracies.append(preference_accuracy(chosen.detach(), rejected.detach()).item())
         return {"rm_loss": _mean(losses), "rm_train_accuracy": _mean(accuracies)}
 
-    def pair_rewards(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reward-model scores of (chosen, rejected) for each pair, in one forward pass."""
+    def shared_minibatches(self, items: list[T], size: int) -> list[list[T]]:
+        """Minibatches of `size` per rank from a list every rank holds alike, shuffled alike on every rank;
+        each rank gets its shard of each, so all ranks take the same number of steps."""
+        order = list(range(len(items)))
+        self.shared_rng.shuffle(order)
+        step = size * self.world_size
+        return [self.shard([items[i] for i in order[start:start + step]]) for start in range(0, len(order), step)]
+
+    def pair_rewards(
+        self, pairs: list[PreferencePair], model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward-model scores of (chosen, rejected) for each pair, in one forward pass of model (by
+        default the reward model itself; the data-parallel wrapper when training)."""
         prompts = [p.prompt.prompt_text for p in pairs] * 2
         images = [self.images(p.prompt.images) for p in pairs] * 2
         responses = [p.chosen.text for p in pairs] + [p.rejected.text for p in pairs]
         inputs = self.reward_model.encode(prompts, images, responses).to(self.device)
-        rewards = self.reward_model(**inputs)
+        rewards = (model or self.reward_model)(**inputs)
         return rewards[: len(pairs)], rewards[len(pairs):]
 
     @torch.no_grad()
@@ -287,7 +335,7 @@ class Learner:
         if not chosen:
             return None
         k = self.config.samples_per_prompt
-        samples = self.rollout(chosen, k, seed=random.getrandbits(31))
+        samples = self.rollout(chosen, k, seed=self.rank_rng.getrandbits(31))
         per_sample = [prompt for prompt in chosen for _ in range(k)]
         batch = self.samples_batch(per_sample, samples)
         old_logprobs = self.behaviour_logprobs(samples, like=batch.response_mask)
@@ -298,7 +346,7 @@ class Learner:
         return Rollouts(per_sample, samples, batch, old_logprobs, ref_logprobs, scores, kl)
 
     def sample_prompts(self, prompts: list[Prompt], count: int, rng: random.Random | None = None) -> list[Prompt]:
-        rng = rng or random
+        rng = rng or self.rank_rng
         return [rng.choice(prompts) for _ in range(count)] if prompts else []
 
     def response_batch(
@@ -364,9 +412,7 @@ class Learner:
 
     def token_values(self, batch: ResponseBatch) -> torch.Tensor:
         """[batch, response_length] critic values at the positions that precede each response token."""
-        hidden = self.value_model.backbone.base_model(**batch.model_inputs(), use_cache=False).last_hidden_state
-        index = batch.logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        return self.value_model.head(hidden.gather(1, index).to(self.value_model.head.weight.dtype)).squeeze(-1).float()
+        return self.training_critic(logit_positions=batch.logit_positions, **batch.model_inputs())
 
     def step(self, loss: torch.Tensor, *updates: tuple[torch.nn.Module, torch.optim.Optimizer]) -> None:
         """One optimiser step of each (model, optimizer) on loss, gradients clipped per model."""
@@ -398,7 +444,6 @@ class Learner:
         """What the gate decides on: held-out RM accuracy, and the candidate's samples against the last
         published version's on the same prompts and seeds (reward, KL to the reference, length)."""
         metrics: dict[str, float] = {}
-        heldout = self.usable_pairs(heldout)
         if heldout:
             chosen, rejected = [], []
             for start in range(0, len(heldout), 64):
@@ -452,6 +497,7 @@ class Learner:
             "reward_model": self.reward_model.state_dict(),
             "policy_optimizer": self.policy_optimizer.state_dict(),
             "reward_optimizer": self.reward_optimizer.state_dict(),
+            "shared_rng": self.shared_rng.getstate(),
         }
         if self.value_model is not None:
             state |= {"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict()}
@@ -463,6 +509,7 @@ class Learner:
         self.reward_model.load_state_dict(state["reward_model"])
         self.policy_optimizer.load_state_dict(state["policy_optimizer"])
         self.reward_optimizer.load_state_dict(state["reward_optimizer"])
+        self.shared_rng.setstate(state["shared_rng"])
         if self.value_model is not None:
             self.value_model.load_state_dict(state["value_model"])
             self.value_optimizer.load_state_dict(state["value_optimizer"])

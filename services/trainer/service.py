@@ -32,7 +32,14 @@ from modalign.core.blobs import BlobStore
 from modalign.core.config import parse_config
 from modalign.core.kafka import KafkaConfig, ensure_topics, make_consumer, make_producer, produce_durably
 from modalign.core.modelstore import MANIFEST, Manifest, ModelStore, file_sha256
-from modalign.trainer.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from modalign.trainer import distributed
+from modalign.trainer.checkpoint import (
+    load_checkpoint,
+    remove_interrupted_writes,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from modalign.trainer.join import DeadLetter, FeedbackJoiner, JoinLimits, PreferencePair, prompt_key
 from modalign.trainer.learner import Learner, LearnerConfig, Prompt
 from modalign.v1 import events_pb2
@@ -79,7 +86,7 @@ class TrainerConfig:
     blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9104
-    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    """Port of the Prometheus /metrics endpoint (rank r of a torchrun job uses this + r); 0 disables it."""
     round_max_feedback: int = 256
     """Feedback records consumed per round at most."""
     round_max_seconds: float = 5.0
@@ -127,6 +134,7 @@ class Trainer:
     def __init__(self, config: TrainerConfig, learner: Learner, rank: int = 0, world_size: int = 1) -> None:
         self.config = config
         self.learner = learner
+        self.rank, self.world_size = rank, world_size
         self.store = ModelStore(config.model_store)
         self.blobs = BlobStore(config.blob_dir)
         self.topics = {name: config.kafka.topic(name) for name in ("generations", "feedback", "feedback.dlq", "policy-versions")}
@@ -170,12 +178,19 @@ class Trainer:
             consumer.seek(tp, position)
 
     def _restore(self) -> None:
+        if self.rank == 0:
+            remove_interrupted_writes(self.config.work_dir)
         checkpoint = load_checkpoint(self.config.work_dir)
         if checkpoint is None:
             return
-        self.state = checkpoint["trainer"]
+        if len(checkpoint["ranks"]) != self.world_size:
+            raise RuntimeError(
+                f"the checkpoint in {self.config.work_dir} was written by {len(checkpoint['ranks'])} ranks; "
+                f"resume it with as many (this job has {self.world_size})"
+            )
+        self.state = checkpoint["ranks"][self.rank]
         self.learner.load_state_dict(checkpoint["learner"])
-        restore_rng_state(checkpoint["rng"])
+        restore_rng_state(checkpoint["rng"][self.rank])
         log.info("resumed from round %d (%d feedback consumed)", self.state.rounds, len(self.state.consumed_ids))
 
     # --- one round -------------------------------------------------------------------------------
@@ -202,18 +217,24 @@ class Trainer:
         joined, rejected = self.state.joiner.retry_waiting()
         new_pairs += joined
         dead += rejected
-        self._dead_letter(dead)
-        self._split(new_pairs)
+        new_pairs, unusable = self._usable(new_pairs)
+        self._dead_letter(dead + unusable)
+        # Every rank learns from the same global list of pairs, each from its own shard of it.
+        self._split([pair for rank_pairs in distributed.all_gather(new_pairs) for pair in rank_pairs])
 
         metrics: dict[str, float] = {}
-        if len(self.state.pending_pairs) >= self.config.min_pairs_to_learn:
+        if len(self.state.pending_pairs) >= max(self.config.min_pairs_to_learn, self.world_size):
             metrics |= self._learn()
         self.state.rounds += 1
         self.state.pending_publish = self._maybe_gate(metrics)
-        save_checkpoint(self.config.work_dir, {
-            "trainer": self.state, "learner": self.learner.state_dict(), "rng": rng_state(),
-        })
-        log.info("round %d checkpointed: %d pairs learned so far", self.state.rounds, len(self.state.trained_ids))
+        # One checkpoint holds every rank's state, written by rank 0: a round is in it for all ranks or
+        # for none, so no rank can resume ahead of the others.
+        states, rngs = distributed.all_gather(self.state), distributed.all_gather(rng_state())
+        if self.rank == 0:
+            save_checkpoint(self.config.work_dir, {"ranks": states, "learner": self.learner.state_dict(), "rng": rngs})
+        distributed.barrier()
+        log.info("round %d checkpointed: %d pairs learned so far (rank %d, parameters %s)", self.state.rounds,
+                 len(self.state.trained_ids), self.rank, self.learner.parameter_digest())
         self._commit()
         log.info("round %d committed", self.state.rounds)
         if self.state.pending_publish is not None:
@@ -271,6 +292,18 @@ class Trainer:
             ).SerializeToString()))
         produce_durably(self.producer, self.topics["feedback.dlq"], records, self.config.kafka.produce_timeout_s)
 
+    def _usable(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[DeadLetter]]:
+        """Pairs the models can take, and dead letters for the others (an edit too long, or holding
+        reserved tokens): retrying them would fail every round again."""
+        usable, dead = [], []
+        for pair in pairs:
+            reason = self.learner.unusable_reason(pair)
+            if reason is None:
+                usable.append(pair)
+            else:
+                dead.append(DeadLetter(pair.received, pair.position, f"unusable: {reason}"))
+        return usable, dead
+
     def _split(self, pairs: list[PreferencePair]) -> None:
         for pair in pairs:
             heldout = is_heldout(pair.feedback_id, self.config.heldout_percent)
@@ -279,12 +312,13 @@ class Trainer:
         del self.state.heldout_pairs[: -self.config.max_heldout_pairs]
 
     def _learn(self) -> dict[str, float]:
-        pairs = self.state.pending_pairs
+        # Whole shards only: the remainder waits for the next round, so every rank takes as many steps.
+        usable = len(self.state.pending_pairs) - len(self.state.pending_pairs) % self.world_size
+        pairs, self.state.pending_pairs = self.state.pending_pairs[:usable], self.state.pending_pairs[usable:]
         started = time.monotonic()
         metrics = self.learner.learn(pairs, self._prompts())
         SAMPLES_PER_SECOND.set(len(pairs) / max(time.monotonic() - started, 1e-9))
         self.state.trained_ids.extend(dict.fromkeys(pair.feedback_id for pair in pairs))
-        self.state.pending_pairs = []
         self.state.learning_rounds += 1
         return metrics
 
@@ -331,6 +365,10 @@ class Trainer:
             log.debug("could not read end offsets for the lag metric", exc_info=True)
 
     def _publish(self, pending: dict[str, Any]) -> None:
+        if self.rank != 0:  # rank 0 writes the store and the event; the others only follow
+            self.state.serving_version = pending["version"]
+            self.state.pending_publish = None
+            return
         version = pending["version"]
         folder = self.store.folder("policy", version)
         if not folder.exists():  # else a crash came after the folder was written, before the event
@@ -375,24 +413,29 @@ def gate_failures(evaluation: dict[str, float], gate: GateConfig) -> dict[str, s
 
 
 def serve(config: TrainerConfig) -> None:
-    ensure_topics(config.kafka)
-    learner = Learner(config.learner, BlobStore(config.blob_dir))
-    trainer = Trainer(config, learner)
+    rank, world_size = distributed.init_from_environment(config.learner.device)
+    if rank == 0:
+        ensure_topics(config.kafka)
+    distributed.barrier()
+    learner = Learner(config.learner, BlobStore(config.blob_dir), rank=rank, world_size=world_size)
+    trainer = Trainer(config, learner, rank=rank, world_size=world_size)
     if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.metrics_host)
+        start_http_server(config.metrics_port + rank, addr=config.metrics_host)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     log.info("trainer consuming %s as group %s (algorithm %s)", trainer.topics["feedback"], config.group_id,
              config.learner.algorithm)
     try:
-        while not stopping.is_set():
+        # Ranks stop together, after the same round: one leaving early would strand the others in a collective.
+        while not any(distributed.all_gather(stopping.is_set())):
             metrics = trainer.run_round()
             if metrics:
                 log.info("round %d: %s", trainer.state.rounds,
                          " ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items())))
     finally:
         trainer.close()
+        distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

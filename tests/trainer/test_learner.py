@@ -118,14 +118,11 @@ def test_one_round_of_each_algorithm_trains_the_policy_and_leaves_the_reference_
     seed_everything(0)
     learner = make_learner(blobs, algorithm=algorithm)
     pairs = traffic_pairs(learner, prompts)
-    # An edit with a control token in it cannot be scored or tokenised as text: skipped, not fatal to the round.
-    poisoned = PreferencePair("bad", "edit", pairs[0].prompt, Response("a <image> and </s>", None, None), pairs[0].rejected)
     policy, reference, reward = parameters(learner.policy), parameters(learner.reference), parameters(learner.reward_model)
     value = parameters(learner.value_model) if learner.value_model is not None else None
 
-    metrics = learner.learn([*pairs, poisoned], prompts)
+    metrics = learner.learn(pairs, prompts)
 
-    assert metrics["pairs_unusable"] == 1.0
     expected = {"rm_loss", "rm_train_accuracy"} | (
         {"dpo_loss", "dpo_reward_accuracy", "dpo_reward_margin"} if algorithm == "dpo"
         else {"policy_loss", "clip_fraction", "approx_kl", "entropy", "reward_mean", "kl", "response_length_mean"}

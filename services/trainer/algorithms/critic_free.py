@@ -10,7 +10,6 @@ kl_coef * k3 to the loss (as the GRPO paper and TRL's GRPOTrainer).
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 
 from modalign.trainer.advantages import ADVANTAGE_ESTIMATORS
@@ -36,11 +35,11 @@ def critic_free_update(learner: Learner, rollouts: Rollouts, estimator: str, kl_
     groups = list(range(len(rollouts.samples) // k))
     per_minibatch = max(1, config.minibatch_size // k)
     for _ in range(config.policy_epochs):
-        random.shuffle(groups)  # minibatches of whole groups keep each prompt's samples together
+        learner.rank_rng.shuffle(groups)  # minibatches of whole groups keep each prompt's samples together
         for start in range(0, len(groups), per_minibatch):
             rows = [g * k + j for g in groups[start:start + per_minibatch] for j in range(k)]
             sub = rollouts.batch.select(rows)
-            logits = learner.response_logits(learner.policy, sub)
+            logits = learner.response_logits(learner.training_policy, sub)
             logprobs = learner.logprobs_from_logits(logits, sub)
             clipped = ppo_policy_loss(logprobs, rollouts.old_logprobs[rows], advantages[rows], sub.response_mask,
                                       config.cliprange)

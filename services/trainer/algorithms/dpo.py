@@ -7,8 +7,6 @@ which is what DPO's implicit reward is defined on.
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from modalign.trainer.algorithms import register_algorithm
@@ -31,17 +29,14 @@ def dpo(learner: Learner, pairs: list[PreferencePair], prompts: list[Prompt]) ->
         return {}
     losses, accuracies, margins = [], [], []
     for _ in range(config.policy_epochs):
-        order = list(range(len(pairs)))
-        random.shuffle(order)
-        for start in range(0, len(order), config.minibatch_size):
-            chunk = [pairs[i] for i in order[start:start + config.minibatch_size]]
+        for chunk in learner.shared_minibatches(pairs, config.minibatch_size):
             prompt_ids = [list(p.prompt.prompt_token_ids) for p in chunk] * 2
             answers = [response_token_ids(learner, p.chosen) for p in chunk] + [
                 response_token_ids(learner, p.rejected) for p in chunk
             ]
             images = [learner.images(p.prompt.images) for p in chunk] * 2
             batch = learner.response_batch(prompt_ids, answers, images)
-            logps = learner.response_logprobs(learner.policy, batch, temperature=1.0).sum(-1)
+            logps = learner.response_logprobs(learner.training_policy, batch, temperature=1.0).sum(-1)
             with torch.no_grad():
                 ref = learner.response_logprobs(learner.reference, batch, temperature=1.0).sum(-1)
             n = len(chunk)

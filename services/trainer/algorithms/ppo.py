@@ -11,7 +11,6 @@ recomputed at the rollout temperature, and the rollout's behaviour log-probs are
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 
 import torch
@@ -44,11 +43,11 @@ def ppo_update(learner: Learner, rollouts: Rollouts) -> dict[str, list[float]]:
     history: dict[str, list[float]] = defaultdict(list)
     rows = list(range(len(rollouts.samples)))
     for _ in range(config.policy_epochs):
-        random.shuffle(rows)
+        learner.rank_rng.shuffle(rows)
         for start in range(0, len(rows), config.minibatch_size):
             picked = rows[start:start + config.minibatch_size]
             sub = batch.select(picked)
-            logits = learner.response_logits(learner.policy, sub)
+            logits = learner.response_logits(learner.training_policy, sub)
             logprobs = learner.logprobs_from_logits(logits, sub)
             policy_loss = ppo_policy_loss(logprobs, rollouts.old_logprobs[picked], advantages[picked],
                                           sub.response_mask, config.cliprange)

@@ -1,0 +1,74 @@
+"""The trainer under torchrun: two CPU ranks (gloo) share the feedback partitions and stay in step."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modalign.core.kafka import KafkaConfig
+from modalign.core.processes import ManagedProcess, free_port
+from modalign.trainer.checkpoint import load_checkpoint
+
+from tests.services import kafka_args, start_grpc_service
+from tests.trainer.test_trainer_crash import send_feedback
+
+pytestmark = pytest.mark.integration
+
+CHECKPOINTED = re.compile(r"round (\d+) checkpointed: (\d+) pairs learned so far \(rank (\d), parameters (\w+)\)")
+
+
+def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: KafkaConfig, tmp_path: Path) -> None:
+    assert kafka_config.partitions == 2
+    policy, policy_address, _ = start_grpc_service(
+        "policy", "modalign.policy.server", kafka_config, tmp_path, "--blob-dir", str(tmp_path / "blobs"))
+    feedback, feedback_address, _ = start_grpc_service("feedback", "modalign.feedback.server", kafka_config, tmp_path)
+    torchrun = ManagedProcess(
+        "torchrun",
+        [str(Path(sys.executable).with_name("torchrun")), "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "modalign.trainer",
+         "--metrics-port", "0", *kafka_args(kafka_config), "--work-dir", str(tmp_path / "trainer"),
+         "--model-store", str(tmp_path / "models"), "--blob-dir", str(tmp_path / "blobs"),
+         "--round-max-feedback", "4", "--round-max-seconds", "1", "--min-pairs-to-learn", "2",
+         "--rounds-per-version", "2", "--learner.policy-updates-per-round", "1", "--learner.rollout-prompts", "2",
+         "--learner.samples-per-prompt", "2", "--learner.max-new-tokens", "6", "--learner.eval-prompts", "4"],
+        ready=lambda: True, log_path=tmp_path / "torchrun.log",
+    )
+    try:
+        sent, orphan = send_feedback(policy_address, feedback_address, interactions=16)
+        torchrun.start()
+        deadline = time.monotonic() + 300
+        state = None
+        while time.monotonic() < deadline:
+            checkpoint = load_checkpoint(tmp_path / "trainer")
+            if checkpoint is not None:
+                consumed = set().union(*(rank.consumed_ids for rank in checkpoint["ranks"]))
+                if set(sent) | {orphan} <= consumed and not checkpoint["ranks"][0].pending_pairs:
+                    state = checkpoint
+                    break
+            assert torchrun.process.poll() is None, torchrun.log_tail()
+            time.sleep(1)
+        assert state is not None, torchrun.log_tail()
+        torchrun.stop(timeout_s=60)  # torchrun itself exits 1 on SIGTERM, by design, after stopping its workers
+    finally:
+        torchrun.kill()
+        feedback.stop()
+        policy.stop()
+
+    first, second = state["ranks"]
+    assert first.consumed_ids and second.consumed_ids, "each rank consumes its own share of the partitions"
+    assert not first.consumed_ids & second.consumed_ids
+    assert first.trained_ids == second.trained_ids  # both learned from the same gathered pairs
+    assert {p for (topic, p) in first.positions if topic.endswith("feedback")} == {0}
+    assert {p for (topic, p) in second.positions if topic.endswith("feedback")} == {1}
+
+    digests: dict[tuple[int, int], str] = {}
+    for round_, _, rank, digest in CHECKPOINTED.findall(torchrun.log_path.read_text()):
+        digests[(int(round_), int(rank))] = digest
+    rounds = sorted({r for r, _ in digests if (r, 0) in digests and (r, 1) in digests})
+    assert len(rounds) >= 3
+    assert all(digests[(r, 0)] == digests[(r, 1)] for r in rounds), digests
+    assert len({digests[(r, 0)] for r in rounds}) > 1, "the models must have learned, not merely stayed equal"
