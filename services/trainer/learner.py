@@ -173,8 +173,10 @@ class Learner:
             self.reward_model = RewardModel.load(config.reward_model_dir).to(self.device)
         else:
             self.reward_model = RewardModel(copy.deepcopy(self.policy), self.processor, seed=config.seed).to(self.device).eval()
-        # PPO's critic starts as a copy of the reward model (its head then reads every position).
+        # PPO's critic starts as a copy of the reward model (its head then reads every position); when the
+        # reward model starts untrained, the copy is taken again after its first round of training.
         self.value_model = copy.deepcopy(self.reward_model) if config.algorithm == "ppo" else None
+        self.critic_from_trained_reward_model = bool(config.reward_model_dir)
         self.policy_optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.policy_lr, weight_decay=0.0)
         self.reward_optimizer = torch.optim.AdamW(self.reward_model.parameters(), lr=config.reward_lr, weight_decay=0.0)
         self.value_optimizer = (
@@ -232,6 +234,10 @@ class Learner:
 
         self.rank_rng.seed(f"{self.shared_rng.getrandbits(64)}-{self.rank}")
         metrics = self.train_reward_model(pairs)
+        if self.value_model is not None and not self.critic_from_trained_reward_model:
+            self.value_model.load_state_dict(self.reward_model.state_dict())
+            self.value_optimizer.state.clear()
+            self.critic_from_trained_reward_model = True
         metrics |= ALGORITHMS[self.config.algorithm](self, pairs, prompts)
         return metrics
 
@@ -500,7 +506,8 @@ class Learner:
             "shared_rng": self.shared_rng.getstate(),
         }
         if self.value_model is not None:
-            state |= {"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict()}
+            state |= {"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+                      "critic_from_trained_reward_model": self.critic_from_trained_reward_model}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -513,6 +520,7 @@ class Learner:
         if self.value_model is not None:
             self.value_model.load_state_dict(state["value_model"])
             self.value_optimizer.load_state_dict(state["value_optimizer"])
+            self.critic_from_trained_reward_model = state["critic_from_trained_reward_model"]
 
 
 def _mean(values: list[float]) -> float:

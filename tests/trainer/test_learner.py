@@ -314,3 +314,14 @@ def test_revert_policy_restores_the_last_accepted_policy(blobs: BlobStore, promp
     # Training continues from the reverted weights.
     learner.learn(pairs, prompts)
     assert differing(parameters(learner.policy), accepted)
+
+
+def test_the_ppo_critic_starts_from_the_trained_reward_model_not_the_fresh_one(
+    blobs: BlobStore, prompts: list[Prompt]
+) -> None:
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="ppo", policy_updates_per_round=0)
+    fresh_critic = parameters(learner.value_model)
+    learner.learn(traffic_pairs(learner, prompts), prompts)
+    assert differing(parameters(learner.value_model), fresh_critic)
+    assert not differing(parameters(learner.value_model), parameters(learner.reward_model))
