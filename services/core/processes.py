@@ -83,20 +83,30 @@ class ManagedProcess:
             time.sleep(0.2)
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM (a graceful drain), then SIGKILL past timeout_s. Returns the exit code."""
+        """SIGTERM (a graceful drain), then SIGKILL past timeout_s. Returns the exit code.
+
+        Signals go to the process group the child leads, so its own children (torchrun's workers,
+        say) stop with it.
+        """
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
+        self._signal_group(signal.SIGTERM)
         try:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self._signal_group(signal.SIGKILL)
             return self.process.wait()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+            self._signal_group(signal.SIGKILL)
             self.process.wait()
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)  # the child leads its group: start_new_session
+        except ProcessLookupError:
+            pass
 
     def log_tail(self, lines: int = 40) -> str:
         try:
