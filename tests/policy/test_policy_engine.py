@@ -15,6 +15,7 @@ from modalign.policy.engine import (
     Sample,
     SamplingParams,
     draw_tokens,
+    mask_unsampleable,
     sampling_logprobs,
 )
 from modalign.policy.model import format_prompt
@@ -30,14 +31,16 @@ def request(processor, text: str, images: list[Image.Image], n: int = 1, **param
 
 
 def full_forward_logits(model, processor, req: GenerationRequest, sample: Sample) -> torch.Tensor:
-    """Logits predicting each response token, from one unpadded, uncached forward of prompt + response."""
+    """The policy's logits predicting each response token, from one unpadded, uncached forward of prompt +
+    response, with the tokens the engine never samples (special tokens but EOS) masked as it masks them."""
     inputs = processor(text=req.prompt_text, images=req.images or None, return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == sample.prompt_token_ids
     ids = torch.tensor([sample.prompt_token_ids + sample.token_ids])
     with torch.inference_mode():
         logits = model(input_ids=ids, pixel_values=inputs.get("pixel_values")).logits[0]
     start = len(sample.prompt_token_ids) - 1
-    return logits[start : start + len(sample.token_ids)].float()
+    never_sampled = PolicyEngine(model, processor).unsampleable_token_ids
+    return mask_unsampleable(logits[start : start + len(sample.token_ids)].float(), never_sampled)
 
 
 def test_sampling_logprobs_temperature_and_nucleus():
@@ -314,3 +317,14 @@ def test_close_finishes_queued_work_and_cancelled_requests_are_skipped(policy):
     assert not batcher._worker.is_alive()
     assert [f.done() for f in futures] == [True] * 4
     assert futures[2].cancelled() and engine.batches == [1, 1, 1]
+
+
+def test_responses_never_contain_special_tokens_other_than_eos(policy, images, engine):
+    # A sampled "<image>" would be read as an image slot by the next forward pass and break it.
+    model, processor = policy
+    hot = request(processor, "Describe the image.", images[:1], n=8, temperature=2.0, max_new_tokens=48, seed=5)
+    never = set(engine.unsampleable_token_ids)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") in never
+    assert processor.tokenizer.eos_token_id not in never
+    for sample in engine.generate([hot])[0]:
+        assert never.isdisjoint(sample.token_ids)

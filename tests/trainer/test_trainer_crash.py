@@ -80,7 +80,7 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         "--gate.min-reward-gain", "-1000", "--gate.max-kl", "1000",
     )
     try:
-        sent, orphan = send_feedback(policy_address, feedback_address, interactions=40)
+        sent, orphan = send_feedback(policy_address, feedback_address, interactions=24)
         # Right after a checkpoint, right after a commit, right after publishing, and mid-round.
         kills = [(r"round 2 checkpointed", 0.0), (r"round \d+ committed", 0.0), (r"published policy v\d+", 0.0),
                  (r"resumed from round", random.Random(3).uniform(0.3, 1.5))]
@@ -94,7 +94,8 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         trainer.start()
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            state = (load_checkpoint(tmp_path / "trainer") or {}).get("trainer")
+            checkpoint = load_checkpoint(tmp_path / "trainer")
+            state = checkpoint["ranks"][0] if checkpoint else None
             if state is not None and set(sent) | {orphan} <= state.consumed_ids and not state.pending_pairs \
                     and not state.joiner.waiting:
                 break
@@ -105,7 +106,7 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         feedback.stop()
         policy.stop()
 
-    state = load_checkpoint(tmp_path / "trainer")["trainer"]
+    state = load_checkpoint(tmp_path / "trainer")["ranks"][0]
     trained = Counter(state.trained_ids)
     heldout = Counter(pair.feedback_id for pair in state.heldout_pairs)
     assert max(trained.values()) == 1, [i for i, n in trained.items() if n > 1]
