@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Renders helm/modalign into plain manifests for clusters without Helm, one folder per setup:
-#   gpu/  the chart's defaults: policy and reward on GPU nodes, an existing Kafka at kafka:9092
-#   cpu/  helm/modalign/examples/cpu.yaml: CPU only, built-in models, Kafka from Strimzi
+#   gpu/  the chart's defaults: policy, reward and trainer on GPU nodes, an existing Kafka at kafka:9092
+#   cpu/  helm/modalign/examples/cpu.yaml: CPU only, built-in models, the trainer on CPU, Kafka from Strimzi
 # Apply with `kubectl apply -k deploy/kubernetes/gpu` (namespace modalign). tests/deploy checks the
 # committed files are what this script renders; rerun it after changing the chart:
 #   bash deploy/kubernetes/render.sh [OUTPUT_DIR]

@@ -70,6 +70,21 @@ def queried_metric_names(expr: str, recorded: Iterable[str] = ()) -> set[str]:
     return names - set(recorded)
 
 
+def label_values_selected(expr: str, metric: str, label: str) -> set[str]:
+    """The values of label that expr selects series of metric by: an equality matcher's value, or each
+    alternative of a regex matcher written as a|b|c."""
+    values: set[str] = set()
+
+    def visit(node) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name == metric:
+            for matcher in node.matchers.matchers:
+                if matcher.name == label and matcher.op in (promql_parser.MatchOp.Equal, promql_parser.MatchOp.Re):
+                    values.update(matcher.value.split("|") if matcher.op == promql_parser.MatchOp.Re else [matcher.value])
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return values
+
+
 def sample_names(families) -> set[str]:
     """Every series name a set of prometheus_client metric families can expose, children or not."""
     suffixes = {

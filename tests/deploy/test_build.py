@@ -62,7 +62,8 @@ def test_environment_is_installed_from_the_lock_with_uv() -> None:
 def test_image_exposes_the_ports_the_chart_uses() -> None:
     exposed = {int(port) for keyword, arguments in final_stage(DOCKERFILE) if keyword == "EXPOSE" for port in arguments.split()}
     used = {VALUES["policy"]["grpcPort"], VALUES["policy"]["metricsPort"], VALUES["feedback"]["grpcPort"],
-            VALUES["feedback"]["metricsPort"], VALUES["reward"]["httpPort"], VALUES["reward"]["grpcPort"]}
+            VALUES["feedback"]["metricsPort"], VALUES["reward"]["httpPort"], VALUES["reward"]["grpcPort"],
+            VALUES["trainer"]["metricsPort"]}
     assert exposed == used
 
 
@@ -123,5 +124,6 @@ def test_skaffold_deployment_renders_with_built_image_names(skaffold: dict) -> N
             built[kind] = f"registry.local/{kind}:abc123"
             flags += ["--set-string", f"{key}={built[kind].split(':')[0] if key.endswith('repository') else 'abc123'}"]
         docs = render(None, *flags)
-        images = {c["image"] for d in docs if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]}
+        images = {c["image"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+                  for c in d["spec"]["template"]["spec"]["containers"]}
         assert images == set(built.values()), (profile["name"], images)

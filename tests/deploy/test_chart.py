@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import re
 from pathlib import Path
 
@@ -21,7 +23,6 @@ from tests.deploy.conftest import (
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas here.
 KUBERNETES_VERSIONS = ["1.27.0", kubernetes_validate.latest_version()]
-WORKLOAD_KINDS = {"Deployment", "InferenceService"}
 
 values_files = pytest.mark.parametrize("values_file", VALUES_FILES, ids=values_id)
 
@@ -31,10 +32,10 @@ def example(name: str) -> Path:
 
 
 def pod_specs(docs: list[dict]) -> dict[str, dict]:
-    """The pod spec of every workload by component: a Deployment's template or a KServe predictor."""
+    """The pod spec of every workload by component: a Deployment's or StatefulSet's template or a KServe predictor."""
     specs = {}
     for doc in docs:
-        if doc["kind"] == "Deployment":
+        if doc["kind"] in ("Deployment", "StatefulSet"):
             specs[doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]] = doc["spec"]["template"]["spec"]
         elif doc["kind"] == "InferenceService":
             specs[doc["metadata"]["labels"]["app.kubernetes.io/component"]] = doc["spec"]["predictor"]
@@ -96,9 +97,11 @@ def test_every_rendered_document_is_valid_against_its_schema(values_file: Path |
         ({"polcy": {"replicas": 2}}, "additional properties 'polcy' not allowed"),
         ({"modelStore": {"type": "s3"}}, "at '/modelStore/s3/bucket'"),
         ({"policy": {"kserve": {"enabled": True, "canaryTrafficPercent": 150}}}, "at '/policy/kserve/canaryTrafficPercent'"),
+        ({"trainer": {"algorithm": "sac"}}, "at '/trainer/algorithm': value must be one of 'ppo', 'rloo', 'grpo', 'dpo'"),
+        ({"trainer": {"persistence": {"size": "lots"}}}, "at '/trainer/persistence/size'"),
     ],
     ids=["string-for-integer", "string-gpu-count", "unknown-kafka-mode", "string-for-boolean", "misspelt-key",
-         "s3-without-bucket", "canary-above-100"],
+         "s3-without-bucket", "canary-above-100", "unknown-algorithm", "bad-volume-size"],
 )
 def test_values_that_break_the_schema_are_refused_with_the_path_at_fault(tmp_path: Path, bad_values: dict, message: str) -> None:
     values_file = tmp_path / "bad-values.yaml"
@@ -123,10 +126,12 @@ SERVICE_CONFIGS = {
     "policy": ("modalign.policy.server", "PolicyConfig"),
     "feedback": ("modalign.feedback.server", "FeedbackConfig"),
     "reward": ("modalign.reward.server", "RewardServerConfig"),
+    "trainer": ("modalign.trainer.service", "TrainerConfig"),
 }
-def env_of_flags(module: str, config_class: str) -> set[str]:
-    import importlib
 
+
+@functools.cache
+def env_of_flags(module: str, config_class: str) -> set[str]:
     parser = argparse.ArgumentParser()
     add_arguments(parser, getattr(importlib.import_module(module), config_class))
     return {"MODALIGN_" + action.dest.replace(".", "_").replace("-", "_").upper()
@@ -147,6 +152,7 @@ def test_settings_from_values_become_the_services_environment(tmp_path: Path) ->
     values_file.write_text(yaml.safe_dump({
         "policy": {"settings": {"max-batch-rows": 64, "kafka.produce-timeout-s": 2.5}},
         "reward": {"settings": {"limits.max-batch-size": 16}},
+        "trainer": {"settings": {"gate.min-heldout-accuracy": 0.6, "rounds-per-version": 8}},
     }))
     docs = render(values_file)
     specs = pod_specs(docs)
@@ -154,6 +160,8 @@ def test_settings_from_values_become_the_services_environment(tmp_path: Path) ->
     assert policy_env["MODALIGN_MAX_BATCH_ROWS"] == "64"
     assert policy_env["MODALIGN_KAFKA_PRODUCE_TIMEOUT_S"] == "2.5"
     assert container_env(docs, service_container(specs["reward"]))["MODALIGN_LIMITS_MAX_BATCH_SIZE"] == "16"
+    trainer_env = container_env(docs, service_container(specs["trainer"]))
+    assert (trainer_env["MODALIGN_GATE_MIN_HELDOUT_ACCURACY"], trainer_env["MODALIGN_ROUNDS_PER_VERSION"]) == ("0.6", "8")
 
 
 @pytest.mark.parametrize("values_file", [example("strimzi"), example("cpu")], ids=values_id)
@@ -242,6 +250,11 @@ def test_grpc_services_are_probed_with_grpc_health_checks_on_their_port(values_f
         if component == "reward":
             assert readiness["httpGet"]["path"] == "/v2/health/ready"
             continue
+        if component == "trainer":
+            # Its only server is /metrics, up once the models are loaded and the consumers assigned.
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+            continue
         service = f"modalign.v1.{component.capitalize()}Service"
         ports = {p["containerPort"] for p in container["ports"]}
         assert readiness["grpc"]["service"] == service and readiness["grpc"]["port"] in ports
@@ -265,6 +278,114 @@ def test_default_install_runs_deployments_with_services_autoscaling_budgets_and_
     assert {c["metadata"]["name"] for c in find(docs, "PersistentVolumeClaim")} == {f"{RELEASE}-models", f"{RELEASE}-blobs"}
 
 
+def test_trainer_is_one_stateful_pod_with_its_own_checkpoint_volume_scraped_through_a_headless_service() -> None:
+    docs = render()
+    name = f"{RELEASE}-trainer"
+    statefulset = one(docs, "StatefulSet", name)
+    assert not find(docs, "Deployment", name) and not find(docs, "PodDisruptionBudget", name)
+    assert not find(docs, "HorizontalPodAutoscaler", name)
+    assert statefulset["spec"]["replicas"] == 1
+    service = one(docs, "Service", name)
+    assert statefulset["spec"]["serviceName"] == name and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9104, "targetPort": "metrics", "protocol": "TCP", "appProtocol": "http"}]
+    monitor = one(docs, "ServiceMonitor", name)
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    container = service_container(statefulset["spec"]["template"]["spec"])
+    env = container_env(docs, container)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]]["mountPath"] == env["MODALIGN_WORK_DIR"]
+    assert env["MODALIGN_LEARNER_ALGORITHM"] == "rloo" and env["MODALIGN_LEARNER_DEVICE"] == "cuda"
+    assert env["MODALIGN_METRICS_PORT"] == "9104" and env["MODALIGN_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert env["MODALIGN_LEARNER_POLICY_MODEL_DIR"] == "/models/policy/v0"
+    assert env["MODALIGN_LEARNER_REWARD_MODEL_DIR"] == "/models/reward/r0"
+
+
+@pytest.mark.parametrize(("persistence", "volume"), [
+    ({"existingClaim": "my-checkpoints"}, {"name": "work", "persistentVolumeClaim": {"claimName": "my-checkpoints"}}),
+    ({"enabled": False}, {"name": "work", "emptyDir": {}}),
+], ids=["existing-claim", "no-persistence"])
+def test_trainer_work_volume_can_be_an_existing_claim_or_none(tmp_path: Path, persistence: dict, volume: dict) -> None:
+    values_file = tmp_path / "trainer.yaml"
+    values_file.write_text(yaml.safe_dump({"trainer": {"persistence": persistence}}))
+    statefulset = one(render(values_file), "StatefulSet", f"{RELEASE}-trainer")
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    assert volume in statefulset["spec"]["template"]["spec"]["volumes"]
+
+
+@values_files
+def test_the_model_store_is_one_volume_at_one_path_written_only_by_the_trainer(values_file: Path | None) -> None:
+    """Published versions travel as file:// paths, so every pod must see the store at the same path."""
+    docs = render(values_file)
+    seen = {}
+    for component, spec in pod_specs(docs).items():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        if "models" not in volumes:
+            continue
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == f"{RELEASE}-models", component
+        (mount,) = [m for m in service_container(spec)["volumeMounts"] if m["name"] == "models"]
+        seen[component] = mount["mountPath"]
+        writes = component == "trainer"
+        assert mount["readOnly"] is not writes, component
+        assert volumes["models"]["persistentVolumeClaim"].get("readOnly", False) is not writes, component
+    assert set(seen) == {"policy", "reward", "trainer"}
+    assert set(seen.values()) == {"/models"}
+    trainer_env = container_env(docs, service_container(pod_specs(docs)["trainer"]))
+    assert trainer_env["MODALIGN_MODEL_STORE"] == "/models"
+
+
+@values_files
+def test_policy_and_reward_follow_published_versions_over_kafka(values_file: Path | None) -> None:
+    docs = render(values_file)
+    for component in ("policy", "reward"):
+        container = service_container(pod_specs(docs)[component])
+        env = container_env(docs, container)
+        assert env["MODALIGN_FOLLOW_VERSIONS"] == "true", component
+        assert "MODALIGN_KAFKA_BOOTSTRAP_SERVERS" in env and "MODALIGN_KAFKA_TOPIC_PREFIX" in env, component
+
+
+def test_services_that_use_gpus_run_their_models_on_them() -> None:
+    docs = render()
+    for component in ("policy", "reward"):
+        assert container_env(docs, service_container(pod_specs(docs)[component]))["MODALIGN_DEVICE"] == "cuda"
+    cpu = render(example("cpu"))
+    devices = {"policy": "MODALIGN_DEVICE", "reward": "MODALIGN_DEVICE", "trainer": "MODALIGN_LEARNER_DEVICE"}
+    for component, variable in devices.items():
+        assert container_env(cpu, service_container(pod_specs(cpu)[component]))[variable] == "cpu", component
+
+
+STRIMZI_BROKERS = [{"podSelector": {"matchLabels": {"strimzi.io/cluster": f"{RELEASE}-kafka", "strimzi.io/kind": "Kafka"}}}]
+
+
+@pytest.mark.parametrize(("values_file", "ports", "peers"), [
+    (None, [9092], None),
+    (example("external-kafka-tls"), [9096], None),
+    (example("strimzi"), [9093], STRIMZI_BROKERS),
+    (example("cpu"), [9092], STRIMZI_BROKERS),
+], ids=["default", "external-kafka-tls", "strimzi", "cpu"])
+def test_the_trainer_may_reach_kafka_and_dns_and_nothing_else(values_file: Path | None, ports: list[int],
+                                                              peers: list | None) -> None:
+    policy = one(render(values_file), "NetworkPolicy", f"{RELEASE}-trainer")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    dns, kafka = policy["egress"]
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert kafka["ports"] == [{"port": port, "protocol": "TCP"} for port in ports]
+    assert kafka.get("to") == peers
+
+
+def test_kafka_peers_narrow_the_trainers_egress(tmp_path: Path) -> None:
+    peers = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    values_file = tmp_path / "peers.yaml"
+    values_file.write_text(yaml.safe_dump({"networkPolicy": {"kafkaPeers": peers, "extraEgress": [
+        {"to": [{"ipBlock": {"cidr": "10.30.0.5/32"}}], "ports": [{"port": 4317, "protocol": "TCP"}]}]}}))
+    _, kafka, extra = one(render(values_file), "NetworkPolicy", f"{RELEASE}-trainer")["spec"]["egress"]
+    assert kafka["to"] == peers and extra["ports"] == [{"port": 4317, "protocol": "TCP"}]
+
+
 def test_kserve_example_serves_policy_and_reward_as_inference_services_with_canaries() -> None:
     docs = render(example("gpu-kserve"))
     assert {d["metadata"]["name"] for d in find(docs, "Deployment")} == {f"{RELEASE}-feedback"}
@@ -275,31 +396,70 @@ def test_kserve_example_serves_policy_and_reward_as_inference_services_with_cana
         container = service_container(predictor)
         assert container["name"] == "kserve-container" and container["ports"] == [port]
         env = container_env(docs, container)
-        assert env["STORAGE_URI"] == "s3://ml-models/modalign/current"
-        assert env["MODALIGN_MODEL_DIR"] == "/mnt/models"
+        # The model store is mounted as in every other pod, so the trainer's file:// versions resolve.
+        assert "STORAGE_URI" not in env
+        assert env["MODALIGN_MODEL_DIR"] == f"/models/{component}/{'v0' if component == 'policy' else 'r0'}"
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
         assert one(docs, "PodMonitor", f"{RELEASE}-{component}")["spec"]["selector"]["matchLabels"] == {
             "serving.kserve.io/inferenceservice": f"{RELEASE}-{component}"}
-    assert one(docs, "ServiceAccount", RELEASE)["secrets"] == [{"name": "modalign-s3"}]
+    assert one(docs, "StatefulSet", f"{RELEASE}-trainer")
+
+
+def s3_values(tmp_path: Path, **more: dict) -> Path:
+    """An S3 model store serving a fixed version: no trainer, nothing following versions."""
+    values_file = tmp_path / "s3.yaml"
+    values_file.write_text(yaml.safe_dump({
+        "modelStore": {"type": "s3", "s3": {"bucket": "models", "prefix": "", "endpoint": "http://minio.storage:9000",
+                                            "secretName": "s3-keys"}},
+        "trainer": {"enabled": False},
+        "policy": {"followVersions": False, **more.get("policy", {})},
+        "reward": {"followVersions": False, **more.get("reward", {})},
+    }))
+    return values_file
 
 
 def test_s3_model_store_is_copied_into_plain_deployments_by_the_storage_initializer(tmp_path: Path) -> None:
-    values_file = tmp_path / "s3.yaml"
-    values_file.write_text(yaml.safe_dump({"modelStore": {"type": "s3", "s3": {
-        "bucket": "models", "prefix": "", "endpoint": "http://minio.storage:9000", "secretName": "s3-keys"}}}))
-    docs = render(values_file)
+    docs = render(s3_values(tmp_path))
     assert not find(docs, "PersistentVolumeClaim", f"{RELEASE}-models")
     spec = pod_specs(docs)["reward"]
     (initializer,) = spec["initContainers"]
-    assert initializer["args"] == ["s3://models/current", "/models/current"]
+    assert initializer["args"] == ["s3://models/reward/r0", "/models/reward/r0"]
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in initializer["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-keys", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert (env["S3_ENDPOINT"], env["S3_USE_HTTPS"]) == ("minio.storage:9000", "0")
-    assert container_env(docs, service_container(spec))["MODALIGN_MODEL_DIR"] == "/models/current"
+    reward_env = container_env(docs, service_container(spec))
+    assert reward_env["MODALIGN_MODEL_DIR"] == "/models/reward/r0" and reward_env["MODALIGN_FOLLOW_VERSIONS"] == "false"
+    assert "MODALIGN_KAFKA_BOOTSTRAP_SERVERS" not in reward_env, "a reward service that follows nothing needs no Kafka"
+
+
+def test_s3_model_store_reaches_inference_services_through_kserves_storage_initializer(tmp_path: Path) -> None:
+    docs = render(s3_values(tmp_path, policy={"kserve": {"enabled": True}}))
+    container = service_container(one(docs, "InferenceService", f"{RELEASE}-policy")["spec"]["predictor"])
+    env = container_env(docs, container)
+    assert (env["STORAGE_URI"], env["MODALIGN_MODEL_DIR"]) == ("s3://models/policy/v0", "/mnt/models")
+    assert one(docs, "ServiceAccount", RELEASE)["secrets"] == [{"name": "s3-keys"}]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({}, "modelStore.type s3 serves a fixed version, but trainer.enabled and policy.followVersions and "
+         "reward.followVersions need the shared volume the trainer publishes into: set modelStore.type pvc, or set "
+         "trainer.enabled, policy.followVersions, reward.followVersions to false"),
+    ({"trainer": {"enabled": False}, "policy": {"followVersions": False}},
+     "but reward.followVersions need the shared volume"),
+], ids=["defaults", "reward-follows"])
+def test_s3_with_the_trainer_or_following_versions_is_refused_with_what_to_change(tmp_path: Path, values: dict,
+                                                                                   message: str) -> None:
+    values_file = tmp_path / "s3.yaml"
+    s3 = {"type": "s3", "s3": {"bucket": "b", "secretName": "s"}}
+    values_file.write_text(yaml.safe_dump({"modelStore": s3, **values}))
+    result = run([tool("helm"), "template", RELEASE, str(CHART), "--values", str(values_file)])
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
 
 
 def test_dashboards_are_configmaps_for_the_grafana_sidecar() -> None:
     dashboards = {d["metadata"]["name"]: d for d in find(render(), "ConfigMap") if "dashboard" in d["metadata"]["name"]}
-    assert set(dashboards) == {f"{RELEASE}-dashboard-serving", f"{RELEASE}-dashboard-feedback"}
+    assert set(dashboards) == {f"{RELEASE}-dashboard-serving", f"{RELEASE}-dashboard-feedback", f"{RELEASE}-dashboard-training"}
     for configmap in dashboards.values():
         assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
         ((filename, content),) = configmap["data"].items()
@@ -309,11 +469,20 @@ def test_dashboards_are_configmaps_for_the_grafana_sidecar() -> None:
 
 def test_changing_a_setting_rolls_the_pods_that_read_it_and_no_others() -> None:
     def checksums(*extra: str) -> dict[str, str]:
+        docs = render(None, *extra)
         return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-                for d in find(render(None, *extra), "Deployment")}
+                for d in find(docs, "Deployment") + find(docs, "StatefulSet")}
 
     before = checksums()
+    assert len(before) == 4
     feedback_setting = checksums("--set", "feedback.settings.max-workers=8")
     assert {name for name in before if before[name] != feedback_setting[name]} == {f"{RELEASE}-feedback"}
+    trainer_setting = checksums("--set", "trainer.algorithm=grpo")
+    assert {name for name in before if before[name] != trainer_setting[name]} == {f"{RELEASE}-trainer"}
     kafka_setting = checksums("--set", "kafka.partitions=6")
-    assert {name for name in before if before[name] != kafka_setting[name]} == {f"{RELEASE}-policy", f"{RELEASE}-feedback"}
+    assert {name for name in before if before[name] != kafka_setting[name]} == {
+        f"{RELEASE}-{component}" for component in ("policy", "feedback", "reward", "trainer")}
+    # A reward service that follows no versions reads no Kafka settings: a Kafka change leaves it alone.
+    unfollowing = checksums("--set", "reward.followVersions=false")
+    unfollowing_kafka_setting = checksums("--set", "reward.followVersions=false", "--set", "kafka.partitions=6")
+    assert unfollowing[f"{RELEASE}-reward"] == unfollowing_kafka_setting[f"{RELEASE}-reward"]

@@ -9,7 +9,9 @@ from pathlib import Path
 import yaml
 
 from tests.deploy.conftest import run, tool
-from tests.deploy.monitoring import DASHBOARDS, alert_names, dashboard_queries, rule_groups, write_rules_file
+from tests.deploy.monitoring import (
+    DASHBOARDS, alert_names, dashboard_queries, label_values_selected, queried_metric_names, rule_groups, write_rules_file,
+)
 
 ALERT_TESTS = Path(__file__).with_name("alerts.test.yaml")
 
@@ -53,5 +55,17 @@ def test_every_dashboard_query_parses_in_promtool(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr + "\n".join(f"{i}: {w}" for i, (w, _) in enumerate(queries))
 
 
-def test_dashboards_cover_serving_and_feedback() -> None:
-    assert {d.stem for d in DASHBOARDS} == {"serving", "feedback"}
+def test_dashboards_cover_serving_feedback_and_training() -> None:
+    assert {d.stem for d in DASHBOARDS} == {"serving", "feedback", "training"}
+
+
+def test_training_dashboard_shows_progress_learning_and_versions() -> None:
+    (training,) = [d for d in DASHBOARDS if d.stem == "training"]
+    queries = [expr for _, expr in dashboard_queries(training)]
+    metrics = set().union(*(queried_metric_names(expr) for expr in queries))
+    assert {"modalign_trainer_round_seconds_bucket", "modalign_trainer_samples_per_second",
+            "modalign_trainer_consumer_lag_records", "modalign_trainer_versions_total",
+            "modalign_trainer_gate_rejections_total", "modalign_trainer_dead_letters_total"} <= metrics
+    learning = set().union(*(label_values_selected(expr, "modalign_trainer_metric", "name") for expr in queries))
+    assert {"rm_loss", "rm_heldout_accuracy", "policy_loss", "value_loss", "reward_mean", "kl", "kl_to_reference",
+            "clip_fraction", "entropy"} <= learning

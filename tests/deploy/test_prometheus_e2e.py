@@ -1,19 +1,25 @@
 """The chart's monitoring against the real thing: running services scraped by a real Prometheus server.
 
-The policy, feedback and reward services run as processes on loopback (on a Kafka broker of this
-module's own, so the test can stop it); Prometheus scrapes them under the job names the chart's monitors
-give them and evaluates the chart's rules. Conditions are then caused on purpose — a burst of invalid
-feedback, a Kafka outage, a service going away — and the alerts must fire. The rules are loaded as
-rendered except for their `for:` pending periods, set to 0s so that the test waits seconds, not the
-15 minutes an on-call page waits.
+The policy, feedback, reward and trainer services run as processes on loopback (on a Kafka broker of
+this module's own, so the test can stop it), set up as the chart sets them up: a shared blob store, the
+reward service following published versions, the trainer on tiny settings. Prometheus scrapes them
+under the job names the chart's monitors give them and evaluates the chart's rules. Conditions are
+then caused on purpose — a burst of invalid feedback, a candidate the evaluation gate must refuse,
+feedback about responses never logged, a published reward model that cannot load, a Kafka outage, a
+service going away — and the alerts must fire. The rules are loaded as rendered (with the gate alert
+lowered to one refusal, see E2E_VALUES) except for their `for:` pending periods, set to 0s so that
+the test waits seconds, not the 15 minutes an on-call page waits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,21 +30,39 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core import broker
-from modalign.core.kafka import KafkaConfig
+from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably
 from modalign.core.processes import ManagedProcess, free_port, grpc_serving, http_ok
-from modalign.v1 import feedback_pb2, feedback_pb2_grpc
+from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
 from tests.conftest import start_broker
-from tests.deploy.conftest import RELEASE, tool
+from tests.deploy.conftest import REPO, RELEASE, tool
 from tests.deploy.monitoring import (
-    DASHBOARDS, SCRAPE_SERIES, dashboard_queries, queried_metric_names, rule_groups, sample_names, write_rules_file,
+    DASHBOARDS, SCRAPE_SERIES, dashboard_queries, label_values_selected, queried_metric_names, rule_groups, sample_names,
+    write_rules_file,
 )
 from tests.feedback.cases import valid_feedback
+from tests.trainer.scripted_users import prompt
 
 pytestmark = pytest.mark.integration
 
 SCRAPE_INTERVAL_S = 1
 PRODUCE_TIMEOUT_S = 2.0
+HELDOUT_PERCENT = 50
+JOIN_MAX_WAIT_S = 3
+# The trainer learns on tiny settings (a round a second, a candidate version after every learning round,
+# PPO for the most learning metrics) and its gate refuses every candidate: no reward model reaches 200%
+# held-out accuracy.
+TRAINER_FLAGS = [
+    "--round-max-seconds", "1", "--min-pairs-to-learn", "1", "--rounds-per-version", "1",
+    "--heldout-percent", str(HELDOUT_PERCENT), "--join.max-wait-s", str(JOIN_MAX_WAIT_S),
+    "--learner.algorithm", "ppo", "--learner.rollout-prompts", "2", "--learner.samples-per-prompt", "2",
+    "--learner.max-new-tokens", "4", "--learner.policy-updates-per-round", "1", "--learner.policy-epochs", "1",
+    "--learner.reward-epochs", "1", "--learner.eval-prompts", "1", "--gate.min-heldout-accuracy", "2",
+]
+# One refused candidate is enough to alert here (three by default).
+E2E_VALUES = {"monitoring": {"prometheusRule": {"training": {"gateRejections": 1}}}}
+# Learning metrics only DPO reports (the trainer here runs PPO): their names are checked in its source.
+DPO_ONLY = {"dpo_loss"}
 
 
 def kafka_flags(config: KafkaConfig) -> list[str]:
@@ -51,11 +75,13 @@ class Service:
         self.process, self.metrics_url, self.address = process, metrics_url, address
 
 
-def start_services(kafka: KafkaConfig, log_dir: Path) -> dict[str, Service]:
-    """Starts the three services at once (their imports take most of a minute on two cores)."""
-    ports = {name: (free_port(), free_port()) for name in ("policy", "feedback", "reward")}
+def start_services(kafka: KafkaConfig, work: Path) -> dict[str, Service]:
+    """Starts the four services at once (their imports take most of a minute on two cores)."""
+    log_dir = work / "logs"
+    ports = {name: (free_port(), free_port()) for name in ("policy", "feedback", "reward", "trainer")}
     services = {}
-    for name, extra in (("policy", []), ("feedback", ["--kafka.produce-timeout-s", str(PRODUCE_TIMEOUT_S)])):
+    blobs = ["--blob-dir", str(work / "blobs")]
+    for name, extra in (("policy", blobs), ("feedback", ["--kafka.produce-timeout-s", str(PRODUCE_TIMEOUT_S)])):
         grpc_port, metrics_port = ports[name]
         address = f"127.0.0.1:{grpc_port}"
         process = ManagedProcess.python_module(
@@ -67,10 +93,21 @@ def start_services(kafka: KafkaConfig, log_dir: Path) -> dict[str, Service]:
     http_port, grpc_port = ports["reward"]
     services["reward"] = Service(
         ManagedProcess.python_module(
-            "reward", "modalign.reward.server", ["--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+            "reward", "modalign.reward.server",
+            ["--http-port", str(http_port), "--grpc-port", str(grpc_port), "--follow-versions", "true", *kafka_flags(kafka)],
             ready=lambda: http_ok(f"http://127.0.0.1:{http_port}/v2/health/ready"), log_dir=log_dir,
         ),
         f"http://127.0.0.1:{http_port}/metrics",
+    )
+    trainer_metrics = f"http://127.0.0.1:{ports['trainer'][1]}/metrics"
+    services["trainer"] = Service(
+        ManagedProcess.python_module(
+            "trainer", "modalign.trainer",
+            ["--metrics-port", str(ports["trainer"][1]), *kafka_flags(kafka), *blobs, "--work-dir", str(work / "trainer"),
+             "--model-store", str(work / "models"), *TRAINER_FLAGS],
+            ready=lambda: http_ok(trainer_metrics), log_dir=log_dir,
+        ),
+        trainer_metrics,
     )
     for service in services.values():
         service.process.start()
@@ -113,11 +150,12 @@ class Prometheus:
         return [alert["labels"] for alert in self.get("/api/v1/alerts")["alerts"]
                 if alert["labels"]["alertname"] == alertname and alert["state"] == "firing"]
 
-    def wait_firing(self, alertname: str, timeout_s: float = 45.0) -> list[dict]:
+    def wait_firing(self, alertname: str, timeout_s: float = 45.0, **labels: str) -> list[dict]:
+        """The firing alerts of that name (those with the given labels), once there is one."""
         deadline = time.monotonic() + timeout_s
-        while not (firing := self.firing(alertname)):
+        while not (firing := [a for a in self.firing(alertname) if labels.items() <= a.items()]):
             if time.monotonic() > deadline:
-                pytest.fail(f"{alertname} did not fire in {timeout_s:.0f}s; alerts: {self.get('/api/v1/alerts')}")
+                pytest.fail(f"{alertname} {labels} did not fire in {timeout_s:.0f}s; alerts: {self.get('/api/v1/alerts')}")
             time.sleep(0.5)
         return firing
 
@@ -147,10 +185,14 @@ def system(module_broker: broker.BrokerConfig,
     prometheus_binary = tool("prometheus")
     kafka = KafkaConfig(bootstrap_servers=module_broker.bootstrap_servers, partitions=1)
     work = tmp_path_factory.mktemp("prometheus-e2e")
-    services = start_services(kafka, work / "logs")
+    # The topics exist before any service starts, as in a cluster (KafkaTopics) and under `modalign up`.
+    ensure_topics(kafka)
+    services = start_services(kafka, work)
     prometheus = None
     try:
-        rules = write_rules_file(work / "modalign-rules.yaml", without_pending_periods(rule_groups()))
+        values = work / "e2e-values.yaml"
+        values.write_text(yaml.safe_dump(E2E_VALUES))
+        rules = write_rules_file(work / "modalign-rules.yaml", without_pending_periods(rule_groups(values)))
         config = work / "prometheus.yml"
         config.write_text(yaml.safe_dump(prometheus_config(services, rules)))
         port = free_port()
@@ -164,7 +206,7 @@ def system(module_broker: broker.BrokerConfig,
         prometheus.wait_ready(30)
         for service in services.values():
             service.process.wait_ready(180)
-        yield services, Prometheus(f"http://127.0.0.1:{port}")
+        yield services, Prometheus(f"http://127.0.0.1:{port}"), kafka
     finally:
         processes = [service.process for service in services.values()] + ([prometheus] if prometheus else [])
         with ThreadPoolExecutor(len(processes)) as pool:
@@ -185,12 +227,24 @@ def submit(stub: feedback_pb2_grpc.FeedbackServiceStub, feedback: feedback_pb2.F
         return error.code()
 
 
+def feedback_id(heldout: bool) -> str:
+    """A feedback id the trainer puts in the held-out split (or the training split), as its hash decides."""
+    while True:
+        candidate = f"fb-{uuid.uuid4().hex}"
+        if (int(hashlib.sha256(candidate.encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT) == heldout:
+            return candidate
+
+
+def scrape(service: Service) -> str:
+    with urllib.request.urlopen(service.metrics_url, timeout=5) as response:
+        return response.read().decode()
+
+
 def test_every_metric_the_dashboards_and_rules_query_is_in_the_services_metrics(system) -> None:
-    services, _ = system
+    services, _, _ = system
     exported: set[str] = set()
     for service in services.values():
-        with urllib.request.urlopen(service.metrics_url, timeout=5) as response:
-            exported |= sample_names(text_string_to_metric_families(response.read().decode()))
+        exported |= sample_names(text_string_to_metric_families(scrape(service)))
     groups = rule_groups()
     recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
     queries = [query for dashboard in DASHBOARDS for query in dashboard_queries(dashboard)]
@@ -201,7 +255,7 @@ def test_every_metric_the_dashboards_and_rules_query_is_in_the_services_metrics(
 
 
 def test_every_service_is_scraped_under_the_job_the_rules_select(system) -> None:
-    services, prometheus = system
+    services, prometheus, _ = system
     deadline = time.monotonic() + 30
     while {t["labels"]["job"]: t["health"] for t in prometheus.get("/api/v1/targets")["activeTargets"]} != {
             f"{RELEASE}-{name}": "up" for name in services}:
@@ -212,7 +266,7 @@ def test_every_service_is_scraped_under_the_job_the_rules_select(system) -> None
 
 
 def test_a_burst_of_invalid_feedback_fires_the_invalid_ratio_alert_but_not_the_error_rate_one(system) -> None:
-    services, prometheus = system
+    services, prometheus, _ = system
     with grpc.insecure_channel(services["feedback"].address) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
         # A counter's first sample is its baseline for rate(): let Prometheus see the first refusal alone.
@@ -225,8 +279,77 @@ def test_a_burst_of_invalid_feedback_fires_the_invalid_ratio_alert_but_not_the_e
     assert prometheus.firing("ModalignGrpcErrorRateHigh") == [], "a client's bad requests are not server errors"
 
 
+def test_a_candidate_the_gate_refuses_fires_the_gate_alert_and_the_trainer_reports_what_the_dashboard_plots(system) -> None:
+    """Two users' preferences, one held out: the trainer learns from the other, evaluates a candidate on
+    the held-out one, and its gate (asking for an impossible accuracy) refuses it."""
+    services, prometheus, _ = system
+    rng = random.Random(5)
+    with grpc.insecure_channel(services["policy"].address) as policy_channel, \
+            grpc.insecure_channel(services["feedback"].address) as feedback_channel:
+        policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
+        feedback = feedback_pb2_grpc.FeedbackServiceStub(feedback_channel)
+        for heldout in (True, False):
+            request, _ = prompt(rng, n=2, max_new_tokens=4)
+            reply = policy.Generate(request, timeout=60)
+            said = feedback_pb2.Feedback(feedback_id=feedback_id(heldout), user_id=request.user_id)
+            said.client_time.FromSeconds(int(time.time()))
+            said.preference.chosen_response_id = reply.candidates[0].response_id
+            said.preference.rejected_response_id = reply.candidates[1].response_id
+            assert submit(feedback, said) == grpc.StatusCode.OK
+    # One alert per failed check: the impossible accuracy always, others (reward, length) as chance has it.
+    (alert,) = prometheus.wait_firing("ModalignTrainerGateRejectingVersions", timeout_s=90, check="heldout_accuracy")
+    assert (alert["job"], alert["severity"]) == (f"{RELEASE}-trainer", "warning")
+
+    # The learning metrics the training dashboard plots, by name, are ones this trainer reports.
+    deadline = time.monotonic() + 30
+    while True:
+        families = {f.name: f for f in text_string_to_metric_families(scrape(services["trainer"]))}
+        reported = {s.labels["name"] for s in families["modalign_trainer_metric"].samples}
+        if "rm_heldout_accuracy" in reported or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    plotted = set().union(*(label_values_selected(expr, "modalign_trainer_metric", "name")
+                            for dashboard in DASHBOARDS for _, expr in dashboard_queries(dashboard)))
+    assert plotted - DPO_ONLY - reported == set(), f"plotted, not reported: {sorted(plotted - DPO_ONLY - reported)}"
+    dpo_source = (REPO / "services" / "trainer" / "algorithms" / "dpo.py").read_text()
+    assert all(f'"{name}"' in dpo_source for name in DPO_ONLY)
+    versions = {s.labels["outcome"]: s.value for s in families["modalign_trainer_versions"].samples
+                if s.name.endswith("_total")}
+    assert versions == {"rejected": 1.0}, versions
+
+
+def test_feedback_about_responses_never_logged_fires_the_dead_letter_alert(system) -> None:
+    services, prometheus, _ = system
+    with grpc.insecure_channel(services["feedback"].address) as channel:
+        stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+        assert submit(stub, valid_feedback("preference")) == grpc.StatusCode.OK
+    (alert,) = prometheus.wait_firing("ModalignTrainerDeadLettersHigh", timeout_s=JOIN_MAX_WAIT_S + 30)
+    assert (alert["job"], alert["severity"]) == (f"{RELEASE}-trainer", "warning")
+    reasons = {sample.labels["reason"] for family in text_string_to_metric_families(scrape(services["trainer"]))
+               if family.name == "modalign_trainer_dead_letters" for sample in family.samples}
+    assert reasons == {"unjoinable"}
+
+
+def test_a_published_reward_model_that_cannot_load_fires_the_load_failure_alert(system, tmp_path: Path) -> None:
+    """A version event naming a reward model whose files are not in the store: the reward service refuses
+    it and keeps serving what it has."""
+    services, prometheus, kafka = system
+    event = events_pb2.PolicyVersionPublished(
+        version="v999", parent_version="v0", uri=(tmp_path / "models" / "policy" / "v999").as_uri(),
+        reward_model_version="r999", algorithm="ppo")
+    event.published_at.GetCurrentTime()
+    producer = make_producer(kafka)
+    try:
+        produce_durably(producer, kafka.topic("policy-versions"), [("v999", event.SerializeToString())], 10)
+    finally:
+        producer.close(timeout=5)
+    (alert,) = prometheus.wait_firing("ModalignRewardModelLoadFailed")
+    assert (alert["job"], alert["severity"]) == (f"{RELEASE}-reward", "warning")
+    assert http_ok(services["reward"].metrics_url.replace("/metrics", "/v2/health/ready")), "the old model keeps serving"
+
+
 def test_a_kafka_outage_fires_the_feedback_unavailable_produce_error_and_error_rate_alerts(system, module_broker) -> None:
-    services, prometheus = system
+    services, prometheus, _ = system
     with grpc.insecure_channel(services["feedback"].address) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
         assert submit(stub, valid_feedback("preference")) == grpc.StatusCode.OK
@@ -241,14 +364,16 @@ def test_a_kafka_outage_fires_the_feedback_unavailable_produce_error_and_error_r
                     4 * round_number)
     (unavailable,) = prometheus.wait_firing("ModalignFeedbackUnavailable")
     assert (unavailable["job"], unavailable["severity"]) == (f"{RELEASE}-feedback", "critical")
-    produce_errors = prometheus.wait_firing("ModalignKafkaProduceErrors")
-    assert {(a["job"], a["topic"]) for a in produce_errors} == {(f"{RELEASE}-feedback", "modalign.feedback")}
+    # (The trainer may report failed writes of its own during the outage: only the feedback service's are asserted.)
+    produce_errors = prometheus.wait_firing("ModalignKafkaProduceErrors", job=f"{RELEASE}-feedback")
+    assert {a["topic"] for a in produce_errors} == {"modalign.feedback"}
     error_rate = prometheus.wait_firing("ModalignGrpcErrorRateHigh")
     assert {(a["job"], a["grpc_service"]) for a in error_rate} == {(f"{RELEASE}-feedback", "modalign.v1.FeedbackService")}
 
 
 def test_a_service_that_goes_away_fires_service_down(system) -> None:
-    services, prometheus = system
+    services, prometheus, _ = system
     services["reward"].process.stop()
-    (down,) = prometheus.wait_firing("ModalignServiceDown")
-    assert (down["job"], down["severity"]) == (f"{RELEASE}-reward", "critical")
+    # (Other services may be down too after the Kafka outage: only the reward service is asserted.)
+    (down,) = prometheus.wait_firing("ModalignServiceDown", job=f"{RELEASE}-reward")
+    assert down["severity"] == "critical"

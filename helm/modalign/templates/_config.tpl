@@ -26,17 +26,23 @@ MODALIGN_KAFKA_SASL_MECHANISM: {{ . | quote }}
 {{- $root := .root }}
 {{- $component := .component }}
 {{- $values := index $root.Values $component }}
+{{- $store := $root.Values.modelStore }}
 {{- $kserve := eq (include "modalign.servedByKServe" .) "true" }}
-{{- /* KServe's storage initializer copies the model to /mnt/models; without KServe the chart mounts
-       the model store (or copies from S3) at modelStore.mountPath. */}}
-{{- $modelDir := ternary "/mnt/models" (printf "%s/%s" $root.Values.modelStore.mountPath $root.Values.modelStore.currentVersionPath) $kserve }}
+{{- /* Where a service finds the version it starts from: the shared volume, or the folder an S3 copy
+       lands in (KServe's storage initializer copies to /mnt/models; the chart's own to the same place
+       under modelStore.mountPath). */}}
+{{- $startDir := printf "%s/%s" $store.mountPath (index $store.initialVersions $component | default "") }}
+{{- if and $kserve (eq $store.type "s3") }}
+{{- $startDir = "/mnt/models" }}
+{{- end }}
 {{- if eq $component "policy" }}
 MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
 MODALIGN_METRICS_HOST: "0.0.0.0"
 MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
 {{- if $values.modelFromStore }}
-MODALIGN_MODEL_DIR: {{ $modelDir | quote }}
+MODALIGN_MODEL_DIR: {{ $startDir | quote }}
 {{- end }}
+MODALIGN_FOLLOW_VERSIONS: {{ $values.followVersions | quote }}
 MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
 MODALIGN_DEVICE: {{ $values.device | quote }}
 {{- else if eq $component "feedback" }}
@@ -48,9 +54,24 @@ MODALIGN_HOST: "0.0.0.0"
 MODALIGN_HTTP_PORT: {{ $values.httpPort | quote }}
 MODALIGN_GRPC_PORT: {{ $values.grpcPort | quote }}
 {{- if $values.modelFromStore }}
-MODALIGN_MODEL_DIR: {{ $modelDir | quote }}
+MODALIGN_MODEL_DIR: {{ $startDir | quote }}
 {{- end }}
 MODALIGN_MODEL_NAME: {{ $values.modelName | quote }}
+MODALIGN_DEVICE: {{ $values.device | quote }}
+MODALIGN_FOLLOW_VERSIONS: {{ $values.followVersions | quote }}
+{{- else if eq $component "trainer" }}
+MODALIGN_METRICS_HOST: "0.0.0.0"
+MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
+MODALIGN_GROUP_ID: {{ $values.groupId | quote }}
+MODALIGN_WORK_DIR: {{ include "modalign.trainerWorkDir" $root | quote }}
+MODALIGN_MODEL_STORE: {{ $store.mountPath | quote }}
+MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
+MODALIGN_LEARNER_ALGORITHM: {{ $values.algorithm | quote }}
+MODALIGN_LEARNER_DEVICE: {{ $values.device | quote }}
+{{- if $values.modelFromStore }}
+MODALIGN_LEARNER_POLICY_MODEL_DIR: {{ printf "%s/%s" $store.mountPath $store.initialVersions.policy | quote }}
+MODALIGN_LEARNER_REWARD_MODEL_DIR: {{ printf "%s/%s" $store.mountPath $store.initialVersions.reward | quote }}
+{{- end }}
 {{- end }}
 {{- range $flag, $value := $values.settings }}
 {{ printf "MODALIGN_%s" ($flag | replace "." "_" | replace "-" "_" | upper) }}: {{ $value | toString | quote }}
@@ -59,9 +80,8 @@ MODALIGN_MODEL_NAME: {{ $values.modelName | quote }}
 
 {{/* Checksum of the settings a service reads (its ConfigMap, and the Kafka one if it uses Kafka). Args: (dict "root" $ "component" NAME) */}}
 {{- define "modalign.configChecksum" -}}
-{{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
 {{- $settings := include "modalign.componentConfigData" . }}
-{{- if $facts.usesKafka }}
+{{- if include "modalign.usesKafka" . }}
 {{- $settings = print $settings "\n" (include "modalign.kafkaConfigData" .root) }}
 {{- end }}
 {{- $settings | sha256sum }}

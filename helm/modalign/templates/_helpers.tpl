@@ -1,7 +1,7 @@
 {{/*
 Names, labels and the pieces every modalign pod shares. A service is a "component": its values live
 under .Values.<component>; the templates that render per-service resources range over
-"modalign.components", so a new service (the trainer, the rollout controller) slots in by adding its
+"modalign.components", so a new service (the rollout controller) slots in by adding its
 values block, an entry below, and its workload template.
 */}}
 
@@ -28,36 +28,84 @@ values block, an entry below, and its workload template.
 
 {{/* Services the chart can run, in a stable order; the ones whose values say enabled: true run. */}}
 {{- define "modalign.components" -}}
-{{- list "policy" "feedback" "reward" | toJson }}
+{{- list "policy" "feedback" "reward" "trainer" | toJson }}
 {{- end }}
 
 {{/*
-Facts of each service's code (not choices): the `modalign` subcommand, how it reports health, and
-which port serves /metrics.
+Facts of each service's code (not choices): the `modalign` subcommand, how it reports health, its ports
+(name, and the key of its values that holds the number), which port serves /metrics, what it reads.
+workload: the kind that runs it; stateless services are Deployments (or KServe InferenceServices),
+the trainer a StatefulSet (see trainer.yaml).
 */}}
 {{- define "modalign.componentFacts" -}}
 policy:
   command: policy
+  workload: Deployment
   grpcHealthService: modalign.v1.PolicyService
+  ports:
+    - {name: grpc, key: grpcPort, appProtocol: grpc}
+    - {name: metrics, key: metricsPort, appProtocol: http}
   metricsPortName: metrics
   usesKafka: true
   usesModelStore: true
   usesBlobStore: true
 feedback:
   command: feedback
+  workload: Deployment
   grpcHealthService: modalign.v1.FeedbackService
+  ports:
+    - {name: grpc, key: grpcPort, appProtocol: grpc}
+    - {name: metrics, key: metricsPort, appProtocol: http}
   metricsPortName: metrics
   usesKafka: true
   usesModelStore: false
   usesBlobStore: false
 reward:
   command: reward
+  workload: Deployment
   httpReadyPath: /v2/health/ready
   httpLivePath: /v2/health/live
+  httpProbePort: http
+  ports:
+    - {name: http, key: httpPort, appProtocol: http}
+    - {name: grpc, key: grpcPort, appProtocol: grpc}
   metricsPortName: http
+  # Only to follow published versions (reward.followVersions).
   usesKafka: false
   usesModelStore: true
   usesBlobStore: false
+trainer:
+  command: trainer
+  workload: StatefulSet
+  # It serves nothing but /metrics: the probes ask that server, which starts once the models are
+  # loaded and the Kafka consumers are assigned.
+  httpReadyPath: /metrics
+  httpLivePath: /metrics
+  httpProbePort: metrics
+  ports:
+    - {name: metrics, key: metricsPort, appProtocol: http}
+  metricsPortName: metrics
+  usesKafka: true
+  usesModelStore: true
+  writesModelStore: true
+  usesBlobStore: true
+{{- end }}
+
+{{/* Does the component read Kafka: by its code, or (reward) to follow published versions? Args: (dict "root" $ "component" NAME) */}}
+{{- define "modalign.usesKafka" -}}
+{{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
+{{- $values := index .root.Values .component }}
+{{- if or $facts.usesKafka $values.followVersions }}true{{- end }}
+{{- end }}
+
+{{/*
+Does the component read the model store: its starting model (modelFromStore), the versions the trainer
+publishes (followVersions), or (the trainer) both ways? Args: (dict "root" $ "component" NAME)
+*/}}
+{{- define "modalign.usesModelStore" -}}
+{{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
+{{- $values := index .root.Values .component }}
+{{- if and $facts.usesModelStore (or $values.modelFromStore $values.followVersions $facts.writesModelStore) }}true{{- end }}
 {{- end }}
 
 {{/* Is the component run by KServe rather than by a Deployment of this chart? Args: (dict "root" $ "component" NAME) */}}
@@ -247,13 +295,28 @@ sasl:
 {{- default (printf "%s-blobs" (include "modalign.fullname" .)) .Values.blobStore.pvc.existingClaim }}
 {{- end }}
 
-{{/* The model-store URI of the served version, as KServe's storage initializer takes it. */}}
+{{/* The S3 URI of the version a service starts from, as KServe's storage initializer takes it. Args: (dict "root" $ "component" NAME) */}}
 {{- define "modalign.modelStorageUri" -}}
-{{- $store := .Values.modelStore }}
-{{- if eq $store.type "s3" }}
-{{- printf "s3://%s/%s" $store.s3.bucket (list $store.s3.prefix $store.currentVersionPath | compact | join "/") }}
-{{- else }}
-{{- printf "pvc://%s/%s" (include "modalign.modelStoreClaim" .) $store.currentVersionPath }}
+{{- $store := .root.Values.modelStore }}
+{{- printf "s3://%s/%s" $store.s3.bucket (list $store.s3.prefix (index $store.initialVersions .component) | compact | join "/") }}
+{{- end }}
+
+{{/*
+Refuses combinations that cannot work, with what to change: the trainer publishes versions into a
+shared volume and names them by file:// path, so it and the services that follow its versions need
+modelStore.type pvc.
+*/}}
+{{- define "modalign.validate" -}}
+{{- if eq .Values.modelStore.type "s3" }}
+{{- $needVolume := list }}
+{{- if .Values.trainer.enabled }}{{ $needVolume = append $needVolume "trainer.enabled" }}{{ end }}
+{{- range $component := list "policy" "reward" }}
+{{- $values := index $.Values $component }}
+{{- if and $values.enabled $values.followVersions }}{{ $needVolume = append $needVolume (printf "%s.followVersions" $component) }}{{ end }}
+{{- end }}
+{{- with $needVolume }}
+{{- fail (printf "modelStore.type s3 serves a fixed version, but %s need the shared volume the trainer publishes into: set modelStore.type pvc, or set %s to false" (join " and " .) (join ", " .)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -278,4 +341,27 @@ sasl:
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/* The trainer's work directory (its checkpoint): the mount point of its persistent volume. */}}
+{{- define "modalign.trainerWorkDir" -}}/var/lib/modalign/trainer{{- end }}
+
+{{/* The distinct ports of Kafka's bootstrap servers, as a JSON list of integers. */}}
+{{- define "modalign.kafkaPorts" -}}
+{{- $connection := include "modalign.kafkaConnection" . | fromYaml }}
+{{- $ports := list }}
+{{- range $server := splitList "," $connection.bootstrapServers }}
+{{- $ports = append $ports (regexFind "[0-9]+$" (trim $server) | int) }}
+{{- end }}
+{{- $ports | uniq | toJson }}
+{{- end }}
+
+{{/*
+PromQL: how many times a counter went up within a window, per series. increase() alone misses the
+first events of a labelled counter, which the services create at its first event (already at 1, with
+no earlier 0 to rise from): a series that did not exist a window ago counts its whole value.
+Args: (dict "selector" SELECTOR "window" DURATION)
+*/}}
+{{- define "modalign.events" -}}
+({{ .selector }} unless {{ .selector }} offset {{ .window }}) or increase({{ .selector }}[{{ .window }}])
 {{- end }}

@@ -1,16 +1,25 @@
 {{/*
-The pod spec of a service, shared by its Deployment and its KServe InferenceService predictor (whose
-pod fields sit inline in spec.predictor). Args: (dict "root" $ "component" NAME "kserve" BOOL)
+The pod spec of a service, shared by its Deployment or StatefulSet and its KServe InferenceService
+predictor (whose pod fields sit inline in spec.predictor). Args: (dict "root" $ "component" NAME "kserve" BOOL)
+
+The model store: on a PVC every pod that uses it mounts it at modelStore.mountPath, read-only except the
+trainer's, which publishes into it; published versions are named by file:// path, so the path must be
+the same in every pod. On S3 a service's starting version is copied in at start, by the chart's
+storage-initializer init container or (InferenceServices) by KServe's.
 */}}
 {{- define "modalign.podSpec" -}}
 {{- $root := .root }}
 {{- $component := .component }}
 {{- $kserve := .kserve }}
+{{- $args := dict "root" $root "component" $component }}
 {{- $values := index $root.Values $component }}
 {{- $facts := index (include "modalign.componentFacts" $root | fromYaml) $component }}
 {{- $store := $root.Values.modelStore }}
-{{- $mountsModelStore := and $facts.usesModelStore $values.modelFromStore (not $kserve) }}
-{{- $copiesFromS3 := and $mountsModelStore (eq $store.type "s3") }}
+{{- $usesKafka := eq (include "modalign.usesKafka" $args) "true" }}
+{{- $usesStore := eq (include "modalign.usesModelStore" $args) "true" }}
+{{- $mountsStoreVolume := and $usesStore (eq $store.type "pvc") }}
+{{- $copiesFromS3 := and $usesStore (eq $store.type "s3") (not $kserve) }}
+{{- $kserveCopiesFromS3 := and $usesStore (eq $store.type "s3") $kserve }}
 serviceAccountName: {{ include "modalign.serviceAccountName" $root }}
 automountServiceAccountToken: false
 {{- with $root.Values.imagePullSecrets }}
@@ -27,8 +36,8 @@ initContainers:
   - name: storage-initializer
     image: {{ $store.storageInitializer.image }}
     args:
-      - {{ include "modalign.modelStorageUri" $root | quote }}
-      - {{ printf "%s/%s" $store.mountPath $store.currentVersionPath | quote }}
+      - {{ include "modalign.modelStorageUri" $args | quote }}
+      - {{ printf "%s/%s" $store.mountPath (index $store.initialVersions $component) | quote }}
     env:
       {{- include "modalign.s3Env" $root | nindent 6 }}
     resources:
@@ -45,19 +54,19 @@ containers:
     imagePullPolicy: {{ $root.Values.images.pullPolicy }}
     args: [{{ $facts.command | quote }}]
     envFrom:
-      {{- if $facts.usesKafka }}
+      {{- if $usesKafka }}
       - configMapRef:
           name: {{ include "modalign.fullname" $root }}-kafka
       {{- end }}
       - configMapRef:
-          name: {{ include "modalign.componentName" (dict "root" $root "component" $component) }}
+          name: {{ include "modalign.componentName" $args }}
     {{- $env := "" }}
-    {{- if $facts.usesKafka }}
+    {{- if $usesKafka }}
     {{- $env = include "modalign.kafkaSecretEnv" $root }}
     {{- end }}
-    {{- if and $kserve $facts.usesModelStore $values.modelFromStore }}
+    {{- if and $kserveCopiesFromS3 $values.modelFromStore }}
     {{- /* KServe injects its storage initializer for a container with STORAGE_URI. */}}
-    {{- $env = printf "%s\n- name: STORAGE_URI\n  value: %s" $env (include "modalign.modelStorageUri" $root | quote) }}
+    {{- $env = printf "%s\n- name: STORAGE_URI\n  value: %s" $env (include "modalign.modelStorageUri" $args | quote) }}
     {{- end }}
     {{- with $values.extraEnv }}
     {{- $env = printf "%s\n%s" $env (toYaml .) }}
@@ -74,12 +83,10 @@ containers:
       {{- else }}
       - {name: http1, containerPort: {{ $values.httpPort }}, protocol: TCP}
       {{- end }}
-      {{- else if $facts.grpcHealthService }}
-      - {name: grpc, containerPort: {{ $values.grpcPort }}, protocol: TCP}
-      - {name: metrics, containerPort: {{ $values.metricsPort }}, protocol: TCP}
       {{- else }}
-      - {name: http, containerPort: {{ $values.httpPort }}, protocol: TCP}
-      - {name: grpc, containerPort: {{ $values.grpcPort }}, protocol: TCP}
+      {{- range $port := $facts.ports }}
+      - {name: {{ $port.name }}, containerPort: {{ index $values $port.key }}, protocol: TCP}
+      {{- end }}
       {{- end }}
     {{- if $facts.grpcHealthService }}
     {{- $grpcProbe := dict "port" (int $values.grpcPort) "service" $facts.grpcHealthService }}
@@ -102,17 +109,17 @@ containers:
     {{- else }}
     {{- if not $kserve }}
     startupProbe:
-      httpGet: {path: {{ $facts.httpReadyPath }}, port: http}
+      httpGet: {path: {{ $facts.httpReadyPath }}, port: {{ $facts.httpProbePort }}}
       periodSeconds: 10
       failureThreshold: {{ $values.startupFailureThreshold }}
     livenessProbe:
-      httpGet: {path: {{ $facts.httpLivePath }}, port: http}
+      httpGet: {path: {{ $facts.httpLivePath }}, port: {{ $facts.httpProbePort }}}
       periodSeconds: 10
       timeoutSeconds: 5
       failureThreshold: 3
     {{- end }}
     readinessProbe:
-      httpGet: {path: {{ $facts.httpReadyPath }}{{ if not $kserve }}, port: http{{ end }}}
+      httpGet: {path: {{ $facts.httpReadyPath }}{{ if not $kserve }}, port: {{ $facts.httpProbePort }}{{ end }}}
       periodSeconds: 5
       timeoutSeconds: 3
       failureThreshold: 2
@@ -124,13 +131,17 @@ containers:
     volumeMounts:
       - {name: tmp, mountPath: /tmp}
       - {name: cache, mountPath: /home/modalign/.cache}
-      {{- if $mountsModelStore }}
-      - {name: models, mountPath: {{ $store.mountPath }}, readOnly: {{ not $copiesFromS3 }}}
+      {{- if or $mountsStoreVolume $copiesFromS3 }}
+      - {name: models, mountPath: {{ $store.mountPath }}, readOnly: {{ not (or $copiesFromS3 $facts.writesModelStore) }}}
       {{- end }}
       {{- if $facts.usesBlobStore }}
-      - {name: blobs, mountPath: {{ $root.Values.blobStore.mountPath }}}
+      {{- /* The policy writes the prompts' images; the trainer only reads them. */}}
+      - {name: blobs, mountPath: {{ $root.Values.blobStore.mountPath }}{{ if ne $component "policy" }}, readOnly: true{{ end }}}
       {{- end }}
-      {{- if $facts.usesKafka }}
+      {{- if eq $facts.workload "StatefulSet" }}
+      - {name: work, mountPath: {{ include "modalign.trainerWorkDir" $root }}}
+      {{- end }}
+      {{- if $usesKafka }}
       {{- with include "modalign.kafkaVolumeMounts" $root | trim }}
       {{- . | nindent 6 }}
       {{- end }}
@@ -141,20 +152,35 @@ volumes:
   - {name: cache, emptyDir: {}}
   {{- if $copiesFromS3 }}
   - {name: models, emptyDir: {}}
-  {{- else if $mountsModelStore }}
+  {{- else if $mountsStoreVolume }}
   - name: models
     persistentVolumeClaim:
       claimName: {{ include "modalign.modelStoreClaim" $root }}
+      {{- if not $facts.writesModelStore }}
       readOnly: true
+      {{- end }}
   {{- end }}
   {{- if $facts.usesBlobStore }}
   - name: blobs
     persistentVolumeClaim:
       claimName: {{ include "modalign.blobStoreClaim" $root }}
+      {{- if ne $component "policy" }}
+      readOnly: true
+      {{- end }}
   {{- end }}
-  {{- if $facts.usesKafka }}
+  {{- if $usesKafka }}
   {{- with include "modalign.kafkaVolumes" $root | trim }}
   {{- . | nindent 2 }}
+  {{- end }}
+  {{- end }}
+  {{- /* The trainer's work volume: a claim per pod from the StatefulSet's volumeClaimTemplates, unless one of these. */}}
+  {{- if eq $facts.workload "StatefulSet" }}
+  {{- if not $values.persistence.enabled }}
+  - {name: work, emptyDir: {}}
+  {{- else if $values.persistence.existingClaim }}
+  - name: work
+    persistentVolumeClaim:
+      claimName: {{ $values.persistence.existingClaim }}
   {{- end }}
   {{- end }}
 {{- end }}
