@@ -28,6 +28,7 @@ from modalign.core.blobs import BlobStore
 from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams, mask_unsampleable
 from modalign.policy.model import build_default_policy, format_prompt, load_policy, save_policy
 from modalign.reward.model import RewardModel
+from modalign.trainer import distributed
 from modalign.trainer.join import PreferencePair
 from modalign.trainer.logprobs import token_logprobs
 from modalign.trainer.kl import kl_k1
@@ -328,7 +329,9 @@ class Learner:
         history: dict[str, list[float]] = defaultdict(list)
         for _ in range(self.config.policy_updates_per_round):
             rollouts = self.collect_rollouts(prompts)
-            if rollouts is None:
+            # Every rank updates or none does: a rank with no prompts yet (its view of the generations
+            # topic lags) must not leave the others waiting in a gradient all-reduce.
+            if not all(distributed.all_gather(rollouts is not None)):
                 break
             for name, values in (update(rollouts) | rollout_metrics(rollouts)).items():
                 history[name] += values

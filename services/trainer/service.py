@@ -246,7 +246,7 @@ class Trainer:
         return metrics
 
     def _consume_generations(self) -> None:
-        while batches := self.generations.poll(timeout_ms=0, max_records=1000):
+        while batches := self.generations.poll(timeout_ms=50, max_records=1000):
             for tp, records in batches.items():
                 for record in records:
                     self.state.positions[(tp.topic, tp.partition)] = record.offset + 1
@@ -328,7 +328,9 @@ class Trainer:
     def _maybe_gate(self, metrics: dict[str, float]) -> dict[str, Any] | None:
         if not metrics or self.state.learning_rounds % self.config.rounds_per_version != 0:
             return None
-        evaluation = self.learner.evaluate(self.state.heldout_pairs, self._prompts())
+        # Rank 0's evaluation decides for all: the ranks' prompt pools may differ in order, and a
+        # candidate accepted on one rank but reverted on another would split the models.
+        evaluation = distributed.all_gather(self.learner.evaluate(self.state.heldout_pairs, self._prompts()))[0]
         metrics |= evaluation
         failed = gate_failures(evaluation, self.config.gate)
         if failed:
@@ -339,7 +341,7 @@ class Trainer:
             self.learner.revert_policy()
             return None
         self.learner.accept_candidate()
-        version = f"v{self._next_version_number()}"
+        version = distributed.all_gather(f"v{self._next_version_number()}")[0]
         return {"version": version, "parent": self.state.serving_version, "eval_metrics": evaluation,
                 "trained_through": self._trained_through()}
 
