@@ -449,18 +449,25 @@ class Learner:
     # --- evaluation, versions, state ------------------------------------------------------------
 
     @torch.no_grad()
+    def heldout_accuracy(self, heldout: list[PreferencePair]) -> dict[str, float]:
+        """The reward model's accuracy on held-out pairs: how often it prefers what the user preferred."""
+        if not heldout:
+            return {}
+        chosen, rejected = [], []
+        for start in range(0, len(heldout), 64):
+            c, r = self.pair_rewards(heldout[start:start + 64])
+            chosen.append(c)
+            rejected.append(r)
+        return {
+            "rm_heldout_accuracy": preference_accuracy(torch.cat(chosen), torch.cat(rejected)).item(),
+            "rm_heldout_pairs": float(len(heldout)),
+        }
+
+    @torch.no_grad()
     def evaluate(self, heldout: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
         """What the gate decides on: held-out RM accuracy, and the candidate's samples against the last
         published version's on the same prompts and seeds (reward, KL to the reference, length)."""
-        metrics: dict[str, float] = {}
-        if heldout:
-            chosen, rejected = [], []
-            for start in range(0, len(heldout), 64):
-                c, r = self.pair_rewards(heldout[start:start + 64])
-                chosen.append(c)
-                rejected.append(r)
-            metrics["rm_heldout_accuracy"] = preference_accuracy(torch.cat(chosen), torch.cat(rejected)).item()
-            metrics["rm_heldout_pairs"] = float(len(heldout))
+        metrics = self.heldout_accuracy(heldout)
         eval_prompts = self.sample_prompts(prompts, self.config.eval_prompts, random.Random(12345))
         if not eval_prompts:
             return metrics

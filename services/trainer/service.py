@@ -100,6 +100,8 @@ class TrainerConfig:
     max_prompts: int = 4096
     """Distinct recent prompts kept for on-policy rollouts."""
     max_heldout_pairs: int = 2048
+    heldout_pairs_per_round: int = 256
+    """The most recent held-out pairs the reward model's accuracy is reported on after every update."""
     gate: GateConfig = field(default_factory=GateConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     join: JoinLimits = field(default_factory=JoinLimits)
@@ -317,6 +319,8 @@ class Trainer:
         pairs, self.state.pending_pairs = self.state.pending_pairs[:usable], self.state.pending_pairs[usable:]
         started = time.monotonic()
         metrics = self.learner.learn(pairs, self._prompts())
+        # Reported with every update; the gate evaluates on all held-out pairs.
+        metrics |= self.learner.heldout_accuracy(self.state.heldout_pairs[-self.config.heldout_pairs_per_round:])
         SAMPLES_PER_SECOND.set(len(pairs) / max(time.monotonic() - started, 1e-9))
         self.state.trained_ids.extend(dict.fromkeys(pair.feedback_id for pair in pairs))
         self.state.learning_rounds += 1

@@ -65,12 +65,16 @@ def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig
 
             trainer.start()
             trainer.wait_ready(180)
-            interactions = []
+            interactions, failures = [], []
 
             def users() -> None:
                 rng = random.Random(7)
                 while not stop_users.is_set():
-                    interactions.append(interact(policy_stub, feedback_stub, rng))
+                    try:
+                        interactions.append(interact(policy_stub, feedback_stub, rng))
+                    except grpc.RpcError as error:  # none may fail, new versions loading included
+                        failures.append(error)
+                        return
 
             users_thread = threading.Thread(target=users, daemon=True)
             users_thread.start()
@@ -91,6 +95,7 @@ def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig
             users_thread.join(timeout=120)
             print(f"v0 names the colour in {v0_rate:.1%} of held-out answers, {best_version} in {best_rate:.1%}; "
                   f"{len(interactions)} user interactions")
+            assert failures == [], failures
             assert best_version != "v0", trainer.log_tail()
             assert two_proportion_z(best_rate, v0_rate, HELD_OUT_PROMPTS) > 3, (v0_rate, best_rate)
 
