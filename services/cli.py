@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--metrics-base-port", type=int, default=9101,
                     help="policy, feedback and trainer /metrics listen on this port, +1 and +3")
 
-    for name, module in SERVICES.items():
-        commands.add_parser(name, help=f"run the {name} service (flags: modalign {name} -- --help)", add_help=False)
+    for name in SERVICES:
+        # The service parses its own flags (modalign NAME --help lists them), so this parser takes none.
+        commands.add_parser(name, help=f"run the {name} service", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "kafka":
