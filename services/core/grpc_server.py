@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent import futures
 from typing import Callable, Iterable
@@ -9,7 +10,9 @@ from typing import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
 
 HANDLED = Counter(
     "modalign_grpc_server_handled_total",
@@ -72,13 +75,13 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
 def build_server(
     address: str,
-    register: Iterable[Callable[[grpc.Server], None]],
+    register: Callable[[grpc.Server], None],
     service_names: Iterable[str],
     max_workers: int = 32,
     max_message_bytes: int = 64 * 1024 * 1024,
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """A started-ready (not yet started) server with health and reflection; returns it, its health
-    servicer (every service starts NOT_SERVING until the caller marks it), and the bound port."""
+    """A server (not yet started) with the servicer register adds, health and reflection; returns it, its
+    health servicer (every service starts NOT_SERVING until the caller marks it), and the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[MetricsInterceptor()],
@@ -87,8 +90,7 @@ def build_server(
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
-    for add in register:
-        add(server)
+    register(server)
     names = list(service_names)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -127,3 +129,20 @@ def serve_until_signalled(
     stopping.wait()
     mark_serving(health_servicer, names, False)
     server.stop(grace_s).wait()
+
+
+def run_grpc_service(
+    listen: str,
+    register: Callable[[grpc.Server], None],
+    service_names: list[str],
+    max_workers: int,
+    metrics_host: str,
+    metrics_port: int,
+) -> None:
+    """What every modalign gRPC service does once its servicer is built: serve Prometheus /metrics
+    (unless metrics_port is 0), then gRPC with health and reflection, until SIGTERM or SIGINT."""
+    if metrics_port:
+        start_http_server(metrics_port, addr=metrics_host)
+    server, health_servicer, port = build_server(listen, register, service_names, max_workers=max_workers)
+    log.info("%s listening on %s (port %d)", ", ".join(service_names), listen, port)
+    serve_until_signalled(server, health_servicer, service_names)

@@ -10,10 +10,10 @@ from typing import Iterator
 
 import grpc
 from google.protobuf import timestamp_pb2
-from prometheus_client import Counter, start_http_server
+from prometheus_client import Counter
 
 from modalign.core.config import parse_config
-from modalign.core.grpc_server import build_server, serve_until_signalled
+from modalign.core.grpc_server import run_grpc_service
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
 from modalign.feedback.ledger import FeedbackLedger
 from modalign.feedback.validation import InvalidFeedback, validate_feedback
@@ -131,17 +131,11 @@ def serve(config: FeedbackConfig) -> None:
     ledger = FeedbackLedger(config.kafka)
     ledger.start()
     servicer = FeedbackServicer(config, ledger)
-    if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.metrics_host)
-    server, health, port = build_server(
-        config.listen,
-        [lambda s: feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, s)],
-        SERVICE_NAMES,
-        max_workers=config.max_workers,
-    )
-    log.info("feedback service listening on %s (port %d)", config.listen, port)
     try:
-        serve_until_signalled(server, health, SERVICE_NAMES)
+        run_grpc_service(
+            config.listen, lambda server: feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server),
+            SERVICE_NAMES, config.max_workers, config.metrics_host, config.metrics_port,
+        )
     finally:
         servicer.close()
         ledger.stop()

@@ -18,11 +18,11 @@ from typing import Iterator
 
 import grpc
 from google.protobuf import timestamp_pb2
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from modalign.core.blobs import BlobStore
 from modalign.core.config import parse_config
-from modalign.core.grpc_server import build_server, serve_until_signalled
+from modalign.core.grpc_server import run_grpc_service
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
 from modalign.core.modelstore import ModelStore
@@ -285,17 +285,12 @@ def serve(config: PolicyConfig) -> None:
         follower = VersionFollower(config.kafka, lambda event: load_version(event, batcher, config.device))
         follower.start()
     servicer = PolicyServicer(config, batcher, BlobStore(config.blob_dir))
-    if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.metrics_host)
-    server, health, port = build_server(
-        config.listen,
-        [lambda s: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, s)],
-        SERVICE_NAMES,
-        max_workers=config.max_workers,
-    )
-    log.info("policy service (%s) listening on %s (port %d)", config.policy_version, config.listen, port)
+    log.info("policy service serving %s", batcher.policy_version)
     try:
-        serve_until_signalled(server, health, SERVICE_NAMES)
+        run_grpc_service(
+            config.listen, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server),
+            SERVICE_NAMES, config.max_workers, config.metrics_host, config.metrics_port,
+        )
     finally:
         if follower is not None:
             follower.stop()
