@@ -8,28 +8,18 @@ are laid out prompt-major: rows [i * k, (i + 1) * k) are the k samples of prompt
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 
 from modalign.trainer.masked import masked_sum
+from modalign.trainer.registry import registrar
 
 AdvantageEstimator = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
-Estimator = TypeVar("Estimator", bound=AdvantageEstimator)
-
-
-def register_advantage_estimator(name: str) -> Callable[[Estimator], Estimator]:
-    """Decorator that adds an estimator to ADVANTAGE_ESTIMATORS under `name`; a name can be taken only once."""
-
-    def register(estimator: Estimator) -> Estimator:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = estimator
-        return estimator
-
-    return register
+register_advantage_estimator = registrar(ADVANTAGE_ESTIMATORS, "advantage estimator")
+"""Decorator that adds an estimator to ADVANTAGE_ESTIMATORS under a name."""
 
 
 @register_advantage_estimator("gae")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from modalign.trainer.registry import registrar
+
 if TYPE_CHECKING:
     from modalign.trainer.join import PreferencePair
     from modalign.trainer.learner import Learner, Prompt
@@ -16,13 +18,7 @@ PolicyAlgorithm = Callable[["Learner", "list[PreferencePair]", "list[Prompt]"], 
 ALGORITHMS: dict[str, PolicyAlgorithm] = {}
 
 
-def register_algorithm(name: str) -> Callable[[PolicyAlgorithm], PolicyAlgorithm]:
-    def register(function: PolicyAlgorithm) -> PolicyAlgorithm:
-        if name in ALGORITHMS:
-            raise ValueError(f"policy algorithm {name!r} is already registered")
-        ALGORITHMS[name] = function
-        return function
-    return register
+register_algorithm = registrar(ALGORITHMS, "policy algorithm")
 
 
 # Importing the modules registers their algorithms.
