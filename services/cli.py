@@ -14,6 +14,7 @@ SERVICES = {
     "reward": "modalign.reward.server",
     "feedback": "modalign.feedback.server",
     "trainer": "modalign.trainer.service",
+    "rollout": "modalign.rollout.server",
 }
 
 

@@ -57,6 +57,10 @@ def _scalar_parser(annotation: Any) -> Any | None:
         return _scalar_parser(non_none[0]) if len(non_none) == 1 else None
     if annotation is bool:
         return _parse_bool
+    if typing.get_origin(annotation) is tuple:
+        item, *rest = typing.get_args(annotation)
+        if rest == [Ellipsis] and item in (str, int, float):
+            return lambda text: tuple(item(part.strip()) for part in text.split(",") if part.strip())
     if annotation in (str, int, float, Path):
         return annotation
     return None

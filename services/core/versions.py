@@ -1,4 +1,5 @@
-"""Following the policy-versions topic: the policy and reward services load each version as it is published."""
+"""Following the state topics (policy-versions, rollout): services act on what the trainer published and
+on what the rollout controller decided."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Callable
 from urllib.parse import unquote, urlparse
 
 from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from modalign.core.kafka import KafkaConfig, make_consumer
 from modalign.v1 import events_pb2
@@ -24,32 +26,38 @@ def local_path(uri: str) -> Path:
     return Path(unquote(parsed.path))
 
 
-class VersionFollower:
-    """Tails policy-versions from the beginning on a daemon thread and calls on_version for each event.
+class TopicFollower:
+    """Replays single-partition state topics from the beginning, then follows them on a daemon thread.
 
-    At start-up only the newest version published so far is passed on, so a replica that starts late
-    loads one version, not the whole history. on_version runs on the follower's thread; an exception there is logged and the event skipped
-    (a version that fails to load must not stop later ones from loading).
+    on_records first gets everything published so far as one list, so a replica that starts late can
+    act on the newest state only, not replay the history; then the records of each poll, in order per
+    topic. The replay runs in start(), the rest on the follower's thread. An exception in on_records
+    is logged and its records skipped: one version that fails to load must not stop later ones.
+
+    Reads only committed records: the rollout controller writes in transactions, and the writes a
+    fenced (superseded) controller had in flight are aborted, never routed by.
     """
 
-    def __init__(self, config: KafkaConfig, on_version: Callable[[events_pb2.PolicyVersionPublished], None]) -> None:
-        self._on_version = on_version
-        self._consumer = make_consumer(config, group_id=None)
-        self._partition = TopicPartition(config.topic("policy-versions"), 0)
-        self._consumer.assign([self._partition])
-        self._consumer.seek_to_beginning(self._partition)
+    def __init__(
+        self, config: KafkaConfig, topic_names: list[str], on_records: Callable[[list[ConsumerRecord]], None]
+    ) -> None:
+        self._on_records = on_records
+        self._consumer = make_consumer(config, group_id=None, isolation_level="read_committed")
+        self._partitions = [TopicPartition(config.topic(name), 0) for name in topic_names]
+        self._consumer.assign(self._partitions)
+        self._consumer.seek_to_beginning(*self._partitions)
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="version-follower", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="topic-follower", daemon=True)
 
     def start(self) -> None:
-        """Replays the versions published so far, then follows new ones in the background."""
-        end = self._consumer.end_offsets([self._partition])[self._partition]
-        newest = None
-        while self._consumer.position(self._partition) < end:
+        """Replays what was published so far, then follows new records in the background."""
+        ends = self._consumer.end_offsets(self._partitions)
+        replayed: list[ConsumerRecord] = []
+        while any(self._consumer.position(p) < ends[p] for p in self._partitions):
             for records in self._consumer.poll(timeout_ms=500).values():
-                newest = records[-1].value if records else newest
-        if newest is not None:
-            self._deliver(newest)
+                replayed.extend(records)
+        if replayed:
+            self._deliver(replayed)
         self._thread.start()
 
     def stop(self) -> None:
@@ -60,19 +68,26 @@ class VersionFollower:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                self._poll()
+                batch = [r for records in self._consumer.poll(timeout_ms=500).values() for r in records]
             except Exception:
-                log.warning("could not poll policy-versions; retrying", exc_info=True)
+                log.warning("could not poll %s; retrying", [p.topic for p in self._partitions], exc_info=True)
                 self._stopping.wait(1.0)
+                continue
+            if batch:
+                self._deliver(batch)
 
-    def _poll(self) -> None:
-        for records in self._consumer.poll(timeout_ms=500).values():
-            for record in records:
-                self._deliver(record.value)
-
-    def _deliver(self, value: bytes) -> None:
-        event = events_pb2.PolicyVersionPublished.FromString(value)
+    def _deliver(self, records: list[ConsumerRecord]) -> None:
         try:
-            self._on_version(event)
+            self._on_records(records)
         except Exception:
-            log.exception("could not load version %s from %s", event.version, event.uri)
+            log.exception("could not act on %d records of %s", len(records), sorted({r.topic for r in records}))
+
+
+def follow_newest_version(
+    config: KafkaConfig, on_version: Callable[[events_pb2.PolicyVersionPublished], None]
+) -> TopicFollower:
+    """A follower of policy-versions that passes on only the newest version of each batch it reads."""
+    return TopicFollower(
+        config, ["policy-versions"],
+        lambda records: on_version(events_pb2.PolicyVersionPublished.FromString(records[-1].value)),
+    )

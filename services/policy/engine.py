@@ -208,6 +208,9 @@ class PolicyEngine:
             # The uniforms come from per-row CPU generators: a row's stream depends only on its seed,
             # never on its batch companions or on the device.
             uniforms = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active])
+            if not torch.isfinite(logits).all():
+                # A diverged model (NaN or inf weights) would otherwise sample arbitrary token ids.
+                raise NonFiniteLogits(f"policy {self.policy_version} produced NaN or infinite logits")
             logprobs = sampling_logprobs(mask_unsampleable(logits, self.unsampleable_token_ids), temperature, top_p)
             tokens = draw_tokens(logprobs, temperature <= 0, uniforms.to(logits.device))
             token_logprobs = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -334,6 +337,10 @@ class PolicyEngine:
             callbacks_on[row.request_index] = False
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model's logits contain NaN or inf: nothing can be sampled from them."""
+
+
 class BatcherClosed(RuntimeError):
     """submit() after close()."""
 
@@ -356,7 +363,7 @@ class DynamicBatcher:
     to max_wait_ms for more until max_batch_rows candidates are gathered (a request with more
     candidates than that runs alone), encodes each request (a bad one fails only its own future), and
     runs one generate. If the batch raises, that batch's futures get the exception; the worker goes on.
-    swap() replaces the engine between batches: a running batch finishes on the engine it started with.
+    One batcher serves one engine (one version); routing.VersionRouter holds one per version served.
     """
 
     def __init__(
@@ -385,17 +392,6 @@ class DynamicBatcher:
     def engine(self) -> PolicyEngine:
         return self._engine
 
-    @property
-    def policy_version(self) -> str:
-        """The version new batches run on (each Sample names the version that actually produced it)."""
-        return self._engine.policy_version
-
-    def swap(self, engine: PolicyEngine) -> PolicyEngine:
-        """Serve later batches from `engine` (hot reload); returns the engine it replaces."""
-        with self._cond:
-            old, self._engine = self._engine, engine
-        return old
-
     def submit(self, request: GenerationRequest) -> Future[list[Sample]]:
         """Queue a request; the future resolves to its n samples, or to the error that stopped them."""
         future: Future[list[Sample]] = Future()
@@ -416,7 +412,7 @@ class DynamicBatcher:
             self._cond.notify()
         self._worker.join(timeout)
 
-    def _next_batch(self) -> tuple[list[_Pending], PolicyEngine] | None:
+    def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
             while not self._queue:
                 if self._closed:
@@ -434,7 +430,7 @@ class DynamicBatcher:
                 rows += pending.request.n
                 batch.append(pending)
             self._pending_rows -= rows
-            return batch, self._engine
+            return batch
 
     def _queued_rows_that_fit(self) -> int:
         rows = 0
@@ -445,8 +441,8 @@ class DynamicBatcher:
         return rows
 
     def _run(self) -> None:
-        while (next_batch := self._next_batch()) is not None:
-            batch, engine = next_batch
+        engine = self._engine
+        while (batch := self._next_batch()) is not None:
             # Skip callers that cancelled while queued; the rest can no longer cancel.
             batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
             runnable, encoded = [], []

@@ -1,8 +1,8 @@
-"""PolicyService over gRPC: validate, decode and store images, sample in batches, log every candidate.
+"""PolicyService over gRPC: validate, decode and store images, route, sample in batches, log every candidate.
 
-Transport only: the model and its batched sampling live in model.py and engine.py. A candidate is
-logged to Kafka (acks=all) before the client sees it, so feedback on any response_id a client holds
-can always be joined to its generation.
+Transport only: the model and its batched sampling live in model.py and engine.py, the choice of
+version per request in routing.py. A candidate is logged to Kafka (acks=all) before the client sees
+it, so feedback on any response_id a client holds can always be joined to its generation.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import queue
 import re
+import time
 import uuid
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +21,7 @@ from typing import Iterator
 import grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Gauge, Histogram
+from transformers import ProcessorMixin
 
 from modalign.core.blobs import BlobStore
 from modalign.core.config import parse_config
@@ -26,7 +29,7 @@ from modalign.core.grpc_server import run_grpc_service
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
 from modalign.core.modelstore import ModelStore
-from modalign.core.versions import VersionFollower, local_path
+from modalign.core.versions import TopicFollower, local_path
 from modalign.policy.engine import (
     BatcherOverloaded,
     DynamicBatcher,
@@ -36,6 +39,7 @@ from modalign.policy.engine import (
     SamplingParams,
 )
 from modalign.policy.model import build_default_policy, format_prompt, load_policy
+from modalign.policy.routing import Routes, VersionRouter
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,25 @@ BATCH_ROWS = Histogram(
 VERSION_INFO = Gauge(
     "modalign_policy_version_info", "1 for each policy version this replica serves.", ["policy_version"]
 )
+TRAFFIC_WEIGHT = Gauge(
+    "modalign_policy_traffic_weight_percent",
+    "Share of sessions this replica routes to each version it serves (the rollout's weights).",
+    ["policy_version"],
+)
+REQUESTS = Counter(
+    "modalign_policy_requests_total",
+    "Generate and GenerateStream calls by the version they were routed to and their gRPC status code.",
+    ["policy_version", "grpc_code"],
+)
+REQUEST_SECONDS = Histogram(
+    "modalign_policy_request_seconds",
+    "Time from routing a request to its last response, by version; the rollout's latency guard reads it.",
+    ["policy_version"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 
+# Trailing metadata naming the version a request was routed to, on failures as on successes.
+VERSION_METADATA = "policy-version"
 OPAQUE_ID = re.compile(r"^[A-Za-z0-9._:@-]{0,128}$")
 FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
@@ -69,10 +91,13 @@ class PolicyConfig:
     model_dir: str = ""
     """Folder of a Hugging Face image-text-to-text checkpoint; empty builds the small default policy."""
     policy_version: str = "v0"
-    """The version name this replica reports for the model it loaded at start-up."""
-    follow_versions: bool = True
-    """Load each version the trainer publishes (policy-versions topic), verified by checksum, without
-    dropping in-flight requests; at start-up, the newest one published so far."""
+    """The version name of the model loaded at start-up (model_dir, or the default policy)."""
+    follow: str = "rollout"
+    """Which versions to serve. "rollout": stable and canary as the rollout controller sets them (the
+    rollout topic), loading each published version, verified by checksum, when it is routed to.
+    "latest": every version the trainer publishes, at once, for development without a controller.
+    "none": only the model loaded at start-up (e.g. under a KServe InferenceService, which splits
+    traffic itself)."""
     seed: int = 0
     """Seed of the default policy's random initialisation (when model_dir is empty)."""
     device: str = "cpu"
@@ -133,9 +158,12 @@ def validate_request(request: policy_pb2.GenerateRequest, config: PolicyConfig) 
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, config: PolicyConfig, batcher: DynamicBatcher, blobs: BlobStore) -> None:
+    def __init__(self, config: PolicyConfig, router: VersionRouter, processor: ProcessorMixin, blobs: BlobStore) -> None:
+        # Prompts are formatted with the start-up model's processor: the versions the trainer publishes
+        # are fine-tuned weights of that model, with the same tokenizer and chat template.
         self._config = config
-        self._batcher = batcher
+        self._router = router
+        self._processor = processor
         self._blobs = blobs
         self._limits = ImageLimits(max_bytes=config.image_max_bytes, max_pixels=config.image_max_pixels)
         self._producer = make_producer(config.kafka)
@@ -146,11 +174,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext) -> policy_pb2.GenerateResponse:
         generation, image_refs = self._prepare(request, context)
-        samples = self._submit(generation, context).result()
-        prompt_id, candidates = self._log(request, image_refs, samples, context)
-        return policy_pb2.GenerateResponse(
-            prompt_id=prompt_id, policy_version=samples[0].policy_version, candidates=candidates
-        )
+        version, pending = self._submit(request.session_id, generation, context)
+        context.set_trailing_metadata(((VERSION_METADATA, version),))
+        with observed(version, context):
+            samples = self._result(version, pending, context)
+            prompt_id, candidates = self._log(request, image_refs, samples, context)
+            return policy_pb2.GenerateResponse(prompt_id=prompt_id, policy_version=version, candidates=candidates)
 
     def GenerateStream(
         self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext
@@ -158,31 +187,42 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         deltas: queue.Queue = queue.Queue()
         generation, image_refs = self._prepare(request, context)
         generation.on_token = lambda index, _token, text: deltas.put((index, text))
-        pending = self._submit(generation, context)
-        pending.add_done_callback(lambda _: deltas.put(None))
-        response_ids = [str(uuid.uuid4()) for _ in range(generation.n)]
-        token_counts = [0] * generation.n
-        while (item := deltas.get()) is not None:
-            index, text = item
-            token_counts[index] += 1
-            yield policy_pb2.GenerateStreamChunk(
-                candidate_index=index, response_id=response_ids[index], text_delta=text,
-                token_count=token_counts[index],
-            )
-        samples = pending.result()
-        prompt_id, candidates = self._log(request, image_refs, samples, context, response_ids)
-        for index, candidate in enumerate(candidates):
-            yield policy_pb2.GenerateStreamChunk(
-                prompt_id=prompt_id, policy_version=samples[index].policy_version, candidate_index=index,
-                response_id=candidate.response_id, token_count=candidate.token_count,
-                finish_reason=candidate.finish_reason,
-            )
+        version, pending = self._submit(request.session_id, generation, context)
+        context.set_trailing_metadata(((VERSION_METADATA, version),))
+        with observed(version, context):
+            pending.add_done_callback(lambda _: deltas.put(None))
+            response_ids = [str(uuid.uuid4()) for _ in range(generation.n)]
+            token_counts = [0] * generation.n
+            while (item := deltas.get()) is not None:
+                index, text = item
+                token_counts[index] += 1
+                yield policy_pb2.GenerateStreamChunk(
+                    policy_version=version, candidate_index=index, response_id=response_ids[index],
+                    text_delta=text, token_count=token_counts[index],
+                )
+            samples = self._result(version, pending, context)
+            prompt_id, candidates = self._log(request, image_refs, samples, context, response_ids)
+            for index, candidate in enumerate(candidates):
+                yield policy_pb2.GenerateStreamChunk(
+                    prompt_id=prompt_id, policy_version=version, candidate_index=index,
+                    response_id=candidate.response_id, token_count=candidate.token_count,
+                    finish_reason=candidate.finish_reason,
+                )
 
-    def _submit(self, generation: GenerationRequest, context: grpc.ServicerContext) -> Future[list[Sample]]:
+    def _submit(
+        self, session_id: str, generation: GenerationRequest, context: grpc.ServicerContext
+    ) -> tuple[str, Future[list[Sample]]]:
         try:
-            return self._batcher.submit(generation)
+            return self._router.submit(session_id, generation)
         except BatcherOverloaded as error:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the policy is at capacity, retry later: {error}")
+
+    @staticmethod
+    def _result(version: str, pending: Future[list[Sample]], context: grpc.ServicerContext) -> list[Sample]:
+        try:
+            return pending.result()
+        except Exception as error:
+            context.abort(grpc.StatusCode.INTERNAL, f"policy {version} failed to generate: {error}")
 
     def _prepare(
         self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext
@@ -191,7 +231,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             validate_request(request, self._config)
             params = sampling_params(request, self._config)
             try:
-                prompt = format_prompt(self._batcher.engine.processor, request.text, len(request.images))
+                prompt = format_prompt(self._processor, request.text, len(request.images))
             except ValueError as error:
                 raise InvalidRequest(f"text: {error}") from error
             images, refs = [], []
@@ -248,44 +288,104 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return prompt_id, candidates
 
 
-def load_version(event: events_pb2.PolicyVersionPublished, batcher: DynamicBatcher, device: str) -> None:
-    """Verifies a published version's files, loads it, and serves later batches from it.
+@contextmanager
+def observed(version: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Counts and times a routed request under its version, by the status code it ends with."""
+    started, code = time.perf_counter(), grpc.StatusCode.OK
+    try:
+        yield
+    except BaseException:
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    finally:
+        REQUESTS.labels(version, code.name).inc()
+        REQUEST_SECONDS.labels(version).observe(time.perf_counter() - started)
 
-    The batch running during the swap finishes on the old model, so no request fails because of it.
-    """
-    if event.version == batcher.policy_version:
-        return
-    folder = local_path(event.uri)
-    ModelStore.verify(folder, event.manifest_sha256)
-    model, processor = load_policy(folder, device=device)
-    old = batcher.swap(PolicyEngine(model, processor, policy_version=event.version))
-    VERSION_INFO.labels(event.version).set(1)
-    VERSION_INFO.remove(old.policy_version)
-    log.info("now serving policy %s (was %s)", event.version, old.policy_version)
+
+class PublishedVersions:
+    """Loads the versions named by the rollout (or, with follow=latest, every new one) from the
+    policy-versions catalog, verifying each against its manifest first."""
+
+    def __init__(self, config: PolicyConfig, initial: PolicyEngine) -> None:
+        self._config = config
+        self._initial = initial
+        self._published: dict[str, events_pb2.PolicyVersionPublished] = {}
+        self._rollout_revision = -1
+        self.router: VersionRouter | None = None
+
+    def load_engine(self, version: str) -> PolicyEngine:
+        if version == self._initial.policy_version:
+            return self._initial
+        event = self._published.get(version)
+        if event is None:
+            raise LookupError(f"policy {version} was never published")
+        folder = local_path(event.uri)
+        ModelStore.verify(folder, event.manifest_sha256)
+        model, processor = load_policy(folder, device=self._config.device)
+        return PolicyEngine(model, processor, policy_version=version)
+
+    def on_records(self, records) -> None:
+        """The follower's callback: catalog every published version, then act on the newest state."""
+        newest_state = None
+        newest_version = None
+        for record in records:
+            if record.topic == self._config.kafka.topic("policy-versions"):
+                event = events_pb2.PolicyVersionPublished.FromString(record.value)
+                self._published[event.version] = event
+                newest_version = event.version
+            else:
+                newest_state = events_pb2.RolloutState.FromString(record.value)
+        if self._config.follow == "latest" and newest_version is not None:
+            self.router.apply(Routes(stable=newest_version))
+        if self._config.follow == "rollout" and newest_state is not None:
+            if newest_state.revision <= self._rollout_revision:
+                return
+            self._rollout_revision = newest_state.revision
+            self.router.apply(Routes.from_state(newest_state, self._initial.policy_version))
+
+
+def publish_routes(old: Routes, new: Routes) -> None:
+    for version in set(old.versions()) - set(new.versions()):
+        VERSION_INFO.remove(version)
+        TRAFFIC_WEIGHT.remove(version)
+    for version, weight in new.weights().items():
+        VERSION_INFO.labels(version).set(1)
+        TRAFFIC_WEIGHT.labels(version).set(weight)
+
+
+FOLLOW_MODES = {"rollout": ["policy-versions", "rollout"], "latest": ["policy-versions"], "none": []}
 
 
 SERVICE_NAMES = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name]
 
 
 def serve(config: PolicyConfig) -> None:
+    if config.follow not in FOLLOW_MODES:
+        raise SystemExit(f"--follow: one of {', '.join(FOLLOW_MODES)}, got {config.follow!r}")
     ensure_topics(config.kafka)
     if config.model_dir:
         model, processor = load_policy(config.model_dir, device=config.device)
     else:
         model, processor = build_default_policy(config.seed)
         model.to(config.device)
-    engine = PolicyEngine(model, processor, policy_version=config.policy_version)
-    batcher = DynamicBatcher(
-        engine, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_batch_wait_ms,
-        max_pending_rows=config.max_pending_rows, on_batch=BATCH_ROWS.observe,
+    initial = PolicyEngine(model, processor, policy_version=config.policy_version)
+    versions = PublishedVersions(config, initial)
+    versions.router = VersionRouter(
+        initial, versions.load_engine,
+        lambda engine: DynamicBatcher(
+            engine, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_batch_wait_ms,
+            max_pending_rows=config.max_pending_rows, on_batch=BATCH_ROWS.observe,
+        ),
+        on_routes=publish_routes,
     )
-    VERSION_INFO.labels(config.policy_version).set(1)
+    publish_routes(versions.router.routes, versions.router.routes)
     follower = None
-    if config.follow_versions:
-        follower = VersionFollower(config.kafka, lambda event: load_version(event, batcher, config.device))
+    if FOLLOW_MODES[config.follow]:
+        # Before serving: a replica that starts mid-rollout routes as the others do from its first request.
+        follower = TopicFollower(config.kafka, FOLLOW_MODES[config.follow], versions.on_records)
         follower.start()
-    servicer = PolicyServicer(config, batcher, BlobStore(config.blob_dir))
-    log.info("policy service serving %s", batcher.policy_version)
+    servicer = PolicyServicer(config, versions.router, processor, BlobStore(config.blob_dir))
+    log.info("policy service serving %s", versions.router.routes.weights())
     try:
         run_grpc_service(
             config.listen, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server),
@@ -294,7 +394,7 @@ def serve(config: PolicyConfig) -> None:
     finally:
         if follower is not None:
             follower.stop()
-        batcher.close()
+        versions.router.close()
         servicer.close()
 
 

@@ -22,7 +22,7 @@ BoundModelServer below replaces ModelServer.start so both listeners bind the hos
 which defaults to loopback; a pod passes --host 0.0.0.0.
 
 New versions: with --follow-versions true (and --kafka.* pointing at the broker) a daemon thread
-tails the policy-versions topic (modalign.core.versions.VersionFollower) and loads the reward model
+tails the policy-versions topic (modalign.core.versions.follow_newest_version) and loads the reward model
 each PolicyVersionPublished event names (reward_model_version, in the same model store as the
 policy folder of its uri): verified file by file against its manifest first, then built beside the
 serving model and swapped in as one reference, so in-flight requests finish on the old model and no
@@ -77,7 +77,7 @@ from modalign.core.config import parse_config
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import KafkaConfig, ensure_topics
 from modalign.core.modelstore import MANIFEST, ChecksumMismatch, ModelStore
-from modalign.core.versions import VersionFollower, local_path
+from modalign.core.versions import follow_newest_version, local_path
 from modalign.reward.model import RewardModel, UnscorableText, build_default_reward_model
 from modalign.v1 import events_pb2
 
@@ -319,7 +319,7 @@ class RewardKServeModel(kserve.Model):
         return self.ready
 
     def load_published(self, event: events_pb2.PolicyVersionPublished) -> None:
-        """Serves the reward model a PolicyVersionPublished event names; the VersionFollower's callback.
+        """Serves the reward model a PolicyVersionPublished event names; the version follower's callback.
 
         Runs on the follower's thread. An event without a reward model, or naming the version already
         served, changes nothing; one that fails to verify or load raises (the follower logs it and
@@ -522,7 +522,7 @@ def serve(config: RewardServerConfig) -> None:
     follower = None
     if config.follow_versions:
         ensure_topics(config.kafka)
-        follower = VersionFollower(config.kafka, model.load_published)
+        follower = follow_newest_version(config.kafka, model.load_published)
         follower.start()
     try:
         server.start([model])

@@ -28,6 +28,11 @@ if _version_not_supported:
 class PolicyServiceStub:
     """Serves the multimodal assistant. Every candidate it returns is logged to the `generations` topic as a
     GenerationLogged event before the response is sent, so feedback on it can be joined by response_id.
+
+    Each request is routed to one policy version: stable, or, during a canary rollout, the canary for
+    a share of sessions (sticky by session_id). Responses name it in policy_version, and every answer
+    to a routed request, errors included, carries it in the trailing metadata key "policy-version".
+    A version that fails to generate answers INTERNAL.
     """
 
     def __init__(self, channel):
@@ -51,6 +56,11 @@ class PolicyServiceStub:
 class PolicyServiceServicer:
     """Serves the multimodal assistant. Every candidate it returns is logged to the `generations` topic as a
     GenerationLogged event before the response is sent, so feedback on it can be joined by response_id.
+
+    Each request is routed to one policy version: stable, or, during a canary rollout, the canary for
+    a share of sessions (sticky by session_id). Responses name it in policy_version, and every answer
+    to a routed request, errors included, carries it in the trailing metadata key "policy-version".
+    A version that fails to generate answers INTERNAL.
     """
 
     def Generate(self, request, context):
@@ -92,6 +102,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
 class PolicyService:
     """Serves the multimodal assistant. Every candidate it returns is logged to the `generations` topic as a
     GenerationLogged event before the response is sent, so feedback on it can be joined by response_id.
+
+    Each request is routed to one policy version: stable, or, during a canary rollout, the canary for
+    a share of sessions (sticky by session_id). Responses name it in policy_version, and every answer
+    to a routed request, errors included, carries it in the trailing metadata key "policy-version".
+    A version that fails to generate answers INTERNAL.
     """
 
     @staticmethod

@@ -8,7 +8,6 @@ from PIL import Image
 
 from modalign.policy.engine import (
     BatcherClosed,
-    BatcherOverloaded,
     DynamicBatcher,
     GenerationRequest,
     PolicyEngine,
@@ -277,30 +276,6 @@ def test_batcher_errors_fail_only_their_callers(policy, images):
     batcher.close()
     with pytest.raises(BatcherClosed):
         batcher.submit(good)
-
-
-def test_swap_lets_the_running_batch_finish_on_the_old_engine(policy, taught_policy):
-    model, processor = policy
-    batcher = DynamicBatcher(PolicyEngine(model, processor, "v0"), max_batch_rows=1, max_pending_rows=2, max_wait_ms=1)
-    in_flight, release = threading.Event(), threading.Event()
-
-    def hold(*_) -> None:
-        in_flight.set()
-        release.wait(30)
-
-    held = request(processor, "first", [], max_new_tokens=2)
-    held.on_token = hold
-    first = batcher.submit(held)
-    assert in_flight.wait(30)
-    queued = batcher.submit(request(processor, "second", [], n=2, max_new_tokens=2))
-    with pytest.raises(BatcherOverloaded):
-        batcher.submit(request(processor, "third", [], max_new_tokens=2))
-    old = batcher.swap(PolicyEngine(*taught_policy, "v1"))
-    assert old.policy_version == "v0" and batcher.policy_version == "v1"
-    release.set()
-    assert [s.policy_version for s in first.result(timeout=30)] == ["v0"]
-    assert [s.policy_version for s in queued.result(timeout=30)] == ["v1", "v1"]
-    batcher.close()
 
 
 def test_close_finishes_queued_work_and_cancelled_requests_are_skipped(policy):

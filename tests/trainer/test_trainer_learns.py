@@ -46,7 +46,7 @@ def two_proportion_z(after: float, before: float, n: int) -> float:
 def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig, tmp_path: Path) -> None:
     policy, policy_address, _ = start_grpc_service(
         "policy", "modalign.policy.server", kafka_config, tmp_path, "--blob-dir", str(tmp_path / "blobs"),
-        "--max-batch-wait-ms", "20",
+        "--max-batch-wait-ms", "20", "--follow", "latest",
     )
     feedback, feedback_address, _ = start_grpc_service("feedback", "modalign.feedback.server", kafka_config, tmp_path)
     trainer = trainer_process(

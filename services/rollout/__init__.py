@@ -1,0 +1,1 @@
+"""The rollout controller: canary analysis, promotion and rollback of policy versions."""

@@ -1,0 +1,280 @@
+"""What the analysis compares: users' feedback and reward scores per version (from Kafka and the reward
+service), and each version's requests, errors and latency (from the policy replicas' /metrics)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import socket
+import time
+import urllib.request
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+from kafka import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from modalign.core.blobs import BlobStore
+from modalign.core.kafka import KafkaConfig, make_consumer
+from modalign.rollout.analysis import Evidence, Traffic
+from modalign.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+# Feedback whose responses are not (yet) known to come from the canary or stable; oldest dropped first.
+MAX_PENDING_FEEDBACK = 50_000
+# Responses waiting for a reward score; under heavy traffic the oldest are dropped (scores are a sample).
+MAX_UNSCORED = 2_000
+
+
+@dataclass(frozen=True)
+class _Served:
+    version: str
+    prompt_text: str
+    response_text: str
+    image_sha256s: tuple[str, ...]
+
+
+class RewardScorer:
+    """Scores responses with the reward service over KServe's Open Inference Protocol v2 (REST)."""
+
+    def __init__(self, url: str, model_name: str, blobs: BlobStore, timeout_s: float = 30.0) -> None:
+        import tritonclient.http as httpclient  # only a controller that scores needs it
+
+        self._http = httpclient
+        self._client = httpclient.InferenceServerClient(url=url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        self._model_name = model_name
+        self._blobs = blobs
+
+    def score(self, served: list[_Served]) -> list[float]:
+        most_images = max(len(s.image_sha256s) for s in served)
+        # Images go base64 over REST: KServe decodes REST BYTES as UTF-8 text (see the reward server).
+        images = np.array(
+            [[base64.b64encode(self._blobs.get(sha)) for sha in s.image_sha256s]
+             + [b""] * (most_images - len(s.image_sha256s)) for s in served],
+            dtype=np.object_,
+        ).reshape(len(served), most_images)
+        inputs = []
+        for name, array in (
+            ("prompt", np.array([s.prompt_text.encode() for s in served], dtype=np.object_)),
+            ("response", np.array([s.response_text.encode() for s in served], dtype=np.object_)),
+            ("images", images),
+        ):
+            infer_input = self._http.InferInput(name, list(array.shape), "BYTES")
+            infer_input.set_data_from_numpy(array, binary_data=False)
+            inputs.append(infer_input)
+        result = self._client.infer(self._model_name, inputs)
+        return [float(score) for score in result.as_numpy("score")]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class EvidenceCollector:
+    """Tallies ratings, head-to-head preferences and reward scores of the canary and stable versions.
+
+    reset() starts over for a rollout and re-reads both topics from the rollout's start time, so a
+    restarted controller rebuilds exactly the evidence it had. poll() reads what arrived since.
+    """
+
+    def __init__(self, kafka: KafkaConfig, scorer: RewardScorer | None, reward_batch: int = 32) -> None:
+        self._kafka = kafka
+        self._scorer = scorer
+        self._reward_batch = reward_batch
+        self._consumer = make_consumer(kafka, group_id=None)
+        self._partitions = [
+            TopicPartition(kafka.topic(name), p)
+            for name in ("generations", "feedback")
+            for p in sorted(self._consumer.partitions_for_topic(kafka.topic(name)) or [])
+        ]
+        self._consumer.assign(self._partitions)
+        self.canary = self.stable = ""
+        self.evidence = Evidence()
+        self._served_by: dict[str, str] = {}
+        self._pending: OrderedDict[str, events_pb2.FeedbackReceived] = OrderedDict()
+        self._unscored: deque[_Served] = deque(maxlen=MAX_UNSCORED)
+
+    def reset(self, canary: str, stable: str, since_ms: int) -> None:
+        self.canary, self.stable = canary, stable
+        self.evidence = Evidence()
+        self._served_by.clear()
+        self._pending.clear()
+        self._unscored.clear()
+        offsets = self._consumer.offsets_for_times({p: since_ms for p in self._partitions})
+        for partition, found in offsets.items():
+            if found is None:
+                self._consumer.seek_to_end(partition)
+            else:
+                self._consumer.seek(partition, found.offset)
+
+    def poll(self, timeout_ms: int = 200) -> None:
+        for partition, records in self._consumer.poll(timeout_ms=timeout_ms, max_records=5000).items():
+            is_generation = partition.topic == self._kafka.topic("generations")
+            for record in records:
+                if is_generation:
+                    self._add_generation(events_pb2.GenerationLogged.FromString(record.value))
+                else:
+                    self._pending[record.key.decode() if record.key else str(record.offset)] = (
+                        events_pb2.FeedbackReceived.FromString(record.value))
+        self._resolve_pending()
+        self._score_some()
+
+    def catch_up(self, max_seconds: float) -> bool:
+        """Reads for up to max_seconds; True once everything written before the call has been read."""
+        ends = self._consumer.end_offsets(self._partitions)
+        deadline = time.monotonic() + max_seconds
+        while True:
+            self.poll()
+            if all(self._consumer.position(p) >= ends[p] for p in self._partitions):
+                return True
+            if time.monotonic() > deadline:
+                return False
+
+    def close(self) -> None:
+        self._consumer.close()
+        if self._scorer is not None:
+            self._scorer.close()
+
+    def _add_generation(self, generation: events_pb2.GenerationLogged) -> None:
+        if generation.policy_version not in (self.canary, self.stable):
+            return
+        self._served_by[generation.response_id] = generation.policy_version
+        if self._scorer is not None:
+            self._unscored.append(_Served(
+                generation.policy_version, generation.prompt_text, generation.response_text,
+                tuple(image.sha256 for image in generation.images),
+            ))
+
+    def _resolve_pending(self) -> None:
+        for feedback_id in list(self._pending):
+            if self._use(self._pending[feedback_id].feedback):
+                del self._pending[feedback_id]
+        while len(self._pending) > MAX_PENDING_FEEDBACK:
+            self._pending.popitem(last=False)
+
+    def _use(self, feedback) -> bool:
+        """Counts one feedback if the versions of its responses are known; False to keep it pending."""
+        kind = feedback.WhichOneof("kind")
+        if kind == "rating":
+            version = self._served_by.get(feedback.rating.response_id)
+            if version is None:
+                return False
+            self.evidence.moments("rating", version).add(feedback.rating.score)
+            return True
+        if kind == "preference":
+            chosen = self._served_by.get(feedback.preference.chosen_response_id)
+            rejected = self._served_by.get(feedback.preference.rejected_response_id)
+            if chosen is None or rejected is None:
+                return False
+            if chosen != rejected:  # a comparison within one version says nothing about canary vs stable
+                if chosen == self.canary:
+                    self.evidence.canary_wins += 1
+                else:
+                    self.evidence.stable_wins += 1
+            return True
+        return True  # edits say a response needed fixing, not how two versions compare: not used here
+
+    def _score_some(self) -> None:
+        if self._scorer is None or not self._unscored:
+            return
+        batch = [self._unscored.popleft() for _ in range(min(self._reward_batch, len(self._unscored)))]
+        try:
+            scores = self._scorer.score(batch)
+        except Exception as error:
+            log.warning("reward service did not score %d responses (%s); they are skipped", len(batch), error)
+            return
+        for served, score in zip(batch, scores):
+            self.evidence.moments("reward", served.version).add(score)
+
+
+SERVER_ERROR_CODES = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
+
+
+class TrafficScraper:
+    """Requests, server errors and latency per version, summed over the policy replicas' /metrics.
+
+    targets are host:port of metrics endpoints; a host with several addresses (a Kubernetes headless
+    Service) means every replica behind it. Counts are taken relative to a baseline set by reset();
+    a replica whose counters went backwards restarted, and counts from zero.
+    """
+
+    def __init__(self, targets: tuple[str, ...], timeout_s: float = 2.0) -> None:
+        self._targets = targets
+        self._timeout_s = timeout_s
+        self._baseline: dict[tuple[str, str, str], float] = {}
+        self._last: dict[tuple[str, str, str], float] = {}
+
+    def reset(self) -> None:
+        self._baseline = self._scrape()
+        self._last = dict(self._baseline)
+
+    def traffic(self, *versions: str) -> dict[str, Traffic]:
+        """Each version's traffic since reset(), from one scrape of every replica."""
+        current = self._scrape()
+        self._last.update(current)
+        requests = {v: 0.0 for v in versions}
+        errors = {v: 0.0 for v in versions}
+        buckets: dict[str, dict[float, float]] = {v: {} for v in versions}
+        for (endpoint, name, labels), value in current.items():
+            label_map = dict(part.split("=", 1) for part in labels.split(",") if part)
+            version = label_map.get("policy_version")
+            if version not in requests:
+                continue
+            base = self._baseline.get((endpoint, name, labels), 0.0)
+            delta = value - base if value >= base else value
+            if name == "modalign_policy_requests_total":
+                requests[version] += delta
+                errors[version] += delta if label_map.get("grpc_code") in SERVER_ERROR_CODES else 0.0
+            elif name == "modalign_policy_request_seconds_bucket":
+                bound = float(label_map["le"])
+                buckets[version][bound] = buckets[version].get(bound, 0.0) + delta
+        return {
+            v: Traffic(int(requests[v]), int(errors[v]), quantile_from_buckets(buckets[v], 0.99)) for v in versions
+        }
+
+    def _scrape(self) -> dict[tuple[str, str, str], float]:
+        samples = {}
+        for endpoint in self._endpoints():
+            try:
+                with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=self._timeout_s) as response:
+                    text = response.read().decode()
+            except OSError as error:
+                log.warning("could not scrape %s: %s", endpoint, error)
+                # A replica that cannot be read keeps its last counts, so it neither adds nor loses traffic.
+                samples.update({key: value for key, value in self._last.items() if key[0] == endpoint})
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name not in ("modalign_policy_requests", "modalign_policy_request_seconds"):
+                    continue
+                for sample in family.samples:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    samples[(endpoint, sample.name, labels)] = sample.value
+        return samples
+
+    def _endpoints(self) -> list[str]:
+        endpoints = []
+        for target in self._targets:
+            host, _, port = target.rpartition(":")
+            try:
+                addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+            except OSError as error:
+                log.warning("could not resolve %s: %s", target, error)
+                continue
+            endpoints.extend(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses)
+        return endpoints
+
+
+def quantile_from_buckets(buckets: dict[float, float], q: float) -> float:
+    """The upper bound of the histogram bucket holding quantile q (conservative, like the bucket's
+    edge); 0 without observations, inf when it lies past the largest finite bucket."""
+    if not buckets:
+        return 0.0
+    total = buckets.get(math.inf, max(buckets.values()))
+    if total <= 0:
+        return 0.0
+    for bound in sorted(buckets):
+        if buckets[bound] >= q * total:
+            return bound
+    return math.inf

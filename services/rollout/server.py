@@ -1,0 +1,206 @@
+"""The rollout controller service: the control loop, and modalign.v1.RolloutService for operators.
+
+Run: python -m modalign.rollout.server [--listen HOST:PORT] [--rollout.steps 5,25,50,100]
+     [--policy-metrics HOST:PORT,...] [--reward-url HOST:PORT] [--kafka.bootstrap-servers HOST:PORT]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from modalign.core.blobs import BlobStore
+from modalign.core.config import parse_config
+from modalign.core.grpc_server import run_grpc_service
+from modalign.core.kafka import KafkaConfig, ensure_topics
+from modalign.rollout.analysis import STATISTICAL_METRICS
+from modalign.rollout.controller import (
+    Fenced,
+    RolloutController,
+    RolloutPolicy,
+    RolloutRefused,
+    StateStore,
+    VersionCatalog,
+)
+from modalign.rollout.evidence import EvidenceCollector, RewardScorer, TrafficScraper
+from modalign.rollout.kserve import KServeConfig, KServeDriver
+from modalign.v1 import events_pb2, rollout_pb2, rollout_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_REASON_BYTES = 512
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The rollout controller."""
+
+    listen: str = "127.0.0.1:50055"
+    """gRPC address of modalign.v1.RolloutService, host:port; 0.0.0.0 or [::] in a container."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9105
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    policy_metrics: tuple[str, ...] = ("127.0.0.1:9101",)
+    """host:port of every policy replica's /metrics, comma-separated; a name with several addresses (a
+    headless Service) stands for all of them. The error and latency guards read these."""
+    reward_url: str = ""
+    """host:port of the reward service's REST endpoint (OIP v2); empty: no reward metric."""
+    reward_model: str = "reward"
+    blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
+    """The image store the policy writes to; the reward model scores responses with their images."""
+    tick_seconds: float = 1.0
+    """How often the controller reads new evidence and decides."""
+    kserve: KServeConfig = field(default_factory=KServeConfig)
+    max_workers: int = 8
+
+
+def validate(config: RolloutConfig) -> None:
+    steps = config.rollout.steps
+    if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)):
+        raise SystemExit(f"--rollout.steps: increasing percentages in (0, 100], got {','.join(map(str, steps))}")
+    unknown = set(config.rollout.required_metrics) - set(STATISTICAL_METRICS)
+    if unknown:
+        raise SystemExit(f"--rollout.required-metrics: unknown {sorted(unknown)}; known: {', '.join(STATISTICAL_METRICS)}")
+    if "reward" in config.rollout.required_metrics and not config.reward_url:
+        raise SystemExit("--rollout.required-metrics names reward, which needs --reward-url")
+    if not 0 < config.rollout.alpha < 1:
+        raise SystemExit(f"--rollout.alpha: in (0, 1), got {config.rollout.alpha}")
+
+
+class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
+    """Operator commands: each answers once the new state is durable in the rollout topic."""
+
+    def __init__(self, controller: RolloutController) -> None:
+        self._controller = controller
+
+    def GetState(self, request: rollout_pb2.GetStateRequest, context: grpc.ServicerContext) -> events_pb2.RolloutState:
+        return self._controller.state
+
+    def Pause(self, request: rollout_pb2.RolloutCommand, context: grpc.ServicerContext) -> events_pb2.RolloutState:
+        return self._run(context, self._controller.pause, self._reason(request.reason, context))
+
+    def Resume(self, request: rollout_pb2.RolloutCommand, context: grpc.ServicerContext) -> events_pb2.RolloutState:
+        return self._run(context, self._controller.resume, self._reason(request.reason, context))
+
+    def Promote(self, request: rollout_pb2.RolloutCommand, context: grpc.ServicerContext) -> events_pb2.RolloutState:
+        return self._run(context, self._controller.promote, self._reason(request.reason, context))
+
+    def Rollback(self, request: rollout_pb2.RolloutCommand, context: grpc.ServicerContext) -> events_pb2.RolloutState:
+        return self._run(context, self._controller.rollback, self._reason(request.reason, context))
+
+    def Pin(self, request: rollout_pb2.PinRequest, context: grpc.ServicerContext) -> events_pb2.RolloutState:
+        reason = self._reason(request.reason, context)
+        return self._run(context, lambda why: self._controller.pin(request.version, why), reason)
+
+    @staticmethod
+    def _reason(reason: str, context: grpc.ServicerContext) -> str:
+        if len(reason.encode()) > MAX_REASON_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reason: at most {MAX_REASON_BYTES} UTF-8 bytes")
+        return reason or "no reason given"
+
+    @staticmethod
+    def _run(context: grpc.ServicerContext, command, reason: str) -> events_pb2.RolloutState:
+        try:
+            return command(reason)
+        except RolloutRefused as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except LookupError as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except Fenced as error:
+            stop_process(f"fenced by another controller: {error}")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this controller was superseded by another; retry")
+        except Exception as error:  # a write the broker did not acknowledge: nothing changed
+            log.warning("command failed", exc_info=True)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the rollout state could not be stored, retry: {error}")
+
+
+class KServeSync:
+    """Keeps an InferenceService in step with the rollout state, retrying a failed patch every tick."""
+
+    def __init__(self, driver: KServeDriver, catalog: VersionCatalog) -> None:
+        self._driver = driver
+        self._catalog = catalog
+        self._unapplied: events_pb2.RolloutState | None = None
+
+    def apply(self, state: events_pb2.RolloutState) -> None:
+        self._unapplied = state
+        self.retry()
+
+    def retry(self) -> None:
+        if self._unapplied is None:
+            return
+        published = {version: event for version, (_, event) in self._catalog.published.items()}
+        try:
+            self._driver.apply(self._unapplied, published)
+            self._unapplied = None
+        except Exception as error:
+            log.warning("could not patch the InferenceService (%s); retrying", error)
+
+
+def stop_process(why: str) -> None:
+    log.error("stopping: %s", why)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def control_loop(controller: RolloutController, sync: KServeSync | None, tick_s: float, stopping: threading.Event) -> None:
+    while not stopping.wait(tick_s):
+        try:
+            controller.tick()
+            if sync is not None:
+                sync.retry()
+        except Fenced as error:
+            stop_process(f"fenced by another controller: {error}")
+            return
+        except Exception:
+            log.exception("rollout tick failed; retrying")
+
+
+def serve(config: RolloutConfig) -> None:
+    validate(config)
+    ensure_topics(config.kafka)
+    scorer = RewardScorer(config.reward_url, config.reward_model, BlobStore(config.blob_dir)) if config.reward_url else None
+    catalog = VersionCatalog(config.kafka)
+    store = StateStore(config.kafka)
+    controller = RolloutController(
+        config.rollout, store, catalog, EvidenceCollector(config.kafka, scorer), TrafficScraper(config.policy_metrics)
+    )
+    sync = None
+    if config.kserve.inference_service:
+        sync = KServeSync(KServeDriver(config.kserve), catalog)
+        controller.on_state = sync.apply
+        sync.apply(controller.state)
+    stopping = threading.Event()
+    loop = threading.Thread(
+        target=control_loop, args=(controller, sync, config.tick_seconds, stopping), name="rollout-loop", daemon=True
+    )
+    loop.start()
+    servicer = RolloutServicer(controller)
+    service_names = [rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name]
+    try:
+        run_grpc_service(
+            config.listen, lambda server: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server),
+            service_names, config.max_workers, config.metrics_host, config.metrics_port,
+        )
+    finally:
+        stopping.set()
+        loop.join(timeout=10)
+        store.close()
+        catalog.close()
+        controller.evidence.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(parse_config(RolloutConfig, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Sticky weighted routing between policy versions, and switching routes without failing a request."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from modalign.policy.engine import BatcherOverloaded, DynamicBatcher, GenerationRequest, PolicyEngine, SamplingParams
+from modalign.policy.model import format_prompt
+from modalign.policy.routing import BUCKETS, Routes, VersionRouter, session_bucket
+from modalign.v1 import events_pb2
+
+
+def test_a_session_keeps_its_bucket_and_buckets_are_uniform() -> None:
+    sessions = [uuid.uuid4().hex for _ in range(20_000)]
+    assert all(session_bucket(s) == session_bucket(s) for s in sessions[:100])
+    counts = [0] * BUCKETS
+    for session in sessions:
+        counts[session_bucket(session)] += 1
+    expected = len(sessions) / BUCKETS
+    chi_square = sum((c - expected) ** 2 / expected for c in counts)
+    assert chi_square < 160  # 99 degrees of freedom: P(chi2 > 160) < 1e-4 for a uniform hash
+
+
+def test_sessions_move_only_from_stable_to_canary_as_the_weight_grows() -> None:
+    sessions = [uuid.uuid4().hex for _ in range(2_000)]
+    previous = {s: "v1" for s in sessions}
+    for weight in (5, 25, 50, 100):
+        routes = Routes("v1", "v2", weight)
+        now = {s: routes.version_for(session_bucket(s)) for s in sessions}
+        assert all(now[s] == "v2" for s in sessions if previous[s] == "v2")
+        share = sum(v == "v2" for v in now.values()) / len(sessions)
+        assert abs(share - weight / 100) < 0.05
+        previous = now
+
+
+def test_routes_follow_the_rollout_state() -> None:
+    progressing = events_pb2.RolloutState(
+        stable_version="v1", canary_version="v2", canary_weight_percent=25, phase=events_pb2.ROLLOUT_PHASE_PROGRESSING
+    )
+    assert Routes.from_state(progressing, "v0") == Routes("v1", "v2", 25)
+    paused = events_pb2.RolloutState(); paused.CopyFrom(progressing); paused.phase = events_pb2.ROLLOUT_PHASE_PAUSED
+    assert Routes.from_state(paused, "v0") == Routes("v1", "v2", 25)
+    rolled_back = events_pb2.RolloutState(stable_version="v1", canary_version="v2", phase=events_pb2.ROLLOUT_PHASE_ROLLED_BACK)
+    assert Routes.from_state(rolled_back, "v0") == Routes("v1")
+    pinned = events_pb2.RolloutState(); pinned.CopyFrom(progressing); pinned.pinned_version = "v0"
+    assert Routes.from_state(pinned, "v0") == Routes("v0")
+    assert Routes.from_state(events_pb2.RolloutState(), "v0") == Routes("v0")
+    assert Routes("v1", "v2", 25).weights() == {"v1": 75, "v2": 25}
+
+
+def prompt(processor, text: str, max_new_tokens: int = 3) -> GenerationRequest:
+    return GenerationRequest(format_prompt(processor, text, 0), [], SamplingParams(max_new_tokens=max_new_tokens, seed=1))
+
+
+@pytest.fixture
+def router(policy):
+    model, processor = policy
+    loads: list[str] = []
+    variants = {"v1": copy.deepcopy(model), "v2": copy.deepcopy(model)}
+
+    def load_engine(version: str) -> PolicyEngine:
+        loads.append(version)
+        if version not in variants:
+            raise LookupError(f"{version} was never published")
+        return PolicyEngine(variants[version], processor, policy_version=version)
+
+    router = VersionRouter(
+        PolicyEngine(model, processor, "v0"), load_engine,
+        lambda engine: DynamicBatcher(engine, max_batch_rows=8, max_wait_ms=1),
+    )
+    router.loads = loads
+    yield router
+    router.close()
+
+
+def test_requests_reach_the_version_of_their_session(router, policy) -> None:
+    _, processor = policy
+    assert router.apply(Routes("v0", "v1", 50)) == Routes("v0", "v1", 50)
+    for session in [uuid.uuid4().hex for _ in range(20)]:
+        expected = Routes("v0", "v1", 50).version_for(session_bucket(session))
+        version, pending = router.submit(session, prompt(processor, "hi"))
+        assert version == expected
+        assert pending.result(timeout=60)[0].policy_version == expected
+
+
+def test_promotion_reuses_the_canary_and_a_failed_canary_gets_no_traffic(router, policy) -> None:
+    router.apply(Routes("v0", "v1", 25))
+    router.apply(Routes("v1"))  # promoted: v1 was loaded as the canary, nothing reloads
+    assert router.loads == ["v1"]
+    assert router.apply(Routes("v1", "v9", 50)) == Routes("v1")  # v9 cannot load: stable takes its share
+    assert router.apply(Routes("v9")) == Routes("v1")  # nor can an unloadable stable replace a working one
+
+
+def test_no_request_fails_while_routes_change_under_load(router, policy) -> None:
+    _, processor = policy
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    served: set[str] = set()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                version, pending = router.submit(uuid.uuid4().hex, prompt(processor, "load", max_new_tokens=2))
+                served.add(pending.result(timeout=60)[0].policy_version)
+            except BaseException as error:  # noqa: BLE001 - any failure is the test's finding
+                failures.append(error)
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(client)
+        for routes in (Routes("v0", "v1", 50), Routes("v1"), Routes("v1", "v2", 50), Routes("v1"), Routes("v2")):
+            router.apply(routes)
+            time.sleep(0.3)
+        stop.set()
+    assert not failures
+    assert router.routes == Routes("v2") and {"v0", "v1", "v2"} >= served and len(served) >= 2
+
+
+def test_a_full_queue_refuses_instead_of_growing(policy) -> None:
+    model, processor = policy
+    batcher = DynamicBatcher(PolicyEngine(model, processor), max_batch_rows=1, max_pending_rows=2, max_wait_ms=1)
+    in_flight, release = threading.Event(), threading.Event()
+    held = prompt(processor, "hold", max_new_tokens=1)
+    held.on_token = lambda *_: (in_flight.set(), release.wait(30))
+    first = batcher.submit(held)
+    assert in_flight.wait(30)
+    batcher.submit(prompt(processor, "queued"))
+    batcher.submit(prompt(processor, "queued"))
+    with pytest.raises(BatcherOverloaded):
+        batcher.submit(prompt(processor, "one too many"))
+    release.set()
+    first.result(timeout=30)
+    batcher.close()
