@@ -156,7 +156,8 @@ def start(config: BrokerConfig, timeout_s: float = 60.0) -> int:
     if not (config.data_dir / "data" / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         subprocess.run(
-            _java(lib, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties),
+            # "--cluster-id=ID" in one argument: an id starting with "-" (1 in 32) would read as a flag.
+            _java(lib, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(properties),
                   extra=logging_flag),
             check=True, stdout=subprocess.DEVNULL,
         )
