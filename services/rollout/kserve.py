@@ -44,10 +44,13 @@ class KServeConfig:
     api_server: str = "https://kubernetes.default.svc"
     token_file: Path = SERVICE_ACCOUNT / "token"
     ca_file: Path = SERVICE_ACCOUNT / "ca.crt"
+    initial_model_dir: str = ""
+    """The model folder of the initial version, as the policy is configured with it (empty: the built-in
+    default policy); written back when that version is pinned."""
 
 
 def inference_service_patch(
-    state: events_pb2.RolloutState, published: dict[str, events_pb2.PolicyVersionPublished]
+    state: events_pb2.RolloutState, published: dict[str, events_pb2.PolicyVersionPublished], initial_model_dir: str = ""
 ) -> dict | None:
     """The JSON merge patch (RFC 7386) that makes the InferenceService serve as `state` says; None when
     there is nothing to change (no rollout has happened yet)."""
@@ -61,11 +64,9 @@ def inference_service_patch(
         version, percent = state.canary_version, 0
     else:
         return None
-    annotations = {VERSION_ANNOTATION: version}
-    if version in published:
-        annotations[MODEL_DIR_ANNOTATION] = str(local_path(published[version].uri))
-    else:  # the initial version: the model the chart configured (an empty folder means the default one)
-        annotations[MODEL_DIR_ANNOTATION] = None
+    model_dir = str(local_path(published[version].uri)) if version in published else initial_model_dir
+    # None deletes the annotation: the container then gets an empty folder, the built-in default policy.
+    annotations = {VERSION_ANNOTATION: version, MODEL_DIR_ANNOTATION: model_dir or None}
     return {"spec": {"predictor": {"canaryTrafficPercent": percent, "annotations": annotations}}}
 
 
@@ -77,10 +78,11 @@ class KServeDriver:
         self._url = (f"{config.api_server}/apis/serving.kserve.io/v1beta1/namespaces/{namespace}"
                      f"/inferenceservices/{config.inference_service}")
         self._token_file = config.token_file
+        self._initial_model_dir = config.initial_model_dir
         self._ssl = ssl.create_default_context(cafile=str(config.ca_file))
 
     def apply(self, state: events_pb2.RolloutState, published: dict[str, events_pb2.PolicyVersionPublished]) -> None:
-        patch = inference_service_patch(state, published)
+        patch = inference_service_patch(state, published, self._initial_model_dir)
         if patch is None:
             return
         request = urllib.request.Request(

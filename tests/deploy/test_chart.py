@@ -99,9 +99,13 @@ def test_every_rendered_document_is_valid_against_its_schema(values_file: Path |
         ({"policy": {"kserve": {"enabled": True, "canaryTrafficPercent": 150}}}, "at '/policy/kserve/canaryTrafficPercent'"),
         ({"trainer": {"algorithm": "sac"}}, "at '/trainer/algorithm': value must be one of 'ppo', 'rloo', 'grpo', 'dpo'"),
         ({"trainer": {"persistence": {"size": "lots"}}}, "at '/trainer/persistence/size'"),
+        ({"rollout": {"steps": [5, 150]}}, "at '/rollout/steps/1'"),
+        ({"rollout": {"requiredMetrics": ["clicks"]}}, "at '/rollout/requiredMetrics/0'"),
+        ({"policy": {"follow": "newest"}}, "at '/policy/follow': value must be one of 'rollout', 'latest', 'none'"),
     ],
     ids=["string-for-integer", "string-gpu-count", "unknown-kafka-mode", "string-for-boolean", "misspelt-key",
-         "s3-without-bucket", "canary-above-100", "unknown-algorithm", "bad-volume-size"],
+         "s3-without-bucket", "canary-above-100", "unknown-algorithm", "bad-volume-size", "step-above-100",
+         "unknown-rollout-metric", "unknown-follow-mode"],
 )
 def test_values_that_break_the_schema_are_refused_with_the_path_at_fault(tmp_path: Path, bad_values: dict, message: str) -> None:
     values_file = tmp_path / "bad-values.yaml"
@@ -127,6 +131,7 @@ SERVICE_CONFIGS = {
     "feedback": ("modalign.feedback.server", "FeedbackConfig"),
     "reward": ("modalign.reward.server", "RewardServerConfig"),
     "trainer": ("modalign.trainer.service", "TrainerConfig"),
+    "rollout": ("modalign.rollout.server", "RolloutConfig"),
 }
 
 
@@ -219,7 +224,7 @@ def test_gpu_services_get_gpus_on_gpu_nodes_and_the_cuda_image(values_file: Path
     values = yaml.safe_load(values_file.read_text()) if values_file else {}
     for component, spec in pod_specs(render(values_file)).items():
         container = service_container(spec)
-        gpus = (values.get(component, {}).get("gpu") or {"count": 0 if component == "feedback" else 1})["count"]
+        gpus = (values.get(component, {}).get("gpu") or {"count": 0 if component in ("feedback", "rollout") else 1})["count"]
         requested = container["resources"].get("requests", {}).get("nvidia.com/gpu", 0)
         limited = container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
         assert requested == limited == gpus, component
@@ -230,9 +235,12 @@ def test_gpu_services_get_gpus_on_gpu_nodes_and_the_cuda_image(values_file: Path
 
 @values_files
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem(values_file: Path | None) -> None:
-    for component, spec in pod_specs(render(values_file)).items():
+    docs = render(values_file)
+    drives_kserve = any(d["metadata"]["name"] == f"{RELEASE}-policy" for d in find(docs, "InferenceService"))
+    for component, spec in pod_specs(docs).items():
         assert spec["securityContext"]["runAsNonRoot"] is True
-        assert spec["automountServiceAccountToken"] is False
+        # Only a rollout controller that patches the policy's InferenceService gets an API token.
+        assert spec["automountServiceAccountToken"] is (component == "rollout" and drives_kserve), component
         for container in spec["containers"] + spec.get("initContainers", []):
             context = container["securityContext"]
             assert context["readOnlyRootFilesystem"] is True, (component, container["name"])
@@ -339,11 +347,17 @@ def test_the_model_store_is_one_volume_at_one_path_written_only_by_the_trainer(v
 
 @values_files
 def test_policy_and_reward_follow_published_versions_over_kafka(values_file: Path | None) -> None:
+    """The policy serves the versions the rollout controller routes to (under a controller-driven
+    InferenceService: the one version of its revision); the reward service loads each published one."""
     docs = render(values_file)
+    driven = bool(find(docs, "InferenceService", f"{RELEASE}-policy"))
     for component in ("policy", "reward"):
         container = service_container(pod_specs(docs)[component])
         env = container_env(docs, container)
-        assert env["MODALIGN_FOLLOW_VERSIONS"] == "true", component
+        if component == "policy":
+            assert env["MODALIGN_FOLLOW"] == ("none" if driven else "rollout")
+        else:
+            assert env["MODALIGN_FOLLOW_VERSIONS"] == "true"
         assert "MODALIGN_KAFKA_BOOTSTRAP_SERVERS" in env and "MODALIGN_KAFKA_TOPIC_PREFIX" in env, component
 
 
@@ -388,17 +402,20 @@ def test_kafka_peers_narrow_the_trainers_egress(tmp_path: Path) -> None:
 
 def test_kserve_example_serves_policy_and_reward_as_inference_services_with_canaries() -> None:
     docs = render(example("gpu-kserve"))
-    assert {d["metadata"]["name"] for d in find(docs, "Deployment")} == {f"{RELEASE}-feedback"}
-    for component, canary, port in (("policy", 10, {"name": "h2c", "containerPort": 50051, "protocol": "TCP"}),
+    assert {d["metadata"]["name"] for d in find(docs, "Deployment")} == {f"{RELEASE}-feedback", f"{RELEASE}-rollout"}
+    # The policy's canary share is the rollout controller's to set: the chart never sends one.
+    for component, canary, port in (("policy", None, {"name": "h2c", "containerPort": 50051, "protocol": "TCP"}),
                                     ("reward", 20, {"name": "http1", "containerPort": 8080, "protocol": "TCP"})):
         predictor = one(docs, "InferenceService", f"{RELEASE}-{component}")["spec"]["predictor"]
-        assert predictor["canaryTrafficPercent"] == canary
+        assert predictor.get("canaryTrafficPercent") == canary
         container = service_container(predictor)
         assert container["name"] == "kserve-container" and container["ports"] == [port]
         env = container_env(docs, container)
         # The model store is mounted as in every other pod, so the trainer's file:// versions resolve.
         assert "STORAGE_URI" not in env
-        assert env["MODALIGN_MODEL_DIR"] == f"/models/{component}/{'v0' if component == 'policy' else 'r0'}"
+        # (The policy's comes from its revision's annotations, which start at the starting version.)
+        model_dir = env["MODALIGN_MODEL_DIR"] if component == "reward" else predictor["annotations"]["modalign.dev/policy-model-dir"]
+        assert model_dir == f"/models/{component}/{'v0' if component == 'policy' else 'r0'}"
         assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
         assert one(docs, "PodMonitor", f"{RELEASE}-{component}")["spec"]["selector"]["matchLabels"] == {
             "serving.kserve.io/inferenceservice": f"{RELEASE}-{component}"}
@@ -412,7 +429,7 @@ def s3_values(tmp_path: Path, **more: dict) -> Path:
         "modelStore": {"type": "s3", "s3": {"bucket": "models", "prefix": "", "endpoint": "http://minio.storage:9000",
                                             "secretName": "s3-keys"}},
         "trainer": {"enabled": False},
-        "policy": {"followVersions": False, **more.get("policy", {})},
+        "policy": {"follow": "none", **more.get("policy", {})},
         "reward": {"followVersions": False, **more.get("reward", {})},
     }))
     return values_file
@@ -434,17 +451,18 @@ def test_s3_model_store_is_copied_into_plain_deployments_by_the_storage_initiali
 
 def test_s3_model_store_reaches_inference_services_through_kserves_storage_initializer(tmp_path: Path) -> None:
     docs = render(s3_values(tmp_path, policy={"kserve": {"enabled": True}}))
-    container = service_container(one(docs, "InferenceService", f"{RELEASE}-policy")["spec"]["predictor"])
-    env = container_env(docs, container)
-    assert (env["STORAGE_URI"], env["MODALIGN_MODEL_DIR"]) == ("s3://models/policy/v0", "/mnt/models")
+    predictor = one(docs, "InferenceService", f"{RELEASE}-policy")["spec"]["predictor"]
+    env = container_env(docs, service_container(predictor))
+    # (The rollout controller drives it: the model folder comes from the revision's annotation.)
+    assert (env["STORAGE_URI"], predictor["annotations"]["modalign.dev/policy-model-dir"]) == ("s3://models/policy/v0", "/mnt/models")
     assert one(docs, "ServiceAccount", RELEASE)["secrets"] == [{"name": "s3-keys"}]
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({}, "modelStore.type s3 serves a fixed version, but trainer.enabled and policy.followVersions and "
+    ({}, "modelStore.type s3 serves a fixed version, but trainer.enabled and policy.follow rollout and "
          "reward.followVersions need the shared volume the trainer publishes into: set modelStore.type pvc, or set "
-         "trainer.enabled, policy.followVersions, reward.followVersions to false"),
-    ({"trainer": {"enabled": False}, "policy": {"followVersions": False}},
+         "trainer.enabled false, policy.follow none, reward.followVersions false"),
+    ({"trainer": {"enabled": False}, "policy": {"follow": "none"}},
      "but reward.followVersions need the shared volume"),
 ], ids=["defaults", "reward-follows"])
 def test_s3_with_the_trainer_or_following_versions_is_refused_with_what_to_change(tmp_path: Path, values: dict,
@@ -459,7 +477,7 @@ def test_s3_with_the_trainer_or_following_versions_is_refused_with_what_to_chang
 
 def test_dashboards_are_configmaps_for_the_grafana_sidecar() -> None:
     dashboards = {d["metadata"]["name"]: d for d in find(render(), "ConfigMap") if "dashboard" in d["metadata"]["name"]}
-    assert set(dashboards) == {f"{RELEASE}-dashboard-serving", f"{RELEASE}-dashboard-feedback", f"{RELEASE}-dashboard-training"}
+    assert set(dashboards) == {f"{RELEASE}-dashboard-{name}" for name in ("serving", "feedback", "training", "rollout")}
     for configmap in dashboards.values():
         assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
         ((filename, content),) = configmap["data"].items()
@@ -474,15 +492,125 @@ def test_changing_a_setting_rolls_the_pods_that_read_it_and_no_others() -> None:
                 for d in find(docs, "Deployment") + find(docs, "StatefulSet")}
 
     before = checksums()
-    assert len(before) == 4
+    assert len(before) == 5
     feedback_setting = checksums("--set", "feedback.settings.max-workers=8")
     assert {name for name in before if before[name] != feedback_setting[name]} == {f"{RELEASE}-feedback"}
     trainer_setting = checksums("--set", "trainer.algorithm=grpo")
     assert {name for name in before if before[name] != trainer_setting[name]} == {f"{RELEASE}-trainer"}
     kafka_setting = checksums("--set", "kafka.partitions=6")
     assert {name for name in before if before[name] != kafka_setting[name]} == {
-        f"{RELEASE}-{component}" for component in ("policy", "feedback", "reward", "trainer")}
+        f"{RELEASE}-{component}" for component in ("policy", "feedback", "reward", "trainer", "rollout")}
     # A reward service that follows no versions reads no Kafka settings: a Kafka change leaves it alone.
     unfollowing = checksums("--set", "reward.followVersions=false")
     unfollowing_kafka_setting = checksums("--set", "reward.followVersions=false", "--set", "kafka.partitions=6")
     assert unfollowing[f"{RELEASE}-reward"] == unfollowing_kafka_setting[f"{RELEASE}-reward"]
+
+
+def test_rollout_controller_is_one_pod_replaced_by_recreate_and_reads_every_policy_replicas_metrics() -> None:
+    docs = render()
+    name = f"{RELEASE}-rollout"
+    deployment = one(docs, "Deployment", name)
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not find(docs, "HorizontalPodAutoscaler", name) and not find(docs, "PodDisruptionBudget", name)
+    service = one(docs, "Service", name)
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", 50055), ("metrics", 9105)]
+    assert one(docs, "ServiceMonitor", name)["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    env = container_env(docs, service_container(deployment["spec"]["template"]["spec"]))
+    assert env["MODALIGN_ROLLOUT_STEPS"] == "5,25,50,100" and env["MODALIGN_ROLLOUT_REQUIRED_METRICS"] == "rating"
+    assert env["MODALIGN_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert env["MODALIGN_REWARD_URL"] == f"{RELEASE}-reward.{NAMESPACE}.svc:8080"
+    assert "MODALIGN_KSERVE_INFERENCE_SERVICE" not in env
+    # The policy replicas, found by a headless Service, as many as run; one the policy's monitor does not select.
+    host, _, port = env["MODALIGN_POLICY_METRICS"].rpartition(":")
+    metrics = one(docs, "Service", host.split(".")[0])
+    assert metrics["spec"]["clusterIP"] == "None" and host == f"{metrics['metadata']['name']}.{NAMESPACE}.svc"
+    assert metrics["spec"]["selector"] == one(docs, "Service", f"{RELEASE}-policy")["spec"]["selector"]
+    assert [p["targetPort"] for p in metrics["spec"]["ports"]] == [int(port)] == [9101]
+    policy_monitor = one(docs, "ServiceMonitor", f"{RELEASE}-policy")["spec"]["selector"]["matchLabels"]
+    assert not policy_monitor.items() <= metrics["metadata"]["labels"].items()
+    # The policy and the controller name the starting version alike.
+    policy_env = container_env(docs, service_container(pod_specs(docs)["policy"]))
+    assert policy_env["MODALIGN_POLICY_VERSION"] == env["MODALIGN_ROLLOUT_INITIAL_VERSION"] == "v0"
+    assert not find(docs, "Role") and not find(docs, "ServiceAccount", name), "no API access without KServe"
+
+
+def test_without_the_rollout_controller_nothing_of_it_renders(tmp_path: Path) -> None:
+    values_file = tmp_path / "no-rollout.yaml"
+    values_file.write_text(yaml.safe_dump({"rollout": {"enabled": False}, "policy": {"follow": "latest"}}))
+    docs = render(values_file)
+    assert not [d for d in docs if "rollout" in d["metadata"]["name"] or "policy-metrics" in d["metadata"]["name"]]
+    assert "modalign.rollout" not in {g["name"] for g in one(docs, "PrometheusRule", RELEASE)["spec"]["groups"]}
+    assert container_env(docs, service_container(pod_specs(docs)["policy"]))["MODALIGN_FOLLOW"] == "latest"
+
+
+def test_rollout_controller_drives_the_policy_inference_service_with_its_own_narrow_account() -> None:
+    docs = render(example("gpu-kserve"))
+    policy = one(docs, "InferenceService", f"{RELEASE}-policy")["spec"]["predictor"]
+    assert "canaryTrafficPercent" not in policy
+    assert policy["annotations"]["modalign.dev/policy-version"] == "v0"
+    container = service_container(policy)
+    env = {e["name"]: e for e in container["env"]}
+    for variable, annotation in (("MODALIGN_POLICY_VERSION", "modalign.dev/policy-version"),
+                                 ("MODALIGN_MODEL_DIR", "modalign.dev/policy-model-dir")):
+        assert env[variable]["valueFrom"] == {"fieldRef": {"fieldPath": f"metadata.annotations['{annotation}']"}}
+    assert container_env(docs, container)["MODALIGN_FOLLOW"] == "none"
+    name = f"{RELEASE}-rollout"
+    spec = one(docs, "Deployment", name)["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == name and spec["automountServiceAccountToken"] is True
+    controller_env = container_env(docs, service_container(spec))
+    assert controller_env["MODALIGN_KSERVE_INFERENCE_SERVICE"] == f"{RELEASE}-policy"
+    assert controller_env["MODALIGN_KSERVE_NAMESPACE"] == NAMESPACE
+    assert controller_env["MODALIGN_REWARD_URL"] == f"{RELEASE}-reward-predictor.{NAMESPACE}.svc:80"
+    assert one(docs, "Role", name)["rules"] == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+                                                "resourceNames": [f"{RELEASE}-policy"], "verbs": ["get", "patch"]}]
+    binding = one(docs, "RoleBinding", name)
+    assert binding["roleRef"]["name"] == name
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}]
+    one(docs, "ServiceAccount", name)
+    # Its replicas' /metrics, found through the headless Service whichever runs them.
+    assert one(docs, "Service", f"{RELEASE}-policy-metrics")["spec"]["selector"][
+        "app.kubernetes.io/component"] == "policy"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"policy": {"kserve": {"enabled": True, "canaryTrafficPercent": 10}}},
+     "the rollout controller sets the canaryTrafficPercent of the policy's InferenceService"),
+    ({"rollout": {"steps": [50, 25, 100]}}, "rollout.steps must increase, step by step, got [50,25,100]"),
+    ({"rollout": {"requiredMetrics": ["rating", "reward"], "scoreWithReward": False}},
+     "rollout.requiredMetrics names reward, which needs the reward service"),
+], ids=["canary-share-set-by-hand", "decreasing-steps", "reward-metric-without-scoring"])
+def test_rollout_settings_that_cannot_work_are_refused(tmp_path: Path, values: dict, message: str) -> None:
+    values_file = tmp_path / "rollout.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    result = run([tool("helm"), "template", RELEASE, str(CHART), "--values", str(values_file)])
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+ROLLOUT_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "modalign", "app.kubernetes.io/instance": RELEASE,
+                                                "app.kubernetes.io/component": "rollout"}}}
+
+
+def test_the_rollout_controller_reaches_kafka_the_policy_metrics_and_the_reward_service_and_nothing_else(tmp_path: Path) -> None:
+    clients = [{"namespaceSelector": {"matchLabels": {"modalign.dev/client": "true"}}}]
+    scrapers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    operators = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ml-platform"}}}]
+    values_file = tmp_path / "peers.yaml"
+    values_file.write_text(yaml.safe_dump({"networkPolicy": {"clients": clients, "scrapers": scrapers, "operators": operators}}))
+    docs = render(values_file)
+    controller = one(docs, "NetworkPolicy", f"{RELEASE}-rollout")["spec"]
+    assert controller["policyTypes"] == ["Ingress", "Egress"]
+    assert controller["ingress"] == [{"ports": [{"port": "grpc", "protocol": "TCP"}], "from": operators},
+                                     {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": scrapers}]
+    dns, kafka, policy_metrics, reward = controller["egress"]
+    assert dns["ports"][0]["port"] == 53 and kafka["ports"] == [{"port": 9092, "protocol": "TCP"}]
+    assert policy_metrics["ports"] == [{"port": 9101, "protocol": "TCP"}]
+    assert policy_metrics["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "policy"
+    assert reward["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert reward["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "reward"
+    # ... and what it reaches lets it in, though it is neither a client nor a scraper.
+    policy_ingress = one(docs, "NetworkPolicy", f"{RELEASE}-policy")["spec"]["ingress"]
+    assert policy_ingress[1] == {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": scrapers + [ROLLOUT_PEER]}
+    assert ROLLOUT_PEER not in policy_ingress[0]["from"], "the controller does not call the policy's API"
+    (reward_ingress,) = one(docs, "NetworkPolicy", f"{RELEASE}-reward")["spec"]["ingress"]
+    assert reward_ingress["from"] == clients + scrapers + [ROLLOUT_PEER]

@@ -55,8 +55,18 @@ def test_every_dashboard_query_parses_in_promtool(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr + "\n".join(f"{i}: {w}" for i, (w, _) in enumerate(queries))
 
 
-def test_dashboards_cover_serving_feedback_and_training() -> None:
-    assert {d.stem for d in DASHBOARDS} == {"serving", "feedback", "training"}
+def test_dashboards_cover_serving_feedback_training_and_rollout() -> None:
+    assert {d.stem for d in DASHBOARDS} == {"serving", "feedback", "training", "rollout"}
+
+
+def test_rollout_dashboard_shows_traffic_steps_analysis_outcomes_and_the_guards_per_version() -> None:
+    (rollout,) = [d for d in DASHBOARDS if d.stem == "rollout"]
+    metrics = set().union(*(queried_metric_names(expr) for _, expr in dashboard_queries(rollout)))
+    assert {"modalign_policy_requests_total", "modalign_policy_request_seconds_bucket",
+            "modalign_policy_traffic_weight_percent", "modalign_rollout_canary_weight_percent",
+            "modalign_rollout_step_index", "modalign_rollout_state_info", "modalign_rollout_analysis_statistic",
+            "modalign_rollout_analysis_p_value", "modalign_rollout_evidence_samples", "modalign_rollout_verdicts_total",
+            "modalign_rollout_promotions_total", "modalign_rollout_rollbacks_total"} <= metrics
 
 
 def test_training_dashboard_shows_progress_learning_and_versions() -> None:

@@ -1,12 +1,13 @@
 """The chart's monitoring against the real thing: running services scraped by a real Prometheus server.
 
-The policy, feedback, reward and trainer services run as processes on loopback (on a Kafka broker of
-this module's own, so the test can stop it), set up as the chart sets them up: a shared blob store, the
-reward service following published versions, the trainer on tiny settings. Prometheus scrapes them
+The policy, feedback, reward and trainer services and the rollout controller run as processes on
+loopback (on a Kafka broker of this module's own, so the test can stop it), set up as the chart sets them
+up: a shared blob store, the reward service following published versions, the trainer on tiny settings,
+the controller reading the policy's /metrics and scoring with the reward service. Prometheus scrapes them
 under the job names the chart's monitors give them and evaluates the chart's rules. Conditions are
 then caused on purpose — a burst of invalid feedback, a candidate the evaluation gate must refuse,
-feedback about responses never logged, a published reward model that cannot load, a Kafka outage, a
-service going away — and the alerts must fire. The rules are loaded as rendered (with the gate alert
+feedback about responses never logged, a published reward model that cannot load, an operator rolling
+that version's canary back, a Kafka outage, a service going away — and the alerts must fire. The rules are loaded as rendered (with the gate alert
 lowered to one refusal, see E2E_VALUES) except for their `for:` pending periods, set to 0s so that
 the test waits seconds, not the 15 minutes an on-call page waits.
 """
@@ -32,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from modalign.core import broker
 from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably
 from modalign.core.processes import ManagedProcess, free_port, grpc_serving, http_ok
-from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
+from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
 from tests.conftest import start_broker
 from tests.deploy.conftest import REPO, RELEASE, tool
@@ -76,9 +77,9 @@ class Service:
 
 
 def start_services(kafka: KafkaConfig, work: Path) -> dict[str, Service]:
-    """Starts the four services at once (their imports take most of a minute on two cores)."""
+    """Starts the five services at once (their imports take most of a minute on two cores)."""
     log_dir = work / "logs"
-    ports = {name: (free_port(), free_port()) for name in ("policy", "feedback", "reward", "trainer")}
+    ports = {name: (free_port(), free_port()) for name in ("policy", "feedback", "reward", "trainer", "rollout")}
     services = {}
     blobs = ["--blob-dir", str(work / "blobs")]
     for name, extra in (("policy", blobs), ("feedback", ["--kafka.produce-timeout-s", str(PRODUCE_TIMEOUT_S)])):
@@ -108,6 +109,18 @@ def start_services(kafka: KafkaConfig, work: Path) -> dict[str, Service]:
             ready=lambda: http_ok(trainer_metrics), log_dir=log_dir,
         ),
         trainer_metrics,
+    )
+    # The controller reads the policy's /metrics and scores with the reward service, as the chart wires it.
+    grpc_port, metrics_port = ports["rollout"]
+    address = f"127.0.0.1:{grpc_port}"
+    services["rollout"] = Service(
+        ManagedProcess.python_module(
+            "rollout", "modalign.rollout.server",
+            ["--listen", address, "--metrics-port", str(metrics_port), *kafka_flags(kafka), *blobs,
+             "--policy-metrics", f"127.0.0.1:{ports['policy'][1]}", "--reward-url", f"127.0.0.1:{ports['reward'][0]}"],
+            ready=lambda: grpc_serving(address), log_dir=log_dir,
+        ),
+        f"http://127.0.0.1:{metrics_port}/metrics", address,
     )
     for service in services.values():
         service.process.start()
@@ -346,6 +359,25 @@ def test_a_published_reward_model_that_cannot_load_fires_the_load_failure_alert(
     (alert,) = prometheus.wait_firing("ModalignRewardModelLoadFailed")
     assert (alert["job"], alert["severity"]) == (f"{RELEASE}-reward", "warning")
     assert http_ok(services["reward"].metrics_url.replace("/metrics", "/v2/health/ready")), "the old model keeps serving"
+
+
+def test_an_operator_rolling_back_the_canary_fires_the_rollback_alert(system) -> None:
+    """The version published above (whose files are missing) became the controller's canary at its first
+    step; an operator withdraws it. (It follows the reward model test, whose version it rolls out.)"""
+    services, prometheus, _ = system
+    with grpc.insecure_channel(services["rollout"].address) as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        deadline = time.monotonic() + 30
+        while (state := stub.GetState(rollout_pb2.GetStateRequest(), timeout=10)).canary_version != "v999":
+            assert time.monotonic() < deadline, f"the controller did not start rolling out v999: {state}"
+            time.sleep(0.5)
+        assert (state.phase, state.canary_weight_percent) == (events_pb2.ROLLOUT_PHASE_PROGRESSING, 5)
+        prometheus.wait_value(f'modalign_rollout_canary_weight_percent{{job="{RELEASE}-rollout"}}', 5)
+        state = stub.Rollback(rollout_pb2.RolloutCommand(reason="e2e: its files are missing"), timeout=30)
+    assert state.phase == events_pb2.ROLLOUT_PHASE_ROLLED_BACK
+    (alert,) = prometheus.wait_firing("ModalignRolloutRolledBack")
+    assert (alert["job"], alert["cause"], alert["severity"]) == (f"{RELEASE}-rollout", "operator", "warning")
+    assert prometheus.firing("ModalignRolloutControllerAbsent") == []
 
 
 def test_a_kafka_outage_fires_the_feedback_unavailable_produce_error_and_error_rate_alerts(system, module_broker) -> None:

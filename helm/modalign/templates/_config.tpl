@@ -21,28 +21,38 @@ MODALIGN_KAFKA_SASL_MECHANISM: {{ . | quote }}
 {{- end }}
 {{- end }}
 
+{{/*
+Where a service finds the version it starts from: the shared volume, or the folder an S3 copy lands in
+(KServe's storage initializer copies to /mnt/models; the chart's own to the same place under
+modelStore.mountPath). Empty: it starts from its small built-in model (modelFromStore false).
+Args: (dict "root" $ "component" NAME)
+*/}}
+{{- define "modalign.startModelDir" -}}
+{{- $values := index .root.Values .component }}
+{{- $store := .root.Values.modelStore }}
+{{- if $values.modelFromStore }}
+{{- if and (eq (include "modalign.servedByKServe" .) "true") (eq $store.type "s3") }}/mnt/models
+{{- else }}{{ printf "%s/%s" $store.mountPath (index $store.initialVersions .component) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Args: (dict "root" $ "component" NAME) */}}
 {{- define "modalign.componentConfigData" -}}
 {{- $root := .root }}
 {{- $component := .component }}
 {{- $values := index $root.Values $component }}
 {{- $store := $root.Values.modelStore }}
-{{- $kserve := eq (include "modalign.servedByKServe" .) "true" }}
-{{- /* Where a service finds the version it starts from: the shared volume, or the folder an S3 copy
-       lands in (KServe's storage initializer copies to /mnt/models; the chart's own to the same place
-       under modelStore.mountPath). */}}
-{{- $startDir := printf "%s/%s" $store.mountPath (index $store.initialVersions $component | default "") }}
-{{- if and $kserve (eq $store.type "s3") }}
-{{- $startDir = "/mnt/models" }}
-{{- end }}
+{{- $startDir := include "modalign.startModelDir" . }}
 {{- if eq $component "policy" }}
 MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
 MODALIGN_METRICS_HOST: "0.0.0.0"
 MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
-{{- if $values.modelFromStore }}
-MODALIGN_MODEL_DIR: {{ $startDir | quote }}
+{{- with $startDir }}
+MODALIGN_MODEL_DIR: {{ . | quote }}
 {{- end }}
-MODALIGN_FOLLOW_VERSIONS: {{ $values.followVersions | quote }}
+MODALIGN_POLICY_VERSION: {{ include "modalign.initialPolicyVersion" $root | quote }}
+MODALIGN_FOLLOW: {{ include "modalign.policyFollow" $root | quote }}
 MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
 MODALIGN_DEVICE: {{ $values.device | quote }}
 {{- else if eq $component "feedback" }}
@@ -53,8 +63,8 @@ MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
 MODALIGN_HOST: "0.0.0.0"
 MODALIGN_HTTP_PORT: {{ $values.httpPort | quote }}
 MODALIGN_GRPC_PORT: {{ $values.grpcPort | quote }}
-{{- if $values.modelFromStore }}
-MODALIGN_MODEL_DIR: {{ $startDir | quote }}
+{{- with $startDir }}
+MODALIGN_MODEL_DIR: {{ . | quote }}
 {{- end }}
 MODALIGN_MODEL_NAME: {{ $values.modelName | quote }}
 MODALIGN_DEVICE: {{ $values.device | quote }}
@@ -71,6 +81,42 @@ MODALIGN_LEARNER_DEVICE: {{ $values.device | quote }}
 {{- if $values.modelFromStore }}
 MODALIGN_LEARNER_POLICY_MODEL_DIR: {{ printf "%s/%s" $store.mountPath $store.initialVersions.policy | quote }}
 MODALIGN_LEARNER_REWARD_MODEL_DIR: {{ printf "%s/%s" $store.mountPath $store.initialVersions.reward | quote }}
+{{- end }}
+{{- else if eq $component "rollout" }}
+{{- $policy := $root.Values.policy }}
+{{- $reward := $root.Values.reward }}
+MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
+MODALIGN_METRICS_HOST: "0.0.0.0"
+MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
+MODALIGN_ROLLOUT_INITIAL_VERSION: {{ include "modalign.initialPolicyVersion" $root | quote }}
+MODALIGN_ROLLOUT_STEPS: {{ join "," $values.steps | quote }}
+MODALIGN_ROLLOUT_MIN_STEP_SECONDS: {{ $values.minStepSeconds | quote }}
+MODALIGN_ROLLOUT_MAX_STEP_SECONDS: {{ $values.maxStepSeconds | quote }}
+MODALIGN_ROLLOUT_MIN_SAMPLES: {{ $values.minSamples | quote }}
+MODALIGN_ROLLOUT_REQUIRED_METRICS: {{ join "," $values.requiredMetrics | quote }}
+MODALIGN_ROLLOUT_ALPHA: {{ $values.alpha | quote }}
+MODALIGN_ROLLOUT_MAX_ERROR_RATE: {{ $values.maxErrorRate | quote }}
+MODALIGN_ROLLOUT_MAX_P99_LATENCY_S: {{ $values.maxP99LatencySeconds | quote }}
+MODALIGN_ROLLOUT_GUARD_MIN_REQUESTS: {{ $values.guardMinRequests | quote }}
+{{- /* Every policy replica's /metrics, through the headless Service (services.yaml). */}}
+MODALIGN_POLICY_METRICS: {{ printf "%s.%s.svc:%d" (include "modalign.policyMetricsServiceName" $root) $root.Release.Namespace (int $policy.metricsPort) | quote }}
+{{- if and $values.scoreWithReward $reward.enabled }}
+{{- $rewardArgs := dict "root" $root "component" "reward" }}
+{{- if eq (include "modalign.servedByKServe" $rewardArgs) "true" }}
+{{- /* KServe's predictor Service (port 80) in both its deployment modes. */}}
+MODALIGN_REWARD_URL: {{ printf "%s-predictor.%s.svc:80" (include "modalign.componentName" $rewardArgs) $root.Release.Namespace | quote }}
+{{- else }}
+MODALIGN_REWARD_URL: {{ printf "%s.%s.svc:%d" (include "modalign.componentName" $rewardArgs) $root.Release.Namespace (int $reward.httpPort) | quote }}
+{{- end }}
+MODALIGN_REWARD_MODEL: {{ $reward.modelName | quote }}
+{{- end }}
+MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
+{{- if include "modalign.rolloutDrivesKServe" $root }}
+MODALIGN_KSERVE_INFERENCE_SERVICE: {{ include "modalign.componentName" (dict "root" $root "component" "policy") | quote }}
+MODALIGN_KSERVE_NAMESPACE: {{ $root.Release.Namespace | quote }}
+{{- with include "modalign.startModelDir" (dict "root" $root "component" "policy") }}
+MODALIGN_KSERVE_INITIAL_MODEL_DIR: {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- range $flag, $value := $values.settings }}

@@ -28,14 +28,15 @@ values block, an entry below, and its workload template.
 
 {{/* Services the chart can run, in a stable order; the ones whose values say enabled: true run. */}}
 {{- define "modalign.components" -}}
-{{- list "policy" "feedback" "reward" "trainer" | toJson }}
+{{- list "policy" "feedback" "reward" "trainer" "rollout" | toJson }}
 {{- end }}
 
 {{/*
 Facts of each service's code (not choices): the `modalign` subcommand, how it reports health, its ports
 (name, and the key of its values that holds the number), which port serves /metrics, what it reads.
 workload: the kind that runs it; stateless services are Deployments (or KServe InferenceServices),
-the trainer a StatefulSet (see trainer.yaml).
+the trainer a StatefulSet (see trainer.yaml). singleton: exactly one pod, never two at once (replicas 1,
+strategy Recreate, no autoscaler or disruption budget).
 */}}
 {{- define "modalign.componentFacts" -}}
 policy:
@@ -89,13 +90,60 @@ trainer:
   usesModelStore: true
   writesModelStore: true
   usesBlobStore: true
+rollout:
+  command: rollout
+  workload: Deployment
+  # A single leader: a second controller fences the first through Kafka transactions.
+  singleton: true
+  grpcHealthService: modalign.v1.RolloutService
+  ports:
+    - {name: grpc, key: grpcPort, appProtocol: grpc}
+    - {name: metrics, key: metricsPort, appProtocol: http}
+  metricsPortName: metrics
+  usesKafka: true
+  usesModelStore: false
+  # It reads the prompts' images to have the reward model score canary and stable responses.
+  usesBlobStore: true
+{{- end }}
+
+{{/*
+The name the services give the policy's starting model: the policy's --policy-version, the controller's
+--rollout.initial-version, and the parent the trainer gives its first version.
+*/}}
+{{- define "modalign.initialPolicyVersion" -}}v0{{- end }}
+
+{{/*
+Does the rollout controller drive the policy's KServe InferenceService (--kserve.inference-service)?
+So it does whenever both run: KServe then splits traffic between revisions, each serving one version.
+*/}}
+{{- define "modalign.rolloutDrivesKServe" -}}
+{{- if and .Values.rollout.enabled .Values.policy.enabled .Values.policy.kserve.enabled }}true{{- end }}
+{{- end }}
+
+{{/* The policy's --follow: none under a controller-driven InferenceService (its revision's version only), else policy.follow. */}}
+{{- define "modalign.policyFollow" -}}
+{{- ternary "none" .Values.policy.follow (eq (include "modalign.rolloutDrivesKServe" .) "true") }}
+{{- end }}
+
+{{/*
+Does the component load the versions the trainer publishes while it runs? The reward service with
+followVersions; the policy when it follows the rollout or the latest version, or when the controller
+names a published version's folder in its InferenceService. Args: (dict "root" $ "component" NAME)
+*/}}
+{{- define "modalign.followsVersions" -}}
+{{- if eq .component "policy" }}
+{{- if or (ne (include "modalign.policyFollow" .root) "none") (include "modalign.rolloutDrivesKServe" .root) }}true{{- end }}
+{{- else }}
+{{- $values := index .root.Values .component }}
+{{- if $values.followVersions }}true{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Does the component read Kafka: by its code, or (reward) to follow published versions? Args: (dict "root" $ "component" NAME) */}}
 {{- define "modalign.usesKafka" -}}
 {{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
 {{- $values := index .root.Values .component }}
-{{- if or $facts.usesKafka $values.followVersions }}true{{- end }}
+{{- if or $facts.usesKafka (include "modalign.followsVersions" .) }}true{{- end }}
 {{- end }}
 
 {{/*
@@ -105,7 +153,7 @@ publishes (followVersions), or (the trainer) both ways? Args: (dict "root" $ "co
 {{- define "modalign.usesModelStore" -}}
 {{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
 {{- $values := index .root.Values .component }}
-{{- if and $facts.usesModelStore (or $values.modelFromStore $values.followVersions $facts.writesModelStore) }}true{{- end }}
+{{- if and $facts.usesModelStore (or $values.modelFromStore (include "modalign.followsVersions" .) $facts.writesModelStore) }}true{{- end }}
 {{- end }}
 
 {{/* Is the component run by KServe rather than by a Deployment of this chart? Args: (dict "root" $ "component" NAME) */}}
@@ -304,18 +352,40 @@ sasl:
 {{/*
 Refuses combinations that cannot work, with what to change: the trainer publishes versions into a
 shared volume and names them by file:// path, so it and the services that follow its versions need
-modelStore.type pvc.
+modelStore.type pvc; and the rollout controller, when it drives the policy's InferenceService, owns its
+canary share.
 */}}
 {{- define "modalign.validate" -}}
 {{- if eq .Values.modelStore.type "s3" }}
 {{- $needVolume := list }}
-{{- if .Values.trainer.enabled }}{{ $needVolume = append $needVolume "trainer.enabled" }}{{ end }}
-{{- range $component := list "policy" "reward" }}
-{{- $values := index $.Values $component }}
-{{- if and $values.enabled $values.followVersions }}{{ $needVolume = append $needVolume (printf "%s.followVersions" $component) }}{{ end }}
+{{- $fixes := list }}
+{{- if .Values.trainer.enabled }}
+{{- $needVolume = append $needVolume "trainer.enabled" }}{{ $fixes = append $fixes "trainer.enabled false" }}
 {{- end }}
-{{- with $needVolume }}
-{{- fail (printf "modelStore.type s3 serves a fixed version, but %s need the shared volume the trainer publishes into: set modelStore.type pvc, or set %s to false" (join " and " .) (join ", " .)) }}
+{{- if and .Values.policy.enabled (ne (include "modalign.policyFollow" .) "none") }}
+{{- $needVolume = append $needVolume (printf "policy.follow %s" (include "modalign.policyFollow" .)) }}{{ $fixes = append $fixes "policy.follow none" }}
+{{- end }}
+{{- if and .Values.reward.enabled .Values.reward.followVersions }}
+{{- $needVolume = append $needVolume "reward.followVersions" }}{{ $fixes = append $fixes "reward.followVersions false" }}
+{{- end }}
+{{- if $needVolume }}
+{{- fail (printf "modelStore.type s3 serves a fixed version, but %s need the shared volume the trainer publishes into: set modelStore.type pvc, or set %s" (join " and " $needVolume) (join ", " $fixes)) }}
+{{- end }}
+{{- end }}
+{{- if and (include "modalign.rolloutDrivesKServe" .) (not (kindIs "invalid" .Values.policy.kserve.canaryTrafficPercent)) }}
+{{- fail "the rollout controller sets the canaryTrafficPercent of the policy's InferenceService step by step: leave policy.kserve.canaryTrafficPercent null (or set rollout.enabled false to set it yourself)" }}
+{{- end }}
+{{- $rollout := .Values.rollout }}
+{{- if $rollout.enabled }}
+{{- $previous := 0 }}
+{{- range $step := $rollout.steps }}
+{{- if le (int $step) $previous }}
+{{- fail (printf "rollout.steps must increase, step by step, got %s" (toJson $rollout.steps)) }}
+{{- end }}
+{{- $previous = int $step }}
+{{- end }}
+{{- if and (has "reward" $rollout.requiredMetrics) (not (and $rollout.scoreWithReward .Values.reward.enabled)) }}
+{{- fail "rollout.requiredMetrics names reward, which needs the reward service (reward.enabled) and rollout.scoreWithReward" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -364,4 +434,56 @@ Args: (dict "selector" SELECTOR "window" DURATION)
 */}}
 {{- define "modalign.events" -}}
 ({{ .selector }} unless {{ .selector }} offset {{ .window }}) or increase({{ .selector }}[{{ .window }}])
+{{- end }}
+
+{{/* The headless Service of the policy pods' /metrics, which the rollout controller resolves to every replica. */}}
+{{- define "modalign.policyMetricsServiceName" -}}
+{{- printf "%s-metrics" (include "modalign.componentName" (dict "root" . "component" "policy")) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* A NetworkPolicyPeer list item: the rollout controller's pod. */}}
+{{- define "modalign.rolloutPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "modalign.componentSelectorLabels" (dict "root" . "component" "rollout") | nindent 6 }}
+{{- end }}
+
+{{/*
+The predictor annotations through which the rollout controller tells a controller-driven policy
+InferenceService which version its new revision serves (services/rollout/kserve.py). The chart writes
+the starting version at install; on upgrades it writes back what the controller last set (lookup), so
+an upgrade neither rolls the policy back to its starting version nor conflicts with the controller's
+writes. (helm template and --dry-run cannot look up: they show the starting version.)
+*/}}
+{{- define "modalign.policyVersionAnnotations" -}}
+{{- $name := include "modalign.componentName" (dict "root" . "component" "policy") }}
+{{- $live := lookup "serving.kserve.io/v1beta1" "InferenceService" .Release.Namespace $name }}
+{{- $liveAnnotations := dig "spec" "predictor" "annotations" dict ($live | default dict) }}
+{{- $annotations := dict }}
+{{- if hasKey $liveAnnotations "modalign.dev/policy-version" }}
+{{- $_ := set $annotations "modalign.dev/policy-version" (index $liveAnnotations "modalign.dev/policy-version") }}
+{{- with index $liveAnnotations "modalign.dev/policy-model-dir" }}
+{{- $_ := set $annotations "modalign.dev/policy-model-dir" . }}
+{{- end }}
+{{- else }}
+{{- $_ := set $annotations "modalign.dev/policy-version" (include "modalign.initialPolicyVersion" .) }}
+{{- with include "modalign.startModelDir" (dict "root" . "component" "policy") }}
+{{- $_ := set $annotations "modalign.dev/policy-model-dir" . }}
+{{- end }}
+{{- end }}
+{{- toYaml $annotations }}
+{{- end }}
+
+{{/*
+Env of a controller-driven policy InferenceService's container: the version and model folder of its
+revision, from the annotations above (the downward API; env wins over the ConfigMap's values). Knative
+(KServe Serverless mode) accepts fieldRef only with its feature flag kubernetes.podspec-fieldref enabled.
+*/}}
+{{- define "modalign.policyVersionEnv" -}}
+- name: MODALIGN_POLICY_VERSION
+  valueFrom:
+    fieldRef: {fieldPath: "metadata.annotations['modalign.dev/policy-version']"}
+- name: MODALIGN_MODEL_DIR
+  valueFrom:
+    fieldRef: {fieldPath: "metadata.annotations['modalign.dev/policy-model-dir']"}
 {{- end }}

@@ -20,8 +20,15 @@ storage-initializer init container or (InferenceServices) by KServe's.
 {{- $mountsStoreVolume := and $usesStore (eq $store.type "pvc") }}
 {{- $copiesFromS3 := and $usesStore (eq $store.type "s3") (not $kserve) }}
 {{- $kserveCopiesFromS3 := and $usesStore (eq $store.type "s3") $kserve }}
+{{- $drivesKServe := eq (include "modalign.rolloutDrivesKServe" $root) "true" }}
+{{- if and (eq $component "rollout") $drivesKServe }}
+{{- /* The one pod that calls the Kubernetes API: its own account, allowed to patch the policy's InferenceService (serviceaccount.yaml). */}}
+serviceAccountName: {{ include "modalign.componentName" $args }}
+automountServiceAccountToken: true
+{{- else }}
 serviceAccountName: {{ include "modalign.serviceAccountName" $root }}
 automountServiceAccountToken: false
+{{- end }}
 {{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
@@ -67,6 +74,9 @@ containers:
     {{- if and $kserveCopiesFromS3 $values.modelFromStore }}
     {{- /* KServe injects its storage initializer for a container with STORAGE_URI. */}}
     {{- $env = printf "%s\n- name: STORAGE_URI\n  value: %s" $env (include "modalign.modelStorageUri" $args | quote) }}
+    {{- end }}
+    {{- if and $kserve (eq $component "policy") $drivesKServe }}
+    {{- $env = printf "%s\n%s" $env (include "modalign.policyVersionEnv" $root) }}
     {{- end }}
     {{- with $values.extraEnv }}
     {{- $env = printf "%s\n%s" $env (toYaml .) }}
