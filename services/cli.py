@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     _add_broker_arguments(up)
     up.add_argument("--example", action="store_true", help="once up, make one example client call")
     up.add_argument("--grpc-base-port", type=int, default=50051,
-                    help="policy, feedback, reward REST and reward gRPC listen on this port and the next three")
+                    help="policy, feedback, reward REST, reward gRPC and rollout listen on this port and the next four")
     up.add_argument("--metrics-base-port", type=int, default=9101,
-                    help="policy, feedback and trainer /metrics listen on this port, +1 and +3")
+                    help="policy, feedback, trainer and rollout /metrics listen on this port, +1, +3 and +4")
 
     for name in SERVICES:
         # The service parses its own flags (modalign NAME --help lists them), so this parser takes none.

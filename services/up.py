@@ -23,9 +23,9 @@ class LocalPorts:
     """Where the local services listen on 127.0.0.1: consecutive ports from two bases."""
 
     grpc_base: int = 50051
-    """policy gRPC, feedback gRPC, reward REST, reward gRPC, in that order."""
+    """policy gRPC, feedback gRPC, reward REST, reward gRPC, rollout gRPC, in that order."""
     metrics_base: int = 9101
-    """Prometheus /metrics of policy, feedback, (reward serves its own on REST), trainer."""
+    """Prometheus /metrics of policy, feedback, (reward serves its own on REST), trainer, rollout."""
 
     @property
     def policy(self) -> str:
@@ -42,6 +42,10 @@ class LocalPorts:
     @property
     def reward_grpc(self) -> int:
         return self.grpc_base + 3
+
+    @property
+    def rollout(self) -> str:
+        return f"127.0.0.1:{self.grpc_base + 4}"
 
     def metrics(self, index: int) -> int:
         return self.metrics_base + index
@@ -76,6 +80,12 @@ def local_services(bootstrap_servers: str, home: Path, ports: LocalPorts) -> lis
              "--model-store", str(home / "models")],
             ready=lambda: http_ok(trainer_metrics), log_dir=log_dir,
         ),
+        ManagedProcess.python_module(
+            "rollout", "modalign.rollout.server",
+            ["--listen", ports.rollout, "--metrics-port", str(ports.metrics(4)), *kafka, *blobs,
+             "--policy-metrics", f"127.0.0.1:{ports.metrics(0)}", "--reward-url", f"127.0.0.1:{ports.reward_http}"],
+            ready=lambda: grpc_serving(ports.rollout), log_dir=log_dir,
+        ),
     ]
 
 
@@ -102,6 +112,8 @@ def run_local_system(broker_config: broker.BrokerConfig, ports: LocalPorts = Loc
             f"  reward    OIP v2 http://127.0.0.1:{ports.reward_http}, gRPC 127.0.0.1:{ports.reward_grpc}"
             f"      metrics http://127.0.0.1:{ports.reward_http}/metrics\n"
             f"  trainer   learns from the feedback stream                metrics http://127.0.0.1:{ports.metrics(3)}/metrics\n"
+            f"  rollout   gRPC {ports.rollout}  (modalign.v1.RolloutService)   metrics http://127.0.0.1:{ports.metrics(4)}/metrics\n"
+            "            every version the trainer publishes goes through a canary before serving everyone\n"
             f"  kafka     {broker_config.bootstrap_servers}\n"
             f"  models    {home / 'models'}  (each published version)\n"
             f"  logs      {home / 'logs'}\n"

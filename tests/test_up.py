@@ -51,7 +51,7 @@ def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c
     command = [
         modalign, "up", "--example", "--data-dir", str(tmp_path / "kafka"),
         "--port", str(free_port()), "--controller-port", str(free_port()),
-        "--grpc-base-port", str(free_run(4)), "--metrics-base-port", str(free_run(4)),
+        "--grpc-base-port", str(free_run(5)), "--metrics-base-port", str(free_run(5)),
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
@@ -72,7 +72,7 @@ def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c
 
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
                                                    text=True).stdout.split() if int(p) != process.pid]
-        assert len(children) >= 5  # broker, feedback, policy, reward, trainer
+        assert len(children) >= 6  # broker, feedback, policy, reward, trainer, rollout
 
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=120)

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import grpc
 from google.protobuf import timestamp_pb2
+from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
 from transformers import ProcessorMixin
 
@@ -303,15 +304,15 @@ def observed(version: str, context: grpc.ServicerContext) -> Iterator[None]:
 
 
 class PublishedVersions:
-    """Loads the versions named by the rollout (or, with follow=latest, every new one) from the
-    policy-versions catalog, verifying each against its manifest first."""
+    """The versions the trainer published and the routes the replica should serve, from the records of
+    the followed topics; loads any of those versions, verified against its manifest first."""
 
     def __init__(self, config: PolicyConfig, initial: PolicyEngine) -> None:
         self._config = config
         self._initial = initial
         self._published: dict[str, events_pb2.PolicyVersionPublished] = {}
         self._rollout_revision = -1
-        self.router: VersionRouter | None = None
+        self._awaiting: Routes | None = None
 
     def load_engine(self, version: str) -> PolicyEngine:
         if version == self._initial.policy_version:
@@ -324,10 +325,9 @@ class PublishedVersions:
         model, processor = load_policy(folder, device=self._config.device)
         return PolicyEngine(model, processor, policy_version=version)
 
-    def on_records(self, records) -> None:
-        """The follower's callback: catalog every published version, then act on the newest state."""
-        newest_state = None
-        newest_version = None
+    def update(self, records: list[ConsumerRecord]) -> Routes | None:
+        """Catalogs every published version in records; returns the routes they call for, if changed."""
+        newest_state = newest_version = None
         for record in records:
             if record.topic == self._config.kafka.topic("policy-versions"):
                 event = events_pb2.PolicyVersionPublished.FromString(record.value)
@@ -335,13 +335,21 @@ class PublishedVersions:
                 newest_version = event.version
             else:
                 newest_state = events_pb2.RolloutState.FromString(record.value)
+        routes = None
         if self._config.follow == "latest" and newest_version is not None:
-            self.router.apply(Routes(stable=newest_version))
-        if self._config.follow == "rollout" and newest_state is not None:
-            if newest_state.revision <= self._rollout_revision:
-                return
+            routes = Routes(stable=newest_version)
+        if self._config.follow == "rollout" and newest_state is not None and newest_state.revision > self._rollout_revision:
             self._rollout_revision = newest_state.revision
-            self.router.apply(Routes.from_state(newest_state, self._initial.policy_version))
+            routes = Routes.from_state(newest_state, self._initial.policy_version)
+        routes = routes or self._awaiting
+        # The two topics are fetched separately, so a state can arrive before the announcement of the
+        # version it routes to: hold it until the announcement is read.
+        if routes is not None and any(v not in self._published and v != self._initial.policy_version
+                                      for v in routes.versions()):
+            self._awaiting = routes
+            return None
+        self._awaiting = None
+        return routes
 
 
 def publish_routes(old: Routes, new: Routes) -> None:
@@ -370,7 +378,7 @@ def serve(config: PolicyConfig) -> None:
         model.to(config.device)
     initial = PolicyEngine(model, processor, policy_version=config.policy_version)
     versions = PublishedVersions(config, initial)
-    versions.router = VersionRouter(
+    router = VersionRouter(
         initial, versions.load_engine,
         lambda engine: DynamicBatcher(
             engine, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_batch_wait_ms,
@@ -378,14 +386,19 @@ def serve(config: PolicyConfig) -> None:
         ),
         on_routes=publish_routes,
     )
-    publish_routes(versions.router.routes, versions.router.routes)
+    publish_routes(router.routes, router.routes)
+
+    def on_records(records: list[ConsumerRecord]) -> None:
+        if (routes := versions.update(records)) is not None:
+            router.apply(routes)
+
     follower = None
     if FOLLOW_MODES[config.follow]:
         # Before serving: a replica that starts mid-rollout routes as the others do from its first request.
-        follower = TopicFollower(config.kafka, FOLLOW_MODES[config.follow], versions.on_records)
+        follower = TopicFollower(config.kafka, FOLLOW_MODES[config.follow], on_records)
         follower.start()
-    servicer = PolicyServicer(config, versions.router, processor, BlobStore(config.blob_dir))
-    log.info("policy service serving %s", versions.router.routes.weights())
+    servicer = PolicyServicer(config, router, processor, BlobStore(config.blob_dir))
+    log.info("policy service serving %s", router.routes.weights())
     try:
         run_grpc_service(
             config.listen, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server),
@@ -394,7 +407,7 @@ def serve(config: PolicyConfig) -> None:
     finally:
         if follower is not None:
             follower.stop()
-        versions.router.close()
+        router.close()
         servicer.close()
 
 

@@ -63,7 +63,7 @@ class RewardScorer:
             ("images", images),
         ):
             infer_input = self._http.InferInput(name, list(array.shape), "BYTES")
-            infer_input.set_data_from_numpy(array, binary_data=False)
+            infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
         result = self._client.infer(self._model_name, inputs)
         return [float(score) for score in result.as_numpy("score")]

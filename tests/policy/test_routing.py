@@ -7,12 +7,15 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
+from modalign.core.kafka import KafkaConfig
 from modalign.policy.engine import BatcherOverloaded, DynamicBatcher, GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import format_prompt
 from modalign.policy.routing import BUCKETS, Routes, VersionRouter, session_bucket
+from modalign.policy.server import PolicyConfig, PublishedVersions
 from modalign.v1 import events_pb2
 
 
@@ -137,3 +140,15 @@ def test_a_full_queue_refuses_instead_of_growing(policy) -> None:
     release.set()
     first.result(timeout=30)
     batcher.close()
+
+
+def test_a_state_waits_for_the_announcement_of_the_version_it_routes_to(policy) -> None:
+    config = PolicyConfig(kafka=KafkaConfig(topic_prefix="t."))
+    versions = PublishedVersions(config, PolicyEngine(*policy, "v0"))
+    state = events_pb2.RolloutState(revision=1, stable_version="v0", canary_version="v1", canary_weight_percent=5,
+                                    phase=events_pb2.ROLLOUT_PHASE_PROGRESSING)
+    announcement = events_pb2.PolicyVersionPublished(version="v1", uri="file:///models/policy/v1")
+    assert versions.update([SimpleNamespace(topic="t.rollout", value=state.SerializeToString())]) is None
+    routes = versions.update([SimpleNamespace(topic="t.policy-versions", value=announcement.SerializeToString())])
+    assert routes == Routes("v0", "v1", 5)
+    assert versions.update([SimpleNamespace(topic="t.rollout", value=state.SerializeToString())]) is None  # not newer

@@ -30,11 +30,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tritonclient.utils import InferenceServerException
 
+from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
 from modalign.core.modelstore import Manifest, ModelStore
 from modalign.core.processes import ManagedProcess, free_port, http_ok
 from modalign.reward.model import HEAD_FILE, RewardModel, build_default_reward_model
-from modalign.v1 import events_pb2
+from modalign.rollout.evidence import EvidenceCollector, RewardScorer
+from modalign.v1 import common_pb2, events_pb2, feedback_pb2
 from tests.services import kafka_args
 
 pytestmark = pytest.mark.integration
@@ -185,6 +187,52 @@ def test_rest_and_grpc_return_the_same_scores_as_the_model(
     torch.set_num_threads(1)
     local = RewardModel.load(model_dir).score(PROMPTS, DECODED, RESPONSES)
     np.testing.assert_allclose(rest_scores, local.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_rollout_controller_scores_each_versions_served_responses_here(
+    http: httpclient.InferenceServerClient, server: dict[str, str], kafka_config: KafkaConfig, tmp_path: Path
+) -> None:
+    """The controller's evidence: generations read from Kafka, images from the blob store, scored by
+    this server over REST, and tallied per version; feedback joined to the version that served it."""
+    expected = http.infer(MODEL_NAME, _request()).as_numpy("score")
+    blobs = BlobStore(tmp_path / "blobs")
+    served_by = ["canary", "stable", "canary"]
+    generations, feedback = [], []
+    for row, version in enumerate(served_by):
+        refs = [common_pb2.ImageRef(sha256=blobs.put(data), mime_type="image/png") for data in IMAGES[row] if data]
+        generation = events_pb2.GenerationLogged(
+            response_id=f"response-{row}", policy_version=version, prompt_text=PROMPTS[row],
+            response_text=RESPONSES[row], images=refs,
+        )
+        generations.append((generation.response_id, generation.SerializeToString()))
+        rating = events_pb2.FeedbackReceived(feedback=feedback_pb2.Feedback(
+            feedback_id=f"rating-{row}", rating=feedback_pb2.Rating(response_id=f"response-{row}", score=row + 2)))
+        feedback.append((f"rating-{row}", rating.SerializeToString()))
+    preference = events_pb2.FeedbackReceived(feedback=feedback_pb2.Feedback(
+        feedback_id="preference", preference=feedback_pb2.Preference(
+            chosen_response_id="response-1", rejected_response_id="response-2")))
+    feedback.append(("preference", preference.SerializeToString()))
+    producer = make_producer(kafka_config)
+    # Feedback first: the collector must hold it until the generations it refers to arrive.
+    produce_durably(producer, kafka_config.topic("feedback"), feedback, 30)
+    produce_durably(producer, kafka_config.topic("generations"), generations, 30)
+    producer.close()
+
+    collector = EvidenceCollector(kafka_config, RewardScorer(server["http"], MODEL_NAME, blobs))
+    try:
+        collector.reset("canary", "stable", since_ms=0)
+        deadline = time.monotonic() + 60
+        evidence = collector.evidence
+        while sum(m.n for m in evidence.rewards.values()) < 3 and time.monotonic() < deadline:
+            collector.catch_up(max_seconds=5)
+    finally:
+        collector.close()
+    assert evidence.moments("reward", "canary").n == 2 and evidence.moments("reward", "stable").n == 1
+    assert evidence.moments("reward", "canary").mean == pytest.approx((expected[0] + expected[2]) / 2, abs=1e-5)
+    assert evidence.moments("reward", "stable").mean == pytest.approx(expected[1], abs=1e-5)
+    assert evidence.moments("rating", "canary").mean == pytest.approx(3.0)  # scores 2 and 4
+    assert evidence.moments("rating", "stable").mean == pytest.approx(3.0)  # score 3
+    assert (evidence.canary_wins, evidence.stable_wins) == (0, 1)
 
 
 def test_metadata_describes_the_contract(

@@ -17,6 +17,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -171,21 +172,22 @@ def test_a_version_users_prefer_is_promoted_through_every_step(system: System) -
 
     # The split, measured over 250 fresh sessions spread over both replicas: within 4 standard errors
     # of the weight (4 * sqrt(0.2 * 0.8 / 250) = 0.10).
-    versions = []
     stubs = [policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(a)) for a in system.policy_addresses]
-    request = policy_pb2.GenerateRequest(
-        text="Hello?", images=[common_pb2.Image(data=image_png(random.Random(1)), mime_type="image/png")],
-        sampling=common_pb2.SamplingParams(max_new_tokens=1),
-    )
-    for index in range(250):
-        request.session_id = uuid.uuid4().hex
-        versions.append(stubs[index % 2].Generate(request, timeout=60).policy_version)
-    share = versions.count("v1") / len(versions)
-    assert abs(share - 0.20) <= 4 * math.sqrt(0.2 * 0.8 / 250), f"canary share {share}"
-    # Sticky: a session gets the same version from either replica while the weights hold.
-    for _ in range(20):
-        request.session_id = uuid.uuid4().hex
-        assert len({stubs[i % 2].Generate(request, timeout=60).policy_version for i in range(4)}) == 1
+    image = common_pb2.Image(data=image_png(random.Random(1)), mime_type="image/png")
+
+    def version_for(session_id: str, replica: int) -> str:
+        request = policy_pb2.GenerateRequest(
+            text="Hello?", images=[image], sampling=common_pb2.SamplingParams(max_new_tokens=1), session_id=session_id)
+        return stubs[replica % 2].Generate(request, timeout=60).policy_version
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(version_for, [uuid.uuid4().hex for _ in range(250)], range(250)))
+        share = versions.count("v1") / len(versions)
+        assert abs(share - 0.20) <= 4 * math.sqrt(0.2 * 0.8 / 250), f"canary share {share}"
+        # Sticky: a session gets the same version from either replica while the weights hold.
+        sessions = [uuid.uuid4().hex for _ in range(20)]
+        seen = list(pool.map(lambda s: {version_for(s, replica) for replica in range(4)}, sessions))
+        assert all(len(versions_of_session) == 1 for versions_of_session in seen), seen
 
     system.rollout().Resume(rollout_pb2.RolloutCommand(reason="measured"), timeout=30)
     promoted = system.wait_for_state(lambda s: s.phase == events_pb2.ROLLOUT_PHASE_PROMOTED)
