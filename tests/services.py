@@ -1,17 +1,11 @@
-"""Starting modalign's real service processes in tests, and reading what they wrote to Kafka."""
+"""Starting modalign's real service processes in tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
 
-from google.protobuf.message import Message
-from kafka import TopicPartition
-
-from modalign.core.kafka import KafkaConfig, make_consumer
+from modalign.core.kafka import KafkaConfig
 from modalign.core.processes import ManagedProcess, free_port, grpc_serving
-
-M = TypeVar("M", bound=Message)
 
 
 def kafka_args(config: KafkaConfig) -> list[str]:
@@ -38,21 +32,3 @@ def start_grpc_service(name: str, module: str, kafka: KafkaConfig, log_dir: Path
         process.stop()
         raise
     return process, address, metrics_port
-
-
-def read_topic(kafka: KafkaConfig, name: str, message_type: type[M]) -> list[M]:
-    """Every record of a topic, from the beginning to the end offsets as of this call."""
-    consumer = make_consumer(kafka, group_id=None)
-    try:
-        topic = kafka.topic(name)
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        ends = consumer.end_offsets(partitions)
-        records = []
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
-            for batch in consumer.poll(timeout_ms=1000).values():
-                records.extend(message_type.FromString(r.value) for r in batch)
-        return records
-    finally:
-        consumer.close()

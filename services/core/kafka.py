@@ -9,13 +9,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from google.protobuf.message import Message
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter, Histogram
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
 
 PRODUCE_SECONDS = Histogram(
     "modalign_kafka_produce_seconds",
@@ -189,3 +193,21 @@ def make_consumer(config: KafkaConfig, *topics: str, group_id: str | None, **opt
         heartbeat_interval_ms=options.pop("heartbeat_interval_ms", 1_000),
         **options,
     )
+
+
+def read_topic(kafka: KafkaConfig, name: str, message_type: type[M]) -> list[M]:
+    """Every committed record of a topic, from the beginning to the end offsets as of this call."""
+    consumer = make_consumer(kafka, group_id=None, isolation_level="read_committed")
+    try:
+        topic = kafka.topic(name)
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        records = []
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            for batch in consumer.poll(timeout_ms=1000).values():
+                records.extend(message_type.FromString(r.value) for r in batch)
+        return records
+    finally:
+        consumer.close()

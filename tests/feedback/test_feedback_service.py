@@ -13,12 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modalign.core import broker
-from modalign.core.kafka import KafkaConfig, ensure_topics
+from modalign.core.kafka import KafkaConfig, ensure_topics, read_topic
 from modalign.core.processes import ManagedProcess
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 from tests.conftest import start_broker
-from tests.services import read_topic, start_grpc_service
+from tests.services import start_grpc_service
 from tests.feedback.cases import BAD_FEEDBACK, valid_feedback
 
 pytestmark = pytest.mark.integration

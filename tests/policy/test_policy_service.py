@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image, ImageDraw
 
-from modalign.core.kafka import KafkaConfig
+from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 
-from tests.services import read_topic, start_grpc_service
+from tests.services import start_grpc_service
 
 pytestmark = pytest.mark.integration
 

@@ -24,13 +24,13 @@ from typing import Callable, Iterator
 import grpc
 import pytest
 
-from modalign.core.kafka import KafkaConfig
+from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.modelstore import ModelStore
 from modalign.core.processes import ManagedProcess, free_port, grpc_serving
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
 from tests.rollout.users import Users, image_png, publish, save_model
-from tests.services import kafka_args, read_topic, start_grpc_service
+from tests.services import kafka_args, start_grpc_service
 
 pytestmark = pytest.mark.integration
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from modalign.core.kafka import KafkaConfig
+from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.trainer.checkpoint import load_checkpoint
 from modalign.trainer.service import is_heldout
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
-from tests.services import read_topic, start_grpc_service
+from tests.services import start_grpc_service
 from tests.trainer.scripted_users import prompt
 from tests.trainer.test_trainer_learns import trainer_process
 

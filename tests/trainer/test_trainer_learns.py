@@ -15,12 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from modalign.core.kafka import KafkaConfig
+from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.modelstore import ModelStore
 from modalign.core.processes import ManagedProcess, free_port, http_ok
 from modalign.v1 import events_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
-from tests.services import kafka_args, read_topic, start_grpc_service
+from tests.services import kafka_args, start_grpc_service
 from tests.trainer.scripted_users import colour_rate, interact
 
 pytestmark = pytest.mark.integration
