@@ -48,7 +48,8 @@ class RewardScorer:
         self._model_name = model_name
         self._blobs = blobs
 
-    def score(self, served: list[_Served]) -> list[float]:
+    def score(self, served: list[_Served]) -> tuple[list[float], str]:
+        """The scores, and the version of the reward model that gave them."""
         most_images = max(len(s.image_sha256s) for s in served)
         # Images go base64 over REST: KServe decodes REST BYTES as UTF-8 text (see the reward server).
         images = np.array(
@@ -66,7 +67,7 @@ class RewardScorer:
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
         result = self._client.infer(self._model_name, inputs)
-        return [float(score) for score in result.as_numpy("score")]
+        return [float(score) for score in result.as_numpy("score")], result.get_response().get("model_version", "")
 
     def close(self) -> None:
         self._client.close()
@@ -95,6 +96,8 @@ class EvidenceCollector:
         self._served_by: dict[str, str] = {}
         self._pending: OrderedDict[str, events_pb2.FeedbackReceived] = OrderedDict()
         self._unscored: deque[_Served] = deque(maxlen=MAX_UNSCORED)
+        self.reward_model_version: str | None = None
+        """The reward model behind evidence.rewards: every score compared comes from one model."""
 
     def reset(self, canary: str, stable: str, since_ms: int) -> None:
         self.canary, self.stable = canary, stable
@@ -181,10 +184,17 @@ class EvidenceCollector:
             return
         batch = [self._unscored.popleft() for _ in range(min(self._reward_batch, len(self._unscored)))]
         try:
-            scores = self._scorer.score(batch)
+            scores, model_version = self._scorer.score(batch)
         except Exception as error:
             log.warning("reward service did not score %d responses (%s); they are skipped", len(batch), error)
             return
+        if model_version != self.reward_model_version:
+            # Scores of two reward models do not compare: start the reward evidence over with the new one.
+            if self.reward_model_version is not None:
+                log.info("reward model %s replaced %s: reward evidence starts over", model_version,
+                         self.reward_model_version)
+            self.reward_model_version = model_version
+            self.evidence.rewards.clear()
         for served, score in zip(batch, scores):
             self.evidence.moments("reward", served.version).add(score)
 

@@ -233,6 +233,7 @@ def test_the_rollout_controller_scores_each_versions_served_responses_here(
     assert evidence.moments("rating", "canary").mean == pytest.approx(3.0)  # scores 2 and 4
     assert evidence.moments("rating", "stable").mean == pytest.approx(3.0)  # score 3
     assert (evidence.canary_wins, evidence.stable_wins) == (0, 1)
+    assert collector.reward_model_version == VERSION
 
 
 def test_metadata_describes_the_contract(
