@@ -51,39 +51,45 @@ class LocalPorts:
         return self.metrics_base + index
 
 
-def local_services(bootstrap_servers: str, home: Path, ports: LocalPorts) -> list[ManagedProcess]:
-    """The services of one local system, sharing the blob store, the model store and the broker."""
-    kafka = ["--kafka.bootstrap-servers", bootstrap_servers]
+def local_services(
+    kafka: list[str], home: Path, ports: LocalPorts, extra_args: dict[str, list[str]] | None = None
+) -> list[ManagedProcess]:
+    """The services of one local system, sharing the blob store, the model store and the broker.
+
+    kafka: the --kafka.* flags every service gets; extra_args: more flags by service name.
+    """
+    extra = extra_args or {}
     blobs = ["--blob-dir", str(home / "blobs")]
     log_dir = home / "logs"
     trainer_metrics = f"http://127.0.0.1:{ports.metrics(3)}/metrics"
     return [
         ManagedProcess.python_module(
             "feedback", "modalign.feedback.server",
-            ["--listen", ports.feedback, "--metrics-port", str(ports.metrics(1)), *kafka],
+            ["--listen", ports.feedback, "--metrics-port", str(ports.metrics(1)), *kafka, *extra.get("feedback", [])],
             ready=lambda: grpc_serving(ports.feedback), log_dir=log_dir,
         ),
         ManagedProcess.python_module(
             "policy", "modalign.policy.server",
-            ["--listen", ports.policy, "--metrics-port", str(ports.metrics(0)), *kafka, *blobs],
+            ["--listen", ports.policy, "--metrics-port", str(ports.metrics(0)), *kafka, *blobs, *extra.get("policy", [])],
             ready=lambda: grpc_serving(ports.policy), log_dir=log_dir,
         ),
         ManagedProcess.python_module(
             "reward", "modalign.reward.server",
             ["--http-port", str(ports.reward_http), "--grpc-port", str(ports.reward_grpc),
-             "--follow-versions", "true", *kafka],
+             "--follow-versions", "true", *kafka, *extra.get("reward", [])],
             ready=lambda: http_ok(f"http://127.0.0.1:{ports.reward_http}/v2/health/ready"), log_dir=log_dir,
         ),
         ManagedProcess.python_module(
             "trainer", "modalign.trainer",
             ["--metrics-port", str(ports.metrics(3)), *kafka, *blobs, "--work-dir", str(home / "trainer"),
-             "--model-store", str(home / "models")],
+             "--model-store", str(home / "models"), *extra.get("trainer", [])],
             ready=lambda: http_ok(trainer_metrics), log_dir=log_dir,
         ),
         ManagedProcess.python_module(
             "rollout", "modalign.rollout.server",
             ["--listen", ports.rollout, "--metrics-port", str(ports.metrics(4)), *kafka, *blobs,
-             "--policy-metrics", f"127.0.0.1:{ports.metrics(0)}", "--reward-url", f"127.0.0.1:{ports.reward_http}"],
+             "--policy-metrics", f"127.0.0.1:{ports.metrics(0)}", "--reward-url", f"127.0.0.1:{ports.reward_http}",
+             *extra.get("rollout", [])],
             ready=lambda: grpc_serving(ports.rollout), log_dir=log_dir,
         ),
     ]
@@ -99,7 +105,7 @@ def run_local_system(broker_config: broker.BrokerConfig, ports: LocalPorts = Loc
     broker.start(broker_config)
     ensure_topics(KafkaConfig(bootstrap_servers=broker_config.bootstrap_servers))
     home = broker_config.data_dir.parent
-    services = local_services(broker_config.bootstrap_servers, home, ports)
+    services = local_services(["--kafka.bootstrap-servers", broker_config.bootstrap_servers], home, ports)
     try:
         for service in services:
             service.start()

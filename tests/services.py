@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from modalign.core.kafka import KafkaConfig
@@ -32,3 +33,22 @@ def start_grpc_service(name: str, module: str, kafka: KafkaConfig, log_dir: Path
         process.stop()
         raise
     return process, address, metrics_port
+
+
+def free_run(count: int) -> int:
+    """A port such that it and the count - 1 after it are free on loopback."""
+    for _ in range(100):
+        base = free_port()
+        sockets = []
+        try:
+            for offset in range(count):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", base + offset))
+                sockets.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no run of free ports")

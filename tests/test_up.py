@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,27 +14,9 @@ from pathlib import Path
 import pytest
 
 from modalign.core.processes import free_port
+from tests.services import free_run
 
 pytestmark = pytest.mark.integration
-
-
-def free_run(count: int) -> int:
-    """A port such that it and the count - 1 after it are free on loopback."""
-    for _ in range(100):
-        base = free_port()
-        sockets = []
-        try:
-            for offset in range(count):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", base + offset))
-                sockets.append(sock)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no run of free ports")
 
 
 def pid_alive(pid: int) -> bool:

@@ -7,6 +7,7 @@ shell. This is for local runs and tests; clusters use Strimzi or an existing Kaf
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import os
@@ -205,3 +206,15 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a local broker: `modalign kafka|up|demo` share them."""
+    defaults = BrokerConfig()
+    parser.add_argument("--data-dir", default=str(defaults.data_dir), help="broker data; survives restarts")
+    parser.add_argument("--port", type=int, default=defaults.port, help="client port on 127.0.0.1")
+    parser.add_argument("--controller-port", type=int, default=defaults.controller_port)
+
+
+def config_from_arguments(args: argparse.Namespace) -> BrokerConfig:
+    return BrokerConfig(data_dir=Path(args.data_dir), port=args.port, controller_port=args.controller_port)

@@ -126,8 +126,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
-    """The LLaVA processor for the default policy: resize to 32x32, expand each <image> to 16 tokens."""
+def build_processor(
+    tokenizer: PreTrainedTokenizerFast | None = None, patch_size: int = PATCH_SIZE
+) -> LlavaProcessor:
+    """The LLaVA processor for the default policy: resize to 32x32, expand each <image> to one token per
+    patch (16 with the default 8x8 patches)."""
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     image_processor = LlavaImageProcessorPil(
         # Squash to 32x32 rather than crop: a crop could cut off shapes that the answer must count.
@@ -139,7 +142,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, removed by the "default" strategy
         chat_template=CHAT_TEMPLATE,
@@ -147,9 +150,13 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
     )
 
 
-def build_default_policy(seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A randomly initialised ~1M-parameter LLaVA policy on the CPU, in eval mode, with its processor."""
-    processor = build_processor()
+def build_default_policy(seed: int = 0, patch_size: int = PATCH_SIZE) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A randomly initialised ~1M-parameter LLaVA policy on the CPU, in eval mode, with its processor.
+
+    patch_size 16 gives 4 image tokens, one per image quadrant: a tiny model trained from scratch
+    grounds "what is in each quadrant" far faster when each quadrant is one token (the demo uses it).
+    """
+    processor = build_processor(patch_size=patch_size)
     tokenizer = processor.tokenizer
     vision_config = CLIPVisionConfig(
         hidden_size=64,
@@ -157,7 +164,7 @@ def build_default_policy(seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         projection_dim=64,
     )
     text_config = LlamaConfig(
@@ -177,7 +184,7 @@ def build_default_policy(seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=NUM_IMAGE_TOKENS,
+        image_seq_length=(IMAGE_SIZE // patch_size) ** 2,
         vision_feature_select_strategy="default",
         # Layer 0 (patch embeddings) beside the last layer: the projector sees each patch's pixels
         # directly, so colour and position reach the language model before the ViT has learned anything.

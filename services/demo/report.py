@@ -1,0 +1,178 @@
+"""What the demo measured, per policy version, and the report people read (markdown, PNG, JSON).
+
+Every version answers the same held-out scenes (scenes no simulated user ever sees) with the same
+sampling seeds at temperature 1, so versions differ only by their weights:
+- hallucination_rate: share of sampled answers the judge (scenes.faithfulness) flags, with a 95%
+  Wilson interval;
+- win_rate_vs_v0: per scene, the users' hidden preference (without their noise) between this
+  version's answer and v0's, ties counted half; mean and 95% normal interval over scenes;
+- mean_reward: the last published reward model's mean score of the answers (one model for all
+  versions, so the numbers compare);
+- kl: KL(version || reference) as the trainer's evaluation gate measured it when it published the
+  version (services/trainer; 0 for v0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from modalign.demo.scenes import Example, examples, faithfulness
+from modalign.demo.users import preference
+from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
+from modalign.policy.model import format_prompt, load_policy
+from modalign.reward.model import RewardModel
+
+HELD_OUT_SEED = 424242
+Z95 = 1.959963984540054
+
+
+@dataclass
+class VersionResult:
+    version: str
+    promoted: bool
+    mean_reward: float
+    win_rate_vs_v0: float
+    win_rate_ci: list[float]
+    hallucination_rate: float
+    hallucination_ci: list[float]
+    kl: float
+    samples: int
+    examples: list[dict] = field(default_factory=list)
+    """A few (question, answer, verdict) rows for the markdown."""
+
+
+def wilson_interval(successes: int, n: int) -> list[float]:
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def mean_interval(values: list[float]) -> tuple[float, list[float]]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = Z95 * sd / math.sqrt(n)
+    return mean, [max(0.0, mean - half), min(1.0, mean + half)]
+
+
+def held_out_examples(n: int) -> list[Example]:
+    stream = examples(HELD_OUT_SEED)
+    return [next(stream) for _ in range(n)]
+
+
+@torch.no_grad()
+def sample_answers(folder: Path, held_out: list[Example], max_new_tokens: int, batch: int = 32) -> list[str]:
+    model, processor = load_policy(folder)
+    engine = PolicyEngine(model, processor)
+    requests = [
+        GenerationRequest(format_prompt(processor, e.question.text, 1), [e.scene.image()],
+                          SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=HELD_OUT_SEED + i))
+        for i, e in enumerate(held_out)
+    ]
+    answers = []
+    for start in range(0, len(requests), batch):
+        answers.extend(samples[0].text for samples in engine.generate(requests[start:start + batch]))
+    return answers
+
+
+def evaluate_versions(
+    versions: list[tuple[str, Path, float, bool]], reward_folder: Path | None, held_out: list[Example],
+    max_new_tokens: int = 32,
+) -> list[VersionResult]:
+    """versions: (name, model folder, KL the trainer measured, promoted), v0 first."""
+    reward = RewardModel.load(reward_folder) if reward_folder is not None else None
+    answers = {name: sample_answers(folder, held_out, max_new_tokens) for name, folder, _, _ in versions}
+    baseline = answers[versions[0][0]]
+    results = []
+    for name, _, kl, promoted in versions:
+        mine = answers[name]
+        verdicts = [faithfulness(a, e.scene, e.question) for a, e in zip(mine, held_out)]
+        hallucinated = sum(v.hallucinated for v in verdicts)
+        win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(mine, baseline, held_out)])
+        mean_reward = float("nan")
+        if reward is not None:
+            scores = [reward.score([e.question.text for e in chunk], [[e.scene.image()] for e in chunk], texts)
+                      for chunk, texts in _chunks(held_out, mine, 32)]
+            mean_reward = torch.cat(scores).float().mean().item()
+        results.append(VersionResult(
+            version=name, promoted=promoted, mean_reward=mean_reward, win_rate_vs_v0=win_rate, win_rate_ci=win_ci,
+            hallucination_rate=hallucinated / len(mine), hallucination_ci=wilson_interval(hallucinated, len(mine)),
+            kl=kl, samples=len(mine),
+            examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
+                      for e, a, v in list(zip(held_out, mine, verdicts))[:3]],
+        ))
+    return results
+
+
+def _chunks(held_out: list[Example], texts: list[str], size: int):
+    for start in range(0, len(held_out), size):
+        yield held_out[start:start + size], texts[start:start + size]
+
+
+def write_report(out: Path, results: list[VersionResult], timeline: list[dict], summary: dict) -> None:
+    """report.json, report.md and the PNG plots it shows, in out/."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = {**summary, "versions": [asdict(r) for r in results], "timeline": timeline}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    names = [r.version for r in results]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axis, title, values, intervals in (
+        (axes[0], "hallucination rate (sampled)", [r.hallucination_rate for r in results], [r.hallucination_ci for r in results]),
+        (axes[1], "win rate vs v0 (hidden preference)", [r.win_rate_vs_v0 for r in results], [r.win_rate_ci for r in results]),
+    ):
+        errors = [[v - lo for v, (lo, _) in zip(values, intervals)], [hi - v for v, (_, hi) in zip(values, intervals)]]
+        axis.bar(names, values, yerr=errors, capsize=4, color=["#4878d0" if r.promoted else "#b0b0b0" for r in results])
+        axis.set_title(title)
+        axis.set_ylim(0, 1)
+    axes[1].axhline(0.5, color="black", linewidth=0.8, linestyle=":")
+    axes[2].plot(names, [r.mean_reward for r in results], marker="o")
+    axes[2].set_title("mean reward (last reward model)")
+    figure.tight_layout()
+    figure.savefig(out / "versions.png", dpi=110)
+    plt.close(figure)
+
+    lines = [
+        "# modalign demo report", "",
+        f"Online RLHF loop from v0 to the final version: {summary['seconds']:.0f} s"
+        f" (warm start {summary['warm_start_seconds']:.0f} s, 0 when cached). Final version serving all traffic:"
+        f" **{summary['final']}**.", "",
+        "![per version](versions.png)", "",
+        "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward | KL to reference |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.version} | {'yes' if r.promoted else 'no'} | {r.hallucination_rate:.1%}"
+            f" ({r.hallucination_ci[0]:.1%}-{r.hallucination_ci[1]:.1%}) | {r.win_rate_vs_v0:.1%}"
+            f" ({r.win_rate_ci[0]:.1%}-{r.win_rate_ci[1]:.1%}) | {r.mean_reward:.3f} | {r.kl:.3f} |")
+    lines += [
+        "", "## How these were measured", "",
+        f"Each version answered the same {results[0].samples} held-out scenes (never shown to the simulated users),"
+        " one answer each, sampled at temperature 1 with the same seeds. The judge (services/demo/scenes.py)"
+        " flags an answer as hallucinated when it asserts a colour, shape, size, position or count that is not"
+        " in the image. The win rate compares each answer with v0's on the same scene by the users' hidden"
+        " preference (faithful first, then concise; ties count half), without the noise users add to their"
+        " feedback. Intervals are 95%: Wilson for the hallucination rate, normal over scenes for the win rate.",
+        "", "## Canary decisions", "",
+    ]
+    lines += [f"- {entry['time']} revision {entry['revision']}: {entry['reason']}" for entry in timeline]
+    lines += ["", "## Sample answers", ""]
+    for r in results:
+        for row in r.examples:
+            flag = " (hallucinated)" if row["hallucinated"] else ""
+            lines.append(f"- {r.version}: *{row['question']}* → {row['answer']!r}{flag}")
+    (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,178 @@
+"""Simulated users: they ask about scenes through PolicyService and say what they think through
+FeedbackService, the public gRPC APIs a real client uses, and nothing else.
+
+Their hidden preference is the demo's ground truth. Faithfulness to the image comes first: a correct
+answer beats one that answers nothing false but misses the question, which beats a hallucination.
+Only between equally faithful answers does style decide: fewer words win. Users are noisy (each
+judgement flips with probability `noise`), so they sometimes disagree with each other and with
+themselves, as real raters do.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+
+from modalign.demo.scenes import Example, examples, faithfulness, reference_answer
+from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
+
+
+def faithfulness_rank(answer: str, example: Example) -> int:
+    """2: correct; 1: nothing false, but the question is not answered; 0: hallucinated."""
+    verdict = faithfulness(answer, example.scene, example.question)
+    return 0 if verdict.hallucinated else 2 if verdict.correct else 1
+
+
+def is_verbose(answer: str, example: Example) -> bool:
+    """Wordier than the concise reference answer by half again (the "Sure! In this picture..." style)."""
+    concise = reference_answer(example.scene, example.question, "concise")
+    return len(answer.split()) > 1.5 * len(concise.split()) + 1
+
+
+def preference(first: str, second: str, example: Example) -> float:
+    """The hidden preference without noise: 1 if first is better, 0 if second is, 0.5 for a tie."""
+    def key(answer: str) -> tuple[int, int]:
+        return faithfulness_rank(answer, example), -len(answer.split())
+
+    a, b = key(first), key(second)
+    return 1.0 if a > b else 0.0 if a < b else 0.5
+
+
+def rating(answer: str, example: Example) -> int:
+    """1-5 by the hidden preference: 5 correct and concise ... 1 hallucinated and verbose."""
+    return {2: 4, 1: 3, 0: 1}[faithfulness_rank(answer, example)] + (0 if is_verbose(answer, example) else 1)
+
+
+@dataclass(frozen=True)
+class UsersConfig:
+    """The simulated user population."""
+
+    users: int = 4
+    """Users sending requests at once (one thread each)."""
+    feedback_rate: float = 1.0
+    """Share of answers a user gives feedback on."""
+    preference_share: float = 0.6
+    """Of the feedback: comparisons of the two candidates; the rest split between ratings and edits."""
+    edit_share: float = 0.15
+    """Of the feedback: corrections of a hallucinated answer (the user writes the concise reference)."""
+    noise: float = 0.1
+    """Chance that a user's comparison is flipped or a rating off by one."""
+    session_turns: int = 5
+    """Requests per session before a user starts a new one (canary routing is sticky per session)."""
+    max_new_tokens: int = 32
+    seed: int = 0
+    """Users draw scenes from seeds 1000 + seed*100 + user: never the held-out evaluation scenes."""
+
+
+@dataclass
+class Tally:
+    requests: int = 0
+    failed: int = 0
+    feedback: Counter = field(default_factory=Counter)
+    served: Counter = field(default_factory=Counter)
+
+
+class SimulatedUsers:
+    """Users on threads, each in a loop of Generate (two candidates) then feedback, until stopped."""
+
+    def __init__(self, config: UsersConfig, policy_address: str, feedback_address: str) -> None:
+        self.config = config
+        self.tally = Tally()
+        self._addresses = (policy_address, feedback_address)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(u,), daemon=True) for u in range(config.users)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def _run(self, user: int) -> None:
+        config = self.config
+        rng = random.Random(config.seed * 7919 + user)
+        stream = examples(1000 + config.seed * 100 + user)
+        user_id = f"demo-user-{user}"
+        with grpc.insecure_channel(self._addresses[0]) as policy_channel, \
+                grpc.insecure_channel(self._addresses[1]) as feedback_channel:
+            policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
+            feedback = feedback_pb2_grpc.FeedbackServiceStub(feedback_channel)
+            session, turns = uuid.uuid4().hex, 0
+            while not self._stop.is_set():
+                if turns == config.session_turns:
+                    session, turns = uuid.uuid4().hex, 0
+                turns += 1
+                example = next(stream)
+                try:
+                    reply = policy.Generate(request_for(example, n=2, seed=rng.getrandbits(31), user_id=user_id,
+                                                        session_id=session, max_new_tokens=config.max_new_tokens),
+                                            timeout=120)
+                except grpc.RpcError:
+                    with self._lock:
+                        self.tally.requests += 1
+                        self.tally.failed += 1
+                    continue
+                with self._lock:
+                    self.tally.requests += 1
+                    self.tally.served[reply.policy_version] += 1
+                if rng.random() < config.feedback_rate:
+                    for message in self._feedback(reply, example, rng, user_id):
+                        try:
+                            feedback.Submit(message, timeout=60)
+                        except grpc.RpcError:
+                            continue  # the broker was briefly away; a real client would retry
+                        with self._lock:
+                            self.tally.feedback[message.WhichOneof("kind")] += 1
+
+    def _feedback(self, reply: policy_pb2.GenerateResponse, example: Example, rng: random.Random,
+                  user_id: str) -> list[feedback_pb2.Feedback]:
+        """An edit of a hallucinated answer, a comparison of the two, or a rating of each."""
+        config = self.config
+        first, second = reply.candidates[0], reply.candidates[1]
+
+        def message(**kind) -> feedback_pb2.Feedback:
+            feedback = feedback_pb2.Feedback(feedback_id=f"demo-{uuid.uuid4().hex}", user_id=user_id, **kind)
+            feedback.client_time.FromSeconds(int(time.time()))
+            return feedback
+
+        draw = rng.random()
+        hallucinated = [c for c in (first, second) if faithfulness_rank(c.text, example) == 0]
+        if draw < config.edit_share and hallucinated:
+            fixed = reference_answer(example.scene, example.question)
+            return [message(edit=feedback_pb2.Edit(response_id=hallucinated[0].response_id, edited_text=fixed))]
+        verdict = preference(first.text, second.text, example)
+        if draw < config.edit_share + config.preference_share and verdict != 0.5:
+            if rng.random() < config.noise:
+                verdict = 1.0 - verdict
+            chosen, rejected = (first, second) if verdict == 1.0 else (second, first)
+            return [message(preference=feedback_pb2.Preference(
+                chosen_response_id=chosen.response_id, rejected_response_id=rejected.response_id))]
+        ratings = []
+        for candidate in (first, second):
+            score = rating(candidate.text, example)
+            if rng.random() < config.noise:
+                score = min(5, max(1, score + rng.choice((-1, 1))))
+            ratings.append(message(rating=feedback_pb2.Rating(response_id=candidate.response_id, score=score)))
+        return ratings
+
+
+def request_for(example: Example, n: int, seed: int, user_id: str = "", session_id: str = "",
+                max_new_tokens: int = 32, temperature: float = 1.0) -> policy_pb2.GenerateRequest:
+    buffer = io.BytesIO()
+    example.scene.image().save(buffer, format="PNG")
+    return policy_pb2.GenerateRequest(
+        text=example.question.text, images=[common_pb2.Image(data=buffer.getvalue(), mime_type="image/png")],
+        sampling=common_pb2.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
+        n=n, user_id=user_id, session_id=session_id,
+    )
