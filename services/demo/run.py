@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="modalign demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("modalign-demo"), help="where the report goes")
     parser.add_argument("--minutes", type=float, default=9.0, help="longest the loop runs")
-    parser.add_argument("--versions", type=int, default=6, help="stop once this many versions were promoted")
+    parser.add_argument("--versions", type=int, default=10, help="stop once this many versions were promoted")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users", type=int, default=4, help="simulated users sending requests at once")
     parser.add_argument("--policy-model", type=Path, default=None,
