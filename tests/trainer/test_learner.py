@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import itertools
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from PIL import Image, ImageDraw
 from modalign.core.blobs import BlobStore
 from modalign.policy.engine import Sample
 from modalign.policy.model import format_prompt
-from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.algorithms.critic_free import critic_free_update
 from modalign.trainer.algorithms.ppo import ppo_update
 from modalign.trainer.join import PreferencePair, Response
