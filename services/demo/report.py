@@ -8,8 +8,9 @@ sampling seeds at temperature 1, so versions differ only by their weights:
   version's answer and v0's, ties counted half; mean and 95% normal interval over scenes;
 - mean_reward: the last published reward model's mean score of the answers (one model for all
   versions, so the numbers compare);
-- kl: KL(version || reference) as the trainer's evaluation gate measured it when it published the
-  version (services/trainer; 0 for v0).
+- kl: KL(version || v0) per answer in nats, estimated on the same samples as the mean of
+  log pi_version(answer) - log pi_v0(answer) (each answer's tokens scored by v0 under the sampler's
+  own masking, at temperature 1); 0 for v0 itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from modalign.demo.scenes import Example, examples, faithfulness
 from modalign.demo.users import preference
-from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
+from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams, mask_unsampleable
 from modalign.policy.model import format_prompt, load_policy
 from modalign.reward.model import RewardModel
 
@@ -69,31 +70,51 @@ def held_out_examples(n: int) -> list[Example]:
 
 
 @torch.no_grad()
-def sample_answers(folder: Path, held_out: list[Example], max_new_tokens: int, batch: int = 32) -> list[str]:
-    model, processor = load_policy(folder)
-    engine = PolicyEngine(model, processor)
+def sample_answers(engine: PolicyEngine, held_out: list[Example], max_new_tokens: int, batch: int = 32) -> list[Sample]:
     requests = [
-        GenerationRequest(format_prompt(processor, e.question.text, 1), [e.scene.image()],
+        GenerationRequest(format_prompt(engine.processor, e.question.text, 1), [e.scene.image()],
                           SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=HELD_OUT_SEED + i))
         for i, e in enumerate(held_out)
     ]
-    answers = []
+    samples = []
     for start in range(0, len(requests), batch):
-        answers.extend(samples[0].text for samples in engine.generate(requests[start:start + batch]))
-    return answers
+        samples.extend(candidates[0] for candidates in engine.generate(requests[start:start + batch]))
+    return samples
+
+
+@torch.no_grad()
+def kl_to(reference: PolicyEngine, samples: list[Sample], held_out: list[Example]) -> float:
+    """Mean over samples of log pi(answer) - log pi_reference(answer): an unbiased estimate of
+    KL(pi || pi_reference) per answer, pi being the policy that sampled them."""
+    differences = []
+    for sample, example in zip(samples, held_out):
+        if not sample.token_ids:
+            differences.append(0.0)
+            continue
+        ids = torch.tensor([list(sample.prompt_token_ids) + list(sample.token_ids)])
+        pixel_values = reference.processor.image_processor(images=[example.scene.image()], return_tensors="pt")
+        logits = reference.model(input_ids=ids, pixel_values=pixel_values["pixel_values"]).logits[0]
+        # The logits at position t predict token t + 1: the answer's tokens are predicted by the positions before them.
+        predicting = mask_unsampleable(logits[-len(sample.token_ids) - 1:-1].float(), reference.unsampleable_token_ids)
+        answer = torch.tensor(sample.token_ids).unsqueeze(-1)
+        reference_logprob = torch.log_softmax(predicting, dim=-1).gather(-1, answer).sum().item()
+        differences.append(sum(sample.logprobs) - reference_logprob)
+    return sum(differences) / len(differences)
 
 
 def evaluate_versions(
-    versions: list[tuple[str, Path, float, bool]], reward_folder: Path | None, held_out: list[Example],
+    versions: list[tuple[str, Path, bool]], reward_folder: Path | None, held_out: list[Example],
     max_new_tokens: int = 32,
 ) -> list[VersionResult]:
-    """versions: (name, model folder, KL the trainer measured, promoted), v0 first."""
+    """versions: (name, model folder, promoted), v0 first."""
     reward = RewardModel.load(reward_folder) if reward_folder is not None else None
-    answers = {name: sample_answers(folder, held_out, max_new_tokens) for name, folder, _, _ in versions}
-    baseline = answers[versions[0][0]]
+    engines = {name: PolicyEngine(*load_policy(folder), policy_version=name) for name, folder, _ in versions}
+    samples = {name: sample_answers(engine, held_out, max_new_tokens) for name, engine in engines.items()}
+    reference = versions[0][0]
+    baseline = [s.text for s in samples[reference]]
     results = []
-    for name, _, kl, promoted in versions:
-        mine = answers[name]
+    for name, _, promoted in versions:
+        mine = [s.text for s in samples[name]]
         verdicts = [faithfulness(a, e.scene, e.question) for a, e in zip(mine, held_out)]
         hallucinated = sum(v.hallucinated for v in verdicts)
         win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(mine, baseline, held_out)])
@@ -105,7 +126,7 @@ def evaluate_versions(
         results.append(VersionResult(
             version=name, promoted=promoted, mean_reward=mean_reward, win_rate_vs_v0=win_rate, win_rate_ci=win_ci,
             hallucination_rate=hallucinated / len(mine), hallucination_ci=wilson_interval(hallucinated, len(mine)),
-            kl=kl, samples=len(mine),
+            kl=0.0 if name == reference else kl_to(engines[reference], samples[name], held_out), samples=len(mine),
             examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
                       for e, a, v in list(zip(held_out, mine, verdicts))[:3]],
         ))
@@ -151,7 +172,7 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f" (warm start {summary['warm_start_seconds']:.0f} s, 0 when cached). Final version serving all traffic:"
         f" **{summary['final']}**.", "",
         "![per version](versions.png)", "",
-        "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward | KL to reference |",
+        "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward | KL to v0 (nats per answer) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:

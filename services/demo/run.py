@@ -136,10 +136,7 @@ def report(args: argparse.Namespace, published: list[events_pb2.PolicyVersionPub
            warm_start_seconds: float) -> None:
     promoted = {s.canary_version for s in states if s.phase == events_pb2.ROLLOUT_PHASE_PROMOTED}
     final = states[-1].stable_version if states else "v0"
-    versions = [("v0", policy_model, 0.0, True)] + [
-        (e.version, local_path(e.uri), e.eval_metrics.get("kl_to_reference", float("nan")), e.version in promoted)
-        for e in published
-    ]
+    versions = [("v0", policy_model, True)] + [(e.version, local_path(e.uri), e.version in promoted) for e in published]
     reward_models = sorted((home / "models" / "reward").glob("r*"), key=lambda p: p.stat().st_mtime)
     results = evaluate_versions(versions, reward_models[-1] if reward_models else None, held_out_examples(args.held_out))
     timeline = [
