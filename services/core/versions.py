@@ -17,6 +17,9 @@ from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
+# Rollout phases in which a canary holds its share of traffic.
+ACTIVE_PHASES = (events_pb2.ROLLOUT_PHASE_PROGRESSING, events_pb2.ROLLOUT_PHASE_PAUSED)
+
 
 def local_path(uri: str) -> Path:
     """The folder a file:// model-store URI names."""

@@ -22,11 +22,10 @@ import grpc
 
 from modalign.core import broker
 from modalign.core.kafka import KafkaConfig, ensure_topics, read_topic
-from modalign.core.versions import local_path
+from modalign.core.versions import ACTIVE_PHASES, local_path
 from modalign.demo.report import evaluate_versions, held_out_examples, write_report
 from modalign.demo.users import SimulatedUsers, UsersConfig
 from modalign.demo.warmstart import build_warm_start
-from modalign.policy.routing import ACTIVE_PHASES
 from modalign.up import LocalPorts, local_services
 from modalign.v1 import events_pb2, rollout_pb2, rollout_pb2_grpc
 

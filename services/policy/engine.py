@@ -388,10 +388,6 @@ class DynamicBatcher:
         self._worker = threading.Thread(target=self._run, name="policy-batcher", daemon=True)
         self._worker.start()
 
-    @property
-    def engine(self) -> PolicyEngine:
-        return self._engine
-
     def submit(self, request: GenerationRequest) -> Future[list[Sample]]:
         """Queue a request; the future resolves to its n samples, or to the error that stopped them."""
         future: Future[list[Sample]] = Future()

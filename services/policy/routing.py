@@ -16,13 +16,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
+from modalign.core.versions import ACTIVE_PHASES
 from modalign.policy.engine import DynamicBatcher, GenerationRequest, PolicyEngine, Sample
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 BUCKETS = 100
-ACTIVE_PHASES = (events_pb2.ROLLOUT_PHASE_PROGRESSING, events_pb2.ROLLOUT_PHASE_PAUSED)
 
 
 def session_bucket(session_id: str) -> int:
@@ -88,9 +88,6 @@ class VersionRouter:
     @property
     def routes(self) -> Routes:
         return self._routes
-
-    def engine(self, version: str) -> PolicyEngine:
-        return self._batchers[version].engine
 
     def submit(self, session_id: str, request: GenerationRequest) -> tuple[str, Future[list[Sample]]]:
         """Queues the request on its session's version; returns that version and the samples' future."""

@@ -24,7 +24,8 @@ from kafka import KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, ProducerFencedError
 from prometheus_client import Counter, Gauge
 
-from modalign.core.kafka import KafkaConfig, make_consumer
+from modalign.core.kafka import KafkaConfig, make_consumer, read_topic
+from modalign.core.versions import ACTIVE_PHASES
 from modalign.rollout.analysis import analyse, describe, guard_verdicts, has_required_samples
 from modalign.rollout.evidence import EvidenceCollector, TrafficScraper
 from modalign.v1 import events_pb2
@@ -32,7 +33,6 @@ from modalign.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 STATE_KEY = b"current"
-ACTIVE_PHASES = (events_pb2.ROLLOUT_PHASE_PROGRESSING, events_pb2.ROLLOUT_PHASE_PAUSED)
 
 CANARY_WEIGHT = Gauge("modalign_rollout_canary_weight_percent", "Share of sessions routed to the canary.")
 STEP_INDEX = Gauge("modalign_rollout_step_index", "Index of the current canary step (0-based).")
@@ -113,19 +113,8 @@ class StateStore:
         self._producer.init_transactions()
 
     def read(self) -> events_pb2.RolloutState | None:
-        consumer = make_consumer(self._kafka, group_id=None, isolation_level="read_committed")
-        try:
-            partition = TopicPartition(self._topic, 0)
-            consumer.assign([partition])
-            consumer.seek_to_beginning(partition)
-            end = consumer.end_offsets([partition])[partition]
-            newest = None
-            while consumer.position(partition) < end:
-                for records in consumer.poll(timeout_ms=500).values():
-                    newest = records[-1].value if records else newest
-            return events_pb2.RolloutState.FromString(newest) if newest is not None else None
-        finally:
-            consumer.close()
+        states = read_topic(self._kafka, "rollout", events_pb2.RolloutState)
+        return states[-1] if states else None
 
     def write(self, state: events_pb2.RolloutState) -> None:
         """Returns once the state is committed; raises Fenced, or KafkaError with nothing written."""

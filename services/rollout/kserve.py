@@ -22,14 +22,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from modalign.core.versions import local_path
+from modalign.core.versions import ACTIVE_PHASES, local_path
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 VERSION_ANNOTATION = "modalign.dev/policy-version"
 MODEL_DIR_ANNOTATION = "modalign.dev/policy-model-dir"
-ACTIVE_PHASES = (events_pb2.ROLLOUT_PHASE_PROGRESSING, events_pb2.ROLLOUT_PHASE_PAUSED)
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
