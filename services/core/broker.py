@@ -64,23 +64,20 @@ class BrokerConfig:
         return self.data_dir / "broker.log"
 
 
-def jar_dir() -> Path:
-    """The broker's classpath, resolved from Maven Central on first use and cached by Maven."""
-    lib = DEFAULT_HOME / "kafka-lib" / _pom_digest()
+def jar_dir(pom: Path = POM) -> Path:
+    """The classpath of a pom's dependencies (by default the broker's), resolved from Maven Central on
+    first use and cached by Maven; the tests' S3 server (deploy/s3proxy) comes the same way."""
+    lib = DEFAULT_HOME / f"{pom.parent.name}-lib" / hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
     if not (lib / ".complete").exists():
         if shutil.which("mvn") is None:
-            raise RuntimeError("the local Kafka broker needs Maven (mvn) and Java 17+ on PATH")
+            raise RuntimeError(f"resolving {pom} needs Maven (mvn) and Java 17+ on PATH")
         lib.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["mvn", "-q", "-B", "-Dstyle.color=never", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={lib}"],
+            ["mvn", "-q", "-B", "-Dstyle.color=never", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={lib}"],
             check=True,
         )
         (lib / ".complete").touch()
     return lib
-
-
-def _pom_digest() -> str:
-    return hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
 
 
 def _java(lib: Path, main_class: str, *args: str, heap: str = "256m", extra: tuple[str, ...] = ()) -> list[str]:
