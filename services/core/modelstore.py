@@ -1,23 +1,43 @@
-"""The model store: one folder per published version, written atomically and verified before use.
+"""The model store: one folder per published version, committed atomically and verified before use.
 
 Layout: <root>/<kind>/<version>/ holding the model's files and manifest.json, where kind is "policy" or
-"reward". A version is written under a temporary name and renamed into place, so a reader never sees
-half a version; a loader verifies the sha256 of every file against the manifest before using any.
+"reward" and the root is a folder or an S3 location (s3://bucket/prefix). The manifest, with the sha256
+of every other file, is the commit marker: a version exists once its manifest does, so a reader never
+sees half a version. A folder store writes a version under a temporary name and renames it into
+place; an S3 store uploads every file first and the manifest last. Readers get a local folder whose
+every file was checked against the manifest (fetch): a folder store's own, or a verified copy of an
+S3 version in a local cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import tempfile
 import time
 import uuid
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+from urllib.parse import unquote, urlparse
+
+import boto3
+from botocore.config import Config as BotoConfig
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+
+# AWS's rules for bucket names (3-63 lowercase letters, digits, dots and hyphens), checked here so a
+# typo is named at start-up rather than as a signature or routing error from the service.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 @dataclass
@@ -36,6 +56,29 @@ class Manifest:
     created_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class Published:
+    """Where a published version is, as the policy-versions events name it."""
+
+    uri: str
+    """file:///... or s3://bucket/prefix/<kind>/<version>."""
+    manifest_sha256: str
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach an S3-compatible model store. Credentials come from the standard AWS sources
+    (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or the pod's IAM role), never from flags."""
+
+    endpoint_url: str = ""
+    """http(s)://host:port of an S3-compatible service; empty: AWS_ENDPOINT_URL_S3 if set, else AWS S3."""
+    region: str = ""
+    """Empty: AWS_REGION or AWS_DEFAULT_REGION if set, else us-east-1."""
+    cache_dir: Path = Path.home() / ".cache" / "modalign" / "models"
+    """Where versions fetched from S3 are kept, verified, to be loaded from; a cached copy that still
+    verifies is reused."""
+
+
 class ChecksumMismatch(RuntimeError):
     """A version's files differ from its manifest: it must not be loaded."""
 
@@ -48,42 +91,48 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.rglob("*"), folder]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+def verify(folder: Path | str, manifest_sha256: str | None = None) -> Manifest:
+    """Checks every file against the manifest (and the manifest against manifest_sha256 when given)."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if manifest_sha256 is not None and file_sha256(manifest_path) != manifest_sha256:
+        raise ChecksumMismatch(f"{manifest_path} does not match its published sha256")
+    manifest = Manifest(**json.loads(manifest_path.read_text()))
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if present != set(manifest.files):
+        raise ChecksumMismatch(f"{folder}: files {sorted(present ^ set(manifest.files))} differ from the manifest")
+    for relative, expected in manifest.files.items():
+        if file_sha256(folder / relative) != expected:
+            raise ChecksumMismatch(f"{folder / relative}: sha256 differs from the manifest")
+    return manifest
 
 
-class ModelStore:
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+class ModelStore(ABC):
+    """Versions by kind: published once, never rewritten, fetched verified."""
 
-    def folder(self, kind: str, version: str) -> Path:
-        return self.root / kind / version
-
+    @abstractmethod
     def versions(self, kind: str) -> list[str]:
         """Published versions of kind, oldest first."""
-        base = self.root / kind
-        if not base.exists():
-            return []
-        published = [p for p in base.iterdir() if (p / MANIFEST).exists() and not p.name.startswith(".")]
-        return [p.name for p in sorted(published, key=lambda p: (p / MANIFEST).stat().st_mtime)]
 
-    def publish(self, manifest: Manifest, write: Callable[[Path], None]) -> tuple[Path, str]:
+    @abstractmethod
+    def lookup(self, kind: str, version: str) -> Published | None:
+        """The published version, or None if it was never published (completely)."""
+
+    @abstractmethod
+    def fetch(self, kind: str, version: str, manifest_sha256: str | None = None) -> Path:
+        """A local folder holding the version, every file verified against its manifest (and the
+        manifest against manifest_sha256 when given). Raises LookupError if it was never published."""
+
+    def publish(self, manifest: Manifest, write: Callable[[Path], None]) -> Published:
         """Writes a version: write(folder) fills a temporary folder, the manifest is added with every
-        file's sha256, then the folder is renamed into place. Returns the folder and the manifest's sha256.
+        file's sha256, then the version is committed.
 
-        Raises FileExistsError if the version exists: versions are never rewritten.
+        Raises FileExistsError if the version exists: versions are never rewritten. Only one writer
+        (the trainer's rank 0) publishes into a store, so checking first is enough.
         """
-        target = self.folder(manifest.kind, manifest.version)
-        if target.exists():
-            raise FileExistsError(f"{manifest.kind} version {manifest.version} already exists at {target}")
-        staging = target.parent / f".incoming-{manifest.version}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        try:
+        if self.lookup(manifest.kind, manifest.version) is not None:
+            raise FileExistsError(f"{manifest.kind} version {manifest.version} already exists in {self}")
+        with self._staging(manifest.kind) as staging:
             write(staging)
             manifest.files = {
                 str(path.relative_to(staging)): file_sha256(path)
@@ -91,25 +140,222 @@ class ModelStore:
             }
             manifest.created_at = manifest.created_at or time.time()
             (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
-            _fsync_tree(staging)
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target, file_sha256(target / MANIFEST)
+            return self._commit(staging, manifest.kind, manifest.version)
 
-    @staticmethod
-    def verify(folder: Path | str, manifest_sha256: str | None = None) -> Manifest:
-        """Checks every file against the manifest (and the manifest against manifest_sha256 when given)."""
-        folder = Path(folder)
-        manifest_path = folder / MANIFEST
-        if manifest_sha256 is not None and file_sha256(manifest_path) != manifest_sha256:
-            raise ChecksumMismatch(f"{manifest_path} does not match its published sha256")
-        manifest = Manifest(**json.loads(manifest_path.read_text()))
-        present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
-        if present != set(manifest.files):
-            raise ChecksumMismatch(f"{folder}: files {sorted(present ^ set(manifest.files))} differ from the manifest")
-        for relative, expected in manifest.files.items():
-            if file_sha256(folder / relative) != expected:
-                raise ChecksumMismatch(f"{folder / relative}: sha256 differs from the manifest")
-        return manifest
+    @abstractmethod
+    def _staging(self, kind: str) -> AbstractContextManager[Path]:
+        """A context manager giving an empty local folder, removed (if still there) on exit."""
+
+    @abstractmethod
+    def _commit(self, staging: Path, kind: str, version: str) -> Published:
+        """Makes the staged folder (manifest included) the published version."""
+
+
+class DirectoryStore(ModelStore):
+    """A store in a local folder or a shared volume; versions are named by file:// URI."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def folder(self, kind: str, version: str) -> Path:
+        return self.root / kind / version
+
+    def versions(self, kind: str) -> list[str]:
+        base = self.root / kind
+        if not base.exists():
+            return []
+        published = [p for p in base.iterdir() if (p / MANIFEST).exists() and not p.name.startswith(".")]
+        return [p.name for p in sorted(published, key=lambda p: (p / MANIFEST).stat().st_mtime)]
+
+    def lookup(self, kind: str, version: str) -> Published | None:
+        folder = self.folder(kind, version)
+        if not (folder / MANIFEST).is_file():
+            return None
+        return Published(uri=folder.resolve().as_uri(), manifest_sha256=file_sha256(folder / MANIFEST))
+
+    def fetch(self, kind: str, version: str, manifest_sha256: str | None = None) -> Path:
+        folder = self.folder(kind, version)
+        if not (folder / MANIFEST).is_file():
+            raise LookupError(f"{kind} version {version} was never published: {folder / MANIFEST} does not exist")
+        verify(folder, manifest_sha256)
+        return folder
+
+    @contextmanager
+    def _staging(self, kind: str) -> Iterator[Path]:
+        # Beside the versions, so that the commit is a rename within one filesystem.
+        staging = self.root / kind / f".incoming-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _commit(self, staging: Path, kind: str, version: str) -> Published:
+        _fsync_tree(staging)
+        target = self.folder(kind, version)
+        os.rename(staging, target)
+        return Published(uri=target.resolve().as_uri(), manifest_sha256=file_sha256(target / MANIFEST))
+
+
+class S3Store(ModelStore):
+    """A store under s3://bucket/prefix on AWS S3 or any S3-compatible service."""
+
+    def __init__(self, bucket: str, prefix: str, config: S3Config = S3Config()) -> None:
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.cache_dir = config.cache_dir
+        self._client = boto3.client(
+            "s3", endpoint_url=config.endpoint_url or None, region_name=config.region or None,
+            # boto3 sends CRC checksum headers by default, which S3-compatible services (s3proxy,
+            # Ceph, older MinIO) refuse; every file is checked against its sha256 anyway.
+            config=BotoConfig(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
+        )
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, kind: str, version: str, relative: str = "") -> str:
+        return "/".join(part for part in (self.prefix, kind, version, relative) if part)
+
+    def versions(self, kind: str) -> list[str]:
+        base = self._key(kind, "") + "/"
+        published: list[tuple[datetime, str]] = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            for item in page.get("Contents", []):
+                name, _, rest = item["Key"][len(base):].partition("/")
+                if rest == MANIFEST:
+                    published.append((item["LastModified"], name))
+        # S3 times have whole seconds: versions committed within one second go by their number (v9 before v10).
+        return [name for _, name in sorted(published, key=lambda p: (p[0], len(p[1]), p[1]))]
+
+    def lookup(self, kind: str, version: str) -> Published | None:
+        manifest = self._manifest_bytes(kind, version)
+        if manifest is None:
+            return None
+        return Published(uri=f"s3://{self.bucket}/{self._key(kind, version)}",
+                         manifest_sha256=hashlib.sha256(manifest).hexdigest())
+
+    def fetch(self, kind: str, version: str, manifest_sha256: str | None = None) -> Path:
+        target = self.cache_dir / self.bucket / self._key(kind, version)
+        if target.exists():
+            try:
+                verify(target, manifest_sha256)
+                return target
+            except ChecksumMismatch:
+                log.warning("the cached copy of %s is damaged; fetching it again", target, exc_info=True)
+                shutil.rmtree(target)
+        manifest = self._manifest_bytes(kind, version)
+        if manifest is None:
+            raise LookupError(f"{kind} version {version} was never published: "
+                              f"s3://{self.bucket}/{self._key(kind, version, MANIFEST)} does not exist")
+        # Before anything is downloaded: the manifest says what to download, and where to.
+        if manifest_sha256 is not None and hashlib.sha256(manifest).hexdigest() != manifest_sha256:
+            raise ChecksumMismatch(f"s3://{self.bucket}/{self._key(kind, version, MANIFEST)} does not match its published sha256")
+        files = Manifest(**json.loads(manifest)).files
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".incoming-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir()
+            (staging / MANIFEST).write_bytes(manifest)
+            for relative in files:
+                if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+                    raise ChecksumMismatch(f"the manifest of {kind} {version} names {relative!r}, outside the version")
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                self._client.download_file(self.bucket, self._key(kind, version, relative), str(staging / relative))
+            verify(staging, manifest_sha256)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not target.exists():  # else another process fetched it first, as verified as ours
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _manifest_bytes(self, kind: str, version: str) -> bytes | None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(kind, version, MANIFEST))
+        except self._client.exceptions.NoSuchKey:
+            return None
+        return response["Body"].read()
+
+    @contextmanager
+    def _staging(self, kind: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix=f"modalign-{kind}-") as staging:
+            yield Path(staging)
+
+    def _commit(self, staging: Path, kind: str, version: str) -> Published:
+        # Every file first, the manifest last: until it is there, the version does not exist, and
+        # objects of a publish that died halfway are overwritten by the next attempt.
+        for path in sorted(staging.rglob("*")):
+            if path.is_file() and path.name != MANIFEST:
+                self._client.upload_file(str(path), self.bucket, self._key(kind, version, str(path.relative_to(staging))))
+        self._client.upload_file(str(staging / MANIFEST), self.bucket, self._key(kind, version, MANIFEST))
+        return Published(uri=f"s3://{self.bucket}/{self._key(kind, version)}",
+                         manifest_sha256=file_sha256(staging / MANIFEST))
+
+
+def open_store(root: str | Path, s3: S3Config = S3Config()) -> ModelStore:
+    """The store at root: a folder path, a file:// URI, or s3://bucket/prefix (reached as s3 says)."""
+    text = str(root)
+    parsed = urlparse(text)
+    if parsed.scheme == "s3":
+        bucket, prefix = _s3_location(text)
+        return S3Store(bucket, prefix, s3)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"model store {text!r}: a file:// URI names a local path (file:///path), not host {parsed.netloc!r}")
+        return DirectoryStore(unquote(parsed.path))
+    if "://" in text:
+        raise ValueError(f"model store {text!r}: unsupported scheme {parsed.scheme!r}; "
+                         "use a folder path, file:///path or s3://bucket/prefix")
+    if not text:
+        raise ValueError("model store is empty: give a folder path or s3://bucket/prefix")
+    return DirectoryStore(text)
+
+
+def _s3_location(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.query or parsed.fragment or parsed.params:
+        raise ValueError(f"model store {uri!r}: an s3:// location is s3://bucket/prefix, without ?query or #fragment")
+    if not parsed.netloc:
+        raise ValueError(f"model store {uri!r} names no bucket: use s3://bucket/prefix")
+    if not _BUCKET_NAME.match(parsed.netloc) or ".." in parsed.netloc:
+        raise ValueError(f"model store {uri!r}: {parsed.netloc!r} is not an S3 bucket name "
+                         "(3-63 lowercase letters, digits, dots and hyphens)")
+    prefix = parsed.path.strip("/")
+    if "" in prefix.split("/")[1:] or any(part in (".", "..") for part in prefix.split("/")):
+        raise ValueError(f"model store {uri!r}: the prefix {prefix!r} has an empty, '.' or '..' segment")
+    return parsed.netloc, prefix
+
+
+def _split_version_uri(uri: str) -> tuple[str, str, str]:
+    """(store root, kind, version) of a version's URI, <root>/<kind>/<version>."""
+    parts = uri.rstrip("/").rsplit("/", 2)
+    if len(parts) != 3 or "://" not in parts[0] or not parts[1] or not parts[2]:
+        raise ValueError(f"{uri!r} is not a model-store version URI: expected file:///<store>/<kind>/<version> "
+                         "or s3://<bucket>/<prefix>/<kind>/<version>")
+    return parts[0], parts[1], parts[2]
+
+
+def fetch(uri: str, s3: S3Config = S3Config(), manifest_sha256: str | None = None) -> Path:
+    """A verified local folder holding the version that uri (as a policy-versions event names it) points to."""
+    root, kind, version = _split_version_uri(uri)
+    return open_store(root, s3).fetch(kind, version, manifest_sha256)
+
+
+def sibling_uri(uri: str, kind: str, version: str) -> str:
+    """The URI of another version in the store of the version at uri: <root>/<kind>/<version>."""
+    root, _, _ = _split_version_uri(uri)
+    return f"{root}/{kind}/{version}"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.rglob("*"), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Callable
-from urllib.parse import unquote, urlparse
 
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -19,14 +17,6 @@ log = logging.getLogger(__name__)
 
 # Rollout phases in which a canary holds its share of traffic.
 ACTIVE_PHASES = (events_pb2.ROLLOUT_PHASE_PROGRESSING, events_pb2.ROLLOUT_PHASE_PAUSED)
-
-
-def local_path(uri: str) -> Path:
-    """The folder a file:// model-store URI names."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("file", ""):
-        raise ValueError(f"unsupported model store URI {uri!r}: only file:// (a shared volume) is supported")
-    return Path(unquote(parsed.path))
 
 
 class TopicFollower:

@@ -22,7 +22,8 @@ import grpc
 
 from modalign.core import broker
 from modalign.core.kafka import KafkaConfig, ensure_topics, read_topic
-from modalign.core.versions import ACTIVE_PHASES, local_path
+from modalign.core.modelstore import fetch
+from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.report import evaluate_versions, held_out_examples, write_report
 from modalign.demo.users import SimulatedUsers, UsersConfig
 from modalign.demo.warmstart import build_warm_start
@@ -135,7 +136,7 @@ def report(args: argparse.Namespace, published: list[events_pb2.PolicyVersionPub
            warm_start_seconds: float) -> None:
     promoted = {s.canary_version for s in states if s.phase == events_pb2.ROLLOUT_PHASE_PROMOTED}
     final = states[-1].stable_version if states else "v0"
-    versions = [("v0", policy_model, True)] + [(e.version, local_path(e.uri), e.version in promoted) for e in published]
+    versions = [("v0", policy_model, True)] + [(e.version, fetch(e.uri), e.version in promoted) for e in published]
     reward_models = sorted((home / "models" / "reward").glob("r*"), key=lambda p: p.stat().st_mtime)
     results = evaluate_versions(versions, reward_models[-1] if reward_models else None, held_out_examples(args.held_out))
     timeline = [

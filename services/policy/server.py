@@ -29,8 +29,8 @@ from modalign.core.config import parse_config
 from modalign.core.grpc_server import run_grpc_service
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
-from modalign.core.modelstore import ModelStore
-from modalign.core.versions import TopicFollower, local_path
+from modalign.core.modelstore import S3Config, fetch
+from modalign.core.versions import TopicFollower
 from modalign.policy.engine import (
     BatcherOverloaded,
     DynamicBatcher,
@@ -90,7 +90,9 @@ class PolicyConfig:
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     model_dir: str = ""
-    """Folder of a Hugging Face image-text-to-text checkpoint; empty builds the small default policy."""
+    """Folder of a Hugging Face image-text-to-text checkpoint, or the URI of a published version
+    (file://... or s3://..., loaded verified; the rollout controller names one on a KServe revision);
+    empty builds the small default policy."""
     policy_version: str = "v0"
     """The version name of the model loaded at start-up (model_dir, or the default policy)."""
     follow: str = "rollout"
@@ -105,6 +107,8 @@ class PolicyConfig:
     """Torch device for the model, e.g. "cuda" or "cuda:1"."""
     blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
     """Content-addressed image store shared with the trainer and reward service."""
+    s3: S3Config = field(default_factory=S3Config)
+    """How to reach the model store when the trainer publishes to S3."""
     max_batch_rows: int = 32
     """Most sequences decoded together; concurrent requests are merged up to this."""
     max_batch_wait_ms: float = 5.0
@@ -320,8 +324,7 @@ class PublishedVersions:
         event = self._published.get(version)
         if event is None:
             raise LookupError(f"policy {version} was never published")
-        folder = local_path(event.uri)
-        ModelStore.verify(folder, event.manifest_sha256)
+        folder = fetch(event.uri, self._config.s3, event.manifest_sha256)
         model, processor = load_policy(folder, device=self._config.device)
         return PolicyEngine(model, processor, policy_version=version)
 
@@ -372,7 +375,8 @@ def serve(config: PolicyConfig) -> None:
         raise SystemExit(f"--follow: one of {', '.join(FOLLOW_MODES)}, got {config.follow!r}")
     ensure_topics(config.kafka)
     if config.model_dir:
-        model, processor = load_policy(config.model_dir, device=config.device)
+        folder = fetch(config.model_dir, config.s3) if "://" in config.model_dir else config.model_dir
+        model, processor = load_policy(folder, device=config.device)
     else:
         model, processor = build_default_policy(config.seed)
         model.to(config.device)

@@ -76,8 +76,8 @@ from prometheus_client import Counter, Gauge
 from modalign.core.config import parse_config
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import KafkaConfig, ensure_topics
-from modalign.core.modelstore import MANIFEST, ChecksumMismatch, ModelStore
-from modalign.core.versions import follow_newest_version, local_path
+from modalign.core.modelstore import MANIFEST, ChecksumMismatch, S3Config, fetch, sibling_uri, verify
+from modalign.core.versions import follow_newest_version
 from modalign.reward.model import RewardModel, UnscorableText, build_default_reward_model
 from modalign.v1 import events_pb2
 
@@ -262,7 +262,7 @@ def verified_version(model_dir: Path | None, seed: int, expected: str | None = N
         if expected is not None:
             raise ChecksumMismatch(f"{model_dir} has no {MANIFEST}: reward version {expected} cannot be verified")
         return model_dir.name
-    manifest = ModelStore.verify(model_dir)
+    manifest = verify(model_dir)
     if manifest.kind != "reward":
         raise ValueError(f"{model_dir} holds a {manifest.kind!r} model, not a reward model")
     if expected is not None and manifest.version != expected:
@@ -270,12 +270,12 @@ def verified_version(model_dir: Path | None, seed: int, expected: str | None = N
     return manifest.version
 
 
-def published_reward_folder(event: events_pb2.PolicyVersionPublished) -> Path:
-    """The folder of the reward version an event names: <store>/reward/<rN>, beside <store>/policy/<vN> (its uri)."""
+def published_reward_uri(event: events_pb2.PolicyVersionPublished) -> str:
+    """The URI of the reward version an event names: <store>/reward/<rN>, beside <store>/policy/<vN> (its uri)."""
     version = event.reward_model_version
     if not _VERSION_NAME.match(version):
         raise ValueError(f"policy {event.version}: reward_model_version {version!r} is not a version name")
-    return local_path(event.uri).parent.parent / "reward" / version
+    return sibling_uri(event.uri, "reward", version)
 
 
 class RewardKServeModel(kserve.Model):
@@ -288,9 +288,11 @@ class RewardKServeModel(kserve.Model):
         seed: int = 0,
         device: str = "cpu",
         limits: RequestLimits = RequestLimits(),
+        s3: S3Config = S3Config(),
     ) -> None:
         super().__init__(name)
         self.limits = limits
+        self._s3 = s3
         self._model_dir = model_dir
         self._seed = seed
         self._device = device
@@ -303,14 +305,17 @@ class RewardKServeModel(kserve.Model):
         served = self._served
         return served.version if served is not None else None
 
-    def load(self, model_dir: Path | None = None, expected_version: str | None = None) -> bool:
-        """Loads `model_dir` (or the folder given at construction) and swaps it in atomically.
+    def load(self, model_dir: Path | str | None = None, expected_version: str | None = None) -> bool:
+        """Loads `model_dir` (or the folder given at construction) and swaps it in atomically; a str
+        is the URI of a published version, fetched (a verified local copy) first.
 
         The new model is fully built before the swap, so requests keep being served by the old one
         meanwhile; a failed load (a checksum that differs from the manifest included) raises and
         leaves the old model serving. `expected_version`: see verified_version.
         """
         try:
+            if isinstance(model_dir, str):
+                model_dir = fetch(model_dir, self._s3)
             self._load(model_dir, expected_version)
         except Exception:
             MODEL_LOADS.labels(outcome="failed").inc()
@@ -330,7 +335,7 @@ class RewardKServeModel(kserve.Model):
             return
         if event.reward_model_version == self.version:
             return
-        self.load(published_reward_folder(event), expected_version=event.reward_model_version)
+        self.load(published_reward_uri(event), expected_version=event.reward_model_version)
 
     def _load(self, model_dir: Path | None, expected_version: str | None) -> None:
         with self._load_lock:
@@ -488,6 +493,8 @@ class RewardServerConfig:
     on, the service needs Kafka (--kafka.*) to start."""
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     """The broker and topic prefix of policy-versions; used only with --follow-versions."""
+    s3: S3Config = field(default_factory=S3Config)
+    """How to reach the model store when the trainer publishes to S3; used only with --follow-versions."""
 
 
 def _log_like_kserve() -> None:
@@ -515,7 +522,8 @@ def serve(config: RewardServerConfig) -> None:
     )
     _log_like_kserve()
     model = RewardKServeModel(
-        config.model_name, config.model_dir, seed=config.seed, device=config.device, limits=config.limits
+        config.model_name, config.model_dir, seed=config.seed, device=config.device, limits=config.limits,
+        s3=config.s3,
     )
     # Loaded even when a published version will replace it: if that one fails verification, this serves.
     model.load()

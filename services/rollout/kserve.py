@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from modalign.core.versions import ACTIVE_PHASES, local_path
+from modalign.core.versions import ACTIVE_PHASES
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def inference_service_patch(
         version, percent = state.canary_version, 0
     else:
         return None
-    model_dir = str(local_path(published[version].uri)) if version in published else initial_model_dir
+    # A published version by its URI, which the policy fetches and verifies at start-up (file:// or s3://).
+    model_dir = published[version].uri if version in published else initial_model_dir
     # None deletes the annotation: the container then gets an empty folder, the built-in default policy.
     annotations = {VERSION_ANNOTATION: version, MODEL_DIR_ANNOTATION: model_dir or None}
     return {"spec": {"predictor": {"canaryTrafficPercent": percent, "annotations": annotations}}}

@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from modalign.core.blobs import BlobStore
 from modalign.core.config import parse_config
 from modalign.core.kafka import KafkaConfig, ensure_topics, make_consumer, make_producer, produce_durably
-from modalign.core.modelstore import MANIFEST, Manifest, ModelStore, file_sha256
+from modalign.core.modelstore import Manifest, S3Config, open_store
 from modalign.trainer import distributed
 from modalign.trainer.checkpoint import (
     load_checkpoint,
@@ -82,7 +82,10 @@ class TrainerConfig:
     """Kafka consumer group; torchrun ranks join the same one and share the feedback partitions."""
     work_dir: Path = Path.home() / ".local" / "share" / "modalign" / "trainer"
     """Holds the checkpoint."""
-    model_store: Path = Path.home() / ".local" / "share" / "modalign" / "models"
+    model_store: str = str(Path.home() / ".local" / "share" / "modalign" / "models")
+    """Where versions are published: a folder (a shared volume in a cluster) or s3://bucket/prefix."""
+    s3: S3Config = field(default_factory=S3Config)
+    """How to reach an s3:// model store."""
     blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9104
@@ -137,7 +140,7 @@ class Trainer:
         self.config = config
         self.learner = learner
         self.rank, self.world_size = rank, world_size
-        self.store = ModelStore(config.model_store)
+        self.store = open_store(config.model_store, config.s3)
         self.blobs = BlobStore(config.blob_dir)
         self.topics = {name: config.kafka.topic(name) for name in ("generations", "feedback", "feedback.dlq", "policy-versions")}
         self.state = TrainerState(joiner=FeedbackJoiner(limits=config.join))
@@ -376,19 +379,19 @@ class Trainer:
             self.state.pending_publish = None
             return
         version = pending["version"]
-        folder = self.store.folder("policy", version)
-        if not folder.exists():  # else a crash came after the folder was written, before the event
+        published = self.store.lookup("policy", version)
+        if published is None:  # else a crash came after the version was written, before the event
             manifest = Manifest(version=version, kind="policy", parent=pending["parent"],
                                 algorithm=self.config.learner.algorithm, trained_through=pending["trained_through"],
                                 eval_metrics=pending["eval_metrics"])
-            self.store.publish(manifest, self.learner.export_policy)
+            published = self.store.publish(manifest, self.learner.export_policy)
         reward_version = f"r{version[1:]}"
-        if not self.store.folder("reward", reward_version).exists():
+        if self.store.lookup("reward", reward_version) is None:
             self.store.publish(Manifest(version=reward_version, kind="reward", parent=pending["parent"]),
                                self.learner.export_reward)
         event = events_pb2.PolicyVersionPublished(
-            version=version, parent_version=pending["parent"], uri=folder.resolve().as_uri(),
-            manifest_sha256=file_sha256(folder / MANIFEST), algorithm=self.config.learner.algorithm,
+            version=version, parent_version=pending["parent"], uri=published.uri,
+            manifest_sha256=published.manifest_sha256, algorithm=self.config.learner.algorithm,
             trained_through=[events_pb2.PartitionOffset(**p) for p in pending["trained_through"]],
             eval_metrics=pending["eval_metrics"], reward_model_version=reward_version,
         )

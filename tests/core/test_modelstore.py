@@ -1,8 +1,23 @@
 from pathlib import Path
 
+import boto3
 import pytest
+from botocore.client import BaseClient
+from botocore.config import Config
 
-from modalign.core.modelstore import ChecksumMismatch, Manifest, ModelStore
+from modalign.core.modelstore import (
+    MANIFEST,
+    ChecksumMismatch,
+    DirectoryStore,
+    Manifest,
+    ModelStore,
+    S3Config,
+    S3Store,
+    fetch,
+    open_store,
+    sibling_uri,
+    verify,
+)
 
 
 def write_model(folder: Path) -> None:
@@ -11,43 +26,166 @@ def write_model(folder: Path) -> None:
     (folder / "tokenizer" / "vocab.json").write_text("{}")
 
 
-def test_publish_writes_a_verifiable_version(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
-    folder, manifest_sha = store.publish(Manifest(version="v1", kind="policy", parent="v0"), write_model)
-    manifest = ModelStore.verify(folder, manifest_sha)
+def crash(folder: Path) -> None:
+    write_model(folder)
+    raise RuntimeError("disk full")
+
+
+@pytest.fixture(params=["folder", pytest.param("s3", marks=pytest.mark.integration)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[ModelStore, S3Config]:
+    """The same tests against both backends, a folder and a bucket on a real S3 server: the store,
+    and the settings its readers fetch with."""
+    if request.param == "folder":
+        return open_store(tmp_path / "store"), S3Config(cache_dir=tmp_path / "unused-cache")
+    bucket, config = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_config")
+    return open_store(f"s3://{bucket}/models", config), config
+
+
+def s3_client(s3_config: S3Config) -> BaseClient:
+    """A client of the test S3 server, to do behind the store's back what a crash or an attacker would."""
+    return boto3.client("s3", endpoint_url=s3_config.endpoint_url, region_name="us-east-1",
+                        config=Config(request_checksum_calculation="when_required"))
+
+
+def s3_keys(store: S3Store, s3_config: S3Config) -> set[str]:
+    listed = s3_client(s3_config).list_objects_v2(Bucket=store.bucket).get("Contents", [])
+    return {item["Key"] for item in listed if not item["Key"].endswith("/")}  # s3proxy lists folders too
+
+
+def test_publish_then_fetch_gives_the_verified_version(backend: tuple[ModelStore, S3Config]) -> None:
+    store, s3_config = backend
+    published = store.publish(Manifest(version="v1", kind="policy", parent="v0"), write_model)
+    folder = fetch(published.uri, s3_config, published.manifest_sha256)
+    manifest = verify(folder, published.manifest_sha256)
     assert manifest.parent == "v0"
     assert set(manifest.files) == {"model.safetensors", "tokenizer/vocab.json"}
+    assert (folder / "model.safetensors").read_bytes() == b"weights"
+    assert store.versions("policy") == ["v1"] and store.versions("reward") == []
+    assert store.lookup("policy", "v1") == published and store.lookup("policy", "v2") is None
+    with pytest.raises(LookupError, match="v2 was never published"):
+        store.fetch("policy", "v2")
+
+
+def test_versions_are_listed_oldest_first(backend: tuple[ModelStore, S3Config]) -> None:
+    store, _ = backend
+    for version in ("v9", "v10", "v11"):  # within one second on S3, whose times have whole seconds
+        store.publish(Manifest(version=version, kind="policy"), write_model)
+    assert store.versions("policy") == ["v9", "v10", "v11"]
+
+
+def test_versions_are_never_rewritten(backend: tuple[ModelStore, S3Config]) -> None:
+    store, s3_config = backend
+    first = store.publish(Manifest(version="v1", kind="policy"), write_model)
+
+    def other_model(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"other weights")
+
+    with pytest.raises(FileExistsError, match="policy version v1 already exists"):
+        store.publish(Manifest(version="v1", kind="policy"), other_model)
+    assert (fetch(first.uri, s3_config, first.manifest_sha256) / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_failed_write_publishes_nothing_and_can_be_retried(backend: tuple[ModelStore, S3Config]) -> None:
+    store, s3_config = backend
+    with pytest.raises(RuntimeError):
+        store.publish(Manifest(version="v1", kind="policy"), crash)
+    assert store.versions("policy") == [] and store.lookup("policy", "v1") is None
+    if isinstance(store, S3Store):
+        assert s3_keys(store, s3_config) == set()
+    else:
+        assert list((store.root / "policy").iterdir()) == []  # type: ignore[attr-defined]
+    store.publish(Manifest(version="v1", kind="policy"), write_model)
     assert store.versions("policy") == ["v1"]
-    assert not [p for p in (tmp_path / "policy").iterdir() if p.name.startswith(".")]
 
 
 def test_a_tampered_file_fails_verification(tmp_path: Path) -> None:
-    folder, manifest_sha = ModelStore(tmp_path).publish(Manifest(version="v1", kind="policy"), write_model)
-    (folder / "model.safetensors").write_bytes(b"weightz")
+    store = DirectoryStore(tmp_path)
+    published = store.publish(Manifest(version="v1", kind="policy"), write_model)
+    (store.folder("policy", "v1") / "model.safetensors").write_bytes(b"weightz")
     with pytest.raises(ChecksumMismatch, match="model.safetensors"):
-        ModelStore.verify(folder, manifest_sha)
+        fetch(published.uri, manifest_sha256=published.manifest_sha256)
 
 
 def test_an_extra_file_or_another_manifest_fails_verification(tmp_path: Path) -> None:
-    folder, manifest_sha = ModelStore(tmp_path).publish(Manifest(version="v1", kind="policy"), write_model)
+    store = DirectoryStore(tmp_path)
+    published = store.publish(Manifest(version="v1", kind="policy"), write_model)
     with pytest.raises(ChecksumMismatch):
-        ModelStore.verify(folder, "0" * 64)
-    (folder / "extra.bin").write_bytes(b"?")
+        fetch(published.uri, manifest_sha256="0" * 64)
+    (store.folder("policy", "v1") / "extra.bin").write_bytes(b"?")
     with pytest.raises(ChecksumMismatch, match="extra.bin"):
-        ModelStore.verify(folder)
+        store.fetch("policy", "v1")
 
 
-def test_a_failed_write_leaves_nothing_and_versions_are_never_rewritten(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
-
-    def crash(folder: Path) -> None:
-        write_model(folder)
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        store.publish(Manifest(version="v1", kind="policy"), crash)
-    assert store.versions("policy") == []
-    assert list((tmp_path / "policy").iterdir()) == []
+@pytest.mark.integration
+def test_an_s3_version_without_its_manifest_does_not_exist(s3_bucket: str, s3_config: S3Config) -> None:
+    store = open_store(f"s3://{s3_bucket}/models", s3_config)
+    assert isinstance(store, S3Store)
     store.publish(Manifest(version="v1", kind="policy"), write_model)
-    with pytest.raises(FileExistsError):
-        store.publish(Manifest(version="v1", kind="policy"), write_model)
+    # What a publish that died before its last upload leaves: every file, no manifest.
+    s3_client(s3_config).delete_object(Bucket=s3_bucket, Key=f"models/policy/v1/{MANIFEST}")
+    assert s3_keys(store, s3_config) == {"models/policy/v1/model.safetensors", "models/policy/v1/tokenizer/vocab.json"}
+    assert store.versions("policy") == [] and store.lookup("policy", "v1") is None
+    with pytest.raises(LookupError, match=f"s3://{s3_bucket}/models/policy/v1/{MANIFEST} does not exist"):
+        store.fetch("policy", "v1")
+    published = store.publish(Manifest(version="v1", kind="policy"), write_model)  # the retry completes it
+    assert store.versions("policy") == ["v1"]
+    verify(store.fetch("policy", "v1", published.manifest_sha256), published.manifest_sha256)
+
+
+@pytest.mark.integration
+def test_a_tampered_s3_object_is_refused_and_nothing_is_cached(s3_bucket: str, s3_config: S3Config) -> None:
+    store = open_store(f"s3://{s3_bucket}/models", s3_config)
+    assert isinstance(store, S3Store)
+    published = store.publish(Manifest(version="v1", kind="policy"), write_model)
+    with pytest.raises(ChecksumMismatch, match="does not match its published sha256"):
+        fetch(published.uri, s3_config, "0" * 64)
+    s3_client(s3_config).put_object(Bucket=s3_bucket, Key="models/policy/v1/model.safetensors", Body=b"weightz")
+    with pytest.raises(ChecksumMismatch, match="model.safetensors"):
+        fetch(published.uri, s3_config, published.manifest_sha256)
+    assert [p for p in s3_config.cache_dir.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.integration
+def test_a_verified_cached_copy_is_reused_and_a_damaged_one_fetched_again(s3_bucket: str, s3_config: S3Config) -> None:
+    store = open_store(f"s3://{s3_bucket}/models", s3_config)
+    assert isinstance(store, S3Store)
+    published = store.publish(Manifest(version="v1", kind="policy"), write_model)
+    folder = fetch(published.uri, s3_config, published.manifest_sha256)
+    assert folder.is_relative_to(s3_config.cache_dir)
+    (folder / "model.safetensors").write_bytes(b"rot")
+    assert (fetch(published.uri, s3_config, published.manifest_sha256) / "model.safetensors").read_bytes() == b"weights"
+    for key in s3_keys(store, s3_config):
+        s3_client(s3_config).delete_object(Bucket=s3_bucket, Key=key)
+    assert fetch(published.uri, s3_config, published.manifest_sha256) == folder  # from the cache alone
+
+
+@pytest.mark.parametrize(("root", "message"), [
+    ("gs://bucket/models", "unsupported scheme 'gs'"),
+    ("s3:///models", "names no bucket"),
+    ("s3://My_Bucket/models", "'My_Bucket' is not an S3 bucket name"),
+    ("s3://bucket/a//b", "empty, '.' or '..' segment"),
+    ("s3://bucket/../b", "empty, '.' or '..' segment"),
+    ("s3://bucket/models?versionId=3", "without ?query"),
+    ("file://server/models", "not host 'server'"),
+    ("", "model store is empty"),
+])
+def test_a_bad_store_location_is_refused_naming_what_is_wrong(root: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("?", r"\?")):
+        open_store(root)
+
+
+def test_store_locations_name_their_backend(tmp_path: Path) -> None:
+    assert isinstance(open_store(tmp_path), DirectoryStore)
+    assert open_store(tmp_path.as_uri()).root == tmp_path  # type: ignore[attr-defined]
+    s3 = open_store("s3://bucket/a/b/", S3Config(region="eu-west-1"))
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bucket", "a/b")
+    assert open_store("s3://bucket").prefix == ""  # type: ignore[attr-defined]
+
+
+def test_a_version_uri_names_its_siblings_in_the_same_store() -> None:
+    assert sibling_uri("s3://bucket/models/policy/v3", "reward", "r3") == "s3://bucket/models/reward/r3"
+    assert sibling_uri("s3://bucket/policy/v3", "reward", "r3") == "s3://bucket/reward/r3"
+    assert sibling_uri("file:///srv/my%20models/policy/v3", "reward", "r3") == "file:///srv/my%20models/reward/r3"
+    for not_a_version in ("s3://bucket", "/srv/models/policy/v3", "s3://bucket/v3"):
+        with pytest.raises(ValueError, match="is not a model-store version URI"):
+            sibling_uri(not_a_version, "reward", "r3")

@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
-from modalign.core.modelstore import Manifest, ModelStore
+from modalign.core.modelstore import DirectoryStore, Manifest
 from modalign.core.processes import ManagedProcess, free_port, http_ok
 from modalign.reward.model import HEAD_FILE, RewardModel, build_default_reward_model
 from modalign.rollout.evidence import EvidenceCollector, RewardScorer
@@ -94,15 +94,15 @@ def _metric(text: str, name: str, default: float | None = None) -> float:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    return ModelStore(tmp_path_factory.mktemp("model-store"))
+def store(tmp_path_factory: pytest.TempPathFactory) -> DirectoryStore:
+    return DirectoryStore(tmp_path_factory.mktemp("model-store"))
 
 
 @pytest.fixture(scope="module")
-def model_dir(store: ModelStore) -> Path:
+def model_dir(store: DirectoryStore) -> Path:
     """A reward version published to a real model store: the server verifies its manifest and reports its version."""
-    folder, _ = store.publish(Manifest(version=VERSION, kind="reward"), build_default_reward_model(seed=3).save)
-    return folder
+    store.publish(Manifest(version=VERSION, kind="reward"), build_default_reward_model(seed=3).save)
+    return store.folder("reward", VERSION)
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +360,7 @@ class _Traffic:
             self._stopping.wait(0.02)
 
 
-def _publish_event(kafka_config: KafkaConfig, store: ModelStore, policy_version: str, reward_version: str) -> None:
+def _publish_event(kafka_config: KafkaConfig, store: DirectoryStore, policy_version: str, reward_version: str) -> None:
     """What the trainer produces after writing <store>/policy/<policy_version> and <store>/reward/<reward_version>."""
     event = events_pb2.PolicyVersionPublished(
         version=policy_version, parent_version="v0", uri=store.folder("policy", policy_version).resolve().as_uri(),
@@ -392,7 +392,7 @@ def _wait_for_metric(base: str, name: str, value: float, or_series: str = "", ti
 
 
 def test_published_reward_versions_are_hot_loaded_verified_and_without_failed_requests(
-    server: dict[str, str], store: ModelStore, kafka_config: KafkaConfig
+    server: dict[str, str], store: DirectoryStore, kafka_config: KafkaConfig
 ) -> None:
     base = server["http"]
     torch.set_num_threads(1)
@@ -403,12 +403,12 @@ def test_published_reward_versions_are_hot_loaded_verified_and_without_failed_re
 
     # r8: a reward model with other weights, published as the trainer publishes it.
     new_model = build_default_reward_model(seed=11)
-    new_folder, _ = store.publish(Manifest(version="r8", kind="reward", parent=VERSION), new_model.save)
-    expected = RewardModel.load(new_folder).score(PROMPTS, DECODED, RESPONSES).numpy()
+    store.publish(Manifest(version="r8", kind="reward", parent=VERSION), new_model.save)
+    expected = RewardModel.load(store.folder("reward", "r8")).score(PROMPTS, DECODED, RESPONSES).numpy()
     # r9: published, then one file rewritten behind the manifest's back. The rewritten head is a
     # valid safetensors file, so only the checksum can keep it out.
-    tampered, _ = store.publish(Manifest(version="r9", kind="reward", parent="r8"),
-                                build_default_reward_model(seed=13).save)
+    store.publish(Manifest(version="r9", kind="reward", parent="r8"), build_default_reward_model(seed=13).save)
+    tampered = store.folder("reward", "r9")
     head = load_file(tampered / HEAD_FILE)
     save_file({name: -tensor for name, tensor in head.items()}, tampered / HEAD_FILE)
 

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from modalign.core.kafka import KafkaConfig, read_topic
-from modalign.core.modelstore import ModelStore
+from modalign.core.modelstore import DirectoryStore
 from modalign.core.processes import ManagedProcess, free_port, grpc_serving
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
@@ -42,7 +42,7 @@ class System:
     def __init__(self, kafka: KafkaConfig, work: Path) -> None:
         self.kafka = kafka
         self.work = work
-        self.store = ModelStore(work / "models")
+        self.store = DirectoryStore(work / "models")
         self.processes: list[ManagedProcess] = []
         self.policy_addresses: list[str] = []
         self.policy_metrics: list[int] = []

@@ -25,7 +25,7 @@ def test_a_canary_step_names_the_version_and_sets_its_share() -> None:
     step = predictor(stable_version="v0", canary_version="v2", canary_weight_percent=25,
                      phase=events_pb2.ROLLOUT_PHASE_PROGRESSING)
     assert step == {"canaryTrafficPercent": 25, "annotations": {
-        VERSION_ANNOTATION: "v2", MODEL_DIR_ANNOTATION: "/models/policy/v2"}}
+        VERSION_ANNOTATION: "v2", MODEL_DIR_ANNOTATION: "file:///models/policy/v2"}}
 
 
 def test_promotion_removes_the_split_and_rollback_sends_everything_to_the_previous_revision() -> None:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
-from modalign.core.modelstore import MANIFEST, Manifest, ModelStore, file_sha256
+from modalign.core.modelstore import Manifest, ModelStore
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import build_default_policy, format_prompt, save_policy
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -65,13 +65,13 @@ def save_model(folder: Path, eos_logit: float, broken: bool = False) -> Path:
 
 def publish(kafka: KafkaConfig, store: ModelStore, version: str, eos_logit: float, broken: bool = False) -> None:
     """What the trainer does: write the version to the model store, then announce it on policy-versions."""
-    folder, _ = store.publish(
+    published = store.publish(
         Manifest(version=version, kind="policy", parent="test"),
         lambda staging: save_policy(*policy_with_eos_logit(eos_logit, broken=broken), staging),
     )
     event = events_pb2.PolicyVersionPublished(
-        version=version, parent_version="test", uri=folder.resolve().as_uri(),
-        manifest_sha256=file_sha256(folder / MANIFEST), algorithm="test",
+        version=version, parent_version="test", uri=published.uri,
+        manifest_sha256=published.manifest_sha256, algorithm="test",
     )
     event.published_at.GetCurrentTime()
     producer = make_producer(kafka)

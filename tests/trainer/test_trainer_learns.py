@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from modalign.core.kafka import KafkaConfig, read_topic
-from modalign.core.modelstore import ModelStore
+from modalign.core.modelstore import verify
 from modalign.core.processes import ManagedProcess, free_port, http_ok
 from modalign.v1 import events_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
@@ -100,7 +100,7 @@ def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig
             assert two_proportion_z(best_rate, v0_rate, HELD_OUT_PROMPTS) > 3, (v0_rate, best_rate)
 
             folder = tmp_path / "models" / "policy" / best_version
-            manifest = ModelStore.verify(folder)
+            manifest = verify(folder)
             assert manifest.parent and manifest.trained_through and "rm_heldout_accuracy" in manifest.eval_metrics
     finally:
         stop_users.set()
