@@ -27,6 +27,11 @@ KUBERNETES_VERSIONS = ["1.27.0", kubernetes_validate.latest_version()]
 values_files = pytest.mark.parametrize("values_file", VALUES_FILES, ids=values_id)
 
 
+def store_type(values_file: Path | None) -> str:
+    values = yaml.safe_load(values_file.read_text()) if values_file else {}
+    return values.get("modelStore", {}).get("type", "pvc")
+
+
 def example(name: str) -> Path:
     return EXAMPLES / f"{name}.yaml"
 
@@ -324,7 +329,7 @@ def test_trainer_work_volume_can_be_an_existing_claim_or_none(tmp_path: Path, pe
     assert volume in statefulset["spec"]["template"]["spec"]["volumes"]
 
 
-@values_files
+@pytest.mark.parametrize("values_file", [f for f in VALUES_FILES if store_type(f) == "pvc"], ids=values_id)
 def test_the_model_store_is_one_volume_at_one_path_written_only_by_the_trainer(values_file: Path | None) -> None:
     """Published versions travel as file:// paths, so every pod must see the store at the same path."""
     docs = render(values_file)
@@ -458,21 +463,58 @@ def test_s3_model_store_reaches_inference_services_through_kserves_storage_initi
     assert one(docs, "ServiceAccount", RELEASE)["secrets"] == [{"name": "s3-keys"}]
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({}, "modelStore.type s3 serves a fixed version, but trainer.enabled and policy.follow rollout and "
-         "reward.followVersions need the shared volume the trainer publishes into: set modelStore.type pvc, or set "
-         "trainer.enabled false, policy.follow none, reward.followVersions false"),
-    ({"trainer": {"enabled": False}, "policy": {"follow": "none"}},
-     "but reward.followVersions need the shared volume"),
-], ids=["defaults", "reward-follows"])
-def test_s3_with_the_trainer_or_following_versions_is_refused_with_what_to_change(tmp_path: Path, values: dict,
-                                                                                   message: str) -> None:
+S3_KEYS = {"AWS_ACCESS_KEY_ID": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}},
+           "AWS_SECRET_ACCESS_KEY": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}}}
+
+
+def test_on_s3_the_trainer_publishes_to_the_bucket_and_policy_and_reward_fetch_into_a_cache() -> None:
+    docs = render(example("s3"))
+    assert not find(docs, "PersistentVolumeClaim", f"{RELEASE}-models")
+    specs = pod_specs(docs)
+    for component in ("policy", "reward", "trainer"):
+        container = service_container(specs[component])
+        env = container_env(docs, container)
+        assert {name: env[name] for name in S3_KEYS} == S3_KEYS, component
+        assert (env["MODALIGN_S3_ENDPOINT_URL"], env["MODALIGN_S3_REGION"]) == ("http://minio.minio.svc:9000", "us-east-1")
+        # The root filesystem is read-only: the cache lives in the pod's writable models emptyDir.
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
+        assert mount["readOnly"] is False and env["MODALIGN_S3_CACHE_DIR"].startswith(mount["mountPath"] + "/"), component
+        assert {"name": "models", "emptyDir": {}} in specs[component]["volumes"], component
+    for component in ("feedback", "rollout"):
+        assert not set(S3_KEYS) & set(container_env(docs, service_container(specs[component]))), component
+    trainer_env = container_env(docs, service_container(specs["trainer"]))
+    assert trainer_env["MODALIGN_MODEL_STORE"] == "s3://modalign-models/models"
+    # It learns from both starting versions, each copied in by a storage initializer.
+    assert [i["args"] for i in specs["trainer"]["initContainers"]] == [
+        ["s3://modalign-models/models/policy/v0", "/models/policy/v0"],
+        ["s3://modalign-models/models/reward/r0", "/models/reward/r0"]]
+    assert (trainer_env["MODALIGN_LEARNER_POLICY_MODEL_DIR"], trainer_env["MODALIGN_LEARNER_REWARD_MODEL_DIR"]) == (
+        "/models/policy/v0", "/models/reward/r0")
+    *_, s3_egress = one(docs, "NetworkPolicy", f"{RELEASE}-trainer")["spec"]["egress"]
+    assert s3_egress == {"ports": [{"port": 9000, "protocol": "TCP"}],
+                         "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}]}
+
+
+def test_on_s3_a_controller_driven_policy_inference_service_fetches_the_versions_it_is_given(tmp_path: Path) -> None:
+    values_file = tmp_path / "s3-kserve.yaml"
+    values_file.write_text(yaml.safe_dump({**yaml.safe_load(example("s3").read_text()), "policy": {"kserve": {"enabled": True}}}))
+    docs = render(values_file)
+    predictor = one(docs, "InferenceService", f"{RELEASE}-policy")["spec"]["predictor"]
+    env = container_env(docs, service_container(predictor))
+    # The starting version from KServe's storage initializer; later ones by the s3:// URI the rollout
+    # controller writes into the revision's annotation, fetched by the policy itself.
+    assert env["STORAGE_URI"] == "s3://modalign-models/models/policy/v0"
+    assert {name: env[name] for name in S3_KEYS} == S3_KEYS
+    assert env["MODALIGN_S3_CACHE_DIR"] == "/models/cache" and {"name": "models", "emptyDir": {}} in predictor["volumes"]
+
+
+@pytest.mark.parametrize(("endpoint", "port"), [("", 443), ("https://s3.example.com", 443),
+                                                 ("http://minio:9000", 9000), ("http://ceph.storage/", 80)])
+def test_the_trainers_egress_reaches_the_s3_endpoints_port(tmp_path: Path, endpoint: str, port: int) -> None:
     values_file = tmp_path / "s3.yaml"
-    s3 = {"type": "s3", "s3": {"bucket": "b", "secretName": "s"}}
-    values_file.write_text(yaml.safe_dump({"modelStore": s3, **values}))
-    result = run([tool("helm"), "template", RELEASE, str(CHART), "--values", str(values_file)])
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr
+    values_file.write_text(yaml.safe_dump({"modelStore": {"type": "s3", "s3": {"bucket": "b", "secretName": "s", "endpoint": endpoint}}}))
+    *_, s3_egress = one(render(values_file), "NetworkPolicy", f"{RELEASE}-trainer")["spec"]["egress"]
+    assert s3_egress == {"ports": [{"port": port, "protocol": "TCP"}]}
 
 
 def test_dashboards_are_configmaps_for_the_grafana_sidecar() -> None:

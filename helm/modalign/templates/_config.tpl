@@ -74,7 +74,7 @@ MODALIGN_METRICS_HOST: "0.0.0.0"
 MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
 MODALIGN_GROUP_ID: {{ $values.groupId | quote }}
 MODALIGN_WORK_DIR: {{ include "modalign.trainerWorkDir" $root | quote }}
-MODALIGN_MODEL_STORE: {{ $store.mountPath | quote }}
+MODALIGN_MODEL_STORE: {{ ternary (include "modalign.s3StoreUri" $root) $store.mountPath (eq $store.type "s3") | quote }}
 MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
 MODALIGN_LEARNER_ALGORITHM: {{ $values.algorithm | quote }}
 MODALIGN_LEARNER_DEVICE: {{ $values.device | quote }}
@@ -118,6 +118,15 @@ MODALIGN_KSERVE_NAMESPACE: {{ $root.Release.Namespace | quote }}
 MODALIGN_KSERVE_INITIAL_MODEL_DIR: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if include "modalign.readsS3" . }}
+{{- with $store.s3.endpoint }}
+MODALIGN_S3_ENDPOINT_URL: {{ . | quote }}
+{{- end }}
+{{- with $store.s3.region }}
+MODALIGN_S3_REGION: {{ . | quote }}
+{{- end }}
+MODALIGN_S3_CACHE_DIR: {{ include "modalign.s3CacheDir" $root | quote }}
 {{- end }}
 {{- range $flag, $value := $values.settings }}
 {{ printf "MODALIGN_%s" ($flag | replace "." "_" | replace "-" "_" | upper) }}: {{ $value | toString | quote }}

@@ -343,35 +343,41 @@ sasl:
 {{- default (printf "%s-blobs" (include "modalign.fullname" .)) .Values.blobStore.pvc.existingClaim }}
 {{- end }}
 
-{{/* The S3 URI of the version a service starts from, as KServe's storage initializer takes it. Args: (dict "root" $ "component" NAME) */}}
+{{/* The S3 store's root, s3://bucket/prefix: where the trainer publishes. */}}
+{{- define "modalign.s3StoreUri" -}}
+{{- $s3 := .Values.modelStore.s3 }}
+{{- list (printf "s3://%s" $s3.bucket) ($s3.prefix | trimAll "/") | compact | join "/" }}
+{{- end }}
+
+{{/* The S3 URI of a starting version, as KServe's storage initializer takes it. Args: (dict "root" $ "kind" "policy"|"reward") */}}
 {{- define "modalign.modelStorageUri" -}}
-{{- $store := .root.Values.modelStore }}
-{{- printf "s3://%s/%s" $store.s3.bucket (list $store.s3.prefix (index $store.initialVersions .component) | compact | join "/") }}
+{{- printf "%s/%s" (include "modalign.s3StoreUri" .root) (index .root.Values.modelStore.initialVersions .kind) }}
 {{- end }}
 
 {{/*
-Refuses combinations that cannot work, with what to change: the trainer publishes versions into a
-shared volume and names them by file:// path, so it and the services that follow its versions need
-modelStore.type pvc; and the rollout controller, when it drives the policy's InferenceService, owns its
-canary share.
+Does the component talk to an S3 model store itself: the trainer publishing into it, or a service
+loading the versions it publishes (fetched into a local cache)? Args: (dict "root" $ "component" NAME)
+*/}}
+{{- define "modalign.readsS3" -}}
+{{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
+{{- if and (eq .root.Values.modelStore.type "s3") $facts.usesModelStore (or $facts.writesModelStore (include "modalign.followsVersions" .)) }}true{{- end }}
+{{- end }}
+
+{{/* The TCP port of the S3 endpoint: its own, else 80 (http://) or 443 (https://, and AWS S3). */}}
+{{- define "modalign.s3Port" -}}
+{{- $endpoint := .Values.modelStore.s3.endpoint }}
+{{- $hostPort := $endpoint | trimPrefix "https://" | trimPrefix "http://" | splitList "/" | first }}
+{{- if contains ":" $hostPort }}{{ splitList ":" $hostPort | last }}{{ else }}{{ ternary 80 443 (hasPrefix "http://" $endpoint) }}{{ end }}
+{{- end }}
+
+{{/* Where services that load versions from S3 keep their verified copies: in the models emptyDir. */}}
+{{- define "modalign.s3CacheDir" -}}{{ .Values.modelStore.mountPath }}/cache{{- end }}
+
+{{/*
+Refuses combinations that cannot work, with what to change: the rollout controller, when it drives
+the policy's InferenceService, owns its canary share.
 */}}
 {{- define "modalign.validate" -}}
-{{- if eq .Values.modelStore.type "s3" }}
-{{- $needVolume := list }}
-{{- $fixes := list }}
-{{- if .Values.trainer.enabled }}
-{{- $needVolume = append $needVolume "trainer.enabled" }}{{ $fixes = append $fixes "trainer.enabled false" }}
-{{- end }}
-{{- if and .Values.policy.enabled (ne (include "modalign.policyFollow" .) "none") }}
-{{- $needVolume = append $needVolume (printf "policy.follow %s" (include "modalign.policyFollow" .)) }}{{ $fixes = append $fixes "policy.follow none" }}
-{{- end }}
-{{- if and .Values.reward.enabled .Values.reward.followVersions }}
-{{- $needVolume = append $needVolume "reward.followVersions" }}{{ $fixes = append $fixes "reward.followVersions false" }}
-{{- end }}
-{{- if $needVolume }}
-{{- fail (printf "modelStore.type s3 serves a fixed version, but %s need the shared volume the trainer publishes into: set modelStore.type pvc, or set %s" (join " and " $needVolume) (join ", " $fixes)) }}
-{{- end }}
-{{- end }}
 {{- if and (include "modalign.rolloutDrivesKServe" .) (not (kindIs "invalid" .Values.policy.kserve.canaryTrafficPercent)) }}
 {{- fail "the rollout controller sets the canaryTrafficPercent of the policy's InferenceService step by step: leave policy.kserve.canaryTrafficPercent null (or set rollout.enabled false to set it yourself)" }}
 {{- end }}
@@ -390,8 +396,8 @@ canary share.
 {{- end }}
 {{- end }}
 
-{{/* Env of KServe's storage initializer for S3 (its documented variables). */}}
-{{- define "modalign.s3Env" -}}
+{{/* The S3 key pair from modelStore.s3.secretName, as every AWS client reads it. */}}
+{{- define "modalign.s3Credentials" -}}
 {{- $s3 := .Values.modelStore.s3 }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
@@ -399,6 +405,12 @@ canary share.
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef: {name: {{ $s3.secretName }}, key: {{ $s3.secretAccessKeyKey }}}
+{{- end }}
+
+{{/* Env of KServe's storage initializer for S3 (its documented variables). */}}
+{{- define "modalign.s3Env" -}}
+{{- $s3 := .Values.modelStore.s3 }}
+{{- include "modalign.s3Credentials" . }}
 {{- with $s3.endpoint }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}

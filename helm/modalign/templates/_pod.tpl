@@ -4,8 +4,10 @@ predictor (whose pod fields sit inline in spec.predictor). Args: (dict "root" $ 
 
 The model store: on a PVC every pod that uses it mounts it at modelStore.mountPath, read-only except the
 trainer's, which publishes into it; published versions are named by file:// path, so the path must be
-the same in every pod. On S3 a service's starting version is copied in at start, by the chart's
-storage-initializer init container or (InferenceServices) by KServe's.
+the same in every pod. On S3 a service's starting versions are copied in at start, by the chart's
+storage-initializer init containers or (InferenceServices) by KServe's, into an emptyDir at
+modelStore.mountPath; the trainer publishes to S3 itself, and services that follow its versions fetch
+each into a verified cache in that emptyDir, with the key pair from the Secret.
 */}}
 {{- define "modalign.podSpec" -}}
 {{- $root := .root }}
@@ -18,8 +20,14 @@ storage-initializer init container or (InferenceServices) by KServe's.
 {{- $usesKafka := eq (include "modalign.usesKafka" $args) "true" }}
 {{- $usesStore := eq (include "modalign.usesModelStore" $args) "true" }}
 {{- $mountsStoreVolume := and $usesStore (eq $store.type "pvc") }}
-{{- $copiesFromS3 := and $usesStore (eq $store.type "s3") (not $kserve) }}
-{{- $kserveCopiesFromS3 := and $usesStore (eq $store.type "s3") $kserve }}
+{{- $onS3 := and $usesStore (eq $store.type "s3") }}
+{{- $readsS3 := eq (include "modalign.readsS3" $args) "true" }}
+{{- /* The starting versions the chart's init containers copy from S3: the trainer starts from both. */}}
+{{- $startKinds := list }}
+{{- if and $onS3 $values.modelFromStore (not $kserve) }}
+{{- $startKinds = ternary (list "policy" "reward") (list $component) (eq $component "trainer") }}
+{{- end }}
+{{- $kserveCopiesFromS3 := and $onS3 $kserve }}
 {{- $drivesKServe := eq (include "modalign.rolloutDrivesKServe" $root) "true" }}
 {{- if and (eq $component "rollout") $drivesKServe }}
 {{- /* The one pod that calls the Kubernetes API: its own account, allowed to patch the policy's InferenceService (serviceaccount.yaml). */}}
@@ -37,14 +45,15 @@ securityContext:
   {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
 terminationGracePeriodSeconds: {{ $values.terminationGracePeriodSeconds }}
 {{- include "modalign.scheduling" $values }}
-{{- if $copiesFromS3 }}
+{{- with $startKinds }}
 initContainers:
-  # KServe's storage initializer copies the served model version from S3 into the pod.
-  - name: storage-initializer
+  {{- range $kind := . }}
+  # KServe's storage initializer copies the starting {{ $kind }} version from S3 into the pod.
+  - name: storage-initializer-{{ $kind }}
     image: {{ $store.storageInitializer.image }}
     args:
-      - {{ include "modalign.modelStorageUri" $args | quote }}
-      - {{ printf "%s/%s" $store.mountPath (index $store.initialVersions $component) | quote }}
+      - {{ include "modalign.modelStorageUri" (dict "root" $root "kind" $kind) | quote }}
+      - {{ printf "%s/%s" $store.mountPath (index $store.initialVersions $kind) | quote }}
     env:
       {{- include "modalign.s3Env" $root | nindent 6 }}
     resources:
@@ -54,6 +63,7 @@ initContainers:
     volumeMounts:
       - {name: models, mountPath: {{ $store.mountPath }}}
       - {name: tmp, mountPath: /tmp}
+  {{- end }}
 {{- end }}
 containers:
   - name: {{ ternary "kserve-container" $component $kserve }}
@@ -73,7 +83,10 @@ containers:
     {{- end }}
     {{- if and $kserveCopiesFromS3 $values.modelFromStore }}
     {{- /* KServe injects its storage initializer for a container with STORAGE_URI. */}}
-    {{- $env = printf "%s\n- name: STORAGE_URI\n  value: %s" $env (include "modalign.modelStorageUri" $args | quote) }}
+    {{- $env = printf "%s\n- name: STORAGE_URI\n  value: %s" $env (include "modalign.modelStorageUri" (dict "root" $root "kind" $component) | quote) }}
+    {{- end }}
+    {{- if $readsS3 }}
+    {{- $env = printf "%s\n%s" $env (include "modalign.s3Credentials" $root) }}
     {{- end }}
     {{- if and $kserve (eq $component "policy") $drivesKServe }}
     {{- $env = printf "%s\n%s" $env (include "modalign.policyVersionEnv" $root) }}
@@ -141,8 +154,9 @@ containers:
     volumeMounts:
       - {name: tmp, mountPath: /tmp}
       - {name: cache, mountPath: /home/modalign/.cache}
-      {{- if or $mountsStoreVolume $copiesFromS3 }}
-      - {name: models, mountPath: {{ $store.mountPath }}, readOnly: {{ not (or $copiesFromS3 $facts.writesModelStore) }}}
+      {{- $storeEmptyDir := or $startKinds $readsS3 }}
+      {{- if or $mountsStoreVolume $storeEmptyDir }}
+      - {name: models, mountPath: {{ $store.mountPath }}, readOnly: {{ not (or $storeEmptyDir $facts.writesModelStore) }}}
       {{- end }}
       {{- if $facts.usesBlobStore }}
       {{- /* The policy writes the prompts' images; the trainer only reads them. */}}
@@ -160,7 +174,8 @@ volumes:
   - {name: tmp, emptyDir: {}}
   # Hugging Face, torch and Triton caches (XDG_CACHE_HOME of the image's user).
   - {name: cache, emptyDir: {}}
-  {{- if $copiesFromS3 }}
+  {{- if or $startKinds $readsS3 }}
+  # Starting versions copied from S3, and the verified copies of published ones.
   - {name: models, emptyDir: {}}
   {{- else if $mountsStoreVolume }}
   - name: models
