@@ -1,3 +1,5 @@
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import boto3
@@ -143,6 +145,16 @@ def test_a_tampered_s3_object_is_refused_and_nothing_is_cached(s3_bucket: str, s
     with pytest.raises(ChecksumMismatch, match="model.safetensors"):
         fetch(published.uri, s3_config, published.manifest_sha256)
     assert [p for p in s3_config.cache_dir.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.integration
+def test_a_manifest_naming_files_outside_its_version_is_refused(s3_bucket: str, s3_config: S3Config) -> None:
+    store = open_store(f"s3://{s3_bucket}/models", s3_config)
+    forged = json.dumps(asdict(Manifest(version="r1", kind="reward", files={"../../escaped": "0" * 64})))
+    s3_client(s3_config).put_object(Bucket=s3_bucket, Key=f"models/reward/r1/{MANIFEST}", Body=forged.encode())
+    with pytest.raises(ChecksumMismatch, match="names '../../escaped', outside the version"):
+        store.fetch("reward", "r1")  # as the reward service does: no announced sha256 to check it against
+    assert not list(s3_config.cache_dir.parent.rglob("escaped"))
 
 
 @pytest.mark.integration
