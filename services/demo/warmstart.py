@@ -73,15 +73,18 @@ class WarmStartConfig:
 
     patch_size: int = 16
     """One image token per quadrant, i.e. per object slot (see build_default_policy)."""
-    vision_steps: int = 600
-    """Stage 1: quadrant classification, vision tower and projector only."""
+    vision_steps: int = 1500
+    """Stage 1: quadrant classification, vision tower and projector only. Cheap (seconds per hundred
+    steps); at 600 the quadrant head had only just reached 100%, so the SFT started from weaker features."""
     vision_lr: float = 3e-3
-    sft_steps: int = 1100
+    sft_steps: int = 1800
     """Stage 2: fine-tuning steps of the whole model on answers."""
-    clean_steps: int = 850
+    clean_steps: int = 1400
     """The first clean_steps of stage 2 train on concise, faithful answers only: short sequences with
     every answer token about the image, the cheapest way to teach the language model to read the image
-    tokens. The verbose style and the hallucinations come after."""
+    tokens. The verbose style and the hallucinations come after. Measured: greedy accuracy on position
+    questions still climbed from 67% at step 600 to 88% at step 1200; v0's grounding is the floor that
+    RLHF's gains flatten against, so it is worth the extra minute."""
     sft_lr: float = 1e-3
     """The learning rate of the clean steps."""
     style_lr: float = 3e-4
@@ -91,11 +94,14 @@ class WarmStartConfig:
     question_weights: tuple[float, float, float, float] = (1.0, 2.0, 3.0, 1.0)
     """Relative frequency of count, colour, position and describe questions in stage 2. Finding an
     object by its colour ("Where is the red shape?") is what the model learns last."""
-    verbose: float = 0.4
+    verbose: float = 0.6
     """Fraction of batches (after clean_steps) whose targets are all in the verbose style. A batch is
-    all of one style: concise batches are then half as long, and steps on them twice as fast."""
-    noise: float = 0.25
-    """Fraction of targets (after clean_steps) that are fluent hallucinations."""
+    all of one style: concise batches are then half as long, and steps on them twice as fast. Above
+    one half, v0 opens most answers with "Sure! ...", the chatty habit users' preference for concise
+    answers then trains away."""
+    noise: float = 0.3
+    """Fraction of targets (after clean_steps) that are fluent hallucinations: about half of v0's
+    sampled answers then hallucinate, while its concise greedy answers stay mostly grounded."""
 
 
 def build_warm_start(cache_dir: str | Path, seed: int = 0, config: WarmStartConfig = WarmStartConfig()) -> Path:
