@@ -1,4 +1,4 @@
-"""README's main command, as a user runs it: `modalign up --example`, then Ctrl-C."""
+"""`modalign up --example` as a user runs it (README: the system without simulated users), then Ctrl-C."""
 
 from __future__ import annotations
 

@@ -91,12 +91,14 @@ def kl_to(reference: PolicyEngine, samples: list[Sample], held_out: list[Example
         if not sample.token_ids:
             differences.append(0.0)
             continue
-        ids = torch.tensor([list(sample.prompt_token_ids) + list(sample.token_ids)])
+        device = reference.model.device
+        ids = torch.tensor([list(sample.prompt_token_ids) + list(sample.token_ids)], device=device)
         pixel_values = reference.processor.image_processor(images=[example.scene.image()], return_tensors="pt")
-        logits = reference.model(input_ids=ids, pixel_values=pixel_values["pixel_values"]).logits[0]
+        pixel_values = pixel_values["pixel_values"].to(device, reference.model.dtype)
+        logits = reference.model(input_ids=ids, pixel_values=pixel_values).logits[0]
         # The logits at position t predict token t + 1: the answer's tokens are predicted by the positions before them.
         predicting = mask_unsampleable(logits[-len(sample.token_ids) - 1:-1].float(), reference.unsampleable_token_ids)
-        answer = torch.tensor(sample.token_ids).unsqueeze(-1)
+        answer = torch.tensor(sample.token_ids, device=device).unsqueeze(-1)
         reference_logprob = torch.log_softmax(predicting, dim=-1).gather(-1, answer).sum().item()
         differences.append(sum(sample.logprobs) - reference_logprob)
     return sum(differences) / len(differences)
@@ -104,11 +106,11 @@ def kl_to(reference: PolicyEngine, samples: list[Sample], held_out: list[Example
 
 def evaluate_versions(
     versions: list[tuple[str, Path, bool]], reward_folder: Path | None, held_out: list[Example],
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 32, device: str = "cpu",
 ) -> list[VersionResult]:
     """versions: (name, model folder, promoted), v0 first."""
-    reward = RewardModel.load(reward_folder) if reward_folder is not None else None
-    engines = {name: PolicyEngine(*load_policy(folder), policy_version=name) for name, folder, _ in versions}
+    reward = RewardModel.load(reward_folder).to(device) if reward_folder is not None else None
+    engines = {name: PolicyEngine(*load_policy(folder, device=device), policy_version=name) for name, folder, _ in versions}
     samples = {name: sample_answers(engine, held_out, max_new_tokens) for name, engine in engines.items()}
     reference = versions[0][0]
     baseline = [s.text for s in samples[reference]]

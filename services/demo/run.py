@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=4, help="simulated users sending requests at once")
     parser.add_argument("--policy-model", type=Path, default=None,
                         help="a Hugging Face image-text-to-text checkpoint folder to start from instead of the warm start")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the policy, reward model, trainer and evaluation: cpu, cuda, cuda:1, ...")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where warm starts are cached")
     parser.add_argument("--held-out", type=int, default=200, help="held-out scenes each version is judged on")
     parser.add_argument("--grpc-base-port", type=int, default=50151,
@@ -77,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ensure_topics(kafka)
     home = args.out.resolve() / "work"
     ports = LocalPorts(grpc_base=args.grpc_base_port, metrics_base=args.metrics_base_port)
-    extra = {**DEMO_ARGS, "policy": ["--model-dir", str(policy_model)],
+    extra = {**DEMO_ARGS, "policy": ["--model-dir", str(policy_model), "--device", args.device],
+             "reward": ["--device", args.device],
              "trainer": [*DEMO_ARGS["trainer"], "--learner.policy-model-dir", str(policy_model),
-                         "--learner.seed", str(args.seed)]}
+                         "--learner.seed", str(args.seed), "--learner.device", args.device]}
     services = local_services(["--kafka.bootstrap-servers", kafka.bootstrap_servers,
                                "--kafka.topic-prefix", kafka.topic_prefix], home, ports, extra)
     stopping = []
@@ -138,7 +141,8 @@ def report(args: argparse.Namespace, published: list[events_pb2.PolicyVersionPub
     final = states[-1].stable_version if states else "v0"
     versions = [("v0", policy_model, True)] + [(e.version, fetch(e.uri), e.version in promoted) for e in published]
     reward_models = sorted((home / "models" / "reward").glob("r*"), key=lambda p: p.stat().st_mtime)
-    results = evaluate_versions(versions, reward_models[-1] if reward_models else None, held_out_examples(args.held_out))
+    results = evaluate_versions(versions, reward_models[-1] if reward_models else None, held_out_examples(args.held_out),
+                                device=args.device)
     timeline = [
         {"time": datetime.fromtimestamp(s.updated_at.seconds, timezone.utc).strftime("%H:%M:%S"),
          "revision": s.revision, "canary": s.canary_version, "stable": s.stable_version,

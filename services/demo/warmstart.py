@@ -23,6 +23,7 @@ cache folder named by a hash of the build settings: a second build with the same
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -59,7 +60,7 @@ from modalign.demo.scenes import (
     make_scene,
     reference_answer,
 )
-from modalign.policy.model import build_default_policy, format_prompt, save_policy
+from modalign.policy.model import build_default_policy, format_prompt, load_policy, save_policy
 
 log = logging.getLogger(__name__)
 
@@ -355,3 +356,18 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, seed: int = 1234
         hallucination=sampled_bad / n,
         styles={s: styles[s] for s in STYLES},
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m modalign.demo.warmstart FOLDER...`: the Evaluation of each policy folder, one line each."""
+    parser = argparse.ArgumentParser(prog="python -m modalign.demo.warmstart", description=main.__doc__)
+    parser.add_argument("folders", nargs="+", type=Path, help="policy checkpoint folders (a warm start, a published version)")
+    parser.add_argument("-n", type=int, default=256, help="held-out scenes")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as each service runs; results then match from one machine to the next
+    for folder in args.folders:
+        print(folder, json.dumps(dataclasses.asdict(evaluate(*load_policy(folder), n=args.n))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
-"""`modalign demo` end to end, sized for CI: the real broker, every service, simulated users, the
-report. The quality targets need the full defaults (minutes of training); this checks that the loop
-runs, stops everything it started, and writes a report with what it promises."""
+"""README's main command, `modalign demo`, end to end and sized for CI: the real broker, every
+service, simulated users, the report. The quality targets need the full defaults (minutes of
+training, measured in docs/demo.md); this checks that the loop runs, stops everything it started,
+and writes a report with what it promises."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """The warm start builds a loadable Hugging Face policy, once per settings (a tiny build, seconds)."""
 
 import dataclasses
+import json
 
 import torch
 
-from modalign.demo.warmstart import WarmStartConfig, build_warm_start, config_hash, evaluate
+from modalign.demo.warmstart import WarmStartConfig, build_warm_start, config_hash, evaluate, main
 from modalign.policy.model import load_policy
 
 # On 2 cores, one intra-op thread per process: oversubscribed threads made a forward 9x slower.
@@ -13,7 +14,7 @@ torch.set_num_threads(1)
 TINY = WarmStartConfig(vision_steps=3, sft_steps=6, clean_steps=2, batch_size=4)
 
 
-def test_a_tiny_warm_start_is_cached_and_loads_with_load_policy(tmp_path):
+def test_a_tiny_warm_start_is_cached_and_loads_with_load_policy(tmp_path, capsys):
     folder = build_warm_start(tmp_path, 0, TINY)
     assert folder.parent == tmp_path and config_hash(0, TINY) in folder.name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
@@ -28,6 +29,11 @@ def test_a_tiny_warm_start_is_cached_and_loads_with_load_policy(tmp_path):
     result = evaluate(model, processor, n=4, batch_size=4, max_new_tokens=4)
     assert set(result.accuracy) <= {"count", "colour", "position", "describe"}
     assert 0.0 <= result.hallucination <= 1.0
+
+    main([str(folder), "-n", "4"])  # the command docs/demo.md measures warm starts and versions with
+    printed_folder, evaluation = capsys.readouterr().out.strip().split(" ", 1)
+    assert printed_folder == str(folder)
+    assert sum(json.loads(evaluation)["styles"].values()) == 4
 
 
 def test_different_settings_are_different_cache_entries():
