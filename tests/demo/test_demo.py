@@ -26,6 +26,7 @@ def test_demo_runs_the_loop_and_writes_its_report(kafka_broker: BrokerConfig, tm
     command = [
         sys.executable, "-c", "from modalign.cli import main; main()", "demo",
         "--policy-model", str(model), "--out", str(out), "--minutes", "1", "--held-out", "16", "--users", "2",
+        "--device", "cpu",  # passed on to every service: a flag one of them does not know fails its start
         "--data-dir", str(kafka_broker.data_dir), "--port", str(kafka_broker.port),
         "--controller-port", str(kafka_broker.controller_port),
         "--grpc-base-port", str(free_run(5)), "--metrics-base-port", str(free_run(5)),
