@@ -500,6 +500,13 @@ class Learner:
         self.policy.load_state_dict(self.published_policy.state_dict())
         self.policy_optimizer.state.clear()
 
+    def reset_policy(self, folder: Path | None) -> None:
+        """Start again from a published policy (its folder; None: the starting policy, the reference)."""
+        weights = (load_policy(folder, device=self.device)[0] if folder is not None else self.reference).state_dict()
+        self.policy.load_state_dict(weights)
+        self.published_policy.load_state_dict(weights)
+        self.policy_optimizer.state.clear()
+
     def export_policy(self, folder: Path) -> None:
         save_policy(self.policy, self.processor, folder)
 

@@ -8,6 +8,8 @@ One round, start to end:
   4. when a version is due, run the evaluation gate and mark the version for publishing;
   5. write one atomic checkpoint, then commit the feedback offsets;
   6. publish the marked version (model store, then a PolicyVersionPublished event).
+Before each round it reads the rollout topic: when the controller rolls back the version the trainer
+is building on, the trainer goes back to the stable version's weights.
 A crash anywhere resumes from the checkpoint's positions, so every feedback is learned from exactly
 once; a crash between 5 and 6 publishes on restart.
 """
@@ -56,6 +58,8 @@ CONSUMER_LAG = Gauge("modalign_trainer_consumer_lag_records", "Feedback records 
 VERSIONS = Counter("modalign_trainer_versions_total", "Policy versions by gate outcome (published, rejected).", ["outcome"])
 GATE_REJECTIONS = Counter("modalign_trainer_gate_rejections_total", "Versions the evaluation gate refused, by check.", ["check"])
 LEARN_METRIC = Gauge("modalign_trainer_metric", "The last value of each learning and evaluation metric.", ["name"])
+ROLLBACKS_FOLLOWED = Counter("modalign_trainer_rollbacks_followed_total",
+                             "Rolled-back versions the trainer stopped building on, going back to the stable version.")
 LAST_ROUND = Gauge("modalign_trainer_last_round_timestamp_seconds", "When the last round ended (Unix time).")
 
 
@@ -110,6 +114,10 @@ class TrainerConfig:
     join: JoinLimits = field(default_factory=JoinLimits)
 
 
+STARTING_VERSION = "v0"
+"""The name of the policy the trainer starts from (its reference), which need not be in the model store."""
+
+
 def is_heldout(feedback_id: str, percent: int) -> bool:
     return int(hashlib.sha256(feedback_id.encode()).hexdigest()[:8], 16) % 100 < percent
 
@@ -129,8 +137,11 @@ class TrainerState:
     prompts: OrderedDict[str, Prompt] = field(default_factory=OrderedDict)
     rounds: int = 0
     learning_rounds: int = 0
-    serving_version: str = "v0"
-    """The last version published (the parent of the next)."""
+    serving_version: str = STARTING_VERSION
+    """The version the policy is trained on from (the parent of the next): the last one published, or
+    the stable version after the controller rolled that one back."""
+    rollout_offset: int = 0
+    """Next offset of the rollout topic to read for rollbacks."""
     pending_publish: dict[str, Any] | None = None
     """A version that passed the gate and is in this checkpoint, but whose publishing may not have happened."""
 
@@ -142,7 +153,8 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.store = open_store(config.model_store, config.s3)
         self.blobs = BlobStore(config.blob_dir)
-        self.topics = {name: config.kafka.topic(name) for name in ("generations", "feedback", "feedback.dlq", "policy-versions")}
+        self.topics = {name: config.kafka.topic(name)
+                       for name in ("generations", "feedback", "feedback.dlq", "policy-versions", "rollout")}
         self.state = TrainerState(joiner=FeedbackJoiner(limits=config.join))
         self._restore()
         self.producer = make_producer(config.kafka)
@@ -165,8 +177,14 @@ class Trainer:
         self.feedback.assign(feedback_partitions)
         for tp in feedback_partitions:
             self._seek(self.feedback, tp)
+        # The controller writes in transactions; a fenced controller's aborted writes are never followed.
+        self.rollouts = make_consumer(config.kafka, group_id=None, isolation_level="read_committed")
+        self.rollout_partition = TopicPartition(self.topics["rollout"], 0)
+        self.rollouts.assign([self.rollout_partition])
+        self.rollouts.seek(self.rollout_partition, self.state.rollout_offset)
 
     def close(self) -> None:
+        self.rollouts.close()
         self.feedback.close()
         self.generations.close()
         self.producer.close(timeout=5)
@@ -204,6 +222,7 @@ class Trainer:
         started = time.monotonic()
         if self.state.pending_publish is not None:  # a crash came between checkpoint and publishing
             self._publish(self.state.pending_publish)
+        self._follow_rollbacks()
         consumed = 0
         deadline = started + self.config.round_max_seconds
         new_pairs: list[PreferencePair] = []
@@ -249,6 +268,36 @@ class Trainer:
         for name, value in metrics.items():
             LEARN_METRIC.labels(name).set(value)
         return metrics
+
+    def _follow_rollbacks(self) -> None:
+        """Goes back to the stable version when the controller rolled back the one the policy is built
+        on: every later version would inherit what made users rate it worse. Rank 0 reads the topic
+        and decides for all, so the ranks' models stay identical."""
+        building_on, offset = self.state.serving_version, self.state.rollout_offset
+        if self.rank == 0:
+            tp = self.rollout_partition
+            end = self.rollouts.end_offsets([tp])[tp]
+            deadline = time.monotonic() + self.config.round_max_seconds
+            while self.rollouts.position(tp) < end and time.monotonic() < deadline:
+                for record in self.rollouts.poll(timeout_ms=200).get(tp, []):
+                    state = events_pb2.RolloutState.FromString(record.value)
+                    if state.phase == events_pb2.ROLLOUT_PHASE_ROLLED_BACK and state.canary_version == building_on:
+                        log.warning("the controller rolled back %s (%s): training goes on from %s",
+                                    building_on, state.reason, state.stable_version)
+                        ROLLBACKS_FOLLOWED.inc()
+                        building_on = state.stable_version
+            offset = self.rollouts.position(tp)
+        building_on, self.state.rollout_offset = distributed.all_gather((building_on, offset))[0]
+        if building_on == self.state.serving_version:
+            return
+        published = self.store.lookup("policy", building_on)
+        if published is None and building_on != STARTING_VERSION:
+            log.error("cannot go back to %s: it is neither in the model store nor the starting policy; "
+                      "training goes on from %s", building_on, self.state.serving_version)
+            return
+        # The starting version may not be in the store: it is the learner's reference policy.
+        self.learner.reset_policy(self.store.fetch("policy", building_on) if published is not None else None)
+        self.state.serving_version = building_on
 
     def _consume_generations(self) -> None:
         while batches := self.generations.poll(timeout_ms=50, max_records=1000):

@@ -1,0 +1,95 @@
+"""A rollback of the version the trainer builds on sends it back to the stable version.
+
+Real broker; the trainer's own code in this process, publishing into a folder store. The rollout
+states are written to the rollout topic as the controller writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from modalign.core.blobs import BlobStore
+from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
+from modalign.trainer.learner import Learner
+from modalign.trainer.service import Trainer, TrainerConfig
+from modalign.v1 import events_pb2
+
+pytestmark = pytest.mark.integration
+
+
+def policy_digest(learner: Learner) -> str:
+    digest = hashlib.sha256()
+    for tensor in learner.policy.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train_and_publish(trainer: Trainer, version: str) -> str:
+    """Stands in for rounds of learning and a passed gate: the policy moves, and is published."""
+    with torch.no_grad():
+        for parameter in trainer.learner.policy.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    trainer.learner.accept_candidate()
+    trainer._publish({"version": version, "parent": trainer.state.serving_version, "eval_metrics": {},
+                      "trained_through": []})
+    return policy_digest(trainer.learner)
+
+
+def write_rollout_states(kafka: KafkaConfig, *states: events_pb2.RolloutState) -> None:
+    producer = make_producer(kafka)
+    try:
+        produce_durably(producer, kafka.topic("rollout"), [("state", s.SerializeToString()) for s in states],
+                        kafka.produce_timeout_s)
+    finally:
+        producer.close()
+
+
+def rolled_back(canary: str, stable: str) -> events_pb2.RolloutState:
+    return events_pb2.RolloutState(canary_version=canary, stable_version=stable,
+                                   phase=events_pb2.ROLLOUT_PHASE_ROLLED_BACK, reason="rating worse")
+
+
+def test_the_trainer_goes_back_to_the_stable_version_when_its_version_is_rolled_back(
+    kafka_config: KafkaConfig, tmp_path: Path
+) -> None:
+    config = TrainerConfig(kafka=kafka_config, work_dir=tmp_path / "trainer", model_store=str(tmp_path / "models"),
+                           blob_dir=tmp_path / "blobs", metrics_port=0, round_max_seconds=0.5)
+    trainer = Trainer(config, Learner(config.learner, BlobStore(config.blob_dir)))
+    try:
+        starting = policy_digest(trainer.learner)
+        v1 = train_and_publish(trainer, "v1")
+        v2 = train_and_publish(trainer, "v2")
+        assert len({starting, v1, v2}) == 3 and trainer.state.serving_version == "v2"
+
+        # v1 was promoted before; v2, the version the trainer builds on, is rolled back; a rollback of
+        # a version it does not build on changes nothing.
+        write_rollout_states(kafka_config, rolled_back("v7", "v1"), events_pb2.RolloutState(
+            canary_version="v1", stable_version="v1", phase=events_pb2.ROLLOUT_PHASE_PROMOTED), rolled_back("v2", "v1"))
+        trainer.run_round()
+        assert trainer.state.serving_version == "v1" and trainer.state.rollout_offset == 3
+        assert policy_digest(trainer.learner) == v1  # the weights published as v1, from the model store
+        assert trainer.learner.policy_optimizer.state == {}
+
+        # Built on v1 again: v3's parent is v1. Its rollback returns to the starting policy, which is
+        # not in the store: the learner's reference.
+        train_and_publish(trainer, "v3")
+        assert (tmp_path / "models" / "policy" / "v3" / "manifest.json").read_text().count('"parent": "v1"') == 1
+        write_rollout_states(kafka_config, rolled_back("v3", "v0"))
+        trainer.run_round()
+        assert trainer.state.serving_version == "v0" and policy_digest(trainer.learner) == starting
+    finally:
+        trainer.close()
+
+    # What was followed is checkpointed: a restarted trainer reads on from there and does not go back again.
+    restarted = Trainer(config, Learner(config.learner, BlobStore(config.blob_dir)))
+    try:
+        assert (restarted.state.serving_version, restarted.state.rollout_offset) == ("v0", 4)
+        v4 = train_and_publish(restarted, "v4")
+        restarted.run_round()
+        assert restarted.state.serving_version == "v4" and policy_digest(restarted.learner) == v4
+    finally:
+        restarted.close()
