@@ -91,13 +91,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_manifest(folder: Path | str) -> Manifest:
+    """The manifest of a version's folder, without checking any file (see verify)."""
+    return Manifest(**json.loads((Path(folder) / MANIFEST).read_text()))
+
+
 def verify(folder: Path | str, manifest_sha256: str | None = None) -> Manifest:
     """Checks every file against the manifest (and the manifest against manifest_sha256 when given)."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if manifest_sha256 is not None and file_sha256(manifest_path) != manifest_sha256:
         raise ChecksumMismatch(f"{manifest_path} does not match its published sha256")
-    manifest = Manifest(**json.loads(manifest_path.read_text()))
+    manifest = read_manifest(folder)
     present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
     if present != set(manifest.files):
         raise ChecksumMismatch(f"{folder}: files {sorted(present ^ set(manifest.files))} differ from the manifest")

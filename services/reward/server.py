@@ -76,7 +76,7 @@ from prometheus_client import Counter, Gauge
 from modalign.core.config import parse_config
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import KafkaConfig, ensure_topics
-from modalign.core.modelstore import MANIFEST, ChecksumMismatch, S3Config, fetch, sibling_uri, verify
+from modalign.core.modelstore import MANIFEST, ChecksumMismatch, S3Config, fetch, read_manifest, sibling_uri, verify
 from modalign.core.versions import follow_newest_version
 from modalign.reward.model import RewardModel, UnscorableText, build_default_reward_model
 from modalign.v1 import events_pb2
@@ -249,12 +249,13 @@ def parse_request(request: InferRequest, limits: RequestLimits) -> ScoreBatch:
     )
 
 
-def verified_version(model_dir: Path | None, seed: int, expected: str | None = None) -> str:
+def verified_version(model_dir: Path | None, seed: int, expected: str | None = None, fetched: bool = False) -> str:
     """The version label of a folder about to be loaded.
 
-    A model-store version (it has a manifest) is verified file by file first, and must be a reward
-    model; a bare folder from RewardModel.save is named by its folder. With `expected` (a published
-    version), the manifest is required and must name that version.
+    A model-store version (it has a manifest) is verified file by file first, unless `fetched` says
+    modelstore.fetch just did, and must be a reward model; a bare folder from RewardModel.save is
+    named by its folder. With `expected` (a published version), the manifest is required and must
+    name that version.
     """
     if model_dir is None:
         return f"default-seed{seed}"
@@ -262,7 +263,7 @@ def verified_version(model_dir: Path | None, seed: int, expected: str | None = N
         if expected is not None:
             raise ChecksumMismatch(f"{model_dir} has no {MANIFEST}: reward version {expected} cannot be verified")
         return model_dir.name
-    manifest = verify(model_dir)
+    manifest = read_manifest(model_dir) if fetched else verify(model_dir)
     if manifest.kind != "reward":
         raise ValueError(f"{model_dir} holds a {manifest.kind!r} model, not a reward model")
     if expected is not None and manifest.version != expected:
@@ -315,8 +316,9 @@ class RewardKServeModel(kserve.Model):
         """
         try:
             if isinstance(model_dir, str):
-                model_dir = fetch(model_dir, self._s3)
-            self._load(model_dir, expected_version)
+                self._load(fetch(model_dir, self._s3), expected_version, fetched=True)
+            else:
+                self._load(model_dir, expected_version)
         except Exception:
             MODEL_LOADS.labels(outcome="failed").inc()
             raise
@@ -337,10 +339,10 @@ class RewardKServeModel(kserve.Model):
             return
         self.load(published_reward_uri(event), expected_version=event.reward_model_version)
 
-    def _load(self, model_dir: Path | None, expected_version: str | None) -> None:
+    def _load(self, model_dir: Path | None, expected_version: str | None, fetched: bool = False) -> None:
         with self._load_lock:
             folder = model_dir if model_dir is not None else self._model_dir
-            version = verified_version(folder, self._seed, expected_version)
+            version = verified_version(folder, self._seed, expected_version, fetched)
             reward = RewardModel.load(folder) if folder is not None else build_default_reward_model(self._seed)
             served = _Served(reward=reward.to(self._device), version=version)
             previous, self._served = self._served, served

@@ -290,13 +290,15 @@ class Trainer:
         building_on, self.state.rollout_offset = distributed.all_gather((building_on, offset))[0]
         if building_on == self.state.serving_version:
             return
-        published = self.store.lookup("policy", building_on)
-        if published is None and building_on != STARTING_VERSION:
-            log.error("cannot go back to %s: it is neither in the model store nor the starting policy; "
-                      "training goes on from %s", building_on, self.state.serving_version)
-            return
-        # The starting version may not be in the store: it is the learner's reference policy.
-        self.learner.reset_policy(self.store.fetch("policy", building_on) if published is not None else None)
+        try:
+            folder = self.store.fetch("policy", building_on)
+        except LookupError:
+            if building_on != STARTING_VERSION:
+                log.error("cannot go back to %s: it is neither in the model store nor the starting policy; "
+                          "training goes on from %s", building_on, self.state.serving_version)
+                return
+            folder = None  # the starting version need not be in the store: it is the learner's reference
+        self.learner.reset_policy(folder)
         self.state.serving_version = building_on
 
     def _consume_generations(self) -> None:

@@ -6,7 +6,6 @@ states are written to the rollout topic as the controller writes them.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -21,22 +20,16 @@ from modalign.v1 import events_pb2
 pytestmark = pytest.mark.integration
 
 
-def policy_digest(learner: Learner) -> str:
-    digest = hashlib.sha256()
-    for tensor in learner.policy.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def train_and_publish(trainer: Trainer, version: str) -> str:
-    """Stands in for rounds of learning and a passed gate: the policy moves, and is published."""
+    """Stands in for rounds of learning and a passed gate: the policy moves, and is published. Returns
+    the learner's digest (its reward model does not move without pairs: the policy tells them apart)."""
     with torch.no_grad():
         for parameter in trainer.learner.policy.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     trainer.learner.accept_candidate()
     trainer._publish({"version": version, "parent": trainer.state.serving_version, "eval_metrics": {},
                       "trained_through": []})
-    return policy_digest(trainer.learner)
+    return trainer.learner.parameter_digest()
 
 
 def write_rollout_states(kafka: KafkaConfig, *states: events_pb2.RolloutState) -> None:
@@ -60,7 +53,7 @@ def test_the_trainer_goes_back_to_the_stable_version_when_its_version_is_rolled_
                            blob_dir=tmp_path / "blobs", metrics_port=0, round_max_seconds=0.5)
     trainer = Trainer(config, Learner(config.learner, BlobStore(config.blob_dir)))
     try:
-        starting = policy_digest(trainer.learner)
+        starting = trainer.learner.parameter_digest()
         v1 = train_and_publish(trainer, "v1")
         v2 = train_and_publish(trainer, "v2")
         assert len({starting, v1, v2}) == 3 and trainer.state.serving_version == "v2"
@@ -71,7 +64,7 @@ def test_the_trainer_goes_back_to_the_stable_version_when_its_version_is_rolled_
             canary_version="v1", stable_version="v1", phase=events_pb2.ROLLOUT_PHASE_PROMOTED), rolled_back("v2", "v1"))
         trainer.run_round()
         assert trainer.state.serving_version == "v1" and trainer.state.rollout_offset == 3
-        assert policy_digest(trainer.learner) == v1  # the weights published as v1, from the model store
+        assert trainer.learner.parameter_digest() == v1  # the weights published as v1, from the model store
         assert trainer.learner.policy_optimizer.state == {}
 
         # Built on v1 again: v3's parent is v1. Its rollback returns to the starting policy, which is
@@ -80,7 +73,7 @@ def test_the_trainer_goes_back_to_the_stable_version_when_its_version_is_rolled_
         assert (tmp_path / "models" / "policy" / "v3" / "manifest.json").read_text().count('"parent": "v1"') == 1
         write_rollout_states(kafka_config, rolled_back("v3", "v0"))
         trainer.run_round()
-        assert trainer.state.serving_version == "v0" and policy_digest(trainer.learner) == starting
+        assert trainer.state.serving_version == "v0" and trainer.learner.parameter_digest() == starting
     finally:
         trainer.close()
 
@@ -90,6 +83,6 @@ def test_the_trainer_goes_back_to_the_stable_version_when_its_version_is_rolled_
         assert (restarted.state.serving_version, restarted.state.rollout_offset) == ("v0", 4)
         v4 = train_and_publish(restarted, "v4")
         restarted.run_round()
-        assert restarted.state.serving_version == "v4" and policy_digest(restarted.learner) == v4
+        assert restarted.state.serving_version == "v4" and restarted.learner.parameter_digest() == v4
     finally:
         restarted.close()
