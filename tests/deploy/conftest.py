@@ -1,5 +1,8 @@
 """Shared by the deployment checks: where the chart and the schemas are, the external tools, renders.
 
+The JSON schemas of the custom resources the chart renders and of skaffold.yaml are vendored in
+tests/deploy/schemas (sources and licences in its README.md).
+
 The tools (helm, kubectl, promtool, prometheus) come from .ci/install-deploy-tools.sh. Missing one
 skips its checks on a developer's machine, with the reason; in CI (CI=true) it fails them instead, so
 a broken install can never pass as a green run.
@@ -20,7 +23,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 CHART = REPO / "helm" / "modalign"
 EXAMPLES = CHART / "examples"
 INSTALL_SCRIPT = REPO / ".ci" / "install-deploy-tools.sh"
@@ -63,10 +66,10 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, **kwargs)
 
 
-def shared_dir(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        missing(f"{path} is missing (CI puts a copy of shared/ beside the clone)")
+def schema_dir(*parts: str) -> Path:
+    """A folder of the vendored schemas; they are part of the repository, so a missing one is a failure."""
+    path = SCHEMAS.joinpath(*parts)
+    assert path.is_dir(), f"{path} is missing from the repository"
     return path
 
 

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.conftest import CHART, REPO, load_json, render, run, shared_dir, tool
+from tests.deploy.conftest import CHART, REPO, load_json, render, run, schema_dir, tool
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 SKAFFOLD = REPO / "skaffold.yaml"
@@ -85,7 +85,7 @@ def skaffold() -> dict:
 
 def skaffold_errors(config: dict) -> list[str]:
     version = config["apiVersion"].removeprefix("skaffold/")
-    schema = load_json(shared_dir("schemas", "skaffold") / f"{version}.json")
+    schema = load_json(schema_dir("skaffold") / f"{version}.json")
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(config)]
 
 
