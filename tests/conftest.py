@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Iterator
 
 import boto3
+import grpc
 import pytest
 
 from modalign.core import broker
 from modalign.core.kafka import KafkaConfig, ensure_topics
 from modalign.core.modelstore import S3Config
-from modalign.core.processes import free_port
+from modalign.core.processes import ManagedProcess, free_port
 
 from tests import s3proxy
 
@@ -69,3 +70,34 @@ def s3_bucket(s3_server: s3proxy.S3Server, monkeypatch: pytest.MonkeyPatch) -> s
 def s3_config(s3_server: s3proxy.S3Server, tmp_path: Path) -> S3Config:
     """How this test's clients reach the S3 server, each test with its own cache."""
     return S3Config(endpoint_url=s3_server.endpoint_url, cache_dir=tmp_path / "s3-cache")
+
+
+# The `integration` marker: `pytest -m "not integration"` is the contributors' fast loop, so every test that
+# starts a broker, an S3 server, a gRPC server or a service process must carry it. Tests that use the
+# fixtures below get it here; an unmarked test that starts one anyway fails (guard_unmarked_tests).
+INTEGRATION_FIXTURES = {"kafka_broker", "kafka_config", "s3_server", "s3_bucket", "s3_config"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def _refuse_to_start(what: str):
+    def refuse(*args, **kwargs):
+        pytest.fail(f"a test without the integration marker started {what}: mark it "
+                    f"(pytestmark = pytest.mark.integration) or use the kafka/s3 fixtures", pytrace=False)
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def guard_unmarked_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a test without the integration marker, starting a broker, an S3 server, a gRPC server or a
+    ManagedProcess fails the test, so that the fast loop stays free of them."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    monkeypatch.setattr(broker, "start", _refuse_to_start("a Kafka broker"))
+    monkeypatch.setattr(s3proxy, "start", _refuse_to_start("an S3 server"))
+    monkeypatch.setattr(grpc, "server", _refuse_to_start("a gRPC server"))
+    monkeypatch.setattr(ManagedProcess, "start", _refuse_to_start("a service process"))
