@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from modalign.core.processes import free_port
+
 from tests.services import free_run
 
 pytestmark = pytest.mark.integration

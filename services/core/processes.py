@@ -56,7 +56,7 @@ class ManagedProcess:
 
     @classmethod
     def python_module(cls, name: str, module: str, args: list[str], ready: Callable[[], bool], log_dir: Path,
-                      env: dict[str, str] | None = None) -> "ManagedProcess":
+                      env: dict[str, str] | None = None) -> ManagedProcess:
         return cls(name, [sys.executable, "-m", module, *args], ready, Path(log_dir) / f"{name}.log", env or {})
 
     @property

@@ -15,7 +15,7 @@ import argparse
 import signal
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -144,7 +144,7 @@ def report(args: argparse.Namespace, published: list[events_pb2.PolicyVersionPub
     results = evaluate_versions(versions, reward_models[-1] if reward_models else None, held_out_examples(args.held_out),
                                 device=args.device)
     timeline = [
-        {"time": datetime.fromtimestamp(s.updated_at.seconds, timezone.utc).strftime("%H:%M:%S"),
+        {"time": datetime.fromtimestamp(s.updated_at.seconds, UTC).strftime("%H:%M:%S"),
          "revision": s.revision, "canary": s.canary_version, "stable": s.stable_version,
          "phase": events_pb2.RolloutPhase.Name(s.phase), "weight": s.canary_weight_percent, "reason": s.reason}
         for s in states

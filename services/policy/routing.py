@@ -41,7 +41,7 @@ class Routes:
     canary_weight_percent: int = 0
 
     @classmethod
-    def from_state(cls, state: events_pb2.RolloutState, default_stable: str) -> "Routes":
+    def from_state(cls, state: events_pb2.RolloutState, default_stable: str) -> Routes:
         if state.pinned_version:
             return cls(stable=state.pinned_version)
         stable = state.stable_version or default_stable

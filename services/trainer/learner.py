@@ -30,8 +30,8 @@ from modalign.policy.model import build_default_policy, format_prompt, load_poli
 from modalign.reward.model import RewardModel
 from modalign.trainer import distributed
 from modalign.trainer.join import PreferencePair
-from modalign.trainer.logprobs import token_logprobs
 from modalign.trainer.kl import kl_k1
+from modalign.trainer.logprobs import token_logprobs
 from modalign.trainer.losses import bradley_terry_loss, preference_accuracy
 from modalign.trainer.rewards import penalize_missing_eos
 

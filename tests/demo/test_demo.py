@@ -14,6 +14,7 @@ import pytest
 
 from modalign.core.broker import BrokerConfig
 from modalign.policy.model import build_default_policy, save_policy
+
 from tests.services import free_run
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,20 @@ from modalign.core.config import add_arguments
 from modalign.core.kafka import TOPICS, KafkaConfig, topic_configs
 
 from tests.deploy.conftest import (
-    CHART, EXAMPLES, NAMESPACE, RELEASE, VALUES_FILES, find, load_json, one, render, render_text, run,
-    schema_dir, tool, values_id,
+    CHART,
+    EXAMPLES,
+    NAMESPACE,
+    RELEASE,
+    VALUES_FILES,
+    find,
+    load_json,
+    one,
+    render,
+    render_text,
+    run,
+    schema_dir,
+    tool,
+    values_id,
 )
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas here.

@@ -10,7 +10,13 @@ import yaml
 
 from tests.deploy.conftest import run, tool
 from tests.deploy.monitoring import (
-    DASHBOARDS, alert_names, dashboard_queries, label_values_selected, queried_metric_names, rule_groups, write_rules_file,
+    DASHBOARDS,
+    alert_names,
+    dashboard_queries,
+    label_values_selected,
+    queried_metric_names,
+    rule_groups,
+    write_rules_file,
 )
 
 ALERT_TESTS = Path(__file__).with_name("alerts.test.yaml")

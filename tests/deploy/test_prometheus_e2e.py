@@ -7,9 +7,10 @@ the controller reading the policy's /metrics and scoring with the reward service
 under the job names the chart's monitors give them and evaluates the chart's rules. Conditions are
 then caused on purpose — a burst of invalid feedback, a candidate the evaluation gate must refuse,
 feedback about responses never logged, a published reward model that cannot load, an operator rolling
-that version's canary back, a Kafka outage, a service going away — and the alerts must fire. The rules are loaded as rendered (with the gate alert
-lowered to one refusal, see E2E_VALUES) except for their `for:` pending periods, set to 0s so that
-the test waits seconds, not the 15 minutes an on-call page waits.
+that version's canary back, a Kafka outage, a service going away — and the alerts must fire. The
+rules are loaded as rendered (with the gate alert lowered to one refusal, see E2E_VALUES) except for
+their `for:` pending periods, set to 0s so that the test waits seconds, not the 15 minutes an on-call
+page waits.
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ from modalign.core.processes import ManagedProcess, free_port, grpc_serving, htt
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
 from tests.conftest import start_broker
-from tests.deploy.conftest import REPO, RELEASE, tool
+from tests.deploy.conftest import RELEASE, REPO, tool
 from tests.deploy.monitoring import (
-    DASHBOARDS, SCRAPE_SERIES, dashboard_queries, label_values_selected, queried_metric_names, rule_groups, sample_names,
+    DASHBOARDS,
+    SCRAPE_SERIES,
+    dashboard_queries,
+    label_values_selected,
+    queried_metric_names,
+    rule_groups,
+    sample_names,
     write_rules_file,
 )
 from tests.feedback.cases import valid_feedback

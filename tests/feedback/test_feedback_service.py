@@ -18,8 +18,8 @@ from modalign.core.processes import ManagedProcess
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 from tests.conftest import start_broker
-from tests.services import start_grpc_service
 from tests.feedback.cases import BAD_FEEDBACK, valid_feedback
+from tests.services import start_grpc_service
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,9 @@ def start_feedback_service(kafka: KafkaConfig, log_dir: Path, produce_timeout_s:
 
 
 @pytest.fixture(scope="module")
-def feedback_service(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[feedback_pb2_grpc.FeedbackServiceStub, str, int]]:
+def feedback_service(
+    kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[feedback_pb2_grpc.FeedbackServiceStub, str, int]]:
     process, address, metrics_port = start_feedback_service(kafka_config, tmp_path_factory.mktemp("feedback"))
     with grpc.insecure_channel(address) as channel:
         yield feedback_pb2_grpc.FeedbackServiceStub(channel), address, metrics_port
@@ -121,7 +123,8 @@ def test_health_reflection_and_metrics_answer(feedback_service) -> None:
         metrics,
     )
     assert re.search(
-        r'modalign_grpc_server_handled_total\{grpc_code="INVALID_ARGUMENT",grpc_method="Submit",grpc_service="modalign.v1.FeedbackService"\} [1-9]',
+        r'modalign_grpc_server_handled_total\{grpc_code="INVALID_ARGUMENT",grpc_method="Submit",'
+        r'grpc_service="modalign.v1.FeedbackService"\} [1-9]',
         metrics,
     )
     assert "modalign_kafka_produce_seconds_bucket" in metrics

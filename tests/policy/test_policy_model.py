@@ -1,6 +1,5 @@
-import torch
-
 import pytest
+import torch
 
 from modalign.policy.model import (
     NUM_IMAGE_TOKENS,
@@ -26,7 +25,7 @@ def test_same_seed_same_weights_and_global_rng_untouched():
     assert torch.equal(torch.rand(1), expected_next)
     b, _ = build_default_policy(seed=7)
     c, _ = build_default_policy(seed=8)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (name, pa), pb, _pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), name
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 

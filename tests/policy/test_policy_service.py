@@ -183,5 +183,6 @@ def test_health_reflection_and_metrics_answer(policy: PolicyUnderTest) -> None:
     metrics = policy.metrics()
     assert re.search(r'^modalign_policy_generated_tokens_total\{policy_version="v0"\} [1-9]', metrics, re.M)
     assert re.search(r'^modalign_policy_version_info\{policy_version="v0"\} 1\.0', metrics, re.M)
-    assert re.search(r'modalign_grpc_server_handled_total\{grpc_code="OK",grpc_method="Generate",grpc_service="modalign.v1.PolicyService"\} [1-9]', metrics)
+    assert re.search(r'modalign_grpc_server_handled_total\{grpc_code="OK",grpc_method="Generate",'
+                     r'grpc_service="modalign.v1.PolicyService"\} [1-9]', metrics)
     assert 'modalign_kafka_produce_seconds_count{topic="' in metrics

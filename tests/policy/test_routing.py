@@ -47,11 +47,15 @@ def test_routes_follow_the_rollout_state() -> None:
         stable_version="v1", canary_version="v2", canary_weight_percent=25, phase=events_pb2.ROLLOUT_PHASE_PROGRESSING
     )
     assert Routes.from_state(progressing, "v0") == Routes("v1", "v2", 25)
-    paused = events_pb2.RolloutState(); paused.CopyFrom(progressing); paused.phase = events_pb2.ROLLOUT_PHASE_PAUSED
+    paused = events_pb2.RolloutState()
+    paused.CopyFrom(progressing)
+    paused.phase = events_pb2.ROLLOUT_PHASE_PAUSED
     assert Routes.from_state(paused, "v0") == Routes("v1", "v2", 25)
     rolled_back = events_pb2.RolloutState(stable_version="v1", canary_version="v2", phase=events_pb2.ROLLOUT_PHASE_ROLLED_BACK)
     assert Routes.from_state(rolled_back, "v0") == Routes("v1")
-    pinned = events_pb2.RolloutState(); pinned.CopyFrom(progressing); pinned.pinned_version = "v0"
+    pinned = events_pb2.RolloutState()
+    pinned.CopyFrom(progressing)
+    pinned.pinned_version = "v0"
     assert Routes.from_state(pinned, "v0") == Routes("v0")
     assert Routes.from_state(events_pb2.RolloutState(), "v0") == Routes("v0")
     assert Routes("v1", "v2", 25).weights() == {"v1": 75, "v2": 25}

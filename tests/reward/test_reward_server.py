@@ -37,6 +37,7 @@ from modalign.core.processes import ManagedProcess, free_port, http_ok
 from modalign.reward.model import HEAD_FILE, RewardModel, build_default_reward_model
 from modalign.rollout.evidence import EvidenceCollector, RewardScorer
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2
+
 from tests.services import kafka_args
 
 pytestmark = pytest.mark.integration
@@ -334,7 +335,7 @@ class _Traffic:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reward-traffic", daemon=True)
 
-    def __enter__(self) -> "_Traffic":
+    def __enter__(self) -> _Traffic:
         self._thread.start()
         return self
 

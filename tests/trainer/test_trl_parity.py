@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch.testing import assert_close
-
 from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.reward_trainer import RewardTrainer
@@ -151,7 +150,8 @@ def test_dpo_loss_and_implicit_rewards_match_trl_dpo_trainer(loss_type: str) -> 
             "ref_chosen_logps": ref_logps[pair : pair + 1],
             "ref_rejected_logps": ref_logps[pairs + pair : pairs + pair + 1],
         }
-        trl_losses.append(DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, return_outputs=False))
+        # The lambda is called inside _compute_loss, within this iteration.
+        trl_losses.append(DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, return_outputs=False))  # noqa: B023
 
     policy_logps = sequence_logprobs(policy_logits[:, :-1], targets, target_mask)
     assert_close(policy_logps, trl_sequence_logps(policy_logits))
