@@ -204,7 +204,7 @@ def read_topic(kafka: KafkaConfig, name: str, message_type: type[M]) -> list[M]:
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
         ends = consumer.end_offsets(partitions)
-        records = []
+        records: list[M] = []
         while any(consumer.position(tp) < end for tp, end in ends.items()):
             for batch in consumer.poll(timeout_ms=1000).values():
                 records.extend(message_type.FromString(r.value) for r in batch)

@@ -103,6 +103,7 @@ class ManagedProcess:
             self.process.wait()
 
     def _signal_group(self, signum: int) -> None:
+        assert self.process is not None  # its callers check
         try:
             os.killpg(self.process.pid, signum)  # the child leads its group: start_new_session
         except ProcessLookupError:
