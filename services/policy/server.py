@@ -1,6 +1,6 @@
 """PolicyService over gRPC: validate, decode and store images, route, sample in batches, log every candidate.
 
-Transport only: the model and its batched sampling live in model.py and engine.py, the choice of
+Transport only: the model in model.py, its batched sampling in engine.py and batcher.py, the choice of
 version per request in routing.py. A candidate is logged to Kafka (acks=all) before the client sees
 it, so feedback on any response_id a client holds can always be joined to its generation.
 """
