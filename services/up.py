@@ -27,6 +27,7 @@ from modalign.rollout.server import RolloutConfig
 from modalign.trainer.service import TrainerConfig
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
+
 @dataclass(frozen=True)
 class LocalPorts:
     """Where the local services listen on 127.0.0.1: consecutive ports from two bases."""

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from modalign.core import broker
 from modalign.core.config import to_arguments
-from modalign.core.processes import ManagedProcess
 from modalign.core.kafka import KafkaConfig, ensure_topics
+from modalign.core.processes import ManagedProcess
 from modalign.core.service import ServiceConfig
 
 C = TypeVar("C", bound=ServiceConfig)

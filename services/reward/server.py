@@ -108,11 +108,11 @@ class RewardKServeModel(kserve.Model):
         model_dir: Path | None,
         seed: int = 0,
         device: str = "cpu",
-        limits: RequestLimits = RequestLimits(),
+        limits: RequestLimits | None = None,
         s3: S3Config = S3Config(),
     ) -> None:
         super().__init__(name)
-        self.limits = limits
+        self.limits = limits if limits is not None else RequestLimits()
         self._s3 = s3
         self._model_dir = model_dir
         self._seed = seed
