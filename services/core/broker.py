@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "stop":
         print("kafka stopped" if stop(config) else "kafka was not running")
     else:
-        pid = running_pid(config)
-        print(f"kafka running, pid {pid}, bootstrap {config.bootstrap_servers}" if pid else "kafka not running")
-        return 0 if pid else 3  # 3: "not running", as LSB init scripts report it
+        running = running_pid(config)
+        print(f"kafka running, pid {running}, bootstrap {config.bootstrap_servers}" if running else "kafka not running")
+        return 0 if running else 3  # 3: "not running", as LSB init scripts report it
     return 0

@@ -82,7 +82,7 @@ class LocalSystem:
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
-        if self._started_broker:
+        if self._started_broker and self.broker_config is not None:
             broker.stop(self.broker_config)
             self._started_broker = False
 
