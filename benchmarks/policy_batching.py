@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, ImageDraw
 
-from modalign.policy.engine import DynamicBatcher, GenerationRequest, PolicyEngine, SamplingParams
+from modalign.policy.batcher import DynamicBatcher
+from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import IMAGE_SIZE, build_default_policy, format_prompt
 
 QUESTIONS = (

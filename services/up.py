@@ -7,15 +7,24 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from PIL import Image, ImageDraw
 
-from modalign.core import broker
-from modalign.core.kafka import KafkaConfig, ensure_topics
-from modalign.core.processes import ManagedProcess, grpc_serving, http_ok
+from modalign.core.broker import BrokerConfig
+from modalign.core.config import FLATTEN, ConfigError, parse_config, with_overrides
+from modalign.core.kafka import KafkaConfig
+from modalign.core.launch import LocalSystem, on_broker
+from modalign.core.service import ServiceConfig
+from modalign.feedback.server import FeedbackConfig
+from modalign.policy.config import PolicyConfig
+from modalign.reward.config import RewardServerConfig
+from modalign.rollout.server import RolloutConfig
+from modalign.trainer.service import TrainerConfig
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 
@@ -52,66 +61,63 @@ class LocalPorts:
         return self.metrics_base + index
 
 
-def local_services(
-    kafka: list[str], home: Path, ports: LocalPorts, extra_args: dict[str, list[str]] | None = None
-) -> list[ManagedProcess]:
-    """The services of one local system, sharing the blob store, the model store and the broker.
+@dataclass(frozen=True)
+class UpConfig:
+    """Start the broker and every service on loopback, with embedded defaults, until Ctrl-C."""
 
-    kafka: the --kafka.* flags every service gets; extra_args: more flags by service name.
-    """
-    extra = extra_args or {}
-    blobs = ["--blob-dir", str(home / "blobs")]
-    log_dir = home / "logs"
-    trainer_metrics = f"http://127.0.0.1:{ports.metrics(3)}/metrics"
-    return [
-        ManagedProcess.python_module(
-            "feedback", "modalign.feedback.server",
-            ["--listen", ports.feedback, "--metrics-port", str(ports.metrics(1)), *kafka, *extra.get("feedback", [])],
-            ready=lambda: grpc_serving(ports.feedback), log_dir=log_dir,
-        ),
-        ManagedProcess.python_module(
-            "policy", "modalign.policy.server",
-            ["--listen", ports.policy, "--metrics-port", str(ports.metrics(0)), *kafka, *blobs, *extra.get("policy", [])],
-            ready=lambda: grpc_serving(ports.policy), log_dir=log_dir,
-        ),
-        ManagedProcess.python_module(
-            "reward", "modalign.reward.server",
-            ["--http-port", str(ports.reward_http), "--grpc-port", str(ports.reward_grpc),
-             "--follow-versions", "true", *kafka, *extra.get("reward", [])],
-            ready=lambda: http_ok(f"http://127.0.0.1:{ports.reward_http}/v2/health/ready"), log_dir=log_dir,
-        ),
-        ManagedProcess.python_module(
-            "trainer", "modalign.trainer",
-            ["--metrics-port", str(ports.metrics(3)), *kafka, *blobs, "--work-dir", str(home / "trainer"),
-             "--model-store", str(home / "models"), *extra.get("trainer", [])],
-            ready=lambda: http_ok(trainer_metrics), log_dir=log_dir,
-        ),
-        ManagedProcess.python_module(
-            "rollout", "modalign.rollout.server",
-            ["--listen", ports.rollout, "--metrics-port", str(ports.metrics(4)), *kafka, *blobs,
-             "--policy-metrics", f"127.0.0.1:{ports.metrics(0)}", "--reward-url", f"127.0.0.1:{ports.reward_http}",
-             *extra.get("rollout", [])],
-            ready=lambda: grpc_serving(ports.rollout), log_dir=log_dir,
-        ),
-    ]
+    broker: BrokerConfig = field(default_factory=BrokerConfig, metadata=FLATTEN)
+    """The local broker: used if running, else started, and stopped again at the end."""
+    example: bool = False
+    """Once up, make one example client call."""
+    grpc_base_port: int = 50051
+    """policy, feedback, reward REST, reward gRPC and rollout listen on this port and the next four."""
+    metrics_base_port: int = 9101
+    """policy, feedback, trainer and rollout serve /metrics on this port, +1, +3 and +4."""
+
+    @property
+    def ports(self) -> LocalPorts:
+        return LocalPorts(grpc_base=self.grpc_base_port, metrics_base=self.metrics_base_port)
 
 
-def run_local_system(broker_config: broker.BrokerConfig, ports: LocalPorts = LocalPorts(), example: bool = False) -> int:
+Overrides = Mapping[str, Mapping[str, Any]]
+"""More settings by service name, as dotted field -> value (modalign.core.config.with_overrides)."""
+
+
+def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, overrides: Overrides | None = None
+                   ) -> dict[str, ServiceConfig]:
+    """The configs of one local system's services, in start order, sharing the blob store, the model
+    store and the broker. A misspelt or removed field in overrides raises ConfigError here."""
+    overrides = overrides or {}
+    unknown = set(overrides) - {"feedback", "policy", "reward", "trainer", "rollout"}
+    if unknown:
+        raise ConfigError(",".join(sorted(unknown)), "not a service of the local system")
+    blobs = home / "blobs"
+    services: dict[str, ServiceConfig] = {
+        "feedback": on_broker(FeedbackConfig, kafka, listen=ports.feedback, metrics_port=ports.metrics(1)),
+        "policy": on_broker(PolicyConfig, kafka, listen=ports.policy, metrics_port=ports.metrics(0), blob_dir=blobs),
+        "reward": on_broker(RewardServerConfig, kafka, http_port=ports.reward_http, grpc_port=ports.reward_grpc,
+                            follow="latest"),
+        "trainer": on_broker(TrainerConfig, kafka, metrics_port=ports.metrics(3), blob_dir=blobs,
+                             work_dir=home / "trainer", model_store=str(home / "models")),
+        "rollout": on_broker(RolloutConfig, kafka, listen=ports.rollout, metrics_port=ports.metrics(4), blob_dir=blobs,
+                             policy_metrics=(f"127.0.0.1:{ports.metrics(0)}",),
+                             reward_url=f"127.0.0.1:{ports.reward_http}"),
+    }
+    return {name: with_overrides(config, overrides.get(name, {})) for name, config in services.items()}
+
+
+def run_local_system(config: UpConfig) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
 
-    started_broker = broker.running_pid(broker_config) is None
+    broker_config, ports = config.broker, config.ports
     print(f"kafka: starting on {broker_config.bootstrap_servers} (data in {broker_config.data_dir})", flush=True)
-    broker.start(broker_config)
-    ensure_topics(KafkaConfig(bootstrap_servers=broker_config.bootstrap_servers))
     home = broker_config.data_dir.parent
-    services = local_services(["--kafka.bootstrap-servers", broker_config.bootstrap_servers], home, ports)
+    services = local_services(KafkaConfig(bootstrap_servers=broker_config.bootstrap_servers), home, ports)
+    system = LocalSystem(services, home / "logs", broker_config)
+    system.start()
     try:
-        for service in services:
-            service.start()
-        for service in services:
-            service.wait_ready(timeout_s=180)
         print(
             "modalign is up:\n"
             f"  policy    gRPC {ports.policy}  (modalign.v1.PolicyService)    metrics http://127.0.0.1:{ports.metrics(0)}/metrics\n"
@@ -127,21 +133,21 @@ def run_local_system(broker_config: broker.BrokerConfig, ports: LocalPorts = Loc
             "Ctrl-C stops everything.",
             flush=True,
         )
-        if example:
+        if config.example:
             example_call(ports.policy, ports.feedback)
         while not stopping.wait(1.0):
-            for service in services:
-                if service.process is not None and service.process.poll() is not None:
-                    print(f"{service.name} exited with {service.process.returncode}; see {service.log_path}")
-                    return 1
+            if (exited := system.exited()) is not None:
+                print(f"{exited.name} exited with {exited.process.returncode}; see {exited.log_path}")
+                return 1
         return 0
     finally:
         print("stopping...", flush=True)
-        for service in reversed(services):
-            service.stop()
-        if started_broker:
-            broker.stop(broker_config)
+        system.stop()
         print("stopped.", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_local_system(parse_config(UpConfig, argv, prog="modalign up"))
 
 
 def example_image() -> bytes:

@@ -1,38 +1,41 @@
-"""Starting modalign's real service processes in tests."""
+"""Starting modalign's real service processes in tests, from their configs (modalign.core.launch)."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any, TypeVar
 
 from modalign.core.kafka import KafkaConfig
-from modalign.core.processes import ManagedProcess, free_port, grpc_serving
+from modalign.core.launch import on_broker, service_process
+from modalign.core.processes import ManagedProcess, free_port
+from modalign.core.service import GrpcServiceConfig, ServiceConfig
+
+G = TypeVar("G", bound=GrpcServiceConfig)
 
 
-def kafka_args(config: KafkaConfig) -> list[str]:
-    """The command-line flags that point a service at config's broker and topics."""
-    return [
-        "--kafka.bootstrap-servers", config.bootstrap_servers,
-        "--kafka.topic-prefix", config.topic_prefix,
-        "--kafka.partitions", str(config.partitions),
-    ]
-
-
-def start_grpc_service(name: str, module: str, kafka: KafkaConfig, log_dir: Path, *args: str,
-                       timeout_s: float = 120) -> tuple[ManagedProcess, str, int]:
-    """Starts a gRPC service process on free loopback ports; returns it, its address and its metrics port."""
-    address, metrics_port = f"127.0.0.1:{free_port()}", free_port()
-    process = ManagedProcess.python_module(
-        name, module, ["--listen", address, "--metrics-port", str(metrics_port), *kafka_args(kafka), *args],
-        ready=lambda: grpc_serving(address), log_dir=log_dir,
-    )
+def start_service(config: ServiceConfig, log_dir: Path, name: str | None = None, timeout_s: float = 120) -> ManagedProcess:
+    """Starts the service config describes and waits until it is ready; stops it if it never is."""
+    process = service_process(config, log_dir, name)
     process.start()
     try:
         process.wait_ready(timeout_s)
     except BaseException:
         process.stop()
         raise
-    return process, address, metrics_port
+    return process
+
+
+def grpc_service_config(cls: type[G], kafka: KafkaConfig, **fields: Any) -> G:
+    """A gRPC service's config on free loopback ports, pointed at kafka's broker and topics."""
+    return on_broker(cls, kafka, **{"listen": f"127.0.0.1:{free_port()}", "metrics_port": free_port(), **fields})
+
+
+def start_grpc_service(cls: type[GrpcServiceConfig], kafka: KafkaConfig, log_dir: Path, name: str | None = None,
+                       timeout_s: float = 120, **fields: Any) -> tuple[ManagedProcess, str, int]:
+    """Starts a gRPC service on free loopback ports; returns it, its address and its metrics port."""
+    config = grpc_service_config(cls, kafka, **fields)
+    return start_service(config, log_dir, name, timeout_s), config.address, config.metrics_port
 
 
 def free_run(count: int) -> int:

@@ -17,8 +17,11 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from modalign.core.config import NOT_A_FLAG, add_arguments, build_config
+from modalign.core.kafka import KafkaConfig, ensure_topics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
@@ -41,15 +44,17 @@ class BrokerConfig:
     """Where and how the local broker runs."""
 
     data_dir: Path = DEFAULT_HOME / "kafka"
-    """Holds the log segments, the PID file, the rendered server.properties and broker.log."""
+    """Broker data, which survives restarts: the log segments, the PID file, the rendered
+    server.properties and broker.log."""
     port: int = 9092
-    """Client port, bound on host."""
+    """Client port, bound on 127.0.0.1."""
     controller_port: int = 9093
-    """KRaft controller port, bound on host."""
-    host: str = "127.0.0.1"
+    """KRaft controller port, bound on 127.0.0.1."""
     heap: str = "512m"
     """JVM -Xmx; the broker is idle most of the time in local runs."""
-    log_level: str = "WARN"
+    # Not flags: MODALIGN_HOST and MODALIGN_LOG_LEVEL are the reward service's and every service's own.
+    host: str = field(default="127.0.0.1", metadata=NOT_A_FLAG)
+    log_level: str = field(default="WARN", metadata=NOT_A_FLAG)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -205,13 +210,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose a local broker: `modalign kafka|up|demo` share them."""
-    defaults = BrokerConfig()
-    parser.add_argument("--data-dir", default=str(defaults.data_dir), help="broker data; survives restarts")
-    parser.add_argument("--port", type=int, default=defaults.port, help="client port on 127.0.0.1")
-    parser.add_argument("--controller-port", type=int, default=defaults.controller_port)
-
-
-def config_from_arguments(args: argparse.Namespace) -> BrokerConfig:
-    return BrokerConfig(data_dir=Path(args.data_dir), port=args.port, controller_port=args.controller_port)
+def main(argv: list[str] | None = None) -> int:
+    """`modalign kafka start|stop|status`."""
+    parser = argparse.ArgumentParser(prog="modalign kafka", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    add_arguments(parser, BrokerConfig)
+    args = parser.parse_args(argv)
+    config = build_config(parser, BrokerConfig, args)
+    if args.action == "start":
+        pid = start(config)
+        created = ensure_topics(KafkaConfig(bootstrap_servers=config.bootstrap_servers))
+        print(f"kafka running, pid {pid}, bootstrap {config.bootstrap_servers}, data {config.data_dir}")
+        for topic in created:
+            print(f"created topic {topic}")
+    elif args.action == "stop":
+        print("kafka stopped" if stop(config) else "kafka was not running")
+    else:
+        running = running_pid(config)
+        print(f"kafka running, pid {running}, bootstrap {config.bootstrap_servers}" if running else "kafka not running")
+        return 0 if running else 3  # 3: "not running", as LSB init scripts report it
+    return 0

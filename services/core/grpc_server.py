@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from concurrent import futures
 from typing import Callable, Iterable
@@ -10,9 +9,7 @@ from typing import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Histogram, start_http_server
-
-log = logging.getLogger(__name__)
+from prometheus_client import Counter, Histogram
 
 HANDLED = Counter(
     "modalign_grpc_server_handled_total",
@@ -130,19 +127,3 @@ def serve_until_signalled(
     mark_serving(health_servicer, names, False)
     server.stop(grace_s).wait()
 
-
-def run_grpc_service(
-    listen: str,
-    register: Callable[[grpc.Server], None],
-    service_names: list[str],
-    max_workers: int,
-    metrics_host: str,
-    metrics_port: int,
-) -> None:
-    """What every modalign gRPC service does once its servicer is built: serve Prometheus /metrics
-    (unless metrics_port is 0), then gRPC with health and reflection, until SIGTERM or SIGINT."""
-    if metrics_port:
-        start_http_server(metrics_port, addr=metrics_host)
-    server, health_servicer, port = build_server(listen, register, service_names, max_workers=max_workers)
-    log.info("%s listening on %s (port %d)", ", ".join(service_names), listen, port)
-    serve_until_signalled(server, health_servicer, service_names)

@@ -66,6 +66,7 @@ class KafkaConfig:
     sasl_mechanism: str = ""
     """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_PLAINTEXT, SASL_SSL)."""
     sasl_plain_username: str = ""
+    """User name for SASL PLAIN or SCRAM."""
     sasl_plain_password: str = ""
     """Read it from a Secret through MODALIGN_KAFKA_SASL_PLAIN_PASSWORD rather than a flag."""
 

@@ -6,15 +6,14 @@ import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter
 
-from modalign.core.config import parse_config
-from modalign.core.grpc_server import run_grpc_service
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
+from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
 from modalign.feedback.ledger import FeedbackLedger
 from modalign.feedback.validation import InvalidFeedback, validate_feedback
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
@@ -29,15 +28,14 @@ FEEDBACK = Counter(
 
 
 @dataclass(frozen=True)
-class FeedbackConfig:
+class FeedbackConfig(GrpcServiceConfig):
     """The feedback service."""
 
+    command: ClassVar[str] = "feedback"
     listen: str = "127.0.0.1:50052"
-    """gRPC address, host:port; 0.0.0.0 or [::] in a container."""
-    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9102
-    """Port of the Prometheus /metrics endpoint; 0 disables it."""
     kafka: KafkaConfig = field(default_factory=lambda: KafkaConfig(produce_timeout_s=5.0))
+    """The Kafka cluster and topic prefix; a client waits at most produce_timeout_s for its feedback to be stored."""
     max_workers: int = 32
     """Threads serving RPCs; each holds one feedback while its write is acknowledged."""
 
@@ -132,9 +130,9 @@ def serve(config: FeedbackConfig) -> None:
     ledger.start()
     servicer = FeedbackServicer(config, ledger)
     try:
-        run_grpc_service(
-            config.listen, lambda server: feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server),
-            SERVICE_NAMES, config.max_workers, config.metrics_host, config.metrics_port,
+        serve_grpc(
+            config, lambda server: feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server),
+            SERVICE_NAMES,
         )
     finally:
         servicer.close()
@@ -142,8 +140,7 @@ def serve(config: FeedbackConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(parse_config(FeedbackConfig, argv))
+    run_service(FeedbackConfig, serve, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from modalign.core.versions import ACTIVE_PHASES
-from modalign.policy.engine import DynamicBatcher, GenerationRequest, PolicyEngine, Sample
+from modalign.policy.batcher import DynamicBatcher
+from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """PolicyService over gRPC: validate, decode and store images, route, sample in batches, log every candidate.
 
-Transport only: the model and its batched sampling live in model.py and engine.py, the choice of
+Transport only: the model in model.py, its batched sampling in engine.py and batcher.py, the choice of
 version per request in routing.py. A candidate is logged to Kafka (acks=all) before the client sees
 it, so feedback on any response_id a client holds can always be joined to its generation.
 """
@@ -14,8 +14,6 @@ import time
 import uuid
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -25,20 +23,14 @@ from prometheus_client import Counter, Gauge, Histogram
 from transformers import ProcessorMixin
 
 from modalign.core.blobs import BlobStore
-from modalign.core.config import parse_config
-from modalign.core.grpc_server import run_grpc_service
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
-from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
-from modalign.core.modelstore import S3Config, fetch
+from modalign.core.kafka import BrokerUnavailable, ensure_topics, make_producer, produce_durably
+from modalign.core.modelstore import fetch
+from modalign.core.service import run_service, serve_grpc
 from modalign.core.versions import TopicFollower
-from modalign.policy.engine import (
-    BatcherOverloaded,
-    DynamicBatcher,
-    GenerationRequest,
-    PolicyEngine,
-    Sample,
-    SamplingParams,
-)
+from modalign.policy.batcher import BatcherOverloaded, DynamicBatcher
+from modalign.policy.config import FOLLOW_MODES, PolicyConfig
+from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams
 from modalign.policy.model import build_default_policy, format_prompt, load_policy
 from modalign.policy.routing import Routes, VersionRouter
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
@@ -77,53 +69,6 @@ REQUEST_SECONDS = Histogram(
 VERSION_METADATA = "policy-version"
 OPAQUE_ID = re.compile(r"^[A-Za-z0-9._:@-]{0,128}$")
 FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """The policy service."""
-
-    listen: str = "127.0.0.1:50051"
-    """gRPC address, host:port; 0.0.0.0 or [::] in a container."""
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9101
-    """Port of the Prometheus /metrics endpoint; 0 disables it."""
-    kafka: KafkaConfig = field(default_factory=KafkaConfig)
-    model_dir: str = ""
-    """Folder of a Hugging Face image-text-to-text checkpoint, or the URI of a published version
-    (file://... or s3://..., loaded verified; the rollout controller names one on a KServe revision);
-    empty builds the small default policy."""
-    policy_version: str = "v0"
-    """The version name of the model loaded at start-up (model_dir, or the default policy)."""
-    follow: str = "rollout"
-    """Which versions to serve. "rollout": stable and canary as the rollout controller sets them (the
-    rollout topic), loading each published version, verified by checksum, when it is routed to.
-    "latest": every version the trainer publishes, at once, for development without a controller.
-    "none": only the model loaded at start-up (e.g. under a KServe InferenceService, which splits
-    traffic itself)."""
-    seed: int = 0
-    """Seed of the default policy's random initialisation (when model_dir is empty)."""
-    device: str = "cpu"
-    """Torch device for the model, e.g. "cuda" or "cuda:1"."""
-    blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
-    """Content-addressed image store shared with the trainer and reward service."""
-    s3: S3Config = field(default_factory=S3Config)
-    """How to reach the model store when the trainer publishes to S3."""
-    max_batch_rows: int = 32
-    """Most sequences decoded together; concurrent requests are merged up to this."""
-    max_batch_wait_ms: float = 5.0
-    """How long the first queued request waits for company before its batch starts."""
-    default_max_new_tokens: int = 64
-    max_new_tokens_limit: int = 512
-    max_candidates: int = 8
-    max_images: int = 8
-    max_text_bytes: int = 8192
-    image_max_bytes: int = ImageLimits.max_bytes
-    image_max_pixels: int = ImageLimits.max_pixels
-    max_pending_rows: int = 512
-    """Candidates allowed to queue for a batch; past this, requests get RESOURCE_EXHAUSTED."""
-    max_workers: int = 64
-    """Threads serving RPCs; each waits on its batch, so this bounds requests in flight."""
 
 
 class InvalidRequest(ValueError):
@@ -364,15 +309,10 @@ def publish_routes(old: Routes, new: Routes) -> None:
         TRAFFIC_WEIGHT.labels(version).set(weight)
 
 
-FOLLOW_MODES = {"rollout": ["policy-versions", "rollout"], "latest": ["policy-versions"], "none": []}
-
-
 SERVICE_NAMES = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name]
 
 
 def serve(config: PolicyConfig) -> None:
-    if config.follow not in FOLLOW_MODES:
-        raise SystemExit(f"--follow: one of {', '.join(FOLLOW_MODES)}, got {config.follow!r}")
     ensure_topics(config.kafka)
     if config.model_dir:
         folder = fetch(config.model_dir, config.s3) if "://" in config.model_dir else config.model_dir
@@ -404,9 +344,9 @@ def serve(config: PolicyConfig) -> None:
     servicer = PolicyServicer(config, router, processor, BlobStore(config.blob_dir))
     log.info("policy service serving %s", router.routes.weights())
     try:
-        run_grpc_service(
-            config.listen, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server),
-            SERVICE_NAMES, config.max_workers, config.metrics_host, config.metrics_port,
+        serve_grpc(
+            config, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server),
+            SERVICE_NAMES,
         )
     finally:
         if follower is not None:
@@ -416,8 +356,7 @@ def serve(config: PolicyConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(parse_config(PolicyConfig, argv))
+    run_service(PolicyConfig, serve, argv)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ from kafka import KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, ProducerFencedError
 from prometheus_client import Counter, Gauge
 
+from modalign.core.config import ConfigError
 from modalign.core.kafka import KafkaConfig, make_consumer, read_topic
 from modalign.core.versions import ACTIVE_PHASES
-from modalign.rollout.analysis import analyse, describe, guard_verdicts, has_required_samples
+from modalign.rollout.analysis import STATISTICAL_METRICS, analyse, describe, guard_verdicts, has_required_samples
 from modalign.rollout.evidence import EvidenceCollector, TrafficScraper
 from modalign.v1 import events_pb2
 
@@ -95,6 +96,16 @@ class RolloutPolicy:
     """Hard guard: a canary whose p99 request latency is above this is rolled back at once."""
     guard_min_requests: int = 20
     """Canary requests (since the rollout or controller start) before the hard guards judge."""
+
+    def validate(self) -> None:
+        steps = self.steps
+        if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)):
+            raise ConfigError("steps", f"increasing percentages in (0, 100], got {','.join(map(str, steps))}")
+        unknown = set(self.required_metrics) - set(STATISTICAL_METRICS)
+        if unknown:
+            raise ConfigError("required_metrics", f"unknown {sorted(unknown)}; known: {', '.join(STATISTICAL_METRICS)}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError("alpha", f"in (0, 1), got {self.alpha}")
 
 
 class StateStore:

@@ -41,8 +41,11 @@ class KServeConfig:
     namespace: str = ""
     """Its namespace; empty: the controller pod's own."""
     api_server: str = "https://kubernetes.default.svc"
+    """URL of the Kubernetes API server."""
     token_file: Path = SERVICE_ACCOUNT / "token"
+    """Bearer token the controller authenticates with (its service account's, mounted in the pod)."""
     ca_file: Path = SERVICE_ACCOUNT / "ca.crt"
+    """CA certificate the API server's TLS certificate is checked against."""
     initial_model_dir: str = ""
     """The model folder of the initial version, as the policy is configured with it (empty: the built-in
     default policy); written back when that version is pinned."""

@@ -1,6 +1,6 @@
 """The rollout controller service: the control loop, and modalign.v1.RolloutService for operators.
 
-Run: python -m modalign.rollout.server [--listen HOST:PORT] [--rollout.steps 5,25,50,100]
+Run: modalign rollout [--listen HOST:PORT] [--rollout.steps 5,25,50,100]
      [--policy-metrics HOST:PORT,...] [--reward-url HOST:PORT] [--kafka.bootstrap-servers HOST:PORT]
 """
 
@@ -12,14 +12,14 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 
 from modalign.core.blobs import BlobStore
-from modalign.core.config import parse_config
-from modalign.core.grpc_server import run_grpc_service
-from modalign.core.kafka import KafkaConfig, ensure_topics
-from modalign.rollout.analysis import STATISTICAL_METRICS
+from modalign.core.config import ConfigError
+from modalign.core.kafka import ensure_topics
+from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
 from modalign.rollout.controller import (
     Fenced,
     RolloutController,
@@ -38,41 +38,35 @@ MAX_REASON_BYTES = 512
 
 
 @dataclass(frozen=True)
-class RolloutConfig:
+class RolloutConfig(GrpcServiceConfig):
     """The rollout controller."""
 
+    command: ClassVar[str] = "rollout"
     listen: str = "127.0.0.1:50055"
     """gRPC address of modalign.v1.RolloutService, host:port; 0.0.0.0 or [::] in a container."""
-    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9105
-    """Port of the Prometheus /metrics endpoint; 0 disables it."""
-    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    max_workers: int = 8
+    """Threads serving operators' RPCs."""
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    """How each new version is rolled out."""
     policy_metrics: tuple[str, ...] = ("127.0.0.1:9101",)
     """host:port of every policy replica's /metrics, comma-separated; a name with several addresses (a
     headless Service) stands for all of them. The error and latency guards read these."""
     reward_url: str = ""
     """host:port of the reward service's REST endpoint (OIP v2); empty: no reward metric."""
     reward_model: str = "reward"
+    """The reward model's name on the reward service's v2 endpoints."""
     blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
     """The image store the policy writes to; the reward model scores responses with their images."""
     tick_seconds: float = 1.0
     """How often the controller reads new evidence and decides."""
     kserve: KServeConfig = field(default_factory=KServeConfig)
-    max_workers: int = 8
+    """The InferenceService the controller drives, if any."""
 
-
-def validate(config: RolloutConfig) -> None:
-    steps = config.rollout.steps
-    if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)):
-        raise SystemExit(f"--rollout.steps: increasing percentages in (0, 100], got {','.join(map(str, steps))}")
-    unknown = set(config.rollout.required_metrics) - set(STATISTICAL_METRICS)
-    if unknown:
-        raise SystemExit(f"--rollout.required-metrics: unknown {sorted(unknown)}; known: {', '.join(STATISTICAL_METRICS)}")
-    if "reward" in config.rollout.required_metrics and not config.reward_url:
-        raise SystemExit("--rollout.required-metrics names reward, which needs --reward-url")
-    if not 0 < config.rollout.alpha < 1:
-        raise SystemExit(f"--rollout.alpha: in (0, 1), got {config.rollout.alpha}")
+    def validate(self) -> None:
+        super().validate()
+        if "reward" in self.rollout.required_metrics and not self.reward_url:
+            raise ConfigError("rollout.required_metrics", "names reward, which needs --reward-url")
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
@@ -164,7 +158,6 @@ def control_loop(controller: RolloutController, sync: KServeSync | None, tick_s:
 
 
 def serve(config: RolloutConfig) -> None:
-    validate(config)
     ensure_topics(config.kafka)
     scorer = RewardScorer(config.reward_url, config.reward_model, BlobStore(config.blob_dir)) if config.reward_url else None
     catalog = VersionCatalog(config.kafka)
@@ -185,9 +178,9 @@ def serve(config: RolloutConfig) -> None:
     servicer = RolloutServicer(controller)
     service_names = [rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name]
     try:
-        run_grpc_service(
-            config.listen, lambda server: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server),
-            service_names, config.max_workers, config.metrics_host, config.metrics_port,
+        serve_grpc(
+            config, lambda server: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server),
+            service_names,
         )
     finally:
         stopping.set()
@@ -198,8 +191,7 @@ def serve(config: RolloutConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(parse_config(RolloutConfig, argv))
+    run_service(RolloutConfig, serve, argv)
 
 
 if __name__ == "__main__":

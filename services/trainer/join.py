@@ -102,6 +102,7 @@ class JoinLimits:
     max_wait_s: float = 600.0
     """How long feedback may wait for its generation before it is dead-lettered."""
     max_ratings_per_prompt: int = 64
+    """Ratings kept per prompt to pair against one another; the oldest are forgotten first."""
 
 
 @dataclass

@@ -58,12 +58,17 @@ class LearnerConfig:
     reward_model_dir: str = ""
     """The starting reward model; empty puts a fresh scalar head on a copy of the starting policy."""
     seed: int = 0
+    """Seed of the models' initialisation, of sampling and of batch order."""
     device: str = "cpu"
+    """Torch device the models train on: cpu, cuda, cuda:1, ..."""
     reward_lr: float = 3e-4
+    """Learning rate of the reward model."""
     reward_epochs: int = 2
     """Passes of the reward model over each round's new pairs."""
     reward_batch_size: int = 16
+    """Preference pairs per reward model step."""
     policy_lr: float = 3e-4
+    """Learning rate of the policy (and of the value head, for PPO)."""
     kl_coef: float = 0.05
     """Weight of the KL penalty against the reference (in the reward for PPO and RLOO, in the loss for GRPO)."""
     policy_updates_per_round: int = 2
@@ -75,21 +80,31 @@ class LearnerConfig:
     rollout_temperature: float = 1.0
     """Sampling temperature of rollouts; the same temperature scores their log-probs in training."""
     max_new_tokens: int = 24
+    """Longest rollout and evaluation response, in tokens."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the reward of a rollout that hit max_new_tokens without EOS."""
     policy_epochs: int = 2
     """Optimisation passes over each batch of rollouts (or pairs, for DPO)."""
     minibatch_size: int = 16
+    """Rollouts (or pairs) per policy optimisation step."""
     cliprange: float = 0.2
+    """PPO, RLOO and GRPO: how far the probability ratio may move from 1 before the surrogate is clipped."""
     cliprange_value: float = 0.2
+    """PPO: how far a value estimate may move from the rollout's before its loss is clipped."""
     vf_coef: float = 0.1
+    """PPO: weight of the value loss beside the policy loss."""
     gamma: float = 1.0
+    """PPO: discount of later tokens' rewards in the advantages."""
     lam: float = 0.95
+    """PPO: lambda of generalised advantage estimation."""
     whiten_advantages: bool = True
+    """PPO: normalise each batch's advantages to mean 0 and variance 1."""
     dpo_beta: float = 0.1
+    """DPO: inverse temperature of the preference loss (how strongly the policy stays near the reference)."""
     eval_prompts: int = 16
     """Prompts sampled (with a fixed seed) to evaluate a candidate version."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm before each step."""
 
 
 @dataclass

@@ -24,16 +24,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from google.protobuf import timestamp_pb2
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from modalign.core.blobs import BlobStore
-from modalign.core.config import parse_config
-from modalign.core.kafka import KafkaConfig, ensure_topics, make_consumer, make_producer, produce_durably
+from modalign.core.kafka import ensure_topics, make_consumer, make_producer, produce_durably
 from modalign.core.modelstore import Manifest, S3Config, open_store
+from modalign.core.service import MeteredConfig, run_service, serve_metrics
 from modalign.trainer import distributed
 from modalign.trainer.checkpoint import (
     load_checkpoint,
@@ -78,10 +78,12 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
+class TrainerConfig(MeteredConfig):
     """The online trainer."""
 
-    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    command: ClassVar[str] = "trainer"
+    metrics_port: int = 9104
+    """Port of the Prometheus /metrics endpoint (rank r of a torchrun job uses this + r); 0 disables it."""
     group_id: str = "modalign-trainer"
     """Kafka consumer group; torchrun ranks join the same one and share the feedback partitions."""
     work_dir: Path = Path.home() / ".local" / "share" / "modalign" / "trainer"
@@ -91,9 +93,7 @@ class TrainerConfig:
     s3: S3Config = field(default_factory=S3Config)
     """How to reach an s3:// model store."""
     blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9104
-    """Port of the Prometheus /metrics endpoint (rank r of a torchrun job uses this + r); 0 disables it."""
+    """Content-addressed image store the policy service writes the prompts' images to."""
     round_max_feedback: int = 256
     """Feedback records consumed per round at most."""
     round_max_seconds: float = 5.0
@@ -107,11 +107,15 @@ class TrainerConfig:
     max_prompts: int = 4096
     """Distinct recent prompts kept for on-policy rollouts."""
     max_heldout_pairs: int = 2048
+    """Held-out pairs kept for evaluation, the most recent."""
     heldout_pairs_per_round: int = 256
     """The most recent held-out pairs the reward model's accuracy is reported on after every update."""
     gate: GateConfig = field(default_factory=GateConfig)
+    """The evaluation gate a candidate version must pass to be published."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The models and how they learn."""
     join: JoinLimits = field(default_factory=JoinLimits)
+    """Bounds on the feedback waiting to be joined with its generations."""
 
 
 STARTING_VERSION = "v0"
@@ -479,8 +483,7 @@ def serve(config: TrainerConfig) -> None:
     distributed.barrier()
     learner = Learner(config.learner, BlobStore(config.blob_dir), rank=rank, world_size=world_size)
     trainer = Trainer(config, learner, rank=rank, world_size=world_size)
-    if config.metrics_port:
-        start_http_server(config.metrics_port + rank, addr=config.metrics_host)
+    serve_metrics(config, offset=rank)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
@@ -499,6 +502,5 @@ def serve(config: TrainerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(parse_config(TrainerConfig, argv))
+    run_service(TrainerConfig, serve, argv)
 

@@ -147,9 +147,9 @@ def test_install_notes_render_without_missing_values(values_file: Path | None) -
 
 # Each service's settings as the chart sets them must be flags of that service's config.
 SERVICE_CONFIGS = {
-    "policy": ("modalign.policy.server", "PolicyConfig"),
+    "policy": ("modalign.policy.config", "PolicyConfig"),
     "feedback": ("modalign.feedback.server", "FeedbackConfig"),
-    "reward": ("modalign.reward.server", "RewardServerConfig"),
+    "reward": ("modalign.reward.config", "RewardServerConfig"),
     "trainer": ("modalign.trainer.service", "TrainerConfig"),
     "rollout": ("modalign.rollout.server", "RolloutConfig"),
 }
@@ -377,7 +377,7 @@ def test_policy_and_reward_follow_published_versions_over_kafka(values_file: Pat
         if component == "policy":
             assert env["MODALIGN_FOLLOW"] == ("none" if driven else "rollout")
         else:
-            assert env["MODALIGN_FOLLOW_VERSIONS"] == "true"
+            assert env["MODALIGN_FOLLOW"] == "latest"
         assert "MODALIGN_KAFKA_BOOTSTRAP_SERVERS" in env and "MODALIGN_KAFKA_TOPIC_PREFIX" in env, component
 
 
@@ -465,7 +465,7 @@ def test_s3_model_store_is_copied_into_plain_deployments_by_the_storage_initiali
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-keys", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert (env["S3_ENDPOINT"], env["S3_USE_HTTPS"]) == ("minio.storage:9000", "0")
     reward_env = container_env(docs, service_container(spec))
-    assert reward_env["MODALIGN_MODEL_DIR"] == "/models/reward/r0" and reward_env["MODALIGN_FOLLOW_VERSIONS"] == "false"
+    assert reward_env["MODALIGN_MODEL_DIR"] == "/models/reward/r0" and reward_env["MODALIGN_FOLLOW"] == "none"
     assert "MODALIGN_KAFKA_BOOTSTRAP_SERVERS" not in reward_env, "a reward service that follows nothing needs no Kafka"
 
 

@@ -33,7 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core import broker
 from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably
-from modalign.core.processes import ManagedProcess, free_port, grpc_serving, http_ok
+from modalign.core.launch import service_process
+from modalign.core.processes import ManagedProcess, free_port, http_ok
+from modalign.reward.config import RewardServerConfig
+from modalign.up import LocalPorts, local_services
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
 from tests.conftest import start_broker
@@ -49,6 +52,7 @@ from tests.deploy.monitoring import (
     write_rules_file,
 )
 from tests.feedback.cases import valid_feedback
+from tests.services import free_run
 from tests.trainer.scripted_users import prompt
 
 pytestmark = pytest.mark.integration
@@ -60,22 +64,17 @@ JOIN_MAX_WAIT_S = 3
 # The trainer learns on tiny settings (a round a second, a candidate version after every learning round,
 # PPO for the most learning metrics) and its gate refuses every candidate: no reward model reaches 200%
 # held-out accuracy.
-TRAINER_FLAGS = [
-    "--round-max-seconds", "1", "--min-pairs-to-learn", "1", "--rounds-per-version", "1",
-    "--heldout-percent", str(HELDOUT_PERCENT), "--join.max-wait-s", str(JOIN_MAX_WAIT_S),
-    "--learner.algorithm", "ppo", "--learner.rollout-prompts", "2", "--learner.samples-per-prompt", "2",
-    "--learner.max-new-tokens", "4", "--learner.policy-updates-per-round", "1", "--learner.policy-epochs", "1",
-    "--learner.reward-epochs", "1", "--learner.eval-prompts", "1", "--gate.min-heldout-accuracy", "2",
-]
+TRAINER_SETTINGS = {
+    "round_max_seconds": 1.0, "min_pairs_to_learn": 1, "rounds_per_version": 1,
+    "heldout_percent": HELDOUT_PERCENT, "join.max_wait_s": float(JOIN_MAX_WAIT_S),
+    "learner.algorithm": "ppo", "learner.rollout_prompts": 2, "learner.samples_per_prompt": 2,
+    "learner.max_new_tokens": 4, "learner.policy_updates_per_round": 1, "learner.policy_epochs": 1,
+    "learner.reward_epochs": 1, "learner.eval_prompts": 1, "gate.min_heldout_accuracy": 2.0,
+}
 # One refused candidate is enough to alert here (three by default).
 E2E_VALUES = {"monitoring": {"prometheusRule": {"training": {"gateRejections": 1}}}}
 # Learning metrics only DPO reports (the trainer here runs PPO): their names are checked in its source.
 DPO_ONLY = {"dpo_loss"}
-
-
-def kafka_flags(config: KafkaConfig) -> list[str]:
-    return ["--kafka.bootstrap-servers", config.bootstrap_servers, "--kafka.topic-prefix", config.topic_prefix,
-            "--kafka.partitions", str(config.partitions)]
 
 
 class Service:
@@ -84,51 +83,19 @@ class Service:
 
 
 def start_services(kafka: KafkaConfig, work: Path) -> dict[str, Service]:
-    """Starts the five services at once (their imports take most of a minute on two cores)."""
-    log_dir = work / "logs"
-    ports = {name: (free_port(), free_port()) for name in ("policy", "feedback", "reward", "trainer", "rollout")}
+    """Starts the five services at once (their imports take most of a minute on two cores), configured as
+    `modalign up` configures them."""
+    ports = LocalPorts(grpc_base=free_run(5), metrics_base=free_run(5))
+    configs = local_services(kafka, work, ports, {
+        "feedback": {"kafka.produce_timeout_s": PRODUCE_TIMEOUT_S}, "trainer": TRAINER_SETTINGS,
+    })
     services = {}
-    blobs = ["--blob-dir", str(work / "blobs")]
-    for name, extra in (("policy", blobs), ("feedback", ["--kafka.produce-timeout-s", str(PRODUCE_TIMEOUT_S)])):
-        grpc_port, metrics_port = ports[name]
-        address = f"127.0.0.1:{grpc_port}"
-        process = ManagedProcess.python_module(
-            name, f"modalign.{name}.server",
-            ["--listen", address, "--metrics-port", str(metrics_port), *kafka_flags(kafka), *extra],
-            ready=lambda address=address: grpc_serving(address), log_dir=log_dir,
-        )
-        services[name] = Service(process, f"http://127.0.0.1:{metrics_port}/metrics", address)
-    http_port, grpc_port = ports["reward"]
-    services["reward"] = Service(
-        ManagedProcess.python_module(
-            "reward", "modalign.reward.server",
-            ["--http-port", str(http_port), "--grpc-port", str(grpc_port), "--follow-versions", "true", *kafka_flags(kafka)],
-            ready=lambda: http_ok(f"http://127.0.0.1:{http_port}/v2/health/ready"), log_dir=log_dir,
-        ),
-        f"http://127.0.0.1:{http_port}/metrics",
-    )
-    trainer_metrics = f"http://127.0.0.1:{ports['trainer'][1]}/metrics"
-    services["trainer"] = Service(
-        ManagedProcess.python_module(
-            "trainer", "modalign.trainer",
-            ["--metrics-port", str(ports["trainer"][1]), *kafka_flags(kafka), *blobs, "--work-dir", str(work / "trainer"),
-             "--model-store", str(work / "models"), *TRAINER_FLAGS],
-            ready=lambda: http_ok(trainer_metrics), log_dir=log_dir,
-        ),
-        trainer_metrics,
-    )
-    # The controller reads the policy's /metrics and scores with the reward service, as the chart wires it.
-    grpc_port, metrics_port = ports["rollout"]
-    address = f"127.0.0.1:{grpc_port}"
-    services["rollout"] = Service(
-        ManagedProcess.python_module(
-            "rollout", "modalign.rollout.server",
-            ["--listen", address, "--metrics-port", str(metrics_port), *kafka_flags(kafka), *blobs,
-             "--policy-metrics", f"127.0.0.1:{ports['policy'][1]}", "--reward-url", f"127.0.0.1:{ports['reward'][0]}"],
-            ready=lambda: grpc_serving(address), log_dir=log_dir,
-        ),
-        f"http://127.0.0.1:{metrics_port}/metrics", address,
-    )
+    for name, config in configs.items():
+        process = service_process(config, work / "logs", name)
+        if isinstance(config, RewardServerConfig):  # KServe serves its /metrics on the REST port
+            services[name] = Service(process, f"{config.url}/metrics")
+        else:
+            services[name] = Service(process, config.metrics_url(), getattr(config, "address", None))
     for service in services.values():
         service.process.start()
     return services

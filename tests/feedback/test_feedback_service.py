@@ -13,20 +13,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modalign.core import broker
+from modalign.core.config import with_overrides
 from modalign.core.kafka import KafkaConfig, ensure_topics, read_topic
 from modalign.core.processes import ManagedProcess
+from modalign.feedback.server import FeedbackConfig
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 from tests.conftest import start_broker
 from tests.feedback.cases import BAD_FEEDBACK, valid_feedback
-from tests.services import start_grpc_service
+from tests.services import grpc_service_config, start_service
 
 pytestmark = pytest.mark.integration
 
 
 def start_feedback_service(kafka: KafkaConfig, log_dir: Path, produce_timeout_s: float = 3.0) -> tuple[ManagedProcess, str, int]:
-    return start_grpc_service("feedback", "modalign.feedback.server", kafka, log_dir,
-                              "--kafka.produce-timeout-s", str(produce_timeout_s))
+    config = grpc_service_config(FeedbackConfig, kafka)
+    config = with_overrides(config, {"kafka.produce_timeout_s": produce_timeout_s})
+    return start_service(config, log_dir), config.address, config.metrics_port
 
 
 @pytest.fixture(scope="module")

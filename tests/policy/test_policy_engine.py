@@ -6,9 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from modalign.policy.batcher import BatcherClosed, DynamicBatcher
 from modalign.policy.engine import (
-    BatcherClosed,
-    DynamicBatcher,
     GenerationRequest,
     PolicyEngine,
     Sample,

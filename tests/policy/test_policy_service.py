@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image, ImageDraw
 
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.policy.config import PolicyConfig
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 
 from tests.services import start_grpc_service
@@ -58,8 +59,7 @@ class PolicyUnderTest:
 def policy(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyUnderTest]:
     work = tmp_path_factory.mktemp("policy")
     process, address, metrics_port = start_grpc_service(
-        "policy", "modalign.policy.server", kafka_config, work,
-        "--blob-dir", str(work / "blobs"), "--image-max-pixels", "1000000", "--max-batch-wait-ms", "50",
+        PolicyConfig, kafka_config, work, blob_dir=work / "blobs", image_max_pixels=1_000_000, max_batch_wait_ms=50.0,
     )
     try:
         with grpc.insecure_channel(address) as channel:

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from modalign.core.kafka import KafkaConfig
-from modalign.policy.engine import BatcherOverloaded, DynamicBatcher, GenerationRequest, PolicyEngine, SamplingParams
+from modalign.policy.batcher import BatcherOverloaded, DynamicBatcher
+from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import format_prompt
 from modalign.policy.routing import BUCKETS, Routes, VersionRouter, session_bucket
 from modalign.policy.server import PolicyConfig, PublishedVersions

@@ -32,13 +32,15 @@ from tritonclient.utils import InferenceServerException
 
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
+from modalign.core.launch import on_broker
 from modalign.core.modelstore import DirectoryStore, Manifest
-from modalign.core.processes import ManagedProcess, free_port, http_ok
+from modalign.core.processes import free_port
+from modalign.reward.config import RewardServerConfig
 from modalign.reward.model import HEAD_FILE, RewardModel, build_default_reward_model
 from modalign.rollout.evidence import EvidenceCollector, RewardScorer
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2
 
-from tests.services import kafka_args
+from tests.services import start_service
 
 pytestmark = pytest.mark.integration
 
@@ -110,23 +112,12 @@ def model_dir(store: DirectoryStore) -> Path:
 def server(
     model_dir: Path, kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
-    http_port, grpc_port = free_port(), free_port()
-    base = f"127.0.0.1:{http_port}"
-    process = ManagedProcess.python_module(
-        "reward-server",
-        "modalign.reward.server",
-        [
-            "--model-dir", str(model_dir), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--grace-period", "1", "--follow-versions", "true", *kafka_args(kafka_config),
-        ],
-        ready=lambda: http_ok(f"http://{base}/v2/health/ready"),
-        log_dir=tmp_path_factory.mktemp("logs"),
-    )
-    process.start()
+    config = on_broker(RewardServerConfig, kafka_config, model_dir=model_dir, http_port=free_port(),
+                       grpc_port=free_port(), grace_period=1, follow="latest")
+    # Generous: importing torch, transformers and kserve alone takes tens of seconds on a busy 2-core box.
+    process = start_service(config, tmp_path_factory.mktemp("logs"), "reward-server", timeout_s=240)
     try:
-        # Generous: importing torch, transformers and kserve alone takes tens of seconds on a busy 2-core box.
-        process.wait_ready(timeout_s=240)
-        yield {"http": base, "grpc": f"127.0.0.1:{grpc_port}"}
+        yield {"http": f"127.0.0.1:{config.http_port}", "grpc": f"127.0.0.1:{config.grpc_port}"}
     finally:
         process.stop(timeout_s=20)
 

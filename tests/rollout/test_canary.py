@@ -24,13 +24,18 @@ from typing import Callable, Iterator
 import grpc
 import pytest
 
+from modalign.core.config import with_overrides
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.launch import service_process
 from modalign.core.modelstore import DirectoryStore
-from modalign.core.processes import ManagedProcess, free_port, grpc_serving
+from modalign.core.processes import ManagedProcess
+from modalign.feedback.server import FeedbackConfig
+from modalign.policy.config import PolicyConfig
+from modalign.rollout.server import RolloutConfig
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
 from tests.rollout.users import Users, image_png, publish, save_model
-from tests.services import kafka_args, start_grpc_service
+from tests.services import grpc_service_config, start_grpc_service
 
 pytestmark = pytest.mark.integration
 
@@ -50,22 +55,20 @@ class System:
         self.controller_address = ""
 
     def start_controller(self, name: str = "rollout") -> ManagedProcess:
-        self.controller_address = f"127.0.0.1:{free_port()}"
-        address = self.controller_address
-        controller = ManagedProcess.python_module(
-            name, "modalign.rollout.server",
-            ["--listen", address, "--metrics-port", str(free_port()), *kafka_args(self.kafka),
-             "--rollout.steps", ",".join(map(str, STEPS)), "--rollout.min-step-seconds", str(MIN_STEP_SECONDS),
-             "--rollout.max-step-seconds", "120", "--rollout.min-samples", "20", "--rollout.required-metrics", "rating",
-             "--rollout.guard-min-requests", "8", "--tick-seconds", "0.3",
-             "--policy-metrics", ",".join(f"127.0.0.1:{port}" for port in self.policy_metrics)],
-            ready=lambda: grpc_serving(address), log_dir=self.work,
+        config = with_overrides(
+            grpc_service_config(RolloutConfig, self.kafka, tick_seconds=0.3,
+                                policy_metrics=tuple(f"127.0.0.1:{port}" for port in self.policy_metrics)),
+            {"rollout.steps": STEPS, "rollout.min_step_seconds": float(MIN_STEP_SECONDS),
+             "rollout.max_step_seconds": 120.0, "rollout.min_samples": 20, "rollout.required_metrics": ("rating",),
+             "rollout.guard_min_requests": 8},
         )
+        self.controller_address = config.address
+        controller = service_process(config, self.work, name)
         controller.start()
         controller.wait_ready(120)
         self.processes.append(controller)
         self.controller = controller
-        self._rollout = rollout_pb2_grpc.RolloutServiceStub(grpc.insecure_channel(address))
+        self._rollout = rollout_pb2_grpc.RolloutServiceStub(grpc.insecure_channel(self.controller_address))
         return controller
 
     def rollout(self) -> rollout_pb2_grpc.RolloutServiceStub:
@@ -109,13 +112,13 @@ def system(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) 
     try:
         for name in ("policy-a", "policy-b"):
             process, address, metrics_port = start_grpc_service(
-                name, "modalign.policy.server", kafka_config, work, "--model-dir", str(base),
-                "--blob-dir", str(work / "blobs"), "--max-batch-wait-ms", "5",
+                PolicyConfig, kafka_config, work, name, model_dir=str(base), blob_dir=work / "blobs",
+                max_batch_wait_ms=5.0,
             )
             system.processes.append(process)
             system.policy_addresses.append(address)
             system.policy_metrics.append(metrics_port)
-        feedback, feedback_address, _ = start_grpc_service("feedback", "modalign.feedback.server", kafka_config, work)
+        feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, work)
         system.processes.append(feedback)
         system.start_controller()
         system.users = Users(system.policy_addresses, feedback_address)

@@ -18,6 +18,8 @@ import grpc
 import pytest
 
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.feedback.server import FeedbackConfig
+from modalign.policy.config import PolicyConfig
 from modalign.trainer.checkpoint import load_checkpoint
 from modalign.trainer.service import is_heldout
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
@@ -68,17 +70,15 @@ def wait_for_log(process, pattern: str, after: int, timeout_s: float = 180) -> N
 
 
 def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfig, tmp_path: Path) -> None:
-    policy, policy_address, _ = start_grpc_service(
-        "policy", "modalign.policy.server", kafka_config, tmp_path, "--blob-dir", str(tmp_path / "blobs"))
-    feedback, feedback_address, _ = start_grpc_service("feedback", "modalign.feedback.server", kafka_config, tmp_path)
-    trainer = trainer_process(
-        kafka_config, tmp_path,
-        "--round-max-feedback", "5", "--round-max-seconds", "1", "--min-pairs-to-learn", "1",
-        "--rounds-per-version", "3", "--heldout-percent", str(HELDOUT_PERCENT), "--join.max-wait-s", "2",
-        "--learner.policy-updates-per-round", "1", "--learner.rollout-prompts", "2",
-        "--learner.samples-per-prompt", "2", "--learner.max-new-tokens", "6", "--learner.eval-prompts", "4",
-        "--gate.min-reward-gain", "-1000", "--gate.max-kl", "1000",
-    )
+    policy, policy_address, _ = start_grpc_service(PolicyConfig, kafka_config, tmp_path, blob_dir=tmp_path / "blobs")
+    feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, tmp_path)
+    trainer = trainer_process(kafka_config, tmp_path, {
+        "round_max_feedback": 5, "round_max_seconds": 1.0, "min_pairs_to_learn": 1,
+        "rounds_per_version": 3, "heldout_percent": HELDOUT_PERCENT, "join.max_wait_s": 2.0,
+        "learner.policy_updates_per_round": 1, "learner.rollout_prompts": 2,
+        "learner.samples_per_prompt": 2, "learner.max_new_tokens": 6, "learner.eval_prompts": 4,
+        "gate.min_reward_gain": -1000.0, "gate.max_kl": 1000.0,
+    })
     try:
         sent, orphan = send_feedback(policy_address, feedback_address, interactions=24)
         # Right after a checkpoint, right after a commit, right after publishing, and mid-round.

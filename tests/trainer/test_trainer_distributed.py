@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 
 from modalign.core.kafka import KafkaConfig
+from modalign.core.launch import service_argv
 from modalign.core.processes import ManagedProcess, free_port
+from modalign.feedback.server import FeedbackConfig
+from modalign.policy.config import PolicyConfig
 from modalign.trainer.checkpoint import load_checkpoint
 
-from tests.services import kafka_args, start_grpc_service
+from tests.services import start_grpc_service
 from tests.trainer.test_trainer_crash import send_feedback
+from tests.trainer.test_trainer_learns import trainer_config
 
 pytestmark = pytest.mark.integration
 
@@ -23,19 +27,18 @@ CHECKPOINTED = re.compile(r"round (\d+) checkpointed: (\d+) pairs learned so far
 
 def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: KafkaConfig, tmp_path: Path) -> None:
     assert kafka_config.partitions == 2
-    policy, policy_address, _ = start_grpc_service(
-        "policy", "modalign.policy.server", kafka_config, tmp_path, "--blob-dir", str(tmp_path / "blobs"))
-    feedback, feedback_address, _ = start_grpc_service("feedback", "modalign.feedback.server", kafka_config, tmp_path)
+    policy, policy_address, _ = start_grpc_service(PolicyConfig, kafka_config, tmp_path, blob_dir=tmp_path / "blobs")
+    feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, tmp_path)
+    trainer = trainer_config(kafka_config, tmp_path, {
+        "round_max_feedback": 4, "round_max_seconds": 1.0, "min_pairs_to_learn": 2,
+        "rounds_per_version": 2, "learner.policy_updates_per_round": 1, "learner.rollout_prompts": 2,
+        "learner.samples_per_prompt": 2, "learner.max_new_tokens": 6, "learner.eval_prompts": 4,
+    }, metrics_port=0)
     torchrun = ManagedProcess(
         "torchrun",
         [str(Path(sys.executable).with_name("torchrun")), "--nnodes", "1", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "modalign.trainer",
-         "--metrics-port", "0", *kafka_args(kafka_config), "--work-dir", str(tmp_path / "trainer"),
-         "--model-store", str(tmp_path / "models"), "--blob-dir", str(tmp_path / "blobs"),
-         "--round-max-feedback", "4", "--round-max-seconds", "1", "--min-pairs-to-learn", "2",
-         "--rounds-per-version", "2", "--learner.policy-updates-per-round", "1", "--learner.rollout-prompts", "2",
-         "--learner.samples-per-prompt", "2", "--learner.max-new-tokens", "6", "--learner.eval-prompts", "4"],
-        ready=lambda: True, log_path=tmp_path / "torchrun.log",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *service_argv(trainer)],
+        ready=trainer.ready, log_path=tmp_path / "torchrun.log",
     )
     try:
         sent, orphan = send_feedback(policy_address, feedback_address, interactions=16)

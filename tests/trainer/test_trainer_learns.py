@@ -11,16 +11,22 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from modalign.core.config import with_overrides
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.launch import on_broker, service_process
 from modalign.core.modelstore import verify
-from modalign.core.processes import ManagedProcess, free_port, http_ok
+from modalign.core.processes import ManagedProcess, free_port
+from modalign.feedback.server import FeedbackConfig
+from modalign.policy.config import PolicyConfig
+from modalign.trainer.service import TrainerConfig
 from modalign.v1 import events_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
-from tests.services import kafka_args, start_grpc_service
+from tests.services import start_grpc_service
 from tests.trainer.scripted_users import colour_rate, interact
 
 pytestmark = pytest.mark.integration
@@ -28,14 +34,17 @@ pytestmark = pytest.mark.integration
 HELD_OUT_PROMPTS = 64
 
 
-def trainer_process(kafka: KafkaConfig, work: Path, *args: str) -> ManagedProcess:
-    metrics_port = free_port()
-    return ManagedProcess.python_module(
-        "trainer", "modalign.trainer",
-        ["--metrics-port", str(metrics_port), *kafka_args(kafka), "--work-dir", str(work / "trainer"),
-         "--model-store", str(work / "models"), "--blob-dir", str(work / "blobs"), *args],
-        ready=lambda: http_ok(f"http://127.0.0.1:{metrics_port}/metrics"), log_dir=work,
-    )
+def trainer_config(kafka: KafkaConfig, work: Path, overrides: dict[str, Any], **fields: Any) -> TrainerConfig:
+    """The trainer of a test's system in work: its own store, checkpoint and blobs, then overrides
+    (dotted fields)."""
+    config = on_broker(TrainerConfig, kafka, **{
+        "metrics_port": free_port(), "work_dir": work / "trainer", "model_store": str(work / "models"),
+        "blob_dir": work / "blobs", **fields})
+    return with_overrides(config, overrides)
+
+
+def trainer_process(kafka: KafkaConfig, work: Path, overrides: dict[str, Any]) -> ManagedProcess:
+    return service_process(trainer_config(kafka, work, overrides), work)
 
 
 def two_proportion_z(after: float, before: float, n: int) -> float:
@@ -45,16 +54,14 @@ def two_proportion_z(after: float, before: float, n: int) -> float:
 
 def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig, tmp_path: Path) -> None:
     policy, policy_address, _ = start_grpc_service(
-        "policy", "modalign.policy.server", kafka_config, tmp_path, "--blob-dir", str(tmp_path / "blobs"),
-        "--max-batch-wait-ms", "20", "--follow", "latest",
+        PolicyConfig, kafka_config, tmp_path, blob_dir=tmp_path / "blobs", max_batch_wait_ms=20.0, follow="latest",
     )
-    feedback, feedback_address, _ = start_grpc_service("feedback", "modalign.feedback.server", kafka_config, tmp_path)
-    trainer = trainer_process(
-        kafka_config, tmp_path,
-        "--round-max-seconds", "2", "--min-pairs-to-learn", "8", "--rounds-per-version", "4",
-        "--learner.policy-updates-per-round", "2", "--learner.rollout-prompts", "8",
-        "--learner.samples-per-prompt", "4", "--learner.max-new-tokens", "12",
-    )
+    feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, tmp_path)
+    trainer = trainer_process(kafka_config, tmp_path, {
+        "round_max_seconds": 2.0, "min_pairs_to_learn": 8, "rounds_per_version": 4,
+        "learner.policy_updates_per_round": 2, "learner.rollout_prompts": 8,
+        "learner.samples_per_prompt": 4, "learner.max_new_tokens": 12,
+    })
     stop_users = threading.Event()
     try:
         with grpc.insecure_channel(policy_address) as policy_channel, grpc.insecure_channel(feedback_address) as fb_channel:

@@ -17,6 +17,7 @@ import pytest
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.modelstore import S3Config, open_store
+from modalign.policy.config import PolicyConfig
 from modalign.reward.server import RewardKServeModel
 from modalign.trainer.learner import Learner
 from modalign.trainer.service import Trainer, TrainerConfig
@@ -33,9 +34,8 @@ def test_versions_published_to_s3_are_served_by_the_policy_and_reward_services(
 ) -> None:
     root = f"s3://{s3_bucket}/models"
     policy, address, _ = start_grpc_service(
-        "policy", "modalign.policy.server", kafka_config, tmp_path, "--follow", "latest",
-        "--blob-dir", str(tmp_path / "blobs"),
-        "--s3.endpoint-url", s3_config.endpoint_url, "--s3.cache-dir", str(tmp_path / "policy-cache"),
+        PolicyConfig, kafka_config, tmp_path, follow="latest", blob_dir=tmp_path / "blobs",
+        s3=S3Config(endpoint_url=s3_config.endpoint_url, cache_dir=tmp_path / "policy-cache"),
     )
     try:
         config = TrainerConfig(kafka=kafka_config, work_dir=tmp_path / "trainer", model_store=root, s3=s3_config,

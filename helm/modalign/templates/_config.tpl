@@ -68,7 +68,7 @@ MODALIGN_MODEL_DIR: {{ . | quote }}
 {{- end }}
 MODALIGN_MODEL_NAME: {{ $values.modelName | quote }}
 MODALIGN_DEVICE: {{ $values.device | quote }}
-MODALIGN_FOLLOW_VERSIONS: {{ $values.followVersions | quote }}
+MODALIGN_FOLLOW: {{ ternary "latest" "none" $values.followVersions | quote }}
 {{- else if eq $component "trainer" }}
 MODALIGN_METRICS_HOST: "0.0.0.0"
 MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}

@@ -1,0 +1,72 @@
+"""The policy service's settings, in a module of their own: whoever starts the service (modalign up,
+the tests) builds this config without importing torch and transformers, which the server needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from modalign.core.config import ConfigError
+from modalign.core.images import ImageLimits
+from modalign.core.modelstore import S3Config
+from modalign.core.service import GrpcServiceConfig
+
+# The topics each --follow mode reads.
+FOLLOW_MODES = {"rollout": ["policy-versions", "rollout"], "latest": ["policy-versions"], "none": []}
+
+
+@dataclass(frozen=True)
+class PolicyConfig(GrpcServiceConfig):
+    """The policy service."""
+
+    command: ClassVar[str] = "policy"
+    listen: str = "127.0.0.1:50051"
+    metrics_port: int = 9101
+    max_workers: int = 64
+    """Threads serving RPCs; each waits on its batch, so this bounds requests in flight."""
+    model_dir: str = ""
+    """Folder of a Hugging Face image-text-to-text checkpoint, or the URI of a published version
+    (file://... or s3://..., loaded verified; the rollout controller names one on a KServe revision);
+    empty builds the small default policy."""
+    policy_version: str = "v0"
+    """The version name of the model loaded at start-up (model_dir, or the default policy)."""
+    follow: str = "rollout"
+    """Which versions to serve. "rollout": stable and canary as the rollout controller sets them (the
+    rollout topic), loading each published version, verified by checksum, when it is routed to.
+    "latest": every version the trainer publishes, at once, for development without a controller.
+    "none": only the model loaded at start-up (e.g. under a KServe InferenceService, which splits
+    traffic itself)."""
+    seed: int = 0
+    """Seed of the default policy's random initialisation (when model_dir is empty)."""
+    device: str = "cpu"
+    """Torch device for the model, e.g. "cuda" or "cuda:1"."""
+    blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
+    """Content-addressed image store shared with the trainer and reward service."""
+    s3: S3Config = field(default_factory=S3Config)
+    """How to reach the model store when the trainer publishes to S3."""
+    max_batch_rows: int = 32
+    """Most sequences decoded together; concurrent requests are merged up to this."""
+    max_batch_wait_ms: float = 5.0
+    """How long the first queued request waits for company before its batch starts."""
+    default_max_new_tokens: int = 64
+    """Tokens sampled per candidate when a request sets no sampling.max_new_tokens."""
+    max_new_tokens_limit: int = 512
+    """Largest sampling.max_new_tokens a request may ask for."""
+    max_candidates: int = 8
+    """Most candidates (n) one request may ask for."""
+    max_images: int = 8
+    """Most images in one request."""
+    max_text_bytes: int = 8192
+    """Longest request text, in UTF-8 bytes."""
+    image_max_bytes: int = ImageLimits.max_bytes
+    """Largest encoded image accepted."""
+    image_max_pixels: int = ImageLimits.max_pixels
+    """Most pixels (width x height) of a decoded image."""
+    max_pending_rows: int = 512
+    """Candidates allowed to queue for a batch; past this, requests get RESOURCE_EXHAUSTED."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.follow not in FOLLOW_MODES:
+            raise ConfigError("follow", f"one of {', '.join(FOLLOW_MODES)}, got {self.follow!r}")

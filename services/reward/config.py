@@ -1,0 +1,84 @@
+"""The reward service's settings, in a module of their own: whoever starts the service (modalign up,
+the tests) builds this config without importing kserve and torch, which the server needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from modalign.core.config import ConfigError
+from modalign.core.images import ImageLimits
+from modalign.core.kafka import KafkaConfig
+from modalign.core.modelstore import S3Config
+from modalign.core.processes import http_ok
+from modalign.core.service import ServiceConfig, loopback
+
+FOLLOW_MODES = ("latest", "none")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one request, so a single client cannot make a forward pass arbitrarily expensive."""
+
+    max_batch_size: int = 64
+    """Most rows in one request."""
+    max_images_per_row: int = 8
+    """Most non-empty images in one row."""
+    max_text_bytes: int = 32 * 1024
+    """Largest prompt or response, in UTF-8 bytes."""
+    image: ImageLimits = ImageLimits()
+    """Bounds on each image."""
+
+
+@dataclass(frozen=True)
+class RewardServerConfig(ServiceConfig):
+    """Serve the reward model over the Open Inference Protocol v2 (REST and gRPC); its Prometheus
+    /metrics are on the REST port, where KServe serves them."""
+
+    command: ClassVar[str] = "reward"
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    """The broker and topic prefix of policy-versions; used only with --follow latest."""
+    model_dir: Path | None = None
+    """Reward model folder written by RewardModel.save; unset: a fresh model seeded with --seed."""
+    model_name: str = "reward"
+    """Model name on the v2 endpoints (/v2/models/NAME/infer, gRPC model_name)."""
+    host: str = "127.0.0.1"
+    """Listen address of both REST and gRPC; 0.0.0.0 in a pod."""
+    http_port: int = 8080
+    """Port of the REST endpoints (/v2/..., /metrics)."""
+    grpc_port: int = 8081
+    """Port of the gRPC endpoint (inference.GRPCInferenceService)."""
+    seed: int = 0
+    """Seed of the fresh model when no model_dir is given."""
+    device: str = "cpu"
+    """Torch device of the model: cpu, cuda, cuda:1, ..."""
+    torch_threads: int = 1
+    """Intra-op threads; more threads than cores made small-CPU forwards several times slower."""
+    grace_period: int = 10
+    """Seconds in-flight gRPC requests get to finish on SIGTERM."""
+    limits: RequestLimits = RequestLimits()
+    """Bounds on one request."""
+    follow: str = "none"
+    """Which versions to serve. "latest": each reward model the trainer publishes (the
+    reward_model_version of every event on the policy-versions topic), verified by checksum, loaded
+    without failing in-flight requests; at start-up the newest published one replaces --model-dir.
+    "none": only --model-dir. None by default, unlike the policy service: scoring needs no broker, so a
+    standalone `modalign reward` (or one pinned to --model-dir) runs without Kafka. Use latest wherever
+    a trainer publishes (`modalign up`, a cluster: MODALIGN_FOLLOW=latest); then the service needs
+    Kafka (--kafka.*) to start."""
+    s3: S3Config = field(default_factory=S3Config)
+    """How to reach the model store when the trainer publishes to S3; used only with --follow latest."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.follow not in FOLLOW_MODES:
+            raise ConfigError("follow", f"one of {', '.join(FOLLOW_MODES)}, got {self.follow!r}")
+
+    @property
+    def url(self) -> str:
+        """Where a client on this machine reaches the REST endpoints."""
+        return f"http://{loopback(self.host)}:{self.http_port}"
+
+    def ready(self) -> bool:
+        return http_ok(f"{self.url}/v2/health/ready")

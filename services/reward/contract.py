@@ -1,0 +1,168 @@
+"""The reward service's request contract on KServe's Open Inference Protocol v2 (REST and gRPC).
+
+Model name configurable (--model-name), default "reward":
+
+    inputs   prompt    BYTES [B]     UTF-8 user prompt, without chat formatting
+             response  BYTES [B]     UTF-8 assistant response to score
+             images    BYTES [B, K]  encoded images (PNG, JPEG, WEBP or GIF) of each prompt, raw or
+                                     base64; an empty element is "no image", so a row holds 0..K
+                                     images, in order
+    output   score     FP32  [B]     scalar reward per row, read at the last response token
+
+Send images base64 over REST: KServe 0.21 turns every REST BYTES element into UTF-8 text while
+parsing the request (InferRequest.from_bytes, binary extension included), so raw image bytes fail
+there with a 500 before this code runs. gRPC carries raw bytes as they are; base64 works on both.
+
+Bad requests raise kserve.errors.InvalidInput naming the input; KServe 0.21 maps that to HTTP 400
+(invalid_input_handler) and gRPC INVALID_ARGUMENT (ExceptionToStatusInterceptor).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferRequest
+from PIL import Image
+
+from modalign.core.images import InvalidImage, decode_image
+from modalign.reward.config import RequestLimits
+
+INPUTS = [
+    {"name": "prompt", "datatype": "BYTES", "shape": [-1]},
+    {"name": "response", "datatype": "BYTES", "shape": [-1]},
+    {"name": "images", "datatype": "BYTES", "shape": [-1, -1]},
+]
+OUTPUTS = [{"name": "score", "datatype": "FP32", "shape": [-1]}]
+
+# Magic numbers of the formats modalign.core.images accepts: the protocol carries no MIME type.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    prompts: list[str]
+    images: list[list[Image.Image]]
+    responses: list[str]
+
+
+def _sniff_mime(data: bytes) -> str | None:
+    for signature, mime in _SIGNATURES:
+        if data.startswith(signature):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _as_bytes(element: Any, name: str) -> bytes:
+    """One BYTES element as bytes: bytes over gRPC, text over REST (KServe decodes it as UTF-8)."""
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):
+        return element.encode("utf-8")
+    raise InvalidInput(f"input '{name}': element of type {type(element).__name__} is not BYTES")
+
+
+def _image_bytes(data: bytes) -> tuple[bytes, str] | None:
+    """The encoded image and its MIME type, sent raw or base64. Raw is tried first, unambiguously:
+    base64 of these formats begins "iVBOR", "/9j/", "R0lGOD" or "UklGR", never a raw signature."""
+    mime = _sniff_mime(data)
+    if mime is not None:
+        return data, mime
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except binascii.Error:
+        return None
+    mime = _sniff_mime(decoded)
+    return (decoded, mime) if mime is not None else None
+
+
+def _tensor(request: InferRequest, name: str, rank: int) -> np.ndarray:
+    tensor = next(infer_input for infer_input in request.inputs if infer_input.name == name)
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input '{name}' must have datatype BYTES, got {tensor.datatype}")
+    if len(tensor.shape) != rank:
+        raise InvalidInput(f"input '{name}' must have rank {rank}, got shape {list(tensor.shape)}")
+    try:
+        return tensor.as_numpy()
+    except ValueError as error:  # numpy cannot reshape the data to the declared shape
+        raise InvalidInput(f"input '{name}': data does not match shape {list(tensor.shape)} ({error})") from error
+
+
+def _texts(array: np.ndarray, name: str, limits: RequestLimits) -> list[str]:
+    texts = []
+    for row, element in enumerate(array):
+        data = _as_bytes(element, name)
+        if len(data) > limits.max_text_bytes:
+            raise InvalidInput(
+                f"input '{name}'[{row}] is {len(data)} bytes, above the limit of {limits.max_text_bytes}"
+            )
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidInput(f"input '{name}'[{row}] is not valid UTF-8 ({error.reason})") from error
+    return texts
+
+
+def _images(array: np.ndarray, limits: RequestLimits) -> list[list[Image.Image]]:
+    rows = []
+    for row, elements in enumerate(array):
+        present = [(column, data) for column, data in enumerate(_as_bytes(e, "images") for e in elements) if data]
+        # Counted before any decoding, so an oversized row costs nothing.
+        if len(present) > limits.max_images_per_row:
+            raise InvalidInput(
+                f"input 'images'[{row}] holds {len(present)} images, above the limit of {limits.max_images_per_row}"
+            )
+        images = []
+        for column, data in present:
+            image = _image_bytes(data)
+            if image is None:
+                raise InvalidInput(
+                    f"input 'images'[{row}][{column}] is not a PNG, JPEG, WEBP or GIF image, raw or base64"
+                )
+            try:
+                images.append(decode_image(*image, limits.image))
+            except InvalidImage as error:
+                raise InvalidInput(f"input 'images'[{row}][{column}] {error}") from error
+        rows.append(images)
+    return rows
+
+
+def parse_request(request: InferRequest, limits: RequestLimits) -> ScoreBatch:
+    """Validates an OIP v2 request against the contract; every refusal names the input at fault."""
+    names = [infer_input.name for infer_input in request.inputs]
+    expected = [spec["name"] for spec in INPUTS]
+    for name in expected:
+        if names.count(name) != 1:
+            problem = "missing" if name not in names else "given more than once"
+            raise InvalidInput(f"input '{name}' is {problem}; the reward model expects inputs {expected}")
+    unexpected = sorted(set(names) - set(expected))
+    if unexpected:
+        raise InvalidInput(f"unexpected inputs {unexpected}; the reward model expects inputs {expected}")
+
+    prompt = _tensor(request, "prompt", rank=1)
+    response = _tensor(request, "response", rank=1)
+    images = _tensor(request, "images", rank=2)
+    batch_size = prompt.shape[0]
+    if batch_size == 0:
+        raise InvalidInput("input 'prompt' is empty; send at least one row")
+    if batch_size > limits.max_batch_size:
+        raise InvalidInput(f"input 'prompt' has {batch_size} rows, above the limit of {limits.max_batch_size}")
+    for name, array in (("response", response), ("images", images)):
+        if array.shape[0] != batch_size:
+            raise InvalidInput(f"input '{name}' has {array.shape[0]} rows but input 'prompt' has {batch_size}")
+    return ScoreBatch(
+        prompts=_texts(prompt, "prompt", limits),
+        images=_images(images, limits),
+        responses=_texts(response, "response", limits),
+    )
