@@ -8,6 +8,10 @@ sampling seeds at temperature 1, so versions differ only by their weights:
   version's answer and v0's, ties counted half; mean and 95% normal interval over scenes;
 - mean_reward: the last published reward model's mean score of the answers (one model for all
   versions, so the numbers compare);
+- reward_model_accuracy: how often the reward model published with the version (rN beside vN)
+  orders this version's answer and v0's on the same scene as the users' hidden preference does,
+  over the scenes where that preference is not a tie; None for v0, which has no reward model yet.
+  Set beside the win rate, it says whether what the loop optimised is what users want;
 - kl: KL(version || v0) per answer in nats, estimated on the same samples as the mean of
   log pi_version(answer) - log pi_v0(answer) (each answer's tokens scored by v0 under the sampler's
   own masking, at temperature 1); 0 for v0 itself.
@@ -43,6 +47,9 @@ class VersionResult:
     hallucination_ci: list[float]
     kl: float
     samples: int
+    reward_model_accuracy: float | None = None
+    reward_model_pairs: int = 0
+    """Scenes whose two answers (this version's, v0's) the users do not rate as a tie."""
     examples: list[dict] = field(default_factory=list)
     """A few (question, answer, verdict) rows for the markdown."""
 
@@ -105,39 +112,63 @@ def kl_to(reference: PolicyEngine, samples: list[Sample], held_out: list[Example
 
 
 def evaluate_versions(
-    versions: list[tuple[str, Path, bool]], reward_folder: Path | None, held_out: list[Example],
-    max_new_tokens: int = 32, device: str = "cpu",
+    versions: list[tuple[str, Path, bool, Path | None]], held_out: list[Example], max_new_tokens: int = 32,
+    device: str = "cpu",
 ) -> list[VersionResult]:
-    """versions: (name, model folder, promoted), v0 first."""
-    reward = RewardModel.load(reward_folder).to(device) if reward_folder is not None else None
-    engines = {name: PolicyEngine(*load_policy(folder, device=device), policy_version=name) for name, folder, _ in versions}
+    """versions: (name, model folder, promoted, its reward model's folder or None), v0 first. Mean rewards
+    are scored by the last version's reward model."""
+    reward_folders = [folder for *_, folder in versions if folder is not None]
+    reward = RewardModel.load(reward_folders[-1]).to(device) if reward_folders else None
+    engines = {name: PolicyEngine(*load_policy(folder, device=device), policy_version=name) for name, folder, *_ in versions}
     samples = {name: sample_answers(engine, held_out, max_new_tokens) for name, engine in engines.items()}
     reference = versions[0][0]
     baseline = [s.text for s in samples[reference]]
     results = []
-    for name, _, promoted in versions:
+    for name, _, promoted, reward_folder in versions:
         mine = [s.text for s in samples[name]]
         verdicts = [faithfulness(a, e.scene, e.question) for a, e in zip(mine, held_out)]
         hallucinated = sum(v.hallucinated for v in verdicts)
         win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(mine, baseline, held_out)])
-        mean_reward = float("nan")
-        if reward is not None:
-            scores = [reward.score([e.question.text for e in chunk], [[e.scene.image()] for e in chunk], texts)
-                      for chunk, texts in _chunks(held_out, mine, 32)]
-            mean_reward = torch.cat(scores).float().mean().item()
+        mean_reward = score(reward, held_out, mine).mean().item() if reward is not None else float("nan")
+        accuracy, pairs = (None, 0)
+        if reward_folder is not None:
+            accuracy, pairs = reward_model_accuracy(RewardModel.load(reward_folder).to(device), held_out, mine, baseline)
         results.append(VersionResult(
             version=name, promoted=promoted, mean_reward=mean_reward, win_rate_vs_v0=win_rate, win_rate_ci=win_ci,
             hallucination_rate=hallucinated / len(mine), hallucination_ci=wilson_interval(hallucinated, len(mine)),
             kl=0.0 if name == reference else kl_to(engines[reference], samples[name], held_out), samples=len(mine),
+            reward_model_accuracy=accuracy, reward_model_pairs=pairs,
             examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
                       for e, a, v in list(zip(held_out, mine, verdicts))[:3]],
         ))
     return results
 
 
-def _chunks(held_out: list[Example], texts: list[str], size: int):
-    for start in range(0, len(held_out), size):
-        yield held_out[start:start + size], texts[start:start + size]
+def score(reward: RewardModel, held_out: list[Example], answers: list[str], batch: int = 32) -> torch.Tensor:
+    """The reward model's scores [len(answers)] of one answer per held-out scene."""
+    return torch.cat([
+        reward.score([e.question.text for e in held_out[start:start + batch]],
+                     [[e.scene.image()] for e in held_out[start:start + batch]], answers[start:start + batch])
+        for start in range(0, len(held_out), batch)
+    ]).float()
+
+
+def reward_model_accuracy(
+    reward: RewardModel, held_out: list[Example], answers: list[str], baseline: list[str]
+) -> tuple[float | None, int]:
+    """Share of scenes, among those where the users' hidden preference between answers[i] and
+    baseline[i] is not a tie, on which the reward model prefers the same one; and how many there were."""
+    mine, theirs = score(reward, held_out, answers), score(reward, held_out, baseline)
+    agree = [(m > t).item() == (verdict == 1.0)
+             for m, t, verdict in zip(mine, theirs, (preference(a, b, e) for a, b, e in zip(answers, baseline, held_out)))
+             if verdict != 0.5]
+    return (sum(agree) / len(agree) if agree else None), len(agree)
+
+
+def _accuracy(result: VersionResult) -> str:
+    if result.reward_model_accuracy is None:
+        return "-"
+    return f"{result.reward_model_accuracy:.1%} ({result.reward_model_pairs})"
 
 
 def write_report(out: Path, results: list[VersionResult], timeline: list[dict], summary: dict) -> None:
@@ -174,14 +205,16 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f" (warm start {summary['warm_start_seconds']:.0f} s, 0 when cached). Final version serving all traffic:"
         f" **{summary['final']}**.", "",
         "![per version](versions.png)", "",
-        "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward | KL to v0 (nats per answer) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward"
+        " | reward model accuracy (pairs) | KL to v0 (nats per answer) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r.version} | {'yes' if r.promoted else 'no'} | {r.hallucination_rate:.1%}"
             f" ({r.hallucination_ci[0]:.1%}-{r.hallucination_ci[1]:.1%}) | {r.win_rate_vs_v0:.1%}"
-            f" ({r.win_rate_ci[0]:.1%}-{r.win_rate_ci[1]:.1%}) | {r.mean_reward:.3f} | {r.kl:.3f} |")
+            f" ({r.win_rate_ci[0]:.1%}-{r.win_rate_ci[1]:.1%}) | {r.mean_reward:.3f}"
+            f" | {_accuracy(r)} | {r.kl:.3f} |")
     lines += [
         "", "## How these were measured", "",
         f"Each version answered the same {results[0].samples} held-out scenes (never shown to the simulated users),"
@@ -189,7 +222,11 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         " flags an answer as hallucinated when it asserts a colour, shape, size, position or count that is not"
         " in the image. The win rate compares each answer with v0's on the same scene by the users' hidden"
         " preference (faithful first, then concise; ties count half), without the noise users add to their"
-        " feedback. Intervals are 95%: Wilson for the hallucination rate, normal over scenes for the win rate.",
+        " feedback. Intervals are 95%: Wilson for the hallucination rate, normal over scenes for the win rate."
+        " The reward model accuracy is that of the reward model published with the version: on the scenes where"
+        " the users' hidden preference between the version's answer and v0's is not a tie, how often the reward"
+        " model prefers the same answer (a reward model that tracks the users keeps it high while the win rate"
+        " rises; one being gamed does not).",
         "", "## Canary decisions", "",
     ]
     lines += [f"- {entry['time']} revision {entry['revision']}: {entry['reason']}" for entry in timeline]

@@ -1,12 +1,27 @@
-"""The reward model: a multimodal backbone with a scalar head read at the last response token.
+"""The reward model: a multimodal backbone with a scalar head read at the last response token, plus
+two learned weights on what the backbone's language model says of the response.
 
 Pure torch and transformers; the protocol lives in server.py. Any image-text-to-text model that
 AutoModelForImageTextToText + AutoProcessor load can be the backbone; the default is the policy's
 default LLaVA, so a reward model can also start from any policy version in the model store.
 
+Why the likelihood features: a reward model must tell a faithful answer from a hallucinated one, and
+the backbone's language model, grounded by its own training, already does much of that: the log-
+likelihood it gives an answer's tokens, given the image, drops where the answer names a colour or an
+object that is not there. A fresh head on the last hidden state has to learn that comparison from a
+few hundred noisy user pairs. So the score is
+
+    r(x, y) = head(h_last) + w_logp * log p_backbone(y | x) + w_len * len(y)
+
+with w_logp and w_len learned by the same Bradley-Terry loss, starting at 0 (a fresh model scores as
+a plain head would). Measured on the demo's users' pairs of the warm-started policy's answers, this
+raised held-out accuracy on faithful-versus-hallucinated pairs from 0.81 to 0.86 (docs/demo.md).
+The length feature lets the model learn a length preference (or its absence) explicitly rather than
+through the log-likelihood, which falls with every token.
+
 Folder layout written by RewardModel.save:
-    reward_config.json         format tag and the head's input width
-    reward_head.safetensors    the scalar head (weight [1, hidden], bias [1])
+    reward_config.json         format tag, the head's input width, whether likelihood features are on
+    reward_head.safetensors    the scalar head (weight [1, hidden], bias [1]) and the likelihood weights [2]
     backbone/                  the backbone and its processor, as a policy folder (save_policy)
 """
 
@@ -40,7 +55,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone: PreTrainedModel, processor: ProcessorMixin, seed: int = 0) -> None:
+    def __init__(
+        self, backbone: PreTrainedModel, processor: ProcessorMixin, seed: int = 0, likelihood_features: bool = True
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.processor = processor
@@ -52,6 +69,8 @@ class RewardModel(nn.Module):
         with torch.no_grad():
             self.head.weight.normal_(0.0, 1.0 / (text_config.hidden_size + 1) ** 0.5, generator=generator)
             self.head.bias.zero_()
+        # [w_logp, w_len]: weights of the response's log-likelihood and length; zero, so they start unused.
+        self.likelihood_weights = nn.Parameter(torch.zeros(2)) if likelihood_features else None
 
     def encode(
         self, prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]
@@ -78,6 +97,11 @@ class RewardModel(nn.Module):
             texts.append(formatted + response + tokenizer.eos_token)
         flat_images = [image for images in images_per_sample for image in images]
         inputs = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
+        if self.likelihood_weights is not None:
+            # Tokens of each response and its EOS, which end every row: the ones the likelihood is taken of.
+            inputs["response_lengths"] = torch.tensor(
+                [len(tokenizer(response + tokenizer.eos_token, add_special_tokens=False).input_ids) for response in responses]
+            )
         lengths = inputs["attention_mask"].sum(dim=-1)
         too_long = [(row, int(length)) for row, length in enumerate(lengths) if length > self.max_positions]
         if too_long:
@@ -86,16 +110,40 @@ class RewardModel(nn.Module):
         return inputs
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **multimodal: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_lengths: torch.Tensor | None = None,
+        **multimodal: torch.Tensor,
     ) -> torch.Tensor:
         """Rewards [B] for an encoded batch; differentiable, for Bradley-Terry training."""
-        # base_model skips the LM head: only the hidden states are needed, not vocabulary logits.
+        # base_model skips the LM head: the head reads one hidden state, and the likelihood features
+        # need the LM head's logits only at the response's positions.
         hidden = self.backbone.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **multimodal
         ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(attention_mask)]
-        return self.head(last.to(self.head.weight.dtype)).squeeze(-1)
+        last = last_token_index(attention_mask)
+        rewards = self.head(hidden[rows, last].to(self.head.weight.dtype)).squeeze(-1)
+        if self.likelihood_weights is None:
+            return rewards
+        if response_lengths is None:
+            raise ValueError("this reward model scores the response's likelihood: pass encode()'s response_lengths")
+        features = torch.stack([self.response_logprob(hidden, input_ids, last, response_lengths), response_lengths.float()], -1)
+        return rewards + features.to(self.likelihood_weights.dtype) @ self.likelihood_weights
+
+    def response_logprob(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, last: torch.Tensor, response_lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """[B] summed log-probabilities of each row's response tokens (ending at `last`) under the backbone's LM."""
+        width = int(response_lengths.max())
+        # Position t's logits predict token t + 1: response token j of a row ending at `last` sits at
+        # last - length + 1 + j and is predicted from the position before it.
+        offsets = torch.arange(width, device=input_ids.device)
+        targets = (last - response_lengths + 1).unsqueeze(-1) + offsets
+        valid = offsets < response_lengths.unsqueeze(-1)
+        targets = torch.where(valid, targets, last.unsqueeze(-1)).clamp(min=1)
+        predicting = hidden.gather(1, (targets - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        logits = self.backbone.get_output_embeddings()(predicting).float()
+        logprobs = torch.log_softmax(logits, -1).gather(-1, input_ids.gather(1, targets).unsqueeze(-1)).squeeze(-1)
+        return (logprobs * valid).sum(-1)
 
     def score(
         self, prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]
@@ -110,8 +158,12 @@ class RewardModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_policy(self.backbone, self.processor, folder / BACKBONE_DIR)
-        save_file({name: tensor.contiguous() for name, tensor in self.head.state_dict().items()}, folder / HEAD_FILE)
-        config = {"format": FORMAT, "hidden_size": self.head.in_features, "backbone": BACKBONE_DIR}
+        tensors = dict(self.head.state_dict())
+        if self.likelihood_weights is not None:
+            tensors["likelihood_weights"] = self.likelihood_weights.detach()
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / HEAD_FILE)
+        config = {"format": FORMAT, "hidden_size": self.head.in_features, "backbone": BACKBONE_DIR,
+                  "likelihood_features": self.likelihood_weights is not None}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -122,12 +174,16 @@ class RewardModel(nn.Module):
         if config.get("format") != FORMAT:
             raise ValueError(f"{folder / CONFIG_FILE} has format {config.get('format')!r}, expected {FORMAT!r}")
         backbone, processor = load_policy(folder / config["backbone"])
-        model = cls(backbone, processor)
+        # Folders written before the likelihood features existed have a plain head.
+        model = cls(backbone, processor, likelihood_features=config.get("likelihood_features", False))
         if model.head.in_features != config["hidden_size"]:
             raise ValueError(
                 f"backbone hidden size {model.head.in_features} does not match the head's {config['hidden_size']}"
             )
-        model.head.load_state_dict(load_file(folder / HEAD_FILE))
+        tensors = load_file(folder / HEAD_FILE)
+        if model.likelihood_weights is not None:
+            model.likelihood_weights.data.copy_(tensors.pop("likelihood_weights"))
+        model.head.load_state_dict(tensors)
         return model.eval()
 
 

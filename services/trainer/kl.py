@@ -36,3 +36,14 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
     "k3": kl_k3,
 }
 """The estimators by the name a training config uses for them."""
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, samples: int, horizon: int) -> float:
+    """The KL coefficient after one batch, by Ziegler et al. (2019)'s proportional controller.
+
+    coef grows when the measured KL (nats per response) is above target and shrinks when below, by at
+    most 20% of samples / horizon per batch: a policy that drifts past its KL budget is pulled back
+    rather than left there, and one far inside it is let move. samples: responses in the batch.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * samples / horizon)
