@@ -2,8 +2,9 @@
 
 1. v0: the warm start (built by modalign.demo.warmstart on first use and cached), or --policy-model.
 2. The broker (started if it is not running; the demo's topics get their own prefix) and every
-   service: feedback, policy, reward, trainer (DPO on the users' preferences) and the rollout
-   controller, with settings that let versions move in minutes rather than hours.
+   service: feedback, policy, reward, trainer (--algorithm: DPO on the users' preferences by default,
+   or PPO, RLOO or GRPO against the reward model learned from them) and the rollout controller, with
+   settings that let versions move in minutes rather than hours.
 3. Simulated users talk to policy and feedback over gRPC until --minutes pass or --versions versions
    have been promoted; progress is printed as it goes.
 4. Every version is evaluated on held-out scenes and the report is written to --out.
@@ -22,10 +23,10 @@ from typing import Any
 import grpc
 
 from modalign.core.broker import BrokerConfig
-from modalign.core.config import FLATTEN, parse_config
+from modalign.core.config import FLATTEN, ConfigError, parse_config
 from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.launch import LocalSystem
-from modalign.core.modelstore import fetch
+from modalign.core.modelstore import fetch, open_store
 from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.report import evaluate_versions, held_out_examples, write_report
 from modalign.demo.users import SimulatedUsers, UsersConfig
@@ -38,10 +39,18 @@ DEFAULT_CACHE = Path.home() / ".cache" / "modalign" / "warm-start"
 # Settings for versions to move in minutes on a small CPU machine, as dotted config fields by service
 # (modalign.core.config.with_overrides): checked against the service's config when the demo builds it.
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "trainer": {"learner.algorithm": "dpo", "round_max_seconds": 5.0, "min_pairs_to_learn": 16,
-                "rounds_per_version": 2, "learner.max_new_tokens": 32, "learner.policy_lr": 1e-4},
+    "trainer": {"round_max_seconds": 5.0, "min_pairs_to_learn": 16, "rounds_per_version": 2,
+                "learner.max_new_tokens": 32, "learner.policy_lr": 1e-4},
     "rollout": {"rollout.steps": (50, 100), "rollout.min_step_seconds": 10.0, "rollout.min_samples": 15,
                 "rollout.required_metrics": ("rating",), "tick_seconds": 1.0},
+}
+
+# What each policy algorithm adds to the trainer's settings (docs/demo.md has the measured runs).
+ALGORITHM_SETTINGS: dict[str, dict[str, Any]] = {
+    "dpo": {},
+    "ppo": {},
+    "rloo": {},
+    "grpo": {},
 }
 
 
@@ -59,6 +68,8 @@ class DemoConfig:
     """Stop once this many versions were promoted."""
     seed: int = 0
     """Seed of the warm start, the trainer and the simulated users."""
+    algorithm: str = "dpo"
+    """The trainer's policy algorithm: dpo, ppo, rloo or grpo, each with the demo settings that work for it."""
     users: int = 4
     """Simulated users sending requests at once."""
     policy_model: Path | None = None
@@ -74,6 +85,10 @@ class DemoConfig:
     metrics_base_port: int = 9201
     """policy, feedback, trainer and rollout serve /metrics on this port, +1, +3 and +4."""
 
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHM_SETTINGS:
+            raise ConfigError("algorithm", f"unknown {self.algorithm!r}; known: {', '.join(ALGORITHM_SETTINGS)}")
+
 
 def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[str, Any]]:
     """DEMO_SETTINGS with where the demo's models are and the device they run on."""
@@ -81,7 +96,8 @@ def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[s
         **DEMO_SETTINGS,
         "policy": {"model_dir": str(policy_model), "device": config.device},
         "reward": {"device": config.device},
-        "trainer": {**DEMO_SETTINGS["trainer"], "learner.policy_model_dir": str(policy_model),
+        "trainer": {**DEMO_SETTINGS["trainer"], **ALGORITHM_SETTINGS[config.algorithm],
+                    "learner.algorithm": config.algorithm, "learner.policy_model_dir": str(policy_model),
                     "learner.seed": config.seed, "learner.device": config.device},
     }
 
@@ -150,10 +166,11 @@ def report(config: DemoConfig, published: list[events_pb2.PolicyVersionPublished
            warm_start_seconds: float) -> None:
     promoted = {s.canary_version for s in states if s.phase == events_pb2.ROLLOUT_PHASE_PROMOTED}
     final = states[-1].stable_version if states else "v0"
-    versions = [("v0", policy_model, True)] + [(e.version, fetch(e.uri), e.version in promoted) for e in published]
-    reward_models = sorted((home / "models" / "reward").glob("r*"), key=lambda p: p.stat().st_mtime)
-    results = evaluate_versions(versions, reward_models[-1] if reward_models else None, held_out_examples(config.held_out),
-                                device=config.device)
+    store = open_store(home / "models")
+    versions = [("v0", policy_model, True, None)] + [
+        (e.version, fetch(e.uri), e.version in promoted, store.fetch("reward", e.reward_model_version)) for e in published
+    ]
+    results = evaluate_versions(versions, held_out_examples(config.held_out), device=config.device)
     timeline = [
         {"time": datetime.fromtimestamp(s.updated_at.seconds, UTC).strftime("%H:%M:%S"),
          "revision": s.revision, "canary": s.canary_version, "stable": s.stable_version,
@@ -161,7 +178,8 @@ def report(config: DemoConfig, published: list[events_pb2.PolicyVersionPublished
         for s in states
     ]
     write_report(config.out, results, timeline,
-                 {"seconds": loop_seconds, "warm_start_seconds": warm_start_seconds, "final": final, "seed": config.seed})
+                 {"seconds": loop_seconds, "warm_start_seconds": warm_start_seconds, "final": final, "seed": config.seed,
+                  "algorithm": config.algorithm})
     for r in results:
         print(f"  {r.version}: hallucination {r.hallucination_rate:.1%}, win rate vs v0 {r.win_rate_vs_v0:.1%}"
               f" {'(promoted)' if r.promoted else ''}")
