@@ -22,6 +22,7 @@ import grpc
 
 from modalign.core import broker
 from modalign.core.kafka import KafkaConfig, ensure_topics, read_topic
+from modalign.core.version_names import STARTING_VERSION
 from modalign.core.modelstore import fetch
 from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.report import evaluate_versions, held_out_examples, write_report
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def watch(rollout_address: str, users: SimulatedUsers, started: float, args: argparse.Namespace, stopping: list) -> int:
     """Prints progress every few seconds; returns the number of versions promoted when it stops."""
-    seen_revision, stables = 0, {"v0"}
+    seen_revision, stables = 0, {STARTING_VERSION}
     with grpc.insecure_channel(rollout_address) as channel:
         stub = rollout_pb2_grpc.RolloutServiceStub(channel)
         while not stopping and time.monotonic() - started < args.minutes * 60 and len(stables) - 1 < args.versions:
@@ -138,8 +139,8 @@ def report(args: argparse.Namespace, published: list[events_pb2.PolicyVersionPub
            states: list[events_pb2.RolloutState], policy_model: Path, home: Path, loop_seconds: float,
            warm_start_seconds: float) -> None:
     promoted = {s.canary_version for s in states if s.phase == events_pb2.ROLLOUT_PHASE_PROMOTED}
-    final = states[-1].stable_version if states else "v0"
-    versions = [("v0", policy_model, True)] + [(e.version, fetch(e.uri), e.version in promoted) for e in published]
+    final = states[-1].stable_version if states else STARTING_VERSION
+    versions = [(STARTING_VERSION, policy_model, True)] + [(e.version, fetch(e.uri), e.version in promoted) for e in published]
     reward_models = sorted((home / "models" / "reward").glob("r*"), key=lambda p: p.stat().st_mtime)
     results = evaluate_versions(versions, reward_models[-1] if reward_models else None, held_out_examples(args.held_out),
                                 device=args.device)

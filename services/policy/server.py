@@ -31,6 +31,7 @@ from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
 from modalign.core.modelstore import S3Config, fetch
 from modalign.core.versions import TopicFollower
+from modalign.core.version_names import STARTING_VERSION
 from modalign.policy.engine import (
     BatcherOverloaded,
     DynamicBatcher,
@@ -93,7 +94,7 @@ class PolicyConfig:
     """Folder of a Hugging Face image-text-to-text checkpoint, or the URI of a published version
     (file://... or s3://..., loaded verified; the rollout controller names one on a KServe revision);
     empty builds the small default policy."""
-    policy_version: str = "v0"
+    policy_version: str = STARTING_VERSION
     """The version name of the model loaded at start-up (model_dir, or the default policy)."""
     follow: str = "rollout"
     """Which versions to serve. "rollout": stable and canary as the rollout controller sets them (the
