@@ -129,7 +129,7 @@ class ScoreBatch:
 
 
 @dataclass(frozen=True)
-class _Served:
+class _LoadedRewardModel:
     """The model and its version, swapped as one reference so a request never mixes two versions."""
 
     reward: RewardModel
@@ -297,7 +297,7 @@ class RewardKServeModel(kserve.Model):
         self._model_dir = model_dir
         self._seed = seed
         self._device = device
-        self._served: _Served | None = None
+        self._served: _LoadedRewardModel | None = None
         self._load_lock = threading.Lock()
 
     @property
@@ -344,7 +344,7 @@ class RewardKServeModel(kserve.Model):
             folder = model_dir if model_dir is not None else self._model_dir
             version = verified_version(folder, self._seed, expected_version, fetched)
             reward = RewardModel.load(folder) if folder is not None else build_default_reward_model(self._seed)
-            served = _Served(reward=reward.to(self._device), version=version)
+            served = _LoadedRewardModel(reward=reward.to(self._device), version=version)
             previous, self._served = self._served, served
             self._model_dir = folder
             if previous is not None:
