@@ -1,5 +1,4 @@
-"""`python -m modalign.trainer`: run the online trainer (its classes stay importable by their module path,
-which the checkpoint's pickled state refers to)."""
+"""`python -m modalign.trainer`: run the online trainer."""
 
 from modalign.trainer.service import main
 

@@ -56,7 +56,7 @@ JOIN_MAX_WAIT_S = 3
 TRAINER_FLAGS = [
     "--round-max-seconds", "1", "--min-pairs-to-learn", "1", "--rounds-per-version", "1",
     "--heldout-percent", str(HELDOUT_PERCENT), "--join.max-wait-s", str(JOIN_MAX_WAIT_S),
-    "--learner.algorithm", "ppo", "--learner.rollout-prompts", "2", "--learner.samples-per-prompt", "2",
+    "--learner.algorithm", "ppo", "--learner.sample-prompts", "2", "--learner.samples-per-prompt", "2",
     "--learner.max-new-tokens", "4", "--learner.policy-updates-per-round", "1", "--learner.policy-epochs", "1",
     "--learner.reward-epochs", "1", "--learner.eval-prompts", "1", "--gate.min-heldout-accuracy", "2",
 ]

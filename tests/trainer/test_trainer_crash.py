@@ -18,8 +18,10 @@ import grpc
 import pytest
 
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.version_names import STARTING_VERSION
 from modalign.trainer.checkpoint import load_checkpoint
 from modalign.trainer.service import is_heldout
+from modalign.trainer.state import TrainerState
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
 from tests.services import start_grpc_service
@@ -75,7 +77,7 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         kafka_config, tmp_path,
         "--round-max-feedback", "5", "--round-max-seconds", "1", "--min-pairs-to-learn", "1",
         "--rounds-per-version", "3", "--heldout-percent", str(HELDOUT_PERCENT), "--join.max-wait-s", "2",
-        "--learner.policy-updates-per-round", "1", "--learner.rollout-prompts", "2",
+        "--learner.policy-updates-per-round", "1", "--learner.sample-prompts", "2",
         "--learner.samples-per-prompt", "2", "--learner.max-new-tokens", "6", "--learner.eval-prompts", "4",
         "--gate.min-reward-gain", "-1000", "--gate.max-kl", "1000",
     )
@@ -95,8 +97,8 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             checkpoint = load_checkpoint(tmp_path / "trainer")
-            state = checkpoint["ranks"][0] if checkpoint else None
-            if state is not None and set(sent) | {orphan} <= state.consumed_ids and not state.pending_pairs \
+            state = TrainerState.from_json(checkpoint["ranks"][0]) if checkpoint else None
+            if state is not None and set(sent) | {orphan} <= set(state.consumed_ids) and not state.pending_pairs \
                     and not state.joiner.waiting:
                 break
             time.sleep(1)
@@ -106,7 +108,7 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         feedback.stop()
         policy.stop()
 
-    state = load_checkpoint(tmp_path / "trainer")["ranks"][0]
+    state = TrainerState.from_json(load_checkpoint(tmp_path / "trainer")["ranks"][0])
     trained = Counter(state.trained_ids)
     heldout = Counter(pair.feedback_id for pair in state.heldout_pairs)
     assert max(trained.values()) == 1, [i for i, n in trained.items() if n > 1]
@@ -117,4 +119,4 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
     dead = read_topic(kafka_config, "feedback.dlq", events_pb2.DeadLetter)
     orphans = [d for d in dead if events_pb2.FeedbackReceived.FromString(d.source_value).feedback.feedback_id == orphan]
     assert orphans and orphans[0].reason.startswith("unjoinable")
-    assert state.serving_version != "v0"  # versions kept being published across the crashes
+    assert state.parent_version != STARTING_VERSION  # versions kept being published across the crashes

@@ -12,6 +12,7 @@ import pytest
 from modalign.core.kafka import KafkaConfig
 from modalign.core.processes import ManagedProcess, free_port
 from modalign.trainer.checkpoint import load_checkpoint
+from modalign.trainer.state import TrainerState
 
 from tests.services import kafka_args, start_grpc_service
 from tests.trainer.test_trainer_crash import send_feedback
@@ -33,7 +34,7 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: 
          "--metrics-port", "0", *kafka_args(kafka_config), "--work-dir", str(tmp_path / "trainer"),
          "--model-store", str(tmp_path / "models"), "--blob-dir", str(tmp_path / "blobs"),
          "--round-max-feedback", "4", "--round-max-seconds", "1", "--min-pairs-to-learn", "2",
-         "--rounds-per-version", "2", "--learner.policy-updates-per-round", "1", "--learner.rollout-prompts", "2",
+         "--rounds-per-version", "2", "--learner.policy-updates-per-round", "1", "--learner.sample-prompts", "2",
          "--learner.samples-per-prompt", "2", "--learner.max-new-tokens", "6", "--learner.eval-prompts", "4"],
         ready=lambda: True, log_path=tmp_path / "torchrun.log",
     )
@@ -45,9 +46,10 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: 
         while time.monotonic() < deadline:
             checkpoint = load_checkpoint(tmp_path / "trainer")
             if checkpoint is not None:
-                consumed = set().union(*(rank.consumed_ids for rank in checkpoint["ranks"]))
-                if set(sent) | {orphan} <= consumed and not checkpoint["ranks"][0].pending_pairs:
-                    state = checkpoint
+                ranks = [TrainerState.from_json(rank) for rank in checkpoint["ranks"]]
+                consumed = set().union(*(rank.consumed_ids for rank in ranks))
+                if set(sent) | {orphan} <= consumed and not ranks[0].pending_pairs:
+                    state = ranks
                     break
             assert torchrun.process.poll() is None, torchrun.log_tail()
             time.sleep(1)
@@ -58,9 +60,9 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: 
         feedback.stop()
         policy.stop()
 
-    first, second = state["ranks"]
+    first, second = state
     assert first.consumed_ids and second.consumed_ids, "each rank consumes its own share of the partitions"
-    assert not first.consumed_ids & second.consumed_ids
+    assert not set(first.consumed_ids) & set(second.consumed_ids)
     assert first.trained_ids == second.trained_ids  # both learned from the same gathered pairs
     assert {p for (topic, p) in first.positions if topic.endswith("feedback")} == {0}
     assert {p for (topic, p) in second.positions if topic.endswith("feedback")} == {1}

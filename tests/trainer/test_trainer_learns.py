@@ -52,7 +52,7 @@ def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig
     trainer = trainer_process(
         kafka_config, tmp_path,
         "--round-max-seconds", "2", "--min-pairs-to-learn", "8", "--rounds-per-version", "4",
-        "--learner.policy-updates-per-round", "2", "--learner.rollout-prompts", "8",
+        "--learner.policy-updates-per-round", "2", "--learner.sample-prompts", "8",
         "--learner.samples-per-prompt", "4", "--learner.max-new-tokens", "12",
     )
     stop_users = threading.Event()
