@@ -81,7 +81,8 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
-                f"unknown --learner.algorithm {self.algorithm!r}; the known algorithms are {', '.join(sorted(ALGORITHMS))}"
+                f"unknown --learner.algorithm {self.algorithm!r}; "
+                f"the known algorithms are {', '.join(sorted(ALGORITHMS))}"
             )
 
 

@@ -108,10 +108,10 @@ def ppo_value_loss(
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
 ) -> ValueLoss:
-    """PPO's clipped value loss: the critic may move at most cliprange_value from the values seen at rollout,
+    """PPO's clipped value loss: the critic may move at most cliprange_value from the values seen at sampling,
     so one batch of noisy returns cannot drag it far.
 
-    values: [batch, length] current predictions; old_values: the rollout's; returns: GAE returns; all
+    values: [batch, length] current predictions; old_values: those at sampling; returns: GAE returns; all
     [batch, length] with response_mask. The squared errors are in the reward's units squared.
     """
     clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)

@@ -38,7 +38,9 @@ class TokenValues(torch.nn.Module):
         return self.model.head(hidden.gather(1, index).to(self.model.head.weight.dtype)).squeeze(-1).float()
 
 
-def optimizer_step(loss: torch.Tensor, max_grad_norm: float, *updates: tuple[torch.nn.Module, torch.optim.Optimizer]) -> None:
+def optimizer_step(
+    loss: torch.Tensor, max_grad_norm: float, *updates: tuple[torch.nn.Module, torch.optim.Optimizer]
+) -> None:
     """One optimiser step of each (model, optimizer) on loss, gradients clipped per model."""
     for _, optimizer in updates:
         optimizer.zero_grad()

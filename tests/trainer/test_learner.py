@@ -253,7 +253,8 @@ def test_an_on_policy_algorithm_raises_the_expected_reward_of_its_samples(
     rewarded[0::2] = True
     learner.sampler.score = lambda prompts_, samples: torch.tensor([float(rewarded[s.token_ids[0]]) for s in samples])
     prompt_ids = [logged_generation(learner, p).prompt_token_ids for p in prompts]
-    first_token = learner.batches.build(prompt_ids, [[0]] * len(prompts), [learner.images.of_prompt(p) for p in prompts])
+    images = [learner.images.of_prompt(p) for p in prompts]
+    first_token = learner.batches.build(prompt_ids, [[0]] * len(prompts), images)
 
     def expected_reward() -> float:
         with torch.no_grad():
@@ -284,7 +285,8 @@ def test_a_learner_restored_from_its_checkpoint_continues_identically(
     restored = make_learner(blobs, algorithm="ppo")
     restored.load_state_dict(load_checkpoint(tmp_path)["learner"])
     for name in ("policy", "published_policy", "reference", "reward_model", "value_model"):
-        assert not differing(parameters(getattr(restored.models, name)), parameters(getattr(original.models, name))), name
+        ours, theirs = getattr(restored.models, name), getattr(original.models, name)
+        assert not differing(parameters(ours), parameters(theirs)), name
     assert restored.shards.shared_rng.getstate() == original.shards.shared_rng.getstate()
 
     a, b = original.sampler.sample(prompts, 2, seed=5), restored.sampler.sample(prompts, 2, seed=5)
@@ -294,7 +296,8 @@ def test_a_learner_restored_from_its_checkpoint_continues_identically(
         seed_everything(1)
         learner.learn(pairs, prompts)
     for name in ("policy", "reward_model", "value_model"):
-        assert not differing(parameters(getattr(restored.models, name)), parameters(getattr(original.models, name))), name
+        ours, theirs = getattr(restored.models, name), getattr(original.models, name)
+        assert not differing(parameters(ours), parameters(theirs)), name
 
 
 # --- (f) a refused candidate is rolled back -----------------------------------------------------------------------
