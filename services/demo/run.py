@@ -27,6 +27,7 @@ from modalign.core.config import FLATTEN, ConfigError, parse_config
 from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.launch import LocalSystem
 from modalign.core.modelstore import fetch, open_store
+from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.report import evaluate_versions, held_out_examples, write_report
 from modalign.demo.users import SimulatedUsers, UsersConfig
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def watch(rollout_address: str, users: SimulatedUsers, started: float, config: DemoConfig, stopping: list) -> int:
     """Prints progress every few seconds; returns the number of versions promoted when it stops."""
-    seen_revision, stables = 0, {"v0"}
+    seen_revision, stables = 0, {STARTING_VERSION}
     with grpc.insecure_channel(rollout_address) as channel:
         stub = rollout_pb2_grpc.RolloutServiceStub(channel)
         while not stopping and time.monotonic() - started < config.minutes * 60 and len(stables) - 1 < config.versions:
@@ -165,9 +166,9 @@ def report(config: DemoConfig, published: list[events_pb2.PolicyVersionPublished
            states: list[events_pb2.RolloutState], policy_model: Path, home: Path, loop_seconds: float,
            warm_start_seconds: float) -> None:
     promoted = {s.canary_version for s in states if s.phase == events_pb2.ROLLOUT_PHASE_PROMOTED}
-    final = states[-1].stable_version if states else "v0"
+    final = states[-1].stable_version if states else STARTING_VERSION
     store = open_store(home / "models")
-    versions = [("v0", policy_model, True, None)] + [
+    versions = [(STARTING_VERSION, policy_model, True, None)] + [
         (e.version, fetch(e.uri), e.version in promoted, store.fetch("reward", e.reward_model_version)) for e in published
     ]
     results = evaluate_versions(versions, held_out_examples(config.held_out), device=config.device)

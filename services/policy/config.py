@@ -11,6 +11,7 @@ from modalign.core.config import ConfigError
 from modalign.core.images import ImageLimits
 from modalign.core.modelstore import S3Config
 from modalign.core.service import GrpcServiceConfig
+from modalign.core.version_names import STARTING_VERSION
 
 # The topics each --follow mode reads.
 FOLLOW_MODES = {"rollout": ["policy-versions", "rollout"], "latest": ["policy-versions"], "none": []}
@@ -29,7 +30,7 @@ class PolicyConfig(GrpcServiceConfig):
     """Folder of a Hugging Face image-text-to-text checkpoint, or the URI of a published version
     (file://... or s3://..., loaded verified; the rollout controller names one on a KServe revision);
     empty builds the small default policy."""
-    policy_version: str = "v0"
+    policy_version: str = STARTING_VERSION
     """The version name of the model loaded at start-up (model_dir, or the default policy)."""
     follow: str = "rollout"
     """Which versions to serve. "rollout": stable and canary as the rollout controller sets them (the

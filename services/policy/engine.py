@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from modalign.core.version_names import STARTING_VERSION
+
 log = logging.getLogger(__name__)
 
 _SEED_MODULUS = 2**64  # torch generators take 64-bit seeds; candidate seeds wrap around
@@ -151,7 +153,7 @@ class PolicyEngine:
     Not thread-safe: one thread (e.g. a batcher.DynamicBatcher's worker) calls generate at a time.
     """
 
-    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, policy_version: str = "v0") -> None:
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, policy_version: str = STARTING_VERSION) -> None:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer

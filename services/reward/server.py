@@ -62,7 +62,7 @@ _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
-class _Served:
+class _LoadedRewardModel:
     """The model and its version, swapped as one reference so a request never mixes two versions."""
 
     reward: RewardModel
@@ -117,7 +117,7 @@ class RewardKServeModel(kserve.Model):
         self._model_dir = model_dir
         self._seed = seed
         self._device = device
-        self._served: _Served | None = None
+        self._served: _LoadedRewardModel | None = None
         self._load_lock = threading.Lock()
 
     @property
@@ -164,7 +164,7 @@ class RewardKServeModel(kserve.Model):
             folder = model_dir if model_dir is not None else self._model_dir
             version = verified_version(folder, self._seed, expected_version, fetched)
             reward = RewardModel.load(folder) if folder is not None else build_default_reward_model(self._seed)
-            served = _Served(reward=reward.to(self._device), version=version)
+            served = _LoadedRewardModel(reward=reward.to(self._device), version=version)
             previous, self._served = self._served, served
             self._model_dir = folder
             if previous is not None:

@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge
 
 from modalign.core.config import ConfigError
 from modalign.core.kafka import KafkaConfig, make_consumer, read_topic
+from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import ACTIVE_PHASES
 from modalign.rollout.analysis import STATISTICAL_METRICS, analyse, describe, guard_verdicts, has_required_samples
 from modalign.rollout.evidence import EvidenceCollector, TrafficScraper
@@ -74,7 +75,7 @@ class RolloutRefused(ValueError):
 class RolloutPolicy:
     """How each new version is rolled out (see modalign.rollout.analysis for the decision rule)."""
 
-    initial_version: str = "v0"
+    initial_version: str = STARTING_VERSION
     """The stable version before any rollout: the one policy replicas load at start-up (--policy-version)."""
     steps: tuple[int, ...] = (5, 25, 50, 100)
     """The canary's share of sessions, in percent, step by step; promoted after the last step's analysis."""

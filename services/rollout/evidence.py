@@ -30,7 +30,9 @@ MAX_UNSCORED = 2_000
 
 
 @dataclass(frozen=True)
-class _Served:
+class _ServedResponse:
+    """A response a policy version served, kept until the reward service has scored it."""
+
     version: str
     prompt_text: str
     response_text: str
@@ -48,7 +50,7 @@ class RewardScorer:
         self._model_name = model_name
         self._blobs = blobs
 
-    def score(self, served: list[_Served]) -> tuple[list[float], str]:
+    def score(self, served: list[_ServedResponse]) -> tuple[list[float], str]:
         """The scores, and the version of the reward model that gave them."""
         most_images = max(len(s.image_sha256s) for s in served)
         # Images go base64 over REST: KServe decodes REST BYTES as UTF-8 text (see the reward server).
@@ -95,7 +97,7 @@ class EvidenceCollector:
         self.evidence = Evidence()
         self._served_by: dict[str, str] = {}
         self._pending: OrderedDict[str, events_pb2.FeedbackReceived] = OrderedDict()
-        self._unscored: deque[_Served] = deque(maxlen=MAX_UNSCORED)
+        self._unscored: deque[_ServedResponse] = deque(maxlen=MAX_UNSCORED)
         self.reward_model_version: str | None = None
         """The reward model behind evidence.rewards: every score compared comes from one model."""
 
@@ -145,7 +147,7 @@ class EvidenceCollector:
             return
         self._served_by[generation.response_id] = generation.policy_version
         if self._scorer is not None:
-            self._unscored.append(_Served(
+            self._unscored.append(_ServedResponse(
                 generation.policy_version, generation.prompt_text, generation.response_text,
                 tuple(image.sha256 for image in generation.images),
             ))

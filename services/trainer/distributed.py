@@ -9,6 +9,7 @@ and these helpers then do nothing.
 from __future__ import annotations
 
 import os
+import random
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -45,3 +46,32 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class Shards:
+    """How the ranks split the work of a round, and the random draws that go with it.
+
+    Draws every rank makes alike (the order of the shared pairs) come from shared_rng; draws of this
+    rank's own (the prompts and seeds of its samples, minibatch order) from rank_rng, which is
+    re-derived from shared_rng at the start of each round, so shared_rng alone is checkpointed.
+    """
+
+    def __init__(self, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.shared_rng = random.Random(seed)
+        self.rank_rng = random.Random(f"{seed}-{rank}")
+
+    def new_round(self) -> None:
+        self.rank_rng.seed(f"{self.shared_rng.getrandbits(64)}-{self.rank}")
+
+    def shard(self, items: list[T]) -> list[T]:
+        """This rank's share of a list every rank holds alike."""
+        return items[self.rank::self.world_size]
+
+    def shared_minibatches(self, items: list[T], size: int) -> list[list[T]]:
+        """Minibatches of `size` per rank from a list every rank holds alike, shuffled alike on every rank;
+        each rank gets its shard of each, so all ranks take the same number of steps."""
+        order = list(range(len(items)))
+        self.shared_rng.shuffle(order)
+        step = size * self.world_size
+        return [self.shard([items[i] for i in order[start:start + step]]) for start in range(0, len(order), step)]

@@ -3,13 +3,11 @@
 Each takes the policy's and the reference's log-probs of the sampled tokens ([batch, length], nats) and returns a
 per-token estimate of the same shape, following Schulman, "Approximating KL Divergence"
 (http://joschu.net/blog/kl-approx.html), with r = p_ref / p_policy:
-k1 = -log r (unbiased, high variance, can be negative), k2 = (log r)^2 / 2 (biased, low variance, >= 0),
-k3 = (r - 1) - log r (unbiased, low variance, >= 0).
+k1 = -log r (unbiased, high variance, can be negative): the per-token penalty in the reward (PPO, RLOO);
+k3 = (r - 1) - log r (unbiased, low variance, >= 0): the penalty GRPO adds to its loss.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 
@@ -19,23 +17,10 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
 
-def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k2 = (log p - log p_ref)^2 / 2."""
-    return 0.5 * (logprobs - ref_logprobs) ** 2
-
-
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = exp(log r) - 1 - log r with log r = log p_ref - log p. Overflows if log r exceeds ~88 in float32."""
     log_ratio = ref_logprobs - logprobs
     return torch.exp(log_ratio) - 1 - log_ratio
-
-
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "k1": kl_k1,
-    "k2": kl_k2,
-    "k3": kl_k3,
-}
-"""The estimators by the name a training config uses for them."""
 
 
 def adaptive_kl_coef(coef: float, kl: float, target: float, samples: int, horizon: int) -> float:

@@ -6,7 +6,7 @@ response tokens, and per-token losses are averaged over those tokens only. Log-p
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,6 @@ def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Te
     return (chosen_rewards > rejected_rewards).float().mean()
 
 
-DPOLossType = Literal["sigmoid", "hinge", "ipo"]
-
-
 class DPOLoss(NamedTuple):
     losses: torch.Tensor
     """[batch] per-pair loss; average it for the training loss."""
@@ -52,27 +49,14 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
-    loss_type: DPOLossType = "sigmoid",
 ) -> DPOLoss:
-    """Direct preference optimisation losses from sequence log-probs ([batch] each, see `sequence_logprobs`).
-
-    With delta = (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected):
-    "sigmoid" (Rafailov et al., 2023): -log sigmoid(beta * delta);
-    "hinge" (SLiC, Zhao et al., 2023): relu(1 - beta * delta);
-    "ipo" (Azar et al., 2023): (delta - 1 / (2 * beta))^2. IPO's optimum depends on response length; to use
-    TRL's length-normalised IPO, pass log-probs averaged over each response's tokens instead of summed.
+    """Direct preference optimisation (Rafailov et al., 2023) from sequence log-probs ([batch] each, see
+    `sequence_logprobs`): -log sigmoid(beta * delta), with
+    delta = (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected).
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    delta = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * delta)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif loss_type == "ipo":
-        losses = (delta - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss type {loss_type!r}; expected one of sigmoid, hinge, ipo")
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
     return DPOLoss(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
 
 
@@ -124,10 +108,10 @@ def ppo_value_loss(
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
 ) -> ValueLoss:
-    """PPO's clipped value loss: the critic may move at most cliprange_value from the values seen at rollout,
+    """PPO's clipped value loss: the critic may move at most cliprange_value from the values seen at sampling,
     so one batch of noisy returns cannot drag it far.
 
-    values: [batch, length] current predictions; old_values: the rollout's; returns: GAE returns; all
+    values: [batch, length] current predictions; old_values: those at sampling; returns: GAE returns; all
     [batch, length] with response_mask. The squared errors are in the reward's units squared.
     """
     clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)

@@ -24,25 +24,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / count.clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of `values` over all entries where `mask` is true (a scalar); Bessel-corrected when `unbiased`."""
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased (Bessel-corrected) variance of `values` over all entries where `mask` is true (a scalar)."""
     mean = masked_mean(values, mask)
     variance = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        count = mask.sum()
-        if count < 2:
-            raise ValueError(f"an unbiased variance needs at least 2 valid entries, the mask selects {int(count)}")
-        variance = variance * count / (count - 1)
-    return variance
+    count = mask.sum()
+    if count < 2:
+        raise ValueError(f"an unbiased variance needs at least 2 valid entries, the mask selects {int(count)}")
+    return variance * count / (count - 1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise `values` to zero mean and unit variance, with both statistics taken over valid entries only.
-
-    Every entry is transformed, padding included; zero the padding afterwards if it must stay 0. With
-    `shift_mean=False` the mean is added back after scaling (TRL's semantics), which PPO uses to rescale rewards
-    without removing their average. 1e-8 is added to the (unbiased) variance.
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalise `values` to zero mean and unit variance, with both statistics taken over valid entries only
+    (PPO's advantage whitening, as TRL's). Every entry is transformed, padding included; zero the padding
+    afterwards if it must stay 0. 1e-8 is added to the (unbiased) variance.
     """
     mean, variance = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
-    return whitened if shift_mean else whitened + mean
+    return (values - mean) * torch.rsqrt(variance + 1e-8)

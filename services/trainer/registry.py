@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-F = TypeVar("F", bound=Callable)
+V = TypeVar("V")
 
 
-def registrar(table: dict[str, F], kind: str) -> Callable[[str], Callable[[F], F]]:
-    """A decorator factory that adds functions to table under a name; a name can be taken only once."""
+def registrar(table: dict[str, V], kind: str) -> Callable[[str], Callable[[V], V]]:
+    """A decorator factory that adds values to table under a name; a name can be taken only once."""
 
-    def register_as(name: str) -> Callable[[F], F]:
-        def register(function: F) -> F:
+    def register_as(name: str) -> Callable[[V], V]:
+        def register(value: V) -> V:
             if name in table:
                 raise ValueError(f"{kind} {name!r} is already registered")
-            table[name] = function
-            return function
+            table[name] = value
+            return value
 
         return register
 

@@ -5,9 +5,9 @@ One round, start to end:
      partitions, in the consumer group), skipping feedback ids already consumed;
   2. join feedback into preference pairs; dead-letter what cannot be joined;
   3. learn from the new pairs (reward model, then the policy by the configured algorithm);
-  4. when a version is due, run the evaluation gate and mark the version for publishing;
-  5. write one atomic checkpoint, then commit the feedback offsets;
-  6. publish the marked version (model store, then a PolicyVersionPublished event).
+  4. when a version is due, run the evaluation gate (gate.py) and mark the version for publishing;
+  5. write one atomic checkpoint (checkpoint.py, state.py), then commit the feedback offsets;
+  6. publish the marked version (publishing.py: model store, then a PolicyVersionPublished event).
 Before each round it reads the rollout topic: when the controller rolls back the version the trainer
 is building on, the trainer goes back to the stable version's weights.
 A crash anywhere resumes from the checkpoint's positions, so every feedback is learned from exactly
@@ -21,10 +21,9 @@ import logging
 import signal
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from google.protobuf import timestamp_pb2
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
@@ -32,9 +31,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import ensure_topics, make_consumer, make_producer, produce_durably
-from modalign.core.modelstore import Manifest, S3Config, open_store
+from modalign.core.modelstore import S3Config, open_store
 from modalign.core.service import MeteredConfig, run_service, serve_metrics
+from modalign.core.version_names import STARTING_VERSION
 from modalign.trainer import distributed
+from modalign.trainer.batches import Prompt
 from modalign.trainer.checkpoint import (
     load_checkpoint,
     remove_interrupted_writes,
@@ -42,8 +43,11 @@ from modalign.trainer.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from modalign.trainer.gate import GateConfig, gate_candidate
 from modalign.trainer.join import DeadLetter, FeedbackJoiner, JoinLimits, PreferencePair, prompt_key
-from modalign.trainer.learner import Learner, LearnerConfig, Prompt
+from modalign.trainer.learner import Learner, LearnerConfig
+from modalign.trainer.publishing import Publisher
+from modalign.trainer.state import DEFAULT_RECENT_IDS, PendingVersion, RecentIds, TrainerState
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -55,26 +59,10 @@ ROUND_SECONDS = Histogram("modalign_trainer_round_seconds", "Wall time of one tr
                           buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
 SAMPLES_PER_SECOND = Gauge("modalign_trainer_samples_per_second", "Preference pairs learned per second in the last learning round.")
 CONSUMER_LAG = Gauge("modalign_trainer_consumer_lag_records", "Feedback records not yet consumed, by partition.", ["partition"])
-VERSIONS = Counter("modalign_trainer_versions_total", "Policy versions by gate outcome (published, rejected).", ["outcome"])
-GATE_REJECTIONS = Counter("modalign_trainer_gate_rejections_total", "Versions the evaluation gate refused, by check.", ["check"])
 LEARN_METRIC = Gauge("modalign_trainer_metric", "The last value of each learning and evaluation metric.", ["name"])
 ROLLBACKS_FOLLOWED = Counter("modalign_trainer_rollbacks_followed_total",
                              "Rolled-back versions the trainer stopped building on, going back to the stable version.")
 LAST_ROUND = Gauge("modalign_trainer_last_round_timestamp_seconds", "When the last round ended (Unix time).")
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """Thresholds a version must meet to be published."""
-
-    min_heldout_accuracy: float = 0.5
-    """Held-out preference accuracy of the reward model at least this (0.5 is chance)."""
-    max_kl: float = 5.0
-    """KL to the reference policy at most this many nats per response."""
-    min_reward_gain: float = -0.05
-    """Mean reward of the candidate's held-out samples minus the current version's, at least this."""
-    max_mean_length_ratio: float = 3.0
-    """The candidate's mean response length at most this multiple of the current version's."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +93,7 @@ class TrainerConfig(MeteredConfig):
     heldout_percent: int = 10
     """Share of feedback (by hash of its id, so stable across restarts) kept out of training for evaluation."""
     max_prompts: int = 4096
-    """Distinct recent prompts kept for on-policy rollouts."""
+    """Distinct recent prompts kept for on-policy sampling."""
     max_heldout_pairs: int = 2048
     """Held-out pairs kept for evaluation, the most recent."""
     heldout_pairs_per_round: int = 256
@@ -116,38 +104,12 @@ class TrainerConfig(MeteredConfig):
     """The models and how they learn."""
     join: JoinLimits = field(default_factory=JoinLimits)
     """Bounds on the feedback waiting to be joined with its generations."""
-
-
-STARTING_VERSION = "v0"
-"""The name of the policy the trainer starts from (its reference), which need not be in the model store."""
+    recent_feedback_ids: int = DEFAULT_RECENT_IDS
+    """Feedback ids remembered to skip a feedback delivered twice (see TrainerState); bounds the checkpoint."""
 
 
 def is_heldout(feedback_id: str, percent: int) -> bool:
     return int(hashlib.sha256(feedback_id.encode()).hexdigest()[:8], 16) % 100 < percent
-
-
-@dataclass
-class TrainerState:
-    """Everything a checkpoint holds besides the learner's models."""
-
-    positions: dict[tuple[str, int], int] = field(default_factory=dict)
-    """Next offset to consume, by (topic, partition), for generations and feedback."""
-    consumed_ids: set[str] = field(default_factory=set)
-    trained_ids: list[str] = field(default_factory=list)
-    """Feedback ids in the order they were learned from: the exactly-once audit trail."""
-    joiner: FeedbackJoiner = field(default_factory=FeedbackJoiner)
-    pending_pairs: list[PreferencePair] = field(default_factory=list)
-    heldout_pairs: list[PreferencePair] = field(default_factory=list)
-    prompts: OrderedDict[str, Prompt] = field(default_factory=OrderedDict)
-    rounds: int = 0
-    learning_rounds: int = 0
-    serving_version: str = STARTING_VERSION
-    """The version the policy is trained on from (the parent of the next): the last one published, or
-    the stable version after the controller rolled that one back."""
-    rollout_offset: int = 0
-    """Next offset of the rollout topic to read for rollbacks."""
-    pending_publish: dict[str, Any] | None = None
-    """A version that passed the gate and is in this checkpoint, but whose publishing may not have happened."""
 
 
 class Trainer:
@@ -159,9 +121,12 @@ class Trainer:
         self.blobs = BlobStore(config.blob_dir)
         self.topics = {name: config.kafka.topic(name)
                        for name in ("generations", "feedback", "feedback.dlq", "policy-versions", "rollout")}
-        self.state = TrainerState(joiner=FeedbackJoiner(limits=config.join))
+        self.state = TrainerState(consumed_ids=RecentIds(config.recent_feedback_ids),
+                                  joiner=FeedbackJoiner(limits=config.join))
         self._restore()
         self.producer = make_producer(config.kafka)
+        self.publisher = Publisher(self.store, self.producer, self.topics["policy-versions"],
+                                   config.kafka.produce_timeout_s, config.learner.algorithm)
         self.generations = make_consumer(config.kafka, group_id=None)
         partitions = [TopicPartition(self.topics["generations"], p)
                       for p in sorted(self.generations.partitions_for_topic(self.topics["generations"]) or [])]
@@ -182,13 +147,13 @@ class Trainer:
         for tp in feedback_partitions:
             self._seek(self.feedback, tp)
         # The controller writes in transactions; a fenced controller's aborted writes are never followed.
-        self.rollouts = make_consumer(config.kafka, group_id=None, isolation_level="read_committed")
+        self.rollout_states = make_consumer(config.kafka, group_id=None, isolation_level="read_committed")
         self.rollout_partition = TopicPartition(self.topics["rollout"], 0)
-        self.rollouts.assign([self.rollout_partition])
-        self.rollouts.seek(self.rollout_partition, self.state.rollout_offset)
+        self.rollout_states.assign([self.rollout_partition])
+        self.rollout_states.seek(self.rollout_partition, self.state.rollout_offset)
 
     def close(self) -> None:
-        self.rollouts.close()
+        self.rollout_states.close()
         self.feedback.close()
         self.generations.close()
         self.producer.close(timeout=5)
@@ -215,7 +180,8 @@ class Trainer:
                 f"the checkpoint in {self.config.work_dir} was written by {len(checkpoint['ranks'])} ranks; "
                 f"resume it with as many (this job has {self.world_size})"
             )
-        self.state = checkpoint["ranks"][self.rank]
+        self.state = TrainerState.from_json(checkpoint["ranks"][self.rank], self.config.join,
+                                            self.config.recent_feedback_ids)
         self.learner.load_state_dict(checkpoint["learner"])
         restore_rng_state(checkpoint["rng"][self.rank])
         log.info("resumed from round %d (%d feedback consumed)", self.state.rounds, len(self.state.consumed_ids))
@@ -257,12 +223,12 @@ class Trainer:
         self.state.pending_publish = self._maybe_gate(metrics)
         # One checkpoint holds every rank's state, written by rank 0: a round is in it for all ranks or
         # for none, so no rank can resume ahead of the others.
-        states, rngs = distributed.all_gather(self.state), distributed.all_gather(rng_state())
+        states, rngs = distributed.all_gather(self.state.to_json()), distributed.all_gather(rng_state())
         if self.rank == 0:
             save_checkpoint(self.config.work_dir, {"ranks": states, "learner": self.learner.state_dict(), "rng": rngs})
         distributed.barrier()
         log.info("round %d checkpointed: %d pairs learned so far (rank %d, parameters %s)", self.state.rounds,
-                 len(self.state.trained_ids), self.rank, self.learner.parameter_digest())
+                 len(self.state.trained_ids), self.rank, self.learner.models.parameter_digest())
         self._commit()
         log.info("round %d committed", self.state.rounds)
         if self.state.pending_publish is not None:
@@ -277,33 +243,33 @@ class Trainer:
         """Goes back to the stable version when the controller rolled back the one the policy is built
         on: every later version would inherit what made users rate it worse. Rank 0 reads the topic
         and decides for all, so the ranks' models stay identical."""
-        building_on, offset = self.state.serving_version, self.state.rollout_offset
+        building_on, offset = self.state.parent_version, self.state.rollout_offset
         if self.rank == 0:
             tp = self.rollout_partition
-            end = self.rollouts.end_offsets([tp])[tp]
+            end = self.rollout_states.end_offsets([tp])[tp]
             deadline = time.monotonic() + self.config.round_max_seconds
-            while self.rollouts.position(tp) < end and time.monotonic() < deadline:
-                for record in self.rollouts.poll(timeout_ms=200).get(tp, []):
+            while self.rollout_states.position(tp) < end and time.monotonic() < deadline:
+                for record in self.rollout_states.poll(timeout_ms=200).get(tp, []):
                     state = events_pb2.RolloutState.FromString(record.value)
                     if state.phase == events_pb2.ROLLOUT_PHASE_ROLLED_BACK and state.canary_version == building_on:
                         log.warning("the controller rolled back %s (%s): training goes on from %s",
                                     building_on, state.reason, state.stable_version)
                         ROLLBACKS_FOLLOWED.inc()
                         building_on = state.stable_version
-            offset = self.rollouts.position(tp)
+            offset = self.rollout_states.position(tp)
         building_on, self.state.rollout_offset = distributed.all_gather((building_on, offset))[0]
-        if building_on == self.state.serving_version:
+        if building_on == self.state.parent_version:
             return
         try:
             folder = self.store.fetch("policy", building_on)
         except LookupError:
             if building_on != STARTING_VERSION:
                 log.error("cannot go back to %s: it is neither in the model store nor the starting policy; "
-                          "training goes on from %s", building_on, self.state.serving_version)
+                          "training goes on from %s", building_on, self.state.parent_version)
                 return
             folder = None  # the starting version need not be in the store: it is the learner's reference
-        self.learner.reset_policy(folder)
-        self.state.serving_version = building_on
+        self.learner.models.reset_policy(folder)
+        self.state.parent_version = building_on
 
     def _consume_generations(self) -> None:
         while batches := self.generations.poll(timeout_ms=50, max_records=1000):
@@ -380,36 +346,24 @@ class Trainer:
         # Reported with every update; the gate evaluates on all held-out pairs.
         metrics |= self.learner.heldout_accuracy(self.state.heldout_pairs[-self.config.heldout_pairs_per_round:])
         SAMPLES_PER_SECOND.set(len(pairs) / max(time.monotonic() - started, 1e-9))
-        self.state.trained_ids.extend(dict.fromkeys(pair.feedback_id for pair in pairs))
+        self.state.record_trained([pair.feedback_id for pair in pairs])
         self.state.learning_rounds += 1
         return metrics
 
     def _prompts(self) -> list[Prompt]:
         return list(self.state.prompts.values())
 
-    def _maybe_gate(self, metrics: dict[str, float]) -> dict[str, Any] | None:
+    def _maybe_gate(self, metrics: dict[str, float]) -> PendingVersion | None:
+        """When a version is due: the gate (gate.py); a passed candidate is named and marked for publishing."""
         if not metrics or self.state.learning_rounds % self.config.rounds_per_version != 0:
             return None
-        # Rank 0's evaluation decides for all: the ranks' prompt pools may differ in order, and a
-        # candidate accepted on one rank but reverted on another would split the models.
-        evaluation = distributed.all_gather(self.learner.evaluate(self.state.heldout_pairs, self._prompts()))[0]
+        evaluation, passed = gate_candidate(self.learner, self.config.gate, self.state.heldout_pairs, self._prompts())
         metrics |= evaluation
-        failed = gate_failures(evaluation, self.config.gate)
-        if failed:
-            for check in failed:
-                GATE_REJECTIONS.labels(check).inc()
-            VERSIONS.labels("rejected").inc()
-            log.warning("candidate after round %d rejected by the gate: %s", self.state.rounds, "; ".join(failed.values()))
-            self.learner.revert_policy()
+        if not passed:
             return None
-        self.learner.accept_candidate()
-        version = distributed.all_gather(f"v{self._next_version_number()}")[0]
-        return {"version": version, "parent": self.state.serving_version, "eval_metrics": evaluation,
-                "trained_through": self._trained_through()}
-
-    def _next_version_number(self) -> int:
-        numbers = [int(v[1:]) for v in self.store.versions("policy") if v[1:].isdigit()]
-        return max([0, *numbers, int(self.state.serving_version[1:] or 0)]) + 1
+        parent = self.state.parent_version
+        version = distributed.all_gather(self.publisher.next_version(parent) if self.rank == 0 else None)[0]
+        return PendingVersion(version, parent, evaluation, self._trained_through())
 
     def _trained_through(self) -> list[dict]:
         return [{"topic": topic, "partition": partition, "offset": offset}
@@ -428,52 +382,11 @@ class Trainer:
         except Exception:
             log.debug("could not read end offsets for the lag metric", exc_info=True)
 
-    def _publish(self, pending: dict[str, Any]) -> None:
-        if self.rank != 0:  # rank 0 writes the store and the event; the others only follow
-            self.state.serving_version = pending["version"]
-            self.state.pending_publish = None
-            return
-        version = pending["version"]
-        published = self.store.lookup("policy", version)
-        if published is None:  # else a crash came after the version was written, before the event
-            manifest = Manifest(version=version, kind="policy", parent=pending["parent"],
-                                algorithm=self.config.learner.algorithm, trained_through=pending["trained_through"],
-                                eval_metrics=pending["eval_metrics"])
-            published = self.store.publish(manifest, self.learner.export_policy)
-        reward_version = f"r{version[1:]}"
-        if self.store.lookup("reward", reward_version) is None:
-            self.store.publish(Manifest(version=reward_version, kind="reward", parent=pending["parent"]),
-                               self.learner.export_reward)
-        event = events_pb2.PolicyVersionPublished(
-            version=version, parent_version=pending["parent"], uri=published.uri,
-            manifest_sha256=published.manifest_sha256, algorithm=self.config.learner.algorithm,
-            trained_through=[events_pb2.PartitionOffset(**p) for p in pending["trained_through"]],
-            eval_metrics=pending["eval_metrics"], reward_model_version=reward_version,
-        )
-        event.published_at.GetCurrentTime()
-        produce_durably(self.producer, self.topics["policy-versions"], [(version, event.SerializeToString())],
-                        self.config.kafka.produce_timeout_s)
-        VERSIONS.labels("published").inc()
-        log.info("published policy %s (parent %s): %s", version, pending["parent"], pending["eval_metrics"])
-        self.state.serving_version = version
+    def _publish(self, pending: PendingVersion) -> None:
+        if self.rank == 0:  # rank 0 writes the store and the event; the others only follow
+            self.publisher.publish(pending, self.learner.models)
+        self.state.parent_version = pending.version
         self.state.pending_publish = None
-
-
-def gate_failures(evaluation: dict[str, float], gate: GateConfig) -> dict[str, str]:
-    """The evaluation gate: each failed check by name, with why. Empty means publish."""
-    failures = {}
-    non_finite = [name for name, value in evaluation.items() if value != value or value in (float("inf"), float("-inf"))]
-    if non_finite:
-        failures["finite"] = f"non-finite metrics {non_finite}"
-    if evaluation.get("rm_heldout_accuracy", 1.0) < gate.min_heldout_accuracy:
-        failures["heldout_accuracy"] = f"rm_heldout_accuracy {evaluation['rm_heldout_accuracy']:.3f} < {gate.min_heldout_accuracy}"
-    if evaluation.get("kl_to_reference", 0.0) > gate.max_kl:
-        failures["kl"] = f"kl_to_reference {evaluation['kl_to_reference']:.3f} > {gate.max_kl}"
-    if evaluation.get("reward_gain", 0.0) < gate.min_reward_gain:
-        failures["reward"] = f"reward_gain {evaluation['reward_gain']:.3f} < {gate.min_reward_gain}"
-    if evaluation.get("length_ratio", 1.0) > gate.max_mean_length_ratio:
-        failures["length"] = f"length_ratio {evaluation['length_ratio']:.2f} > {gate.max_mean_length_ratio}"
-    return failures
 
 
 def serve(config: TrainerConfig) -> None:

@@ -67,7 +67,7 @@ JOIN_MAX_WAIT_S = 3
 TRAINER_SETTINGS = {
     "round_max_seconds": 1.0, "min_pairs_to_learn": 1, "rounds_per_version": 1,
     "heldout_percent": HELDOUT_PERCENT, "join.max_wait_s": float(JOIN_MAX_WAIT_S),
-    "learner.algorithm": "ppo", "learner.rollout_prompts": 2, "learner.samples_per_prompt": 2,
+    "learner.algorithm": "ppo", "learner.sample_prompts": 2, "learner.samples_per_prompt": 2,
     "learner.max_new_tokens": 4, "learner.policy_updates_per_round": 1, "learner.policy_epochs": 1,
     "learner.reward_epochs": 1, "learner.eval_prompts": 1, "gate.min_heldout_accuracy": 2.0,
 }

@@ -19,12 +19,14 @@ from modalign.policy.engine import Sample
 from modalign.policy.model import format_prompt
 from modalign.trainer.algorithms.critic_free import critic_free_update
 from modalign.trainer.algorithms.ppo import ppo_update
+from modalign.trainer.batches import Prompt
+from modalign.trainer.checkpoint import load_checkpoint, save_checkpoint
 from modalign.trainer.join import PreferencePair, Response
-from modalign.trainer.learner import Learner, LearnerConfig, Prompt
+from modalign.trainer.learner import Learner, LearnerConfig
 from modalign.v1 import common_pb2, events_pb2
 
 SMALL = {
-    "rollout_prompts": 4, "samples_per_prompt": 4, "max_new_tokens": 8,
+    "sample_prompts": 4, "samples_per_prompt": 4, "max_new_tokens": 8,
     "policy_updates_per_round": 1, "policy_epochs": 1, "reward_epochs": 1, "eval_prompts": 4,
 }
 
@@ -69,10 +71,10 @@ def make_learner(blobs: BlobStore, **overrides) -> Learner:
 
 def logged_generation(learner: Learner, prompt: Prompt) -> events_pb2.GenerationLogged:
     """The generation event the policy service would log for prompt: text, images, expanded prompt token ids."""
-    processor = learner.processor
+    processor = learner.models.processor
     encoded = processor(
         text=format_prompt(processor, prompt.text, len(prompt.image_sha256)),
-        images=learner.prompt_images(prompt) or None, return_tensors="pt",
+        images=learner.images.of_prompt(prompt) or None, return_tensors="pt",
     )
     return events_pb2.GenerationLogged(
         prompt_text=prompt.text, images=[common_pb2.ImageRef(sha256=sha) for sha in prompt.image_sha256],
@@ -86,7 +88,7 @@ def logged(sample: Sample) -> Response:
 
 def traffic_pairs(learner: Learner, prompts: list[Prompt]) -> list[PreferencePair]:
     """Per prompt: a preference between two logged samples, and an edit preferred over a logged sample."""
-    samples = learner.rollout(prompts, 2, seed=1)
+    samples = learner.sampler.sample(prompts, 2, seed=1)
     pairs = []
     for i, prompt in enumerate(prompts):
         first, second = samples[2 * i], samples[2 * i + 1]
@@ -116,8 +118,9 @@ def test_one_round_of_each_algorithm_trains_the_policy_and_leaves_the_reference_
     seed_everything(0)
     learner = make_learner(blobs, algorithm=algorithm)
     pairs = traffic_pairs(learner, prompts)
-    policy, reference, reward = parameters(learner.policy), parameters(learner.reference), parameters(learner.reward_model)
-    value = parameters(learner.value_model) if learner.value_model is not None else None
+    models = learner.models
+    policy, reference, reward = parameters(models.policy), parameters(models.reference), parameters(models.reward_model)
+    value = parameters(models.value_model) if models.value_model is not None else None
 
     metrics = learner.learn(pairs, prompts)
 
@@ -127,14 +130,16 @@ def test_one_round_of_each_algorithm_trains_the_policy_and_leaves_the_reference_
     )
     assert expected <= metrics.keys()
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
-    assert differing(parameters(learner.policy), policy)
-    assert all(torch.isfinite(p).all() for p in learner.policy.parameters())
-    assert differing(parameters(learner.reward_model), reward)
-    assert not differing(parameters(learner.reference), reference)
-    assert not any(p.requires_grad for p in learner.reference.parameters())
+    assert differing(parameters(models.policy), policy)
+    assert all(torch.isfinite(p).all() for p in models.policy.parameters())
+    assert differing(parameters(models.reward_model), reward)
+    assert not differing(parameters(models.reference), reference)
+    assert not any(p.requires_grad for p in models.reference.parameters())
     if algorithm == "ppo":
         assert "value_loss" in metrics
-        assert differing(parameters(learner.value_model), value)
+        assert differing(parameters(models.value_model), value)
+    else:
+        assert models.value_model is None  # only an algorithm registered with uses_critic gets a critic
 
 
 def test_pairs_the_models_cannot_take_are_reported_with_a_reason(blobs: BlobStore, prompts: list[Prompt]) -> None:
@@ -154,28 +159,29 @@ def test_pairs_the_models_cannot_take_are_reported_with_a_reason(blobs: BlobStor
 def test_recomputed_logprobs_equal_the_behaviour_logprobs_so_ppo_ratios_start_at_one(
     blobs: BlobStore, prompts: list[Prompt]
 ) -> None:
-    # Temperature 0.7: recomputation must use the rollout's temperature, and the masked special tokens, to match.
-    learner = make_learner(blobs, algorithm="ppo", rollout_temperature=0.7, max_new_tokens=12, minibatch_size=8)
-    seed_everything(4)  # a seed whose rollouts include early EOS: rows of different lengths, right-padded
-    rollouts = learner.collect_rollouts(prompts)
-    finish = [s.finish_reason for s in rollouts.samples]
+    # Temperature 0.7: recomputation must use the sampling temperature, and the masked special tokens, to match.
+    learner = make_learner(blobs, algorithm="ppo", sampling_temperature=0.7, max_new_tokens=12, minibatch_size=8)
+    seed_everything(4)  # a seed whose episodes include early EOS: rows of different lengths, right-padded
+    episodes = learner.sampler.collect_episodes(prompts)
+    finish = [s.finish_reason for s in episodes.samples]
     assert "stop" in finish and "length" in finish, finish
 
-    mask = rollouts.batch.response_mask
+    mask = episodes.batch.response_mask
     with torch.no_grad():
-        recomputed = learner.response_logprobs(learner.policy, rollouts.batch)
-        at_temperature_one = learner.response_logprobs(learner.policy, rollouts.batch, temperature=1.0)
-    torch.testing.assert_close(recomputed, rollouts.old_logprobs, atol=2e-5, rtol=0)
-    assert (recomputed[~mask] == 0).all() and (rollouts.old_logprobs[~mask] == 0).all()
-    assert (at_temperature_one - rollouts.old_logprobs).abs().max() > 0.1  # the check can tell temperatures apart
-    # The starting policy is the reference: the rollout's KL to it is zero up to rounding.
-    assert rollouts.kl.abs().max() < 2e-5
+        recomputed = learner.batches.logprobs(learner.models.policy, episodes.batch)
+        at_temperature_one = learner.batches.logprobs(learner.models.policy, episodes.batch, temperature=1.0)
+    torch.testing.assert_close(recomputed, episodes.old_logprobs, atol=2e-5, rtol=0)
+    assert (recomputed[~mask] == 0).all() and (episodes.old_logprobs[~mask] == 0).all()
+    assert (at_temperature_one - episodes.old_logprobs).abs().max() > 0.1  # the check can tell temperatures apart
+    # The starting policy is the reference: the episodes' KL to it is zero up to rounding.
+    assert episodes.kl.abs().max() < 2e-5
 
     # The first minibatch of an update sees ratio 1 on every token: nothing clipped, no movement.
-    history = ppo_update(learner, rollouts)
+    context = learner.policy_context
+    history = ppo_update(context, episodes)
     assert history["clip_fraction"][0] == 0.0
     assert history["approx_kl"][0] < 1e-9
-    history = critic_free_update(learner, learner.collect_rollouts(prompts), "rloo", kl_in_loss=False)
+    history = critic_free_update(context, learner.sampler.collect_episodes(prompts), "rloo", kl_in_loss=False)
     assert history["clip_fraction"][0] == 0.0
     assert history["approx_kl"][0] < 1e-9
 
@@ -212,7 +218,7 @@ def test_the_reward_model_learns_a_preference_for_red_and_generalises_to_held_ou
 
     def heldout_margin() -> float:
         with torch.no_grad():
-            chosen, rejected = learner.pair_rewards(heldout)
+            chosen, rejected = learner.reward.pair_rewards(heldout)
         return (chosen - rejected).mean().item()
 
     before = learner.evaluate(heldout, [])
@@ -243,15 +249,16 @@ def test_an_on_policy_algorithm_raises_the_expected_reward_of_its_samples(
     learner = make_learner(
         blobs, algorithm=algorithm, max_new_tokens=2, policy_lr=1e-2, policy_epochs=2, missing_eos_penalty=0.0
     )
-    rewarded = torch.zeros(learner.policy.config.get_text_config().vocab_size, dtype=torch.bool)
+    rewarded = torch.zeros(learner.models.policy.config.get_text_config().vocab_size, dtype=torch.bool)
     rewarded[0::2] = True
-    learner.score = lambda prompts_, samples: torch.tensor([float(rewarded[s.token_ids[0]]) for s in samples])
+    learner.sampler.score = lambda prompts_, samples: torch.tensor([float(rewarded[s.token_ids[0]]) for s in samples])
     prompt_ids = [logged_generation(learner, p).prompt_token_ids for p in prompts]
-    first_token = learner.response_batch(prompt_ids, [[0]] * len(prompts), [learner.prompt_images(p) for p in prompts])
+    images = [learner.images.of_prompt(p) for p in prompts]
+    first_token = learner.batches.build(prompt_ids, [[0]] * len(prompts), images)
 
     def expected_reward() -> float:
         with torch.no_grad():
-            probs = learner.response_logits(learner.policy, first_token)[:, 0].softmax(-1)
+            probs = learner.batches.logits(learner.models.policy, first_token)[:, 0].softmax(-1)
         return probs[:, rewarded].sum(-1).mean().item()
 
     before = expected_reward()
@@ -266,28 +273,31 @@ def test_an_on_policy_algorithm_raises_the_expected_reward_of_its_samples(
 # --- (e) a learner's state round-trips exactly -------------------------------------------------------------------
 
 
-def test_a_learner_restored_from_its_state_dict_continues_identically(blobs: BlobStore, prompts: list[Prompt]) -> None:
+def test_a_learner_restored_from_its_checkpoint_continues_identically(
+    blobs: BlobStore, prompts: list[Prompt], tmp_path
+) -> None:
     seed_everything(0)
     original = make_learner(blobs, algorithm="ppo")
     pairs = traffic_pairs(original, prompts)
     original.learn(pairs, prompts)
-    saved = io.BytesIO()
-    torch.save(original.state_dict(), saved)  # as the checkpoint does
-    saved.seek(0)
+    save_checkpoint(tmp_path, {"learner": original.state_dict()})  # safetensors and JSON, as the trainer writes it
 
     restored = make_learner(blobs, algorithm="ppo")
-    restored.load_state_dict(torch.load(saved, weights_only=False))
+    restored.load_state_dict(load_checkpoint(tmp_path)["learner"])
     for name in ("policy", "published_policy", "reference", "reward_model", "value_model"):
-        assert not differing(parameters(getattr(restored, name)), parameters(getattr(original, name))), name
+        ours, theirs = getattr(restored.models, name), getattr(original.models, name)
+        assert not differing(parameters(ours), parameters(theirs)), name
+    assert restored.shards.shared_rng.getstate() == original.shards.shared_rng.getstate()
 
-    a, b = original.rollout(prompts, 2, seed=5), restored.rollout(prompts, 2, seed=5)
+    a, b = original.sampler.sample(prompts, 2, seed=5), restored.sampler.sample(prompts, 2, seed=5)
     assert [(s.token_ids, s.logprobs) for s in a] == [(s.token_ids, s.logprobs) for s in b]
     # The optimisers' state came along too: one more identical round gives identical weights.
     for learner in (original, restored):
         seed_everything(1)
         learner.learn(pairs, prompts)
     for name in ("policy", "reward_model", "value_model"):
-        assert not differing(parameters(getattr(restored, name)), parameters(getattr(original, name))), name
+        ours, theirs = getattr(restored.models, name), getattr(original.models, name)
+        assert not differing(parameters(ours), parameters(theirs)), name
 
 
 # --- (f) a refused candidate is rolled back -----------------------------------------------------------------------
@@ -297,21 +307,23 @@ def test_revert_policy_restores_the_last_accepted_policy(blobs: BlobStore, promp
     seed_everything(0)
     learner = make_learner(blobs, algorithm="dpo")
     pairs = traffic_pairs(learner, prompts)
+    models = learner.models
     learner.learn(pairs, prompts)
-    learner.accept_candidate()
-    accepted = parameters(learner.policy)
+    models.accept_candidate()
+    accepted = parameters(models.policy)
     learner.learn(pairs, prompts)
-    assert differing(parameters(learner.policy), accepted)
-    assert not differing(parameters(learner.published_policy), accepted)
+    assert differing(parameters(models.policy), accepted)
+    assert not differing(parameters(models.published_policy), accepted)
 
-    learner.revert_policy()
-    assert not differing(parameters(learner.policy), accepted)
-    assert not learner.policy_optimizer.state  # Adam's moments belonged to the refused trajectory
-    ours, published = learner.rollout(prompts, 2, seed=3), learner.rollout(prompts, 2, seed=3, model=learner.published_policy)
+    models.revert_policy()
+    assert not differing(parameters(models.policy), accepted)
+    assert not models.policy_optimizer.state  # Adam's moments belonged to the refused trajectory
+    sample = learner.sampler.sample
+    ours, published = sample(prompts, 2, seed=3), sample(prompts, 2, seed=3, model=models.published_policy)
     assert [s.token_ids for s in ours] == [s.token_ids for s in published]
     # Training continues from the reverted weights.
     learner.learn(pairs, prompts)
-    assert differing(parameters(learner.policy), accepted)
+    assert differing(parameters(models.policy), accepted)
 
 
 def test_the_ppo_critic_starts_from_the_trained_reward_model_not_the_fresh_one(
@@ -319,7 +331,12 @@ def test_the_ppo_critic_starts_from_the_trained_reward_model_not_the_fresh_one(
 ) -> None:
     seed_everything(0)
     learner = make_learner(blobs, algorithm="ppo", policy_updates_per_round=0)
-    fresh_critic = parameters(learner.value_model)
+    fresh_critic = parameters(learner.models.value_model)
     learner.learn(traffic_pairs(learner, prompts), prompts)
-    assert differing(parameters(learner.value_model), fresh_critic)
-    assert not differing(parameters(learner.value_model), parameters(learner.reward_model))
+    assert differing(parameters(learner.models.value_model), fresh_critic)
+    assert not differing(parameters(learner.models.value_model), parameters(learner.models.reward_model))
+
+
+def test_an_unknown_algorithm_is_refused_when_the_config_is_built_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown --learner.algorithm 'ppo2'.*dpo, grpo, ppo, rloo"):
+        LearnerConfig(algorithm="ppo2")

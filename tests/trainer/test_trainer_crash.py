@@ -18,10 +18,12 @@ import grpc
 import pytest
 
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.version_names import STARTING_VERSION
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.trainer.checkpoint import load_checkpoint
 from modalign.trainer.service import is_heldout
+from modalign.trainer.state import TrainerState
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
 from tests.services import start_grpc_service
@@ -75,7 +77,7 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
     trainer = trainer_process(kafka_config, tmp_path, {
         "round_max_feedback": 5, "round_max_seconds": 1.0, "min_pairs_to_learn": 1,
         "rounds_per_version": 3, "heldout_percent": HELDOUT_PERCENT, "join.max_wait_s": 2.0,
-        "learner.policy_updates_per_round": 1, "learner.rollout_prompts": 2,
+        "learner.policy_updates_per_round": 1, "learner.sample_prompts": 2,
         "learner.samples_per_prompt": 2, "learner.max_new_tokens": 6, "learner.eval_prompts": 4,
         "gate.min_reward_gain": -1000.0, "gate.max_kl": 1000.0,
     })
@@ -95,8 +97,8 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             checkpoint = load_checkpoint(tmp_path / "trainer")
-            state = checkpoint["ranks"][0] if checkpoint else None
-            if state is not None and set(sent) | {orphan} <= state.consumed_ids and not state.pending_pairs \
+            state = TrainerState.from_json(checkpoint["ranks"][0]) if checkpoint else None
+            if state is not None and set(sent) | {orphan} <= set(state.consumed_ids) and not state.pending_pairs \
                     and not state.joiner.waiting:
                 break
             time.sleep(1)
@@ -106,7 +108,7 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         feedback.stop()
         policy.stop()
 
-    state = load_checkpoint(tmp_path / "trainer")["ranks"][0]
+    state = TrainerState.from_json(load_checkpoint(tmp_path / "trainer")["ranks"][0])
     trained = Counter(state.trained_ids)
     heldout = Counter(pair.feedback_id for pair in state.heldout_pairs)
     assert max(trained.values()) == 1, [i for i, n in trained.items() if n > 1]
@@ -117,4 +119,4 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
     dead = read_topic(kafka_config, "feedback.dlq", events_pb2.DeadLetter)
     orphans = [d for d in dead if events_pb2.FeedbackReceived.FromString(d.source_value).feedback.feedback_id == orphan]
     assert orphans and orphans[0].reason.startswith("unjoinable")
-    assert state.serving_version != "v0"  # versions kept being published across the crashes
+    assert state.parent_version != STARTING_VERSION  # versions kept being published across the crashes

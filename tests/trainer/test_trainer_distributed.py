@@ -15,6 +15,7 @@ from modalign.core.processes import ManagedProcess, free_port
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.trainer.checkpoint import load_checkpoint
+from modalign.trainer.state import TrainerState
 
 from tests.services import start_grpc_service
 from tests.trainer.test_trainer_crash import send_feedback
@@ -31,7 +32,7 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: 
     feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, tmp_path)
     trainer = trainer_config(kafka_config, tmp_path, {
         "round_max_feedback": 4, "round_max_seconds": 1.0, "min_pairs_to_learn": 2,
-        "rounds_per_version": 2, "learner.policy_updates_per_round": 1, "learner.rollout_prompts": 2,
+        "rounds_per_version": 2, "learner.policy_updates_per_round": 1, "learner.sample_prompts": 2,
         "learner.samples_per_prompt": 2, "learner.max_new_tokens": 6, "learner.eval_prompts": 4,
     }, metrics_port=0)
     torchrun = ManagedProcess(
@@ -48,9 +49,10 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: 
         while time.monotonic() < deadline:
             checkpoint = load_checkpoint(tmp_path / "trainer")
             if checkpoint is not None:
-                consumed = set().union(*(rank.consumed_ids for rank in checkpoint["ranks"]))
-                if set(sent) | {orphan} <= consumed and not checkpoint["ranks"][0].pending_pairs:
-                    state = checkpoint
+                ranks = [TrainerState.from_json(rank) for rank in checkpoint["ranks"]]
+                consumed = set().union(*(rank.consumed_ids for rank in ranks))
+                if set(sent) | {orphan} <= consumed and not ranks[0].pending_pairs:
+                    state = ranks
                     break
             assert torchrun.process.poll() is None, torchrun.log_tail()
             time.sleep(1)
@@ -61,9 +63,9 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: 
         feedback.stop()
         policy.stop()
 
-    first, second = state["ranks"]
+    first, second = state
     assert first.consumed_ids and second.consumed_ids, "each rank consumes its own share of the partitions"
-    assert not first.consumed_ids & second.consumed_ids
+    assert not set(first.consumed_ids) & set(second.consumed_ids)
     assert first.trained_ids == second.trained_ids  # both learned from the same gathered pairs
     assert {p for (topic, p) in first.positions if topic.endswith("feedback")} == {0}
     assert {p for (topic, p) in second.positions if topic.endswith("feedback")} == {1}

@@ -59,7 +59,7 @@ def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig
     feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, tmp_path)
     trainer = trainer_process(kafka_config, tmp_path, {
         "round_max_seconds": 2.0, "min_pairs_to_learn": 8, "rounds_per_version": 4,
-        "learner.policy_updates_per_round": 2, "learner.rollout_prompts": 8,
+        "learner.policy_updates_per_round": 2, "learner.sample_prompts": 8,
         "learner.samples_per_prompt": 4, "learner.max_new_tokens": 12,
     })
     stop_users = threading.Event()

@@ -15,6 +15,7 @@ from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
 from modalign.trainer.learner import Learner
 from modalign.trainer.service import Trainer, TrainerConfig
+from modalign.trainer.state import PendingVersion
 from modalign.v1 import events_pb2
 
 pytestmark = pytest.mark.integration
@@ -24,12 +25,11 @@ def train_and_publish(trainer: Trainer, version: str) -> str:
     """Stands in for rounds of learning and a passed gate: the policy moves, and is published. Returns
     the learner's digest (its reward model does not move without pairs: the policy tells them apart)."""
     with torch.no_grad():
-        for parameter in trainer.learner.policy.parameters():
+        for parameter in trainer.learner.models.policy.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
-    trainer.learner.accept_candidate()
-    trainer._publish({"version": version, "parent": trainer.state.serving_version, "eval_metrics": {},
-                      "trained_through": []})
-    return trainer.learner.parameter_digest()
+    trainer.learner.models.accept_candidate()
+    trainer._publish(PendingVersion(version, trainer.state.parent_version, eval_metrics={}, trained_through=[]))
+    return trainer.learner.models.parameter_digest()
 
 
 def write_rollout_states(kafka: KafkaConfig, *states: events_pb2.RolloutState) -> None:
@@ -53,19 +53,19 @@ def test_the_trainer_goes_back_to_the_stable_version_when_its_version_is_rolled_
                            blob_dir=tmp_path / "blobs", metrics_port=0, round_max_seconds=0.5)
     trainer = Trainer(config, Learner(config.learner, BlobStore(config.blob_dir)))
     try:
-        starting = trainer.learner.parameter_digest()
+        starting = trainer.learner.models.parameter_digest()
         v1 = train_and_publish(trainer, "v1")
         v2 = train_and_publish(trainer, "v2")
-        assert len({starting, v1, v2}) == 3 and trainer.state.serving_version == "v2"
+        assert len({starting, v1, v2}) == 3 and trainer.state.parent_version == "v2"
 
         # v1 was promoted before; v2, the version the trainer builds on, is rolled back; a rollback of
         # a version it does not build on changes nothing.
         write_rollout_states(kafka_config, rolled_back("v7", "v1"), events_pb2.RolloutState(
             canary_version="v1", stable_version="v1", phase=events_pb2.ROLLOUT_PHASE_PROMOTED), rolled_back("v2", "v1"))
         trainer.run_round()
-        assert trainer.state.serving_version == "v1" and trainer.state.rollout_offset == 3
-        assert trainer.learner.parameter_digest() == v1  # the weights published as v1, from the model store
-        assert trainer.learner.policy_optimizer.state == {}
+        assert trainer.state.parent_version == "v1" and trainer.state.rollout_offset == 3
+        assert trainer.learner.models.parameter_digest() == v1  # the weights published as v1, from the model store
+        assert trainer.learner.models.policy_optimizer.state == {}
 
         # Built on v1 again: v3's parent is v1. Its rollback returns to the starting policy, which is
         # not in the store: the learner's reference.
@@ -73,16 +73,16 @@ def test_the_trainer_goes_back_to_the_stable_version_when_its_version_is_rolled_
         assert (tmp_path / "models" / "policy" / "v3" / "manifest.json").read_text().count('"parent": "v1"') == 1
         write_rollout_states(kafka_config, rolled_back("v3", "v0"))
         trainer.run_round()
-        assert trainer.state.serving_version == "v0" and trainer.learner.parameter_digest() == starting
+        assert trainer.state.parent_version == "v0" and trainer.learner.models.parameter_digest() == starting
     finally:
         trainer.close()
 
     # What was followed is checkpointed: a restarted trainer reads on from there and does not go back again.
     restarted = Trainer(config, Learner(config.learner, BlobStore(config.blob_dir)))
     try:
-        assert (restarted.state.serving_version, restarted.state.rollout_offset) == ("v0", 4)
+        assert (restarted.state.parent_version, restarted.state.rollout_offset) == ("v0", 4)
         v4 = train_and_publish(restarted, "v4")
         restarted.run_round()
-        assert restarted.state.serving_version == "v4" and restarted.learner.parameter_digest() == v4
+        assert restarted.state.parent_version == "v4" and restarted.learner.models.parameter_digest() == v4
     finally:
         restarted.close()

@@ -21,6 +21,7 @@ from modalign.policy.config import PolicyConfig
 from modalign.reward.server import RewardKServeModel
 from modalign.trainer.learner import Learner
 from modalign.trainer.service import Trainer, TrainerConfig
+from modalign.trainer.state import PendingVersion
 from modalign.v1 import events_pb2, policy_pb2_grpc
 
 from tests.services import start_grpc_service
@@ -43,7 +44,7 @@ def test_versions_published_to_s3_are_served_by_the_policy_and_reward_services(
         trainer = Trainer(config, Learner(config.learner, BlobStore(config.blob_dir)))
         try:
             # The last step of a round whose candidate passed the gate.
-            trainer._publish({"version": "v1", "parent": "v0", "eval_metrics": {"kl": 0.0}, "trained_through": []})
+            trainer._publish(PendingVersion("v1", "v0", eval_metrics={"kl": 0.0}, trained_through=[]))
         finally:
             trainer.close()
         assert open_store(root, s3_config).versions("policy") == ["v1"]

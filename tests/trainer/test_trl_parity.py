@@ -33,7 +33,7 @@ from modalign.trainer.advantages import (
     grpo_advantages,
     rloo_advantages,
 )
-from modalign.trainer.kl import KL_ESTIMATORS, kl_k1, kl_k3
+from modalign.trainer.kl import kl_k1, kl_k3
 from modalign.trainer.logprobs import sequence_logprobs, token_entropy, token_logprobs
 from modalign.trainer.losses import (
     bradley_terry_loss,
@@ -103,8 +103,7 @@ def test_bradley_terry_loss_and_accuracy_match_trl_reward_trainer(with_margin: b
 # --- DPO: DPOTrainer._compute_loss with precomputed reference log-probs ---------------------------------------
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
-def test_dpo_loss_and_implicit_rewards_match_trl_dpo_trainer(loss_type: str) -> None:
+def test_dpo_loss_and_implicit_rewards_match_trl_dpo_trainer() -> None:
     pairs, length, beta = 4, 9, 0.1
     gen = generator(3)
     # Rows [0, pairs) are the chosen responses and [pairs, 2 * pairs) the rejected ones, TRL's batch layout.
@@ -126,7 +125,7 @@ def test_dpo_loss_and_implicit_rewards_match_trl_dpo_trainer(loss_type: str) -> 
     trl_losses = []
     trainer = trl_trainer_stub(
         beta=beta,
-        loss_types=[loss_type],
+        loss_types=["sigmoid"],
         loss_weights=[1.0],
         label_smoothing=0.0,
         f_divergence_type="reverse_kl",
@@ -156,17 +155,11 @@ def test_dpo_loss_and_implicit_rewards_match_trl_dpo_trainer(loss_type: str) -> 
     policy_logps = sequence_logprobs(policy_logits[:, :-1], targets, target_mask)
     assert_close(policy_logps, trl_sequence_logps(policy_logits))
     assert_close(sequence_logprobs(ref_logits[:, :-1], targets, target_mask), ref_logps)
-    if loss_type == "ipo":  # TRL's IPO averages the log-ratio over completion tokens; dpo_loss takes it that way
-        lengths = target_mask.sum(dim=1)
-        policy_logps, ref_logps = policy_logps / lengths, ref_logps / lengths
-    ours = dpo_loss(
-        policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs], ref_logps[pairs:], beta, loss_type
-    )
+    ours = dpo_loss(policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs], ref_logps[pairs:], beta)
     assert_close(ours.losses, torch.stack(trl_losses))
-    if loss_type != "ipo":  # TRL logs the rewards from summed log-probs, which the IPO call above rescaled
-        metrics = trainer._metrics["eval"]
-        assert_close(ours.chosen_rewards, torch.tensor(metrics["rewards/chosen"]))
-        assert_close(ours.rejected_rewards, torch.tensor(metrics["rewards/rejected"]))
+    metrics = trainer._metrics["eval"]
+    assert_close(ours.chosen_rewards, torch.tensor(metrics["rewards/chosen"]))
+    assert_close(ours.rejected_rewards, torch.tensor(metrics["rewards/rejected"]))
 
 
 # --- log-probs and entropy: TRL's utility functions -----------------------------------------------------------
@@ -208,11 +201,10 @@ def trl_ppo_masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return variance * (mask_sum / (mask_sum - 1))
 
 
-def trl_ppo_masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """masked_whiten, lines 273-279."""
+def trl_ppo_masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """masked_whiten, lines 273-279 (shift_mean=True, as PPOTrainer whitens advantages)."""
     mean, variance = trl_ppo_masked_mean(values, mask), trl_ppo_masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
-    return whitened if shift_mean else whitened + mean
+    return (values - mean) * torch.rsqrt(variance + 1e-8)
 
 
 def trl_ppo_rollout(
@@ -225,12 +217,12 @@ def trl_ppo_rollout(
     kl_estimator: str,
     kl_coef: float,
     missing_eos_penalty: float,
-    whiten_rewards: bool,
     gamma: float,
     lam: float,
 ) -> dict[str, torch.Tensor]:
     """PPOTrainer.train between the rollout and the optimisation epochs, lines 723 and 752-795:
-    missing-EOS penalty, padding masks, KL-penalised rewards, optional reward whitening, GAE, advantage whitening.
+    missing-EOS penalty, padding masks, KL-penalised rewards, GAE, advantage whitening. Lines 778-780 (reward
+    whitening, off by TRL's default whiten_rewards=False) are left out: modalign does not whiten rewards.
     """
     # line 723 (TRL's first_true_indices is called for real): index of each response's last real token.
     sequence_lengths = first_true_indices(postprocessed_responses == PAD) - 1
@@ -253,10 +245,6 @@ def trl_ppo_rollout(
     actual_start = torch.arange(rewards.size(0))
     actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
     rewards[actual_start, actual_end] += scores
-    # lines 778-780
-    if whiten_rewards:
-        rewards = trl_ppo_masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
-        rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
     # lines 783-795
     lastgaelam = 0
     advantages_reversed = []
@@ -302,13 +290,8 @@ def sample_rollout(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(
-    ("kl_estimator", "whiten_rewards", "gamma", "lam"),
-    [("k1", False, 1.0, 0.95), ("k3", False, 1.0, 0.95), ("k1", True, 0.9, 0.8)],
-)
-def test_ppo_rewards_gae_and_whitening_match_trl_ppo(
-    kl_estimator: str, whiten_rewards: bool, gamma: float, lam: float
-) -> None:
+@pytest.mark.parametrize(("kl_estimator", "gamma", "lam"), [("k1", 1.0, 0.95), ("k3", 1.0, 0.95), ("k1", 0.9, 0.8)])
+def test_ppo_rewards_gae_and_whitening_match_trl_ppo(kl_estimator: str, gamma: float, lam: float) -> None:
     kl_coef, missing_eos_penalty = 0.05, 1.5
     rollout = sample_rollout(seed=6)
     trl = trl_ppo_rollout(
@@ -316,7 +299,6 @@ def test_ppo_rewards_gae_and_whitening_match_trl_ppo(
         kl_estimator=kl_estimator,
         kl_coef=kl_coef,
         missing_eos_penalty=missing_eos_penalty,
-        whiten_rewards=whiten_rewards,
         gamma=gamma,
         lam=lam,
     )
@@ -324,10 +306,8 @@ def test_ppo_rewards_gae_and_whitening_match_trl_ppo(
     # mask is ~padding_mask_p1 in our terms. The log-probs and values are TRL's, padding fill included.
     response_mask = ~trl["padding_mask_p1"]
     scores = penalize_missing_eos(rollout["scores"], trl["has_eos"], missing_eos_penalty)
-    kl = KL_ESTIMATORS[kl_estimator](trl["logprobs"], trl["ref_logprobs"])
+    kl = {"k1": kl_k1, "k3": kl_k3}[kl_estimator](trl["logprobs"], trl["ref_logprobs"])
     rewards = kl_penalized_token_rewards(scores, kl, response_mask, kl_coef)
-    if whiten_rewards:
-        rewards = masked_whiten(rewards, response_mask, shift_mean=False).masked_fill(~response_mask, 0)
     advantages, returns = gae_advantages_and_returns(rewards, response_mask, trl["values"], gamma, lam)
     padding = trl["padding_mask"]
     whitened_advantages = masked_whiten(advantages, ~padding).masked_fill(padding, 0)
@@ -338,12 +318,11 @@ def test_ppo_rewards_gae_and_whitening_match_trl_ppo(
     assert_close(whitened_advantages, trl["whitened_advantages"])
 
 
-@pytest.mark.parametrize("shift_mean", [True, False])
-def test_masked_whiten_matches_trl_ppo(shift_mean: bool) -> None:
+def test_masked_whiten_matches_trl_ppo() -> None:
     gen = generator(7)
     values = 3 + 2 * torch.randn(5, 11, generator=gen)
     mask = right_padded_mask([11, 4, 7, 1, 9], 11)
-    assert_close(masked_whiten(values, mask, shift_mean), trl_ppo_masked_whiten(values, mask, shift_mean))
+    assert_close(masked_whiten(values, mask), trl_ppo_masked_whiten(values, mask))
     assert_close(masked_mean(values, mask), trl_ppo_masked_mean(values, mask))
 
 

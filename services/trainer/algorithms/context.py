@@ -1,0 +1,66 @@
+"""PolicyContext: everything a policy algorithm may use, and nothing else.
+
+The learner builds one and hands it to the algorithm each round. Keeping it narrow keeps the
+algorithms readable top to bottom and lets the learner's insides change without touching them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+import torch
+
+from modalign.trainer.batches import Prompt, ResponseBatch, ResponseBatches
+from modalign.trainer.distributed import Shards
+from modalign.trainer.metrics import History
+from modalign.trainer.models import Models, optimizer_step
+from modalign.trainer.sampling import Episodes, Sampler
+
+if TYPE_CHECKING:
+    from modalign.trainer.learner import LearnerConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    config: LearnerConfig
+    """The hyper-parameters (--learner.*)."""
+    batches: ResponseBatches
+    """Builds response batches (of samples, of preference pairs) and reads logits and log-probs off them."""
+    policy: torch.nn.Module
+    """The policy to run forward passes through when training (the data-parallel wrapper under torchrun)."""
+    reference: torch.nn.Module
+    """The frozen starting policy."""
+    rng: random.Random
+    """This rank's RNG, for minibatch order (re-seeded each round from the checkpointed shared RNG)."""
+    _models: Models = field(repr=False)
+    _sampler: Sampler = field(repr=False)
+    _shards: Shards = field(repr=False)
+
+    def step(self, loss: torch.Tensor, *, critic: bool = False) -> None:
+        """One optimiser step of the policy (and the critic) on loss, gradients clipped per model."""
+        models = self._models
+        updates = [(models.policy, models.policy_optimizer)]
+        if critic:
+            updates.append((models.value_model, models.value_optimizer))
+        optimizer_step(loss, self.config.max_grad_norm, *updates)
+
+    def values(self, batch: ResponseBatch) -> torch.Tensor:
+        """[batch, response_length] critic values at the positions that precede each response token
+        (through the data-parallel wrapper); only for algorithms registered with uses_critic."""
+        critic = self._models.training_critic
+        if critic is None:
+            raise RuntimeError("this algorithm did not register with uses_critic: the learner built no critic")
+        return critic(logit_positions=batch.logit_positions, **batch.model_inputs())
+
+    def on_policy_updates(self, prompts: list[Prompt], update: Callable[[Episodes], History]) -> dict[str, float]:
+        """policy_updates_per_round times: fresh episodes sampled from the policy, then update(episodes),
+        which returns its metrics per minibatch. Returns the means, with the episodes' reward, KL and length."""
+        return self._sampler.on_policy_updates(prompts, update)
+
+    def shared_minibatches(self, items: list[T], size: int) -> list[list[T]]:
+        """Minibatches of a list every rank holds alike (e.g. the round's pairs): this rank's share of each."""
+        return self._shards.shared_minibatches(items, size)

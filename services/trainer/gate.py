@@ -1,0 +1,74 @@
+"""The evaluation gate: a candidate version is published only if its evaluation passes every check.
+
+Rank 0's evaluation decides for all ranks: their prompt pools may differ in order, and a candidate
+accepted on one rank but reverted on another would split the models. A passed candidate becomes the
+baseline of the next evaluation; a refused one is reverted, training going on from the last
+published policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+
+from modalign.trainer import distributed
+from modalign.trainer.batches import Prompt
+from modalign.trainer.join import PreferencePair
+from modalign.trainer.learner import Learner
+
+log = logging.getLogger(__name__)
+
+VERSIONS = Counter("modalign_trainer_versions_total", "Policy versions by gate outcome (published, rejected).", ["outcome"])
+GATE_REJECTIONS = Counter("modalign_trainer_gate_rejections_total", "Versions the evaluation gate refused, by check.", ["check"])
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Thresholds a version must meet to be published."""
+
+    min_heldout_accuracy: float = 0.5
+    """Held-out preference accuracy of the reward model at least this (0.5 is chance)."""
+    max_kl: float = 5.0
+    """KL to the reference policy at most this many nats per response."""
+    min_reward_gain: float = -0.05
+    """Mean reward of the candidate's held-out samples minus the current version's, at least this."""
+    max_mean_length_ratio: float = 3.0
+    """The candidate's mean response length at most this multiple of the current version's."""
+
+
+def gate_failures(evaluation: dict[str, float], gate: GateConfig) -> dict[str, str]:
+    """The evaluation gate: each failed check by name, with why. Empty means publish."""
+    failures = {}
+    non_finite = [name for name, value in evaluation.items() if not math.isfinite(value)]
+    if non_finite:
+        failures["finite"] = f"non-finite metrics {non_finite}"
+    if evaluation.get("rm_heldout_accuracy", 1.0) < gate.min_heldout_accuracy:
+        failures["heldout_accuracy"] = f"rm_heldout_accuracy {evaluation['rm_heldout_accuracy']:.3f} < {gate.min_heldout_accuracy}"
+    if evaluation.get("kl_to_reference", 0.0) > gate.max_kl:
+        failures["kl"] = f"kl_to_reference {evaluation['kl_to_reference']:.3f} > {gate.max_kl}"
+    if evaluation.get("reward_gain", 0.0) < gate.min_reward_gain:
+        failures["reward"] = f"reward_gain {evaluation['reward_gain']:.3f} < {gate.min_reward_gain}"
+    if evaluation.get("length_ratio", 1.0) > gate.max_mean_length_ratio:
+        failures["length"] = f"length_ratio {evaluation['length_ratio']:.2f} > {gate.max_mean_length_ratio}"
+    return failures
+
+
+def gate_candidate(
+    learner: Learner, gate: GateConfig, heldout: list[PreferencePair], prompts: list[Prompt]
+) -> tuple[dict[str, float], bool]:
+    """Evaluates the current policy (rank 0's evaluation for all ranks), accepts or reverts it, and
+    returns (the evaluation, whether it passed)."""
+    evaluation = distributed.all_gather(learner.evaluate(heldout, prompts))[0]
+    failed = gate_failures(evaluation, gate)
+    if failed:
+        for check in failed:
+            GATE_REJECTIONS.labels(check).inc()
+        VERSIONS.labels("rejected").inc()
+        log.warning("candidate rejected by the gate: %s", "; ".join(failed.values()))
+        learner.models.revert_policy()
+        return evaluation, False
+    learner.models.accept_candidate()
+    return evaluation, True

@@ -1,0 +1,171 @@
+"""The models the trainer holds, their optimisers, and their state.
+
+- policy: trained; published_policy: the last version the gate accepted (the baseline of the next
+  evaluation, and what a refused candidate reverts to); reference: the starting policy, frozen, for
+  the KL penalty.
+- reward_model: trained on every round's pairs (Bradley-Terry).
+- value_model: the critic, only for algorithms that declare one (PPO); its head reads every position.
+Dropout stays off (eval mode) in every model: gradients flow in eval mode, and sampling and training
+then see the same network. Under torchrun the trained modules are wrapped in DistributedDataParallel
+(the `training_*` attributes): forward passes that should average gradients go through those.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from modalign.policy.model import build_default_policy, load_policy, save_policy
+from modalign.reward.model import RewardModel
+
+
+class TokenValues(torch.nn.Module):
+    """PPO's critic: a reward model whose scalar head reads every position, not only the last."""
+
+    def __init__(self, model: RewardModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, logit_positions: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """[batch, response_length] values at the positions that precede each response token."""
+        hidden = self.model.backbone.base_model(**inputs, use_cache=False).last_hidden_state
+        index = logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return self.model.head(hidden.gather(1, index).to(self.model.head.weight.dtype)).squeeze(-1).float()
+
+
+def optimizer_step(
+    loss: torch.Tensor, max_grad_norm: float, *updates: tuple[torch.nn.Module, torch.optim.Optimizer]
+) -> None:
+    """One optimiser step of each (model, optimizer) on loss, gradients clipped per model."""
+    for _, optimizer in updates:
+        optimizer.zero_grad()
+    loss.backward()
+    for model, optimizer in updates:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+
+
+class Models:
+    """Builds the models from their starting points and keeps them, their optimisers and wrappers."""
+
+    def __init__(
+        self, *, policy_model_dir: str, reward_model_dir: str, seed: int, device: torch.device, policy_lr: float,
+        reward_lr: float, with_critic: bool, world_size: int,
+    ) -> None:
+        self.device = device
+        self.world_size = world_size
+        if policy_model_dir:
+            self.policy, self.processor = load_policy(policy_model_dir, device=device)
+        else:
+            model, self.processor = build_default_policy(seed)
+            self.policy = model.to(device)
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        self.published_policy = copy.deepcopy(self.policy).requires_grad_(False)
+        if reward_model_dir:
+            self.reward_model = RewardModel.load(reward_model_dir).to(device)
+        else:
+            self.reward_model = RewardModel(copy.deepcopy(self.policy), self.processor, seed=seed).to(device).eval()
+        # The critic starts as a copy of the reward model (its head then reads every position); when the
+        # reward model starts untrained, the copy is taken again after its first round of training.
+        self.value_model = copy.deepcopy(self.reward_model) if with_critic else None
+        self.critic_from_trained_reward_model = bool(reward_model_dir)
+        self.policy_optimizer = torch.optim.AdamW(self.policy.parameters(), lr=policy_lr, weight_decay=0.0)
+        self.reward_optimizer = torch.optim.AdamW(self.reward_model.parameters(), lr=reward_lr, weight_decay=0.0)
+        self.value_optimizer = (
+            torch.optim.AdamW(self.value_model.parameters(), lr=policy_lr, weight_decay=0.0)
+            if self.value_model is not None else None
+        )
+        self.critic = TokenValues(self.value_model) if self.value_model is not None else None
+        self.training_policy, self.training_reward_model, self.training_critic = (
+            self._data_parallel(module) for module in (self.policy, self.reward_model, self.critic)
+        )
+
+    def _data_parallel(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
+        if module is None or self.world_size == 1:
+            return module
+        # Unused parameters: the reward model's backbone keeps an LM head it never calls.
+        return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+
+    def start_critic_from_trained_reward_model(self) -> None:
+        """Called after each round's reward-model training: the first time, the critic copies it."""
+        if self.value_model is not None and not self.critic_from_trained_reward_model:
+            self.value_model.load_state_dict(self.reward_model.state_dict())
+            self.value_optimizer.state.clear()
+            self.critic_from_trained_reward_model = True
+
+    def parameter_digest(self) -> str:
+        """A short hash of every trained weight: equal on every rank while they stay in step."""
+        digest = hashlib.sha256()
+        for module in (self.policy, self.reward_model, self.value_model):
+            for tensor in (module.state_dict().values() if module is not None else ()):
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # --- versions ---------------------------------------------------------------------------------
+
+    def accept_candidate(self) -> None:
+        """The gate passed: the current policy becomes the baseline of the next evaluation."""
+        self.published_policy.load_state_dict(self.policy.state_dict())
+
+    def revert_policy(self) -> None:
+        """The gate refused the candidate: continue from the last published policy."""
+        self.policy.load_state_dict(self.published_policy.state_dict())
+        self.policy_optimizer.state.clear()
+
+    def reset_policy(self, folder: Path | None) -> None:
+        """Start again from a published policy (its folder; None: the starting policy, the reference)."""
+        weights = (load_policy(folder, device=self.device)[0] if folder is not None else self.reference).state_dict()
+        self.policy.load_state_dict(weights)
+        self.published_policy.load_state_dict(weights)
+        self.policy_optimizer.state.clear()
+
+    def export_policy(self, folder: Path) -> None:
+        save_policy(self.policy, self.processor, folder)
+
+    def export_reward(self, folder: Path) -> None:
+        self.reward_model.save(folder)
+
+    # --- checkpoint state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (see trainer/checkpoint.py); the reference is rebuilt, not saved."""
+        state = {
+            "policy": self.policy.state_dict(),
+            "published_policy": self.published_policy.state_dict(),
+            "reward_model": self.reward_model.state_dict(),
+            "policy_optimizer": self.policy_optimizer.state_dict(),
+            "reward_optimizer": self.reward_optimizer.state_dict(),
+        }
+        if self.value_model is not None:
+            state |= {"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+                      "critic_from_trained_reward_model": self.critic_from_trained_reward_model}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.published_policy.load_state_dict(state["published_policy"])
+        self.reward_model.load_state_dict(state["reward_model"])
+        self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+        self.reward_optimizer.load_state_dict(state["reward_optimizer"])
+        if self.value_model is not None:
+            self.value_model.load_state_dict(state["value_model"])
+            self.value_optimizer.load_state_dict(state["value_optimizer"])
+            self.critic_from_trained_reward_model = state["critic_from_trained_reward_model"]
+
+
+def max_positions(policy: PreTrainedModel, reward_model: RewardModel) -> int:
+    """The longest prompt + response both models can take."""
+    return min(reward_model.max_positions, policy.config.get_text_config().max_position_embeddings)
+
+
+def reserved_tokens(*processors: ProcessorMixin) -> list[str]:
+    """Special and added tokens of the processors' tokenizers: text that must not appear in user edits."""
+    return sorted({
+        token for processor in processors
+        for token in (*processor.tokenizer.all_special_tokens, *processor.tokenizer.added_tokens_encoder)
+    })

@@ -1,0 +1,56 @@
+"""Publishing a version that passed the gate: the policy and its reward model into the model store,
+then a PolicyVersionPublished event.
+
+Idempotent, so a trainer that crashed between its checkpoint and the event publishes on restart
+without writing anything twice: a version already in the store is not written again (the store
+commits a version atomically, by its manifest), and the event says the same either way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kafka import KafkaProducer
+
+from modalign.core.kafka import produce_durably
+from modalign.core.modelstore import Manifest
+from modalign.core.version_names import next_policy_version, reward_version_for
+from modalign.trainer.gate import VERSIONS
+from modalign.trainer.models import Models
+from modalign.trainer.state import PendingVersion
+from modalign.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, store, producer: KafkaProducer, topic: str, produce_timeout_s: float, algorithm: str) -> None:
+        self.store, self.producer, self.topic = store, producer, topic
+        self.produce_timeout_s, self.algorithm = produce_timeout_s, algorithm
+
+    def next_version(self, parent: str) -> str:
+        """The name after every policy version in the store and the parent (which may be rolled back, or
+        missing from a store that was emptied)."""
+        return next_policy_version(*self.store.versions("policy"), parent)
+
+    def publish(self, pending: PendingVersion, models: Models) -> None:
+        version = pending.version
+        published = self.store.lookup("policy", version)
+        if published is None:  # else a crash came after the version was written, before the event
+            manifest = Manifest(version=version, kind="policy", parent=pending.parent, algorithm=self.algorithm,
+                                trained_through=pending.trained_through, eval_metrics=pending.eval_metrics)
+            published = self.store.publish(manifest, models.export_policy)
+        reward_version = reward_version_for(version)
+        if self.store.lookup("reward", reward_version) is None:
+            self.store.publish(Manifest(version=reward_version, kind="reward", parent=pending.parent),
+                               models.export_reward)
+        event = events_pb2.PolicyVersionPublished(
+            version=version, parent_version=pending.parent, uri=published.uri,
+            manifest_sha256=published.manifest_sha256, algorithm=self.algorithm,
+            trained_through=[events_pb2.PartitionOffset(**p) for p in pending.trained_through],
+            eval_metrics=pending.eval_metrics, reward_model_version=reward_version,
+        )
+        event.published_at.GetCurrentTime()
+        produce_durably(self.producer, self.topic, [(version, event.SerializeToString())], self.produce_timeout_s)
+        VERSIONS.labels("published").inc()
+        log.info("published policy %s (parent %s): %s", version, pending.parent, pending.eval_metrics)

@@ -1,0 +1,78 @@
+"""The reward model: trained on every round's preference pairs (Bradley-Terry), and used to score responses.
+
+Every rank holds the same pairs and trains on its shard of each minibatch, through the data-parallel
+wrapper, so the reward model stays identical on every rank. Margins (from ratings) ask the chosen
+response to win by that much.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modalign.policy.engine import Sample
+from modalign.trainer.batches import ImageCache, Prompt
+from modalign.trainer.distributed import Shards
+from modalign.trainer.join import PreferencePair
+from modalign.trainer.losses import bradley_terry_loss, preference_accuracy
+from modalign.trainer.metrics import mean
+from modalign.trainer.models import Models, optimizer_step
+
+
+class RewardLearning:
+    def __init__(self, models: Models, images: ImageCache, shards: Shards, *, epochs: int, batch_size: int,
+                 max_grad_norm: float) -> None:
+        self.models, self.images, self.shards = models, images, shards
+        self.epochs, self.batch_size, self.max_grad_norm = epochs, batch_size, max_grad_norm
+
+    def train(self, pairs: list[PreferencePair]) -> dict[str, float]:
+        """`epochs` passes over the pairs; every rank takes as many steps."""
+        if not pairs:
+            return {}
+        models = self.models
+        losses, accuracies = [], []
+        for _ in range(self.epochs):
+            for batch in self.shards.shared_minibatches(pairs, self.batch_size):
+                chosen, rejected = self.pair_rewards(batch, models.training_reward_model)
+                margins = torch.tensor([p.margin for p in batch], dtype=chosen.dtype, device=chosen.device)
+                loss = bradley_terry_loss(chosen, rejected, margin=margins)
+                optimizer_step(loss, self.max_grad_norm, (models.reward_model, models.reward_optimizer))
+                losses.append(loss.item())
+                accuracies.append(preference_accuracy(chosen.detach(), rejected.detach()).item())
+        return {"rm_loss": mean(losses), "rm_train_accuracy": mean(accuracies)}
+
+    def pair_rewards(
+        self, pairs: list[PreferencePair], model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward-model scores of (chosen, rejected) for each pair, in one forward pass of model (by
+        default the reward model itself; the data-parallel wrapper when training)."""
+        reward_model = self.models.reward_model
+        prompts = [p.prompt.prompt_text for p in pairs] * 2
+        images = [self.images.of_pair(p) for p in pairs] * 2
+        responses = [p.chosen.text for p in pairs] + [p.rejected.text for p in pairs]
+        inputs = reward_model.encode(prompts, images, responses).to(self.models.device)
+        rewards = (model or reward_model)(**inputs)
+        return rewards[: len(pairs)], rewards[len(pairs):]
+
+    @torch.no_grad()
+    def score(self, prompts: list[Prompt], samples: list[Sample]) -> torch.Tensor:
+        """Reward-model scores [batch] of sampled responses to prompts (one prompt per sample)."""
+        reward_model = self.models.reward_model
+        inputs = reward_model.encode(
+            [p.text for p in prompts], [self.images.of_prompt(p) for p in prompts], [s.text for s in samples]
+        ).to(self.models.device)
+        return reward_model(**inputs).float()
+
+    @torch.no_grad()
+    def heldout_accuracy(self, heldout: list[PreferencePair]) -> dict[str, float]:
+        """The reward model's accuracy on held-out pairs: how often it prefers what the user preferred."""
+        if not heldout:
+            return {}
+        chosen, rejected = [], []
+        for start in range(0, len(heldout), 64):
+            c, r = self.pair_rewards(heldout[start:start + 64])
+            chosen.append(c)
+            rejected.append(r)
+        return {
+            "rm_heldout_accuracy": preference_accuracy(torch.cat(chosen), torch.cat(rejected)).item(),
+            "rm_heldout_pairs": float(len(heldout)),
+        }
