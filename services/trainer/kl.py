@@ -32,3 +32,17 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, samples: int, horizo
     """
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * samples / horizon)
+
+
+class KLController:
+    """The KL coefficient on-policy algorithms penalise with: fixed (target 0), or adapted after every
+    batch of episodes toward a target KL by adaptive_kl_coef. Every rank observes the same (gathered)
+    KL, so the coefficient stays identical across ranks; it is checkpointed with the models."""
+
+    def __init__(self, coef: float, target: float = 0.0, horizon: int = 10000) -> None:
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def observe(self, kl: float, samples: int) -> None:
+        """kl: the batch's mean KL to the reference, nats per response; samples: responses in it."""
+        if self.target > 0:
+            self.coef = adaptive_kl_coef(self.coef, kl, self.target, samples, self.horizon)

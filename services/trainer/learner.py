@@ -28,6 +28,7 @@ from modalign.trainer.batches import ImageCache, Prompt, ResponseBatches
 from modalign.trainer.distributed import Shards
 from modalign.trainer.evaluation import evaluate_candidate
 from modalign.trainer.join import PreferencePair
+from modalign.trainer.kl import KLController
 from modalign.trainer.models import Models, max_positions, reserved_tokens
 from modalign.trainer.reward_learning import RewardLearning
 from modalign.trainer.sampling import Sampler
@@ -50,13 +51,22 @@ class LearnerConfig:
     reward_lr: float = 3e-4
     """Learning rate of the reward model."""
     reward_epochs: int = 2
-    """Passes of the reward model over each round's new pairs."""
+    """Passes of the reward model over each round's new (and replayed) pairs."""
     reward_batch_size: int = 16
     """Preference pairs per reward model step."""
+    reward_replay: int = 256
+    """Earlier training pairs replayed beside each round's new ones when the reward model trains, so it
+    keeps what it learned from earlier traffic (0: the new pairs only)."""
     policy_lr: float = 3e-4
     """Learning rate of the policy (and of the value head, for PPO)."""
     kl_coef: float = 0.05
-    """Weight of the KL penalty against the reference (in the reward for PPO and RLOO, in the loss for GRPO)."""
+    """Weight of the KL penalty against the reference (in the reward for PPO and RLOO, in the loss for
+    GRPO); with kl_target, its starting value."""
+    kl_target: float = 0.0
+    """On-policy algorithms: KL to the reference (nats per response) that the KL coefficient is adapted
+    toward after every batch (Ziegler et al.'s proportional controller); 0 keeps kl_coef fixed."""
+    kl_horizon: int = 10000
+    """With kl_target: responses over which the coefficient may move by about a fifth."""
     policy_updates_per_round: int = 2
     """On-policy algorithms: batches of episodes (each followed by policy_epochs of updates) per learning round."""
     sample_prompts: int = 8
@@ -89,6 +99,9 @@ class LearnerConfig:
     """DPO: inverse temperature of the preference loss (how strongly the policy stays near the reference)."""
     eval_prompts: int = 16
     """Prompts sampled (with a fixed seed) to evaluate a candidate version."""
+    eval_heldout_pairs: int = 512
+    """The most recent held-out pairs on which a candidate's shift toward users' preferences is measured
+    against the published policy (the gate's reward-hacking check)."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm before each step."""
 
@@ -130,18 +143,25 @@ class Learner:
             samples_per_prompt=config.samples_per_prompt, missing_eos_penalty=config.missing_eos_penalty,
             batches_per_round=config.policy_updates_per_round,
         )
+        self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.policy_context = PolicyContext(
             config=config, batches=self.batches, policy=models.training_policy, reference=models.reference,
-            rng=self.shards.rank_rng, _models=models, _sampler=self.sampler, _shards=self.shards,
+            rng=self.shards.rank_rng, kl=self.kl, _models=models, _sampler=self.sampler, _shards=self.shards,
         )
         self._reserved_tokens = reserved_tokens(models.processor, models.reward_model.processor)
         self._max_positions = max_positions(models.policy, models.reward_model)
 
-    def learn(self, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
-        """One round: the reward model on the pairs, then the policy. Pairs must be usable (see
-        unusable_reason) and, under torchrun, the same list on every rank, a multiple of world_size long."""
+    def learn(
+        self, pairs: list[PreferencePair], prompts: list[Prompt], replay: list[PreferencePair] = ()
+    ) -> dict[str, float]:
+        """One round: the reward model on the pairs and up to reward_replay of the earlier pairs in
+        replay, then the policy on the pairs. Pairs must be usable (see unusable_reason) and, under
+        torchrun, pairs and replay the same lists on every rank, pairs a multiple of world_size long."""
         self.shards.new_round()
-        metrics = self.reward.train(pairs)
+        # Drawn with the shared RNG, so every rank replays the same pairs; whole shards only, as for pairs.
+        count = min(self.config.reward_replay, len(replay))
+        replayed = self.shards.shared_rng.sample(list(replay), count - count % self.shards.world_size)
+        metrics = self.reward.train(pairs + replayed)
         self.models.start_critic_from_trained_reward_model()
         return metrics | self.algorithm.update(self.policy_context, pairs, prompts)
 
@@ -168,14 +188,15 @@ class Learner:
     def evaluate(self, heldout: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
         """What the gate decides on (see evaluation.py)."""
         return evaluate_candidate(self.models, self.sampler, self.reward, self.batches, heldout, prompts,
-                                  self.config.eval_prompts)
+                                  self.config.eval_prompts, self.config.eval_heldout_pairs)
 
     # --- checkpoint state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and JSON-able values only (trainer/checkpoint.py stores them without pickling)."""
-        return self.models.state_dict() | {"shared_rng": self.shards.shared_rng.getstate()}
+        return self.models.state_dict() | {"shared_rng": self.shards.shared_rng.getstate(), "kl_coef": self.kl.coef}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.models.load_state_dict(state)
         self.shards.shared_rng.setstate(state["shared_rng"])
+        self.kl.coef = state.get("kl_coef", self.config.kl_coef)  # checkpoints from before the controller lack it

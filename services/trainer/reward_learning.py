@@ -64,7 +64,9 @@ class RewardLearning:
 
     @torch.no_grad()
     def heldout_accuracy(self, heldout: list[PreferencePair]) -> dict[str, float]:
-        """The reward model's accuracy on held-out pairs: how often it prefers what the user preferred."""
+        """The reward model's accuracy on held-out pairs: how often it prefers what the user preferred,
+        over all of them and per feedback kind (rm_heldout_accuracy_preference, _edit, _rating). Users'
+        own judgements are noisy, so a perfect model scores below 1: their noise sets the ceiling."""
         if not heldout:
             return {}
         chosen, rejected = [], []
@@ -72,7 +74,9 @@ class RewardLearning:
             c, r = self.pair_rewards(heldout[start:start + 64])
             chosen.append(c)
             rejected.append(r)
-        return {
-            "rm_heldout_accuracy": preference_accuracy(torch.cat(chosen), torch.cat(rejected)).item(),
-            "rm_heldout_pairs": float(len(heldout)),
-        }
+        right = torch.cat(chosen) > torch.cat(rejected)
+        metrics = {"rm_heldout_accuracy": right.float().mean().item(), "rm_heldout_pairs": float(len(heldout))}
+        for source in sorted({pair.source for pair in heldout}):
+            rows = torch.tensor([pair.source == source for pair in heldout], device=right.device)
+            metrics[f"rm_heldout_accuracy_{source}"] = right[rows].float().mean().item()
+        return metrics

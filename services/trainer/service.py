@@ -98,6 +98,9 @@ class TrainerConfig(MeteredConfig):
     """Held-out pairs kept for evaluation, the most recent."""
     heldout_pairs_per_round: int = 256
     """The most recent held-out pairs the reward model's accuracy is reported on after every update."""
+    max_replay_pairs: int = 1024
+    """Pairs learned from that are kept, the most recent, for the reward model to replay (see
+    --learner.reward-replay); they are checkpointed."""
     gate: GateConfig = field(default_factory=GateConfig)
     """The evaluation gate a candidate version must pass to be published."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -342,7 +345,9 @@ class Trainer:
         usable = len(self.state.pending_pairs) - len(self.state.pending_pairs) % self.world_size
         pairs, self.state.pending_pairs = self.state.pending_pairs[:usable], self.state.pending_pairs[usable:]
         started = time.monotonic()
-        metrics = self.learner.learn(pairs, self._prompts())
+        metrics = self.learner.learn(pairs, self._prompts(), self.state.replay_pairs)
+        self.state.replay_pairs += pairs
+        del self.state.replay_pairs[: -self.config.max_replay_pairs]
         # Reported with every update; the gate evaluates on all held-out pairs.
         metrics |= self.learner.heldout_accuracy(self.state.heldout_pairs[-self.config.heldout_pairs_per_round:])
         SAMPLES_PER_SECOND.set(len(pairs) / max(time.monotonic() - started, 1e-9))

@@ -78,6 +78,8 @@ class TrainerState:
     joiner: FeedbackJoiner = field(default_factory=FeedbackJoiner)
     pending_pairs: list[PreferencePair] = field(default_factory=list)
     heldout_pairs: list[PreferencePair] = field(default_factory=list)
+    replay_pairs: list[PreferencePair] = field(default_factory=list)
+    """The most recent pairs learned from, for the reward model's replay."""
     prompts: OrderedDict[str, Prompt] = field(default_factory=OrderedDict)
     rounds: int = 0
     learning_rounds: int = 0
@@ -100,6 +102,7 @@ class TrainerState:
             "joiner": _joiner_to_json(self.joiner),
             "pending_pairs": [_pair_to_json(pair) for pair in self.pending_pairs],
             "heldout_pairs": [_pair_to_json(pair) for pair in self.heldout_pairs],
+            "replay_pairs": [_pair_to_json(pair) for pair in self.replay_pairs],
             "prompts": [[key, prompt.text, list(prompt.image_sha256)] for key, prompt in self.prompts.items()],
             "rounds": self.rounds,
             "learning_rounds": self.learning_rounds,
@@ -120,6 +123,7 @@ class TrainerState:
             joiner=_joiner_from_json(data["joiner"], join_limits or JoinLimits()),
             pending_pairs=[_pair_from_json(pair) for pair in data["pending_pairs"]],
             heldout_pairs=[_pair_from_json(pair) for pair in data["heldout_pairs"]],
+            replay_pairs=[_pair_from_json(pair) for pair in data.get("replay_pairs", [])],
             prompts=OrderedDict((key, Prompt(text, tuple(shas))) for key, text, shas in data["prompts"]),
             rounds=data["rounds"],
             learning_rounds=data["learning_rounds"],

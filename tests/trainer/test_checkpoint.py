@@ -53,7 +53,7 @@ def full_state() -> TrainerState:
                            Response("blue", (6,), (-1.5,)), margin=2.0)
     state = TrainerState(
         positions={("feedback", 0): 10, ("feedback", 1): 4, ("generations", 0): 3},
-        joiner=joiner, pending_pairs=pairs + [rated], heldout_pairs=edited,
+        joiner=joiner, pending_pairs=pairs + [rated], heldout_pairs=edited, replay_pairs=[rated] + pairs,
         prompts=OrderedDict([("k1", Prompt("What colour?", ("a" * 64,))), ("k2", Prompt("Hi", ()))]),
         rounds=12, learning_rounds=5, parent_version="v3", rollout_offset=9,
         pending_publish=PendingVersion("v4", "v3", {"kl_to_reference": 0.25, "reward_gain": float("nan")},
@@ -82,7 +82,7 @@ def learner_like_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
 
 
 def assert_same_state(loaded: TrainerState, original: TrainerState) -> None:
-    for name in ("positions", "trained_ids", "pending_pairs", "heldout_pairs", "prompts", "rounds",
+    for name in ("positions", "trained_ids", "pending_pairs", "heldout_pairs", "replay_pairs", "prompts", "rounds",
                  "learning_rounds", "parent_version", "rollout_offset"):
         assert getattr(loaded, name) == getattr(original, name), name
     assert list(loaded.consumed_ids) == list(original.consumed_ids)

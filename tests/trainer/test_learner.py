@@ -21,6 +21,7 @@ from modalign.trainer.algorithms.critic_free import critic_free_update
 from modalign.trainer.algorithms.ppo import ppo_update
 from modalign.trainer.batches import Prompt
 from modalign.trainer.checkpoint import load_checkpoint, save_checkpoint
+from modalign.trainer.gate import GateConfig, gate_candidate, gate_failures
 from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.learner import Learner, LearnerConfig
 from modalign.v1 import common_pb2, events_pb2
@@ -340,3 +341,56 @@ def test_the_ppo_critic_starts_from_the_trained_reward_model_not_the_fresh_one(
 def test_an_unknown_algorithm_is_refused_when_the_config_is_built_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown --learner.algorithm 'ppo2'.*dpo, grpo, ppo, rloo"):
         LearnerConfig(algorithm="ppo2")
+
+
+# --- (g) the gate catches a policy gaming a flawed reward model --------------------------------------------------
+
+
+def tic_share(sample: Sample) -> float:
+    """Share of a response's tokens that are a verbal tic: here, any token of even id."""
+    return sum(token % 2 == 0 for token in sample.token_ids) / max(len(sample.token_ids), 1)
+
+
+def users_dislike_the_tic(learner: Learner, prompts: list[Prompt], per_prompt: int = 6) -> list[PreferencePair]:
+    """Held-out judgements of users who dislike the tic: per prompt, of some samples, the one with the
+    least of it over the one with the most."""
+    samples = learner.sampler.sample(prompts * 10, per_prompt, seed=11)
+    pairs = []
+    for i, prompt in enumerate(prompts * 10):
+        group = sorted(samples[i * per_prompt:(i + 1) * per_prompt], key=tic_share)
+        pairs.append(PreferencePair(f"h{i}", "preference", logged_generation(learner, prompt),
+                                    logged(group[0]), logged(group[-1])))
+    return pairs
+
+
+@pytest.mark.parametrize("reward_model", ["flawed", "sound"])
+def test_the_gate_refuses_a_candidate_that_games_a_reward_model_users_disagree_with(
+    blobs: BlobStore, prompts: list[Prompt], reward_model: str
+) -> None:
+    """A deliberately flawed reward model that rewards a verbal tic users dislike: RLOO raises its
+    reward, while users' held-out preferences say the candidate got worse, so the gate refuses it and
+    the policy goes back. The control: a reward model that agrees with the users is not refused."""
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="rloo", policy_lr=1e-2, missing_eos_penalty=0.0, eval_prompts=16)
+    sign = 1.0 if reward_model == "flawed" else -1.0
+    # What training optimises, and the gate's measure of reward.
+    learner.sampler.score = learner.reward.score = lambda prompts_, samples: torch.tensor(  # noqa: E731
+        [sign * tic_share(s) for s in samples])
+    heldout = users_dislike_the_tic(learner, prompts)
+    published = parameters(learner.models.published_policy)
+    for _ in range(8):
+        learner.learn([], prompts)
+    # Only the reward-hacking check can refuse (the real reward model beside the flawed one is untrained).
+    lenient = GateConfig(min_heldout_accuracy=0.0, max_kl=1e9, max_mean_length_ratio=1e9)
+
+    evaluation, passed = gate_candidate(learner, lenient, heldout, prompts)
+
+    assert evaluation["reward_gain"] > 0, evaluation  # by the reward model's measure, training worked either way
+    if reward_model == "flawed":
+        assert evaluation["preference_shift"] < 0, evaluation
+        assert list(gate_failures(evaluation, lenient)) == ["reward_hacking"], {
+            name: evaluation[name] for name in ("reward_gain", "preference_shift", "preference_shift_stderr")}
+        assert not passed and not differing(parameters(learner.models.policy), published), "refused and reverted"
+    else:
+        assert evaluation["preference_shift"] > 0, evaluation
+        assert gate_failures(evaluation, lenient) == {} and passed

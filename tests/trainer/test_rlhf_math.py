@@ -16,7 +16,9 @@ from modalign.trainer.advantages import (
     reward_to_go,
     rloo_advantages,
 )
-from modalign.trainer.kl import kl_k1, kl_k3
+from modalign.trainer.evaluation import preference_shift
+from modalign.trainer.gate import GateConfig, gate_failures
+from modalign.trainer.kl import KLController, adaptive_kl_coef, kl_k1, kl_k3
 from modalign.trainer.logprobs import sequence_logprobs, token_entropy, token_logprobs
 from modalign.trainer.losses import bradley_terry_loss, dpo_loss, ppo_policy_loss, ppo_value_loss, preference_accuracy
 from modalign.trainer.masked import masked_mean, masked_var, masked_whiten
@@ -241,3 +243,52 @@ def test_entropy_of_masked_logits_is_that_of_the_tokens_left_and_its_gradient_st
     entropy.sum().backward()  # as an entropy bonus in a loss would
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[..., masked_out] == 0).all()
+
+
+# --- the adaptive KL coefficient (Ziegler et al., 2019) ----------------------------------------------------------
+
+
+def test_the_kl_coefficient_moves_in_proportion_to_the_error_and_at_most_by_a_fifth_per_horizon() -> None:
+    # error = clip(kl / target - 1, -0.2, 0.2); coef *= 1 + error * samples / horizon
+    assert adaptive_kl_coef(0.1, kl=5.5, target=5.0, samples=1000, horizon=10000) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert adaptive_kl_coef(0.1, kl=50.0, target=5.0, samples=1000, horizon=10000) == pytest.approx(0.1 * 1.02)
+    assert adaptive_kl_coef(0.1, kl=0.0, target=5.0, samples=1000, horizon=10000) == pytest.approx(0.1 * 0.98)
+    assert adaptive_kl_coef(0.1, kl=5.0, target=5.0, samples=1000, horizon=10000) == 0.1
+
+
+def test_the_controller_pulls_a_drifting_policy_back_to_its_kl_target_and_a_fixed_one_stays_put() -> None:
+    # A policy whose KL falls as the penalty grows (KL = 0.5 / coef): starting at 0.05 it sits at 10 nats,
+    # twice a target of 5; the controller raises the coefficient until the KL is near the target.
+    controller = KLController(0.05, target=5.0, horizon=1000)
+    for _ in range(400):
+        controller.observe(0.5 / controller.coef, samples=64)
+    assert 0.5 / controller.coef == pytest.approx(5.0, rel=0.05)
+    fixed = KLController(0.05)
+    fixed.observe(100.0, samples=64)
+    assert fixed.coef == 0.05
+
+
+# --- the gate's reward-hacking check -----------------------------------------------------------------------------
+
+
+def test_preference_shift_is_the_change_in_the_chosen_over_rejected_log_ratio() -> None:
+    published_chosen, published_rejected = torch.tensor([-3.0, -2.0, -4.0]), torch.tensor([-2.0, -5.0, -1.0])
+    assert preference_shift(published_chosen, published_rejected, published_chosen, published_rejected) == (0.0, 0.0)
+    # The candidate makes every chosen response 1 nat likelier and every rejected one 0.5 nat less likely, plus noise.
+    candidate_chosen = published_chosen + torch.tensor([1.0, 1.2, 0.8])
+    candidate_rejected = published_rejected - 0.5
+    shift, stderr = preference_shift(candidate_chosen, candidate_rejected, published_chosen, published_rejected)
+    assert shift == pytest.approx(1.5)
+    assert stderr == pytest.approx(torch.tensor([1.5, 1.7, 1.3]).std().item() / math.sqrt(3))
+
+
+def test_the_gate_refuses_a_reward_gain_that_users_held_out_preferences_contradict() -> None:
+    gate = GateConfig()
+    hacked = {"reward_gain": 2.0, "preference_shift": -0.6, "preference_shift_stderr": 0.2}
+    assert "reward_hacking" in gate_failures(hacked, gate)
+    # Within the shift's noise, with no reward gain, or with the check off: no refusal on this count.
+    assert "reward_hacking" not in gate_failures(hacked | {"preference_shift_stderr": 0.4}, gate)
+    assert "reward_hacking" not in gate_failures(hacked | {"reward_gain": -0.01}, gate)
+    assert "reward_hacking" not in gate_failures(hacked, GateConfig(hacking_z=0.0))
+    assert "reward_hacking" not in gate_failures({"reward_gain": 2.0, "preference_shift": 0.3,
+                                                  "preference_shift_stderr": 0.1}, gate)

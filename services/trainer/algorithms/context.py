@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 
+from modalign.trainer import distributed
 from modalign.trainer.batches import Prompt, ResponseBatch, ResponseBatches
 from modalign.trainer.distributed import Shards
-from modalign.trainer.metrics import History
+from modalign.trainer.kl import KLController
+from modalign.trainer.metrics import History, mean
 from modalign.trainer.models import Models, optimizer_step
 from modalign.trainer.sampling import Episodes, Sampler
 
@@ -36,6 +38,8 @@ class PolicyContext:
     """The frozen starting policy."""
     rng: random.Random
     """This rank's RNG, for minibatch order (re-seeded each round from the checkpointed shared RNG)."""
+    kl: KLController
+    """The KL penalty's coefficient (kl.coef), fixed or adapted to a target after every batch of episodes."""
     _models: Models = field(repr=False)
     _sampler: Sampler = field(repr=False)
     _shards: Shards = field(repr=False)
@@ -58,8 +62,17 @@ class PolicyContext:
 
     def on_policy_updates(self, prompts: list[Prompt], update: Callable[[Episodes], History]) -> dict[str, float]:
         """policy_updates_per_round times: fresh episodes sampled from the policy, then update(episodes),
-        which returns its metrics per minibatch. Returns the means, with the episodes' reward, KL and length."""
-        return self._sampler.on_policy_updates(prompts, update)
+        which returns its metrics per minibatch. Returns the means, with the episodes' reward, KL and length,
+        and the KL coefficient each batch was penalised with."""
+        def update_then_adapt_kl(episodes: Episodes) -> History:
+            history = update(episodes)
+            history["kl_coef"].append(self.kl.coef)
+            # Every rank's batch, so that every rank moves the coefficient alike.
+            kls = distributed.all_gather(episodes.kl.sum(-1).mean().item())
+            self.kl.observe(mean(kls), len(episodes.samples) * len(kls))
+            return history
+
+        return self._sampler.on_policy_updates(prompts, update_then_adapt_kl)
 
     def shared_minibatches(self, items: list[T], size: int) -> list[list[T]]:
         """Minibatches of a list every rank holds alike (e.g. the round's pairs): this rank's share of each."""

@@ -28,7 +28,7 @@ def critic_free_update(ctx: PolicyContext, episodes: Episodes, estimator: str, k
     config = ctx.config
     k = config.samples_per_prompt
     mask = episodes.batch.response_mask
-    kl_coef_in_reward = 0.0 if kl_in_loss else config.kl_coef
+    kl_coef_in_reward = 0.0 if kl_in_loss else ctx.kl.coef
     token_rewards = kl_penalized_token_rewards(episodes.scores, episodes.kl, mask, kl_coef_in_reward)
     advantages, _ = ADVANTAGE_ESTIMATORS[estimator](token_rewards, mask, samples_per_prompt=k)
 
@@ -47,7 +47,7 @@ def critic_free_update(ctx: PolicyContext, episodes: Episodes, estimator: str, k
             loss = clipped.loss
             if kl_in_loss:
                 kl = masked_mean(kl_k3(logprobs, episodes.ref_logprobs[rows]), sub.response_mask)
-                loss = loss + config.kl_coef * kl
+                loss = loss + ctx.kl.coef * kl
             ctx.step(loss)
             history["policy_loss"].append(loss.item())
             history["clip_fraction"].append(clipped.clip_fraction.item())

@@ -37,7 +37,7 @@ def ppo_update(ctx: PolicyContext, episodes: Episodes) -> History:
     batch, mask = episodes.batch, episodes.batch.response_mask
     with torch.no_grad():
         old_values = ctx.values(batch) * mask
-    token_rewards = kl_penalized_token_rewards(episodes.scores, episodes.kl, mask, config.kl_coef)
+    token_rewards = kl_penalized_token_rewards(episodes.scores, episodes.kl, mask, ctx.kl.coef)
     advantages, returns = ADVANTAGE_ESTIMATORS["gae"](token_rewards, mask, old_values, gamma=config.gamma, lam=config.lam)
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
