@@ -83,5 +83,7 @@ def test_training_dashboard_shows_progress_learning_and_versions() -> None:
             "modalign_trainer_consumer_lag_records", "modalign_trainer_versions_total",
             "modalign_trainer_gate_rejections_total", "modalign_trainer_dead_letters_total"} <= metrics
     learning = set().union(*(label_values_selected(expr, "modalign_trainer_metric", "name") for expr in queries))
-    assert {"rm_loss", "rm_heldout_accuracy", "policy_loss", "value_loss", "reward_mean", "kl", "kl_to_reference",
+    assert {"rm_loss", "rm_heldout_accuracy", "rm_heldout_accuracy_preference", "rm_heldout_accuracy_edit",
+            "rm_heldout_accuracy_rating", "preference_shift", "kl_coef", "policy_loss", "value_loss", "reward_mean", "kl",
+            "kl_to_reference",
             "clip_fraction", "entropy"} <= learning
