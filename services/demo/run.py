@@ -32,6 +32,7 @@ from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.report import evaluate_versions, held_out_examples, write_report
 from modalign.demo.users import SimulatedUsers, UsersConfig
 from modalign.demo.warmstart import build_warm_start
+from modalign.trainer.algorithms import ALGORITHMS
 from modalign.up import LocalPorts, local_services
 from modalign.v1 import events_pb2, rollout_pb2, rollout_pb2_grpc
 
@@ -44,14 +45,6 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
                 "learner.max_new_tokens": 32, "learner.policy_lr": 1e-4},
     "rollout": {"rollout.steps": (50, 100), "rollout.min_step_seconds": 10.0, "rollout.min_samples": 15,
                 "rollout.required_metrics": ("rating",), "tick_seconds": 1.0},
-}
-
-# What each policy algorithm adds to the trainer's settings (docs/demo.md has the measured runs).
-ALGORITHM_SETTINGS: dict[str, dict[str, Any]] = {
-    "dpo": {},
-    "ppo": {},
-    "rloo": {},
-    "grpo": {},
 }
 
 
@@ -70,7 +63,8 @@ class DemoConfig:
     seed: int = 0
     """Seed of the warm start, the trainer and the simulated users."""
     algorithm: str = "dpo"
-    """The trainer's policy algorithm: dpo, ppo, rloo or grpo, each with the demo settings that work for it."""
+    """The trainer's policy algorithm: dpo (on the users' pairs), or ppo, rloo or grpo (against the reward
+    model learned from them); the demo's trainer settings serve all four (docs/demo.md has their runs)."""
     users: int = 4
     """Simulated users sending requests at once."""
     policy_model: Path | None = None
@@ -87,8 +81,8 @@ class DemoConfig:
     """policy, feedback, trainer and rollout serve /metrics on this port, +1, +3 and +4."""
 
     def validate(self) -> None:
-        if self.algorithm not in ALGORITHM_SETTINGS:
-            raise ConfigError("algorithm", f"unknown {self.algorithm!r}; known: {', '.join(ALGORITHM_SETTINGS)}")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError("algorithm", f"unknown {self.algorithm!r}; known: {', '.join(sorted(ALGORITHMS))}")
 
 
 def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[str, Any]]:
@@ -97,8 +91,7 @@ def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[s
         **DEMO_SETTINGS,
         "policy": {"model_dir": str(policy_model), "device": config.device},
         "reward": {"device": config.device},
-        "trainer": {**DEMO_SETTINGS["trainer"], **ALGORITHM_SETTINGS[config.algorithm],
-                    "learner.algorithm": config.algorithm, "learner.policy_model_dir": str(policy_model),
+        "trainer": {**DEMO_SETTINGS["trainer"], "learner.algorithm": config.algorithm, "learner.policy_model_dir": str(policy_model),
                     "learner.seed": config.seed, "learner.device": config.device},
     }
 

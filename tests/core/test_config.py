@@ -15,7 +15,7 @@ from modalign.core.broker import BrokerConfig
 from modalign.core.config import ConfigError, add_arguments, field_docs, parse_config, to_arguments, with_overrides
 from modalign.core.kafka import KafkaConfig
 from modalign.core.launch import LocalSystem, on_broker, service_argv
-from modalign.demo.run import ALGORITHM_SETTINGS, DEMO_SETTINGS, DemoConfig, service_settings
+from modalign.demo.run import DEMO_SETTINGS, DemoConfig, service_settings
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.reward.config import RewardServerConfig
@@ -156,12 +156,12 @@ def test_services_are_started_as_modalign_subcommands() -> None:
                                     "--listen", "127.0.0.1:7"]
 
 
-def test_the_demo_runs_the_algorithm_it_is_given_with_its_settings(tmp_path: Path) -> None:
-    for algorithm, settings in ALGORITHM_SETTINGS.items():
-        services = local_services(KafkaConfig(), tmp_path, LocalPorts(), service_settings(DemoConfig(algorithm=algorithm),
-                                                                                           Path("/warm")))
-        trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))
+def test_the_demo_runs_the_algorithm_it_is_given_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    for algorithm in ("dpo", "ppo", "rloo", "grpo"):
+        demo = parse_config(DemoConfig, ["--algorithm", algorithm])
+        services = local_services(KafkaConfig(), tmp_path, LocalPorts(), service_settings(demo, Path("/warm")))
+        trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))  # as the trainer process reads it
         assert trainer.learner.algorithm == algorithm
-        assert with_overrides(trainer, settings) == trainer, "the algorithm's own settings reach the trainer"
+        assert trainer.rounds_per_version == DEMO_SETTINGS["trainer"]["rounds_per_version"]
     with pytest.raises(SystemExit):
         parse_config(DemoConfig, ["--algorithm", "a3c"])
