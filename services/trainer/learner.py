@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from modalign.core.blobs import BlobStore
+from modalign.core.config import ConfigError
 from modalign.policy.engine import PolicyEngine
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.algorithms.context import PolicyContext
@@ -105,12 +106,12 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm before each step."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Run when the config is parsed or built (core/config.py): an unknown algorithm is refused
+        then, naming the known ones, not at the first learning round."""
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(
-                f"unknown --learner.algorithm {self.algorithm!r}; "
-                f"the known algorithms are {', '.join(sorted(ALGORITHMS))}"
-            )
+            raise ConfigError("algorithm", f"unknown {self.algorithm!r}; the known algorithms are "
+                                           f"{', '.join(sorted(ALGORITHMS))}")
 
 
 class Learner:
