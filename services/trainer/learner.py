@@ -15,6 +15,7 @@ gradients, so the models stay identical on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +154,7 @@ class Learner:
         self._max_positions = max_positions(models.policy, models.reward_model)
 
     def learn(
-        self, pairs: list[PreferencePair], prompts: list[Prompt], replay: list[PreferencePair] = ()
+        self, pairs: list[PreferencePair], prompts: list[Prompt], replay: Sequence[PreferencePair] = ()
     ) -> dict[str, float]:
         """One round: the reward model on the pairs and up to reward_replay of the earlier pairs in
         replay, then the policy on the pairs. Pairs must be usable (see unusable_reason) and, under
