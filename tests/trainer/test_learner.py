@@ -351,6 +351,40 @@ def test_an_unknown_algorithm_is_refused_when_the_config_is_parsed_naming_the_kn
     assert exited.value.code == 2 and "--learner.algorithm" in capsys.readouterr().err
 
 
+def test_held_out_accuracy_is_reported_per_feedback_kind(blobs: BlobStore, prompts: list[Prompt]) -> None:
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="dpo")
+    pairs = traffic_pairs(learner, prompts)  # preferences and edits, alternating
+    with torch.no_grad():
+        chosen, rejected = learner.reward.pair_rewards(pairs)
+    right = (chosen > rejected).tolist()
+
+    metrics = learner.heldout_accuracy(pairs)
+
+    for kind in ("preference", "edit"):
+        of_kind = [r for r, pair in zip(right, pairs) if pair.source == kind]
+        assert metrics[f"rm_heldout_accuracy_{kind}"] == pytest.approx(sum(of_kind) / len(of_kind))
+    assert metrics["rm_heldout_accuracy"] == pytest.approx(sum(right) / len(right))
+    assert "rm_heldout_accuracy_rating" not in metrics  # no rating pairs were held out
+
+
+def test_the_reward_model_replays_earlier_pairs_beside_the_new_ones(blobs: BlobStore, prompts: list[Prompt]) -> None:
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="dpo", reward_replay=3)
+    earlier, new = traffic_pairs(learner, prompts[:2]), traffic_pairs(learner, prompts[2:])
+    trained_on = []
+    train = learner.reward.train
+    learner.reward.train = lambda pairs: trained_on.append(pairs) or train(pairs)
+
+    learner.learn(new, prompts, replay=earlier)
+    learner.learn(new, prompts)
+
+    first, second = trained_on
+    assert first[:len(new)] == new and len(first) == len(new) + 3
+    assert all(pair in earlier for pair in first[len(new):]) and len(set(map(id, first[len(new):]))) == 3
+    assert second == new
+
+
 # --- (g) the gate catches a policy gaming a flawed reward model --------------------------------------------------
 
 
