@@ -7,8 +7,8 @@ accuracy on held-out pairs says whether its scores can be trusted at all.
 The reward model is what on-policy training optimises, so a gain by its measure can be reward
 hacking: the policy found what the model over-rates (length, a phrase) rather than what users want.
 The check that does not use the reward model is the users' own held-out judgements: whether the
-candidate, compared with the published policy, moved probability toward the responses users chose
-and away from those they rejected (preference_shift). A candidate whose reward rises while that
+candidate, compared with the published policy, moved probability toward the sampled responses users
+chose and away from those they rejected (preference_shift). A candidate whose reward rises while that
 shift is negative beyond its noise is refused by the gate (gate.py).
 """
 
@@ -54,8 +54,11 @@ def preference_shift(
 def heldout_preference_shift(
     models: Models, batches: ResponseBatches, heldout: list[PreferencePair], batch_size: int = 32
 ) -> dict[str, float]:
-    """preference_shift of the current policy against the published one on the held-out pairs (none
-    measured with fewer than two pairs: a spread needs two)."""
+    """preference_shift of the current policy against the published one on the held-out pairs whose
+    responses were both sampled from a policy (preferences, ratings). Edits are left out: an edit is
+    the user's own text, whose likelihood falls as any policy sharpens on its own phrasing, which would
+    read as a move against users. None is measured with fewer than two pairs: a spread needs two."""
+    heldout = [pair for pair in heldout if pair.chosen.token_ids is not None and pair.rejected.token_ids is not None]
     if len(heldout) < 2:
         return {}
     # Per policy: the chosen responses' sequence log-probs, and the rejected ones'.

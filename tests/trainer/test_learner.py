@@ -22,6 +22,7 @@ from modalign.trainer.algorithms.critic_free import critic_free_update
 from modalign.trainer.algorithms.ppo import ppo_update
 from modalign.trainer.batches import Prompt
 from modalign.trainer.checkpoint import load_checkpoint, save_checkpoint
+from modalign.trainer.evaluation import heldout_preference_shift
 from modalign.trainer.gate import GateConfig, gate_candidate, gate_failures
 from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.learner import Learner, LearnerConfig
@@ -366,6 +367,15 @@ def test_held_out_accuracy_is_reported_per_feedback_kind(blobs: BlobStore, promp
         assert metrics[f"rm_heldout_accuracy_{kind}"] == pytest.approx(sum(of_kind) / len(of_kind))
     assert metrics["rm_heldout_accuracy"] == pytest.approx(sum(right) / len(right))
     assert "rm_heldout_accuracy_rating" not in metrics  # no rating pairs were held out
+
+
+def test_the_preference_shift_is_measured_on_sampled_pairs_not_edits(blobs: BlobStore, prompts: list[Prompt]) -> None:
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="dpo")
+    pairs = traffic_pairs(learner, prompts)  # a preference and an edit per prompt
+    metrics = heldout_preference_shift(learner.models, learner.batches, pairs)
+    assert metrics["preference_shift_pairs"] == sum(pair.source == "preference" for pair in pairs) == len(prompts)
+    assert metrics["preference_shift"] == 0.0  # the policy has not moved from the published one
 
 
 def test_the_reward_model_replays_earlier_pairs_beside_the_new_ones(blobs: BlobStore, prompts: list[Prompt]) -> None:
