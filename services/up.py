@@ -141,9 +141,18 @@ def run_local_system(config: UpConfig) -> int:
                 return 1
         return 0
     finally:
-        print("stopping...", flush=True)
+        say("stopping...")
         system.stop()
-        print("stopped.", flush=True)
+        say("stopped.")
+
+
+def say(line: str) -> None:
+    """Prints line; a reader that went away (`modalign up | head`, a closed pipe) must not keep the
+    services from being stopped."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

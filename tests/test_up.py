@@ -28,15 +28,23 @@ def pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+def start_up(tmp_path: Path, *arguments: str) -> subprocess.Popen:
     modalign = shutil.which("modalign", path=str(Path(sys.executable).parent))
     command = [
-        modalign, "up", "--example", "--data-dir", str(tmp_path / "kafka"),
+        modalign, "up", *arguments, "--data-dir", str(tmp_path / "kafka"),
         "--port", str(free_port()), "--controller-port", str(free_port()),
         "--grpc-base-port", str(free_run(5)), "--metrics-base-port", str(free_run(5)),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    process = start_up(tmp_path, "--example")
     output = []
     try:
         deadline = time.monotonic() + 300
@@ -52,8 +60,7 @@ def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c
         assert re.search(r"example: Generate answered with policy v0", text), text
         assert re.search(r"example: preference example-\w+ acknowledged", text), text
 
-        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
-                                                   text=True).stdout.split() if int(p) != process.pid]
+        children = children_of(process.pid)
         assert len(children) >= 6  # broker, feedback, policy, reward, trainer, rollout
 
         process.send_signal(signal.SIGINT)
@@ -66,3 +73,25 @@ def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_up_stops_everything_on_ctrl_c_when_its_output_is_no_longer_read(tmp_path: Path) -> None:
+    """`modalign up | head`: the reader is gone when Ctrl-C comes, and up must still stop every service."""
+    process, children = start_up(tmp_path), []
+    try:
+        while (line := process.stdout.readline()) and "Ctrl-C stops everything" not in line:
+            pass
+        children = children_of(process.pid)
+        assert len(children) >= 6, line
+        process.stdout.close()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+        time.sleep(1)
+        assert [pid for pid in children if pid_alive(pid)] == []
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for pid in children:  # what a failed stop left behind
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -58,8 +58,8 @@ class DemoConfig:
     """Where the report goes."""
     minutes: float = 9.0
     """Longest the loop runs."""
-    versions: int = 10
-    """Stop once this many versions were promoted."""
+    versions: int = 20
+    """Stop once this many versions were promoted (the on-policy algorithms promote one about every 40 s)."""
     seed: int = 0
     """Seed of the warm start, the trainer and the simulated users."""
     algorithm: str = "dpo"

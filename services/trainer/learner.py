@@ -63,12 +63,14 @@ class LearnerConfig:
     """Learning rate of the policy (and of the value head, for PPO)."""
     kl_coef: float = 0.05
     """Weight of the KL penalty against the reference (in the reward for PPO and RLOO, in the loss for
-    GRPO); with kl_target, its starting value."""
-    kl_target: float = 0.0
+    GRPO); with kl_target, its starting value and its floor."""
+    kl_target: float = 3.0
     """On-policy algorithms: KL to the reference (nats per response) that the KL coefficient is adapted
-    toward after every batch (Ziegler et al.'s proportional controller); 0 keeps kl_coef fixed."""
-    kl_horizon: int = 10000
-    """With kl_target: responses over which the coefficient may move by about a fifth."""
+    toward after every batch (Ziegler et al.'s proportional controller), below the gate's --gate.max-kl so
+    that a drifting policy is pulled back before the gate must refuse it; 0 keeps kl_coef fixed."""
+    kl_horizon: int = 32
+    """With kl_target: responses over which the coefficient may move by up to a fifth (as fast as it
+    goes: one batch of sample_prompts x samples_per_prompt responses moves it at most that much)."""
     policy_updates_per_round: int = 2
     """On-policy algorithms: batches of episodes (each followed by policy_epochs of updates) per learning round."""
     sample_prompts: int = 8

@@ -1,16 +1,20 @@
 """Scripted users for trainer tests: they talk to modalign only through its public gRPC APIs.
 
 Their hidden preference: an answer should say the colour of the square in the image. Shown two
-candidates, they prefer the one that names it; when neither does, they edit one to name it.
+candidates, they prefer the one that names it; when neither does, they edit one to name it. Some users
+rate instead (rating_share): 5 for an answer that names the colour, 1 for one that does not, which is
+the evidence a canary is judged on.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import random
 import re
 import time
 import uuid
+from collections import Counter
 
 import grpc
 from PIL import Image, ImageDraw
@@ -45,11 +49,16 @@ def prompt(rng: random.Random, n: int, max_new_tokens: int = 12) -> tuple[policy
     return request, colour
 
 
-def feedback_for(reply: policy_pb2.GenerateResponse, colour: str, user_id: str) -> feedback_pb2.Feedback:
-    """What a user says about two candidates, by the hidden preference."""
+def feedback_for(reply: policy_pb2.GenerateResponse, colour: str, user_id: str, rate: bool = False
+                 ) -> feedback_pb2.Feedback:
+    """What a user says about two candidates, by the hidden preference; rate: a 1-5 rating of the first."""
     first, second = reply.candidates[0], reply.candidates[1]
     feedback = feedback_pb2.Feedback(feedback_id=f"fb-{uuid.uuid4().hex}", user_id=user_id)
     feedback.client_time.FromSeconds(int(time.time()))
+    if rate:
+        feedback.rating.CopyFrom(feedback_pb2.Rating(response_id=first.response_id,
+                                                     score=5 if names_colour(first.text, colour) else 1))
+        return feedback
     good = [c for c in (first, second) if names_colour(c.text, colour)]
     if len(good) == 1:
         other = second if good[0] is first else first
@@ -64,11 +73,11 @@ def feedback_for(reply: policy_pb2.GenerateResponse, colour: str, user_id: str) 
 
 
 def interact(policy: policy_pb2_grpc.PolicyServiceStub, feedback: feedback_pb2_grpc.FeedbackServiceStub,
-             rng: random.Random) -> feedback_pb2.Feedback:
-    """One user turn: ask about an image for two candidates, then say which is better."""
+             rng: random.Random, rating_share: float = 0.0) -> feedback_pb2.Feedback:
+    """One user turn: ask about an image for two candidates, then say which is better (or rate one)."""
     request, colour = prompt(rng, n=2)
     reply = policy.Generate(request, timeout=60)
-    said = feedback_for(reply, colour, request.user_id)
+    said = feedback_for(reply, colour, request.user_id, rate=rating_share > 0 and rng.random() < rating_share)
     for attempt in range(5):
         try:
             feedback.Submit(said, timeout=30)
@@ -79,13 +88,25 @@ def interact(policy: policy_pb2_grpc.PolicyServiceStub, feedback: feedback_pb2_g
     return said
 
 
-def colour_rate(policy: policy_pb2_grpc.PolicyServiceStub, prompts: int, seed: int) -> tuple[float, set[str]]:
-    """Share of sampled answers to held-out images that name the square's colour, and the versions seen."""
+def colour_counts(policy: policy_pb2_grpc.PolicyServiceStub, prompts: int, seed: int) -> Counter[tuple[str, bool]]:
+    """Sampled answers to held-out images, counted by (version that answered, whether it named the square's colour)."""
     rng = random.Random(seed)
-    hits, versions = 0, set()
+    counts: Counter[tuple[str, bool]] = Counter()
     for _ in range(prompts):
         request, colour = prompt(rng, n=1)
         reply = policy.Generate(request, timeout=60)
-        versions.add(reply.policy_version)
-        hits += names_colour(reply.candidates[0].text, colour)
-    return hits / prompts, versions
+        counts[reply.policy_version, names_colour(reply.candidates[0].text, colour)] += 1
+    return counts
+
+
+def colour_rate(policy: policy_pb2_grpc.PolicyServiceStub, prompts: int, seed: int) -> tuple[float, set[str]]:
+    """Share of sampled answers to held-out images that name the square's colour, and the versions seen."""
+    counts = colour_counts(policy, prompts, seed)
+    return sum(n for (_, named), n in counts.items() if named) / prompts, {version for version, _ in counts}
+
+
+def two_proportion_z(after: float, before: float, n: int, n_before: int | None = None) -> float:
+    """z of the difference between two rates, measured on n and n_before (default: n) held-out prompts."""
+    n_before = n if n_before is None else n_before
+    pooled = (after * n + before * n_before) / (n + n_before)
+    return (after - before) / math.sqrt(max(pooled * (1 - pooled) * (1 / n + 1 / n_before), 1e-12))

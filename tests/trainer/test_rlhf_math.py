@@ -254,6 +254,9 @@ def test_the_kl_coefficient_moves_in_proportion_to_the_error_and_at_most_by_a_fi
     assert adaptive_kl_coef(0.1, kl=50.0, target=5.0, samples=1000, horizon=10000) == pytest.approx(0.1 * 1.02)
     assert adaptive_kl_coef(0.1, kl=0.0, target=5.0, samples=1000, horizon=10000) == pytest.approx(0.1 * 0.98)
     assert adaptive_kl_coef(0.1, kl=5.0, target=5.0, samples=1000, horizon=10000) == 0.1
+    # A batch larger than the horizon moves it by a fifth at most: it never turns negative.
+    assert adaptive_kl_coef(0.1, kl=0.0, target=5.0, samples=512, horizon=32) == pytest.approx(0.08)
+    assert adaptive_kl_coef(0.1, kl=50.0, target=5.0, samples=512, horizon=32) == pytest.approx(0.12)
 
 
 def test_the_controller_pulls_a_drifting_policy_back_to_its_kl_target_and_a_fixed_one_stays_put() -> None:
@@ -263,6 +266,10 @@ def test_the_controller_pulls_a_drifting_policy_back_to_its_kl_target_and_a_fixe
     for _ in range(400):
         controller.observe(0.5 / controller.coef, samples=64)
     assert 0.5 / controller.coef == pytest.approx(5.0, rel=0.05)
+    # Back inside its budget, the coefficient falls again, but never below where it started.
+    for _ in range(400):
+        controller.observe(0.0, samples=64)
+    assert controller.coef == 0.05
     fixed = KLController(0.05)
     fixed.observe(100.0, samples=64)
     assert fixed.coef == 0.05

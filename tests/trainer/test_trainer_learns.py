@@ -6,7 +6,6 @@ gRPC, and the trainer as a process that publishes into a model store the policy 
 
 from __future__ import annotations
 
-import math
 import random
 import threading
 import time
@@ -27,7 +26,7 @@ from modalign.trainer.service import TrainerConfig
 from modalign.v1 import events_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
 from tests.services import start_grpc_service
-from tests.trainer.scripted_users import colour_rate, interact
+from tests.trainer.scripted_users import colour_rate, interact, two_proportion_z
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +44,6 @@ def trainer_config(kafka: KafkaConfig, work: Path, overrides: dict[str, Any], **
 
 def trainer_process(kafka: KafkaConfig, work: Path, overrides: dict[str, Any]) -> ManagedProcess:
     return service_process(trainer_config(kafka, work, overrides), work)
-
-
-def two_proportion_z(after: float, before: float, n: int) -> float:
-    pooled = (after + before) / 2
-    return (after - before) / math.sqrt(max(pooled * (1 - pooled) * 2 / n, 1e-12))
 
 
 def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig, tmp_path: Path) -> None:
