@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -33,7 +34,77 @@ PRODUCE_ERRORS = Counter(
     ["topic", "error"],
 )
 
+POISON_RECORDS = Counter(
+    "modalign_kafka_poison_records_total",
+    "Consumed records skipped because they are not a valid message of their topic's type, by topic.",
+    ["topic"],
+)
+
 DAY_MS = 24 * 60 * 60 * 1000
+
+# What every message of a topic's type carries. Protobuf parses many byte strings, another message type's
+# included, into a message of any type (unknown fields are kept aside, missing ones read as empty), so a
+# record that parses but lacks these is not one of ours.
+IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
+    "modalign.v1.GenerationLogged": ("response_id", "policy_version"),
+    "modalign.v1.FeedbackReceived": ("feedback.feedback_id",),
+    "modalign.v1.RolloutState": ("stable_version",),
+    "modalign.v1.PolicyVersionPublished": ("version",),
+}
+
+CONTENT_TYPE_HEADER = "content-type"
+
+
+def content_type(message_type_name: str) -> str:
+    """The content-type header value of a record holding a message of that (full) type name."""
+    return f"application/x-protobuf; messageType={message_type_name}"
+
+
+class PoisonRecord(ValueError):
+    """A record's value is not a valid message of the expected type; str() says why."""
+
+
+def parse_record(message_type: type[M], value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> M:
+    """value as a message_type, or PoisonRecord naming what is wrong with it: a content-type header
+    (type_headers) naming another type, bytes that do not parse, or a message without its identity fields
+    (what a record from a writer that sets no header is checked by)."""
+    name = message_type.DESCRIPTOR.full_name
+    declared = dict(headers).get(CONTENT_TYPE_HEADER)
+    if declared is not None and declared.decode(errors="replace") != content_type(name):
+        raise PoisonRecord(f"not a {name}: its content-type is {declared.decode(errors='replace')!r}")
+    if value is None:
+        raise PoisonRecord(f"not a {name}: the record has no value")
+    try:
+        message = message_type.FromString(value)
+    except Exception as error:  # DecodeError, and RuntimeError or others for some malformed inputs
+        raise PoisonRecord(f"not a {name}: {error}") from None
+    missing = [path for path in IDENTITY_FIELDS.get(name, ()) if not _field_value(message, path)]
+    if missing:
+        raise PoisonRecord(f"not a {name}: it has no {', '.join(missing)}")
+    return message
+
+
+def _field_value(message: Message, path: str) -> object:
+    for name in path.split("."):
+        message = getattr(message, name)
+    return message
+
+
+def decode_record(message_type: type[M], record) -> M | None:
+    """A consumed record's value as a message_type, or None for a poison record, which is counted
+    (modalign_kafka_poison_records_total) and logged, and which the caller skips: one bad record must
+    never stop a consumer or cost it the valid records around it."""
+    try:
+        return parse_record(message_type, record.value, record.headers or ())
+    except PoisonRecord as error:
+        count_poison(record, error)
+        return None
+
+
+def count_poison(record, error: PoisonRecord) -> None:
+    """Counts and logs a poison record that its consumer skips."""
+    POISON_RECORDS.labels(record.topic).inc()
+    log.warning("skipping record %s-%d@%d: %s", record.topic, record.partition, record.offset, error)
 
 
 @dataclass(frozen=True)
@@ -164,16 +235,23 @@ def make_producer(config: KafkaConfig) -> KafkaProducer:
     )
 
 
+def type_headers(message: Message) -> list[tuple[str, bytes]]:
+    """The headers every record modalign writes carries: its message type, as CloudEvents' Kafka
+    binding and schema registries do, so a reader can tell one type's bytes from another's."""
+    return [(CONTENT_TYPE_HEADER, content_type(message.DESCRIPTOR.full_name).encode())]
+
+
 def produce_durably(
-    producer: KafkaProducer, topic: str, records: list[tuple[str, bytes]], timeout_s: float
+    producer: KafkaProducer, topic: str, records: list[tuple[str, Message]], timeout_s: float
 ) -> None:
-    """Sends (key, value) records and returns only once the broker acknowledged all of them (acks=all).
+    """Sends (key, message) records and returns only once the broker acknowledged all of them (acks=all).
 
     Raises BrokerUnavailable when it did not within timeout_s; the caller must not acknowledge anything.
     """
     started = time.perf_counter()
     try:
-        pending = [producer.send(topic, key=key.encode(), value=value) for key, value in records]
+        pending = [producer.send(topic, key=key.encode(), value=message.SerializeToString(),
+                                 headers=type_headers(message)) for key, message in records]
         for acknowledgement in pending:
             acknowledgement.get(timeout=max(timeout_s - (time.perf_counter() - started), 0.001))
     except KafkaError as error:
@@ -208,7 +286,7 @@ def read_topic(kafka: KafkaConfig, name: str, message_type: type[M]) -> list[M]:
         records: list[M] = []
         while any(consumer.position(tp) < end for tp, end in ends.items()):
             for batch in consumer.poll(timeout_ms=1000).values():
-                records.extend(message_type.FromString(r.value) for r in batch)
+                records.extend(m for r in batch if (m := decode_record(message_type, r)) is not None)
         return records
     finally:
         consumer.close()

@@ -10,7 +10,7 @@ from typing import Callable
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from modalign.core.kafka import KafkaConfig, make_consumer
+from modalign.core.kafka import KafkaConfig, decode_record, make_consumer
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,11 @@ class TopicFollower:
 def follow_newest_version(
     config: KafkaConfig, on_version: Callable[[events_pb2.PolicyVersionPublished], None]
 ) -> TopicFollower:
-    """A follower of policy-versions that passes on only the newest version of each batch it reads."""
-    return TopicFollower(
-        config, ["policy-versions"],
-        lambda records: on_version(events_pb2.PolicyVersionPublished.FromString(records[-1].value)),
-    )
+    """A follower of policy-versions that passes on only the newest (valid) version of each batch it reads."""
+    def on_records(records: list[ConsumerRecord]) -> None:
+        events = [event for record in records
+                  if (event := decode_record(events_pb2.PolicyVersionPublished, record)) is not None]
+        if events:
+            on_version(events[-1])
+
+    return TopicFollower(config, ["policy-versions"], on_records)

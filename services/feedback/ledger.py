@@ -14,7 +14,7 @@ import time
 
 from kafka import TopicPartition
 
-from modalign.core.kafka import KafkaConfig, make_consumer
+from modalign.core.kafka import KafkaConfig, decode_record, make_consumer
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class FeedbackLedger:
             with self._seen:
                 for records in batches.values():
                     for record in records:
-                        event = events_pb2.FeedbackReceived.FromString(record.value)
-                        self._content_by_id.setdefault(event.feedback.feedback_id, event.content_sha256)
+                        if (event := decode_record(events_pb2.FeedbackReceived, record)) is not None:
+                            self._content_by_id.setdefault(event.feedback.feedback_id, event.content_sha256)
                 self._positions = positions
                 self._seen.notify_all()

@@ -103,7 +103,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                 )
                 event.received_at.GetCurrentTime()
                 produce_durably(
-                    self._producer, self._topic, [(feedback.feedback_id, event.SerializeToString())],
+                    self._producer, self._topic, [(feedback.feedback_id, event)],
                     timeout_s=self._config.kafka.produce_timeout_s + 2,
                 )
             except (BrokerUnavailable, TimeoutError) as error:

@@ -24,7 +24,7 @@ from transformers import ProcessorMixin
 
 from modalign.core.blobs import BlobStore
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
-from modalign.core.kafka import BrokerUnavailable, ensure_topics, make_producer, produce_durably
+from modalign.core.kafka import BrokerUnavailable, decode_record, ensure_topics, make_producer, produce_durably
 from modalign.core.modelstore import fetch
 from modalign.core.service import run_service, serve_grpc
 from modalign.core.versions import TopicFollower
@@ -224,7 +224,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 response_logprobs=sample.logprobs, response_text=sample.text, finish_reason=finish_reason,
                 created_at=now,
             )
-            records.append((response_id, event.SerializeToString()))
+            records.append((response_id, event))
             candidates.append(policy_pb2.Candidate(
                 response_id=response_id, text=sample.text, token_count=len(sample.token_ids),
                 finish_reason=finish_reason,
@@ -278,11 +278,11 @@ class PublishedVersions:
         newest_state = newest_version = None
         for record in records:
             if record.topic == self._config.kafka.topic("policy-versions"):
-                event = events_pb2.PolicyVersionPublished.FromString(record.value)
-                self._published[event.version] = event
-                newest_version = event.version
-            else:
-                newest_state = events_pb2.RolloutState.FromString(record.value)
+                if (event := decode_record(events_pb2.PolicyVersionPublished, record)) is not None:
+                    self._published[event.version] = event
+                    newest_version = event.version
+            elif (state := decode_record(events_pb2.RolloutState, record)) is not None:
+                newest_state = state
         routes = None
         if self._config.follow == "latest" and newest_version is not None:
             routes = Routes(stable=newest_version)

@@ -25,7 +25,7 @@ from kafka.errors import KafkaError, ProducerFencedError
 from prometheus_client import Counter, Gauge
 
 from modalign.core.config import ConfigError
-from modalign.core.kafka import KafkaConfig, make_consumer, read_topic
+from modalign.core.kafka import KafkaConfig, decode_record, make_consumer, read_topic, type_headers
 from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import ACTIVE_PHASES
 from modalign.rollout.analysis import STATISTICAL_METRICS, analyse, describe, guard_verdicts, has_required_samples
@@ -132,7 +132,7 @@ class StateStore:
         """Returns once the state is committed; raises Fenced, or KafkaError with nothing written."""
         try:
             self._producer.begin_transaction()
-            self._producer.send(self._topic, key=STATE_KEY, value=state.SerializeToString())
+            self._producer.send(self._topic, key=STATE_KEY, value=state.SerializeToString(), headers=type_headers(state))
             self._producer.commit_transaction()
         except ProducerFencedError as error:
             raise Fenced(str(error)) from error
@@ -162,8 +162,8 @@ class VersionCatalog:
         while self._consumer.position(self._partition) < end:
             for records in self._consumer.poll(timeout_ms=500).values():
                 for record in records:
-                    event = events_pb2.PolicyVersionPublished.FromString(record.value)
-                    self.published[event.version] = (record.offset, event)
+                    if (event := decode_record(events_pb2.PolicyVersionPublished, record)) is not None:
+                        self.published[event.version] = (record.offset, event)
 
     def newest_since(self, offset: int) -> tuple[int, events_pb2.PolicyVersionPublished] | None:
         candidates = [entry for entry in self.published.values() if entry[0] >= offset]

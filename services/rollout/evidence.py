@@ -17,7 +17,7 @@ from kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core.blobs import BlobStore
-from modalign.core.kafka import KafkaConfig, make_consumer
+from modalign.core.kafka import KafkaConfig, decode_record, make_consumer
 from modalign.rollout.analysis import Evidence, Traffic
 from modalign.v1 import events_pb2
 
@@ -119,10 +119,10 @@ class EvidenceCollector:
             is_generation = partition.topic == self._kafka.topic("generations")
             for record in records:
                 if is_generation:
-                    self._add_generation(events_pb2.GenerationLogged.FromString(record.value))
-                else:
-                    self._pending[record.key.decode() if record.key else str(record.offset)] = (
-                        events_pb2.FeedbackReceived.FromString(record.value))
+                    if (generation := decode_record(events_pb2.GenerationLogged, record)) is not None:
+                        self._add_generation(generation)
+                elif (feedback := decode_record(events_pb2.FeedbackReceived, record)) is not None:
+                    self._pending[record.key.decode(errors="replace") if record.key else str(record.offset)] = feedback
         self._resolve_pending()
         self._score_some()
 

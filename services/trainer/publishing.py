@@ -51,6 +51,6 @@ class Publisher:
             eval_metrics=pending.eval_metrics, reward_model_version=reward_version,
         )
         event.published_at.GetCurrentTime()
-        produce_durably(self.producer, self.topic, [(version, event.SerializeToString())], self.produce_timeout_s)
+        produce_durably(self.producer, self.topic, [(version, event)], self.produce_timeout_s)
         VERSIONS.labels("published").inc()
         log.info("published policy %s (parent %s): %s", version, pending.parent, pending.eval_metrics)

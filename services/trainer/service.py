@@ -30,7 +30,16 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from modalign.core.blobs import BlobStore
-from modalign.core.kafka import ensure_topics, make_consumer, make_producer, produce_durably
+from modalign.core.kafka import (
+    PoisonRecord,
+    count_poison,
+    decode_record,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    parse_record,
+    produce_durably,
+)
 from modalign.core.modelstore import S3Config, open_store
 from modalign.core.service import MeteredConfig, run_service, serve_metrics
 from modalign.core.version_names import STARTING_VERSION
@@ -253,8 +262,8 @@ class Trainer:
             deadline = time.monotonic() + self.config.round_max_seconds
             while self.rollout_states.position(tp) < end and time.monotonic() < deadline:
                 for record in self.rollout_states.poll(timeout_ms=200).get(tp, []):
-                    state = events_pb2.RolloutState.FromString(record.value)
-                    if state.phase == events_pb2.ROLLOUT_PHASE_ROLLED_BACK and state.canary_version == building_on:
+                    state = decode_record(events_pb2.RolloutState, record)
+                    if state is not None and state.phase == events_pb2.ROLLOUT_PHASE_ROLLED_BACK and state.canary_version == building_on:
                         log.warning("the controller rolled back %s (%s): training goes on from %s",
                                     building_on, state.reason, state.stable_version)
                         ROLLBACKS_FOLLOWED.inc()
@@ -279,9 +288,10 @@ class Trainer:
             for tp, records in batches.items():
                 for record in records:
                     self.state.positions[(tp.topic, tp.partition)] = record.offset + 1
-                    generation = events_pb2.GenerationLogged.FromString(record.value)
-                    self.state.joiner.add_generation(generation)
-                    self._remember_prompt(generation)
+                    generation = decode_record(events_pb2.GenerationLogged, record)
+                    if generation is not None:
+                        self.state.joiner.add_generation(generation)
+                        self._remember_prompt(generation)
 
     def _remember_prompt(self, generation: events_pb2.GenerationLogged) -> None:
         key = prompt_key(generation)
@@ -293,11 +303,12 @@ class Trainer:
     def _on_feedback(self, record) -> tuple[list[PreferencePair], list[DeadLetter]]:
         position = (record.partition, record.offset)
         try:
-            received = events_pb2.FeedbackReceived.FromString(record.value)
-        except Exception:  # protobuf raises DecodeError and others for garbage bytes
+            received = parse_record(events_pb2.FeedbackReceived, record.value, record.headers or ())
+        except PoisonRecord as error:
+            count_poison(record, error)
             FEEDBACK_CONSUMED.labels("malformed").inc()
             placeholder = events_pb2.FeedbackReceived()
-            return [], [DeadLetter(placeholder, position, "malformed: not a FeedbackReceived message", raw=record.value)]
+            return [], [DeadLetter(placeholder, position, f"malformed: {error}", raw=record.value or b"")]
         feedback_id = received.feedback.feedback_id
         if feedback_id in self.state.consumed_ids:
             FEEDBACK_CONSUMED.labels("duplicate").inc()
@@ -318,7 +329,7 @@ class Trainer:
             records.append((letter.feedback.feedback.feedback_id, events_pb2.DeadLetter(
                 source_topic=self.topics["feedback"], source_partition=letter.position[0],
                 source_offset=letter.position[1], source_value=value, reason=letter.reason, dead_lettered_at=now,
-            ).SerializeToString()))
+            )))
         produce_durably(self.producer, self.topics["feedback.dlq"], records, self.config.kafka.produce_timeout_s)
 
     def _usable(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[DeadLetter]]:

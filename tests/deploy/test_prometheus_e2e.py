@@ -32,9 +32,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core import broker
-from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably
+from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably, type_headers
 from modalign.core.launch import service_process
 from modalign.core.processes import ManagedProcess, free_port, http_ok
+from modalign.feedback.server import content_digest
 from modalign.reward.config import RewardServerConfig
 from modalign.up import LocalPorts, local_services
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
@@ -332,7 +333,7 @@ def test_a_published_reward_model_that_cannot_load_fires_the_load_failure_alert(
     event.published_at.GetCurrentTime()
     producer = make_producer(kafka)
     try:
-        produce_durably(producer, kafka.topic("policy-versions"), [("v999", event.SerializeToString())], 10)
+        produce_durably(producer, kafka.topic("policy-versions"), [("v999", event)], 10)
     finally:
         producer.close(timeout=5)
     (alert,) = prometheus.wait_firing("ModalignRewardModelLoadFailed")
@@ -357,6 +358,65 @@ def test_an_operator_rolling_back_the_canary_fires_the_rollback_alert(system) ->
     (alert,) = prometheus.wait_firing("ModalignRolloutRolledBack")
     assert (alert["job"], alert["cause"], alert["severity"]) == (f"{RELEASE}-rollout", "operator", "warning")
     assert prometheus.firing("ModalignRolloutControllerAbsent") == []
+
+
+POISON_READERS = {  # who reads which topic all the time, and so must skip its poison
+    "feedback": ["feedback"], "policy": ["policy-versions", "rollout"], "reward": ["policy-versions"],
+    "trainer": ["feedback", "generations", "rollout"], "rollout": ["policy-versions"],
+}
+
+
+def poison_counts(service: Service, kafka: KafkaConfig) -> dict[str, float]:
+    return {sample.labels["topic"].removeprefix(kafka.topic_prefix): sample.value
+            for family in text_string_to_metric_families(scrape(service))
+            if family.name == "modalign_kafka_poison_records" for sample in family.samples
+            if sample.name.endswith("_total")}
+
+
+def test_poison_records_on_every_topic_are_skipped_and_the_valid_records_after_them_are_processed(system) -> None:
+    """Garbage bytes, a record of another type (as modalign writes it, type header and all) and a record
+    without a value, on every topic: each reader counts and skips them, keeps serving, and reads on."""
+    services, prometheus, kafka = system
+    before = {name: poison_counts(services[name], kafka) for name in POISON_READERS}
+    producer = make_producer(kafka)
+    wrong_type = events_pb2.DeadLetter(reason="not this topic's type")
+    try:
+        for topic in ("feedback", "generations", "rollout", "policy-versions"):
+            for value, headers in ((b"\x0a\xff\xff\xff\xff\x0f", []), (wrong_type.SerializeToString(), type_headers(wrong_type)),
+                                   (None, [])):
+                producer.send(kafka.topic(topic), key=b"poison", value=value, headers=headers).get(timeout=10)
+        # After the poison, valid feedback as another feedback replica would have written it.
+        replica_feedback = valid_feedback("rating")
+        produce_durably(producer, kafka.topic("feedback"), [(replica_feedback.feedback_id, events_pb2.FeedbackReceived(
+            feedback=replica_feedback, content_sha256=content_digest(replica_feedback)))], 10)
+    finally:
+        producer.close(timeout=5)
+
+    deadline = time.monotonic() + 60
+    while True:
+        counts = {name: poison_counts(services[name], kafka) for name in POISON_READERS}
+        skipped = {(name, topic): counts[name].get(topic, 0) - before[name].get(topic, 0)
+                   for name, topics in POISON_READERS.items() for topic in topics}
+        if all(n >= 3 for n in skipped.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(n >= 3 for n in skipped.values()), skipped
+    (alert,) = prometheus.wait_firing("ModalignKafkaPoisonRecords", job=f"{RELEASE}-trainer", topic=kafka.topic("generations"))
+    assert alert["severity"] == "warning"
+
+    # The feedback service read on past the poison: it knows the other replica's id, and refuses that id for
+    # other content; and every service still answers.
+    with grpc.insecure_channel(services["feedback"].address) as channel:
+        changed = feedback_pb2.Feedback()
+        changed.CopyFrom(replica_feedback)
+        changed.rating.score = 1 if replica_feedback.rating.score != 1 else 2
+        assert submit(feedback_pb2_grpc.FeedbackServiceStub(channel), changed) == grpc.StatusCode.ALREADY_EXISTS
+    with grpc.insecure_channel(services["policy"].address) as channel:
+        request, _ = prompt(random.Random(5), n=1)
+        assert policy_pb2_grpc.PolicyServiceStub(channel).Generate(request, timeout=60).candidates
+    with grpc.insecure_channel(services["rollout"].address) as channel:
+        assert rollout_pb2_grpc.RolloutServiceStub(channel).GetState(rollout_pb2.GetStateRequest(), timeout=30).revision
+    assert all(service.process.process.poll() is None for service in services.values())
 
 
 def test_a_kafka_outage_fires_the_feedback_unavailable_produce_error_and_error_rate_alerts(system, module_broker) -> None:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from modalign.core.kafka import KafkaConfig
+from modalign.core.kafka import KafkaConfig, type_headers
 from modalign.policy.batcher import BatcherOverloaded, DynamicBatcher
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import format_prompt
@@ -147,13 +147,18 @@ def test_a_full_queue_refuses_instead_of_growing(policy) -> None:
     batcher.close()
 
 
+def record(topic: str, message) -> SimpleNamespace:
+    """A consumed record of message as modalign writes it."""
+    return SimpleNamespace(topic=topic, partition=0, offset=0, value=message.SerializeToString(), headers=type_headers(message))
+
+
 def test_a_state_waits_for_the_announcement_of_the_version_it_routes_to(policy) -> None:
     config = PolicyConfig(kafka=KafkaConfig(topic_prefix="t."))
     versions = PublishedVersions(config, PolicyEngine(*policy, "v0"))
     state = events_pb2.RolloutState(revision=1, stable_version="v0", canary_version="v1", canary_weight_percent=5,
                                     phase=events_pb2.ROLLOUT_PHASE_PROGRESSING)
     announcement = events_pb2.PolicyVersionPublished(version="v1", uri="file:///models/policy/v1")
-    assert versions.update([SimpleNamespace(topic="t.rollout", value=state.SerializeToString())]) is None
-    routes = versions.update([SimpleNamespace(topic="t.policy-versions", value=announcement.SerializeToString())])
+    assert versions.update([record("t.rollout", state)]) is None
+    routes = versions.update([record("t.policy-versions", announcement)])
     assert routes == Routes("v0", "v1", 5)
-    assert versions.update([SimpleNamespace(topic="t.rollout", value=state.SerializeToString())]) is None  # not newer
+    assert versions.update([record("t.rollout", state)]) is None  # not newer

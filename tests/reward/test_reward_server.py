@@ -196,14 +196,14 @@ def test_the_rollout_controller_scores_each_versions_served_responses_here(
             response_id=f"response-{row}", policy_version=version, prompt_text=PROMPTS[row],
             response_text=RESPONSES[row], images=refs,
         )
-        generations.append((generation.response_id, generation.SerializeToString()))
+        generations.append((generation.response_id, generation))
         rating = events_pb2.FeedbackReceived(feedback=feedback_pb2.Feedback(
             feedback_id=f"rating-{row}", rating=feedback_pb2.Rating(response_id=f"response-{row}", score=row + 2)))
-        feedback.append((f"rating-{row}", rating.SerializeToString()))
+        feedback.append((f"rating-{row}", rating))
     preference = events_pb2.FeedbackReceived(feedback=feedback_pb2.Feedback(
         feedback_id="preference", preference=feedback_pb2.Preference(
             chosen_response_id="response-1", rejected_response_id="response-2")))
-    feedback.append(("preference", preference.SerializeToString()))
+    feedback.append(("preference", preference))
     producer = make_producer(kafka_config)
     # Feedback first: the collector must hold it until the generations it refers to arrive.
     produce_durably(producer, kafka_config.topic("feedback"), feedback, 30)
@@ -361,7 +361,7 @@ def _publish_event(kafka_config: KafkaConfig, store: DirectoryStore, policy_vers
     event.published_at.GetCurrentTime()
     producer = make_producer(kafka_config)
     try:
-        produce_durably(producer, kafka_config.topic("policy-versions"), [(policy_version, event.SerializeToString())],
+        produce_durably(producer, kafka_config.topic("policy-versions"), [(policy_version, event)],
                         timeout_s=kafka_config.produce_timeout_s)
     finally:
         producer.close()

@@ -76,7 +76,7 @@ def publish(kafka: KafkaConfig, store: ModelStore, version: str, eos_logit: floa
     event.published_at.GetCurrentTime()
     producer = make_producer(kafka)
     try:
-        produce_durably(producer, kafka.topic("policy-versions"), [(version, event.SerializeToString())], 30)
+        produce_durably(producer, kafka.topic("policy-versions"), [(version, event)], 30)
     finally:
         producer.close()
 

@@ -35,7 +35,7 @@ def train_and_publish(trainer: Trainer, version: str) -> str:
 def write_rollout_states(kafka: KafkaConfig, *states: events_pb2.RolloutState) -> None:
     producer = make_producer(kafka)
     try:
-        produce_durably(producer, kafka.topic("rollout"), [("state", s.SerializeToString()) for s in states],
+        produce_durably(producer, kafka.topic("rollout"), [("state", s) for s in states],
                         kafka.produce_timeout_s)
     finally:
         producer.close()
