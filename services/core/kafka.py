@@ -101,6 +101,15 @@ def decode_record(message_type: type[M], record) -> M | None:
         return None
 
 
+def assign(consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+    """consumer.assign(partitions), exporting a poison count of 0 for each of their topics: Prometheus's
+    increase() sees no rise in a series whose first sample is already above zero, so the alert on the
+    first poison record of a topic needs the zero before it."""
+    consumer.assign(partitions)
+    for topic in {partition.topic for partition in partitions}:
+        POISON_RECORDS.labels(topic)
+
+
 def count_poison(record, error: PoisonRecord) -> None:
     """Counts and logs a poison record that its consumer skips."""
     POISON_RECORDS.labels(record.topic).inc()

@@ -10,7 +10,7 @@ from typing import Callable
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from modalign.core.kafka import KafkaConfig, decode_record, make_consumer
+from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class TopicFollower:
         self._on_records = on_records
         self._consumer = make_consumer(config, group_id=None, isolation_level="read_committed")
         self._partitions = [TopicPartition(config.topic(name), 0) for name in topic_names]
-        self._consumer.assign(self._partitions)
+        assign(self._consumer, self._partitions)
         self._consumer.seek_to_beginning(*self._partitions)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="topic-follower", daemon=True)

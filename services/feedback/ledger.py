@@ -14,7 +14,7 @@ import time
 
 from kafka import TopicPartition
 
-from modalign.core.kafka import KafkaConfig, decode_record, make_consumer
+from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class FeedbackLedger:
         if not partitions:
             raise RuntimeError(f"topic {self._topic} does not exist; run `modalign kafka topics` first")
         self._partitions = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-        self._consumer.assign(self._partitions)
+        assign(self._consumer, self._partitions)
         self._consumer.seek_to_beginning(*self._partitions)
         self._thread = threading.Thread(target=self._tail, name="feedback-ledger", daemon=True)
 

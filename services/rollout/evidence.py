@@ -17,7 +17,7 @@ from kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core.blobs import BlobStore
-from modalign.core.kafka import KafkaConfig, decode_record, make_consumer
+from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
 from modalign.rollout.analysis import Evidence, Traffic
 from modalign.v1 import events_pb2
 
@@ -92,7 +92,7 @@ class EvidenceCollector:
             for name in ("generations", "feedback")
             for p in sorted(self._consumer.partitions_for_topic(kafka.topic(name)) or [])
         ]
-        self._consumer.assign(self._partitions)
+        assign(self._consumer, self._partitions)
         self.canary = self.stable = ""
         self.evidence = Evidence()
         self._served_by: dict[str, str] = {}
