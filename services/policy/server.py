@@ -143,12 +143,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             pending.add_done_callback(lambda _: deltas.put(None))
             response_ids = [str(uuid.uuid4()) for _ in range(generation.n)]
             token_counts = [0] * generation.n
+            # Deltas name no response: an id reaches the client only on the final chunks, once the
+            # generation is durably logged, so any feedback that names it can be joined.
             while (item := deltas.get()) is not None:
                 index, text = item
                 token_counts[index] += 1
                 yield policy_pb2.GenerateStreamChunk(
-                    policy_version=version, candidate_index=index, response_id=response_ids[index],
-                    text_delta=text, token_count=token_counts[index],
+                    policy_version=version, candidate_index=index, text_delta=text, token_count=token_counts[index],
                 )
             samples = self._result(version, pending, context)
             prompt_id, candidates = self._log(request, image_refs, samples, context, response_ids)

@@ -105,10 +105,11 @@ def test_same_seed_gives_the_same_answer(policy: PolicyUnderTest) -> None:
     assert first == second
 
 
-def test_stream_deltas_add_up_to_the_logged_text(policy: PolicyUnderTest) -> None:
+def test_stream_deltas_add_up_to_the_logged_text_and_only_logged_responses_are_named(policy: PolicyUnderTest) -> None:
     chunks = list(policy.stub.GenerateStream(request(n=2), timeout=60))
     finals = [c for c in chunks if c.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED]
     assert sorted(c.candidate_index for c in finals) == [0, 1]
+    assert all(c.response_id == "" for c in chunks if c.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED)
     prompt_id = finals[0].prompt_id
     logged = {g.response_id: g for g in policy.logged() if g.prompt_id == prompt_id}
     for final in finals:
