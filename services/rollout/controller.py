@@ -25,7 +25,7 @@ from kafka.errors import KafkaError, ProducerFencedError
 from prometheus_client import Counter, Gauge
 
 from modalign.core.config import ConfigError
-from modalign.core.kafka import KafkaConfig, decode_record, make_consumer, read_topic, type_headers
+from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer, read_topic, type_headers
 from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import ACTIVE_PHASES
 from modalign.rollout.analysis import STATISTICAL_METRICS, analyse, describe, guard_verdicts, has_required_samples
@@ -153,7 +153,7 @@ class VersionCatalog:
     def __init__(self, kafka: KafkaConfig) -> None:
         self._consumer = make_consumer(kafka, group_id=None)
         self._partition = TopicPartition(kafka.topic("policy-versions"), 0)
-        self._consumer.assign([self._partition])
+        assign(self._consumer, [self._partition])
         self._consumer.seek_to_beginning(self._partition)
         self.published: dict[str, tuple[int, events_pb2.PolicyVersionPublished]] = {}
 
@@ -163,7 +163,9 @@ class VersionCatalog:
             for records in self._consumer.poll(timeout_ms=500).values():
                 for record in records:
                     if (event := decode_record(events_pb2.PolicyVersionPublished, record)) is not None:
-                        self.published[event.version] = (record.offset, event)
+                        # The first announcement counts: one repeated later (a trainer restarted
+                        # after announcing) must not start a second rollout of the version.
+                        self.published.setdefault(event.version, (record.offset, event))
 
     def newest_since(self, offset: int) -> tuple[int, events_pb2.PolicyVersionPublished] | None:
         candidates = [entry for entry in self.published.values() if entry[0] >= offset]

@@ -3,7 +3,8 @@ then a PolicyVersionPublished event.
 
 Idempotent, so a trainer that crashed between its checkpoint and the event publishes on restart
 without writing anything twice: a version already in the store is not written again (the store
-commits a version atomically, by its manifest), and the event says the same either way.
+commits a version atomically, by its manifest), and a version already announced on the topic (the
+crash came after the event, before the checkpoint that says so) is not announced again.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 
 from kafka import KafkaProducer
 
-from modalign.core.kafka import produce_durably
+from modalign.core.kafka import KafkaConfig, produce_durably, read_topic
 from modalign.core.modelstore import Manifest
 from modalign.core.version_names import next_policy_version, reward_version_for
 from modalign.trainer.gate import VERSIONS
@@ -24,16 +25,16 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, store, producer: KafkaProducer, topic: str, produce_timeout_s: float, algorithm: str) -> None:
-        self.store, self.producer, self.topic = store, producer, topic
-        self.produce_timeout_s, self.algorithm = produce_timeout_s, algorithm
+    def __init__(self, store, producer: KafkaProducer, kafka: KafkaConfig, algorithm: str) -> None:
+        self.store, self.producer, self.kafka, self.algorithm = store, producer, kafka, algorithm
 
     def next_version(self, parent: str) -> str:
         """The name after every policy version in the store and the parent (which may be rolled back, or
         missing from a store that was emptied)."""
         return next_policy_version(*self.store.versions("policy"), parent)
 
-    def publish(self, pending: PendingVersion, models: Models) -> None:
+    def publish(self, pending: PendingVersion, models: Models, recovering: bool = False) -> None:
+        """Writes the version and announces it; recovering: after a restart, when it may already have been."""
         version = pending.version
         published = self.store.lookup("policy", version)
         if published is None:  # else a crash came after the version was written, before the event
@@ -51,6 +52,11 @@ class Publisher:
             eval_metrics=pending.eval_metrics, reward_model_version=reward_version,
         )
         event.published_at.GetCurrentTime()
-        produce_durably(self.producer, self.topic, [(version, event)], self.produce_timeout_s)
+        if recovering and any(e.version == version for e in read_topic(self.kafka, "policy-versions",
+                                                                        events_pb2.PolicyVersionPublished)):
+            log.info("policy %s was announced before the restart: not again", version)
+            return
+        produce_durably(self.producer, self.kafka.topic("policy-versions"), [(version, event)],
+                        self.kafka.produce_timeout_s)
         VERSIONS.labels("published").inc()
         log.info("published policy %s (parent %s): %s", version, pending.parent, pending.eval_metrics)

@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import (
     PoisonRecord,
+    assign,
     count_poison,
     decode_record,
     ensure_topics,
@@ -137,12 +138,11 @@ class Trainer:
                                   joiner=FeedbackJoiner(limits=config.join))
         self._restore()
         self.producer = make_producer(config.kafka)
-        self.publisher = Publisher(self.store, self.producer, self.topics["policy-versions"],
-                                   config.kafka.produce_timeout_s, config.learner.algorithm)
+        self.publisher = Publisher(self.store, self.producer, config.kafka, config.learner.algorithm)
         self.generations = make_consumer(config.kafka, group_id=None)
         partitions = [TopicPartition(self.topics["generations"], p)
                       for p in sorted(self.generations.partitions_for_topic(self.topics["generations"]) or [])]
-        self.generations.assign(partitions)
+        assign(self.generations, partitions)
         for tp in partitions:
             self._seek(self.generations, tp)
         # Feedback partitions are split among the ranks statically (partition % world_size == rank)
@@ -155,13 +155,13 @@ class Trainer:
             for p in sorted(self.feedback.partitions_for_topic(self.topics["feedback"]) or [])
             if p % world_size == rank
         ]
-        self.feedback.assign(feedback_partitions)
+        assign(self.feedback, feedback_partitions)
         for tp in feedback_partitions:
             self._seek(self.feedback, tp)
         # The controller writes in transactions; a fenced controller's aborted writes are never followed.
         self.rollout_states = make_consumer(config.kafka, group_id=None, isolation_level="read_committed")
         self.rollout_partition = TopicPartition(self.topics["rollout"], 0)
-        self.rollout_states.assign([self.rollout_partition])
+        assign(self.rollout_states, [self.rollout_partition])
         self.rollout_states.seek(self.rollout_partition, self.state.rollout_offset)
 
     def close(self) -> None:
@@ -203,7 +203,7 @@ class Trainer:
     def run_round(self) -> dict[str, float]:
         started = time.monotonic()
         if self.state.pending_publish is not None:  # a crash came between checkpoint and publishing
-            self._publish(self.state.pending_publish)
+            self._publish(self.state.pending_publish, recovering=True)
         self._follow_rollbacks()
         consumed = 0
         deadline = started + self.config.round_max_seconds
@@ -398,9 +398,9 @@ class Trainer:
         except Exception:
             log.debug("could not read end offsets for the lag metric", exc_info=True)
 
-    def _publish(self, pending: PendingVersion) -> None:
+    def _publish(self, pending: PendingVersion, recovering: bool = False) -> None:
         if self.rank == 0:  # rank 0 writes the store and the event; the others only follow
-            self.publisher.publish(pending, self.learner.models)
+            self.publisher.publish(pending, self.learner.models, recovering)
         self.state.parent_version = pending.version
         self.state.pending_publish = None
 

@@ -34,13 +34,14 @@ from modalign.policy.config import PolicyConfig
 from modalign.rollout.server import RolloutConfig
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
-from tests.rollout.users import Users, image_png, publish, save_model
+from tests.rollout.users import Users, announce, image_png, publish, save_model
 from tests.services import grpc_service_config, start_grpc_service
 
 pytestmark = pytest.mark.integration
 
 STEPS = (20, 50, 100)
 MIN_STEP_SECONDS = 3
+TICK_SECONDS = 0.3
 
 
 class System:
@@ -56,7 +57,7 @@ class System:
 
     def start_controller(self, name: str = "rollout") -> ManagedProcess:
         config = with_overrides(
-            grpc_service_config(RolloutConfig, self.kafka, tick_seconds=0.3,
+            grpc_service_config(RolloutConfig, self.kafka, tick_seconds=TICK_SECONDS,
                                 policy_metrics=tuple(f"127.0.0.1:{port}" for port in self.policy_metrics)),
             {"rollout.steps": STEPS, "rollout.min_step_seconds": float(MIN_STEP_SECONDS),
              "rollout.max_step_seconds": 120.0, "rollout.min_samples": 20, "rollout.required_metrics": ("rating",),
@@ -211,6 +212,16 @@ def test_a_version_users_rate_worse_is_rolled_back(system: System) -> None:
     assert rating.outcome == "worse" and rating.canary_value < rating.stable_value, state.reason
     assert rating.canary_samples >= 20 and rating.p_value < rating.threshold
     system.replicas_route({"v1": 100})
+
+
+def test_a_version_announced_again_is_not_rolled_out_again(system: System) -> None:
+    """A trainer restarted between announcing v2 and its checkpoint announces v2 again: the controller,
+    which rolled v2 back, starts no second rollout of it."""
+    before = system.rollout().GetState(rollout_pb2.GetStateRequest(), timeout=10)
+    announce(system.kafka, "v2", system.store.lookup("policy", "v2"))
+    time.sleep(5 * TICK_SECONDS)  # the controller reads policy-versions every tick
+    after = system.rollout().GetState(rollout_pb2.GetStateRequest(), timeout=10)
+    assert (after.revision, after.stable_version, after.phase) == (before.revision, "v1", before.phase), after.reason
 
 
 def test_a_version_that_errors_is_rolled_back_at_once(system: System) -> None:

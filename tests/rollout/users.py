@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
-from modalign.core.modelstore import Manifest, ModelStore
+from modalign.core.modelstore import Manifest, ModelStore, Published
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import build_default_policy, format_prompt, save_policy
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -69,6 +69,11 @@ def publish(kafka: KafkaConfig, store: ModelStore, version: str, eos_logit: floa
         Manifest(version=version, kind="policy", parent="test"),
         lambda staging: save_policy(*policy_with_eos_logit(eos_logit, broken=broken), staging),
     )
+    announce(kafka, version, published)
+
+
+def announce(kafka: KafkaConfig, version: str, published: Published) -> None:
+    """The PolicyVersionPublished event of a version in the store."""
     event = events_pb2.PolicyVersionPublished(
         version=version, parent_version="test", uri=published.uri,
         manifest_sha256=published.manifest_sha256, algorithm="test",

@@ -1,4 +1,5 @@
-"""Nothing lost, nothing counted twice: the trainer is SIGKILLed at several points and restarted.
+"""Nothing lost, nothing counted twice, nothing announced twice: the trainer is SIGKILLed at several points
+and restarted.
 
 Real broker, real policy and feedback services, the trainer as a process. Afterwards every feedback
 id has been learned from exactly once (or kept out for evaluation exactly once), according to the
@@ -120,3 +121,6 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
     orphans = [d for d in dead if events_pb2.FeedbackReceived.FromString(d.source_value).feedback.feedback_id == orphan]
     assert orphans and orphans[0].reason.startswith("unjoinable")
     assert state.parent_version != STARTING_VERSION  # versions kept being published across the crashes
+    # Killed right after announcing a version, before the checkpoint that says so: announced once all the same.
+    announced = Counter(event.version for event in read_topic(kafka_config, "policy-versions", events_pb2.PolicyVersionPublished))
+    assert max(announced.values()) == 1, announced
