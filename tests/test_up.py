@@ -28,15 +28,31 @@ def pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-def start_up(tmp_path: Path, *arguments: str) -> subprocess.Popen:
+def start_up(tmp_path: Path, *arguments: str, grpc_base_port: int | None = None) -> subprocess.Popen:
+    """`modalign up` as a user runs it, on free loopback ports (its services on grpc_base_port and the four after)."""
     modalign = shutil.which("modalign", path=str(Path(sys.executable).parent))
     command = [
         modalign, "up", *arguments, "--data-dir", str(tmp_path / "kafka"),
         "--port", str(free_port()), "--controller-port", str(free_port()),
-        "--grpc-base-port", str(free_run(5)), "--metrics-base-port", str(free_run(5)),
+        "--grpc-base-port", str(grpc_base_port or free_run(5)), "--metrics-base-port", str(free_run(5)),
     ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def stop_up(process: subprocess.Popen, children: list[int] | None = None) -> None:
+    """Stops up as Ctrl-C does if it still runs (killing its process group if that takes over 2 minutes),
+    then kills whichever of its children (recorded while it ran) a failed stop left behind."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    for pid in children or []:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def children_of(pid: int) -> list[int]:
@@ -70,9 +86,7 @@ def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c
         time.sleep(1)
         assert [pid for pid in children if pid_alive(pid)] == []
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_up(process)
 
 
 def test_up_stops_everything_on_ctrl_c_when_its_output_is_no_longer_read(tmp_path: Path) -> None:
@@ -89,9 +103,4 @@ def test_up_stops_everything_on_ctrl_c_when_its_output_is_no_longer_read(tmp_pat
         time.sleep(1)
         assert [pid for pid in children if pid_alive(pid)] == []
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        for pid in children:  # what a failed stop left behind
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_up(process, children)

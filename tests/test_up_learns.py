@@ -9,12 +9,7 @@ algorithm (RLOO), its reward model, its gate and the canary are `modalign up`'s 
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,10 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from modalign.core.processes import free_port
 from modalign.v1 import feedback_pb2_grpc, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
 from tests.services import free_run
+from tests.test_up import start_up, stop_up
 from tests.trainer.scripted_users import colour_counts, interact, two_proportion_z
 
 pytestmark = pytest.mark.integration
@@ -37,13 +32,8 @@ USERS = 3
 
 @pytest.mark.timeout(DEADLINE_S + 300)
 def test_up_serves_a_version_its_users_prefer_within_twenty_minutes(tmp_path: Path) -> None:
-    modalign = shutil.which("modalign", path=str(Path(sys.executable).parent))
     grpc_base = free_run(5)
-    command = [modalign, "up", "--data-dir", str(tmp_path / "kafka"), "--port", str(free_port()),
-               "--controller-port", str(free_port()), "--grpc-base-port", str(grpc_base),
-               "--metrics-base-port", str(free_run(5))]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = start_up(tmp_path, grpc_base_port=grpc_base)
     stop_users = threading.Event()
     failures: list[grpc.RpcError] = []
     interactions = [0]
@@ -102,10 +92,4 @@ def test_up_serves_a_version_its_users_prefer_within_twenty_minutes(tmp_path: Pa
             assert z > 3, f"no version served did measurably better than v0 within 20 minutes (best {best}, z {z:.2f})"
     finally:
         stop_users.set()
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_up(process)
