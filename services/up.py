@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
 import threading
@@ -149,10 +150,8 @@ def run_local_system(config: UpConfig) -> int:
 def say(line: str) -> None:
     """Prints line; a reader that went away (`modalign up | head`, a closed pipe) must not keep the
     services from being stopped."""
-    try:
+    with contextlib.suppress(BrokenPipeError):
         print(line, flush=True)
-    except BrokenPipeError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

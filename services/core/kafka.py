@@ -70,8 +70,8 @@ def parse_record(message_type: type[M], value: bytes | None, headers: Sequence[t
     (what a record from a writer that sets no header is checked by)."""
     name = message_type.DESCRIPTOR.full_name
     declared = dict(headers).get(CONTENT_TYPE_HEADER)
-    if declared is not None and declared.decode(errors="replace") != content_type(name):
-        raise PoisonRecord(f"not a {name}: its content-type is {declared.decode(errors='replace')!r}")
+    if declared is not None and (declared_type := declared.decode(errors="replace")) != content_type(name):
+        raise PoisonRecord(f"not a {name}: its content-type is {declared_type!r}")
     if value is None:
         raise PoisonRecord(f"not a {name}: the record has no value")
     try:
