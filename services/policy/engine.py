@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.core.version_names import STARTING_VERSION
+from modalign.policy.families import Inputs, family_of
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class PolicyEngine:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.family = family_of(model.config.model_type)
         self.policy_version = policy_version
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -166,7 +168,7 @@ class PolicyEngine:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
         self.unsampleable_token_ids = unsampleable_token_ids(self.tokenizer, self.eos_token_ids)
 
-    def encode(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
+    def encode(self, request: GenerationRequest) -> Inputs:
         """Validate a request and run the processor on it (image placeholders expanded), on the CPU."""
         params = request.params
         if request.n < 1:
@@ -177,7 +179,7 @@ class PolicyEngine:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
-        return self.processor(text=request.prompt_text, images=request.images or None, return_tensors="pt")
+        return self.family.encode(self.processor, request.prompt_text, request.images)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[Sample]]:
         """Sample request.n candidates for every request; returns them per request, in order."""
@@ -185,7 +187,7 @@ class PolicyEngine:
 
     @torch.inference_mode()
     def generate_encoded(
-        self, requests: list[GenerationRequest], encoded: list[dict[str, torch.Tensor]]
+        self, requests: list[GenerationRequest], encoded: list[Inputs]
     ) -> list[list[Sample]]:
         """generate() for requests already passed through encode()."""
         if not requests:
@@ -195,10 +197,11 @@ class PolicyEngine:
         samples: list[list[Sample | None]] = [[None] * r.n for r in requests]
 
         # Prefill each distinct prompt once, then give each of its n candidates a copy of its cache.
-        logits, cache, attention_mask, next_position = self._prefill(encoded)
+        logits, cache, attention_mask, next_position, step_inputs = self._prefill(encoded)
         row_request = torch.tensor([row.request_index for row in rows], device=logits.device)
         cache.batch_select_indices(row_request)
         logits, attention_mask, next_position = logits[row_request], attention_mask[row_request], next_position[row_request]
+        step_inputs = {key: value[row_request] for key, value in step_inputs.items()}
 
         active = rows
         temperature = torch.tensor([r.params.temperature for r in active], device=logits.device)
@@ -239,20 +242,22 @@ class PolicyEngine:
                 cache.batch_select_indices(index)
                 attention_mask, next_position, tokens = attention_mask[index], next_position[index], tokens[index]
                 temperature, top_p = temperature[index], top_p[index]
+                step_inputs = {key: value[index] for key, value in step_inputs.items()}
                 active = [active[i] for i in keep]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
             out = self.model(
                 input_ids=tokens.unsqueeze(-1),
                 attention_mask=attention_mask,
-                position_ids=next_position.unsqueeze(-1),
+                position_ids=self.family.step_positions(next_position),
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **step_inputs,
             )
             logits, cache, next_position = out.logits[:, -1], out.cache, next_position + 1
         return samples  # type: ignore[return-value]  # every row finished, so every slot is filled
 
-    def _make_rows(self, requests: list[GenerationRequest], encoded: list[dict[str, torch.Tensor]]) -> list[_Row]:
+    def _make_rows(self, requests: list[GenerationRequest], encoded: list[Inputs]) -> list[_Row]:
         rows = []
         for request_index, (request, inputs) in enumerate(zip(requests, encoded)):
             prompt_ids = inputs["input_ids"][0].tolist()
@@ -266,36 +271,15 @@ class PolicyEngine:
                 )
         return rows
 
-    def _prefill(self, encoded: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-        """Run the prompts (one row each) through the model; return last-position logits, the cache,
-        the attention mask and each row's next position id."""
-        device, dtype = self.model.device, self.model.dtype
-        lengths = [inputs["input_ids"].shape[-1] for inputs in encoded]
-        width = max(lengths)
-        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, (inputs, length) in enumerate(zip(encoded, lengths)):
-            # Left padding: every prompt ends at the last column, where generation continues.
-            input_ids[i, width - length :] = inputs["input_ids"][0]
-            attention_mask[i, width - length :] = 1
-        # Positions count real tokens only, so a padded prompt sees the same positions as alone.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # Image tensors (pixel_values, image_sizes, ...) of all prompts, in placeholder order.
-        extra: dict[str, torch.Tensor] = {}
-        for key in sorted({k for inputs in encoded for k in inputs} - {"input_ids", "attention_mask"}):
-            parts = [inputs[key] for inputs in encoded if key in inputs]
-            value = torch.cat(parts).to(device)
-            extra[key] = value.to(dtype) if value.is_floating_point() else value
-        out = self.model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            position_ids=position_ids.to(device),
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
-        next_position = torch.tensor(lengths, device=device)
-        return out.logits[:, -1], out.cache, attention_mask.to(device), next_position
+    def _prefill(self, encoded: list[Inputs]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor, Inputs]:
+        """Run the prompts (one row each, left-padded so each ends where generation continues) through
+        the model; return last-position logits, the cache, the attention mask, each row's next position
+        and the inputs every decoding step needs."""
+        batch = self.family.collate(encoded, self.pad_token_id, "left", self.model.device, self.model.dtype)
+        position_ids, next_position = self.family.positions(self.model, batch)
+        out = self.model(**batch, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        step_inputs = self.family.step_inputs(batch, out)
+        return out.logits[:, -1], out.cache, batch["attention_mask"], next_position, step_inputs
 
     def _decode(self, token_ids: list[int]) -> str:
         # No clean-up of spaces: it rewrites earlier text (" ," -> ","), so a prefix's decoding would

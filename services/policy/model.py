@@ -7,23 +7,27 @@ BPE tokenizer trained in code, because no model hub is reachable from this proje
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessorPil,
+    LlavaImageProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
 )
+
+from modalign.policy.families import UnsupportedModel, family_of
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -97,30 +101,46 @@ def _training_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Train the default byte-level BPE tokenizer on the built-in corpus (deterministic, offline)."""
+def build_tokenizer(
+    *,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    bos_token: str | None = BOS_TOKEN,
+    eos_token: str = EOS_TOKEN,
+    pad_token: str = PAD_TOKEN,
+    unk_token: str | None = UNK_TOKEN,
+    named_tokens: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+    vocab_size: int = TOKENIZER_VOCAB_SIZE,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on the built-in corpus (deterministic, offline).
+
+    The defaults are the default policy's. A tiny checkpoint of another family passes that family's
+    special tokens, chat template and named tokens (e.g. {"image_token": "<|image_pad|>"}), which its
+    processor reads as tokenizer attributes. Every name passed must be among special_tokens.
+    """
+    named_tokens = {"image_token": IMAGE_TOKEN} if named_tokens is None else named_tokens
     tokenizer = Tokenizer(models.BPE())
     # Byte-level: every UTF-8 string encodes, so no user text maps to <unk>.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
     # normalized=False: the special tokens match only their exact text.
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        chat_template=CHAT_TEMPLATE,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        unk_token=unk_token,
+        extra_special_tokens=named_tokens,
+        chat_template=chat_template,
         padding_side="left",  # decoder-only generation continues from the right edge
         model_max_length=2048,
     )
@@ -132,7 +152,7 @@ def build_processor(
     """The LLaVA processor for the default policy: resize to 32x32, expand each <image> to one token per
     patch (16 with the default 8x8 patches)."""
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    image_processor = LlavaImageProcessorPil(
+    image_processor = LlavaImageProcessor(
         # Squash to 32x32 rather than crop: a crop could cut off shapes that the answer must count.
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -211,14 +231,36 @@ def save_policy(model: PreTrainedModel, processor: ProcessorMixin, folder: str |
 def load_policy(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Load any image-text-to-text policy from a local folder, in eval mode (dropout off)."""
+    """Load an image-text-to-text policy of a supported family from a local folder, in eval mode
+    (dropout off).
+
+    Raises UnsupportedModel with a one-line reason, before any weight is read, when the folder has no
+    config, its family is not supported, or its processor lacks a tokenizer, an image processor or a
+    chat template.
+    """
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UnsupportedModel(f"{folder}: no readable model config ({_first_line(error)})") from error
+    family_of(config.model_type)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise UnsupportedModel(f"{folder}: no readable processor ({_first_line(error)})") from error
+    missing = [part for part in ("tokenizer", "image_processor", "chat_template") if getattr(processor, part, None) is None]
+    if missing:
+        raise UnsupportedModel(f"{folder}: the processor has no {' and no '.join(missing)}")
     model = AutoModelForImageTextToText.from_pretrained(
         folder, local_files_only=True, dtype=dtype if dtype is not None else "auto"
     )
     model.to(device)
     model.eval()
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     return model, processor
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def format_prompt(processor: ProcessorMixin, text: str, num_images: int) -> str:

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
+from modalign.policy.families import family_of
 from modalign.policy.model import build_default_policy, format_prompt, load_policy, save_policy
 
 FORMAT = "modalign.reward/1"
@@ -61,6 +62,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.processor = processor
+        self.family = family_of(backbone.config.model_type)
         text_config = backbone.config.get_text_config()
         self.max_positions: int = text_config.max_position_embeddings
         self.head = nn.Linear(text_config.hidden_size, 1)
@@ -95,8 +97,9 @@ class RewardModel(nn.Module):
             if forged:
                 raise UnscorableText(f"response {row} contains reserved token(s) {forged}")
             texts.append(formatted + response + tokenizer.eos_token)
-        flat_images = [image for images in images_per_sample for image in images]
-        inputs = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
+        rows = [self.family.encode(self.processor, text, images) for text, images in zip(texts, images_per_sample)]
+        inputs = self.family.collate(rows, tokenizer.pad_token_id, "right")
+        inputs["position_ids"] = self.family.positions(self.backbone, inputs)[0]
         if self.likelihood_weights is not None:
             # Tokens of each response and its EOS, which end every row: the ones the likelihood is taken of.
             inputs["response_lengths"] = torch.tensor(
@@ -107,7 +110,7 @@ class RewardModel(nn.Module):
         if too_long:
             row, length = too_long[0]
             raise UnscorableText(f"row {row} is {length} tokens, above the model's limit of {self.max_positions}")
-        return inputs
+        return BatchFeature(inputs)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_lengths: torch.Tensor | None = None,

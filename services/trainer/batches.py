@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -19,6 +19,8 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.core.blobs import BlobStore
 from modalign.policy.engine import Sample, mask_unsampleable
+from modalign.policy.families import Inputs, family_of
+from modalign.policy.model import format_prompt
 from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.logprobs import token_logprobs
 
@@ -35,33 +37,27 @@ class Prompt:
 class ResponseBatch:
     """Prompts with responses, right-padded, plus where each response token's logit sits."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    pixel_values: torch.Tensor | None
+    rows: list[Inputs]
+    """Each row's own inputs (prompt then response, unpadded, on the CPU): sub-batches collate from them."""
+    inputs: Inputs
+    """The model's inputs: the rows collated, with position ids, on the device."""
     logit_positions: torch.Tensor
     """[batch, response_length]: the position whose logits predict response token j (its index - 1)."""
     response_ids: torch.Tensor
     response_mask: torch.Tensor
-    images_per_row: list[int]
-    """How many of pixel_values' images belong to each row, in row order."""
+    collate: Callable[[list[Inputs]], Inputs] = field(repr=False)
 
     def select(self, rows: list[int]) -> ResponseBatch:
         """The sub-batch of the given rows, with their images."""
-        starts = [sum(self.images_per_row[:row]) for row in range(len(self.images_per_row))]
-        images = [i for row in rows for i in range(starts[row], starts[row] + self.images_per_row[row])]
-        index = torch.tensor(rows, device=self.input_ids.device)
+        index = torch.tensor(rows, device=self.response_ids.device)
+        picked = [self.rows[row] for row in rows]
         return ResponseBatch(
-            input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
-            pixel_values=self.pixel_values[torch.tensor(images, device=self.input_ids.device)] if images else None,
-            logit_positions=self.logit_positions[index], response_ids=self.response_ids[index],
-            response_mask=self.response_mask[index], images_per_row=[self.images_per_row[row] for row in rows],
+            rows=picked, inputs=self.collate(picked), logit_positions=self.logit_positions[index],
+            response_ids=self.response_ids[index], response_mask=self.response_mask[index], collate=self.collate,
         )
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.pixel_values is not None:
-            inputs["pixel_values"] = self.pixel_values
-        return inputs
+    def model_inputs(self) -> Inputs:
+        return self.inputs
 
 
 class ImageCache:
@@ -91,62 +87,69 @@ class ImageCache:
 
 
 class ResponseBatches:
-    """Builds response batches for the policy's processor and reads log-probs off them."""
+    """Builds response batches for the policy's family and processor, and reads log-probs off them."""
 
     def __init__(
-        self, processor: ProcessorMixin, images: ImageCache, device: torch.device, pixel_dtype: torch.dtype,
-        unsampleable_token_ids: torch.Tensor, sampling_temperature: float,
+        self, policy: PreTrainedModel, processor: ProcessorMixin, images: ImageCache, device: torch.device,
+        unsampleable_token_ids: torch.Tensor, sampling_temperature: float, prompt_cache_size: int = 4096,
     ) -> None:
+        self.policy = policy
+        """Any model of the policy's family (position ids depend on the architecture, not the weights)."""
         self.processor = processor
+        self.family = family_of(policy.config.model_type)
         self.images = images
         self.device = device
-        self.pixel_dtype = pixel_dtype
         self.unsampleable_token_ids = unsampleable_token_ids
         self.sampling_temperature = sampling_temperature
         """The default temperature of log-probs: the one responses are sampled at."""
+        self._prompts: OrderedDict[Prompt, Inputs] = OrderedDict()
+        self._prompt_cache_size = prompt_cache_size
 
-    def build(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]], images: list[list[Image.Image]]
-    ) -> ResponseBatch:
-        pad = self.processor.tokenizer.pad_token_id
-        rows = len(prompt_ids)
-        length = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    def encode_prompt(self, prompt: Prompt) -> Inputs:
+        """The prompt's row as the engine encodes it (the policy's chat template, its images); recently
+        used prompts are kept, since every round reads the same prompts many times."""
+        if prompt not in self._prompts:
+            text = format_prompt(self.processor, prompt.text, len(prompt.image_sha256))
+            self._prompts[prompt] = self.family.encode(self.processor, text, self.images.of_prompt(prompt))
+            while len(self._prompts) > self._prompt_cache_size:
+                self._prompts.popitem(last=False)
+        self._prompts.move_to_end(prompt)
+        return self._prompts[prompt]
+
+    def build(self, prompts: list[Prompt], response_ids: list[list[int]]) -> ResponseBatch:
+        rows, prompt_lengths = [], []
+        for prompt, answer in zip(prompts, response_ids, strict=True):
+            encoded = self.encode_prompt(prompt)
+            prompt_lengths.append(encoded["input_ids"].shape[1])
+            rows.append(self.family.extend(encoded, list(answer)))
         width = max(1, max(len(r) for r in response_ids))
-        input_ids = torch.full((rows, length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((rows, length), dtype=torch.long)
-        logit_positions = torch.zeros((rows, width), dtype=torch.long)
-        response = torch.full((rows, width), pad, dtype=torch.long)
-        response_mask = torch.zeros((rows, width), dtype=torch.bool)
-        for row, (prompt, answer) in enumerate(zip(prompt_ids, response_ids)):
-            sequence = list(prompt) + list(answer)
-            input_ids[row, : len(sequence)] = torch.tensor(sequence)
-            attention_mask[row, : len(sequence)] = 1
-            logit_positions[row, : len(answer)] = torch.arange(len(prompt) - 1, len(sequence) - 1)
+        logit_positions = torch.zeros((len(rows), width), dtype=torch.long)
+        response = torch.full((len(rows), width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for row, (length, answer) in enumerate(zip(prompt_lengths, response_ids)):
+            logit_positions[row, : len(answer)] = torch.arange(length - 1, length + len(answer) - 1)
             response[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
             response_mask[row, : len(answer)] = True
-        flat_images = [image for row_images in images for image in row_images]
-        pixel_values = (
-            self.processor.image_processor(flat_images, return_tensors="pt")["pixel_values"] if flat_images else None
-        )
         return ResponseBatch(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-            pixel_values=pixel_values.to(self.device, self.pixel_dtype) if pixel_values is not None else None,
-            logit_positions=logit_positions.to(self.device), response_ids=response.to(self.device),
-            response_mask=response_mask.to(self.device), images_per_row=[len(row_images) for row_images in images],
+            rows=rows, inputs=self.collate(rows), logit_positions=logit_positions.to(self.device),
+            response_ids=response.to(self.device), response_mask=response_mask.to(self.device), collate=self.collate,
         )
+
+    def collate(self, rows: list[Inputs]) -> Inputs:
+        """Rows right-padded into the model's inputs, with their position ids."""
+        batch = self.family.collate(rows, self.processor.tokenizer.pad_token_id, "right", self.device, self.policy.dtype)
+        batch["position_ids"] = self.family.positions(self.policy, batch)[0]
+        return batch
 
     def of_samples(self, prompts: list[Prompt], samples: list[Sample]) -> ResponseBatch:
         """Sampled responses (one prompt per sample), with the token ids the engine produced."""
-        return self.build(
-            [s.prompt_token_ids for s in samples], [s.token_ids for s in samples],
-            [self.images.of_prompt(p) for p in prompts],
-        )
+        return self.build(prompts, [s.token_ids for s in samples])
 
     def of_pairs(self, pairs: list[PreferencePair]) -> ResponseBatch:
         """Rows [0, n) the chosen responses of the n pairs, rows [n, 2n) the rejected ones."""
-        prompt_ids = [list(p.prompt.prompt_token_ids) for p in pairs] * 2
+        prompts = [Prompt(p.prompt.prompt_text, tuple(image.sha256 for image in p.prompt.images)) for p in pairs] * 2
         answers = [self.token_ids(p.chosen) for p in pairs] + [self.token_ids(p.rejected) for p in pairs]
-        return self.build(prompt_ids, answers, [self.images.of_pair(p) for p in pairs] * 2)
+        return self.build(prompts, answers)
 
     def token_ids(self, response: Response) -> list[int]:
         """A logged response's token ids as generated; an edit's text tokenised, EOS-terminated."""

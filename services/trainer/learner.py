@@ -134,7 +134,7 @@ class Learner:
         self.shards = Shards(config.seed, rank, world_size)
         self.images = ImageCache(blobs)
         self.batches = ResponseBatches(
-            models.processor, self.images, device, models.policy.dtype,
+            models.policy, models.processor, self.images, device,
             unsampleable_token_ids=PolicyEngine(models.policy, models.processor).unsampleable_token_ids,
             sampling_temperature=config.sampling_temperature,
         )

@@ -17,7 +17,6 @@ from PIL import Image, ImageDraw
 from modalign.core.blobs import BlobStore
 from modalign.core.config import ConfigError, parse_config, with_overrides
 from modalign.policy.engine import Sample
-from modalign.policy.model import format_prompt
 from modalign.trainer.algorithms.critic_free import critic_free_update
 from modalign.trainer.algorithms.ppo import ppo_update
 from modalign.trainer.batches import Prompt
@@ -25,14 +24,18 @@ from modalign.trainer.checkpoint import load_checkpoint, save_checkpoint
 from modalign.trainer.evaluation import heldout_preference_shift
 from modalign.trainer.gate import GateConfig, gate_candidate, gate_failures
 from modalign.trainer.join import PreferencePair, Response
-from modalign.trainer.learner import Learner, LearnerConfig
+from modalign.trainer.learner import Learner
 from modalign.trainer.service import TrainerConfig
-from modalign.v1 import common_pb2, events_pb2
 
-SMALL = {
-    "sample_prompts": 4, "samples_per_prompt": 4, "max_new_tokens": 8,
-    "policy_updates_per_round": 1, "policy_epochs": 1, "reward_epochs": 1, "eval_prompts": 4,
-}
+from tests.trainer.learning import (
+    differing,
+    logged,
+    logged_generation,
+    make_learner,
+    parameters,
+    seed_everything,
+    traffic_pairs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,54 +65,6 @@ def prompts(images: dict[str, str]) -> list[Prompt]:
         Prompt("Compare these two pictures, please.", (images["blue"], images["green"])),
         Prompt("Where?", (images["green"],)),
     ]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def make_learner(blobs: BlobStore, **overrides) -> Learner:
-    return Learner(LearnerConfig(**(SMALL | overrides)), blobs)
-
-
-def logged_generation(learner: Learner, prompt: Prompt) -> events_pb2.GenerationLogged:
-    """The generation event the policy service would log for prompt: text, images, expanded prompt token ids."""
-    processor = learner.models.processor
-    encoded = processor(
-        text=format_prompt(processor, prompt.text, len(prompt.image_sha256)),
-        images=learner.images.of_prompt(prompt) or None, return_tensors="pt",
-    )
-    return events_pb2.GenerationLogged(
-        prompt_text=prompt.text, images=[common_pb2.ImageRef(sha256=sha) for sha in prompt.image_sha256],
-        prompt_token_ids=encoded["input_ids"][0].tolist(),
-    )
-
-
-def logged(sample: Sample) -> Response:
-    return Response(sample.text, tuple(sample.token_ids), tuple(sample.logprobs))
-
-
-def traffic_pairs(learner: Learner, prompts: list[Prompt]) -> list[PreferencePair]:
-    """Per prompt: a preference between two logged samples, and an edit preferred over a logged sample."""
-    samples = learner.sampler.sample(prompts, 2, seed=1)
-    pairs = []
-    for i, prompt in enumerate(prompts):
-        first, second = samples[2 * i], samples[2 * i + 1]
-        generation = logged_generation(learner, prompt)
-        pairs.append(PreferencePair(f"p{i}", "preference", generation, logged(first), logged(second)))
-        pairs.append(PreferencePair(f"e{i}", "edit", generation, Response("A red square.", None, None), logged(first)))
-    return pairs
-
-
-def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the weights that are not bitwise equal (names, so that a failure does not print every tensor)."""
-    assert a.keys() == b.keys()
-    return [name for name in a if not torch.equal(a[name], b[name])]
 
 
 # --- (a) every algorithm: one round trains, the reference stays put ----------------------------------------------
@@ -256,9 +211,7 @@ def test_an_on_policy_algorithm_raises_the_expected_reward_of_its_samples(
     rewarded = torch.zeros(learner.models.policy.config.get_text_config().vocab_size, dtype=torch.bool)
     rewarded[0::2] = True
     learner.sampler.score = lambda prompts_, samples: torch.tensor([float(rewarded[s.token_ids[0]]) for s in samples])
-    prompt_ids = [logged_generation(learner, p).prompt_token_ids for p in prompts]
-    images = [learner.images.of_prompt(p) for p in prompts]
-    first_token = learner.batches.build(prompt_ids, [[0]] * len(prompts), images)
+    first_token = learner.batches.build(prompts, [[0]] * len(prompts))
 
     def expected_reward() -> float:
         with torch.no_grad():

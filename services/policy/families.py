@@ -1,0 +1,196 @@
+"""Model families: how modalign feeds each kind of image-text-to-text model.
+
+Every part of the loop (the policy engine, the reward model, the trainer's batches) feeds a model the
+same way: each row (a prompt with its images, then possibly response tokens) is encoded alone by the
+checkpoint's own processor, and rows are collated into one padded batch. Rows are encoded alone
+because that is what makes a request's tokens independent of its batch companions, and because
+processors differ in how they batch (some refuse a batch mixing rows with and without images).
+
+What differs between families is small, and declared here rather than branched on at each caller:
+- inputs that belong to a whole row rather than to each image (Idefics3 and Mllama hold a row's
+  images as [rows, images, ...]; LLaVA and Qwen list every image, or patch, along one dimension);
+- inputs that run along the sequence (Flamingo-style cross-attention masks say which images each
+  token sees; Qwen and Gemma 3 mark which tokens are image tokens): padded with the tokens, and over
+  generated tokens extended by repeating the prompt's last position, as transformers' generate does;
+- how positions are counted (Qwen2-VL's multimodal rope gives image tokens 3-D positions);
+- what a decoding step needs besides the new token and the cache (Idefics keeps its image features).
+
+A checkpoint whose family is not registered here is refused at load time, before any weight is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
+
+Inputs = dict[str, torch.Tensor]
+
+
+class UnsupportedModel(ValueError):
+    """A checkpoint modalign cannot serve or train: the message names what is wrong and what is supported."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """The generic path: 1-D positions, per-image inputs listed along their first dimension."""
+
+    name: str
+    model_types: tuple[str, ...]
+    row_keys: frozenset[str] = frozenset()
+    """Inputs whose first dimension is the row (a row's images padded inside it)."""
+    sequence_keys: frozenset[str] = frozenset()
+    """Inputs whose first two dimensions are row and token position."""
+    step_keys: frozenset[str] = frozenset()
+    """Sequence inputs a decoding step takes too (at the new token's position), e.g. cross-attention masks."""
+
+    def encode(self, processor: ProcessorMixin, text: str, images: list[Image.Image]) -> Inputs:
+        """One row: the formatted prompt (image placeholders expanded) and its images, batch dimension 1."""
+        return dict(processor(text=[text], images=[images] if images else None, return_tensors="pt"))
+
+    def extend(self, row: Inputs, token_ids: list[int]) -> Inputs:
+        """The row followed by token_ids (a response): sequence inputs repeat the prompt's last position,
+        as they do for tokens the model generates."""
+        if not token_ids:
+            return row
+        added = len(token_ids)
+        extended = dict(row)
+        extended["input_ids"] = torch.cat([row["input_ids"], torch.tensor([token_ids], dtype=row["input_ids"].dtype)], 1)
+        extended["attention_mask"] = torch.cat([row["attention_mask"], row["attention_mask"].new_ones(1, added)], 1)
+        for key in self.sequence_keys & row.keys():
+            last = row[key][:, -1:]
+            extended[key] = torch.cat([row[key], last.expand(-1, added, *last.shape[2:])], 1)
+        return extended
+
+    def collate(
+        self, rows: list[Inputs], pad_token_id: int, side: Literal["left", "right"],
+        device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    ) -> Inputs:
+        """Rows into one batch: tokens padded on `side`; a row's images padded with zeros to the batch's
+        largest (what the processors themselves do); floating inputs cast to dtype."""
+        width = max(row["input_ids"].shape[1] for row in rows)
+        batch: Inputs = {}
+        for key in sorted({key for row in rows for key in row}):
+            along_sequence = key in ("input_ids", "attention_mask") or key in self.sequence_keys
+            if along_sequence or key in self.row_keys:
+                template = next(row[key] for row in rows if key in row)
+                parts = [row[key] if key in row else _empty_row(template, row, along_sequence) for row in rows]
+            else:  # listed per image: rows without images contribute nothing
+                parts = [row[key] for row in rows if key in row]
+            fill = pad_token_id if key == "input_ids" else 0
+            value = torch.cat(_pad_to_largest(parts, width if along_sequence else None, side, fill))
+            batch[key] = value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
+        return batch
+
+    def positions(self, model: PreTrainedModel, batch: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of a padded batch, and each row's next position. Positions count real tokens
+        only, so a padded row sees the same positions as it does alone."""
+        mask = batch["attention_mask"]
+        return (mask.cumsum(-1) - 1).clamp(min=0), mask.sum(-1)
+
+    def step_positions(self, next_position: torch.Tensor) -> torch.Tensor:
+        """Position ids of one decoding step, from each row's next position."""
+        return next_position.unsqueeze(-1)
+
+    def step_inputs(self, batch: Inputs, prefill: Any) -> Inputs:
+        """What each decoding step passes besides the new token, the attention mask and the cache (one row
+        per batch row, selected as rows finish)."""
+        return {key: batch[key][:, -1:] for key in self.step_keys & batch.keys()}
+
+
+@dataclass(frozen=True)
+class MultimodalRope(Family):
+    """Qwen2-VL and its successors: image tokens get (time, height, width) positions, text tokens
+    continue from the largest position before them, so positions run ahead of or behind token counts."""
+
+    def positions(self, model: PreTrainedModel, batch: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["attention_mask"]
+        position_ids, _ = model.model.get_rope_index(
+            batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=mask,
+        )
+        real = mask.bool().unsqueeze(0).expand_as(position_ids[-3:])
+        next_position = position_ids[-3:].masked_fill(~real, -1).amax(dim=(0, 2)) + 1
+        return position_ids, next_position
+
+    def step_positions(self, next_position: torch.Tensor) -> torch.Tensor:
+        return next_position.view(1, -1, 1).expand(3, -1, -1)
+
+
+@dataclass(frozen=True)
+class GatedCrossAttention(Family):
+    """Idefics (Flamingo's design): text layers cross-attend to image features through tanh gates. The
+    features are computed once at prefill and passed to every decoding step."""
+
+    def step_inputs(self, batch: Inputs, prefill: Any) -> Inputs:
+        inputs = super().step_inputs(batch, prefill)
+        if prefill.image_hidden_states is not None:
+            inputs["image_hidden_states"] = prefill.image_hidden_states.view(
+                batch["input_ids"].shape[0], -1, prefill.image_hidden_states.shape[-1]
+            )
+        return inputs
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llava", ("llava",)),
+    Family("llava-onevision", ("llava_onevision", "llava_next")),
+    Family("gemma3", ("gemma3",), sequence_keys=frozenset({"token_type_ids"})),
+    MultimodalRope("qwen2-vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), sequence_keys=frozenset({"mm_token_type_ids"})),
+    Family("idefics3", ("idefics3", "smolvlm"), row_keys=frozenset({"pixel_values", "pixel_attention_mask"})),
+    GatedCrossAttention(
+        "idefics", ("idefics",), row_keys=frozenset({"pixel_values"}),
+        sequence_keys=frozenset({"image_attention_mask"}), step_keys=frozenset({"image_attention_mask"}),
+    ),
+    Family(
+        "mllama", ("mllama",), row_keys=frozenset({"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"}),
+        sequence_keys=frozenset({"cross_attention_mask"}), step_keys=frozenset({"cross_attention_mask"}),
+    ),
+)
+_BY_MODEL_TYPE: Mapping[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_of(model_type: str) -> Family:
+    """The family of a config's model_type, or UnsupportedModel naming it and the supported ones."""
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise UnsupportedModel(
+            f"model type {model_type!r} is not a supported image-text-to-text family; "
+            f"supported: {', '.join(supported_model_types())}"
+        ) from None
+
+
+def _empty_row(template: torch.Tensor, row: Inputs, along_sequence: bool) -> torch.Tensor:
+    """A row's zero-image value of a row or sequence input it lacks (it has no images)."""
+    leading = [1, row["input_ids"].shape[1]] if along_sequence else [1]
+    return template.new_zeros(*leading, *([0] * (template.dim() - len(leading))))
+
+
+def _pad_to_largest(
+    parts: list[torch.Tensor], width: int | None, side: Literal["left", "right"], fill: int
+) -> list[torch.Tensor]:
+    """Pad every dimension after the first to the largest among parts (dimension 1 to `width` on `side`
+    when given, the others at the end)."""
+    sizes = [max(part.shape[dim] for part in parts) for dim in range(1, parts[0].dim())]
+    if width is not None:
+        sizes[0] = width
+    padded = []
+    for part in parts:
+        if list(part.shape[1:]) == sizes:
+            padded.append(part)
+            continue
+        out = part.new_full((part.shape[0], *sizes), fill)
+        region = [slice(None)] + [slice(0, n) for n in part.shape[1:]]
+        if width is not None and side == "left":
+            region[1] = slice(width - part.shape[1], width)
+        out[tuple(region)] = part
+        padded.append(out)
+    return padded
