@@ -1,0 +1,186 @@
+"""The family matrix: every supported family, on a tiny checkpoint built in code, through each part of the loop.
+
+Per family: the engine decodes what transformers' own generate decodes; a batch mixing image counts gives each
+request what it gets alone; seeded sampling replays; the reward model scores a batch as it scores each row; one
+round of every registered algorithm trains the policy; the trainer's log-probs of logged responses equal the
+engine's and a plain single-row forward pass; and the version it exports loads with the plain Auto classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from modalign.core.blobs import BlobStore
+from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams, mask_unsampleable
+from modalign.policy.families import family_of
+from modalign.policy.model import format_prompt, load_policy
+from modalign.reward.model import RewardModel
+from modalign.trainer.algorithms import ALGORITHMS
+from modalign.trainer.batches import Prompt
+
+from tests.families.tiny import TINY_CHECKPOINTS
+from tests.trainer.learning import differing, make_learner, parameters, seed_everything, traffic_pairs
+
+FAMILIES = sorted(TINY_CHECKPOINTS)
+
+
+def square(colour: str, size: tuple[int, int]) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).rectangle((4, 4, size[0] // 2, size[1] // 2), fill=colour)
+    return image
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp(request.param)
+    TINY_CHECKPOINTS[request.param](folder, 0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def policy(checkpoint: Path):
+    return load_policy(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory: pytest.TempPathFactory) -> BlobStore:
+    return BlobStore(tmp_path_factory.mktemp("blobs"))
+
+
+@pytest.fixture(scope="module")
+def prompts(blobs: BlobStore) -> list[Prompt]:
+    """Prompts with two images of different sizes, one image, and none."""
+    shas = {}
+    for colour, size in (("red", (32, 32)), ("blue", (64, 48)), ("green", (40, 32))):
+        data = io.BytesIO()
+        square(colour, size).save(data, "PNG")
+        shas[colour] = blobs.put(data.getvalue())
+    return [
+        Prompt("Compare these two pictures, please.", (shas["red"], shas["blue"])),
+        Prompt("What colour is the square?", (shas["green"],)),
+        Prompt("Hi", ()),
+    ]
+
+
+def requests_of(processor, blobs: BlobStore, prompts: list[Prompt], **params) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(
+            format_prompt(processor, p.text, len(p.image_sha256)),
+            [Image.open(io.BytesIO(blobs.get(sha))).convert("RGB") for sha in p.image_sha256],
+            SamplingParams(**({"max_new_tokens": 8} | params)),
+        )
+        for p in prompts
+    ]
+
+
+def test_the_engine_decodes_what_transformers_generate_decodes(policy, blobs, prompts) -> None:
+    model, processor = policy
+    engine = PolicyEngine(model, processor)
+    for request in requests_of(processor, blobs, prompts[:2], temperature=0.0):
+        sample = engine.generate([request])[0][0]
+        inputs = processor(text=[request.prompt_text], images=[request.images], return_tensors="pt")
+        with torch.no_grad():
+            expected = model.generate(
+                **inputs, do_sample=False, max_new_tokens=8, suppress_tokens=engine.unsampleable_token_ids,
+            )[0, inputs["input_ids"].shape[1]:].tolist()
+        pad = engine.pad_token_id
+        while expected and expected[-1] == pad and pad not in engine.eos_token_ids:
+            expected.pop()
+        assert sample.token_ids == expected
+
+
+def test_a_mixed_batch_gives_each_request_what_it_gets_alone(policy, blobs, prompts) -> None:
+    model, processor = policy
+    engine = PolicyEngine(model, processor)
+    for params in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 7}):
+        requests = requests_of(processor, blobs, prompts, **params)
+        together = engine.generate(requests)
+        for request, batched in zip(requests, together):
+            alone = engine.generate([request])[0][0]
+            assert batched[0].token_ids == alone.token_ids, params
+            torch.testing.assert_close(batched[0].logprobs, alone.logprobs, atol=1e-4, rtol=0)
+
+
+def test_seeded_sampling_replays(policy, blobs, prompts) -> None:
+    model, processor = policy
+    engine = PolicyEngine(model, processor)
+    request = requests_of(processor, blobs, prompts[:1], temperature=1.0, seed=11)[0]
+    first, second = engine.generate([request])[0][0], engine.generate([request])[0][0]
+    assert first.token_ids == second.token_ids and first.logprobs == second.logprobs
+
+
+def test_the_reward_model_scores_a_batch_as_each_row_alone(policy, blobs, prompts) -> None:
+    model, processor = policy
+    reward_model = RewardModel(copy.deepcopy(model), processor, seed=0).eval()
+    with torch.no_grad():
+        reward_model.likelihood_weights.fill_(0.1)  # the likelihood features take part too
+    texts = [p.text for p in prompts]
+    images = [[Image.open(io.BytesIO(blobs.get(sha))).convert("RGB") for sha in p.image_sha256] for p in prompts]
+    responses = ["A red square.", "It is green.", "Hello! How can I help you today?"]
+    together = reward_model.score(texts, images, responses)
+    alone = torch.cat([reward_model.score([t], [i], [r]) for t, i, r in zip(texts, images, responses)])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    other = reward_model.score(texts, images, ["Nothing.", "Nothing.", "Nothing."])
+    assert not torch.allclose(together, other)  # the score reads the response
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_one_round_of_every_algorithm_trains_the_policy(checkpoint, blobs, prompts, algorithm) -> None:
+    seed_everything(0)
+    learner = make_learner(
+        blobs, policy_model_dir=str(checkpoint), algorithm=algorithm, sample_prompts=2, samples_per_prompt=2,
+        max_new_tokens=4, eval_prompts=2,
+    )
+    before = parameters(learner.models.policy)
+    metrics = learner.learn(traffic_pairs(learner, prompts), prompts)
+    assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values()), metrics
+    assert differing(before, parameters(learner.models.policy)), f"{algorithm} left every weight unchanged"
+
+
+def test_the_trainers_logprobs_equal_the_engines_and_a_plain_forward(checkpoint, blobs, prompts, tmp_path) -> None:
+    seed_everything(1)
+    learner = make_learner(blobs, policy_model_dir=str(checkpoint), samples_per_prompt=2, max_new_tokens=6)
+    policy, processor, batches = learner.models.policy, learner.models.processor, learner.batches
+    samples = learner.sampler.sample(prompts, 1, seed=3)
+    batch = batches.of_samples(prompts, samples)
+    with torch.no_grad():
+        recomputed = batches.logprobs(policy, batch)
+    behaviour = torch.zeros_like(recomputed)
+    for row, sample in enumerate(samples):
+        behaviour[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
+    torch.testing.assert_close(recomputed, behaviour, atol=1e-4, rtol=0)
+
+    # A plain forward of each row alone: the processor's own encoding, the response appended, the model's own
+    # positions; inputs that run along the sequence extend over the response as generate extends them.
+    family = family_of(policy.config.model_type)
+    for row, (prompt, sample) in enumerate(zip(prompts, samples)):
+        text = format_prompt(processor, prompt.text, len(prompt.image_sha256))
+        images = learner.images.of_prompt(prompt)
+        inputs = dict(processor(text=[text], images=[images] if images else None, return_tensors="pt"))
+        response = torch.tensor([sample.token_ids])
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], response], 1)
+        for key in {"attention_mask"} | (family.sequence_keys & inputs.keys()):
+            last = inputs[key][:, -1:]
+            inputs[key] = torch.cat([inputs[key], last.expand(-1, response.shape[1], *last.shape[2:])], 1)
+        with torch.no_grad():
+            logits = policy(**inputs).logits[0, -response.shape[1] - 1 : -1].float()
+        logits = mask_unsampleable(logits, batches.unsampleable_token_ids) / learner.config.sampling_temperature
+        plain = torch.log_softmax(logits, -1).gather(-1, response[0].unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(recomputed[row, : len(sample.token_ids)], plain, atol=1e-4, rtol=0)
+
+    # The published version loads with the plain Auto classes and generates what the trained policy generates.
+    learner.learn(traffic_pairs(learner, prompts), prompts)
+    learner.models.export_policy(tmp_path / "v1")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "v1", local_files_only=True).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path / "v1", local_files_only=True)
+    assert not differing(parameters(policy), parameters(loaded))
+    request = requests_of(loaded_processor, blobs, prompts[1:2], temperature=1.0, seed=5)
+    served = PolicyEngine(loaded, loaded_processor).generate(request)[0][0]
+    assert served.token_ids == PolicyEngine(policy, processor).generate(request)[0][0].token_ids
