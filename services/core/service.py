@@ -124,12 +124,21 @@ def serve_grpc(config: GrpcServiceConfig, register: Callable[[grpc.Server], None
     serve_until_signalled(server, health_servicer, service_names)
 
 
+class CannotStart(Exception):
+    """A start-up check refused what the service was given (e.g. a checkpoint of an unsupported model
+    family): run_service prints the one-line reason and exits with status 2, before serving anything."""
+
+
 def run_service(cls: type[C], serve: Callable[[C], None], argv: list[str] | None = None) -> None:
     """The `main` of every service: parse and validate its config, set up logging, serve until
     stopped, exit."""
     config = parse_config(cls, argv, prog=f"modalign {cls.command}")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(config)
+    try:
+        serve(config)
+    except CannotStart as error:
+        print(f"modalign {cls.command}: {error}", file=sys.stderr)
+        sys.exit(2)
     # Served, drained and stopped. What remains is the interpreter tearing down torch's, transformers'
     # and kserve's module graphs, measured at 4-5 s for nothing; a stop (a pod rollout, a test) need
     # not wait for it.

@@ -99,10 +99,10 @@ def kl_to(reference: PolicyEngine, samples: list[Sample], held_out: list[Example
             differences.append(0.0)
             continue
         device = reference.model.device
-        ids = torch.tensor([list(sample.prompt_token_ids) + list(sample.token_ids)], device=device)
-        pixel_values = reference.processor.image_processor(images=[example.scene.image()], return_tensors="pt")
-        pixel_values = pixel_values["pixel_values"].to(device, reference.model.dtype)
-        logits = reference.model(input_ids=ids, pixel_values=pixel_values).logits[0]
+        family, processor = reference.family, reference.processor
+        prompt = family.encode(processor, format_prompt(processor, example.question.text, 1), [example.scene.image()])
+        row = family.extend(prompt, list(sample.token_ids))
+        logits = reference.model(**family.model_inputs(reference.model, [row], reference.pad_token_id)).logits[0]
         # The logits at position t predict token t + 1: the answer's tokens are predicted by the positions before them.
         predicting = mask_unsampleable(logits[-len(sample.token_ids) - 1:-1].float(), reference.unsampleable_token_ids)
         answer = torch.tensor(sample.token_ids, device=device).unsqueeze(-1)

@@ -7,7 +7,7 @@ because that is what makes a request's tokens independent of its batch companion
 processors differ in how they batch (some refuse a batch mixing rows with and without images).
 
 What differs between families is small, and declared here rather than branched on at each caller:
-- inputs that belong to a whole row rather than to each image (Idefics3 and Mllama hold a row's
+- inputs that belong to a whole row rather than to each image (Idefics3 and Idefics hold a row's
   images as [rows, images, ...]; LLaVA and Qwen list every image, or patch, along one dimension);
 - inputs that run along the sequence (Flamingo-style cross-attention masks say which images each
   token sees; Qwen and Gemma 3 mark which tokens are image tokens): padded with the tokens, and over
@@ -28,10 +28,12 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from modalign.core.service import CannotStart
+
 Inputs = dict[str, torch.Tensor]
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(CannotStart, ValueError):
     """A checkpoint modalign cannot serve or train: the message names what is wrong and what is supported."""
 
 
@@ -86,6 +88,13 @@ class Family:
             batch[key] = value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
         return batch
 
+    def model_inputs(self, model: PreTrainedModel, rows: list[Inputs], pad_token_id: int) -> Inputs:
+        """Rows right-padded onto the model's device and dtype, with their position ids: the inputs of a
+        forward pass over whole sequences (training, scoring)."""
+        batch = self.collate(rows, pad_token_id, "right", model.device, model.dtype)
+        batch["position_ids"] = self.positions(model, batch)[0]
+        return batch
+
     def positions(self, model: PreTrainedModel, batch: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids of a padded batch, and each row's next position. Positions count real tokens
         only, so a padded row sees the same positions as it does alone."""
@@ -123,31 +132,38 @@ class MultimodalRope(Family):
 
 @dataclass(frozen=True)
 class GatedCrossAttention(Family):
-    """Idefics (Flamingo's design): text layers cross-attend to image features through tanh gates. The
-    features are computed once at prefill and passed to every decoding step."""
+    """Idefics (Flamingo's design): text layers cross-attend to image features through tanh gates. Its
+    processor takes a prompt as text pieces and images in order; the image features computed at prefill
+    are passed to every decoding step, since they are not part of the cache."""
+
+    def encode(self, processor: ProcessorMixin, text: str, images: list[Image.Image]) -> Inputs:
+        pieces: list[str | Image.Image] = []
+        for index, piece in enumerate(text.split(_IDEFICS_IMAGE)):
+            if index:
+                pieces.append(images[index - 1])
+            if piece:
+                pieces.append(piece)
+        return dict(processor(text=[pieces], return_tensors="pt"))
 
     def step_inputs(self, batch: Inputs, prefill: Any) -> Inputs:
         inputs = super().step_inputs(batch, prefill)
-        if prefill.image_hidden_states is not None:
-            inputs["image_hidden_states"] = prefill.image_hidden_states.view(
-                batch["input_ids"].shape[0], -1, prefill.image_hidden_states.shape[-1]
-            )
+        features = prefill.image_outputs.last_hidden_state  # [rows * images, tokens, width]
+        inputs["image_encoder_embeddings"] = features.view(batch["input_ids"].shape[0], -1, *features.shape[1:])
         return inputs
 
 
+_IDEFICS_IMAGE = "<image>"
+"""Where an image goes in an Idefics prompt: the text the processor replaces by the image's tokens."""
+
 FAMILIES: tuple[Family, ...] = (
     Family("llava", ("llava",)),
-    Family("llava-onevision", ("llava_onevision", "llava_next")),
+    Family("llava-onevision", ("llava_onevision",)),
     Family("gemma3", ("gemma3",), sequence_keys=frozenset({"token_type_ids"})),
     MultimodalRope("qwen2-vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), sequence_keys=frozenset({"mm_token_type_ids"})),
     Family("idefics3", ("idefics3", "smolvlm"), row_keys=frozenset({"pixel_values", "pixel_attention_mask"})),
     GatedCrossAttention(
         "idefics", ("idefics",), row_keys=frozenset({"pixel_values"}),
         sequence_keys=frozenset({"image_attention_mask"}), step_keys=frozenset({"image_attention_mask"}),
-    ),
-    Family(
-        "mllama", ("mllama",), row_keys=frozenset({"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"}),
-        sequence_keys=frozenset({"cross_attention_mask"}), step_keys=frozenset({"cross_attention_mask"}),
     ),
 )
 _BY_MODEL_TYPE: Mapping[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}

@@ -1,8 +1,9 @@
 """The policy model: a Hugging Face image-text-to-text model and its processor.
 
-Any checkpoint that AutoModelForImageTextToText + AutoProcessor can load is a valid policy. The
-default built here is a ~1M-parameter LLaVA (CLIP vision tower, Llama text model) with a byte-level
-BPE tokenizer trained in code, because no model hub is reachable from this project's machines.
+Any checkpoint of a supported family (families.py) that AutoModelForImageTextToText + AutoProcessor
+load is a valid policy. The default built here is a ~1M-parameter LLaVA (CLIP vision tower, Llama
+text model) with a byte-level BPE tokenizer trained in code, because no model hub is reachable from
+this project's machines.
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ def load_policy(
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
         raise UnsupportedModel(f"{folder}: no readable processor ({_first_line(error)})") from error
+    if not isinstance(processor, ProcessorMixin):
+        raise UnsupportedModel(f"{folder}: no multimodal processor (AutoProcessor found only a {type(processor).__name__})")
+    # Some processors (Idefics) drop the chat template they were saved with; their tokenizer keeps it.
+    processor.chat_template = processor.chat_template or getattr(processor.tokenizer, "chat_template", None)
     missing = [part for part in ("tokenizer", "image_processor", "chat_template") if getattr(processor, part, None) is None]
     if missing:
         raise UnsupportedModel(f"{folder}: the processor has no {' and no '.join(missing)}")

@@ -314,7 +314,7 @@ SERVICE_NAMES = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_na
 
 
 def serve(config: PolicyConfig) -> None:
-    ensure_topics(config.kafka)
+    # The model first: a checkpoint that cannot be served is refused before anything else starts.
     if config.model_dir:
         folder = fetch(config.model_dir, config.s3) if "://" in config.model_dir else config.model_dir
         model, processor = load_policy(folder, device=config.device)
@@ -322,6 +322,7 @@ def serve(config: PolicyConfig) -> None:
         model, processor = build_default_policy(config.seed)
         model.to(config.device)
     initial = PolicyEngine(model, processor, policy_version=config.policy_version)
+    ensure_topics(config.kafka)
     versions = PublishedVersions(config, initial)
     router = VersionRouter(
         initial, versions.load_engine,

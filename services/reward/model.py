@@ -98,8 +98,7 @@ class RewardModel(nn.Module):
                 raise UnscorableText(f"response {row} contains reserved token(s) {forged}")
             texts.append(formatted + response + tokenizer.eos_token)
         rows = [self.family.encode(self.processor, text, images) for text, images in zip(texts, images_per_sample)]
-        inputs = self.family.collate(rows, tokenizer.pad_token_id, "right")
-        inputs["position_ids"] = self.family.positions(self.backbone, inputs)[0]
+        inputs = self.family.model_inputs(self.backbone, rows, tokenizer.pad_token_id)
         if self.likelihood_weights is not None:
             # Tokens of each response and its EOS, which end every row: the ones the likelihood is taken of.
             inputs["response_lengths"] = torch.tensor(

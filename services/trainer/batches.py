@@ -137,9 +137,7 @@ class ResponseBatches:
 
     def collate(self, rows: list[Inputs]) -> Inputs:
         """Rows right-padded into the model's inputs, with their position ids."""
-        batch = self.family.collate(rows, self.processor.tokenizer.pad_token_id, "right", self.device, self.policy.dtype)
-        batch["position_ids"] = self.family.positions(self.policy, batch)[0]
-        return batch
+        return self.family.model_inputs(self.policy, rows, self.processor.tokenizer.pad_token_id)
 
     def of_samples(self, prompts: list[Prompt], samples: list[Sample]) -> ResponseBatch:
         """Sampled responses (one prompt per sample), with the token ids the engine produced."""

@@ -85,7 +85,7 @@ def test_the_engine_decodes_what_transformers_generate_decodes(policy, blobs, pr
     engine = PolicyEngine(model, processor)
     for request in requests_of(processor, blobs, prompts[:2], temperature=0.0):
         sample = engine.generate([request])[0][0]
-        inputs = processor(text=[request.prompt_text], images=[request.images], return_tensors="pt")
+        inputs = engine.family.encode(processor, request.prompt_text, request.images)  # the processor's own output
         with torch.no_grad():
             expected = model.generate(
                 **inputs, do_sample=False, max_new_tokens=8, suppress_tokens=engine.unsampleable_token_ids,
@@ -163,7 +163,7 @@ def test_the_trainers_logprobs_equal_the_engines_and_a_plain_forward(checkpoint,
     for row, (prompt, sample) in enumerate(zip(prompts, samples)):
         text = format_prompt(processor, prompt.text, len(prompt.image_sha256))
         images = learner.images.of_prompt(prompt)
-        inputs = dict(processor(text=[text], images=[images] if images else None, return_tensors="pt"))
+        inputs = family.encode(processor, text, images)  # the processor's own output, as the engine gets it
         response = torch.tensor([sample.token_ids])
         inputs["input_ids"] = torch.cat([inputs["input_ids"], response], 1)
         for key in {"attention_mask"} | (family.sequence_keys & inputs.keys()):
@@ -181,6 +181,6 @@ def test_the_trainers_logprobs_equal_the_engines_and_a_plain_forward(checkpoint,
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "v1", local_files_only=True).eval()
     loaded_processor = AutoProcessor.from_pretrained(tmp_path / "v1", local_files_only=True)
     assert not differing(parameters(policy), parameters(loaded))
-    request = requests_of(loaded_processor, blobs, prompts[1:2], temperature=1.0, seed=5)
+    request = requests_of(processor, blobs, prompts[1:2], temperature=1.0, seed=5)
     served = PolicyEngine(loaded, loaded_processor).generate(request)[0][0]
     assert served.token_ids == PolicyEngine(policy, processor).generate(request)[0][0].token_ids

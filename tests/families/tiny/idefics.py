@@ -1,5 +1,4 @@
-"""Tiny Idefics3, SmolVLM, IDEFICS (v1) and Mllama checkpoints: randomly initialised, 170 to 260 thousand
-parameters each.
+"""Tiny Idefics3, SmolVLM and IDEFICS (v1) checkpoints: randomly initialised, 170 to 260 thousand parameters each.
 
 What makes these families different from LLaVA, and what the tiny checkpoints keep:
 - Idefics3 and SmolVLM split every image into tiles plus a downscaled global view: the image's longest edge is
@@ -8,21 +7,19 @@ What makes these families different from LLaVA, and what the tiny checkpoints ke
   grid), the global view <fake_token_around_image><global-img> and 4 more; pixel_values is
   [rows, tiles, 3, 32, 32] with all-zero tiles as padding. SmolVLM shuffles 4x4 patches into one token where
   Idefics3 shuffles 2x2.
-- IDEFICS (the open Flamingo) and Mllama do not put image tokens in the sequence: the text attends to the images
-  through gated cross-attention layers, with a mask ([rows, tokens, images], [rows, tokens, images, tiles])
-  saying which images each token sees. Their real initialisations zero the gates (tanh(0) = 0: the images would
-  change nothing), so these checkpoints open them.
+- IDEFICS (the open Flamingo) does not put image tokens in the sequence: the text attends to the images through
+  gated cross-attention layers, with a mask ([rows, tokens, images]) saying which images each token sees. Its
+  real initialisation zeroes the gates (tanh(0) = 0: the images would change nothing), so this checkpoint opens
+  them.
 - IDEFICS resamples each image's patches to 4 latents with a Perceiver; each token sees only the latest image
   before it. Its processor writes the prompt itself from an interleaved list per row,
   processor(text=[["User:", image, "What colour?<end_of_utterance>\nAssistant:"]]), adding <s> and the
   <fake_token_around_image> markers: given text and images= separately, it appends the images after the text.
-- Mllama cuts each image into up to 4 28x28 tiles on a canvas chosen from the supported aspect ratios; its
-  cross-attention keys and values are computed once, at prefill, and kept in the cache.
 
-The chat templates are the families' own (Llama 3.2 Vision's without its tool-calling branches and with a fixed
-date); each assistant turn ends with a token that the generation config lists as EOS. The builders use the PIL
-image processors; where torchvision is installed, AutoProcessor loads the torchvision ones from the same files.
-SmolVLM's processor needs torchvision (for its video processor) and num2words.
+The chat templates are the families' own; each assistant turn ends with a token that the generation config lists
+as EOS. The image processors are the torchvision ones, which AutoProcessor loads wherever torchvision is
+installed (a dependency of this project), so a checkpoint preprocesses the same when built and when loaded.
+SmolVLM's processor also needs num2words.
 """
 
 from __future__ import annotations
@@ -40,10 +37,6 @@ from transformers import (
     IdeficsForVisionText2Text,
     IdeficsImageProcessor,
     IdeficsProcessor,
-    MllamaConfig,
-    MllamaForConditionalGeneration,
-    MllamaImageProcessor,
-    MllamaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
@@ -66,10 +59,6 @@ ROW_COL_TOKENS = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(
 LLAMA3_BOS = "<|begin_of_text|>"
 LLAMA3_EOS = "<|end_of_text|>"
 
-MLLAMA_IMAGE = "<|image|>"
-EOT = "<|eot_id|>"
-EOM = "<|eom_id|>"
-MLLAMA_PAD = "<|finetune_right_pad_id|>"
 
 
 def _idefics_style_template(prefix: str) -> str:
@@ -98,53 +87,14 @@ SMOLVLM_CHAT_TEMPLATE = _idefics_style_template("<|im_start|>")
 # IdeficsProcessor writes <s> itself, at the start of every prompt.
 IDEFICS_CHAT_TEMPLATE = _idefics_style_template("")
 
-# Llama 3.2 Vision Instruct's template without tools: no system turn when the conversation has images (a system
-# message then is an error), else a system turn with the knowledge cut-off and a date, here fixed (the real one
-# asks strftime_now) so the same messages always give the same prompt.
-MLLAMA_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] | trim %}"
-    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] | trim %}{%- endif %}"
-    "{%- set messages = messages[1:] %}"
-    "{%- else %}{%- set system_message = '' %}{%- endif %}"
-    "{%- set image_ns = namespace(has_images=false) %}"
-    "{%- for message in messages %}{%- if message['content'] is not string %}"
-    "{%- for content in message['content'] %}"
-    "{%- if content['type'] == 'image' %}{%- set image_ns.has_images = true %}{%- endif %}"
-    "{%- endfor %}{%- endif %}{%- endfor %}"
-    "{%- if image_ns.has_images and not system_message == '' %}"
-    "{{- raise_exception('Prompting with images is incompatible with system messages.') }}"
-    "{%- endif %}"
-    "{%- if not image_ns.has_images %}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
-    "{{- 'Cutting Knowledge Date: December 2023\n' }}"
-    "{{- 'Today Date: 26 Jul 2024\n\n' }}"
-    "{{- system_message }}{{- '<|eot_id|>' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] | trim }}"
-    "{%- else %}{%- for content in message['content'] %}"
-    "{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
-    "{%- elif content['type'] == 'text' %}{{- content['text'] | trim }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-    "{{- '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
-)
-
 TILE = 32  # Idefics3 / SmolVLM tile edge, and the vision towers' image size
 TEXT_HIDDEN_SIZE = 64
 TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
 VISION_HIDDEN_SIZE = 32
 VISION_HEADS = 2
-# A Mllama tile: 2x2 patches of 14 pixels, plus the class token, per tile.
-MLLAMA_TILE = 28
-MLLAMA_PATCH = 14
 # The value the checkpoints give the gates that the real initialisations zero: tanh(pi/4) ~ 0.66, the value
-# Mllama's own gated vision layers start from.
+# Mllama's gated vision layers start from.
 OPEN_GATE = math.pi / 4
 
 
@@ -363,81 +313,3 @@ def build_idefics(folder: Path, seed: int = 0) -> None:
         # 0.01 of each other). At the other weights' scale, the image decides the greedy tokens.
         model.model.perceiver_resampler.latents.mul_(config.initializer_range)
     _save(model, processor, folder, eos_tokens=(END_OF_UTTERANCE, "</s>"))
-
-
-def build_mllama(folder: Path, seed: int = 0) -> None:
-    """A tiny Mllama (Llama 3.2 Vision): a 2-layer tile encoder and 1-layer gated global encoder on up to 4 28x28
-    tiles of 14x14 patches, a 3-layer Llama whose middle layer cross-attends to the image; Llama 3's tokens.
-
-    The gates that Mllama's initialisation zeroes (cross-attention and its MLP, the tile position embeddings) are
-    opened to tanh(pi/4), so the image changes the output. EOS, as in the real generation config: <|end_of_text|>,
-    <|eom_id|> and <|eot_id|>, which closes every turn.
-    """
-    tokenizer = build_tokenizer(
-        special_tokens=(
-            LLAMA3_BOS,
-            LLAMA3_EOS,
-            MLLAMA_PAD,
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            EOM,
-            EOT,
-            "<|python_tag|>",
-            MLLAMA_IMAGE,
-        ),
-        bos_token=LLAMA3_BOS,
-        eos_token=EOT,
-        pad_token=MLLAMA_PAD,
-        unk_token=None,
-        named_tokens={"image_token": MLLAMA_IMAGE},
-        chat_template=MLLAMA_CHAT_TEMPLATE,
-    )
-    processor = MllamaProcessor(
-        image_processor=MllamaImageProcessor(size={"height": MLLAMA_TILE, "width": MLLAMA_TILE}, max_image_tiles=4),
-        tokenizer=tokenizer,
-        chat_template=MLLAMA_CHAT_TEMPLATE,
-    )
-    # The tile encoder's first layer's output joins the global encoder's (the real one takes 5 of its 32 layers').
-    intermediate_layers = [0]
-    config = MllamaConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": TEXT_HIDDEN_SIZE,
-            "intermediate_size": 2 * TEXT_HIDDEN_SIZE,
-            "num_hidden_layers": 3,
-            "cross_attention_layers": [1],
-            "num_attention_heads": TEXT_HEADS,
-            "num_key_value_heads": TEXT_KV_HEADS,
-            "max_position_embeddings": 2048,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "hidden_size": VISION_HIDDEN_SIZE,
-            "intermediate_size": 2 * VISION_HIDDEN_SIZE,
-            "num_hidden_layers": 2,
-            "num_global_layers": 1,
-            "attention_heads": VISION_HEADS,
-            "image_size": MLLAMA_TILE,
-            "patch_size": MLLAMA_PATCH,
-            "max_num_tiles": 4,
-            "intermediate_layers_indices": intermediate_layers,
-            "vision_output_dim": VISION_HIDDEN_SIZE * (1 + len(intermediate_layers)),
-        },
-        image_token_index=tokenizer.convert_tokens_to_ids(MLLAMA_IMAGE),
-    )
-    model = _init(MllamaForConditionalGeneration, config, seed)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            if hasattr(layer, "cross_attn_attn_gate"):
-                layer.cross_attn_attn_gate.fill_(OPEN_GATE)
-                layer.cross_attn_mlp_gate.fill_(OPEN_GATE)
-        vision = model.model.vision_model
-        for embedding in (
-            vision.gated_positional_embedding,
-            vision.pre_tile_positional_embedding,
-            vision.post_tile_positional_embedding,
-        ):
-            embedding.gate.fill_(OPEN_GATE)
-    _save(model, processor, folder, eos_tokens=(EOT, LLAMA3_EOS, EOM))
