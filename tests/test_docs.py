@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "docs/architecture.md", "docs/rollout.md", "docs/demo.md", "docs/benchmarks.md",
+DOCUMENTS = ["README.md", "docs/architecture.md", "docs/rollout.md", "docs/demo.md", "docs/benchmarks.md", "docs/models.md",
              "helm/modalign/README.md", "tests/deploy/schemas/README.md"]
 
 
