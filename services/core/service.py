@@ -24,7 +24,7 @@ from typing import Callable, ClassVar, TypeVar
 import grpc
 from prometheus_client import start_http_server
 
-from modalign.core.config import ConfigError, parse_config
+from modalign.core.config import ConfigError, parse_config, require_one_of
 from modalign.core.grpc_server import build_server, serve_until_signalled
 from modalign.core.kafka import KafkaConfig
 from modalign.core.processes import grpc_serving, http_ok
@@ -56,8 +56,7 @@ class ServiceConfig(abc.ABC):
     def validate(self) -> None:
         """Refuses a value by raising ConfigError(field, why); run when the config is parsed or launched.
         Subclasses extend it (calling super) for their own fields; nested configs have their own."""
-        if self.log_level.upper() not in LOG_LEVELS:
-            raise ConfigError("log_level", f"one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        require_one_of("log_level", self.log_level.upper(), LOG_LEVELS)
 
     @abc.abstractmethod
     def ready(self) -> bool:

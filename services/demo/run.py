@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from modalign.core.broker import BrokerConfig
-from modalign.core.config import FLATTEN, ConfigError, parse_config
+from modalign.core.config import DTYPES, FLATTEN, ConfigError, parse_config, require_one_of
 from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.launch import LocalSystem
 from modalign.core.modelstore import fetch, open_store
@@ -71,6 +71,9 @@ class DemoConfig:
     """A Hugging Face image-text-to-text checkpoint folder to start from instead of the warm start."""
     device: str = "cpu"
     """Torch device of the policy, reward model, trainer and evaluation: cpu, cuda, cuda:1, ..."""
+    dtype: str = "float32"
+    """Precision of the policy and reward services and of the trainer's forward passes (its weights stay
+    float32): float32, bfloat16 or float16."""
     cache_dir: Path = DEFAULT_CACHE
     """Where warm starts are cached."""
     held_out: int = 200
@@ -83,16 +86,17 @@ class DemoConfig:
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", f"unknown {self.algorithm!r}; known: {', '.join(sorted(ALGORITHMS))}")
+        require_one_of("dtype", self.dtype, DTYPES)
 
 
 def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[str, Any]]:
     """DEMO_SETTINGS with where the demo's models are and the device they run on."""
     return {
         **DEMO_SETTINGS,
-        "policy": {"model_dir": str(policy_model), "device": config.device},
-        "reward": {"device": config.device},
+        "policy": {"model_dir": str(policy_model), "device": config.device, "dtype": config.dtype},
+        "reward": {"device": config.device, "dtype": config.dtype},
         "trainer": {**DEMO_SETTINGS["trainer"], "learner.algorithm": config.algorithm, "learner.policy_model_dir": str(policy_model),
-                    "learner.seed": config.seed, "learner.device": config.device},
+                    "learner.seed": config.seed, "learner.device": config.device, "learner.dtype": config.dtype},
     }
 
 

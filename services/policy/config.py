@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from modalign.core.config import ConfigError
+from modalign.core.config import DTYPES, require_one_of
 from modalign.core.images import ImageLimits
 from modalign.core.modelstore import S3Config
 from modalign.core.service import GrpcServiceConfig
@@ -42,6 +42,8 @@ class PolicyConfig(GrpcServiceConfig):
     """Seed of the default policy's random initialisation (when model_dir is empty)."""
     device: str = "cpu"
     """Torch device for the model, e.g. "cuda" or "cuda:1"."""
+    dtype: str = "float32"
+    """Precision of the served weights: float32, bfloat16 or float16 (every version is loaded in it)."""
     blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
     """Content-addressed image store shared with the trainer and reward service."""
     s3: S3Config = field(default_factory=S3Config)
@@ -69,5 +71,5 @@ class PolicyConfig(GrpcServiceConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.follow not in FOLLOW_MODES:
-            raise ConfigError("follow", f"one of {', '.join(FOLLOW_MODES)}, got {self.follow!r}")
+        require_one_of("follow", self.follow, FOLLOW_MODES)
+        require_one_of("dtype", self.dtype, DTYPES)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import grpc
+import torch
 from google.protobuf import timestamp_pb2
 from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
@@ -271,7 +272,7 @@ class PublishedVersions:
         if event is None:
             raise LookupError(f"policy {version} was never published")
         folder = fetch(event.uri, self._config.s3, event.manifest_sha256)
-        model, processor = load_policy(folder, device=self._config.device)
+        model, processor = load_policy(folder, device=self._config.device, dtype=getattr(torch, self._config.dtype))
         return PolicyEngine(model, processor, policy_version=version)
 
     def update(self, records: list[ConsumerRecord]) -> Routes | None:
@@ -317,10 +318,10 @@ def serve(config: PolicyConfig) -> None:
     # The model first: a checkpoint that cannot be served is refused before anything else starts.
     if config.model_dir:
         folder = fetch(config.model_dir, config.s3) if "://" in config.model_dir else config.model_dir
-        model, processor = load_policy(folder, device=config.device)
+        model, processor = load_policy(folder, device=config.device, dtype=getattr(torch, config.dtype))
     else:
         model, processor = build_default_policy(config.seed)
-        model.to(config.device)
+        model.to(config.device, getattr(torch, config.dtype))
     initial = PolicyEngine(model, processor, policy_version=config.policy_version)
     ensure_topics(config.kafka)
     versions = PublishedVersions(config, initial)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from modalign.core.config import ConfigError
+from modalign.core.config import DTYPES, require_one_of
 from modalign.core.images import ImageLimits
 from modalign.core.kafka import KafkaConfig
 from modalign.core.modelstore import S3Config
@@ -53,6 +53,8 @@ class RewardServerConfig(ServiceConfig):
     """Seed of the fresh model when no model_dir is given."""
     device: str = "cpu"
     """Torch device of the model: cpu, cuda, cuda:1, ..."""
+    dtype: str = "float32"
+    """Precision of the served weights: float32, bfloat16 or float16 (every version is loaded in it)."""
     torch_threads: int = 1
     """Intra-op threads; more threads than cores made small-CPU forwards several times slower."""
     grace_period: int = 10
@@ -72,8 +74,8 @@ class RewardServerConfig(ServiceConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.follow not in FOLLOW_MODES:
-            raise ConfigError("follow", f"one of {', '.join(FOLLOW_MODES)}, got {self.follow!r}")
+        require_one_of("follow", self.follow, FOLLOW_MODES)
+        require_one_of("dtype", self.dtype, DTYPES)
 
     @property
     def url(self) -> str:

@@ -108,6 +108,7 @@ class RewardKServeModel(kserve.Model):
         model_dir: Path | None,
         seed: int = 0,
         device: str = "cpu",
+        dtype: str = "float32",
         limits: RequestLimits | None = None,
         s3: S3Config = S3Config(),
     ) -> None:
@@ -117,6 +118,7 @@ class RewardKServeModel(kserve.Model):
         self._model_dir = model_dir
         self._seed = seed
         self._device = device
+        self._dtype = getattr(torch, dtype)
         self._served: _LoadedRewardModel | None = None
         self._load_lock = threading.Lock()
 
@@ -164,7 +166,7 @@ class RewardKServeModel(kserve.Model):
             folder = model_dir if model_dir is not None else self._model_dir
             version = verified_version(folder, self._seed, expected_version, fetched)
             reward = RewardModel.load(folder) if folder is not None else build_default_reward_model(self._seed)
-            served = _LoadedRewardModel(reward=reward.to(self._device), version=version)
+            served = _LoadedRewardModel(reward=reward.to(self._device, self._dtype), version=version)
             previous, self._served = self._served, served
             self._model_dir = folder
             if previous is not None:
@@ -230,7 +232,8 @@ def serve(config: RewardServerConfig) -> None:
         host=config.host, http_port=config.http_port, grpc_port=config.grpc_port, grace_period=config.grace_period
     )
     model = RewardKServeModel(
-        config.model_name, config.model_dir, seed=config.seed, device=config.device, limits=config.limits,
+        config.model_name, config.model_dir, seed=config.seed, device=config.device, dtype=config.dtype,
+        limits=config.limits,
         s3=config.s3,
     )
     # Loaded even when a published version will replace it: if that one fails verification, this serves.

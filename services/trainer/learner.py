@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from modalign.core.blobs import BlobStore
-from modalign.core.config import ConfigError
+from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.policy.engine import PolicyEngine
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.algorithms.context import PolicyContext
@@ -50,6 +50,9 @@ class LearnerConfig:
     """Seed of the models' initialisation, of sampling and of batch order."""
     device: str = "cpu"
     """Torch device the models train on: cpu, cuda, cuda:1, ..."""
+    dtype: str = "float32"
+    """Precision of the forward passes: float32, or bfloat16 or float16 under autocast. Weights, gradients
+    and optimiser state stay float32 (master weights) whatever this is."""
     reward_lr: float = 3e-4
     """Learning rate of the reward model."""
     reward_epochs: int = 2
@@ -112,6 +115,7 @@ class LearnerConfig:
     def validate(self) -> None:
         """Run when the config is parsed or built (core/config.py): an unknown algorithm is refused
         then, naming the known ones, not at the first learning round."""
+        require_one_of("dtype", self.dtype, DTYPES)
         if self.algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", f"unknown {self.algorithm!r}; the known algorithms are "
                                            f"{', '.join(sorted(ALGORITHMS))}")
@@ -165,9 +169,10 @@ class Learner:
         # Drawn with the shared RNG, so every rank replays the same pairs; whole shards only, as for pairs.
         count = min(self.config.reward_replay, len(replay))
         replayed = self.shards.shared_rng.sample(list(replay), count - count % self.shards.world_size)
-        metrics = self.reward.train(pairs + replayed)
-        self.models.start_critic_from_trained_reward_model()
-        return metrics | self.algorithm.update(self.policy_context, pairs, prompts)
+        with self.precision():
+            metrics = self.reward.train(pairs + replayed)
+            self.models.start_critic_from_trained_reward_model()
+            return metrics | self.algorithm.update(self.policy_context, pairs, prompts)
 
     def unusable_reason(self, pair: PreferencePair) -> str | None:
         """Why neither the reward model nor DPO can take this pair, or None when they can.
@@ -187,12 +192,19 @@ class Learner:
         return None
 
     def heldout_accuracy(self, heldout: list[PreferencePair]) -> dict[str, float]:
-        return self.reward.heldout_accuracy(heldout)
+        with self.precision():
+            return self.reward.heldout_accuracy(heldout)
 
     def evaluate(self, heldout: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
         """What the gate decides on (see evaluation.py)."""
-        return evaluate_candidate(self.models, self.sampler, self.reward, self.batches, heldout, prompts,
-                                  self.config.eval_prompts, self.config.eval_heldout_pairs)
+        with self.precision():
+            return evaluate_candidate(self.models, self.sampler, self.reward, self.batches, heldout, prompts,
+                                      self.config.eval_prompts, self.config.eval_heldout_pairs)
+
+    def precision(self) -> torch.autocast:
+        """Forward passes in the configured dtype (autocast), the weights staying float32; off for float32."""
+        dtype = getattr(torch, self.config.dtype)
+        return torch.autocast(self.models.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     # --- checkpoint state ---------------------------------------------------------------------------
 

@@ -60,14 +60,15 @@ class Models:
         self.device = device
         self.world_size = world_size
         if policy_model_dir:
-            self.policy, self.processor = load_policy(policy_model_dir, device=device)
+            # float32 whatever the checkpoint's dtype: these are the master weights (LearnerConfig.dtype).
+            self.policy, self.processor = load_policy(policy_model_dir, device=device, dtype=torch.float32)
         else:
             model, self.processor = build_default_policy(seed)
             self.policy = model.to(device)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         self.published_policy = copy.deepcopy(self.policy).requires_grad_(False)
         if reward_model_dir:
-            self.reward_model = RewardModel.load(reward_model_dir).to(device)
+            self.reward_model = RewardModel.load(reward_model_dir).to(device, torch.float32)
         else:
             self.reward_model = RewardModel(copy.deepcopy(self.policy), self.processor, seed=seed).to(device).eval()
         # The critic starts as a copy of the reward model (its head then reads every position); when the
@@ -119,7 +120,8 @@ class Models:
 
     def reset_policy(self, folder: Path | None) -> None:
         """Start again from a published policy (its folder; None: the starting policy, the reference)."""
-        weights = (load_policy(folder, device=self.device)[0] if folder is not None else self.reference).state_dict()
+        start = load_policy(folder, device=self.device, dtype=torch.float32)[0] if folder is not None else self.reference
+        weights = start.state_dict()
         self.policy.load_state_dict(weights)
         self.published_policy.load_state_dict(weights)
         self.policy_optimizer.state.clear()

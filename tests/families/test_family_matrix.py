@@ -184,3 +184,23 @@ def test_the_trainers_logprobs_equal_the_engines_and_a_plain_forward(checkpoint,
     request = requests_of(processor, blobs, prompts[1:2], temperature=1.0, seed=5)
     served = PolicyEngine(loaded, loaded_processor).generate(request)[0][0]
     assert served.token_ids == PolicyEngine(policy, processor).generate(request)[0][0].token_ids
+
+
+def test_bfloat16_on_the_cpu_decodes_what_transformers_generate_decodes(checkpoint) -> None:
+    """--dtype bfloat16: the checkpoint served in bfloat16 decodes as transformers does in bfloat16."""
+    model, processor = load_policy(checkpoint, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    engine = PolicyEngine(model, processor)
+    request = GenerationRequest(
+        format_prompt(processor, "What colour is the square?", 1), [square("red", (32, 32))],
+        SamplingParams(temperature=0.0, max_new_tokens=6),
+    )
+    sample = engine.generate([request])[0][0]
+    inputs = engine.family.encode(processor, request.prompt_text, request.images)
+    inputs = {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in inputs.items()}
+    with torch.no_grad():
+        expected = model.generate(
+            **inputs, do_sample=False, max_new_tokens=6, suppress_tokens=engine.unsampleable_token_ids,
+        )[0, inputs["input_ids"].shape[1]:].tolist()
+    assert sample.token_ids == expected[: len(sample.token_ids)] and len(sample.token_ids) >= 1
+    assert all(torch.isfinite(torch.tensor(sample.logprobs)))

@@ -435,3 +435,21 @@ def test_published_reward_versions_are_hot_loaded_verified_and_without_failed_re
     assert VERSION in versions and "r8" in versions and set(versions) == {VERSION, "r8"}, sorted(set(versions))
     for version, scores in traffic.answers:
         np.testing.assert_array_equal(scores, before if version == VERSION else scores_new)
+
+
+def test_a_bfloat16_server_scores_as_the_model_does_in_bfloat16(model_dir: Path, tmp_path: Path) -> None:
+    """--dtype bfloat16 serves the reward model in bfloat16: its scores are the bfloat16 model's, not float32's."""
+    config = RewardServerConfig(model_dir=model_dir, http_port=free_port(), grpc_port=free_port(), grace_period=1,
+                                dtype="bfloat16")
+    process = start_service(config, tmp_path, "reward-bf16", timeout_s=240)
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{config.http_port}")
+        served = client.infer(MODEL_NAME, _request()).as_numpy("score")
+        client.close()
+    finally:
+        process.stop(timeout_s=20)
+    torch.set_num_threads(1)
+    local = RewardModel.load(model_dir).to(torch.bfloat16).score(PROMPTS, DECODED, RESPONSES).float()
+    np.testing.assert_allclose(served, local.numpy(), rtol=1e-5, atol=1e-5)
+    full_precision = RewardModel.load(model_dir).score(PROMPTS, DECODED, RESPONSES)
+    assert not np.allclose(served, full_precision.numpy(), rtol=1e-5, atol=1e-5)  # the precision did change

@@ -305,6 +305,25 @@ def test_an_unknown_algorithm_is_refused_when_the_config_is_parsed_naming_the_kn
     assert exited.value.code == 2 and "--learner.algorithm" in capsys.readouterr().err
 
 
+def test_bfloat16_forward_passes_train_float32_master_weights(blobs: BlobStore, prompts: list[Prompt], tmp_path) -> None:
+    """--learner.dtype bfloat16: forward passes under autocast, weights and optimiser state stay float32, and a
+    round still trains both the reward model and the policy; an unknown precision is refused naming the known."""
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="rloo", dtype="bfloat16")
+    policy, reward = parameters(learner.models.policy), parameters(learner.models.reward_model)
+    metrics = learner.learn(traffic_pairs(learner, prompts), prompts)
+    assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values()), metrics
+    assert differing(policy, parameters(learner.models.policy)) and differing(reward, parameters(learner.models.reward_model))
+    for model in (learner.models.policy, learner.models.reward_model):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    batch = learner.batches.of_samples(prompts[:1], learner.sampler.sample(prompts[:1], 1, seed=0))
+    with learner.precision():
+        logits = learner.models.policy(**batch.inputs).logits
+    assert logits.dtype == torch.bfloat16  # the forward pass did run in bfloat16
+    with pytest.raises(ConfigError, match=r"one of float32, bfloat16, float16, got 'float8'"):
+        with_overrides(TrainerConfig(), {"learner.dtype": "float8"})
+
+
 def test_held_out_accuracy_is_reported_per_feedback_kind(blobs: BlobStore, prompts: list[Prompt]) -> None:
     seed_everything(0)
     learner = make_learner(blobs, algorithm="dpo")
