@@ -61,6 +61,7 @@ def test_a_processor_without_a_chat_template_is_refused(llava: Path, tmp_path: P
     assert "no chat_template" in refusal(folder)
 
 
+@pytest.mark.integration
 def test_the_policy_service_refuses_to_start_on_it_with_the_reason(tmp_path: Path) -> None:
     """Refused before anything is served: the process exits with status 2 and the reason as its last words."""
     Blip2Config().save_pretrained(tmp_path)

@@ -271,25 +271,32 @@ def build_qwen2_vl(folder: Path, seed: int = 0) -> None:
     _save(Qwen2VLForConditionalGeneration, config, processor, folder, seed)
 
 
+def _vision_config(**extra: object) -> dict:
+    """The ViT of Qwen2.5-VL and Qwen3-VL (their configs share these names), with each one's own additions."""
+    return {
+        "depth": VISION_LAYERS,
+        "hidden_size": VISION_HIDDEN_SIZE,
+        "intermediate_size": 2 * VISION_HIDDEN_SIZE,
+        "num_heads": VISION_HEADS,
+        "out_hidden_size": TEXT_HIDDEN_SIZE,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": 2,
+        "initializer_range": INIT_STD,
+        **extra,
+    }
+
+
 def build_qwen2_5_vl(folder: Path, seed: int = 0) -> None:
     """A tiny Qwen2.5-VL: as Qwen2-VL, but the ViT (RMSNorm, SwiGLU) attends within windows of 2x2 merged tokens
     in its first layer and over the whole image in its last."""
     processor = _processor(Qwen2_5_VLProcessor, Qwen2VLVideoProcessor, QWEN2_VL_CHAT_TEMPLATE)
     config = Qwen2_5_VLConfig(
         text_config=_text_config(processor.tokenizer, {"mrope_section": [2, 3, 3]}),
-        vision_config={
-            "depth": VISION_LAYERS,
-            "hidden_size": VISION_HIDDEN_SIZE,
-            "intermediate_size": 2 * VISION_HIDDEN_SIZE,
-            "num_heads": VISION_HEADS,
-            "out_hidden_size": TEXT_HIDDEN_SIZE,
-            "patch_size": PATCH_SIZE,
-            "spatial_merge_size": MERGE_SIZE,
-            "temporal_patch_size": 2,
-            "window_size": 2 * MERGE_SIZE * PATCH_SIZE,  # in pixels: 32x32, 2x2 merged tokens
-            "fullatt_block_indexes": [VISION_LAYERS - 1],
-            "initializer_range": INIT_STD,
-        },
+        vision_config=_vision_config(
+            window_size=2 * MERGE_SIZE * PATCH_SIZE,  # in pixels: 32x32, 2x2 merged tokens
+            fullatt_block_indexes=[VISION_LAYERS - 1],
+        ),
         tie_word_embeddings=True,
         **_token_ids(processor.tokenizer),
     )
@@ -308,19 +315,10 @@ def build_qwen3_vl(folder: Path, seed: int = 0) -> None:
             {"mrope_section": [4, 2, 2], "mrope_interleaved": True},
             head_dim=TEXT_HIDDEN_SIZE // TEXT_HEADS,
         ),
-        vision_config={
-            "depth": VISION_LAYERS,
-            "hidden_size": VISION_HIDDEN_SIZE,
-            "intermediate_size": 2 * VISION_HIDDEN_SIZE,
-            "num_heads": VISION_HEADS,
-            "out_hidden_size": TEXT_HIDDEN_SIZE,
-            "patch_size": PATCH_SIZE,
-            "spatial_merge_size": MERGE_SIZE,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 8 * 8,  # a learned 8x8 grid
-            "deepstack_visual_indexes": [0],
-            "initializer_range": INIT_STD,
-        },
+        vision_config=_vision_config(
+            num_position_embeddings=8 * 8,  # a learned 8x8 grid
+            deepstack_visual_indexes=[0],
+        ),
         tie_word_embeddings=True,
         **_token_ids(processor.tokenizer),
     )
