@@ -48,7 +48,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 """The precisions (torch dtype names) a service that holds a model accepts as --dtype."""
 
 
-def require_one_of(field: str, value: str, choices: typing.Iterable[str]) -> None:
+def require_one_of(field: str, value: str, choices: typing.Collection[str]) -> None:
     """Refuses value (ConfigError on field) unless it is one of choices; for validate() hooks."""
     if value not in choices:
         raise ConfigError(field, f"one of {', '.join(choices)}, got {value!r}")
