@@ -23,6 +23,7 @@ from modalign.policy.families import Inputs, family_of
 from modalign.policy.model import format_prompt
 from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.logprobs import token_logprobs
+from modalign.v1 import events_pb2
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class Prompt:
 
     text: str
     image_sha256: tuple[str, ...]
+
+    @classmethod
+    def of(cls, generation: events_pb2.GenerationLogged) -> Prompt:
+        """The prompt a logged generation answered: the user's text and its images."""
+        return cls(generation.prompt_text, tuple(image.sha256 for image in generation.images))
 
 
 @dataclass
@@ -55,9 +61,6 @@ class ResponseBatch:
             rows=picked, inputs=self.collate(picked), logit_positions=self.logit_positions[index],
             response_ids=self.response_ids[index], response_mask=self.response_mask[index], collate=self.collate,
         )
-
-    def model_inputs(self) -> Inputs:
-        return self.inputs
 
 
 class ImageCache:
@@ -145,7 +148,7 @@ class ResponseBatches:
 
     def of_pairs(self, pairs: list[PreferencePair]) -> ResponseBatch:
         """Rows [0, n) the chosen responses of the n pairs, rows [n, 2n) the rejected ones."""
-        prompts = [Prompt(p.prompt.prompt_text, tuple(image.sha256 for image in p.prompt.images)) for p in pairs] * 2
+        prompts = [Prompt.of(p.prompt) for p in pairs] * 2
         answers = [self.token_ids(p.chosen) for p in pairs] + [self.token_ids(p.rejected) for p in pairs]
         return self.build(prompts, answers)
 
@@ -158,7 +161,7 @@ class ResponseBatches:
 
     def logits(self, model: torch.nn.Module, batch: ResponseBatch) -> torch.Tensor:
         """[batch, response_length, vocab] logits that predict each response token."""
-        logits = model(**batch.model_inputs(), use_cache=False).logits
+        logits = model(**batch.inputs, use_cache=False).logits
         index = batch.logit_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
         # The same distribution the engine samples from, so importance ratios start at exactly 1.
         return mask_unsampleable(logits.gather(1, index).float(), self.unsampleable_token_ids)

@@ -295,7 +295,7 @@ class Trainer:
 
     def _remember_prompt(self, generation: events_pb2.GenerationLogged) -> None:
         key = prompt_key(generation)
-        self.state.prompts[key] = Prompt(text=generation.prompt_text, image_sha256=tuple(i.sha256 for i in generation.images))
+        self.state.prompts[key] = Prompt.of(generation)
         self.state.prompts.move_to_end(key)
         while len(self.state.prompts) > self.config.max_prompts:
             self.state.prompts.popitem(last=False)

@@ -58,7 +58,7 @@ class PolicyContext:
         critic = self._models.training_critic
         if critic is None:
             raise RuntimeError("this algorithm did not register with uses_critic: the learner built no critic")
-        return critic(logit_positions=batch.logit_positions, **batch.model_inputs())
+        return critic(logit_positions=batch.logit_positions, **batch.inputs)
 
     def on_policy_updates(self, prompts: list[Prompt], update: Callable[[Episodes], History]) -> dict[str, float]:
         """policy_updates_per_round times: fresh episodes sampled from the policy, then update(episodes),

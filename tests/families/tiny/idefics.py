@@ -37,9 +37,7 @@ from transformers import (
     IdeficsForVisionText2Text,
     IdeficsImageProcessor,
     IdeficsProcessor,
-    PreTrainedModel,
     PreTrainedTokenizerFast,
-    ProcessorMixin,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessor,
@@ -48,6 +46,8 @@ from transformers import (
 )
 
 from modalign.policy.model import build_tokenizer
+
+from tests.families.tiny.common import init_model, save_checkpoint
 
 FAKE_IMAGE = "<fake_token_around_image>"
 IMAGE = "<image>"
@@ -127,31 +127,6 @@ def _vision_config(patch_size: int) -> dict:
     }
 
 
-def _init(model_class: type[PreTrainedModel], config: object, seed: int) -> PreTrainedModel:
-    """Initialise under a forked RNG: the same seed gives the same weights, and the caller's global RNG is left
-    alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model_class(config)
-
-
-def _save(
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    folder: Path,
-    eos_tokens: tuple[str, ...],
-) -> None:
-    """Set the generation ids (EOS: the given tokens, the first closing every assistant turn) and save."""
-    tokenizer = processor.tokenizer
-    eos_ids = [tokenizer.convert_tokens_to_ids(token) for token in eos_tokens]
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-
-
 def _split_image_processor_kwargs() -> dict:
     """Idefics3 and SmolVLM: the longest edge resized to 64 pixels, then cut into 32x32 tiles (the real ones use
     4 * 364 and 364, or 4 * 512 and 512)."""
@@ -196,8 +171,8 @@ def build_idefics3(folder: Path, seed: int = 0) -> None:
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
         tie_word_embeddings=False,
     )
-    model = _init(Idefics3ForConditionalGeneration, config, seed)
-    _save(model, processor, folder, eos_tokens=(END_OF_UTTERANCE, LLAMA3_EOS))
+    model = init_model(Idefics3ForConditionalGeneration, config, seed)
+    save_checkpoint(model, processor, folder, eos_tokens=(END_OF_UTTERANCE, LLAMA3_EOS))
 
 
 def build_smolvlm(folder: Path, seed: int = 0) -> None:
@@ -245,8 +220,8 @@ def build_smolvlm(folder: Path, seed: int = 0) -> None:
         # whatever the image, which would make every output comparison pass trivially.
         tie_word_embeddings=False,
     )
-    model = _init(SmolVLMForConditionalGeneration, config, seed)
-    _save(model, processor, folder, eos_tokens=(END_OF_UTTERANCE,))
+    model = init_model(SmolVLMForConditionalGeneration, config, seed)
+    save_checkpoint(model, processor, folder, eos_tokens=(END_OF_UTTERANCE,))
 
 
 def build_idefics(folder: Path, seed: int = 0) -> None:
@@ -306,10 +281,10 @@ def build_idefics(folder: Path, seed: int = 0) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = _init(IdeficsForVisionText2Text, config, seed)
+    model = init_model(IdeficsForVisionText2Text, config, seed)
     with torch.no_grad():
         # IDEFICS draws the Perceiver's latent queries with std 1, fifty times the other weights: at this size
         # they drown the image in the resampler's residual stream (red and blue images then give logits within
         # 0.01 of each other). At the other weights' scale, the image decides the greedy tokens.
         model.model.perceiver_resampler.latents.mul_(config.initializer_range)
-    _save(model, processor, folder, eos_tokens=(END_OF_UTTERANCE, "</s>"))
+    save_checkpoint(model, processor, folder, eos_tokens=(END_OF_UTTERANCE, "</s>"))

@@ -33,14 +33,13 @@ from transformers import (
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    ProcessorMixin,
     Qwen2Config,
     SiglipVisionConfig,
 )
 
 from modalign.policy.model import build_tokenizer
+
+from tests.families.tiny.common import init_model, save_checkpoint
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -95,20 +94,6 @@ OV_CHAT_TEMPLATE = (
 # Tiles are 32x32; an image is fitted onto the best of these (height, width) canvases. Real checkpoints use
 # multiples of 384 up to 6x6 tiles; two by two tiles at most keeps prompts short.
 OV_GRID_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
-
-
-def _save(model: PreTrainedModel, processor: ProcessorMixin, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-
-
-def _set_generation_ids(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, eos_token_id: int | list[int]
-) -> None:
-    """The engine and generate() stop on the generation config's EOS and pad with its pad id."""
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def _siglip_config() -> SiglipVisionConfig:
@@ -170,11 +155,8 @@ def build_llava_onevision(folder: Path, seed: int = 0) -> None:
         image_grid_pinpoints=OV_GRID_PINPOINTS,
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config)
-    _set_generation_ids(model, tokenizer, tokenizer.eos_token_id)
-    _save(model, processor, folder)
+    model = init_model(LlavaOnevisionForConditionalGeneration, config, seed)
+    save_checkpoint(model, processor, folder, eos_tokens=(OV_IM_END,))
 
 
 # --- Gemma 3 -----------------------------------------------------------------------------------------------------
@@ -299,13 +281,11 @@ def build_gemma3(folder: Path, seed: int = 0) -> None:
         eoi_token_index=tokenizer.convert_tokens_to_ids(END_OF_IMAGE),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_SOFT_TOKEN),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Gemma3ForConditionalGeneration(config)
-        # Gemma 3 initialises its image projection to zeros, so an untrained checkpoint would ignore its images.
-        torch.nn.init.normal_(
-            model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range
-        )
+    model = init_model(Gemma3ForConditionalGeneration, config, seed)
+    # Gemma 3 initialises its image projection to zeros, so an untrained checkpoint would ignore its images.
+    torch.nn.init.normal_(
+        model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range,
+        generator=torch.Generator().manual_seed(seed),
+    )
     # As google/gemma-3-*-it's generation config: an answer stops at <end_of_turn> (or <eos>).
-    _set_generation_ids(model, tokenizer, [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)])
-    _save(model, processor, folder)
+    save_checkpoint(model, processor, folder, eos_tokens=(GEMMA_EOS, END_OF_TURN))

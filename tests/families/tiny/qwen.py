@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -36,6 +35,8 @@ from transformers import (
 )
 
 from modalign.policy.model import build_tokenizer
+
+from tests.families.tiny.common import init_model, save_checkpoint
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -233,19 +234,9 @@ def _text_config(tokenizer: PreTrainedTokenizerFast, rope_parameters: dict, **ex
 def _save(
     model_class: type[PreTrainedModel], config: object, processor: ProcessorMixin, folder: Path, seed: int
 ) -> None:
-    """Initialise the model under a forked RNG (the same seed gives the same weights, and the caller's global RNG
-    is left alone), set the generation ids as Qwen's instruct checkpoints do, and save model and processor."""
-    tokenizer = processor.tokenizer
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config)
-    endoftext = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    model.generation_config.bos_token_id = endoftext
-    # Qwen's instruct generation configs stop on either <|im_end|> or <|endoftext|>.
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, endoftext]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
+    """Qwen's instruct generation configs stop on either <|im_end|> or <|endoftext|>, which is also their BOS."""
+    model = init_model(model_class, config, seed)
+    save_checkpoint(model, processor, folder, eos_tokens=(processor.tokenizer.eos_token, ENDOFTEXT), bos_token=ENDOFTEXT)
 
 
 def build_qwen2_vl(folder: Path, seed: int = 0) -> None:
