@@ -30,7 +30,7 @@ from modalign.demo.scenes import Example, examples, faithfulness
 from modalign.demo.users import preference
 from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams, mask_unsampleable
 from modalign.policy.model import format_prompt, load_policy
-from modalign.reward.model import RewardModel
+from modalign.reward.backbones import AnyRewardModel, load_reward_model
 
 HELD_OUT_SEED = 424242
 Z95 = 1.959963984540054
@@ -118,7 +118,7 @@ def evaluate_versions(
     """versions: (name, model folder, promoted, its reward model's folder or None), v0 first. Mean rewards
     are scored by the last version's reward model."""
     reward_folders = [folder for *_, folder in versions if folder is not None]
-    reward = RewardModel.load(reward_folders[-1]).to(device) if reward_folders else None
+    reward = load_reward_model(reward_folders[-1]).to(device) if reward_folders else None
     engines = {name: PolicyEngine(*load_policy(folder, device=device), policy_version=name) for name, folder, *_ in versions}
     samples = {name: sample_answers(engine, held_out, max_new_tokens) for name, engine in engines.items()}
     reference = versions[0][0]
@@ -132,7 +132,7 @@ def evaluate_versions(
         mean_reward = score(reward, held_out, mine).mean().item() if reward is not None else float("nan")
         accuracy, pairs = (None, 0)
         if reward_folder is not None:
-            accuracy, pairs = reward_model_accuracy(RewardModel.load(reward_folder).to(device), held_out, mine, baseline)
+            accuracy, pairs = reward_model_accuracy(load_reward_model(reward_folder).to(device), held_out, mine, baseline)
         results.append(VersionResult(
             version=name, promoted=promoted, mean_reward=mean_reward, win_rate_vs_v0=win_rate, win_rate_ci=win_ci,
             hallucination_rate=hallucinated / len(mine), hallucination_ci=wilson_interval(hallucinated, len(mine)),
@@ -144,7 +144,7 @@ def evaluate_versions(
     return results
 
 
-def score(reward: RewardModel, held_out: list[Example], answers: list[str], batch: int = 32) -> torch.Tensor:
+def score(reward: AnyRewardModel, held_out: list[Example], answers: list[str], batch: int = 32) -> torch.Tensor:
     """The reward model's scores [len(answers)] of one answer per held-out scene."""
     return torch.cat([
         reward.score([e.question.text for e in held_out[start:start + batch]],
@@ -154,7 +154,7 @@ def score(reward: RewardModel, held_out: list[Example], answers: list[str], batc
 
 
 def reward_model_accuracy(
-    reward: RewardModel, held_out: list[Example], answers: list[str], baseline: list[str]
+    reward: AnyRewardModel, held_out: list[Example], answers: list[str], baseline: list[str]
 ) -> tuple[float | None, int]:
     """Share of scenes, among those where the users' hidden preference between answers[i] and
     baseline[i] is not a tie, on which the reward model prefers the same one; and how many there were."""

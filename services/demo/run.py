@@ -32,6 +32,7 @@ from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.report import evaluate_versions, held_out_examples, write_report
 from modalign.demo.users import SimulatedUsers, UsersConfig
 from modalign.demo.warmstart import build_warm_start
+from modalign.reward.config import BACKBONES
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.up import LocalPorts, local_services
 from modalign.v1 import events_pb2, rollout_pb2, rollout_pb2_grpc
@@ -65,6 +66,9 @@ class DemoConfig:
     algorithm: str = "dpo"
     """The trainer's policy algorithm: dpo (on the users' pairs), or ppo, rloo or grpo (against the reward
     model learned from them); the demo's trainer settings serve all four (docs/demo.md has their runs)."""
+    reward_backbone: str = "generative"
+    """The reward model's backbone: generative (the default) or clip (a CLIP dual encoder, cheaper; it
+    matters to ppo, rloo and grpo, which optimise against it)."""
     users: int = 4
     """Simulated users sending requests at once."""
     policy_model: Path | None = None
@@ -87,6 +91,7 @@ class DemoConfig:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", f"unknown {self.algorithm!r}; known: {', '.join(sorted(ALGORITHMS))}")
         require_one_of("dtype", self.dtype, DTYPES)
+        require_one_of("reward_backbone", self.reward_backbone, BACKBONES)
 
 
 def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[str, Any]]:
@@ -94,9 +99,10 @@ def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[s
     return {
         **DEMO_SETTINGS,
         "policy": {"model_dir": str(policy_model), "device": config.device, "dtype": config.dtype},
-        "reward": {"device": config.device, "dtype": config.dtype},
+        "reward": {"device": config.device, "dtype": config.dtype, "backbone": config.reward_backbone},
         "trainer": {**DEMO_SETTINGS["trainer"], "learner.algorithm": config.algorithm, "learner.policy_model_dir": str(policy_model),
-                    "learner.seed": config.seed, "learner.device": config.device, "learner.dtype": config.dtype},
+                    "learner.seed": config.seed, "learner.device": config.device, "learner.dtype": config.dtype,
+                    "learner.reward_backbone": config.reward_backbone},
     }
 
 

@@ -15,6 +15,8 @@ from modalign.core.processes import http_ok
 from modalign.core.service import ServiceConfig, loopback
 
 FOLLOW_MODES = ("latest", "none")
+BACKBONES = ("generative", "clip")
+"""The reward model's backbones (reward/backbones.py), here so that configs name them without importing torch."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class RewardServerConfig(ServiceConfig):
     """Port of the gRPC endpoint (inference.GRPCInferenceService)."""
     seed: int = 0
     """Seed of the fresh model when no model_dir is given."""
+    backbone: str = "generative"
+    """Backbone of the fresh model when no model_dir is given: "generative" or "clip" (on the default
+    policy); a saved reward model (--model-dir, or a published version) records its own."""
     device: str = "cpu"
     """Torch device of the model: cpu, cuda, cuda:1, ..."""
     dtype: str = "float32"
@@ -76,6 +81,7 @@ class RewardServerConfig(ServiceConfig):
         super().validate()
         require_one_of("follow", self.follow, FOLLOW_MODES)
         require_one_of("dtype", self.dtype, DTYPES)
+        require_one_of("backbone", self.backbone, BACKBONES)
 
     @property
     def url(self) -> str:

@@ -34,10 +34,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
+from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
+from modalign.core.service import CannotStart
 from modalign.policy.families import family_of
-from modalign.policy.model import build_default_policy, format_prompt, load_policy, save_policy
+from modalign.policy.model import format_prompt, load_policy, save_policy
 
 FORMAT = "modalign.reward/1"
 CONFIG_FILE = "reward_config.json"
@@ -45,8 +46,20 @@ HEAD_FILE = "reward_head.safetensors"
 BACKBONE_DIR = "backbone"
 
 
+class UnusableRewardModel(CannotStart, ValueError):
+    """A reward model folder or backbone choice that cannot be used; says why in one line."""
+
+
 class UnscorableText(ValueError):
     """A prompt or response the model cannot take as given (reserved tokens, too long); says which row."""
+
+
+def refuse_reserved_tokens(tokenizer: PreTrainedTokenizerBase, what: str, text: str) -> None:
+    """Raises UnscorableText naming `what` when text holds a special or added token of the tokenizer: a
+    forged "<image>" or "</s>" would shift image placeholders or end the sequence early."""
+    forged = sorted({token for token in (*tokenizer.all_special_tokens, *tokenizer.added_tokens_encoder) if token in text})
+    if forged:
+        raise UnscorableText(f"{what} contains reserved token(s) {forged}")
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -84,19 +97,11 @@ class RewardModel(nn.Module):
                 f"{len(responses)} responses"
             )
         tokenizer = self.processor.tokenizer
-        reserved = set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder)
         texts = []
         for row, (prompt, images, response) in enumerate(zip(prompt_texts, images_per_sample, responses, strict=True)):
-            try:
-                formatted = format_prompt(self.processor, prompt, len(images))
-            except ValueError as error:
-                raise UnscorableText(f"prompt {row}: {error}") from error
-            # A forged "<image>" or "</s>" in the response would shift image placeholders or end the
-            # sequence early, so responses are held to the same rule as prompts.
-            forged = sorted(token for token in reserved if token in response)
-            if forged:
-                raise UnscorableText(f"response {row} contains reserved token(s) {forged}")
-            texts.append(formatted + response + tokenizer.eos_token)
+            refuse_reserved_tokens(tokenizer, f"prompt {row}", prompt)
+            refuse_reserved_tokens(tokenizer, f"response {row}", response)
+            texts.append(format_prompt(self.processor, prompt, len(images)) + response + tokenizer.eos_token)
         rows = [self.family.encode(self.processor, text, images) for text, images in zip(texts, images_per_sample)]
         inputs = self.family.model_inputs(self.backbone, rows, tokenizer.pad_token_id)
         if self.likelihood_weights is not None:
@@ -174,7 +179,7 @@ class RewardModel(nn.Module):
         folder = Path(folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
         if config.get("format") != FORMAT:
-            raise ValueError(f"{folder / CONFIG_FILE} has format {config.get('format')!r}, expected {FORMAT!r}")
+            raise UnusableRewardModel(f"{folder / CONFIG_FILE} has format {config.get('format')!r}, expected {FORMAT!r}")
         backbone, processor = load_policy(folder / config["backbone"])
         # Folders written before the likelihood features existed have a plain head.
         model = cls(backbone, processor, likelihood_features=config.get("likelihood_features", False))
@@ -187,9 +192,3 @@ class RewardModel(nn.Module):
             model.likelihood_weights.data.copy_(tensors.pop("likelihood_weights"))
         model.head.load_state_dict(tensors)
         return model.eval()
-
-
-def build_default_reward_model(seed: int = 0) -> RewardModel:
-    """A fresh reward model on the default policy backbone, in eval mode; the same seed, the same weights."""
-    backbone, processor = build_default_policy(seed)
-    return RewardModel(backbone, processor, seed=seed).eval()

@@ -43,10 +43,11 @@ from modalign.core.kafka import ensure_topics
 from modalign.core.modelstore import MANIFEST, ChecksumMismatch, S3Config, fetch, read_manifest, sibling_uri, verify
 from modalign.core.service import run_service
 from modalign.core.versions import follow_newest_version
+from modalign.reward.backbones import AnyRewardModel, build_default_reward_model, load_reward_model
 from modalign.reward.config import RequestLimits, RewardServerConfig
 from modalign.reward.contract import INPUTS, OUTPUTS, parse_request
 from modalign.reward.kserve_server import BoundModelServer
-from modalign.reward.model import RewardModel, UnscorableText, build_default_reward_model
+from modalign.reward.model import UnscorableText
 from modalign.v1 import events_pb2
 
 # Defined once per process: prometheus_client's default registry is what KServe's /metrics serves.
@@ -65,20 +66,20 @@ _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class _LoadedRewardModel:
     """The model and its version, swapped as one reference so a request never mixes two versions."""
 
-    reward: RewardModel
+    reward: AnyRewardModel
     version: str
 
 
-def verified_version(model_dir: Path | None, seed: int, expected: str | None = None, fetched: bool = False) -> str:
+def verified_version(model_dir: Path | None, fresh_name: str, expected: str | None = None, fetched: bool = False) -> str:
     """The version label of a folder about to be loaded.
 
     A model-store version (it has a manifest) is verified file by file first, unless `fetched` says
-    modelstore.fetch just did, and must be a reward model; a bare folder from RewardModel.save is
-    named by its folder. With `expected` (a published version), the manifest is required and must
-    name that version.
+    modelstore.fetch just did, and must be a reward model; a bare folder (a reward model's save())
+    is named by its folder; no folder (a fresh model) is named fresh_name. With `expected` (a
+    published version), the manifest is required and must name that version.
     """
     if model_dir is None:
-        return f"default-seed{seed}"
+        return fresh_name
     if not (model_dir / MANIFEST).is_file():
         if expected is not None:
             raise ChecksumMismatch(f"{model_dir} has no {MANIFEST}: reward version {expected} cannot be verified")
@@ -107,6 +108,7 @@ class RewardKServeModel(kserve.Model):
         name: str,
         model_dir: Path | None,
         seed: int = 0,
+        backbone: str = "generative",
         device: str = "cpu",
         dtype: str = "float32",
         limits: RequestLimits | None = None,
@@ -117,6 +119,7 @@ class RewardKServeModel(kserve.Model):
         self._s3 = s3
         self._model_dir = model_dir
         self._seed = seed
+        self._backbone = backbone
         self._device = device
         self._dtype = getattr(torch, dtype)
         self._served: _LoadedRewardModel | None = None
@@ -164,8 +167,9 @@ class RewardKServeModel(kserve.Model):
     def _load(self, model_dir: Path | None, expected_version: str | None, fetched: bool = False) -> None:
         with self._load_lock:
             folder = model_dir if model_dir is not None else self._model_dir
-            version = verified_version(folder, self._seed, expected_version, fetched)
-            reward = RewardModel.load(folder) if folder is not None else build_default_reward_model(self._seed)
+            fresh_name = f"default-seed{self._seed}" + ("" if self._backbone == "generative" else f"-{self._backbone}")
+            version = verified_version(folder, fresh_name, expected_version, fetched)
+            reward = load_reward_model(folder) if folder is not None else build_default_reward_model(self._seed, self._backbone)
             served = _LoadedRewardModel(reward=reward.to(self._device, self._dtype), version=version)
             previous, self._served = self._served, served
             self._model_dir = folder
@@ -232,7 +236,7 @@ def serve(config: RewardServerConfig) -> None:
         host=config.host, http_port=config.http_port, grpc_port=config.grpc_port, grace_period=config.grace_period
     )
     model = RewardKServeModel(
-        config.model_name, config.model_dir, seed=config.seed, device=config.device, dtype=config.dtype,
+        config.model_name, config.model_dir, seed=config.seed, backbone=config.backbone, device=config.device, dtype=config.dtype,
         limits=config.limits,
         s3=config.s3,
     )

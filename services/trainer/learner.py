@@ -24,6 +24,7 @@ import torch
 from modalign.core.blobs import BlobStore
 from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.policy.engine import PolicyEngine
+from modalign.reward.config import BACKBONES
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.algorithms.context import PolicyContext
 from modalign.trainer.batches import ImageCache, Prompt, ResponseBatches
@@ -45,7 +46,11 @@ class LearnerConfig:
     policy_model_dir: str = ""
     """The starting policy (and the frozen reference); empty builds the default small policy."""
     reward_model_dir: str = ""
-    """The starting reward model; empty puts a fresh scalar head on a copy of the starting policy."""
+    """The starting reward model: a saved one, or (clip backbone) a CLIP checkpoint folder under a fresh
+    head; empty builds a fresh one of --learner.reward-backbone from the starting policy."""
+    reward_backbone: str = "generative"
+    """The reward model's backbone: "generative" (the policy's kind of VLM reads prompt, images and response
+    together; the default) or "clip" (a CLIP dual encoder: cheaper, less exact; see docs/models.md)."""
     seed: int = 0
     """Seed of the models' initialisation, of sampling and of batch order."""
     device: str = "cpu"
@@ -116,6 +121,7 @@ class LearnerConfig:
         """Run when the config is parsed or built (core/config.py): an unknown algorithm is refused
         then, naming the known ones, not at the first learning round."""
         require_one_of("dtype", self.dtype, DTYPES)
+        require_one_of("reward_backbone", self.reward_backbone, BACKBONES)
         if self.algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", f"unknown {self.algorithm!r}; the known algorithms are "
                                            f"{', '.join(sorted(ALGORITHMS))}")
@@ -130,7 +136,8 @@ class Learner:
         self.algorithm = ALGORITHMS[config.algorithm]
         device = torch.device(config.device)
         self.models = Models(
-            policy_model_dir=config.policy_model_dir, reward_model_dir=config.reward_model_dir, seed=config.seed,
+            policy_model_dir=config.policy_model_dir, reward_model_dir=config.reward_model_dir,
+            reward_backbone=config.reward_backbone, seed=config.seed,
             device=device, policy_lr=config.policy_lr, reward_lr=config.reward_lr,
             with_critic=self.algorithm.uses_critic, world_size=world_size,
         )

@@ -3,8 +3,9 @@
 - policy: trained; published_policy: the last version the gate accepted (the baseline of the next
   evaluation, and what a refused candidate reverts to); reference: the starting policy, frozen, for
   the KL penalty.
-- reward_model: trained on every round's pairs (Bradley-Terry).
-- value_model: the critic, only for algorithms that declare one (PPO); its head reads every position.
+- reward_model: trained on every round's pairs (Bradley-Terry); generative or CLIP (reward/backbones.py).
+- value_model: the critic, only for algorithms that declare one (PPO); a generative reward model whose
+  head reads every position.
 Dropout stays off (eval mode) in every model: gradients flow in eval mode, and sampling and training
 then see the same network. Under torchrun the trained modules are wrapped in DistributedDataParallel
 (the `training_*` attributes): forward passes that should average gradients go through those.
@@ -21,6 +22,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.policy.model import build_default_policy, load_policy, save_policy
+from modalign.reward.backbones import AnyRewardModel, load_reward_model, new_reward_model
 from modalign.reward.model import RewardModel
 
 
@@ -54,8 +56,8 @@ class Models:
     """Builds the models from their starting points and keeps them, their optimisers and wrappers."""
 
     def __init__(
-        self, *, policy_model_dir: str, reward_model_dir: str, seed: int, device: torch.device, policy_lr: float,
-        reward_lr: float, with_critic: bool, world_size: int,
+        self, *, policy_model_dir: str, reward_model_dir: str, reward_backbone: str, seed: int, device: torch.device,
+        policy_lr: float, reward_lr: float, with_critic: bool, world_size: int,
     ) -> None:
         self.device = device
         self.world_size = world_size
@@ -68,13 +70,20 @@ class Models:
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         self.published_policy = copy.deepcopy(self.policy).requires_grad_(False)
         if reward_model_dir:
-            self.reward_model = RewardModel.load(reward_model_dir).to(device, torch.float32)
+            self.reward_model = load_reward_model(reward_model_dir, seed, reward_backbone).to(device, torch.float32)
         else:
-            self.reward_model = RewardModel(copy.deepcopy(self.policy), self.processor, seed=seed).to(device).eval()
-        # The critic starts as a copy of the reward model (its head then reads every position); when the
-        # reward model starts untrained, the copy is taken again after its first round of training.
-        self.value_model = copy.deepcopy(self.reward_model) if with_critic else None
-        self.critic_from_trained_reward_model = bool(reward_model_dir)
+            self.reward_model = new_reward_model(reward_backbone, copy.deepcopy(self.policy), self.processor, seed).to(device)
+        # The critic reads every position of a generative backbone: it starts as a copy of a generative
+        # reward model (taken again after the first round of training when that one starts untrained),
+        # and as a fresh head on a copy of the policy beside a CLIP one.
+        if not with_critic:
+            self.value_model = None
+        elif isinstance(self.reward_model, RewardModel):
+            self.value_model = copy.deepcopy(self.reward_model)
+        else:
+            self.value_model = RewardModel(copy.deepcopy(self.policy), self.processor, seed=seed,
+                                           likelihood_features=False).to(device).eval()
+        self.critic_from_trained_reward_model = bool(reward_model_dir) or not isinstance(self.reward_model, RewardModel)
         self.policy_optimizer = torch.optim.AdamW(self.policy.parameters(), lr=policy_lr, weight_decay=0.0)
         self.reward_optimizer = torch.optim.AdamW(self.reward_model.parameters(), lr=reward_lr, weight_decay=0.0)
         self.value_optimizer = (
@@ -160,9 +169,10 @@ class Models:
             self.critic_from_trained_reward_model = state["critic_from_trained_reward_model"]
 
 
-def max_positions(policy: PreTrainedModel, reward_model: RewardModel) -> int:
-    """The longest prompt + response both models can take."""
-    return min(reward_model.max_positions, policy.config.get_text_config().max_position_embeddings)
+def max_positions(policy: PreTrainedModel, reward_model: AnyRewardModel) -> int:
+    """The longest prompt + response both models can take (a CLIP reward model takes any: it truncates)."""
+    policy_positions = policy.config.get_text_config().max_position_embeddings
+    return policy_positions if reward_model.max_positions is None else min(reward_model.max_positions, policy_positions)
 
 
 def reserved_tokens(*processors: ProcessorMixin) -> list[str]:

@@ -165,3 +165,14 @@ def test_the_demo_runs_the_algorithm_it_is_given_and_refuses_an_unknown_one(tmp_
         assert trainer.rounds_per_version == DEMO_SETTINGS["trainer"]["rounds_per_version"]
     with pytest.raises(SystemExit):
         parse_config(DemoConfig, ["--algorithm", "a3c"])
+
+
+def test_the_demos_reward_backbone_reaches_the_trainer_and_the_reward_service(tmp_path: Path) -> None:
+    demo = parse_config(DemoConfig, ["--reward-backbone", "clip", "--algorithm", "rloo"])
+    services = local_services(KafkaConfig(), tmp_path, LocalPorts(), service_settings(demo, Path("/warm")))
+    trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))  # as the trainer process reads it
+    reward = parse_config(RewardServerConfig, to_arguments(services["reward"]))
+    assert (trainer.learner.reward_backbone, reward.backbone) == ("clip", "clip")
+    assert DemoConfig().reward_backbone == TrainerConfig().learner.reward_backbone == RewardServerConfig().backbone == "generative"
+    with pytest.raises(SystemExit):
+        parse_config(DemoConfig, ["--reward-backbone", "vit"])

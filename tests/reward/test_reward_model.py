@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from modalign.policy.model import build_default_policy, format_prompt
-from modalign.reward.model import RewardModel, UnscorableText, build_default_reward_model, last_token_index
+from modalign.reward.backbones import build_default_reward_model
+from modalign.reward.model import RewardModel, UnscorableText, last_token_index
 
 # On 2 cores, one intra-op thread per process: oversubscribed threads made a forward 9x slower.
 torch.set_num_threads(1)

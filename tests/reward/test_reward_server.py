@@ -35,8 +35,9 @@ from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
 from modalign.core.launch import on_broker
 from modalign.core.modelstore import DirectoryStore, Manifest
 from modalign.core.processes import free_port
+from modalign.reward.backbones import build_default_reward_model
 from modalign.reward.config import RewardServerConfig
-from modalign.reward.model import HEAD_FILE, RewardModel, build_default_reward_model
+from modalign.reward.model import HEAD_FILE, RewardModel
 from modalign.rollout.evidence import EvidenceCollector, RewardScorer
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2
 
@@ -435,6 +436,22 @@ def test_published_reward_versions_are_hot_loaded_verified_and_without_failed_re
     assert VERSION in versions and "r8" in versions and set(versions) == {VERSION, "r8"}, sorted(set(versions))
     for version, scores in traffic.answers:
         np.testing.assert_array_equal(scores, before if version == VERSION else scores_new)
+
+
+def test_a_published_clip_reward_model_replaces_a_generative_one(
+    server: dict[str, str], store: DirectoryStore, kafka_config: KafkaConfig
+) -> None:
+    """The trainer may publish either backbone (--learner.reward-backbone); the folder says which, and the
+    service serves whichever it is told to. Runs after the hot-load test, which leaves r8 serving."""
+    clip = build_default_reward_model(seed=17, backbone="clip")
+    store.publish(Manifest(version="r20", kind="reward", parent="r8"), clip.save)
+    _publish_event(kafka_config, store, "v20", "r20")
+    _wait_for_metric(server["http"], 'modalign_reward_model_info{version="r20"}', 1.0)
+    served = _rest_infer(server["http"])
+    assert served["model_version"] == "r20"
+    torch.set_num_threads(1)
+    expected = clip.score(PROMPTS, DECODED, RESPONSES).numpy()
+    np.testing.assert_allclose(np.array(served["outputs"][0]["data"], dtype=np.float32), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_a_bfloat16_server_scores_as_the_model_does_in_bfloat16(model_dir: Path, tmp_path: Path) -> None:

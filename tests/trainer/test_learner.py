@@ -17,6 +17,9 @@ from PIL import Image, ImageDraw
 from modalign.core.blobs import BlobStore
 from modalign.core.config import ConfigError, parse_config, with_overrides
 from modalign.policy.engine import Sample
+from modalign.reward.backbones import load_reward_model
+from modalign.reward.clip import ClipRewardModel
+from modalign.reward.model import RewardModel
 from modalign.trainer.algorithms.critic_free import critic_free_update
 from modalign.trainer.algorithms.ppo import ppo_update
 from modalign.trainer.batches import Prompt
@@ -292,6 +295,37 @@ def test_the_ppo_critic_starts_from_the_trained_reward_model_not_the_fresh_one(
     learner.learn(traffic_pairs(learner, prompts), prompts)
     assert differing(parameters(learner.models.value_model), fresh_critic)
     assert not differing(parameters(learner.models.value_model), parameters(learner.models.reward_model))
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
+def test_a_clip_reward_model_learns_beside_the_policy_and_exports_as_one(
+    blobs: BlobStore, prompts: list[Prompt], algorithm: str, tmp_path
+) -> None:
+    """--learner.reward-backbone clip: the round trains the CLIP reward model (PPO's critic, which reads every
+    position, is a generative one on the policy that never copies it), and the export loads as CLIP."""
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm=algorithm, reward_backbone="clip")
+    models = learner.models
+    assert isinstance(models.reward_model, ClipRewardModel)
+    reward = parameters(models.reward_model)
+    value = parameters(models.value_model) if models.value_model is not None else None
+    metrics = learner.learn(traffic_pairs(learner, prompts), prompts)
+    assert {"rm_loss", "rm_train_accuracy"} <= metrics.keys()
+    assert differing(parameters(models.reward_model), reward)
+    if algorithm == "ppo":
+        assert isinstance(models.value_model, RewardModel) and models.value_model.likelihood_weights is None
+        assert differing(parameters(models.value_model), value) and "value_loss" in metrics
+    models.export_reward(tmp_path / "r1")
+    exported = load_reward_model(tmp_path / "r1")
+    assert isinstance(exported, ClipRewardModel)
+    pairs = traffic_pairs(learner, prompts)[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(*(learner.reward.pair_rewards(pairs, model) for model in (models.reward_model, exported)))
+
+
+def test_an_unknown_reward_backbone_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"one of generative, clip, got 'vit'"):
+        with_overrides(TrainerConfig(), {"learner.reward_backbone": "vit"})
 
 
 def test_an_unknown_algorithm_is_refused_when_the_config_is_parsed_naming_the_known_ones(
