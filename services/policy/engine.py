@@ -192,6 +192,17 @@ class PolicyEngine:
         """generate() for requests already passed through encode()."""
         if not requests:
             return []
+        groups = self.family.groups(encoded)
+        if len(groups) > 1:  # rows the family cannot batch together (Mllama's image counts): one batch each
+            samples: list[list[Sample]] = [[] for _ in requests]
+            for group in groups:
+                for index, candidates in zip(group, self._generate([requests[i] for i in group], [encoded[i] for i in group])):
+                    samples[index] = candidates
+            return samples
+        return self._generate(requests, encoded)
+
+    def _generate(self, requests: list[GenerationRequest], encoded: list[Inputs]) -> list[list[Sample]]:
+        """Sample every request's candidates as one batch."""
         rows = self._make_rows(requests, encoded)
         callbacks_on = [r.on_token is not None or r.on_finish is not None for r in requests]
         samples: list[list[Sample | None]] = [[None] * r.n for r in requests]

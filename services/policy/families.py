@@ -20,7 +20,7 @@ A checkpoint whose family is not registered here is refused at load time, before
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,6 +105,25 @@ class Family:
         """Position ids of one decoding step, from each row's next position."""
         return next_position.unsqueeze(-1)
 
+    def groups(self, rows: list[Inputs]) -> list[list[int]]:
+        """The rows (their indices) that may share a batch in the engine: all of them but in Mllama."""
+        return [list(range(len(rows)))]
+
+    def split(self, batch: Inputs) -> list[tuple[torch.Tensor | None, Inputs]]:
+        """The forward passes a right-padded batch (model_inputs) takes, each with the batch rows it
+        holds: one, (None, batch), but in Mllama. Right padding is what lets a part keep the batch's width."""
+        return [(None, batch)]
+
+    def in_parts(self, batch: Inputs, forward: Callable[[Inputs, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """forward(inputs, rows) on each part of split(batch) (rows: the part's batch rows, None for the
+        whole batch), the outputs (one per row along the first dimension) put back in batch order."""
+        parts = self.split(batch)
+        if len(parts) == 1:
+            rows, inputs = parts[0]
+            return forward(inputs, rows)
+        outputs = torch.cat([forward(inputs, rows) for rows, inputs in parts])
+        return outputs[torch.argsort(torch.cat([rows for rows, _ in parts]))]
+
     def step_inputs(self, batch: Inputs, prefill: Any) -> Inputs:
         """What each decoding step passes besides the new token, the attention mask and the cache (one row
         per batch row, selected as rows finish)."""
@@ -152,6 +171,52 @@ class GatedCrossAttention(Family):
         return inputs
 
 
+@dataclass(frozen=True)
+class CrossAttentionLayers(Family):
+    """Mllama (Llama 3.2 Vision): separate text layers cross-attend to the vision encoder's tiles, gated.
+
+    Rows with different numbers of images never share a forward pass. A token that no image precedes
+    attends to none, and Mllama then lets it attend uniformly to every image slot of its row (only the
+    layer's MLP output is masked out), padded slots included: a row batched with rows of more images
+    would average over their padding, and a row without images, which alone skips the cross-attention
+    layers entirely, would not skip them. So the engine decodes each image count as its own batch
+    (groups) and a right-padded forward pass runs once per image count (split)."""
+
+    def groups(self, rows: list[Inputs]) -> list[list[int]]:
+        counts = [_image_count(row) for row in rows]
+        return [[i for i, n in enumerate(counts) if n == count] for count in sorted(set(counts))]
+
+    def split(self, batch: Inputs) -> list[tuple[torch.Tensor | None, Inputs]]:
+        if "aspect_ratio_ids" not in batch:
+            return [(None, batch)]
+        # A padded image slot has aspect ratio id 0; a real image's is 1 or more.
+        counts = (batch["aspect_ratio_ids"] != 0).sum(-1)
+        if bool((counts == counts[0]).all()):
+            return [(None, _drop_image_slots(batch, int(counts[0])))]
+        parts = []
+        for count in sorted(set(counts.tolist())):
+            rows = (counts == count).nonzero().squeeze(-1)
+            parts.append((rows, _drop_image_slots({key: value[rows] for key, value in batch.items()}, count)))
+        return parts
+
+
+def _image_count(row: Inputs) -> int:
+    return row["pixel_values"].shape[1] if "pixel_values" in row else 0
+
+
+def _drop_image_slots(batch: Inputs, count: int) -> Inputs:
+    """A Mllama batch whose rows all have `count` images, without the padded slots beyond them (and
+    without any image input when count is 0: what the processor gives a batch of text-only rows)."""
+    if count == 0:
+        return {key: value for key, value in batch.items() if key not in _MLLAMA_IMAGE_KEYS}
+    trimmed = dict(batch)
+    for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        trimmed[key] = batch[key][:, :count]
+    trimmed["cross_attention_mask"] = batch["cross_attention_mask"][:, :, :count]
+    return trimmed
+
+
+_MLLAMA_IMAGE_KEYS = frozenset({"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"})
 _IDEFICS_IMAGE = "<image>"
 """Where an image goes in an Idefics prompt: the text the processor replaces by the image's tokens."""
 
@@ -164,6 +229,10 @@ FAMILIES: tuple[Family, ...] = (
     GatedCrossAttention(
         "idefics", ("idefics",), row_keys=frozenset({"pixel_values"}),
         sequence_keys=frozenset({"image_attention_mask"}), step_keys=frozenset({"image_attention_mask"}),
+    ),
+    CrossAttentionLayers(
+        "mllama", ("mllama",), row_keys=frozenset({"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"}),
+        sequence_keys=frozenset({"cross_attention_mask"}), step_keys=frozenset({"cross_attention_mask"}),
     ),
 )
 _BY_MODEL_TYPE: Mapping[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}

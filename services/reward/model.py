@@ -121,20 +121,22 @@ class RewardModel(nn.Module):
         **multimodal: torch.Tensor,
     ) -> torch.Tensor:
         """Rewards [B] for an encoded batch; differentiable, for Bradley-Terry training."""
-        # base_model skips the LM head: the head reads one hidden state, and the likelihood features
-        # need the LM head's logits only at the response's positions.
-        hidden = self.backbone.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **multimodal
-        ).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = last_token_index(attention_mask)
-        rewards = self.head(hidden[rows, last].to(self.head.weight.dtype)).squeeze(-1)
-        if self.likelihood_weights is None:
-            return rewards
-        if response_lengths is None:
+        if self.likelihood_weights is not None and response_lengths is None:
             raise ValueError("this reward model scores the response's likelihood: pass encode()'s response_lengths")
-        features = torch.stack([self.response_logprob(hidden, input_ids, last, response_lengths), response_lengths.float()], -1)
-        return rewards + features.to(self.likelihood_weights.dtype) @ self.likelihood_weights
+
+        def rewards(inputs: dict[str, torch.Tensor], rows: torch.Tensor | None) -> torch.Tensor:
+            # base_model skips the LM head: the head reads one hidden state, and the likelihood features
+            # need the LM head's logits only at the response's positions.
+            hidden = self.backbone.base_model(**inputs, use_cache=False).last_hidden_state
+            last = last_token_index(inputs["attention_mask"])
+            scores = self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(self.head.weight.dtype))
+            if self.likelihood_weights is None:
+                return scores.squeeze(-1)
+            lengths = response_lengths if rows is None else response_lengths[rows]
+            features = torch.stack([self.response_logprob(hidden, inputs["input_ids"], last, lengths), lengths.float()], -1)
+            return scores.squeeze(-1) + features.to(self.likelihood_weights.dtype) @ self.likelihood_weights
+
+        return self.family.in_parts({"input_ids": input_ids, "attention_mask": attention_mask, **multimodal}, rewards)
 
     def response_logprob(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, last: torch.Tensor, response_lengths: torch.Tensor

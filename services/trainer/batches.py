@@ -161,10 +161,14 @@ class ResponseBatches:
 
     def logits(self, model: torch.nn.Module, batch: ResponseBatch) -> torch.Tensor:
         """[batch, response_length, vocab] logits that predict each response token."""
-        logits = model(**batch.inputs, use_cache=False).logits
-        index = batch.logit_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+        def response_logits(inputs: Inputs, rows: torch.Tensor | None) -> torch.Tensor:
+            logits = model(**inputs, use_cache=False).logits
+            positions = batch.logit_positions if rows is None else batch.logit_positions[rows]
+            return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
         # The same distribution the engine samples from, so importance ratios start at exactly 1.
-        return mask_unsampleable(logits.gather(1, index).float(), self.unsampleable_token_ids)
+        logits = self.family.in_parts(batch.inputs, response_logits)
+        return mask_unsampleable(logits.float(), self.unsampleable_token_ids)
 
     def logprobs(self, model: torch.nn.Module | PreTrainedModel, batch: ResponseBatch,
                  temperature: float | None = None) -> torch.Tensor:

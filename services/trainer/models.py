@@ -35,9 +35,13 @@ class TokenValues(torch.nn.Module):
 
     def forward(self, logit_positions: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """[batch, response_length] values at the positions that precede each response token."""
-        hidden = self.model.backbone.base_model(**inputs, use_cache=False).last_hidden_state
-        index = logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        return self.model.head(hidden.gather(1, index).to(self.model.head.weight.dtype)).squeeze(-1).float()
+        def values(part: dict[str, torch.Tensor], rows: torch.Tensor | None) -> torch.Tensor:
+            hidden = self.model.backbone.base_model(**part, use_cache=False).last_hidden_state
+            positions = logit_positions if rows is None else logit_positions[rows]
+            index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            return self.model.head(hidden.gather(1, index).to(self.model.head.weight.dtype)).squeeze(-1).float()
+
+        return self.model.family.in_parts(inputs, values)
 
 
 def optimizer_step(

@@ -14,6 +14,7 @@ from modalign.policy.model import build_default_policy, save_policy
 
 from tests.families.tiny.idefics import build_idefics, build_idefics3, build_smolvlm
 from tests.families.tiny.llava_gemma import build_gemma3, build_llava_onevision
+from tests.families.tiny.mllama import build_mllama
 from tests.families.tiny.qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 
 
@@ -32,4 +33,5 @@ TINY_CHECKPOINTS: dict[str, Callable[[Path, int], None]] = {
     "smolvlm": build_smolvlm,
     "gemma3": build_gemma3,
     "idefics": build_idefics,
+    "mllama": build_mllama,
 }
