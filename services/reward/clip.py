@@ -51,7 +51,14 @@ from transformers import (
     ProcessorMixin,
 )
 
-from modalign.reward.model import CONFIG_FILE, HEAD_FILE, UnusableRewardModel, last_token_index, refuse_reserved_tokens
+from modalign.reward.model import (
+    CONFIG_FILE,
+    HEAD_FILE,
+    UnusableRewardModel,
+    last_token_index,
+    refuse_reserved_tokens,
+    require_equal_batch_sizes,
+)
 
 FORMAT = "modalign.reward.clip/1"
 BACKBONE_DIR = "backbone"
@@ -84,11 +91,7 @@ class ClipRewardModel(nn.Module):
     ) -> BatchFeature:
         """Text ids (right padded) and, for the images of all rows together, pixel values and the
         row each image belongs to."""
-        if not len(prompt_texts) == len(images_per_sample) == len(responses):
-            raise ValueError(
-                f"batch sizes differ: {len(prompt_texts)} prompts, {len(images_per_sample)} image lists, "
-                f"{len(responses)} responses"
-            )
+        require_equal_batch_sizes(prompt_texts, images_per_sample, responses)
         tokenizer = self.processor.tokenizer
         rows = []
         for row, (prompt, response) in enumerate(zip(prompt_texts, responses, strict=True)):

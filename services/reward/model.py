@@ -54,6 +54,14 @@ class UnscorableText(ValueError):
     """A prompt or response the model cannot take as given (reserved tokens, too long); says which row."""
 
 
+def require_equal_batch_sizes(prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]) -> None:
+    if not len(prompt_texts) == len(images_per_sample) == len(responses):
+        raise ValueError(
+            f"batch sizes differ: {len(prompt_texts)} prompts, {len(images_per_sample)} image lists, "
+            f"{len(responses)} responses"
+        )
+
+
 def refuse_reserved_tokens(tokenizer: PreTrainedTokenizerBase, what: str, text: str) -> None:
     """Raises UnscorableText naming `what` when text holds a special or added token of the tokenizer: a
     forged "<image>" or "</s>" would shift image placeholders or end the sequence early."""
@@ -91,11 +99,7 @@ class RewardModel(nn.Module):
         self, prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]
     ) -> BatchFeature:
         """One padded batch: chat-formatted prompt with its images, then the response, then EOS."""
-        if not len(prompt_texts) == len(images_per_sample) == len(responses):
-            raise ValueError(
-                f"batch sizes differ: {len(prompt_texts)} prompts, {len(images_per_sample)} image lists, "
-                f"{len(responses)} responses"
-            )
+        require_equal_batch_sizes(prompt_texts, images_per_sample, responses)
         tokenizer = self.processor.tokenizer
         texts = []
         for row, (prompt, images, response) in enumerate(zip(prompt_texts, images_per_sample, responses, strict=True)):

@@ -98,7 +98,7 @@ VISION_HEADS = 2
 OPEN_GATE = math.pi / 4
 
 
-def _llama_text_config(tokenizer: PreTrainedTokenizerFast) -> dict:
+def llama_text_config(tokenizer: PreTrainedTokenizerFast) -> dict:
     """The language model (a 2-layer Llama) of Idefics3 and SmolVLM."""
     return {
         "model_type": "llama",
@@ -165,7 +165,7 @@ def build_idefics3(folder: Path, seed: int = 0) -> None:
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
     config = Idefics3Config(
-        text_config=_llama_text_config(tokenizer),
+        text_config=llama_text_config(tokenizer),
         vision_config=_vision_config(patch_size=8),
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
@@ -212,7 +212,7 @@ def build_smolvlm(folder: Path, seed: int = 0) -> None:
         chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
     config = SmolVLMConfig(
-        text_config=_llama_text_config(tokenizer),
+        text_config=llama_text_config(tokenizer),
         vision_config=_vision_config(patch_size=4),
         scale_factor=4,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),

@@ -15,11 +15,9 @@ from tests.families.tiny.idefics import (
     LLAMA3_BOS,
     LLAMA3_EOS,
     OPEN_GATE,
-    TEXT_HEADS,
-    TEXT_HIDDEN_SIZE,
-    TEXT_KV_HEADS,
     VISION_HEADS,
     VISION_HIDDEN_SIZE,
+    llama_text_config,
 )
 
 MLLAMA_IMAGE = "<|image|>"
@@ -101,19 +99,9 @@ def build_mllama(folder: Path, seed: int = 0) -> None:
     # The tile encoder's first layer's output joins the global encoder's (the real one takes 5 of its 32 layers').
     intermediate_layers = [0]
     config = MllamaConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": TEXT_HIDDEN_SIZE,
-            "intermediate_size": 2 * TEXT_HIDDEN_SIZE,
-            "num_hidden_layers": 3,
-            "cross_attention_layers": [1],
-            "num_attention_heads": TEXT_HEADS,
-            "num_key_value_heads": TEXT_KV_HEADS,
-            "max_position_embeddings": 2048,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
+        # The Llama of Idefics3 with a third layer, the middle one cross-attending to the image.
+        text_config={**llama_text_config(tokenizer), "model_type": "mllama_text_model", "num_hidden_layers": 3,
+                     "cross_attention_layers": [1]},
         vision_config={
             "hidden_size": VISION_HIDDEN_SIZE,
             "intermediate_size": 2 * VISION_HIDDEN_SIZE,
