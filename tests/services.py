@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,9 +40,13 @@ def start_grpc_service(cls: type[GrpcServiceConfig], kafka: KafkaConfig, log_dir
 
 
 def free_run(count: int) -> int:
-    """A port such that it and the count - 1 after it are free on loopback."""
+    """A port such that it and the count - 1 after it are free on loopback, below the kernel's range of
+    ephemeral ports: a run taken from that range can lose a port to some process's outgoing connection
+    between this check and the service's bind, seconds later (a CI run lost the demo trainer's metrics
+    port that way)."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(100):
-        base = free_port()
+        base = random.randrange(20000, ephemeral_low - count)
         sockets = []
         try:
             for offset in range(count):
