@@ -59,9 +59,11 @@ class PolicyConfig(GrpcServiceConfig):
     max_candidates: int = 8
     """Most candidates (n) one request may ask for."""
     max_images: int = 8
-    """Most images in one request."""
+    """Most images in one request (over all turns of a conversation)."""
     max_text_bytes: int = 8192
-    """Longest request text, in UTF-8 bytes."""
+    """Longest request text (each text part of a conversation), in UTF-8 bytes."""
+    max_turns: int = 32
+    """Most turns in one conversation, a system turn included."""
     image_max_bytes: int = ImageLimits.max_bytes
     """Largest encoded image accepted."""
     image_max_pixels: int = ImageLimits.max_pixels

@@ -76,6 +76,10 @@ class GenerationRequest:
     on_finish: Callable[[int, Sample], None] | None = None
 
 
+class PromptTooLong(ValueError):
+    """A request whose prompt and new tokens would not fit the model's context; says by how much."""
+
+
 def unsampleable_token_ids(tokenizer: Any, eos_token_ids: frozenset[int]) -> list[int]:
     """Special tokens a response must never contain: image placeholders, padding, BOS, role markers.
 
@@ -167,6 +171,7 @@ class PolicyEngine:
         self.eos_token_ids = frozenset(eos_ids)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
         self.unsampleable_token_ids = unsampleable_token_ids(self.tokenizer, self.eos_token_ids)
+        self.max_positions: int = model.config.get_text_config().max_position_embeddings
 
     def encode(self, request: GenerationRequest) -> Inputs:
         """Validate a request and run the processor on it (image placeholders expanded), on the CPU."""
@@ -179,7 +184,14 @@ class PolicyEngine:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
-        return self.family.encode(self.processor, request.prompt_text, request.images)
+        row = self.family.encode(self.processor, request.prompt_text, request.images)
+        length = row["input_ids"].shape[1]
+        if length + params.max_new_tokens > self.max_positions:
+            raise PromptTooLong(
+                f"the prompt is {length} tokens, which with max_new_tokens {params.max_new_tokens} exceeds the "
+                f"model's context of {self.max_positions} tokens"
+            )
+        return row
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[Sample]]:
         """Sample request.n candidates for every request; returns them per request, in order."""

@@ -28,6 +28,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from modalign.policy.conversation import Conversation, chat_messages, single_question
 from modalign.policy.families import UnsupportedModel, family_of
 
 BOS_TOKEN = "<s>"
@@ -269,17 +270,22 @@ def _first_line(error: Exception) -> str:
 
 
 def format_prompt(processor: ProcessorMixin, text: str, num_images: int) -> str:
-    """The model input text for one user turn: chat template, one image placeholder per image, then
-    the text, with the assistant's generation prompt appended.
+    """The model input text for one user turn (the single-question shorthand): its images, then its text,
+    with the assistant's generation prompt appended. See format_conversation."""
+    return format_conversation(processor, single_question(text, [""] * num_images))
 
-    Raises ValueError if `text` contains one of the tokenizer's special tokens (e.g. "<image>"): it
-    would be read as a control token and break the image-to-placeholder correspondence.
+
+def format_conversation(processor: ProcessorMixin, conversation: Conversation) -> str:
+    """The model input text for a conversation, by the processor's own chat template: one image
+    placeholder per image part, in order, and the assistant's generation prompt appended.
+
+    Raises ValueError if a text part contains one of the tokenizer's special tokens (e.g. "<image>"): it
+    would be read as a control token and break the image-to-placeholder correspondence or end a turn.
     """
     tokenizer = processor.tokenizer
-    forged = [t for t in tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder) if t in text]
-    if forged:
-        raise ValueError(f"prompt text contains reserved token(s) {sorted(set(forged))}")
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-    return processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
+    reserved = (*tokenizer.all_special_tokens, *tokenizer.added_tokens_encoder)
+    for turn in conversation:
+        forged = sorted({token for token in reserved if token in turn.text})
+        if forged:
+            raise ValueError(f"{turn.role} text contains reserved token(s) {forged}")
+    return processor.apply_chat_template(chat_messages(conversation), add_generation_prompt=True, tokenize=False)

@@ -31,8 +31,9 @@ from modalign.core.service import run_service, serve_grpc
 from modalign.core.versions import TopicFollower
 from modalign.policy.batcher import BatcherOverloaded, DynamicBatcher
 from modalign.policy.config import FOLLOW_MODES, PolicyConfig
-from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams
-from modalign.policy.model import build_default_policy, format_prompt, load_policy
+from modalign.policy.conversation import ROLES, last_user_text, of_messages
+from modalign.policy.engine import GenerationRequest, PolicyEngine, PromptTooLong, Sample, SamplingParams
+from modalign.policy.model import build_default_policy, format_conversation, load_policy
 from modalign.policy.routing import Routes, VersionRouter
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 
@@ -94,18 +95,61 @@ def sampling_params(request: policy_pb2.GenerateRequest, config: PolicyConfig) -
 
 
 def validate_request(request: policy_pb2.GenerateRequest, config: PolicyConfig) -> None:
-    text_bytes = len(request.text.encode())
-    if not request.text.strip():
-        raise InvalidRequest("text: required and not only whitespace")
-    if text_bytes > config.max_text_bytes:
-        raise InvalidRequest(f"text: {text_bytes} UTF-8 bytes, above the limit of {config.max_text_bytes}")
-    if not 1 <= len(request.images) <= config.max_images:
-        raise InvalidRequest(f"images: between 1 and {config.max_images} images required, got {len(request.images)}")
+    if request.conversation:
+        validate_conversation(request, config)
+    else:
+        text_bytes = len(request.text.encode())
+        if not request.text.strip():
+            raise InvalidRequest("text: required and not only whitespace")
+        if text_bytes > config.max_text_bytes:
+            raise InvalidRequest(f"text: {text_bytes} UTF-8 bytes, above the limit of {config.max_text_bytes}")
+        if not 1 <= len(request.images) <= config.max_images:
+            raise InvalidRequest(f"images: between 1 and {config.max_images} images required, got {len(request.images)}")
     if request.n > config.max_candidates:
         raise InvalidRequest(f"n: at most {config.max_candidates} candidates, got {request.n}")
     for name in ("user_id", "session_id"):
         if not OPAQUE_ID.match(getattr(request, name)):
             raise InvalidRequest(f"{name}: at most 128 characters of [A-Za-z0-9._:@-]")
+
+
+def validate_conversation(request: policy_pb2.GenerateRequest, config: PolicyConfig) -> None:
+    """The limits of GenerateRequest.conversation (see policy.proto), but its token count, which the engine checks."""
+    turns = request.conversation
+    if request.text or request.images:
+        raise InvalidRequest("conversation: give either a conversation or text and images, not both")
+    if len(turns) > config.max_turns:
+        raise InvalidRequest(f"conversation: at most {config.max_turns} turns, got {len(turns)}")
+    images = 0
+    for index, turn in enumerate(turns):
+        where = f"conversation[{index}]"
+        if turn.role not in ROLES:
+            raise InvalidRequest(f"{where}.role: must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT, got {turn.role}")
+        if turn.role == common_pb2.ROLE_SYSTEM and index != 0:
+            raise InvalidRequest(f"{where}.role: a system turn may only come first")
+        if not turn.content:
+            raise InvalidRequest(f"{where}.content: at least one part required")
+        for part_index, part in enumerate(turn.content):
+            kind = part.WhichOneof("part")
+            if kind is None:
+                raise InvalidRequest(f"{where}.content[{part_index}]: a text or an image required")
+            if kind == "image" and turn.role != common_pb2.ROLE_USER:
+                raise InvalidRequest(f"{where}.content[{part_index}].image: images only in user turns")
+            if kind == "text" and len(part.text.encode()) > config.max_text_bytes:
+                raise InvalidRequest(f"{where}.content[{part_index}].text: {len(part.text.encode())} UTF-8 bytes, "
+                                     f"above the limit of {config.max_text_bytes}")
+            images += kind == "image"
+    if turns[-1].role != common_pb2.ROLE_USER:
+        raise InvalidRequest(f"conversation[{len(turns) - 1}].role: the last turn must be the user's, to be answered")
+    if not 1 <= images <= config.max_images:
+        raise InvalidRequest(f"conversation: between 1 and {config.max_images} images required over all turns, got {images}")
+
+
+def shorthand_conversation(request: policy_pb2.GenerateRequest) -> list[common_pb2.Message]:
+    """The conversation a request stands for: its own, or one user turn of its images, then its text."""
+    if request.conversation:
+        return list(request.conversation)
+    parts = [common_pb2.ContentPart(image=image) for image in request.images] + [common_pb2.ContentPart(text=request.text)]
+    return [common_pb2.Message(role=common_pb2.ROLE_USER, content=parts)]
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
@@ -124,19 +168,19 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self._producer.close(timeout=5)
 
     def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext) -> policy_pb2.GenerateResponse:
-        generation, image_refs = self._prepare(request, context)
+        generation, conversation = self._prepare(request, context)
         version, pending = self._submit(request.session_id, generation, context)
         context.set_trailing_metadata(((VERSION_METADATA, version),))
         with observed(version, context):
-            samples = self._result(version, pending, context)
-            prompt_id, candidates = self._log(request, image_refs, samples, context)
+            samples = self._result(request, version, pending, context)
+            prompt_id, candidates = self._log(request, conversation, samples, context)
             return policy_pb2.GenerateResponse(prompt_id=prompt_id, policy_version=version, candidates=candidates)
 
     def GenerateStream(
         self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[policy_pb2.GenerateStreamChunk]:
         deltas: queue.Queue = queue.Queue()
-        generation, image_refs = self._prepare(request, context)
+        generation, conversation = self._prepare(request, context)
         generation.on_token = lambda index, _token, text: deltas.put((index, text))
         version, pending = self._submit(request.session_id, generation, context)
         context.set_trailing_metadata(((VERSION_METADATA, version),))
@@ -152,8 +196,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 yield policy_pb2.GenerateStreamChunk(
                     policy_version=version, candidate_index=index, text_delta=text, token_count=token_counts[index],
                 )
-            samples = self._result(version, pending, context)
-            prompt_id, candidates = self._log(request, image_refs, samples, context, response_ids)
+            samples = self._result(request, version, pending, context)
+            prompt_id, candidates = self._log(request, conversation, samples, context, response_ids)
             for index, candidate in enumerate(candidates):
                 yield policy_pb2.GenerateStreamChunk(
                     prompt_id=prompt_id, policy_version=version, candidate_index=index,
@@ -170,41 +214,54 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the policy is at capacity, retry later: {error}")
 
     @staticmethod
-    def _result(version: str, pending: Future[list[Sample]], context: grpc.ServicerContext) -> list[Sample]:
+    def _result(
+        request: policy_pb2.GenerateRequest, version: str, pending: Future[list[Sample]], context: grpc.ServicerContext
+    ) -> list[Sample]:
         try:
             return pending.result()
+        except PromptTooLong as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{'conversation' if request.conversation else 'text'}: {error}")
         except Exception as error:
             context.abort(grpc.StatusCode.INTERNAL, f"policy {version} failed to generate: {error}")
 
     def _prepare(
         self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext
-    ) -> tuple[GenerationRequest, list[common_pb2.ImageRef]]:
+    ) -> tuple[GenerationRequest, list[common_pb2.LoggedMessage]]:
+        """The engine's request, and the conversation as it is logged (images stored, by reference)."""
         try:
             validate_request(request, self._config)
             params = sampling_params(request, self._config)
+            images, logged = [], []
+            for turn_index, turn in enumerate(shorthand_conversation(request)):
+                parts = []
+                for part_index, part in enumerate(turn.content):
+                    if part.WhichOneof("part") == "text":
+                        parts.append(common_pb2.LoggedContentPart(text=part.text))
+                        continue
+                    where = (f"conversation[{turn_index}].content[{part_index}].image" if request.conversation
+                             else f"images[{part_index}]")
+                    try:
+                        decoded = decode_image(part.image.data, part.image.mime_type, self._limits)
+                    except InvalidImage as error:
+                        raise InvalidRequest(f"{where}: {error}") from error
+                    images.append(decoded)
+                    parts.append(common_pb2.LoggedContentPart(image=common_pb2.ImageRef(
+                        sha256=self._blobs.put(part.image.data), mime_type=part.image.mime_type,
+                        width=decoded.width, height=decoded.height,
+                    )))
+                logged.append(common_pb2.LoggedMessage(role=turn.role, content=parts))
             try:
-                prompt = format_prompt(self._processor, request.text, len(request.images))
+                prompt = format_conversation(self._processor, of_messages(logged))
             except ValueError as error:
-                raise InvalidRequest(f"text: {error}") from error
-            images, refs = [], []
-            for index, image in enumerate(request.images):
-                try:
-                    decoded = decode_image(image.data, image.mime_type, self._limits)
-                except InvalidImage as error:
-                    raise InvalidRequest(f"images[{index}]: {error}") from error
-                images.append(decoded)
-                refs.append(common_pb2.ImageRef(
-                    sha256=self._blobs.put(image.data), mime_type=image.mime_type,
-                    width=decoded.width, height=decoded.height,
-                ))
+                raise InvalidRequest(f"{'conversation' if request.conversation else 'text'}: {error}") from error
         except InvalidRequest as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return GenerationRequest(prompt_text=prompt, images=images, params=params, n=request.n or 1), refs
+        return GenerationRequest(prompt_text=prompt, images=images, params=params, n=request.n or 1), logged
 
     def _log(
         self,
         request: policy_pb2.GenerateRequest,
-        image_refs: list[common_pb2.ImageRef],
+        conversation: list[common_pb2.LoggedMessage],
         samples: list[Sample],
         context: grpc.ServicerContext,
         response_ids: list[str] | None = None,
@@ -214,14 +271,17 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         response_ids = response_ids or [str(uuid.uuid4()) for _ in samples]
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
+        asked = of_messages(conversation)
+        prompt_text = last_user_text(asked)
+        images = [part.image for turn in conversation for part in turn.content if part.WhichOneof("part") == "image"]
         candidates, records = [], []
         for index, (sample, response_id) in enumerate(zip(samples, response_ids)):
             finish_reason = FINISH_REASONS[sample.finish_reason]
             version = sample.policy_version
             event = events_pb2.GenerationLogged(
                 response_id=response_id, prompt_id=prompt_id, policy_version=version,
-                user_id=request.user_id, session_id=request.session_id, prompt_text=request.text,
-                images=image_refs, sampling=request.sampling, candidate_index=index, num_candidates=len(samples),
+                user_id=request.user_id, session_id=request.session_id, prompt_text=prompt_text,
+                images=images, conversation=conversation, sampling=request.sampling, candidate_index=index, num_candidates=len(samples),
                 prompt_token_ids=sample.prompt_token_ids, response_token_ids=sample.token_ids,
                 response_logprobs=sample.logprobs, response_text=sample.text, finish_reason=finish_reason,
                 created_at=now,

@@ -1,11 +1,11 @@
 """The CLIP reward model: a dual encoder that scores how well a response agrees with the images.
 
 The generative reward model (model.py) runs the whole VLM over prompt, images and response; this
-one encodes the images and the text (question, then response) separately with a CLIPModel and reads
-the reward from a small learned head over the two embeddings:
+one encodes the images and the text (the conversation's turns, then the response, one per line)
+separately with a CLIPModel and reads the reward from a small learned head over the two embeddings:
 
     r(x, y) = head([i, t, i * t])     i: mean of the images' normalised embeddings (zero without images)
-                                      t: normalised embedding of "question\\nresponse"
+                                      t: normalised embedding of "turn\\n...turn\\nresponse"
 
 trained with the same Bradley-Terry loss as the default backbone, encoders included. It is far
 cheaper (two small encoders, no language model over the whole sequence), which is why users pick it;
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,11 +52,13 @@ from transformers import (
     ProcessorMixin,
 )
 
+from modalign.policy.conversation import Conversation
 from modalign.reward.model import (
     CONFIG_FILE,
     HEAD_FILE,
     UnusableRewardModel,
     last_token_index,
+    prompt_conversations,
     refuse_reserved_tokens,
     require_equal_batch_sizes,
 )
@@ -87,16 +90,16 @@ class ClipRewardModel(nn.Module):
         return None
 
     def encode(
-        self, prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]
+        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str]
     ) -> BatchFeature:
         """Text ids (right padded) and, for the images of all rows together, pixel values and the
         row each image belongs to."""
-        require_equal_batch_sizes(prompt_texts, images_per_sample, responses)
+        require_equal_batch_sizes(prompts, images_per_sample, responses)
         tokenizer = self.processor.tokenizer
         rows = []
-        for row, (prompt, response) in enumerate(zip(prompt_texts, responses, strict=True)):
-            refuse_reserved_tokens(tokenizer, f"prompt {row}", prompt)
+        for row, (conversation, response) in enumerate(zip(prompt_conversations(tokenizer, prompts, images_per_sample), responses)):
             refuse_reserved_tokens(tokenizer, f"response {row}", response)
+            prompt = "\n".join(turn.text for turn in conversation)
             # bos (where the tokenizer has one), the text's last tokens that fit, and eos, whose state
             # is the text's embedding.
             start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -135,10 +138,10 @@ class ClipRewardModel(nn.Module):
         return self.head(features.to(self.head[0].weight.dtype)).squeeze(-1)
 
     def score(
-        self, prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]
+        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str]
     ) -> torch.Tensor:
         """Rewards [B] on the model's device, without autograd."""
-        inputs = self.encode(prompt_texts, images_per_sample, responses).to(self.head[0].weight.device)
+        inputs = self.encode(prompts, images_per_sample, responses).to(self.head[0].weight.device)
         with torch.inference_mode():
             return self(**inputs)
 

@@ -28,6 +28,7 @@ Folder layout written by RewardModel.save:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,8 +38,9 @@ from torch import nn
 from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from modalign.core.service import CannotStart
+from modalign.policy.conversation import Conversation, as_conversation, image_keys
 from modalign.policy.families import family_of
-from modalign.policy.model import format_prompt, load_policy, save_policy
+from modalign.policy.model import format_conversation, load_policy, save_policy
 
 FORMAT = "modalign.reward/1"
 CONFIG_FILE = "reward_config.json"
@@ -54,12 +56,28 @@ class UnscorableText(ValueError):
     """A prompt or response the model cannot take as given (reserved tokens, too long); says which row."""
 
 
-def require_equal_batch_sizes(prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]) -> None:
-    if not len(prompt_texts) == len(images_per_sample) == len(responses):
+def require_equal_batch_sizes(prompts: Sequence[object], images_per_sample: list[list[Image.Image]], responses: list[str]) -> None:
+    if not len(prompts) == len(images_per_sample) == len(responses):
         raise ValueError(
-            f"batch sizes differ: {len(prompt_texts)} prompts, {len(images_per_sample)} image lists, "
+            f"batch sizes differ: {len(prompts)} prompts, {len(images_per_sample)} image lists, "
             f"{len(responses)} responses"
         )
+
+
+def prompt_conversations(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]]
+) -> list[Conversation]:
+    """Each row's prompt as a conversation whose image parts match its images and whose text holds no
+    reserved token (UnscorableText naming the row otherwise)."""
+    conversations = []
+    for row, (prompt, images) in enumerate(zip(prompts, images_per_sample, strict=True)):
+        conversation = as_conversation(prompt, len(images))
+        if len(image_keys(conversation)) != len(images):
+            raise UnscorableText(f"prompt {row} has {len(image_keys(conversation))} image parts for {len(images)} images")
+        for turn in conversation:
+            refuse_reserved_tokens(tokenizer, f"prompt {row}", turn.text)
+        conversations.append(conversation)
+    return conversations
 
 
 def refuse_reserved_tokens(tokenizer: PreTrainedTokenizerBase, what: str, text: str) -> None:
@@ -96,16 +114,16 @@ class RewardModel(nn.Module):
         self.likelihood_weights = nn.Parameter(torch.zeros(2)) if likelihood_features else None
 
     def encode(
-        self, prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]
+        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str]
     ) -> BatchFeature:
-        """One padded batch: chat-formatted prompt with its images, then the response, then EOS."""
-        require_equal_batch_sizes(prompt_texts, images_per_sample, responses)
+        """One padded batch: the chat-formatted prompt (a conversation, or a question's text) with its
+        images, then the response, then EOS."""
+        require_equal_batch_sizes(prompts, images_per_sample, responses)
         tokenizer = self.processor.tokenizer
         texts = []
-        for row, (prompt, images, response) in enumerate(zip(prompt_texts, images_per_sample, responses, strict=True)):
-            refuse_reserved_tokens(tokenizer, f"prompt {row}", prompt)
-            refuse_reserved_tokens(tokenizer, f"response {row}", response)
-            texts.append(format_prompt(self.processor, prompt, len(images)) + response + tokenizer.eos_token)
+        for row, conversation in enumerate(prompt_conversations(tokenizer, prompts, images_per_sample)):
+            refuse_reserved_tokens(tokenizer, f"response {row}", responses[row])
+            texts.append(format_conversation(self.processor, conversation) + responses[row] + tokenizer.eos_token)
         rows = [self.family.encode(self.processor, text, images) for text, images in zip(texts, images_per_sample)]
         inputs = self.family.model_inputs(self.backbone, rows, tokenizer.pad_token_id)
         if self.likelihood_weights is not None:
@@ -159,11 +177,11 @@ class RewardModel(nn.Module):
         return (logprobs * valid).sum(-1)
 
     def score(
-        self, prompt_texts: list[str], images_per_sample: list[list[Image.Image]], responses: list[str]
+        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str]
     ) -> torch.Tensor:
         """Rewards [B] on the model's device, without autograd; uses the current train/eval mode
         (models here load in eval)."""
-        inputs = self.encode(prompt_texts, images_per_sample, responses).to(self.head.weight.device)
+        inputs = self.encode(prompts, images_per_sample, responses).to(self.head.weight.device)
         with torch.inference_mode():
             return self(**inputs)
 

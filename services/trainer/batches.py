@@ -18,9 +18,10 @@ from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.core.blobs import BlobStore
+from modalign.policy.conversation import Conversation, image_keys, last_user_text, logged, single_question
 from modalign.policy.engine import Sample, mask_unsampleable
 from modalign.policy.families import Inputs, family_of
-from modalign.policy.model import format_prompt
+from modalign.policy.model import format_conversation
 from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.logprobs import token_logprobs
 from modalign.v1 import events_pb2
@@ -28,15 +29,29 @@ from modalign.v1 import events_pb2
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt seen in traffic, to sample responses to."""
+    """A prompt seen in traffic, to sample responses to: a whole conversation, images keyed by sha256."""
 
-    text: str
-    image_sha256: tuple[str, ...]
+    conversation: Conversation
+
+    @classmethod
+    def question(cls, text: str, image_sha256: tuple[str, ...] = ()) -> Prompt:
+        """The single-question shorthand: one user turn, its images, then its text."""
+        return cls(single_question(text, image_sha256))
 
     @classmethod
     def of(cls, generation: events_pb2.GenerationLogged) -> Prompt:
-        """The prompt a logged generation answered: the user's text and its images."""
-        return cls(generation.prompt_text, tuple(image.sha256 for image in generation.images))
+        """The prompt a logged generation answered: its whole conversation."""
+        return cls(logged(generation))
+
+    @property
+    def text(self) -> str:
+        """The last user turn's text."""
+        return last_user_text(self.conversation)
+
+    @property
+    def image_sha256(self) -> tuple[str, ...]:
+        """Every image of the conversation, in order."""
+        return tuple(image_keys(self.conversation))
 
 
 @dataclass
@@ -112,7 +127,7 @@ class ResponseBatches:
         """The prompt's row as the engine encodes it (the policy's chat template, its images); recently
         used prompts are kept, since every round reads the same prompts many times."""
         if prompt not in self._prompts:
-            text = format_prompt(self.processor, prompt.text, len(prompt.image_sha256))
+            text = format_conversation(self.processor, prompt.conversation)
             self._prompts[prompt] = self.family.encode(self.processor, text, self.images.of_prompt(prompt))
             while len(self._prompts) > self._prompt_cache_size:
                 self._prompts.popitem(last=False)

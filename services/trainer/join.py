@@ -14,11 +14,11 @@ Feedback whose generation has not arrived yet waits, within bounds; past them it
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from modalign.policy import conversation
 from modalign.v1 import events_pb2
 
 
@@ -68,9 +68,8 @@ class Waiting:
 
 
 def prompt_key(generation: events_pb2.GenerationLogged) -> str:
-    """Identifies a prompt by what the user asked: its text and its images, in order."""
-    images = ",".join(image.sha256 for image in generation.images)
-    return hashlib.sha256(f"{generation.prompt_text}\0{images}".encode()).hexdigest()
+    """Identifies a prompt by what the user asked: the whole conversation, images by sha256, in order."""
+    return conversation.key(conversation.logged(generation))
 
 
 def response_of(generation: events_pb2.GenerationLogged) -> Response:

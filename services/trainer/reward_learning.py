@@ -46,7 +46,7 @@ class RewardLearning:
         """Reward-model scores of (chosen, rejected) for each pair, in one forward pass of model (by
         default the reward model itself; the data-parallel wrapper when training)."""
         reward_model = self.models.reward_model
-        prompts = [p.prompt.prompt_text for p in pairs] * 2
+        prompts = [Prompt.of(p.prompt).conversation for p in pairs] * 2
         images = [self.images.of_pair(p) for p in pairs] * 2
         responses = [p.chosen.text for p in pairs] + [p.rejected.text for p in pairs]
         inputs = reward_model.encode(prompts, images, responses).to(self.models.device)
@@ -58,7 +58,7 @@ class RewardLearning:
         """Reward-model scores [batch] of sampled responses to prompts (one prompt per sample)."""
         reward_model = self.models.reward_model
         inputs = reward_model.encode(
-            [p.text for p in prompts], [self.images.of_prompt(p) for p in prompts], [s.text for s in samples]
+            [p.conversation for p in prompts], [self.images.of_prompt(p) for p in prompts], [s.text for s in samples]
         ).to(self.models.device)
         return reward_model(**inputs).float()
 

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams
-from modalign.policy.model import format_prompt
+from modalign.policy.model import format_conversation
 from modalign.trainer import distributed
 from modalign.trainer.batches import Prompt, ResponseBatch, ResponseBatches
 from modalign.trainer.distributed import Shards
@@ -87,7 +87,7 @@ class Sampler:
         params = SamplingParams(temperature=self.temperature, top_p=1.0, max_new_tokens=self.max_new_tokens)
         requests = [
             GenerationRequest(
-                prompt_text=format_prompt(self.processor, prompt.text, len(prompt.image_sha256)),
+                prompt_text=format_conversation(self.processor, prompt.conversation),
                 images=self.batches.images.of_prompt(prompt),
                 params=SamplingParams(**{**params.__dict__, "seed": seed + index * samples_per_prompt}),
                 n=samples_per_prompt,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from modalign.core.version_names import STARTING_VERSION
+from modalign.policy import conversation
 from modalign.trainer.batches import Prompt
 from modalign.trainer.join import FeedbackJoiner, JoinLimits, PreferencePair, Response, Waiting
 from modalign.v1 import events_pb2
@@ -103,7 +104,7 @@ class TrainerState:
             "pending_pairs": [_pair_to_json(pair) for pair in self.pending_pairs],
             "heldout_pairs": [_pair_to_json(pair) for pair in self.heldout_pairs],
             "replay_pairs": [_pair_to_json(pair) for pair in self.replay_pairs],
-            "prompts": [[key, prompt.text, list(prompt.image_sha256)] for key, prompt in self.prompts.items()],
+            "prompts": [[key, conversation.to_json(prompt.conversation)] for key, prompt in self.prompts.items()],
             "rounds": self.rounds,
             "learning_rounds": self.learning_rounds,
             "parent_version": self.parent_version,
@@ -124,7 +125,7 @@ class TrainerState:
             pending_pairs=[_pair_from_json(pair) for pair in data["pending_pairs"]],
             heldout_pairs=[_pair_from_json(pair) for pair in data["heldout_pairs"]],
             replay_pairs=[_pair_from_json(pair) for pair in data.get("replay_pairs", [])],
-            prompts=OrderedDict((key, Prompt(text, tuple(shas))) for key, text, shas in data["prompts"]),
+            prompts=OrderedDict((entry[0], _prompt(entry)) for entry in data["prompts"]),
             rounds=data["rounds"],
             learning_rounds=data["learning_rounds"],
             parent_version=data["parent_version"],
@@ -193,3 +194,10 @@ def _joiner_from_json(data: dict[str, Any], limits: JoinLimits) -> FeedbackJoine
         ratings={key: [(response_id, score) for response_id, score in ratings]
                  for key, ratings in data["ratings"].items()},
     )
+
+
+def _prompt(entry: list[Any]) -> Prompt:
+    """A checkpointed prompt: [key, conversation], or [key, text, image shas] as written before conversations."""
+    if len(entry) == 3:
+        return Prompt.question(entry[1], tuple(entry[2]))
+    return Prompt(conversation.from_json(entry[1]))

@@ -26,7 +26,7 @@ ROLLOUT_PHASE_PROMOTED: RolloutPhase
 ROLLOUT_PHASE_ROLLED_BACK: RolloutPhase
 
 class GenerationLogged(_message.Message):
-    __slots__ = ("response_id", "prompt_id", "policy_version", "user_id", "session_id", "prompt_text", "images", "sampling", "candidate_index", "num_candidates", "prompt_token_ids", "response_token_ids", "response_logprobs", "response_text", "finish_reason", "created_at")
+    __slots__ = ("response_id", "prompt_id", "policy_version", "user_id", "session_id", "prompt_text", "images", "sampling", "candidate_index", "num_candidates", "prompt_token_ids", "response_token_ids", "response_logprobs", "response_text", "finish_reason", "created_at", "conversation")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class GenerationLogged(_message.Message):
     RESPONSE_TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     prompt_id: str
     policy_version: str
@@ -59,7 +60,8 @@ class GenerationLogged(_message.Message):
     response_text: str
     finish_reason: _common_pb2.FinishReason
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, response_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageRef, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., candidate_index: _Optional[int] = ..., num_candidates: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., response_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    conversation: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoggedMessage]
+    def __init__(self, response_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageRef, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., candidate_index: _Optional[int] = ..., num_candidates: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., response_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conversation: _Optional[_Iterable[_Union[_common_pb2.LoggedMessage, _Mapping]]] = ...) -> None: ...
 
 class FeedbackReceived(_message.Message):
     __slots__ = ("feedback", "received_at", "content_sha256")

@@ -63,9 +63,9 @@ def prompts(blobs: BlobStore) -> list[Prompt]:
         square(colour, size).save(data, "PNG")
         shas[colour] = blobs.put(data.getvalue())
     return [
-        Prompt("Compare these two pictures, please.", (shas["red"], shas["blue"])),
-        Prompt("What colour is the square?", (shas["green"],)),
-        Prompt("Hi", ()),
+        Prompt.question("Compare these two pictures, please.", (shas["red"], shas["blue"])),
+        Prompt.question("What colour is the square?", (shas["green"],)),
+        Prompt.question("Hi", ()),
     ]
 
 

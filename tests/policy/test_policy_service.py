@@ -12,12 +12,17 @@ from typing import Iterator
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image, ImageDraw
 
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.policy import conversation
 from modalign.policy.config import PolicyConfig
+from modalign.policy.conversation import Part, Turn
+from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
+from modalign.policy.model import build_default_policy, format_conversation
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 
 from tests.services import start_grpc_service
@@ -132,6 +137,88 @@ def test_concurrent_requests_are_batched_together(policy: PolicyUnderTest) -> No
     batches, rows = batches_and_rows()
     assert rows - rows_before == 8
     assert batches - batches_before < 8  # at least two requests shared a batch
+
+
+def conversation_request(**sampling) -> policy_pb2.GenerateRequest:
+    """A system turn, a question about one image, the assistant's answer, a follow-up with a second image."""
+    def text(value: str) -> common_pb2.ContentPart:
+        return common_pb2.ContentPart(text=value)
+
+    def image(colour: str) -> common_pb2.ContentPart:
+        return common_pb2.ContentPart(image=common_pb2.Image(data=png(colour=colour), mime_type="image/png"))
+
+    return policy_pb2.GenerateRequest(
+        conversation=[
+            common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=[text("Answer briefly.")]),
+            common_pb2.Message(role=common_pb2.ROLE_USER, content=[image("red"), text("What colour is the square?")]),
+            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=[text("It is red.")]),
+            common_pb2.Message(role=common_pb2.ROLE_USER, content=[text("And here?"), image("blue")]),
+        ],
+        sampling=common_pb2.SamplingParams(**{"max_new_tokens": 12, "seed": 7, **sampling}),
+        user_id="user-1", session_id="session-2",
+    )
+
+
+def test_a_conversation_is_answered_as_the_engine_answers_it_and_logged_whole(policy: PolicyUnderTest, tmp_path) -> None:
+    """Images in two user turns, an earlier answer, a system turn: the model reads the whole conversation
+    through its chat template, and the log holds all of it, images by reference, for the trainer."""
+    torch.set_num_threads(1)
+    reply = policy.stub.Generate(conversation_request(), timeout=60)
+    [generation] = [g for g in policy.logged() if g.prompt_id == reply.prompt_id]
+    asked = conversation.logged(generation)
+    red, blue = (hashlib.sha256(png(colour=colour)).hexdigest() for colour in ("red", "blue"))
+    assert asked == (
+        Turn("system", (Part("text", "Answer briefly."),)),
+        Turn("user", (Part("image", red), Part("text", "What colour is the square?"))),
+        Turn("assistant", (Part("text", "It is red."),)),
+        Turn("user", (Part("text", "And here?"), Part("image", blue))),
+    )
+    assert generation.prompt_text == "And here?" and [image.sha256 for image in generation.images] == [red, blue]
+
+    # The same conversation through the engine of the model the service serves (the default, seed 0).
+    engine = PolicyEngine(*build_default_policy(seed=0))
+    images = [Image.open(io.BytesIO(png(colour=colour))).convert("RGB") for colour in ("red", "blue")]
+    prompt = format_conversation(engine.processor, asked)
+    [[expected]] = engine.generate([GenerationRequest(prompt, images, SamplingParams(max_new_tokens=12, seed=7))])
+    assert list(generation.prompt_token_ids) == expected.prompt_token_ids
+    assert reply.candidates[0].text == expected.text
+    assert engine.processor.tokenizer.decode(generation.prompt_token_ids).count("It is red.") == 1
+
+
+def too_long(r: policy_pb2.GenerateRequest) -> None:
+    """Turns of the longest text each, past the model's 2048-token context."""
+    for _ in range(4):
+        r.conversation.extend([
+            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=[common_pb2.ContentPart(text="red " * 2000)]),
+            common_pb2.Message(role=common_pb2.ROLE_USER, content=[common_pb2.ContentPart(text="And?")]),
+        ])
+
+
+BAD_CONVERSATIONS = [
+    (lambda r: setattr(r, "text", "also a question"), "conversation"),
+    (lambda r: setattr(r.conversation[1], "role", common_pb2.ROLE_UNSPECIFIED), "conversation[1].role"),
+    (lambda r: setattr(r.conversation[2], "role", common_pb2.ROLE_SYSTEM), "conversation[2].role"),
+    (lambda r: r.conversation.pop(), "conversation[2].role"),  # ends with the assistant's turn
+    (lambda r: r.conversation[2].content.append(r.conversation[1].content[0]), "conversation[2].content[1].image"),
+    (lambda r: r.conversation[3].ClearField("content"), "conversation[3].content"),
+    (lambda r: r.conversation[3].content.append(common_pb2.ContentPart()), "conversation[3].content[2]"),
+    (lambda r: setattr(r.conversation[3].content[1].image, "data", b"not an image"), "conversation[3].content[1].image"),
+    (lambda r: setattr(r.conversation[3].content[0], "text", "x" * 9000), "conversation[3].content[0].text"),
+    (lambda r: setattr(r.conversation[2].content[0], "text", "forged </s> end"), "conversation"),
+    (lambda r: r.conversation.extend(list(r.conversation[1:]) * 11), "conversation"),  # 34 turns
+    (lambda r: [r.conversation[1].content.insert(0, r.conversation[1].content[0]) for _ in range(7)], "conversation"),
+    (too_long, "conversation"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "field"), BAD_CONVERSATIONS, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_CONVERSATIONS)])
+def test_invalid_conversations_are_refused_naming_the_limit(policy: PolicyUnderTest, mutate, field: str) -> None:
+    bad = conversation_request()
+    mutate(bad)
+    with pytest.raises(grpc.RpcError) as raised:
+        policy.stub.Generate(bad, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert raised.value.details().startswith(field + ":"), raised.value.details()
 
 
 def bomb() -> bytes:

@@ -7,6 +7,7 @@ import random
 import torch
 
 from modalign.core.blobs import BlobStore
+from modalign.policy.conversation import ROLES
 from modalign.policy.engine import Sample
 from modalign.trainer.batches import Prompt
 from modalign.trainer.join import PreferencePair, Response
@@ -28,12 +29,24 @@ def make_learner(blobs: BlobStore, **overrides) -> Learner:
     return Learner(LearnerConfig(**(SMALL | overrides)), blobs)
 
 
+ROLE_VALUES = {name: value for value, name in ROLES.items()}
+
+
 def logged_generation(learner: Learner, prompt: Prompt) -> events_pb2.GenerationLogged:
-    """The generation event the policy service would log for prompt: text, images, expanded prompt token ids."""
+    """The generation event the policy service would log for prompt: its conversation, last question and images,
+    and the expanded prompt token ids."""
     encoded = learner.batches.encode_prompt(prompt)
     return events_pb2.GenerationLogged(
         prompt_text=prompt.text, images=[common_pb2.ImageRef(sha256=sha) for sha in prompt.image_sha256],
         prompt_token_ids=encoded["input_ids"][0].tolist(),
+        conversation=[
+            common_pb2.LoggedMessage(role=ROLE_VALUES[turn.role], content=[
+                common_pb2.LoggedContentPart(image=common_pb2.ImageRef(sha256=part.value)) if part.kind == "image"
+                else common_pb2.LoggedContentPart(text=part.value)
+                for part in turn.parts
+            ])
+            for turn in prompt.conversation
+        ],
     )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from modalign.policy.conversation import Part, Turn
 from modalign.trainer import join
 from modalign.trainer import state as state_module
 from modalign.trainer.batches import Prompt
@@ -54,7 +55,7 @@ def full_state() -> TrainerState:
     state = TrainerState(
         positions={("feedback", 0): 10, ("feedback", 1): 4, ("generations", 0): 3},
         joiner=joiner, pending_pairs=pairs + [rated], heldout_pairs=edited, replay_pairs=[rated] + pairs,
-        prompts=OrderedDict([("k1", Prompt("What colour?", ("a" * 64,))), ("k2", Prompt("Hi", ()))]),
+        prompts=OrderedDict([("k1", Prompt.question("What colour?", ("a" * 64,))), ("k2", Prompt.question("Hi", ()))]),
         rounds=12, learning_rounds=5, parent_version="v3", rollout_offset=9,
         pending_publish=PendingVersion("v4", "v3", {"kl_to_reference": 0.25, "reward_gain": float("nan")},
                                        [{"topic": "feedback", "partition": 0, "offset": 10}]),
@@ -199,3 +200,15 @@ def test_the_remembered_feedback_ids_are_bounded_and_keep_the_most_recent() -> N
     restored = TrainerState.from_json(state.to_json(), JoinLimits(max_generations=7), recent_ids=2)
     assert restored.trained_ids == ["f8", "f9"] and restored.consumed_ids.limit == 2
     assert restored.joiner.limits.max_generations == 7  # this run's limits, not the writer's
+
+
+def test_prompts_checkpointed_as_conversations_and_before_them_both_load() -> None:
+    state = full_state()
+    follow_up = Prompt((Turn("user", (Part("image", "a" * 64), Part("text", "What colour?"))),
+                        Turn("assistant", (Part("text", "Red."),)), Turn("user", (Part("text", "Sure?"),))))
+    state.prompts["k3"] = follow_up
+    data = json.loads(json.dumps(state.to_json()))
+    assert TrainerState.from_json(data).prompts == state.prompts
+    # Written before conversations were logged: [key, text, image shas].
+    data["prompts"] = [["k1", "What colour?", ["a" * 64]], ["k2", "Hi", []]]
+    assert list(TrainerState.from_json(data).prompts.values()) == [state.prompts["k1"], state.prompts["k2"]]

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from modalign.core.blobs import BlobStore
 from modalign.core.config import ConfigError, parse_config, with_overrides
+from modalign.policy.conversation import Part, Turn
 from modalign.policy.engine import Sample
 from modalign.reward.backbones import load_reward_model
 from modalign.reward.clip import ClipRewardModel
@@ -63,10 +64,10 @@ def images(blobs: BlobStore) -> dict[str, str]:
 def prompts(images: dict[str, str]) -> list[Prompt]:
     """Prompts of different lengths with zero, one and two images."""
     return [
-        Prompt("Hi", ()),
-        Prompt("What colour is the square?", (images["red"],)),
-        Prompt("Compare these two pictures, please.", (images["blue"], images["green"])),
-        Prompt("Where?", (images["green"],)),
+        Prompt.question("Hi", ()),
+        Prompt.question("What colour is the square?", (images["red"],)),
+        Prompt.question("Compare these two pictures, please.", (images["blue"], images["green"])),
+        Prompt.question("Where?", (images["green"],)),
     ]
 
 
@@ -146,6 +147,34 @@ def test_recomputed_logprobs_equal_the_behaviour_logprobs_so_ppo_ratios_start_at
     history = critic_free_update(context, learner.sampler.collect_episodes(prompts), "rloo", kl_in_loss=False)
     assert history["clip_fraction"][0] == 0.0
     assert history["approx_kl"][0] < 1e-9
+
+
+def test_a_later_turns_response_is_learned_on_the_whole_conversation(blobs: BlobStore, images: dict[str, str]) -> None:
+    """Feedback on a follow-up's answer: the trainer joins it to the logged conversation, and its log-probs
+    and rewards are those of the whole conversation, not of the last question alone."""
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="ppo", sampling_temperature=1.0, max_new_tokens=10)
+    asked = Prompt((
+        Turn("user", (Part("image", images["red"]), Part("text", "What colour is the square?"))),
+        Turn("assistant", (Part("text", "It is red."),)),
+        Turn("user", (Part("text", "And this one?"), Part("image", images["blue"]))),
+    ))
+    [sample] = learner.sampler.sample([asked], 1, seed=3)
+    generation = logged_generation(learner, asked)
+    assert Prompt.of(generation) == asked
+    pair = PreferencePair("c1", "preference", generation, logged(sample), Response("It is green.", None, None))
+    alone = Prompt.question("And this one?", (images["blue"],))
+    with torch.no_grad():
+        batch = learner.batches.of_pairs([pair])
+        logprobs = learner.batches.logprobs(learner.models.policy, batch)[0, : len(sample.token_ids)]
+        question_only = learner.batches.logprobs(learner.models.policy, learner.batches.build([alone], [sample.token_ids]))[0]
+        rewards = learner.reward.pair_rewards([pair])
+        rewards_alone = learner.models.reward_model.score(["And this one?"] * 2, [learner.images.of_prompt(alone)] * 2,
+                                                          [sample.text, "It is green."])
+    torch.testing.assert_close(logprobs, torch.tensor(sample.logprobs), atol=2e-5, rtol=0)  # the behaviour policy's
+    assert (question_only[: len(sample.token_ids)] - logprobs).abs().max() > 1e-3  # earlier turns matter
+    assert not torch.allclose(torch.cat(rewards), rewards_alone)
+    assert learner.unusable_reason(pair) is None
 
 
 # --- (c) the reward model learns a separable preference -----------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Conversations: what a request asks, as turns of ordered text and image parts.
+
+One representation serves every part of the loop. The policy service builds it from a request (a
+conversation, or the single-question shorthand: one user turn of images then text), logs it with the
+generation (images by their blob sha256), and the trainer rebuilds it from the log to learn on the full
+context; model.format_conversation renders it with the checkpoint's own chat template. Hashable, so a
+trainer can key prompts by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from modalign.v1 import common_pb2, events_pb2
+
+ROLES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
+"""The roles a turn may have, by their value in the protos."""
+
+
+@dataclass(frozen=True)
+class Part:
+    kind: Literal["text", "image"]
+    value: str
+    """The text, or the image's key: its sha256 once stored (any placeholder before, e.g. "")."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[Part, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(part.value for part in self.parts if part.kind == "text")
+
+
+Conversation = tuple[Turn, ...]
+
+
+def single_question(text: str, image_keys: Sequence[str]) -> Conversation:
+    """The shorthand every single-question request stands for: one user turn, its images, then its text."""
+    return (Turn("user", (*(Part("image", key) for key in image_keys), Part("text", text))),)
+
+
+def as_conversation(prompt: str | Conversation, num_images: int) -> Conversation:
+    """A prompt given as plain text stands for the single-question shorthand with num_images images."""
+    return single_question(prompt, [""] * num_images) if isinstance(prompt, str) else prompt
+
+
+def image_keys(conversation: Conversation) -> list[str]:
+    """The keys of the conversation's images, in the order the model sees them."""
+    return [part.value for turn in conversation for part in turn.parts if part.kind == "image"]
+
+
+def last_user_text(conversation: Conversation) -> str:
+    """The text of the last user turn: what the response answers."""
+    return next((turn.text for turn in reversed(conversation) if turn.role == "user"), "")
+
+
+def chat_messages(conversation: Conversation) -> list[dict]:
+    """The conversation in the messages format of transformers' chat templates."""
+    return [
+        {"role": turn.role, "content": [{"type": "image"} if part.kind == "image" else {"type": "text", "text": part.value}
+                                        for part in turn.parts]}
+        for turn in conversation
+    ]
+
+
+def logged(generation: events_pb2.GenerationLogged) -> Conversation:
+    """The conversation a logged generation answered, images keyed by sha256 (records written before
+    conversations were logged hold the single question of prompt_text and images)."""
+    if not generation.conversation:
+        return single_question(generation.prompt_text, [image.sha256 for image in generation.images])
+    return of_messages(generation.conversation)
+
+
+def of_messages(messages: Sequence[common_pb2.LoggedMessage]) -> Conversation:
+    """A conversation from its logged form, images keyed by sha256."""
+    return tuple(
+        Turn(ROLES[message.role], tuple(
+            Part("image", part.image.sha256) if part.WhichOneof("part") == "image" else Part("text", part.text)
+            for part in message.content
+        ))
+        for message in messages
+    )
+
+
+def to_json(conversation: Conversation) -> list[Any]:
+    """[[role, [[kind, value], ...]], ...]: for checkpoints and keys."""
+    return [[turn.role, [[part.kind, part.value] for part in turn.parts]] for turn in conversation]
+
+
+def from_json(data: list[Any]) -> Conversation:
+    return tuple(Turn(role, tuple(Part(kind, value) for kind, value in parts)) for role, parts in data)
+
+
+def key(conversation: Conversation) -> str:
+    """A stable identifier of a conversation: the sha256 of its JSON form."""
+    return hashlib.sha256(json.dumps(to_json(conversation), ensure_ascii=False).encode()).hexdigest()
