@@ -18,9 +18,10 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modalign.core.blobs import BlobStore
+from modalign.policy.conversation import Part, Turn
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams, mask_unsampleable
 from modalign.policy.families import family_of
-from modalign.policy.model import format_prompt, load_policy
+from modalign.policy.model import format_conversation, format_prompt, load_policy
 from modalign.reward.model import RewardModel
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.batches import Prompt
@@ -66,13 +67,19 @@ def prompts(blobs: BlobStore) -> list[Prompt]:
         Prompt.question("Compare these two pictures, please.", (shas["red"], shas["blue"])),
         Prompt.question("What colour is the square?", (shas["green"],)),
         Prompt.question("Hi", ()),
+        # A conversation, formatted by the family's own chat template: images in two user turns, an answer between.
+        Prompt((
+            Turn("user", (Part("image", shas["green"]), Part("text", "What colour is the square?"))),
+            Turn("assistant", (Part("text", "It is green."),)),
+            Turn("user", (Part("text", "And in this one?"), Part("image", shas["red"]))),
+        )),
     ]
 
 
 def requests_of(processor, blobs: BlobStore, prompts: list[Prompt], **params) -> list[GenerationRequest]:
     return [
         GenerationRequest(
-            format_prompt(processor, p.text, len(p.image_sha256)),
+            format_conversation(processor, p.conversation),
             [Image.open(io.BytesIO(blobs.get(sha))).convert("RGB") for sha in p.image_sha256],
             SamplingParams(**({"max_new_tokens": 8} | params)),
         )
@@ -83,7 +90,7 @@ def requests_of(processor, blobs: BlobStore, prompts: list[Prompt], **params) ->
 def test_the_engine_decodes_what_transformers_generate_decodes(policy, blobs, prompts) -> None:
     model, processor = policy
     engine = PolicyEngine(model, processor)
-    for request in requests_of(processor, blobs, prompts[:2], temperature=0.0):
+    for request in requests_of(processor, blobs, [prompts[0], prompts[1], prompts[3]], temperature=0.0):
         sample = engine.generate([request])[0][0]
         inputs = engine.family.encode(processor, request.prompt_text, request.images)  # the processor's own output
         with torch.no_grad():
@@ -121,13 +128,13 @@ def test_the_reward_model_scores_a_batch_as_each_row_alone(policy, blobs, prompt
     reward_model = RewardModel(copy.deepcopy(model), processor, seed=0).eval()
     with torch.no_grad():
         reward_model.likelihood_weights.fill_(0.1)  # the likelihood features take part too
-    texts = [p.text for p in prompts]
+    conversations = [p.conversation for p in prompts]
     images = [[Image.open(io.BytesIO(blobs.get(sha))).convert("RGB") for sha in p.image_sha256] for p in prompts]
-    responses = ["A red square.", "It is green.", "Hello! How can I help you today?"]
-    together = reward_model.score(texts, images, responses)
-    alone = torch.cat([reward_model.score([t], [i], [r]) for t, i, r in zip(texts, images, responses)])
+    responses = ["A red square.", "It is green.", "Hello! How can I help you today?", "It is red."]
+    together = reward_model.score(conversations, images, responses)
+    alone = torch.cat([reward_model.score([c], [i], [r]) for c, i, r in zip(conversations, images, responses)])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
-    other = reward_model.score(texts, images, ["Nothing.", "Nothing.", "Nothing."])
+    other = reward_model.score(conversations, images, ["Nothing."] * len(prompts))
     assert not torch.allclose(together, other)  # the score reads the response
 
 
@@ -161,7 +168,7 @@ def test_the_trainers_logprobs_equal_the_engines_and_a_plain_forward(checkpoint,
     # positions; inputs that run along the sequence extend over the response as generate extends them.
     family = family_of(policy.config.model_type)
     for row, (prompt, sample) in enumerate(zip(prompts, samples)):
-        text = format_prompt(processor, prompt.text, len(prompt.image_sha256))
+        text = format_conversation(processor, prompt.conversation)
         images = learner.images.of_prompt(prompt)
         inputs = family.encode(processor, text, images)  # the processor's own output, as the engine gets it
         response = torch.tensor([sample.token_ids])
