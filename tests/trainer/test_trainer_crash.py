@@ -61,6 +61,20 @@ def send_feedback(policy_address: str, feedback_address: str, interactions: int)
     return sent, orphan.feedback_id
 
 
+def live_checkpoint(directory: Path) -> dict | None:
+    """The checkpoint of a trainer that keeps writing it: when a write replaced the tensor file between this
+    read of the manifest and the opening of the file it names (the writer deletes the old one once the new
+    manifest is in place), read again. The distributed test failed once on that race in CI."""
+    for attempt in range(20):
+        try:
+            return load_checkpoint(directory)
+        except (FileNotFoundError, RuntimeError):  # safetensors reports a missing file as a RuntimeError
+            if attempt == 19:
+                raise
+            time.sleep(0.05)
+    return None
+
+
 def wait_for_log(process, pattern: str, after: int, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -97,7 +111,7 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         trainer.start()
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            checkpoint = load_checkpoint(tmp_path / "trainer")
+            checkpoint = live_checkpoint(tmp_path / "trainer")
             state = TrainerState.from_json(checkpoint["ranks"][0]) if checkpoint else None
             if state is not None and set(sent) | {orphan} <= set(state.consumed_ids) and not state.pending_pairs \
                     and not state.joiner.waiting:

@@ -14,11 +14,10 @@ from modalign.core.launch import service_argv
 from modalign.core.processes import ManagedProcess, free_port
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
-from modalign.trainer.checkpoint import load_checkpoint
 from modalign.trainer.state import TrainerState
 
 from tests.services import start_grpc_service
-from tests.trainer.test_trainer_crash import send_feedback
+from tests.trainer.test_trainer_crash import live_checkpoint, send_feedback
 from tests.trainer.test_trainer_learns import trainer_config
 
 pytestmark = pytest.mark.integration
@@ -47,7 +46,7 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: 
         deadline = time.monotonic() + 300
         state = None
         while time.monotonic() < deadline:
-            checkpoint = load_checkpoint(tmp_path / "trainer")
+            checkpoint = live_checkpoint(tmp_path / "trainer")
             if checkpoint is not None:
                 ranks = [TrainerState.from_json(rank) for rank in checkpoint["ranks"]]
                 consumed = set().union(*(rank.consumed_ids for rank in ranks))
