@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import json
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +37,8 @@ class LocalPorts:
     """Where the local services listen on 127.0.0.1: consecutive ports from two bases."""
 
     grpc_base: int = 50051
-    """policy gRPC, feedback gRPC, reward REST, reward gRPC, rollout gRPC, in that order."""
+    """policy gRPC, feedback gRPC, reward REST, reward gRPC, rollout gRPC, policy HTTP (the OpenAI-compatible
+    API), in that order."""
     metrics_base: int = 9101
     """Prometheus /metrics of policy, feedback, (reward serves its own on REST), trainer, rollout."""
 
@@ -58,6 +62,10 @@ class LocalPorts:
     def rollout(self) -> str:
         return f"127.0.0.1:{self.grpc_base + 4}"
 
+    @property
+    def policy_http(self) -> str:
+        return f"127.0.0.1:{self.grpc_base + 5}"
+
     def metrics(self, index: int) -> int:
         return self.metrics_base + index
 
@@ -69,9 +77,10 @@ class UpConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig, metadata=FLATTEN)
     """The local broker: used if running, else started, and stopped again at the end."""
     example: bool = False
-    """Once up, make one example client call."""
+    """Once up, make example client calls: a chat completion over HTTP, then gRPC Generate and feedback."""
     grpc_base_port: int = 50051
-    """policy, feedback, reward REST, reward gRPC and rollout listen on this port and the next four."""
+    """policy, feedback, reward REST, reward gRPC, rollout and the policy's HTTP API listen on this port and
+    the next five."""
     metrics_base_port: int = 9101
     """policy, feedback, trainer and rollout serve /metrics on this port, +1, +3 and +4."""
 
@@ -95,7 +104,8 @@ def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, overrides:
     blobs = home / "blobs"
     services: dict[str, ServiceConfig] = {
         "feedback": on_broker(FeedbackConfig, kafka, listen=ports.feedback, metrics_port=ports.metrics(1)),
-        "policy": on_broker(PolicyConfig, kafka, listen=ports.policy, metrics_port=ports.metrics(0), blob_dir=blobs),
+        "policy": on_broker(PolicyConfig, kafka, listen=ports.policy, metrics_port=ports.metrics(0), blob_dir=blobs,
+                            http_listen=ports.policy_http),
         "reward": on_broker(RewardServerConfig, kafka, http_port=ports.reward_http, grpc_port=ports.reward_grpc,
                             follow="latest"),
         "trainer": on_broker(TrainerConfig, kafka, metrics_port=ports.metrics(3), blob_dir=blobs,
@@ -122,6 +132,7 @@ def run_local_system(config: UpConfig) -> int:
         print(
             "modalign is up:\n"
             f"  policy    gRPC {ports.policy}  (modalign.v1.PolicyService)    metrics http://127.0.0.1:{ports.metrics(0)}/metrics\n"
+            f"            OpenAI-compatible API http://{ports.policy_http}/v1  (POST /chat/completions, GET /models)\n"
             f"  feedback  gRPC {ports.feedback}  (modalign.v1.FeedbackService)  metrics http://127.0.0.1:{ports.metrics(1)}/metrics\n"
             f"  reward    OIP v2 http://127.0.0.1:{ports.reward_http}, gRPC 127.0.0.1:{ports.reward_grpc}"
             f"      metrics http://127.0.0.1:{ports.reward_http}/metrics\n"
@@ -135,6 +146,7 @@ def run_local_system(config: UpConfig) -> int:
             flush=True,
         )
         if config.example:
+            example_chat(f"http://{ports.policy_http}/v1")
             example_call(ports.policy, ports.feedback)
         while not stopping.wait(1.0):
             if (exited := system.exited()) is not None:
@@ -190,4 +202,18 @@ def example_call(policy_address: str, feedback_address: str) -> None:
         feedback.client_time.FromSeconds(int(time.time()))
         ack = feedback_pb2_grpc.FeedbackServiceStub(fb_channel).Submit(feedback, timeout=30)
         print(f"example: preference {ack.feedback_id} acknowledged (stored durably in Kafka)", flush=True)
+
+
+def example_chat(base_url: str) -> None:
+    """The same question through the OpenAI-compatible API, as curl or the openai package would send it."""
+    image = "data:image/png;base64," + base64.b64encode(example_image()).decode()
+    body = {"model": "modalign", "max_tokens": 16, "user": "example-user", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What colour is the shape?"}]}]}
+    request = urllib.request.Request(f"{base_url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        reply = json.load(response)
+    [choice] = reply["choices"]
+    print(f"example: chat completion by policy {reply['system_fingerprint']}: {choice['response_id']}  "
+          f"{choice['message']['content']!r}", flush=True)
 

@@ -29,12 +29,12 @@ def pid_alive(pid: int) -> bool:
 
 
 def start_up(tmp_path: Path, *arguments: str, grpc_base_port: int | None = None) -> subprocess.Popen:
-    """`modalign up` as a user runs it, on free loopback ports (its services on grpc_base_port and the four after)."""
+    """`modalign up` as a user runs it, on free loopback ports (its services on grpc_base_port and the five after)."""
     modalign = shutil.which("modalign", path=str(Path(sys.executable).parent))
     command = [
         modalign, "up", *arguments, "--data-dir", str(tmp_path / "kafka"),
         "--port", str(free_port()), "--controller-port", str(free_port()),
-        "--grpc-base-port", str(grpc_base_port or free_run(5)), "--metrics-base-port", str(free_run(5)),
+        "--grpc-base-port", str(grpc_base_port or free_run(6)), "--metrics-base-port", str(free_run(5)),
     ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -73,6 +73,8 @@ def test_up_brings_the_system_up_answers_a_client_and_stops_everything_on_ctrl_c
                 break
         text = "".join(output)
         assert "modalign is up" in text, text
+        assert re.search(r"OpenAI-compatible API http://127\.0\.0\.1:\d+/v1", text), text
+        assert re.search(r"example: chat completion by policy v0: [0-9a-f-]{36} ", text), text
         assert re.search(r"example: Generate answered with policy v0", text), text
         assert re.search(r"example: preference example-\w+ acknowledged", text), text
 

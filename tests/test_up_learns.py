@@ -32,7 +32,7 @@ USERS = 3
 
 @pytest.mark.timeout(DEADLINE_S + 300)
 def test_up_serves_a_version_its_users_prefer_within_twenty_minutes(tmp_path: Path) -> None:
-    grpc_base = free_run(5)
+    grpc_base = free_run(6)
     process = start_up(tmp_path, grpc_base_port=grpc_base)
     stop_users = threading.Event()
     failures: list[grpc.RpcError] = []

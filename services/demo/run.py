@@ -83,7 +83,8 @@ class DemoConfig:
     held_out: int = 200
     """Held-out scenes each version is judged on."""
     grpc_base_port: int = 50151
-    """policy, feedback, reward REST, reward gRPC and rollout listen on this port and the next four."""
+    """policy, feedback, reward REST, reward gRPC, rollout and the policy's HTTP API listen on this port and
+    the next five."""
     metrics_base_port: int = 9201
     """policy, feedback, trainer and rollout serve /metrics on this port, +1, +3 and +4."""
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from modalign.core.config import DTYPES, require_one_of
+from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.core.images import ImageLimits
 from modalign.core.modelstore import S3Config
-from modalign.core.service import GrpcServiceConfig
+from modalign.core.service import GrpcServiceConfig, loopback
 from modalign.core.version_names import STARTING_VERSION
 
 # The topics each --follow mode reads.
@@ -26,6 +26,15 @@ class PolicyConfig(GrpcServiceConfig):
     metrics_port: int = 9101
     max_workers: int = 64
     """Threads serving RPCs; each waits on its batch, so this bounds requests in flight."""
+    http_listen: str = ""
+    """Address of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models), host:port; empty
+    (the default) serves none. modalign up and the chart turn it on."""
+    http_tls_cert: Path | None = None
+    """PEM certificate chain for HTTPS on http_listen; with http_tls_key. Unset: plain HTTP."""
+    http_tls_key: Path | None = None
+    """PEM private key of http_tls_cert."""
+    model_name: str = "modalign"
+    """The model's name on the HTTP API (the `model` of /v1/models and of every completion)."""
     model_dir: str = ""
     """Folder of a Hugging Face image-text-to-text checkpoint, or the URI of a published version
     (file://... or s3://..., loaded verified; the rollout controller names one on a KServe revision);
@@ -74,4 +83,19 @@ class PolicyConfig(GrpcServiceConfig):
     def validate(self) -> None:
         super().validate()
         require_one_of("follow", self.follow, FOLLOW_MODES)
+        if self.http_listen:
+            host, _, port = self.http_listen.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError("http_listen", f"host:port, got {self.http_listen!r}")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ConfigError("http_tls_cert", "give both --http-tls-cert and --http-tls-key, or neither")
+
+    @property
+    def http_url(self) -> str:
+        """Where a client on this machine reaches the HTTP API's /v1 (empty when it is off)."""
+        if not self.http_listen:
+            return ""
+        host, _, port = self.http_listen.rpartition(":")
+        scheme = "https" if self.http_tls_cert is not None else "http"
+        return f"{scheme}://{loopback(host)}:{port}/v1"
         require_one_of("dtype", self.dtype, DTYPES)

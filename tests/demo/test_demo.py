@@ -28,7 +28,7 @@ def run_demo(kafka_broker: BrokerConfig, model: Path, out: Path, *flags: str) ->
         "--device", "cpu",  # passed on to every service: a flag one of them does not know fails its start
         "--data-dir", str(kafka_broker.data_dir), "--port", str(kafka_broker.port),
         "--controller-port", str(kafka_broker.controller_port),
-        "--grpc-base-port", str(free_run(5)), "--metrics-base-port", str(free_run(5)), *flags,
+        "--grpc-base-port", str(free_run(6)), "--metrics-base-port", str(free_run(5)), *flags,
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]

@@ -88,7 +88,7 @@ class Service:
 def start_services(kafka: KafkaConfig, work: Path) -> dict[str, Service]:
     """Starts the five services at once (their imports take most of a minute on two cores), configured as
     `modalign up` configures them."""
-    ports = LocalPorts(grpc_base=free_run(5), metrics_base=free_run(5))
+    ports = LocalPorts(grpc_base=free_run(6), metrics_base=free_run(5))
     configs = local_services(kafka, work, ports, {
         "feedback": {"kafka.produce_timeout_s": PRODUCE_TIMEOUT_S}, "trainer": TRAINER_SETTINGS,
     })

@@ -1,0 +1,281 @@
+"""The OpenAI-compatible HTTP API of the policy service: the chat-completions format every client speaks.
+
+    POST /v1/chat/completions   messages (content a string or text and image_url parts, images as data:
+                                URLs), n, temperature, top_p, max_tokens / max_completion_tokens, seed,
+                                user, stream (server-sent events, ending with [DONE];
+                                stream_options.include_usage); usage with token counts
+    GET  /v1/models             the served model, with its stable and canary versions
+    GET  /healthz, /readyz      liveness, and readiness (a version is loaded and serving)
+
+A request becomes a GenerateRequest with a conversation and goes through the same Generations as gRPC:
+the same validation and limits, routing, batching, and durable logging before the answer is sent. So
+every answer is learnable: each choice carries its `response_id` (and the response its `modalign`
+object: `policy_version`, `prompt_id`), `system_fingerprint` and the `X-Modalign-Policy-Version` header
+name the version, and feedback names the response_id. Existing clients ignore the extra fields.
+
+Canary stickiness: the X-Session-Id header, else `user`, picks the session (as GenerateRequest.session_id).
+Errors use OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with the HTTP status of
+their kind: 400 for a bad request (the message names the field), 429 at capacity, 503 when the
+generation could not be logged, 500 when the model failed. Remote image URLs are not fetched: a client
+sends the image itself, so the policy never reaches out to an address a user chose.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import queue
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from modalign.policy.generations import OPAQUE_ID, Generated, Generations, Refused, Started, observed
+from modalign.v1 import common_pb2, policy_pb2
+
+VERSION_HEADER = "X-Modalign-Policy-Version"
+SESSION_HEADER = "X-Session-Id"
+ROLES = {"system": common_pb2.ROLE_SYSTEM, "developer": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER,
+         "assistant": common_pb2.ROLE_ASSISTANT}
+FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.INTERNAL: (500, "server_error"),
+}
+
+
+def invalid(message: str) -> Refused:
+    return Refused(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+# The service validates a request as a GenerateRequest; its messages name that request's fields, which
+# read here as the chat-completions fields they came from.
+_FIELD_NAMES = [
+    (re.compile(r"^sampling\.temperature"), "temperature"),
+    (re.compile(r"^sampling\.top_p"), "top_p"),
+    (re.compile(r"^sampling\.max_new_tokens"), "max_tokens"),
+    (re.compile(r"^conversation\[(\d+)\]\.content\[(\d+)\]\.image"), r"messages[\1].content[\2].image_url.url"),
+    (re.compile(r"^conversation"), "messages"),
+    (re.compile(r"^user_id"), "user"),
+    (re.compile(r"^session_id"), SESSION_HEADER),
+]
+
+
+def error_response(error: Refused) -> JSONResponse:
+    """OpenAI's error JSON, with the HTTP status of the refusal's kind; a 400 names its field as clients know it."""
+    status, kind = HTTP_STATUS.get(error.code, (500, "server_error"))
+    message, param = error.message, None
+    if status == 400:
+        for pattern, name in _FIELD_NAMES:
+            message = pattern.sub(name, message, count=1)
+        param = message.split(":", 1)[0] if ":" in message else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": error.code.name.lower()}},
+                        status_code=status)
+
+
+def _optional(body: dict, name: str, kind: type[int] | type[float]) -> Any:
+    """body[name] as kind, None when absent or null; a value of another type is refused naming the field."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise invalid(f"{name}: must be {'a number' if kind is float else 'an integer'}, got {json.dumps(value)}")
+    return kind(value)
+
+
+def image_part(url: Any, where: str) -> common_pb2.ContentPart:
+    """An image_url part's image: a base64 data: URL; anything else is refused naming why."""
+    if not isinstance(url, str):
+        raise invalid(f"{where}: must be a string URL")
+    if url.startswith(("http://", "https://")):
+        raise invalid(f"{where}: remote image URLs are not fetched; send the image inline as a data: URL "
+                      "(data:image/png;base64,...)")
+    header, comma, data = url.partition(",")
+    if not (url.startswith("data:") and comma and header.endswith(";base64")):
+        raise invalid(f"{where}: must be a data: URL with base64 content (data:image/png;base64,...)")
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise invalid(f"{where}: the data is not valid base64 ({error})") from error
+    return common_pb2.ContentPart(image=common_pb2.Image(data=decoded, mime_type=header[len("data:"):-len(";base64")]))
+
+
+def conversation_of(messages: Any) -> list[common_pb2.Message]:
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages: a non-empty list of messages is required")
+    turns = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise invalid(f"{where}: must be an object with a role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise invalid(f"{where}.role: must be one of system, developer, user, assistant; got {json.dumps(role)}")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts = [common_pb2.ContentPart(text=content)]
+        elif isinstance(content, list):
+            parts = []
+            for part_index, part in enumerate(content):
+                at = f"{where}.content[{part_index}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append(common_pb2.ContentPart(text=part["text"]))
+                elif kind == "image_url":
+                    image_url = part.get("image_url")
+                    parts.append(image_part(image_url.get("url") if isinstance(image_url, dict) else image_url,
+                                            f"{at}.image_url.url"))
+                else:
+                    raise invalid(f"{at}: must be a text part or an image_url part, got type {json.dumps(kind)}")
+        else:
+            raise invalid(f"{where}.content: must be a string or a list of parts")
+        turns.append(common_pb2.Message(role=ROLES[role], content=parts))
+    return turns
+
+
+def generate_request(body: Any, session_header: str | None) -> policy_pb2.GenerateRequest:
+    """A chat-completions body as the GenerateRequest it stands for; Refused naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise invalid("body: must be a JSON object")
+    if body.get("stop") not in (None, [], ""):
+        raise invalid("stop: stop sequences are not supported; the answer ends at the model's end of turn or max_tokens")
+    for unsupported in ("tools", "functions", "response_format", "logit_bias"):
+        if body.get(unsupported) not in (None, [], {}):
+            raise invalid(f"{unsupported}: not supported by this server")
+    # Ranges are the service's (sampling_params): checked there once, for both front doors.
+    sampling = common_pb2.SamplingParams()
+    if (temperature := _optional(body, "temperature", float)) is not None:
+        sampling.temperature = temperature
+    if (top_p := _optional(body, "top_p", float)) is not None:
+        sampling.top_p = top_p
+    max_tokens = _optional(body, "max_completion_tokens", int)
+    if (max_tokens := max_tokens if max_tokens is not None else _optional(body, "max_tokens", int)) is not None:
+        if max_tokens < 0:
+            raise invalid(f"max_tokens: must be at least 1, got {max_tokens}")
+        sampling.max_new_tokens = max_tokens
+    if (seed := _optional(body, "seed", int)) is not None:
+        if not 0 <= seed < 2**64:
+            raise invalid(f"seed: must be in [0, 2^64), got {seed}")
+        sampling.seed = seed
+    n = _optional(body, "n", int)
+    if n is not None and n < 1:
+        raise invalid(f"n: must be at least 1, got {n}")
+    user = body.get("user") or ""
+    if not isinstance(user, str) or not OPAQUE_ID.match(user):
+        raise invalid("user: at most 128 characters of [A-Za-z0-9._:@-]")
+    session = session_header if session_header is not None else user
+    if not OPAQUE_ID.match(session):
+        raise invalid(f"{SESSION_HEADER}: at most 128 characters of [A-Za-z0-9._:@-]")
+    return policy_pb2.GenerateRequest(conversation=conversation_of(body.get("messages")), sampling=sampling, n=n or 1,
+                                      user_id=user, session_id=session)
+
+
+def completion(generated: Generated, model: str, created: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{generated.prompt_id}", "object": "chat.completion", "created": created, "model": model,
+        "system_fingerprint": generated.version,
+        "choices": [
+            {"index": index, "message": {"role": "assistant", "content": candidate.text},
+             "finish_reason": FINISH_REASONS[candidate.finish_reason], "logprobs": None,
+             "response_id": candidate.response_id}
+            for index, candidate in enumerate(generated.candidates)
+        ],
+        "usage": usage(generated),
+        "modalign": {"policy_version": generated.version, "prompt_id": generated.prompt_id},
+    }
+
+
+def usage(generated: Generated) -> dict[str, int]:
+    """Prompt tokens once (image placeholders expanded), completion tokens over every choice, EOS included."""
+    completion_tokens = sum(candidate.token_count for candidate in generated.candidates)
+    return {"prompt_tokens": generated.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": generated.prompt_tokens + completion_tokens}
+
+
+def create_app(generations: Generations, model_name: str) -> FastAPI:
+    app = FastAPI(title="modalign policy: OpenAI-compatible chat completions", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(Refused)
+    def refused(_request: Request, error: Refused) -> JSONResponse:
+        return error_response(error)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        routes = generations.router.routes
+        return JSONResponse({"status": "ready", "serving": routes.weights()})
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        routes = generations.router.routes
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": 0, "owned_by": "modalign",
+            "modalign": {"stable": routes.stable, "canary": routes.canary or None, "weights": routes.weights()},
+        }]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise invalid(f"body: not valid JSON ({error})") from error
+        generate = generate_request(body, request.headers.get(SESSION_HEADER))
+        created = int(time.time())
+        # Generation blocks (images, the batch, the durable log): on the thread pool, off the event loop.
+        if body.get("stream") is not True:
+            generated = await run_in_threadpool(generate_and_log, generations, generate)
+            return JSONResponse(completion(generated, model_name, created), headers={VERSION_HEADER: generated.version})
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        deltas: queue.Queue = queue.Queue()
+        started = await run_in_threadpool(generations.start, generate, lambda index, text: deltas.put((index, text)))
+        chunks = stream_chunks(generations, started, deltas, model_name, created, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={VERSION_HEADER: started.version})
+
+    return app
+
+
+def generate_and_log(generations: Generations, request: policy_pb2.GenerateRequest) -> Generated:
+    started = generations.start(request)
+    with observed(started.version):
+        return generations.finish(started)
+
+
+def stream_chunks(generations: Generations, started: Started, deltas: queue.Queue, model: str, created: int,
+                  include_usage: bool) -> Iterator[str]:
+    """Server-sent events in OpenAI's chunk format: each choice's role, then its text deltas; once the
+    generation is durably logged, each choice's finish_reason and response_id; usage if asked; [DONE].
+    A failure after the first byte can no longer change the HTTP status: it goes out as an error event."""
+
+    def event(choices: list[dict], **extra: Any) -> str:
+        chunk = {"id": f"chatcmpl-{started.prompt_id}", "object": "chat.completion.chunk", "created": created,
+                 "model": model, "system_fingerprint": started.version, "choices": choices, **extra}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    try:
+        with observed(started.version):
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for i in range(started.n)])
+            for index, text, _ in generations.stream(started, deltas):
+                yield event([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+            generated = generations.finish(started)
+    except Refused as error:
+        yield f"data: {error_response(error).body.decode()}\n\n"
+        return
+    for index, candidate in enumerate(generated.candidates):
+        yield event([{"index": index, "delta": {}, "finish_reason": FINISH_REASONS[candidate.finish_reason],
+                      "response_id": candidate.response_id}],
+                    modalign={"policy_version": generated.version, "prompt_id": generated.prompt_id})
+    if include_usage:
+        yield event([], usage=usage(generated))
+    yield "data: [DONE]\n\n"
