@@ -105,7 +105,7 @@ def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, overrides:
     services: dict[str, ServiceConfig] = {
         "feedback": on_broker(FeedbackConfig, kafka, listen=ports.feedback, metrics_port=ports.metrics(1)),
         "policy": on_broker(PolicyConfig, kafka, listen=ports.policy, metrics_port=ports.metrics(0), blob_dir=blobs,
-                            http_listen=ports.policy_http),
+                            http_listen=ports.policy_http, feedback_address=ports.feedback),
         "reward": on_broker(RewardServerConfig, kafka, http_port=ports.reward_http, grpc_port=ports.reward_grpc,
                             follow="latest"),
         "trainer": on_broker(TrainerConfig, kafka, metrics_port=ports.metrics(3), blob_dir=blobs,
@@ -132,7 +132,7 @@ def run_local_system(config: UpConfig) -> int:
         print(
             "modalign is up:\n"
             f"  policy    gRPC {ports.policy}  (modalign.v1.PolicyService)    metrics http://127.0.0.1:{ports.metrics(0)}/metrics\n"
-            f"            OpenAI-compatible API http://{ports.policy_http}/v1  (POST /chat/completions, GET /models)\n"
+            f"            OpenAI-compatible API http://{ports.policy_http}/v1  (POST /chat/completions, POST /feedback, GET /models)\n"
             f"  feedback  gRPC {ports.feedback}  (modalign.v1.FeedbackService)  metrics http://127.0.0.1:{ports.metrics(1)}/metrics\n"
             f"  reward    OIP v2 http://127.0.0.1:{ports.reward_http}, gRPC 127.0.0.1:{ports.reward_grpc}"
             f"      metrics http://127.0.0.1:{ports.reward_http}/metrics\n"

@@ -35,6 +35,9 @@ class PolicyConfig(GrpcServiceConfig):
     """PEM private key of http_tls_cert."""
     model_name: str = "modalign"
     """The model's name on the HTTP API (the `model` of /v1/models and of every completion)."""
+    feedback_address: str = ""
+    """The FeedbackService (host:port) that the HTTP API's POST /v1/feedback forwards to, so a web front
+    end needs no gRPC; empty: /v1/feedback answers 404."""
     model_dir: str = ""
     """Folder of a Hugging Face image-text-to-text checkpoint, or the URI of a published version
     (file://... or s3://..., loaded verified; the rollout controller names one on a KServe revision);

@@ -5,6 +5,9 @@
                                 user, stream (server-sent events, ending with [DONE];
                                 stream_options.include_usage); usage with token counts
     GET  /v1/models             the served model, with its stable and canary versions
+    POST /v1/feedback           a Feedback (preference, rating or edit) as JSON, forwarded to the
+                                FeedbackService (--feedback-address): its validation, idempotency by
+                                feedback_id and durable acknowledgement, its status codes as HTTP
     GET  /healthz, /readyz      liveness, and readiness (a version is loaded and serving)
 
 A request becomes a GenerateRequest with a conversation and goes through the same Generations as gRPC:
@@ -34,10 +37,11 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 
 from modalign.policy.generations import OPAQUE_ID, Generated, Generations, Refused, Started, observed
-from modalign.v1 import common_pb2, policy_pb2
+from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2
 
 VERSION_HEADER = "X-Modalign-Policy-Version"
 SESSION_HEADER = "X-Session-Id"
@@ -46,8 +50,13 @@ ROLES = {"system": common_pb2.ROLE_SYSTEM, "developer": common_pb2.ROLE_SYSTEM, 
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     grpc.StatusCode.INTERNAL: (500, "server_error"),
 }
 
@@ -200,7 +209,18 @@ def usage(generated: Generated) -> dict[str, int]:
             "total_tokens": generated.prompt_tokens + completion_tokens}
 
 
-def create_app(generations: Generations, model_name: str) -> FastAPI:
+def feedback_of(body: Any) -> feedback_pb2.Feedback:
+    """A Feedback from its JSON form (the proto's field names, as in the gRPC API)."""
+    if not isinstance(body, dict):
+        raise invalid("body: must be a JSON object")
+    try:
+        return json_format.ParseDict(body, feedback_pb2.Feedback())
+    except json_format.ParseError as error:
+        raise invalid(f"body: {error}") from error
+
+
+def create_app(generations: Generations, model_name: str, feedback: feedback_pb2_grpc.FeedbackServiceStub | None = None
+               ) -> FastAPI:
     app = FastAPI(title="modalign policy: OpenAI-compatible chat completions", docs_url=None, redoc_url=None)
 
     @app.exception_handler(Refused)
@@ -224,12 +244,20 @@ def create_app(generations: Generations, model_name: str) -> FastAPI:
             "modalign": {"stable": routes.stable, "canary": routes.canary or None, "weights": routes.weights()},
         }]}
 
+    @app.post("/v1/feedback")
+    async def submit_feedback(request: Request) -> dict[str, Any]:
+        if feedback is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND, "feedback: this server forwards no feedback (no --feedback-address)")
+        said = feedback_of(await json_body(request))
+        try:
+            ack = await run_in_threadpool(feedback.Submit, said, timeout=30)
+        except grpc.RpcError as error:
+            raise Refused(error.code(), error.details()) from error
+        return {"feedback_id": ack.feedback_id, "duplicate": ack.duplicate}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise invalid(f"body: not valid JSON ({error})") from error
+        body = await json_body(request)
         generate = generate_request(body, request.headers.get(SESSION_HEADER))
         created = int(time.time())
         # Generation blocks (images, the batch, the durable log): on the thread pool, off the event loop.
@@ -243,6 +271,13 @@ def create_app(generations: Generations, model_name: str) -> FastAPI:
         return StreamingResponse(chunks, media_type="text/event-stream", headers={VERSION_HEADER: started.version})
 
     return app
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise invalid(f"body: not valid JSON ({error})") from error
 
 
 def generate_and_log(generations: Generations, request: policy_pb2.GenerateRequest) -> Generated:

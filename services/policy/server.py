@@ -34,7 +34,7 @@ from modalign.policy.generations import Generations, Refused, observed
 from modalign.policy.model import build_default_policy, load_policy
 from modalign.policy.openai_api import create_app
 from modalign.policy.routing import Routes, VersionRouter
-from modalign.v1 import events_pb2, policy_pb2, policy_pb2_grpc
+from modalign.v1 import events_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,11 @@ SERVICE_NAMES = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_na
 def serve_http(config: PolicyConfig, generations: Generations) -> uvicorn.Server:
     """The OpenAI-compatible HTTP API on config.http_listen, in a thread of its own; set should_exit to stop it."""
     host, _, port = config.http_listen.rpartition(":")
+    feedback = None
+    if config.feedback_address:
+        feedback = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(config.feedback_address))
     server = uvicorn.Server(uvicorn.Config(
-        create_app(generations, config.model_name), host=host.strip("[]"), port=int(port), log_level="warning",
+        create_app(generations, config.model_name, feedback), host=host.strip("[]"), port=int(port), log_level="warning",
         ssl_certfile=config.http_tls_cert, ssl_keyfile=config.http_tls_key,
         timeout_graceful_shutdown=5,
     ))

@@ -19,10 +19,11 @@ from PIL import Image
 
 from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.processes import free_port
+from modalign.feedback.server import FeedbackConfig, content_digest
 from modalign.policy import conversation
 from modalign.policy.config import PolicyConfig
 from modalign.policy.model import build_processor, format_conversation
-from modalign.v1 import events_pb2, policy_pb2_grpc
+from modalign.v1 import events_pb2, feedback_pb2, policy_pb2_grpc
 
 from tests.policy.test_policy_service import conversation_request, png
 from tests.services import start_grpc_service
@@ -57,15 +58,54 @@ class Served:
 @pytest.fixture(scope="module")
 def served(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("policy-http")
+    feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, work)
     http_listen = f"127.0.0.1:{free_port()}"
-    process, address, _ = start_grpc_service(PolicyConfig, kafka_config, work, blob_dir=work / "blobs",
-                                             http_listen=http_listen, max_batch_wait_ms=20.0)
-    base_url = f"http://{http_listen}/v1"
     try:
-        yield Served(openai.OpenAI(base_url=base_url, api_key="not-checked", max_retries=0, timeout=60), base_url,
-                     address, kafka_config)
+        process, address, _ = start_grpc_service(PolicyConfig, kafka_config, work, blob_dir=work / "blobs",
+                                                 http_listen=http_listen, max_batch_wait_ms=20.0,
+                                                 feedback_address=feedback_address)
+        base_url = f"http://{http_listen}/v1"
+        try:
+            yield Served(openai.OpenAI(base_url=base_url, api_key="not-checked", max_retries=0, timeout=60), base_url,
+                         address, kafka_config)
+        finally:
+            process.stop()
     finally:
-        process.stop()
+        feedback.stop()
+
+
+def post(url: str, body: object) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_feedback_on_a_choice_is_stored_as_grpc_feedback_is_idempotently_and_validated(served: Served) -> None:
+    reply = served.client.chat.completions.create(model="modalign", messages=MESSAGES, n=2, max_tokens=6, user="u-7")
+    chosen, rejected = (choice.model_extra["response_id"] for choice in reply.choices)
+    said = {"feedback_id": "http-1", "user_id": "u-7", "client_time": "2026-12-02T12:00:00Z",
+            "preference": {"chosen_response_id": chosen, "rejected_response_id": rejected}}
+    assert post(served.base_url + "/feedback", said) == (200, {"feedback_id": "http-1", "duplicate": False})
+    assert post(served.base_url + "/feedback", said) == (200, {"feedback_id": "http-1", "duplicate": True})
+    [stored] = [r for r in read_topic(served.kafka, "feedback", events_pb2.FeedbackReceived)
+                if r.feedback.feedback_id == "http-1"]
+    expected = feedback_pb2.Feedback(feedback_id="http-1", user_id="u-7", preference=feedback_pb2.Preference(
+        chosen_response_id=chosen, rejected_response_id=rejected))
+    expected.client_time.FromJsonString("2026-12-02T12:00:00Z")
+    assert stored.feedback == expected and stored.content_sha256 == content_digest(expected)
+
+    status, body = post(served.base_url + "/feedback", {**said, "preference": {"chosen_response_id": rejected,
+                                                                               "rejected_response_id": chosen}})
+    assert status == 409 and "feedback_id" in body["error"]["message"]
+    status, body = post(served.base_url + "/feedback", {"feedback_id": "http-2", "user_id": "u-7",
+                                                         "client_time": "2026-12-02T12:00:00Z",
+                                                         "rating": {"response_id": chosen, "score": 9}})
+    assert status == 400 and body["error"]["message"].startswith("rating.score"), body
+    status, body = post(served.base_url + "/feedback", {"feedback_id": "http-3", "stars": 5})
+    assert status == 400 and body["error"]["message"].startswith("body:"), body
 
 
 def test_a_conversation_with_images_in_two_turns_is_answered_as_over_grpc_and_logged(served: Served) -> None:
