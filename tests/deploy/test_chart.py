@@ -671,3 +671,23 @@ def test_the_rollout_controller_reaches_kafka_the_policy_metrics_and_the_reward_
     assert ROLLOUT_PEER not in policy_ingress[0]["from"], "the controller does not call the policy's API"
     (reward_ingress,) = one(docs, "NetworkPolicy", f"{RELEASE}-reward")["spec"]["ingress"]
     assert reward_ingress["from"] == clients + scrapers + [ROLLOUT_PEER]
+
+
+def test_the_policys_openai_api_has_its_port_service_and_clients_and_forwards_feedback(tmp_path: Path) -> None:
+    clients = [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]
+    values_file = tmp_path / "clients.yaml"
+    values_file.write_text(yaml.safe_dump({"networkPolicy": {"clients": clients}}))
+    docs = render(values_file)
+    service = one(docs, "Service", f"{RELEASE}-policy")["spec"]
+    assert {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"} in service["ports"]
+    [container] = one(docs, "Deployment", f"{RELEASE}-policy")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+    settings = one(docs, "ConfigMap", f"{RELEASE}-policy")["data"]
+    assert settings["MODALIGN_HTTP_LISTEN"] == "0.0.0.0:8000"
+    assert settings["MODALIGN_FEEDBACK_ADDRESS"] == f"{RELEASE}-feedback:50052"
+    # Only clients reach the API; the feedback service lets the policy pods in, which forward /v1/feedback.
+    api = one(docs, "NetworkPolicy", f"{RELEASE}-policy")["spec"]["ingress"][0]
+    assert api == {"ports": [{"port": "grpc", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}], "from": clients}
+    feedback = one(docs, "NetworkPolicy", f"{RELEASE}-feedback")["spec"]["ingress"][0]
+    assert feedback["from"][:1] == clients
+    assert feedback["from"][1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "policy"

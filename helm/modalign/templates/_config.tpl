@@ -55,6 +55,11 @@ MODALIGN_POLICY_VERSION: {{ include "modalign.initialPolicyVersion" $root | quot
 MODALIGN_FOLLOW: {{ include "modalign.policyFollow" $root | quote }}
 MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
 MODALIGN_DEVICE: {{ $values.device | quote }}
+MODALIGN_HTTP_LISTEN: {{ printf "0.0.0.0:%d" (int $values.httpPort) | quote }}
+{{- if $root.Values.feedback.enabled }}
+{{- /* POST /v1/feedback goes on to the feedback service. */}}
+MODALIGN_FEEDBACK_ADDRESS: {{ printf "%s:%d" (include "modalign.componentName" (dict "root" $root "component" "feedback")) (int $root.Values.feedback.grpcPort) | quote }}
+{{- end }}
 {{- else if eq $component "feedback" }}
 MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
 MODALIGN_METRICS_HOST: "0.0.0.0"

@@ -45,6 +45,8 @@ policy:
   grpcHealthService: modalign.v1.PolicyService
   ports:
     - {name: grpc, key: grpcPort, appProtocol: grpc}
+    # The OpenAI-compatible HTTP API (/v1/chat/completions, /v1/feedback, /v1/models).
+    - {name: http, key: httpPort, appProtocol: http}
     - {name: metrics, key: metricsPort, appProtocol: http}
   metricsPortName: metrics
   usesKafka: true
@@ -454,6 +456,12 @@ Args: (dict "selector" SELECTOR "window" DURATION)
 {{- end }}
 
 {{/* A NetworkPolicyPeer list item: the rollout controller's pod. */}}
+{{- define "modalign.policyPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "modalign.componentSelectorLabels" (dict "root" . "component" "policy") | nindent 6 }}
+{{- end }}
+
 {{- define "modalign.rolloutPeer" -}}
 - podSelector:
     matchLabels:
