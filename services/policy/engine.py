@@ -34,6 +34,9 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int | None = None  # None: a random seed; candidate i uses seed + i
+    stop: tuple[str, ...] = ()
+    """Texts that end a candidate where they first appear: its text stops before the stop text, its
+    token_ids end with the token that completed it (as vLLM's do), and it finishes with "stop"."""
 
 
 @dataclass
@@ -150,6 +153,8 @@ class _Row:
     logprobs: list[float]
     emitted_text: str = ""
     finish_reason: Literal["stop", "length"] | None = None
+    stopped_text: str | None = None
+    """The text up to a stop text that ended the row; None: the decoded tokens are the text."""
 
 
 class PolicyEngine:
@@ -246,6 +251,8 @@ class PolicyEngine:
                 row.logprobs.append(token_logprob)
                 if token in self.eos_token_ids:
                     row.finish_reason = "stop"
+                elif row.params.stop and (text := self._until_stop(row)) is not None:
+                    row.finish_reason, row.stopped_text = "stop", text
                 elif len(row.token_ids) >= row.params.max_new_tokens:
                     row.finish_reason = "length"
                 else:
@@ -309,10 +316,23 @@ class PolicyEngine:
         # stop being a prefix of the whole decoding and streamed deltas would not add up.
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def _until_stop(self, row: _Row) -> str | None:
+        """The row's text before the first stop text in it, or None when there is none yet."""
+        text = self._decode(row.token_ids)
+        found = [index for stop in row.params.stop if (index := text.find(stop)) >= 0]
+        return text[: min(found)] if found else None
+
+    def _text(self, row: _Row) -> str:
+        return row.stopped_text if row.stopped_text is not None else self._decode(row.token_ids)
+
     def _stream(self, request: GenerationRequest, row: _Row, callbacks_on: list[bool]) -> None:
         if request.on_token is None:
             return
-        text = self._decode(row.token_ids)
+        text = self._text(row)
+        if row.finish_reason is None and row.params.stop:
+            # Text that may yet turn out to be the start of a stop text is held back until it is not.
+            held = max((n for stop in row.params.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+            text = text[: len(text) - held]
         if row.finish_reason is None and (text.endswith("\ufffd") or not text.startswith(row.emitted_text)):
             # An incomplete UTF-8 sequence (or a decoding that will still change): wait for more tokens.
             delta = ""
@@ -327,7 +347,7 @@ class PolicyEngine:
             prompt_token_ids=row.prompt_token_ids,
             token_ids=row.token_ids,
             logprobs=row.logprobs,
-            text=self._decode(row.token_ids),
+            text=self._text(row),
             finish_reason=row.finish_reason,
             seed=row.seed,
             policy_version=self.policy_version,

@@ -51,6 +51,7 @@ REQUEST_SECONDS = Histogram(
 )
 
 OPAQUE_ID = re.compile(r"^[A-Za-z0-9._:@-]{0,128}$")
+MAX_STOP_TEXTS, MAX_STOP_BYTES = 4, 64
 FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
 
@@ -82,7 +83,13 @@ def sampling_params(request: policy_pb2.GenerateRequest, config: PolicyConfig) -
             f"sampling.max_new_tokens: must be in [1, {config.max_new_tokens_limit}], got {max_new_tokens}"
         )
     seed = sampling.seed if sampling.HasField("seed") else None
-    return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    if len(sampling.stop) > MAX_STOP_TEXTS:
+        raise InvalidRequest(f"sampling.stop: at most {MAX_STOP_TEXTS} stop texts, got {len(sampling.stop)}")
+    for index, stop in enumerate(sampling.stop):
+        if not 1 <= len(stop.encode()) <= MAX_STOP_BYTES:
+            raise InvalidRequest(f"sampling.stop[{index}]: 1 to {MAX_STOP_BYTES} UTF-8 bytes, got {len(stop.encode())}")
+    return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                          stop=tuple(sampling.stop))
 
 
 def validate_request(request: policy_pb2.GenerateRequest, config: PolicyConfig) -> None:

@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   messages (content a string or text and image_url parts, images as data:
                                 URLs), n, temperature, top_p, max_tokens / max_completion_tokens, seed,
-                                user, stream (server-sent events, ending with [DONE];
+                                stop, user, stream (server-sent events, ending with [DONE];
                                 stream_options.include_usage); usage with token counts
     GET  /v1/models             the served model, with its stable and canary versions
     POST /v1/feedback           a Feedback (preference, rating or edit) as JSON, forwarded to the
@@ -71,6 +71,7 @@ _FIELD_NAMES = [
     (re.compile(r"^sampling\.temperature"), "temperature"),
     (re.compile(r"^sampling\.top_p"), "top_p"),
     (re.compile(r"^sampling\.max_new_tokens"), "max_tokens"),
+    (re.compile(r"^sampling\.stop"), "stop"),
     (re.compile(r"^conversation\[(\d+)\]\.content\[(\d+)\]\.image"), r"messages[\1].content[\2].image_url.url"),
     (re.compile(r"^conversation"), "messages"),
     (re.compile(r"^user_id"), "user"),
@@ -154,8 +155,6 @@ def generate_request(body: Any, session_header: str | None) -> policy_pb2.Genera
     """A chat-completions body as the GenerateRequest it stands for; Refused naming the field otherwise."""
     if not isinstance(body, dict):
         raise invalid("body: must be a JSON object")
-    if body.get("stop") not in (None, [], ""):
-        raise invalid("stop: stop sequences are not supported; the answer ends at the model's end of turn or max_tokens")
     for unsupported in ("tools", "functions", "response_format", "logit_bias"):
         if body.get(unsupported) not in (None, [], {}):
             raise invalid(f"{unsupported}: not supported by this server")
@@ -167,16 +166,21 @@ def generate_request(body: Any, session_header: str | None) -> policy_pb2.Genera
         sampling.top_p = top_p
     max_tokens = _optional(body, "max_completion_tokens", int)
     if (max_tokens := max_tokens if max_tokens is not None else _optional(body, "max_tokens", int)) is not None:
-        if max_tokens < 0:
-            raise invalid(f"max_tokens: must be at least 1, got {max_tokens}")
+        if not 0 <= max_tokens < 2**32:  # the service's own limit comes next; this only keeps it a uint32
+            raise invalid(f"max_tokens: must be a positive 32-bit integer, got {max_tokens}")
         sampling.max_new_tokens = max_tokens
     if (seed := _optional(body, "seed", int)) is not None:
         if not 0 <= seed < 2**64:
             raise invalid(f"seed: must be in [0, 2^64), got {seed}")
         sampling.seed = seed
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(text, str) for text in stops):
+        raise invalid(f"stop: must be a string or a list of strings, got {json.dumps(stop)}")
+    sampling.stop.extend(stops)
     n = _optional(body, "n", int)
-    if n is not None and n < 1:
-        raise invalid(f"n: must be at least 1, got {n}")
+    if n is not None and not 1 <= n < 2**32:
+        raise invalid(f"n: must be a positive 32-bit integer, got {n}")
     user = body.get("user") or ""
     if not isinstance(user, str) or not OPAQUE_ID.match(user):
         raise invalid("user: at most 128 characters of [A-Za-z0-9._:@-]")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modalign/v1/common.proto\x12\x0bmodalign.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"L\n\x08ImageRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"U\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.modalign.v1.Role\x12)\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x18.modalign.v1.ContentPart\"J\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.modalign.v1.ImageH\x00\x42\x06\n\x04part\"a\n\rLoggedMessage\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.modalign.v1.Role\x12/\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1e.modalign.v1.LoggedContentPart\"S\n\x11LoggedContentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.modalign.v1.ImageRefH\x00\x42\x06\n\x04part\"\xa4\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x11\n\x0f_max_new_tokensB\x07\n\x05_seed*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x42+P\x01Z\'modalign.dev/api/modalign/v1;modalignv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modalign/v1/common.proto\x12\x0bmodalign.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"L\n\x08ImageRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"U\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.modalign.v1.Role\x12)\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x18.modalign.v1.ContentPart\"J\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.modalign.v1.ImageH\x00\x42\x06\n\x04part\"a\n\rLoggedMessage\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.modalign.v1.Role\x12/\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1e.modalign.v1.LoggedContentPart\"S\n\x11LoggedContentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.modalign.v1.ImageRefH\x00\x42\x06\n\x04part\"\xb2\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x11\n\x0f_max_new_tokensB\x07\n\x05_seed*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x42+P\x01Z\'modalign.dev/api/modalign/v1;modalignv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modalign.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\'modalign.dev/api/modalign/v1;modalignv1'
-  _globals['_ROLE']._serialized_start=675
-  _globals['_ROLE']._serialized_end=755
-  _globals['_FINISHREASON']._serialized_start=757
-  _globals['_FINISHREASON']._serialized_end=852
+  _globals['_ROLE']._serialized_start=689
+  _globals['_ROLE']._serialized_end=769
+  _globals['_FINISHREASON']._serialized_start=771
+  _globals['_FINISHREASON']._serialized_end=866
   _globals['_IMAGE']._serialized_start=41
   _globals['_IMAGE']._serialized_end=81
   _globals['_IMAGEREF']._serialized_start=83
@@ -49,5 +49,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGGEDCONTENTPART']._serialized_start=423
   _globals['_LOGGEDCONTENTPART']._serialized_end=506
   _globals['_SAMPLINGPARAMS']._serialized_start=509
-  _globals['_SAMPLINGPARAMS']._serialized_end=673
+  _globals['_SAMPLINGPARAMS']._serialized_end=687
 # @@protoc_insertion_point(module_scope)

@@ -168,6 +168,18 @@ def test_the_version_header_and_session_stickiness_and_models(served: Served) ->
             assert response.status == 200
 
 
+def test_a_stop_text_cuts_the_answer_streamed_or_not(served: Served) -> None:
+    kwargs = {"model": "modalign", "messages": MESSAGES, "seed": 5, "max_tokens": 24, "temperature": 1.0}
+    whole = served.client.chat.completions.create(**kwargs).choices[0].message.content
+    assert len(whole) > 6, whole
+    stop = whole[3:5]
+    expected = whole[: whole.find(stop)]
+    cut = served.client.chat.completions.create(**kwargs, stop=[stop, "never in there: \u2603"])
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    streamed = served.client.chat.completions.create(**kwargs, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+
+
 def over_long() -> list[dict]:
     return MESSAGES + [{"role": "assistant", "content": "red " * 2000}, {"role": "user", "content": "And?"}] * 4
 
@@ -186,8 +198,13 @@ BAD = [
     ("top-p", None, {"top_p": 0.0}, "top_p"),
     ("max-tokens", None, {"max_tokens": 0}, "max_tokens"),
     ("n", None, {"n": 0}, "n"),
+    ("huge-n", None, {"n": 2**40}, "n"),
+    ("huge-max-tokens", None, {"max_tokens": 2**40}, "max_tokens"),
+    ("text-as-temperature", None, {"temperature": "hot"}, "temperature"),
     ("too-many-n", None, {"n": 9}, "n"),
-    ("stop", None, {"stop": ["\n"]}, "stop"),
+    ("too-many-stops", None, {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("long-stop", None, {"stop": "x" * 65}, "stop[0]"),
+    ("stop-not-text", None, {"stop": 7}, "stop"),
 ]
 
 

@@ -166,6 +166,25 @@ def test_stop_at_eos_and_length(taught_policy, taught_answer):
     assert cut[0].finish_reason == "length" and cut[0].token_ids == stopped[0].token_ids[:2]
 
 
+@pytest.mark.parametrize("stop", [("🙂",), ("d 🙂", "zz"), ("Red",)])
+def test_a_stop_text_ends_the_answer_before_it_and_nothing_of_it_is_streamed(taught_policy, taught_answer, stop):
+    model, processor = taught_policy
+    engine = PolicyEngine(model, processor)
+    red = [Image.new("RGB", (32, 32), "red")]
+    [[whole]] = engine.generate([request(processor, "What colour is it?", red, temperature=0.0, max_new_tokens=20)])
+    streamed: list[str] = []
+    cut_request = request(processor, "What colour is it?", red, temperature=0.0, max_new_tokens=20, stop=stop)
+    cut_request.on_token = lambda _index, _token, delta: streamed.append(delta)
+    [[cut]] = engine.generate([cut_request])
+    expected = taught_answer[: min(taught_answer.find(text) for text in stop if text in taught_answer)]
+    assert cut.text == expected and cut.finish_reason == "stop"
+    assert "".join(streamed) == expected  # what could still become a stop text was held back, then dropped
+    # The tokens are the ones the model sampled, up to the one that completed the stop text.
+    assert cut.token_ids == whole.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(whole.token_ids)
+    assert any(text in engine._decode(cut.token_ids) for text in stop)
+    assert not any(text in engine._decode(cut.token_ids[:-1]) for text in stop)
+
+
 def test_streamed_deltas_concatenate_to_the_text(taught_policy, taught_answer, policy, images):
     red = [Image.new("RGB", (32, 32), "red")]
     for (model, processor), req_images, text, temperature in [
