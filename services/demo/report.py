@@ -204,6 +204,9 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f"Online RLHF loop from v0 to the final version: {summary['seconds']:.0f} s"
         f" (warm start {summary['warm_start_seconds']:.0f} s, 0 when cached). Final version serving all traffic:"
         f" **{summary['final']}**.", "",
+        f"Traffic: {summary['requests']} requests, {summary['conversations']} of them follow-ups in a two-turn"
+        f" conversation and {summary['http_requests']} over the OpenAI-compatible HTTP API (the rest over gRPC);"
+        f" {summary['feedback']} feedback messages.", "",
         "![per version](versions.png)", "",
         "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward"
         " | reward model accuracy (pairs) | KL to v0 (nats per answer) |",

@@ -30,7 +30,7 @@ from modalign.core.modelstore import fetch, open_store
 from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.report import evaluate_versions, held_out_examples, write_report
-from modalign.demo.users import SimulatedUsers, UsersConfig
+from modalign.demo.users import SimulatedUsers, Tally, UsersConfig
 from modalign.demo.warmstart import build_warm_start
 from modalign.reward.config import BACKBONES
 from modalign.trainer.algorithms import ALGORITHMS
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         system.start()
         print(f"demo: services up (logs in {home / 'logs'}); users start", flush=True)
-        users = SimulatedUsers(UsersConfig(users=config.users, seed=config.seed), ports.policy, ports.feedback)
+        users = SimulatedUsers(UsersConfig(users=config.users, seed=config.seed), ports.policy, ports.feedback,
+                               http_url=f"http://{ports.policy_http}/v1")
         loop_started = time.monotonic()
         users.start()
         promoted = watch(ports.rollout, users, loop_started, config, stopping)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         system.stop()
     # After the services stopped: the evaluation has the CPU to itself.
     print(f"demo: loop ran {loop_seconds:.0f} s, {promoted} versions promoted; evaluating ...", flush=True)
-    report(config, published, states, policy_model, home, loop_seconds, warm_start_seconds)
+    report(config, published, states, policy_model, home, loop_seconds, warm_start_seconds, users.tally)
     return 0
 
 
@@ -162,13 +163,14 @@ def watch(rollout_address: str, users: SimulatedUsers, started: float, config: D
             canary = f", canary {state.canary_version} at {state.canary_weight_percent}%" if state.phase in ACTIVE_PHASES else ""
             tally = users.tally
             print(f"[{time.monotonic() - started:5.0f} s] stable {state.stable_version}{canary};"
-                  f" requests {tally.requests} (failed {tally.failed}), feedback {dict(tally.feedback)}", flush=True)
+                  f" requests {tally.requests} (failed {tally.failed}, {tally.conversations} follow-ups,"
+                  f" {tally.http} over HTTP), feedback {dict(tally.feedback)}", flush=True)
     return len(stables) - 1
 
 
 def report(config: DemoConfig, published: list[events_pb2.PolicyVersionPublished],
            states: list[events_pb2.RolloutState], policy_model: Path, home: Path, loop_seconds: float,
-           warm_start_seconds: float) -> None:
+           warm_start_seconds: float, tally: Tally) -> None:
     promoted = {s.canary_version for s in states if s.phase == events_pb2.ROLLOUT_PHASE_PROMOTED}
     final = states[-1].stable_version if states else STARTING_VERSION
     store = open_store(home / "models")
@@ -184,7 +186,9 @@ def report(config: DemoConfig, published: list[events_pb2.PolicyVersionPublished
     ]
     write_report(config.out, results, timeline,
                  {"seconds": loop_seconds, "warm_start_seconds": warm_start_seconds, "final": final, "seed": config.seed,
-                  "algorithm": config.algorithm})
+                  "algorithm": config.algorithm, "requests": tally.requests, "failed_requests": tally.failed,
+                  "conversations": tally.conversations, "http_requests": tally.http,
+                  "feedback": sum(tally.feedback.values())})
     for r in results:
         print(f"  {r.version}: hallucination {r.hallucination_rate:.1%}, win rate vs v0 {r.win_rate_vs_v0:.1%}"
               f" {'(promoted)' if r.promoted else ''}")

@@ -10,17 +10,21 @@ themselves, as real raters do.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import random
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import json_format
 
-from modalign.demo.scenes import Example, examples, faithfulness, reference_answer
+from modalign.demo.scenes import Example, examples, faithfulness, make_question, reference_answer
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 
@@ -66,6 +70,13 @@ class UsersConfig:
     """Chance that a user's comparison is flipped or a rating off by one."""
     session_turns: int = 5
     """Requests per session before a user starts a new one (canary routing is sticky per session)."""
+    follow_up_share: float = 0.25
+    """Share of answers a user follows with a second question about the same scene: a two-turn
+    conversation (the first answer in context), answered and judged like any other request."""
+    http_every: int = 4
+    """Every n-th session of a user speaks the policy's OpenAI-compatible HTTP API (chat completions,
+    then /v1/feedback) instead of gRPC: user u's sessions u, u + n, ..., so HTTP traffic starts at once.
+    0, or no HTTP URL given to the users: none."""
     max_new_tokens: int = 32
     seed: int = 0
     """Users draw scenes from seeds 1000 + seed*100 + user: never the held-out evaluation scenes."""
@@ -77,15 +88,83 @@ class Tally:
     failed: int = 0
     feedback: Counter = field(default_factory=Counter)
     served: Counter = field(default_factory=Counter)
+    conversations: int = 0
+    """Requests that were follow-ups: a conversation of two user turns."""
+    http: int = 0
+    """Requests over the OpenAI-compatible HTTP API (the rest over gRPC)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    response_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    policy_version: str
+    candidates: tuple[Answer, ...]
+
+
+class GrpcClient:
+    """PolicyService and FeedbackService over gRPC."""
+
+    def __init__(self, policy: policy_pb2_grpc.PolicyServiceStub, feedback: feedback_pb2_grpc.FeedbackServiceStub) -> None:
+        self.policy, self.feedback = policy, feedback
+
+    def generate(self, request: policy_pb2.GenerateRequest) -> Reply:
+        reply = self.policy.Generate(request, timeout=120)
+        return Reply(reply.policy_version, tuple(Answer(c.response_id, c.text) for c in reply.candidates))
+
+    def submit(self, feedback: feedback_pb2.Feedback) -> None:
+        self.feedback.Submit(feedback, timeout=60)
+
+
+class HttpClient:
+    """The same calls over the policy's OpenAI-compatible API, as a web front end makes them."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def generate(self, request: policy_pb2.GenerateRequest) -> Reply:
+        reply = self._post("/chat/completions", {
+            "model": "modalign", "messages": [openai_message(turn) for turn in request.conversation],
+            "n": request.n, "temperature": request.sampling.temperature, "seed": request.sampling.seed,
+            "max_tokens": request.sampling.max_new_tokens, "user": request.user_id,
+        }, {"X-Session-Id": request.session_id})
+        return Reply(reply["system_fingerprint"], tuple(Answer(c["response_id"], c["message"]["content"])
+                                                         for c in reply["choices"]))
+
+    def submit(self, feedback: feedback_pb2.Feedback) -> None:
+        self._post("/feedback", json_format.MessageToDict(feedback, preserving_proto_field_name=True), {})
+
+    def _post(self, path: str, body: dict, headers: dict[str, str]) -> dict:
+        request = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json", **headers})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)
+
+
+def openai_message(turn: common_pb2.Message) -> dict:
+    role = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}[turn.role]
+    content = []
+    for part in turn.content:
+        if part.WhichOneof("part") == "image":
+            url = f"data:{part.image.mime_type};base64,{base64.b64encode(part.image.data).decode()}"
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            content.append({"type": "text", "text": part.text})
+    return {"role": role, "content": content}
 
 
 class SimulatedUsers:
     """Users on threads, each in a loop of Generate (two candidates) then feedback, until stopped."""
 
-    def __init__(self, config: UsersConfig, policy_address: str, feedback_address: str) -> None:
+    def __init__(self, config: UsersConfig, policy_address: str, feedback_address: str, http_url: str = "") -> None:
         self.config = config
         self.tally = Tally()
         self._addresses = (policy_address, feedback_address)
+        self._http = HttpClient(http_url) if http_url else None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(u,), daemon=True) for u in range(config.users)]
@@ -106,36 +185,51 @@ class SimulatedUsers:
         user_id = f"demo-user-{user}"
         with grpc.insecure_channel(self._addresses[0]) as policy_channel, \
                 grpc.insecure_channel(self._addresses[1]) as feedback_channel:
-            policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
-            feedback = feedback_pb2_grpc.FeedbackServiceStub(feedback_channel)
-            session, turns = uuid.uuid4().hex, 0
+            grpc_client = GrpcClient(policy_pb2_grpc.PolicyServiceStub(policy_channel),
+                                     feedback_pb2_grpc.FeedbackServiceStub(feedback_channel))
+            session, turns, sessions, client = None, config.session_turns, 0, grpc_client
             while not self._stop.is_set():
                 if turns == config.session_turns:
-                    session, turns = uuid.uuid4().hex, 0
+                    session, turns, sessions = uuid.uuid4().hex, 0, sessions + 1
+                    over_http = self._http is not None and config.http_every and (sessions - 1 - user) % config.http_every == 0
+                    client = self._http if over_http else grpc_client
                 turns += 1
                 example = next(stream)
-                try:
-                    reply = policy.Generate(request_for(example, n=2, seed=rng.getrandbits(31), user_id=user_id,
-                                                        session_id=session, max_new_tokens=config.max_new_tokens),
-                                            timeout=120)
-                except grpc.RpcError:
-                    with self._lock:
-                        self.tally.requests += 1
-                        self.tally.failed += 1
-                    continue
-                with self._lock:
-                    self.tally.requests += 1
-                    self.tally.served[reply.policy_version] += 1
-                if rng.random() < config.feedback_rate:
-                    for message in self._feedback(reply, example, rng, user_id):
-                        try:
-                            feedback.Submit(message, timeout=60)
-                        except grpc.RpcError:
-                            continue  # the broker was briefly away; a real client would retry
-                        with self._lock:
-                            self.tally.feedback[message.WhichOneof("kind")] += 1
+                request = request_for(example, n=2, seed=rng.getrandbits(31), user_id=user_id, session_id=session,
+                                      max_new_tokens=config.max_new_tokens)
+                reply = self._ask(client, request, example, rng, user_id, follow_up=False)
+                if reply is not None and rng.random() < config.follow_up_share:
+                    # The same scene, another question, the first answer in context.
+                    follow_up = Example(example.scene, make_question(example.scene, rng))
+                    self._ask(client, with_follow_up(request, reply.candidates[0].text, follow_up.question.text),
+                              follow_up, rng, user_id, follow_up=True)
 
-    def _feedback(self, reply: policy_pb2.GenerateResponse, example: Example, rng: random.Random,
+    def _ask(self, client: GrpcClient | HttpClient, request: policy_pb2.GenerateRequest, example: Example,
+             rng: random.Random, user_id: str, follow_up: bool) -> Reply | None:
+        """One request and the user's feedback on its answers; None when the request failed."""
+        try:
+            reply = client.generate(request)
+        except (grpc.RpcError, OSError):
+            with self._lock:
+                self.tally.requests += 1
+                self.tally.failed += 1
+            return None
+        with self._lock:
+            self.tally.requests += 1
+            self.tally.conversations += follow_up
+            self.tally.http += isinstance(client, HttpClient)
+            self.tally.served[reply.policy_version] += 1
+        if rng.random() < self.config.feedback_rate:
+            for message in self._feedback(reply, example, rng, user_id):
+                try:
+                    client.submit(message)
+                except (grpc.RpcError, OSError):
+                    continue  # the broker was briefly away; a real client would retry
+                with self._lock:
+                    self.tally.feedback[message.WhichOneof("kind")] += 1
+        return reply
+
+    def _feedback(self, reply: Reply, example: Example, rng: random.Random,
                   user_id: str) -> list[feedback_pb2.Feedback]:
         """An edit of a hallucinated answer, a comparison of the two, or a rating of each."""
         config = self.config
@@ -169,10 +263,24 @@ class SimulatedUsers:
 
 def request_for(example: Example, n: int, seed: int, user_id: str = "", session_id: str = "",
                 max_new_tokens: int = 32, temperature: float = 1.0) -> policy_pb2.GenerateRequest:
+    """A question about a scene: one user turn, the scene's image, then the question."""
     buffer = io.BytesIO()
     example.scene.image().save(buffer, format="PNG")
+    image = common_pb2.Image(data=buffer.getvalue(), mime_type="image/png")
     return policy_pb2.GenerateRequest(
-        text=example.question.text, images=[common_pb2.Image(data=buffer.getvalue(), mime_type="image/png")],
+        conversation=[common_pb2.Message(role=common_pb2.ROLE_USER, content=[
+            common_pb2.ContentPart(image=image), common_pb2.ContentPart(text=example.question.text)])],
         sampling=common_pb2.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
         n=n, user_id=user_id, session_id=session_id,
     )
+
+
+def with_follow_up(request: policy_pb2.GenerateRequest, answer: str, question: str) -> policy_pb2.GenerateRequest:
+    """The request's conversation, the answer it got, then the next question."""
+    follow_up = policy_pb2.GenerateRequest()
+    follow_up.CopyFrom(request)
+    follow_up.conversation.extend([
+        common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=[common_pb2.ContentPart(text=answer)]),
+        common_pb2.Message(role=common_pb2.ROLE_USER, content=[common_pb2.ContentPart(text=question)]),
+    ])
+    return follow_up

@@ -53,6 +53,9 @@ def test_demo_runs_the_loop_and_writes_its_report(kafka_broker: BrokerConfig, tm
         assert 0 <= low <= version["win_rate_vs_v0"] <= high <= 1
         assert 0 <= version["hallucination_rate"] <= 1 and version["samples"] == 16
     assert report["versions"][0]["win_rate_vs_v0"] == 0.5  # v0 against itself: every scene a tie
+    # Both front doors and conversations carried traffic, and nothing failed.
+    assert report["conversations"] > 0 and 0 < report["http_requests"] < report["requests"], report
+    assert report["failed_requests"] == 0 and report["feedback"] > 0
     assert (out / "versions.png").stat().st_size > 0
     assert "## How these were measured" in (out / "report.md").read_text()
 
@@ -71,4 +74,5 @@ def test_the_whole_loop_runs_on_another_model_family(kafka_broker: BrokerConfig,
     assert [v["version"] for v in report["versions"]][:2] == ["v0", "v1"]
     assert any(entry["canary"] == "v1" and entry["phase"] == "ROLLOUT_PHASE_PROMOTED" for entry in report["timeline"])
     progress = [line for line in completed.stdout.splitlines() if "requests" in line and "failed" in line]
-    assert progress and all("(failed 0)" in line for line in progress), progress[-1:]
+    assert progress and all("(failed 0," in line for line in progress), progress[-1:]
+    assert report["failed_requests"] == 0 and report["conversations"] > 0 and report["http_requests"] > 0
