@@ -35,6 +35,9 @@ class PolicyConfig(GrpcServiceConfig):
     """PEM private key of http_tls_cert."""
     model_name: str = "modalign"
     """The model's name on the HTTP API (the `model` of /v1/models and of every completion)."""
+    http_image_url_prefixes: tuple[str, ...] = ()
+    """URL prefixes (e.g. https://images.example.com/) under which the HTTP API fetches a message's
+    remote image_url; none by default: every remote URL is refused, and clients send data: URLs."""
     feedback_address: str = ""
     """The FeedbackService (host:port) that the HTTP API's POST /v1/feedback forwards to, so a web front
     end needs no gRPC; empty: /v1/feedback answers 404."""

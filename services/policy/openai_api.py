@@ -19,7 +19,8 @@ name the version, and feedback names the response_id. Existing clients ignore th
 Canary stickiness: the X-Session-Id header, else `user`, picks the session (as GenerateRequest.session_id).
 Errors use OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with the HTTP status of
 their kind: 400 for a bad request (the message names the field), 429 at capacity, 503 when the
-generation could not be logged, 500 when the model failed. Remote image URLs are not fetched: a client
+generation could not be logged, 500 when the model failed. Remote image URLs are fetched only under the
+prefixes an operator allows (--http-image-url-prefixes, none by default; no redirects followed): a client
 sends the image itself, so the policy never reaches out to an address a user chose.
 """
 
@@ -31,7 +32,9 @@ import json
 import queue
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -40,6 +43,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 
+from modalign.core.images import ImageLimits
 from modalign.policy.generations import OPAQUE_ID, Generated, Generations, Refused, Started, observed
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2
 
@@ -101,13 +105,45 @@ def _optional(body: dict, name: str, kind: type[int] | type[float]) -> Any:
     return kind(value)
 
 
-def image_part(url: Any, where: str) -> common_pb2.ContentPart:
-    """An image_url part's image: a base64 data: URL; anything else is refused naming why."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect could lead outside the allowed prefixes: refuse it (urllib then raises HTTPError)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class RemoteImages:
+    """Which remote image URLs the API fetches: only those under an operator's allowed prefixes (say its
+    own image host, https://images.example.com/); none by default, so the policy never reaches out to
+    an address a user chose."""
+
+    prefixes: tuple[str, ...] = ()
+    max_bytes: int = ImageLimits.max_bytes
+    timeout_s: float = 10.0
+
+    def fetch(self, url: str, where: str) -> common_pb2.Image:
+        if not any(url.startswith(prefix) for prefix in self.prefixes):
+            raise invalid(f"{where}: remote image URLs are not fetched here; send the image inline as a data: URL "
+                          "(data:image/png;base64,...)" + (" or from an allowed host" if self.prefixes else ""))
+        try:
+            with urllib.request.build_opener(_NoRedirects).open(url, timeout=self.timeout_s) as response:
+                data = response.read(self.max_bytes + 1)
+                mime_type = response.headers.get_content_type()
+        except (OSError, ValueError) as error:  # urllib's errors are OSErrors; a malformed URL a ValueError
+            raise invalid(f"{where}: could not fetch the image ({error})") from error
+        if len(data) > self.max_bytes:
+            raise invalid(f"{where}: the image is larger than {self.max_bytes} bytes")
+        return common_pb2.Image(data=data, mime_type=mime_type)
+
+
+def image_part(url: Any, where: str, remote: RemoteImages) -> common_pb2.ContentPart:
+    """An image_url part's image: a base64 data: URL, or a URL under an allowed prefix; anything else is
+    refused naming why."""
     if not isinstance(url, str):
         raise invalid(f"{where}: must be a string URL")
     if url.startswith(("http://", "https://")):
-        raise invalid(f"{where}: remote image URLs are not fetched; send the image inline as a data: URL "
-                      "(data:image/png;base64,...)")
+        return common_pb2.ContentPart(image=remote.fetch(url, where))
     header, comma, data = url.partition(",")
     if not (url.startswith("data:") and comma and header.endswith(";base64")):
         raise invalid(f"{where}: must be a data: URL with base64 content (data:image/png;base64,...)")
@@ -118,7 +154,7 @@ def image_part(url: Any, where: str) -> common_pb2.ContentPart:
     return common_pb2.ContentPart(image=common_pb2.Image(data=decoded, mime_type=header[len("data:"):-len(";base64")]))
 
 
-def conversation_of(messages: Any) -> list[common_pb2.Message]:
+def conversation_of(messages: Any, remote: RemoteImages) -> list[common_pb2.Message]:
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: a non-empty list of messages is required")
     turns = []
@@ -142,7 +178,7 @@ def conversation_of(messages: Any) -> list[common_pb2.Message]:
                 elif kind == "image_url":
                     image_url = part.get("image_url")
                     parts.append(image_part(image_url.get("url") if isinstance(image_url, dict) else image_url,
-                                            f"{at}.image_url.url"))
+                                            f"{at}.image_url.url", remote))
                 else:
                     raise invalid(f"{at}: must be a text part or an image_url part, got type {json.dumps(kind)}")
         else:
@@ -151,7 +187,8 @@ def conversation_of(messages: Any) -> list[common_pb2.Message]:
     return turns
 
 
-def generate_request(body: Any, session_header: str | None) -> policy_pb2.GenerateRequest:
+def generate_request(body: Any, session_header: str | None, remote: RemoteImages = RemoteImages()
+                     ) -> policy_pb2.GenerateRequest:
     """A chat-completions body as the GenerateRequest it stands for; Refused naming the field otherwise."""
     if not isinstance(body, dict):
         raise invalid("body: must be a JSON object")
@@ -187,7 +224,7 @@ def generate_request(body: Any, session_header: str | None) -> policy_pb2.Genera
     session = session_header if session_header is not None else user
     if not OPAQUE_ID.match(session):
         raise invalid(f"{SESSION_HEADER}: at most 128 characters of [A-Za-z0-9._:@-]")
-    return policy_pb2.GenerateRequest(conversation=conversation_of(body.get("messages")), sampling=sampling, n=n or 1,
+    return policy_pb2.GenerateRequest(conversation=conversation_of(body.get("messages"), remote), sampling=sampling, n=n or 1,
                                       user_id=user, session_id=session)
 
 
@@ -223,8 +260,8 @@ def feedback_of(body: Any) -> feedback_pb2.Feedback:
         raise invalid(f"body: {error}") from error
 
 
-def create_app(generations: Generations, model_name: str, feedback: feedback_pb2_grpc.FeedbackServiceStub | None = None
-               ) -> FastAPI:
+def create_app(generations: Generations, model_name: str, feedback: feedback_pb2_grpc.FeedbackServiceStub | None = None,
+               remote: RemoteImages = RemoteImages()) -> FastAPI:
     app = FastAPI(title="modalign policy: OpenAI-compatible chat completions", docs_url=None, redoc_url=None)
 
     @app.exception_handler(Refused)
@@ -262,9 +299,9 @@ def create_app(generations: Generations, model_name: str, feedback: feedback_pb2
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await json_body(request)
-        generate = generate_request(body, request.headers.get(SESSION_HEADER))
+        # Fetching allowed remote images and generating block: on the thread pool, off the event loop.
+        generate = await run_in_threadpool(generate_request, body, request.headers.get(SESSION_HEADER), remote)
         created = int(time.time())
-        # Generation blocks (images, the batch, the durable log): on the thread pool, off the event loop.
         if body.get("stream") is not True:
             generated = await run_in_threadpool(generate_and_log, generations, generate)
             return JSONResponse(completion(generated, model_name, created), headers={VERSION_HEADER: generated.version})

@@ -32,7 +32,7 @@ from modalign.policy.config import FOLLOW_MODES, PolicyConfig
 from modalign.policy.engine import PolicyEngine
 from modalign.policy.generations import Generations, Refused, observed
 from modalign.policy.model import build_default_policy, load_policy
-from modalign.policy.openai_api import create_app
+from modalign.policy.openai_api import RemoteImages, create_app
 from modalign.policy.routing import Routes, VersionRouter
 from modalign.v1 import events_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
@@ -170,9 +170,10 @@ def serve_http(config: PolicyConfig, generations: Generations) -> uvicorn.Server
     feedback = None
     if config.feedback_address:
         feedback = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(config.feedback_address))
+    remote = RemoteImages(config.http_image_url_prefixes, max_bytes=config.image_max_bytes)
     server = uvicorn.Server(uvicorn.Config(
-        create_app(generations, config.model_name, feedback), host=host.strip("[]"), port=int(port), log_level="warning",
-        ssl_certfile=config.http_tls_cert, ssl_keyfile=config.http_tls_key,
+        create_app(generations, config.model_name, feedback, remote), host=host.strip("[]"), port=int(port),
+        log_level="warning", ssl_certfile=config.http_tls_cert, ssl_keyfile=config.http_tls_key,
         timeout_graceful_shutdown=5,
     ))
     thread = threading.Thread(target=server.run, name="openai-api", daemon=True)

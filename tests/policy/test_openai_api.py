@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import io
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -55,15 +57,49 @@ class Served:
         return sorted((g for g in generations if g.prompt_id == prompt_id), key=lambda g: g.candidate_index)
 
 
+class ImageHost(http.server.BaseHTTPRequestHandler):
+    """An operator's image host on loopback: /allowed/red.png, a redirect from /allowed/elsewhere to an image
+    outside the allowed prefix, and that image at /other/red.png."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path in ("/allowed/red.png", "/other/red.png"):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(png(colour="red"))
+        elif self.path == "/allowed/elsewhere":
+            self.send_response(302)
+            self.send_header("Location", "/other/red.png")
+            self.end_headers()
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def served(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def image_host() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory, image_host: str) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("policy-http")
     feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, work)
     http_listen = f"127.0.0.1:{free_port()}"
     try:
         process, address, _ = start_grpc_service(PolicyConfig, kafka_config, work, blob_dir=work / "blobs",
                                                  http_listen=http_listen, max_batch_wait_ms=20.0,
-                                                 feedback_address=feedback_address)
+                                                 feedback_address=feedback_address,
+                                                 http_image_url_prefixes=(f"{image_host}/allowed/",))
         base_url = f"http://{http_listen}/v1"
         try:
             yield Served(openai.OpenAI(base_url=base_url, api_key="not-checked", max_retries=0, timeout=60), base_url,
@@ -178,6 +214,24 @@ def test_a_stop_text_cuts_the_answer_streamed_or_not(served: Served) -> None:
     assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
     streamed = served.client.chat.completions.create(**kwargs, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+
+
+def test_remote_images_are_fetched_only_under_an_allowed_prefix_and_never_through_a_redirect(
+    served: Served, image_host: str
+) -> None:
+    def ask(url: str):
+        return served.client.chat.completions.create(model="modalign", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour is it?"}]}])
+
+    reply = ask(f"{image_host}/allowed/red.png")
+    [generation] = served.logged(reply.id.removeprefix("chatcmpl-"))
+    assert [image.sha256 for image in generation.images] == [hashlib.sha256(png(colour="red")).hexdigest()]
+    for url, problem in ((f"{image_host}/other/red.png", "not fetched"), (f"{image_host}/allowed/elsewhere", "could not fetch"),
+                         (f"{image_host}/allowed/missing.png", "could not fetch")):
+        with pytest.raises(openai.BadRequestError) as raised:
+            ask(url)
+        assert raised.value.body["param"] == "messages[0].content[0].image_url.url", raised.value.body
+        assert problem in raised.value.body["message"], raised.value.body
 
 
 def over_long() -> list[dict]:
