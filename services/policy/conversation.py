@@ -70,6 +70,28 @@ def chat_messages(conversation: Conversation) -> list[dict]:
     ]
 
 
+def from_chat_messages(messages: Any) -> Conversation:
+    """The inverse of chat_messages (image parts get the key ""); ValueError naming what is malformed."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a non-empty list of messages is required")
+    turns = []
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in ROLES.values() or not isinstance(content, list):
+            raise ValueError(f"message {index} needs a role ({', '.join(ROLES.values())}) and a list of content parts")
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image":
+                parts.append(Part("image", ""))
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(Part("text", part["text"]))
+            else:
+                raise ValueError(f"message {index}: a part is {{'type': 'text', 'text': ...}} or {{'type': 'image'}}")
+        turns.append(Turn(role, tuple(parts)))
+    return tuple(turns)
+
+
 def logged(generation: events_pb2.GenerationLogged) -> Conversation:
     """The conversation a logged generation answered, images keyed by sha256 (records written before
     conversations were logged hold the single question of prompt_text and images)."""

@@ -29,6 +29,8 @@ class RequestLimits:
     """Most non-empty images in one row."""
     max_text_bytes: int = 32 * 1024
     """Largest prompt or response, in UTF-8 bytes."""
+    max_conversation_bytes: int = 256 * 1024
+    """Largest conversation (its JSON), in UTF-8 bytes."""
     image: ImageLimits = ImageLimits()
     """Bounds on each image."""
 

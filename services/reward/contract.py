@@ -7,6 +7,11 @@ Model name configurable (--model-name), default "reward":
              images    BYTES [B, K]  encoded images (PNG, JPEG, WEBP or GIF) of each prompt, raw or
                                      base64; an empty element is "no image", so a row holds 0..K
                                      images, in order
+             conversation  BYTES [B]  optional: each row's whole conversation, UTF-8 JSON in the chat-template
+                                     messages format ([{"role": "user", "content": [{"type": "image"},
+                                     {"type": "text", "text": "..."}]}, {"role": "assistant", ...}, ...]),
+                                     its image parts in the order of the row's images; the model then reads
+                                     it instead of `prompt` (which stays required: the last user text)
     output   score     FP32  [B]     scalar reward per row, read at the last response token
 
 Send images base64 over REST: KServe 0.21 turns every REST BYTES element into UTF-8 text while
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +36,7 @@ from kserve.protocol.infer_type import InferRequest
 from PIL import Image
 
 from modalign.core.images import InvalidImage, decode_image
+from modalign.policy.conversation import Conversation, from_chat_messages, image_keys
 from modalign.reward.config import RequestLimits
 
 INPUTS = [
@@ -37,6 +44,7 @@ INPUTS = [
     {"name": "response", "datatype": "BYTES", "shape": [-1]},
     {"name": "images", "datatype": "BYTES", "shape": [-1, -1]},
 ]
+OPTIONAL_INPUTS = [{"name": "conversation", "datatype": "BYTES", "shape": [-1]}]
 OUTPUTS = [{"name": "score", "datatype": "FP32", "shape": [-1]}]
 
 # Magic numbers of the formats modalign.core.images accepts: the protocol carries no MIME type.
@@ -50,7 +58,8 @@ _SIGNATURES = (
 
 @dataclass(frozen=True)
 class ScoreBatch:
-    prompts: list[str]
+    prompts: list[str | Conversation]
+    """Each row's prompt: its conversation when the request gave one, else its text."""
     images: list[list[Image.Image]]
     responses: list[str]
 
@@ -138,6 +147,24 @@ def _images(array: np.ndarray, limits: RequestLimits) -> list[list[Image.Image]]
     return rows
 
 
+def _conversations(array: np.ndarray, images: list[list[Image.Image]], limits: RequestLimits) -> list[Conversation]:
+    conversations = []
+    for row, element in enumerate(array):
+        where = f"input 'conversation'[{row}]"
+        data = _as_bytes(element, "conversation")
+        if len(data) > limits.max_conversation_bytes:
+            raise InvalidInput(f"{where} is {len(data)} bytes, above the limit of {limits.max_conversation_bytes}")
+        try:
+            conversation = from_chat_messages(json.loads(data))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InvalidInput(f"{where} is not a conversation in the chat messages format ({error})") from error
+        if len(image_keys(conversation)) != len(images[row]):
+            raise InvalidInput(f"{where} has {len(image_keys(conversation))} image parts for the row's "
+                               f"{len(images[row])} images")
+        conversations.append(conversation)
+    return conversations
+
+
 def parse_request(request: InferRequest, limits: RequestLimits) -> ScoreBatch:
     """Validates an OIP v2 request against the contract; every refusal names the input at fault."""
     names = [infer_input.name for infer_input in request.inputs]
@@ -146,9 +173,11 @@ def parse_request(request: InferRequest, limits: RequestLimits) -> ScoreBatch:
         if names.count(name) != 1:
             problem = "missing" if name not in names else "given more than once"
             raise InvalidInput(f"input '{name}' is {problem}; the reward model expects inputs {expected}")
-    unexpected = sorted(set(names) - set(expected))
-    if unexpected:
-        raise InvalidInput(f"unexpected inputs {unexpected}; the reward model expects inputs {expected}")
+    optional = [spec["name"] for spec in OPTIONAL_INPUTS]
+    unexpected = sorted(set(names) - set(expected) - set(optional))
+    if unexpected or any(names.count(name) > 1 for name in optional):
+        raise InvalidInput(f"unexpected inputs {unexpected or optional}; the reward model expects inputs {expected}"
+                           f" and optionally {optional}, each once")
 
     prompt = _tensor(request, "prompt", rank=1)
     response = _tensor(request, "response", rank=1)
@@ -161,8 +190,11 @@ def parse_request(request: InferRequest, limits: RequestLimits) -> ScoreBatch:
     for name, array in (("response", response), ("images", images)):
         if array.shape[0] != batch_size:
             raise InvalidInput(f"input '{name}' has {array.shape[0]} rows but input 'prompt' has {batch_size}")
-    return ScoreBatch(
-        prompts=_texts(prompt, "prompt", limits),
-        images=_images(images, limits),
-        responses=_texts(response, "response", limits),
-    )
+    decoded = _images(images, limits)
+    prompts: list[str | Conversation] = list(_texts(prompt, "prompt", limits))
+    if "conversation" in names:
+        conversation = _tensor(request, "conversation", rank=1)
+        if conversation.shape[0] != batch_size:
+            raise InvalidInput(f"input 'conversation' has {conversation.shape[0]} rows but input 'prompt' has {batch_size}")
+        prompts = list(_conversations(conversation, decoded, limits))
+    return ScoreBatch(prompts=prompts, images=decoded, responses=_texts(response, "response", limits))

@@ -4,6 +4,7 @@ service), and each version's requests, errors and latency (from the policy repli
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import socket
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
+from modalign.policy import conversation
 from modalign.rollout.analysis import Evidence, Traffic
 from modalign.v1 import events_pb2
 
@@ -37,6 +39,8 @@ class _ServedResponse:
     prompt_text: str
     response_text: str
     image_sha256s: tuple[str, ...]
+    conversation: str
+    """The whole conversation the response answered, as the reward service's `conversation` input (JSON)."""
 
 
 class RewardScorer:
@@ -64,6 +68,7 @@ class RewardScorer:
             ("prompt", np.array([s.prompt_text.encode() for s in served], dtype=np.object_)),
             ("response", np.array([s.response_text.encode() for s in served], dtype=np.object_)),
             ("images", images),
+            ("conversation", np.array([s.conversation.encode() for s in served], dtype=np.object_)),
         ):
             infer_input = self._http.InferInput(name, list(array.shape), "BYTES")
             infer_input.set_data_from_numpy(array)
@@ -150,6 +155,7 @@ class EvidenceCollector:
             self._unscored.append(_ServedResponse(
                 generation.policy_version, generation.prompt_text, generation.response_text,
                 tuple(image.sha256 for image in generation.images),
+                json.dumps(conversation.chat_messages(conversation.logged(generation))),
             ))
 
     def _resolve_pending(self) -> None:

@@ -35,6 +35,7 @@ from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
 from modalign.core.launch import on_broker
 from modalign.core.modelstore import DirectoryStore, Manifest
 from modalign.core.processes import free_port
+from modalign.policy.conversation import from_chat_messages
 from modalign.reward.backbones import build_default_reward_model
 from modalign.reward.config import RewardServerConfig
 from modalign.reward.model import HEAD_FILE, RewardModel
@@ -269,6 +270,47 @@ BAD_REQUESTS = {
     ),
     "forged placeholder": (lambda: _request(responses=["<image>", *RESPONSES[1:]]), "'response'"),
 }
+
+
+# Row 0 as a follow-up: the red image and question, an answer, another question; rows 1 and 2 as single questions.
+CONVERSATIONS = [
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[0]}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "It is red."}]},
+     {"role": "user", "content": [{"type": "text", "text": "Are you sure?"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": PROMPTS[1]}]}],
+    [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": PROMPTS[2]}]}],
+]
+
+
+def _conversation_input(conversations: list) -> httpclient.InferInput:
+    return _bytes_input("conversation", [json.dumps(c).encode() for c in conversations])
+
+
+def test_a_conversation_input_is_scored_as_the_model_scores_the_whole_conversation(
+    http: httpclient.InferenceServerClient, model_dir: Path
+) -> None:
+    served = http.infer(MODEL_NAME, [*_request(), _conversation_input(CONVERSATIONS)]).as_numpy("score")
+    torch.set_num_threads(1)
+    local = RewardModel.load(model_dir)
+    expected = local.score([from_chat_messages(c) for c in CONVERSATIONS], DECODED, RESPONSES).numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-6, atol=1e-6)
+    questions = local.score(PROMPTS, DECODED, RESPONSES).numpy()
+    assert not np.isclose(served[0], questions[0]) and np.allclose(served[1:], questions[1:], atol=1e-6)
+
+
+@pytest.mark.parametrize(("conversations", "named"), [
+    ([[{"role": "user", "content": [{"type": "text", "text": "no image part"}]}], *CONVERSATIONS[1:]],
+     "'conversation'[0] has 0 image parts for the row's 1 images"),
+    ([[{"role": "robot", "content": []}], *CONVERSATIONS[1:]], "'conversation'[0] is not a conversation"),
+    (CONVERSATIONS[:2], "'conversation' has 2 rows"),
+], ids=["image-count", "role", "rows"])
+def test_a_bad_conversation_is_refused_with_400_naming_the_row(
+    http: httpclient.InferenceServerClient, conversations: list, named: str
+) -> None:
+    with pytest.raises(InferenceServerException) as refused:
+        http.infer(MODEL_NAME, [*_request(), _conversation_input(conversations)])
+    assert refused.value.status() == "400", refused.value.message()
+    assert named in refused.value.message(), refused.value.message()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
