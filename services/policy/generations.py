@@ -161,6 +161,8 @@ class Started:
     pending: Future[list[Sample]]
     conversation: list[common_pb2.LoggedMessage]
     n: int
+    deltas: queue.Queue | None = None
+    """(candidate_index, text_delta) as tokens are sampled, then None; only for a request started streamed."""
 
 
 @dataclass
@@ -193,21 +195,24 @@ class Generations:
     def close(self) -> None:
         self._producer.close(timeout=5)
 
-    def start(self, request: policy_pb2.GenerateRequest, on_token=None) -> Started:
-        """Validates the request, stores its images and queues it on its session's version. Raises
-        Refused: INVALID_ARGUMENT, or RESOURCE_EXHAUSTED when the version's queue is full.
-        on_token(candidate_index, text_delta) is called as tokens are sampled, on the sampling thread."""
+    def start(self, request: policy_pb2.GenerateRequest, streamed: bool = False) -> Started:
+        """Validates the request, stores its images and queues it on its session's version (streamed: its
+        text deltas are kept for stream()). Raises Refused: INVALID_ARGUMENT, or RESOURCE_EXHAUSTED when
+        the version's queue is full."""
         try:
             generation, conversation = self._prepare(request)
         except InvalidRequest as error:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
-        if on_token is not None:
-            generation.on_token = lambda index, _token, text: on_token(index, text)
+        deltas: queue.Queue | None = queue.Queue() if streamed else None
+        if deltas is not None:
+            generation.on_token = lambda index, _token, text: deltas.put((index, text))
         try:
             version, pending = self._router.submit(request.session_id, generation)
         except BatcherOverloaded as error:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the policy is at capacity, retry later: {error}") from error
-        return Started(request, str(uuid.uuid4()), version, pending, conversation, generation.n)
+        if deltas is not None:
+            pending.add_done_callback(lambda _: deltas.put(None))
+        return Started(request, str(uuid.uuid4()), version, pending, conversation, generation.n, deltas)
 
     def finish(self, started: Started) -> Generated:
         """Waits for the samples and logs them durably. Raises Refused: INVALID_ARGUMENT (a prompt too long
@@ -223,12 +228,12 @@ class Generations:
         candidates = self._log(started, samples)
         return Generated(started.prompt_id, started.version, candidates, len(samples[0].prompt_token_ids))
 
-    def stream(self, started: Started, deltas: queue.Queue) -> Iterator[tuple[int, str, int]]:
-        """(candidate_index, text_delta, tokens so far) as the candidates of a request started with
-        on_token=lambda i, t: deltas.put((i, t)) are sampled, until they all finished."""
-        started.pending.add_done_callback(lambda _: deltas.put(None))
+    def stream(self, started: Started) -> Iterator[tuple[int, str, int]]:
+        """(candidate_index, text_delta, tokens so far) as the candidates of a request started streamed
+        are sampled, until they all finished; then finish() logs them."""
+        assert started.deltas is not None, "start(request, streamed=True) keeps the deltas"
         token_counts = [0] * started.n
-        while (item := deltas.get()) is not None:
+        while (item := started.deltas.get()) is not None:
             index, text = item
             token_counts[index] += 1
             yield index, text, token_counts[index]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import queue
 import re
 import time
 import urllib.request
@@ -306,9 +305,8 @@ def create_app(generations: Generations, model_name: str, feedback: feedback_pb2
             generated = await run_in_threadpool(generate_and_log, generations, generate)
             return JSONResponse(completion(generated, model_name, created), headers={VERSION_HEADER: generated.version})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        deltas: queue.Queue = queue.Queue()
-        started = await run_in_threadpool(generations.start, generate, lambda index, text: deltas.put((index, text)))
-        chunks = stream_chunks(generations, started, deltas, model_name, created, include_usage)
+        started = await run_in_threadpool(generations.start, generate, True)
+        chunks = stream_chunks(generations, started, model_name, created, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={VERSION_HEADER: started.version})
 
     return app
@@ -327,8 +325,8 @@ def generate_and_log(generations: Generations, request: policy_pb2.GenerateReque
         return generations.finish(started)
 
 
-def stream_chunks(generations: Generations, started: Started, deltas: queue.Queue, model: str, created: int,
-                  include_usage: bool) -> Iterator[str]:
+def stream_chunks(generations: Generations, started: Started, model: str, created: int, include_usage: bool
+                  ) -> Iterator[str]:
     """Server-sent events in OpenAI's chunk format: each choice's role, then its text deltas; once the
     generation is durably logged, each choice's finish_reason and response_id; usage if asked; [DONE].
     A failure after the first byte can no longer change the HTTP status: it goes out as an error event."""
@@ -342,7 +340,7 @@ def stream_chunks(generations: Generations, started: Started, deltas: queue.Queu
         with observed(started.version):
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                          for i in range(started.n)])
-            for index, text, _ in generations.stream(started, deltas):
+            for index, text, _ in generations.stream(started):
                 yield event([{"index": index, "delta": {"content": text}, "finish_reason": None}])
             generated = generations.finish(started)
     except Refused as error:

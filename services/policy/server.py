@@ -10,7 +10,6 @@ joined to its generation.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from contextlib import contextmanager
@@ -74,15 +73,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def GenerateStream(
         self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[policy_pb2.GenerateStreamChunk]:
-        deltas: queue.Queue = queue.Queue()
         with refusals(context):
-            started = self._generations.start(request, on_token=lambda index, text: deltas.put((index, text)))
+            started = self._generations.start(request, streamed=True)
         version = started.version
         context.set_trailing_metadata(((VERSION_METADATA, version),))
         with refusals(context), observed(version):
             # Deltas name no response: an id reaches the client only on the final chunks, once the
             # generation is durably logged, so any feedback that names it can be joined.
-            for index, text, token_count in self._generations.stream(started, deltas):
+            for index, text, token_count in self._generations.stream(started):
                 yield policy_pb2.GenerateStreamChunk(
                     policy_version=version, candidate_index=index, text_delta=text, token_count=token_count,
                 )
