@@ -288,7 +288,10 @@ def test_grpc_services_are_probed_with_grpc_health_checks_on_their_port(values_f
         assert readiness["grpc"]["service"] == service and readiness["grpc"]["port"] in ports
         if "startupProbe" in container:
             assert container["startupProbe"]["grpc"] == readiness["grpc"]
-            assert container["livenessProbe"]["grpc"] == {"port": readiness["grpc"]["port"], "service": ""}
+            if component == "policy":  # one process serves gRPC and HTTP: alive by its HTTP API
+                assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+            else:
+                assert container["livenessProbe"]["grpc"] == {"port": readiness["grpc"]["port"], "service": ""}
 
 
 def test_default_install_runs_deployments_with_services_autoscaling_budgets_and_policies() -> None:

@@ -49,6 +49,8 @@ policy:
     - {name: http, key: httpPort, appProtocol: http}
     - {name: metrics, key: metricsPort, appProtocol: http}
   metricsPortName: metrics
+  httpLivePath: /healthz
+  httpProbePort: http
   usesKafka: true
   usesModelStore: true
   usesBlobStore: true

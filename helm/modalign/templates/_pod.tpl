@@ -119,7 +119,12 @@ containers:
       periodSeconds: 10
       failureThreshold: {{ $values.startupFailureThreshold }}
     livenessProbe:
+      {{- if $facts.httpLivePath }}
+      {{- /* The policy serves gRPC and HTTP from one process: ready by gRPC, alive by HTTP, so both are watched. */}}
+      httpGet: {path: {{ $facts.httpLivePath }}, port: {{ $facts.httpProbePort }}}
+      {{- else }}
       grpc: {{ toJson (dict "port" (int $values.grpcPort) "service" "") }}
+      {{- end }}
       periodSeconds: 10
       timeoutSeconds: 5
       failureThreshold: 3
