@@ -25,6 +25,7 @@ import grpc
 from google.protobuf import json_format
 
 from modalign.demo.scenes import Example, examples, faithfulness, make_question, reference_answer
+from modalign.policy.conversation import ROLES
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 
@@ -146,7 +147,6 @@ class HttpClient:
 
 
 def openai_message(turn: common_pb2.Message) -> dict:
-    role = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}[turn.role]
     content = []
     for part in turn.content:
         if part.WhichOneof("part") == "image":
@@ -154,7 +154,7 @@ def openai_message(turn: common_pb2.Message) -> dict:
             content.append({"type": "image_url", "image_url": {"url": url}})
         else:
             content.append({"type": "text", "text": part.text})
-    return {"role": role, "content": content}
+    return {"role": ROLES[turn.role], "content": content}
 
 
 class SimulatedUsers:

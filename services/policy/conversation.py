@@ -19,6 +19,8 @@ from modalign.v1 import common_pb2, events_pb2
 
 ROLES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
 """The roles a turn may have, by their value in the protos."""
+ROLE_VALUES = {name: value for value, name in ROLES.items()}
+"""The protos' value of each role's name."""
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,8 @@ class Started:
     version: str
     pending: Future[list[Sample]]
     conversation: list[common_pb2.LoggedMessage]
+    prompt_text: str
+    """The last user turn's text: GenerationLogged.prompt_text."""
     n: int
     deltas: queue.Queue | None = None
     """(candidate_index, text_delta) as tokens are sampled, then None; only for a request started streamed."""
@@ -200,7 +202,7 @@ class Generations:
         text deltas are kept for stream()). Raises Refused: INVALID_ARGUMENT, or RESOURCE_EXHAUSTED when
         the version's queue is full."""
         try:
-            generation, conversation = self._prepare(request)
+            generation, conversation, prompt_text = self._prepare(request)
         except InvalidRequest as error:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
         deltas: queue.Queue | None = queue.Queue() if streamed else None
@@ -212,7 +214,7 @@ class Generations:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the policy is at capacity, retry later: {error}") from error
         if deltas is not None:
             pending.add_done_callback(lambda _: deltas.put(None))
-        return Started(request, str(uuid.uuid4()), version, pending, conversation, generation.n, deltas)
+        return Started(request, str(uuid.uuid4()), version, pending, conversation, prompt_text, generation.n, deltas)
 
     def finish(self, started: Started) -> Generated:
         """Waits for the samples and logs them durably. Raises Refused: INVALID_ARGUMENT (a prompt too long
@@ -238,8 +240,11 @@ class Generations:
             token_counts[index] += 1
             yield index, text, token_counts[index]
 
-    def _prepare(self, request: policy_pb2.GenerateRequest) -> tuple[GenerationRequest, list[common_pb2.LoggedMessage]]:
-        """The engine's request, and the conversation as it is logged (images stored, by reference)."""
+    def _prepare(
+        self, request: policy_pb2.GenerateRequest
+    ) -> tuple[GenerationRequest, list[common_pb2.LoggedMessage], str]:
+        """The engine's request, the conversation as it is logged (images stored, by reference), and the
+        text of its last user turn."""
         validate_request(request, self._config)
         params = sampling_params(request, self._config)
         images, logged = [], []
@@ -261,11 +266,13 @@ class Generations:
                     width=decoded.width, height=decoded.height,
                 )))
             logged.append(common_pb2.LoggedMessage(role=turn.role, content=parts))
+        asked = of_messages(logged)
         try:
-            prompt = format_conversation(self._processor, of_messages(logged))
+            prompt = format_conversation(self._processor, asked)
         except ValueError as error:
             raise InvalidRequest(f"{'conversation' if request.conversation else 'text'}: {error}") from error
-        return GenerationRequest(prompt_text=prompt, images=images, params=params, n=request.n or 1), logged
+        generation = GenerationRequest(prompt_text=prompt, images=images, params=params, n=request.n or 1)
+        return generation, logged, last_user_text(asked)
 
     def _log(self, started: Started, samples: list[Sample]) -> list[policy_pb2.Candidate]:
         """Writes one GenerationLogged per candidate and waits for every acknowledgement."""
@@ -273,7 +280,6 @@ class Generations:
         response_ids = [str(uuid.uuid4()) for _ in samples]
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
-        prompt_text = last_user_text(of_messages(conversation))
         images = [part.image for turn in conversation for part in turn.content if part.WhichOneof("part") == "image"]
         candidates, records = [], []
         for index, (sample, response_id) in enumerate(zip(samples, response_ids)):
@@ -281,7 +287,7 @@ class Generations:
             version = sample.policy_version
             event = events_pb2.GenerationLogged(
                 response_id=response_id, prompt_id=prompt_id, policy_version=version,
-                user_id=request.user_id, session_id=request.session_id, prompt_text=prompt_text,
+                user_id=request.user_id, session_id=request.session_id, prompt_text=started.prompt_text,
                 images=images, conversation=conversation, sampling=request.sampling, candidate_index=index,
                 num_candidates=len(samples),
                 prompt_token_ids=sample.prompt_token_ids, response_token_ids=sample.token_ids,

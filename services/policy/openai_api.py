@@ -43,13 +43,14 @@ from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 
 from modalign.core.images import ImageLimits
+from modalign.policy.conversation import ROLE_VALUES
 from modalign.policy.generations import OPAQUE_ID, Generated, Generations, Refused, Started, observed
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2
 
 VERSION_HEADER = "X-Modalign-Policy-Version"
 SESSION_HEADER = "X-Session-Id"
-ROLES = {"system": common_pb2.ROLE_SYSTEM, "developer": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER,
-         "assistant": common_pb2.ROLE_ASSISTANT}
+# OpenAI's newer name for the system role is "developer".
+ROLES = ROLE_VALUES | {"developer": common_pb2.ROLE_SYSTEM}
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),

@@ -7,7 +7,7 @@ import random
 import torch
 
 from modalign.core.blobs import BlobStore
-from modalign.policy.conversation import ROLES
+from modalign.policy.conversation import ROLE_VALUES
 from modalign.policy.engine import Sample
 from modalign.trainer.batches import Prompt
 from modalign.trainer.join import PreferencePair, Response
@@ -27,9 +27,6 @@ def seed_everything(seed: int) -> None:
 
 def make_learner(blobs: BlobStore, **overrides) -> Learner:
     return Learner(LearnerConfig(**(SMALL | overrides)), blobs)
-
-
-ROLE_VALUES = {name: value for value, name in ROLES.items()}
 
 
 def logged_generation(learner: Learner, prompt: Prompt) -> events_pb2.GenerationLogged:
