@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
+import os
+import secrets
 import signal
 import threading
 import time
@@ -16,14 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 from PIL import Image, ImageDraw
 
+from modalign.core.auth import ROLES, AuthConfig
 from modalign.core.broker import BrokerConfig
 from modalign.core.config import FLATTEN, ConfigError, parse_config, with_overrides
+from modalign.core.grpc_server import dial
 from modalign.core.kafka import KafkaConfig
 from modalign.core.launch import LocalSystem, on_broker
-from modalign.core.service import ServiceConfig
+from modalign.core.service import GrpcServiceConfig, ServiceConfig
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.reward.config import RewardServerConfig
@@ -78,6 +82,9 @@ class UpConfig:
     """The local broker: used if running, else started, and stopped again at the end."""
     example: bool = False
     """Once up, make example client calls: a chat completion over HTTP, then gRPC Generate and feedback."""
+    insecure: bool = False
+    """Serve without authentication: anyone who reaches a port may generate, give feedback and steer the
+    rollout. By default every call needs a bearer token from the tokens file up prints."""
     grpc_base_port: int = 50051
     """policy, feedback, reward REST, reward gRPC, rollout and the policy's HTTP API listen on this port and
     the next five."""
@@ -93,10 +100,35 @@ Overrides = Mapping[str, Mapping[str, Any]]
 """More settings by service name, as dotted field -> value (modalign.core.config.with_overrides)."""
 
 
-def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, overrides: Overrides | None = None
-                   ) -> dict[str, ServiceConfig]:
+def local_tokens(home: Path) -> Path:
+    """home/tokens.json: a bearer token per role ({"client": ..., "operator": ..., "reader": ...}),
+    readable only by this user; written on first use and kept (delete it to rotate every token)."""
+    path = home / "tokens.json"
+    try:
+        tokens = json.loads(path.read_text())
+        if sorted(tokens) == sorted(ROLES) and path.stat().st_mode & 0o077 == 0:
+            return path
+    except (OSError, ValueError):
+        pass
+    home.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump({role: secrets.token_urlsafe(32) for role in ROLES}, file, indent=2)
+    os.chmod(path.with_suffix(".tmp"), 0o600)
+    os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def read_token(tokens_file: Path | None, role: str) -> str:
+    """role's token from a tokens file up wrote; empty without one (authentication off)."""
+    return json.loads(Path(tokens_file).read_text())[role] if tokens_file else ""
+
+
+def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, auth: AuthConfig,
+                   overrides: Overrides | None = None) -> dict[str, ServiceConfig]:
     """The configs of one local system's services, in start order, sharing the blob store, the model
-    store and the broker. A misspelt or removed field in overrides raises ConfigError here."""
+    store, the broker and auth (how the gRPC services and the HTTP API authenticate their callers). A
+    misspelt or removed field in overrides raises ConfigError here."""
     overrides = overrides or {}
     unknown = set(overrides) - {"feedback", "policy", "reward", "trainer", "rollout"}
     if unknown:
@@ -114,6 +146,8 @@ def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, overrides:
                              policy_metrics=(f"127.0.0.1:{ports.metrics(0)}",),
                              reward_url=f"127.0.0.1:{ports.reward_http}"),
     }
+    services = {name: dataclasses.replace(config, auth=auth) if isinstance(config, GrpcServiceConfig) else config
+                for name, config in services.items()}
     return {name: with_overrides(config, overrides.get(name, {})) for name, config in services.items()}
 
 
@@ -125,7 +159,9 @@ def run_local_system(config: UpConfig) -> int:
     broker_config, ports = config.broker, config.ports
     print(f"kafka: starting on {broker_config.bootstrap_servers} (data in {broker_config.data_dir})", flush=True)
     home = broker_config.data_dir.parent
-    services = local_services(KafkaConfig(bootstrap_servers=broker_config.bootstrap_servers), home, ports)
+    tokens = None if config.insecure else local_tokens(home)
+    auth = AuthConfig(insecure=True) if tokens is None else AuthConfig(tokens_file=tokens)
+    services = local_services(KafkaConfig(bootstrap_servers=broker_config.bootstrap_servers), home, ports, auth)
     system = LocalSystem(services, home / "logs", broker_config)
     system.start()
     try:
@@ -145,9 +181,15 @@ def run_local_system(config: UpConfig) -> int:
             "Ctrl-C stops everything.",
             flush=True,
         )
+        if tokens is None:
+            print("WARNING: authentication is off (--insecure): anyone who reaches these ports may generate, "
+                  "give feedback and pin or promote versions", flush=True)
+        else:
+            print(f"tokens {tokens}\n  bearer tokens by role (client, operator, reader), sent as 'authorization: Bearer TOKEN'",
+                  flush=True)
         if config.example:
-            example_chat(f"http://{ports.policy_http}/v1")
-            example_call(ports.policy, ports.feedback)
+            example_chat(f"http://{ports.policy_http}/v1", read_token(tokens, "client"))
+            example_call(ports.policy, ports.feedback, read_token(tokens, "client"))
         while not stopping.wait(1.0):
             if (exited := system.exited()) is not None:
                 print(f"{exited.name} exited with {exited.process.returncode}; see {exited.log_path}")
@@ -178,9 +220,9 @@ def example_image() -> bytes:
     return buffer.getvalue()
 
 
-def example_call(policy_address: str, feedback_address: str) -> None:
+def example_call(policy_address: str, feedback_address: str, token: str) -> None:
     """What a client does: ask for two candidates about an image, then say which one is better."""
-    with grpc.insecure_channel(policy_address) as policy_channel, grpc.insecure_channel(feedback_address) as fb_channel:
+    with dial(policy_address, token) as policy_channel, dial(feedback_address, token) as fb_channel:
         reply = policy_pb2_grpc.PolicyServiceStub(policy_channel).Generate(
             policy_pb2.GenerateRequest(
                 text="What colour is the shape?",
@@ -204,13 +246,13 @@ def example_call(policy_address: str, feedback_address: str) -> None:
         print(f"example: preference {ack.feedback_id} acknowledged (stored durably in Kafka)", flush=True)
 
 
-def example_chat(base_url: str) -> None:
+def example_chat(base_url: str, token: str) -> None:
     """The same question through the OpenAI-compatible API, as curl or the openai package would send it."""
     image = "data:image/png;base64," + base64.b64encode(example_image()).decode()
     body = {"model": "modalign", "max_tokens": 16, "user": "example-user", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What colour is the shape?"}]}]}
-    request = urllib.request.Request(f"{base_url}/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"{base_url}/chat/completions", data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=60) as response:
         reply = json.load(response)
     [choice] = reply["choices"]

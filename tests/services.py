@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, TypeVar
 
+from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig
 from modalign.core.launch import on_broker, service_process
 from modalign.core.processes import ManagedProcess, free_port
@@ -28,8 +29,11 @@ def start_service(config: ServiceConfig, log_dir: Path, name: str | None = None,
 
 
 def grpc_service_config(cls: type[G], kafka: KafkaConfig, **fields: Any) -> G:
-    """A gRPC service's config on free loopback ports, pointed at kafka's broker and topics."""
-    return on_broker(cls, kafka, **{"listen": f"127.0.0.1:{free_port()}", "metrics_port": free_port(), **fields})
+    """A gRPC service's config on free loopback ports, pointed at kafka's broker and topics; without
+    authentication unless fields give `auth` (tests/test_security.py tests it, the other tests what
+    lies behind it)."""
+    return on_broker(cls, kafka, **{"listen": f"127.0.0.1:{free_port()}", "metrics_port": free_port(),
+                                    "auth": AuthConfig(insecure=True), **fields})
 
 
 def start_grpc_service(cls: type[GrpcServiceConfig], kafka: KafkaConfig, log_dir: Path, name: str | None = None,

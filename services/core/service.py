@@ -24,10 +24,13 @@ from typing import Callable, ClassVar, TypeVar
 import grpc
 from prometheus_client import start_http_server
 
+from modalign.core.auth import AuthConfig, Authenticator
+from modalign.core.broker import port_open
 from modalign.core.config import ConfigError, parse_config, require_one_of
-from modalign.core.grpc_server import build_server, serve_until_signalled
+from modalign.core.grpc_server import Access, build_server, serve_until_signalled
 from modalign.core.kafka import KafkaConfig
 from modalign.core.processes import grpc_serving, http_ok
+from modalign.core.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,11 @@ class ServiceConfig(abc.ABC):
     def ready(self) -> bool:
         """Whether the service this config describes, started on this machine, serves yet."""
 
+    def check_start(self) -> None:
+        """Raises CannotStart when the service must not start as configured, though each value is valid
+        (a listener that would let anyone in); run_service runs it before serving."""
+        return None
+
 
 @dataclass(frozen=True)
 class MeteredConfig(ServiceConfig):
@@ -83,12 +91,16 @@ class MeteredConfig(ServiceConfig):
 
 @dataclass(frozen=True)
 class GrpcServiceConfig(MeteredConfig):
-    """A gRPC service: its address, and the threads serving its RPCs."""
+    """A gRPC service: its address, TLS, who may call it, and the threads serving its RPCs."""
 
     listen: str = "127.0.0.1:50051"
     """gRPC address, host:port; 0.0.0.0 or [::] in a container."""
     max_workers: int = 32
     """Threads serving RPCs, so the most RPCs in flight at once."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """TLS (and mutual TLS) on the service's listeners; plaintext when no certificate is given."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """How callers authenticate; required unless --auth.insecure."""
 
     @property
     def address(self) -> str:
@@ -102,8 +114,15 @@ class GrpcServiceConfig(MeteredConfig):
         if not host or not port.isdigit():
             raise ConfigError("listen", f"host:port, got {self.listen!r}")
 
+    def check_start(self) -> None:
+        if why := self.auth.missing():
+            raise CannotStart(why)
+
     def ready(self) -> bool:
-        return grpc_serving(self.address)
+        # Over TLS this machine may hold no certificate the server accepts (mutual TLS): a listening port
+        # is the signal, taken as the server starts, a moment before it reports SERVING.
+        host, _, port = self.address.rpartition(":")
+        return port_open(host, int(port)) if self.tls.enabled else grpc_serving(self.address)
 
 
 def serve_metrics(config: MeteredConfig, offset: int = 0) -> None:
@@ -114,12 +133,19 @@ def serve_metrics(config: MeteredConfig, offset: int = 0) -> None:
         start_http_server(config.metrics_port + offset, addr=config.metrics_host)
 
 
-def serve_grpc(config: GrpcServiceConfig, register: Callable[[grpc.Server], None], service_names: list[str]) -> None:
+def serve_grpc(config: GrpcServiceConfig, register: Callable[[grpc.Server], None], service_names: list[str],
+               access: Access) -> None:
     """What every modalign gRPC service does once its servicer is built: serve /metrics, then gRPC with
-    health (NOT_SERVING until now, and again while draining) and reflection, until SIGTERM or SIGINT."""
+    health (NOT_SERVING until now, and again while draining) and reflection, each method open to the
+    roles access gives it, until SIGTERM or SIGINT."""
     serve_metrics(config)
-    server, health_servicer, port = build_server(config.listen, register, service_names, max_workers=config.max_workers)
-    log.info("%s listening on %s (port %d)", ", ".join(service_names), config.listen, port)
+    server, health_servicer, port = build_server(
+        config.listen, register, service_names, Authenticator(config.auth), access, config.tls,
+        max_workers=config.max_workers,
+    )
+    log.info("%s listening on %s (port %d, %s, %s)", ", ".join(service_names), config.listen, port,
+             "mutual TLS" if config.tls.client_ca else "TLS" if config.tls.enabled else "PLAINTEXT",
+             "NO AUTHENTICATION (--auth.insecure)" if config.auth.insecure else "authentication required")
     serve_until_signalled(server, health_servicer, service_names)
 
 
@@ -134,6 +160,7 @@ def run_service(cls: type[C], serve: Callable[[C], None], argv: list[str] | None
     config = parse_config(cls, argv, prog=f"modalign {cls.command}")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        config.check_start()
         serve(config)
     except CannotStart as error:
         print(f"modalign {cls.command}: {error}", file=sys.stderr)

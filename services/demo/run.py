@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from modalign.core.auth import CLIENT, READER, AuthConfig
 from modalign.core.broker import BrokerConfig
 from modalign.core.config import DTYPES, FLATTEN, ConfigError, parse_config, require_one_of
+from modalign.core.grpc_server import dial
 from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.launch import LocalSystem
 from modalign.core.modelstore import fetch, open_store
@@ -34,7 +34,7 @@ from modalign.demo.users import SimulatedUsers, Tally, UsersConfig
 from modalign.demo.warmstart import build_warm_start
 from modalign.reward.config import BACKBONES
 from modalign.trainer.algorithms import ALGORITHMS
-from modalign.up import LocalPorts, local_services
+from modalign.up import LocalPorts, local_services, local_tokens, read_token
 from modalign.v1 import events_pb2, rollout_pb2, rollout_pb2_grpc
 
 DEFAULT_CACHE = Path.home() / ".cache" / "modalign" / "warm-start"
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     kafka = KafkaConfig(bootstrap_servers=config.broker.bootstrap_servers, topic_prefix=f"demo-{uuid.uuid4().hex[:8]}.")
     home = config.out.resolve() / "work"
     ports = LocalPorts(grpc_base=config.grpc_base_port, metrics_base=config.metrics_base_port)
-    system = LocalSystem(local_services(kafka, home, ports, service_settings(config, policy_model)), home / "logs",
-                         config.broker, ready_timeout_s=300)
+    tokens = local_tokens(home)
+    system = LocalSystem(local_services(kafka, home, ports, AuthConfig(tokens_file=tokens), service_settings(config, policy_model)),
+                         home / "logs", config.broker, ready_timeout_s=300)
     stopping = []
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     users = None
@@ -130,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         system.start()
         print(f"demo: services up (logs in {home / 'logs'}); users start", flush=True)
         users = SimulatedUsers(UsersConfig(users=config.users, seed=config.seed), ports.policy, ports.feedback,
-                               http_url=f"http://{ports.policy_http}/v1")
+                               http_url=f"http://{ports.policy_http}/v1", token=read_token(tokens, CLIENT))
         loop_started = time.monotonic()
         users.start()
-        promoted = watch(ports.rollout, users, loop_started, config, stopping)
+        promoted = watch(ports.rollout, read_token(tokens, READER), users, loop_started, config, stopping)
         users.stop()
         loop_seconds = time.monotonic() - loop_started
         published = read_topic(kafka, "policy-versions", events_pb2.PolicyVersionPublished)
@@ -148,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def watch(rollout_address: str, users: SimulatedUsers, started: float, config: DemoConfig, stopping: list) -> int:
+def watch(rollout_address: str, token: str, users: SimulatedUsers, started: float, config: DemoConfig,
+          stopping: list) -> int:
     """Prints progress every few seconds; returns the number of versions promoted when it stops."""
     seen_revision, stables = 0, {STARTING_VERSION}
-    with grpc.insecure_channel(rollout_address) as channel:
+    with dial(rollout_address, token) as channel:
         stub = rollout_pb2_grpc.RolloutServiceStub(channel)
         while not stopping and time.monotonic() - started < config.minutes * 60 and len(stables) - 1 < config.versions:
             time.sleep(5)

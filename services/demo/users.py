@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import json_format
 
+from modalign.core.grpc_server import dial
 from modalign.demo.scenes import Example, examples, faithfulness, make_question, reference_answer
 from modalign.policy.conversation import ROLES
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -124,8 +125,9 @@ class GrpcClient:
 class HttpClient:
     """The same calls over the policy's OpenAI-compatible API, as a web front end makes them."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str = "") -> None:
         self.base_url = base_url
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def generate(self, request: policy_pb2.GenerateRequest) -> Reply:
         reply = self._post("/chat/completions", {
@@ -141,7 +143,7 @@ class HttpClient:
 
     def _post(self, path: str, body: dict, headers: dict[str, str]) -> dict:
         request = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json", **headers})
+                                         headers={"Content-Type": "application/json", **self._auth, **headers})
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.load(response)
 
@@ -158,13 +160,16 @@ def openai_message(turn: common_pb2.Message) -> dict:
 
 
 class SimulatedUsers:
-    """Users on threads, each in a loop of Generate (two candidates) then feedback, until stopped."""
+    """Users on threads, each in a loop of Generate (two candidates) then feedback, until stopped; calls
+    carry token, the bearer token of a front end acting for its users, when given."""
 
-    def __init__(self, config: UsersConfig, policy_address: str, feedback_address: str, http_url: str = "") -> None:
+    def __init__(self, config: UsersConfig, policy_address: str, feedback_address: str, http_url: str = "",
+                 token: str = "") -> None:
         self.config = config
         self.tally = Tally()
         self._addresses = (policy_address, feedback_address)
-        self._http = HttpClient(http_url) if http_url else None
+        self._token = token
+        self._http = HttpClient(http_url, token) if http_url else None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(u,), daemon=True) for u in range(config.users)]
@@ -183,8 +188,7 @@ class SimulatedUsers:
         rng = random.Random(config.seed * 7919 + user)
         stream = examples(1000 + config.seed * 100 + user)
         user_id = f"demo-user-{user}"
-        with grpc.insecure_channel(self._addresses[0]) as policy_channel, \
-                grpc.insecure_channel(self._addresses[1]) as feedback_channel:
+        with dial(self._addresses[0], self._token) as policy_channel, dial(self._addresses[1], self._token) as feedback_channel:
             grpc_client = GrpcClient(policy_pb2_grpc.PolicyServiceStub(policy_channel),
                                      feedback_pb2_grpc.FeedbackServiceStub(feedback_channel))
             session, turns, sessions, client = None, config.session_turns, 0, grpc_client

@@ -1,9 +1,11 @@
-"""Which feedback ids are already stored, learned from the feedback topic itself.
+"""What the feedback service must know of two topics, learned from the topics themselves: which
+feedback ids are already stored (the feedback topic: content digest by feedback_id), and to whom each
+response was served (the generations topic: user_id by response_id).
 
-The topic is the source of truth, so there is no second database to keep consistent: at start-up the
-ledger reads the topic from the beginning (its retention bounds the work), then keeps tailing it, which
-also teaches each replica the ids that other replicas stored. Records are keyed by feedback_id, so all
-copies of one id land in one partition in order.
+A topic is the source of truth, so there is no second database to keep consistent: at start-up a
+ledger reads its topic from the beginning (its retention bounds the work), then keeps tailing it, which
+also teaches each replica what other replicas (and the policy) wrote. Feedback records are keyed by
+feedback_id, so all copies of one id land in one partition in order.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 
+from google.protobuf.message import Message
 from kafka import TopicPartition
 
 from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
@@ -20,11 +24,17 @@ from modalign.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 
-class FeedbackLedger:
-    def __init__(self, config: KafkaConfig) -> None:
-        self._topic = config.topic("feedback")
+class Ledger:
+    """A map from a topic's records, each event read adding entries(event) (key, value) pairs; the first
+    value of a key stays."""
+
+    def __init__(self, config: KafkaConfig, topic: str, event_type: type[Message],
+                 entries: Callable[[Message], Iterable[tuple[str, str]]]) -> None:
+        self._topic = config.topic(topic)
         self._config = config
-        self._content_by_id: dict[str, str] = {}
+        self._event_type = event_type
+        self._entries = entries
+        self._values: dict[str, str] = {}
         self._seen = threading.Condition()
         self._positions: dict[int, int] = {}
         self._stopping = threading.Event()
@@ -35,7 +45,7 @@ class FeedbackLedger:
         self._partitions = [TopicPartition(self._topic, p) for p in sorted(partitions)]
         assign(self._consumer, self._partitions)
         self._consumer.seek_to_beginning(*self._partitions)
-        self._thread = threading.Thread(target=self._tail, name="feedback-ledger", daemon=True)
+        self._thread = threading.Thread(target=self._tail, name=f"ledger-{self._topic}", daemon=True)
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Starts tailing and returns once everything stored before now has been read."""
@@ -47,21 +57,22 @@ class FeedbackLedger:
         self._thread.join(timeout=5)
         self._consumer.close()
 
-    def stored_content(self, feedback_id: str) -> str | None:
-        """The content digest stored under feedback_id, or None if the id was never stored."""
+    def get(self, key: str) -> str | None:
+        """The value read (or recorded) for key, or None."""
         with self._seen:
-            return self._content_by_id.get(feedback_id)
+            return self._values.get(key)
 
-    def record(self, feedback_id: str, content_sha256: str) -> None:
+    def record(self, key: str, value: str) -> None:
         """Notes a write this replica just had acknowledged, before the tail reads it back."""
         with self._seen:
-            self._content_by_id.setdefault(feedback_id, content_sha256)
+            self._values.setdefault(key, value)
 
     def catch_up(self, timeout_s: float) -> None:
         """Waits until the ledger has read every record written before this call.
 
         Used after a write whose outcome is unknown (a timeout may still have reached the broker), so a
-        retry sees it instead of storing it twice. Raises TimeoutError, e.g. while the broker is down.
+        retry sees it instead of storing it twice, and before deciding that a key was never written.
+        Raises TimeoutError, e.g. while the broker is down.
         """
         deadline = time.monotonic() + timeout_s
         ends = self._end_offsets(timeout_s)
@@ -69,7 +80,7 @@ class FeedbackLedger:
             while any(self._positions.get(tp.partition, 0) < end for tp, end in ends.items()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"the feedback ledger did not catch up with {self._topic} in {timeout_s}s")
+                    raise TimeoutError(f"the ledger did not catch up with {self._topic} in {timeout_s}s")
                 self._seen.wait(remaining)
 
     def _end_offsets(self, timeout_s: float) -> dict[TopicPartition, int]:
@@ -88,13 +99,25 @@ class FeedbackLedger:
                 batches = self._consumer.poll(timeout_ms=200)
                 positions = {tp.partition: self._consumer.position(tp) for tp in self._partitions}
             except Exception:
-                log.warning("feedback ledger could not poll; retrying", exc_info=True)
+                log.warning("ledger of %s could not poll; retrying", self._topic, exc_info=True)
                 time.sleep(1)
                 continue
             with self._seen:
                 for records in batches.values():
                     for record in records:
-                        if (event := decode_record(events_pb2.FeedbackReceived, record)) is not None:
-                            self._content_by_id.setdefault(event.feedback.feedback_id, event.content_sha256)
+                        if (event := decode_record(self._event_type, record)) is not None:
+                            for key, value in self._entries(event):
+                                self._values.setdefault(key, value)
                 self._positions = positions
                 self._seen.notify_all()
+
+
+def stored_feedback(config: KafkaConfig) -> Ledger:
+    """The content digest of every stored feedback, by feedback_id."""
+    return Ledger(config, "feedback", events_pb2.FeedbackReceived,
+                  lambda event: [(event.feedback.feedback_id, event.content_sha256)])
+
+
+def served_responses(config: KafkaConfig) -> Ledger:
+    """The user every logged response was served to, by response_id."""
+    return Ledger(config, "generations", events_pb2.GenerationLogged, lambda event: [(event.response_id, event.user_id)])

@@ -12,17 +12,20 @@ import grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter
 
+from modalign.core import auth
+from modalign.core.grpc_server import access_for
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
 from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
-from modalign.feedback.ledger import FeedbackLedger
-from modalign.feedback.validation import InvalidFeedback, validate_feedback
+from modalign.feedback.ledger import Ledger, served_responses, stored_feedback
+from modalign.feedback.validation import InvalidFeedback, referenced_responses, validate_feedback
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 FEEDBACK = Counter(
     "modalign_feedback_received_total",
-    "Feedback messages by kind and outcome (accepted, duplicate, invalid, conflict, unavailable).",
+    "Feedback messages by kind and outcome: accepted, duplicate, invalid, conflict, refused (a user_id not the "
+    "caller's), not_served (a response never served, or served to another user), unavailable.",
     ["kind", "outcome"],
 )
 
@@ -38,6 +41,10 @@ class FeedbackConfig(GrpcServiceConfig):
     """The Kafka cluster and topic prefix; a client waits at most produce_timeout_s for its feedback to be stored."""
     max_workers: int = 32
     """Threads serving RPCs; each holds one feedback while its write is acknowledged."""
+    verify_authors: bool = True
+    """Accept feedback only on responses served to its user, as the generations topic records them;
+    anything else is refused (FAILED_PRECONDITION), so no one rates, prefers or edits a response they
+    were not given. Off only where generations are not logged to this cluster's topic."""
 
 
 def content_digest(feedback: feedback_pb2.Feedback) -> str:
@@ -45,9 +52,10 @@ def content_digest(feedback: feedback_pb2.Feedback) -> str:
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
-    def __init__(self, config: FeedbackConfig, ledger: FeedbackLedger) -> None:
+    def __init__(self, config: FeedbackConfig, ledger: Ledger, served: Ledger | None) -> None:
         self._config = config
         self._ledger = ledger
+        self._served = served
         self._producer = make_producer(config.kafka)
         self._topic = config.kafka.topic("feedback")
         self._id_locks: dict[str, threading.Lock] = {}
@@ -77,10 +85,18 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         with the right status code otherwise."""
         kind = feedback.WhichOneof("kind") or "none"
         try:
+            feedback.user_id = auth.end_user(auth.current_principal(), feedback.user_id)
+        except auth.Refused as refusal:
+            FEEDBACK.labels(kind, "refused").inc()
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, field_prefix + str(refusal))
+        try:
             validate_feedback(feedback)
         except InvalidFeedback as error:
             FEEDBACK.labels(kind, "invalid").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, field_prefix + str(error))
+        if self._served is not None and (why := self._not_served(feedback)):
+            FEEDBACK.labels(kind, "not_served").inc()
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, field_prefix + why)
         digest = content_digest(feedback)
         with self._lock_for(feedback.feedback_id):
             try:
@@ -88,7 +104,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     # An earlier write of this id timed out and may still have landed: learn its fate first.
                     self._ledger.catch_up(self._config.kafka.produce_timeout_s)
                     self._uncertain_ids.discard(feedback.feedback_id)
-                stored = self._ledger.stored_content(feedback.feedback_id)
+                stored = self._ledger.get(feedback.feedback_id)
                 if stored == digest:
                     FEEDBACK.labels(kind, "duplicate").inc()
                     return True
@@ -114,6 +130,26 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         FEEDBACK.labels(kind, "accepted").inc()
         return False
 
+    def _not_served(self, feedback: feedback_pb2.Feedback) -> str:
+        """Why feedback names a response its user was not served, or empty. A response not yet read from
+        the generations topic is looked for again once the ledger has read everything logged so far:
+        the policy logs a response before the client sees its id."""
+        served = self._served
+        assert served is not None
+        ids = referenced_responses(feedback)
+        if any(served.get(response_id) is None for response_id in ids):
+            try:
+                served.catch_up(self._config.kafka.produce_timeout_s)
+            except TimeoutError:
+                pass  # judged on what was read: a response still unknown is refused, and the client retries
+        for response_id in ids:
+            user = served.get(response_id)
+            if user is None:
+                return f"response_id {response_id!r} was never served (or not yet logged; retry)"
+            if user != feedback.user_id:
+                return f"response_id {response_id!r} was served to another user than {feedback.user_id!r}"
+        return ""
+
     def _lock_for(self, feedback_id: str) -> threading.Lock:
         # Serialises concurrent submits of one id so exactly one of them writes. Locks are not reclaimed:
         # one small object per id seen, the same order of memory as the ledger itself.
@@ -121,22 +157,28 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             return self._id_locks.setdefault(feedback_id, threading.Lock())
 
 
-SERVICE_NAMES = [feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name]
+SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"]
+ACCESS = access_for(SERVICE, {auth.CLIENT})
 
 
 def serve(config: FeedbackConfig) -> None:
     ensure_topics(config.kafka)
-    ledger = FeedbackLedger(config.kafka)
+    ledger = stored_feedback(config.kafka)
+    served = served_responses(config.kafka) if config.verify_authors else None
     ledger.start()
-    servicer = FeedbackServicer(config, ledger)
+    if served is not None:
+        served.start()
+    servicer = FeedbackServicer(config, ledger, served)
     try:
         serve_grpc(
             config, lambda server: feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server),
-            SERVICE_NAMES,
+            [SERVICE.full_name], ACCESS,
         )
     finally:
         servicer.close()
         ledger.stop()
+        if served is not None:
+            served.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

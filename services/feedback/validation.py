@@ -37,6 +37,18 @@ def check_response_id(field: str, value: str) -> None:
         raise InvalidFeedback(f"{field}: must be a response_id (a 36-character UUID), got {value[:40]!r}")
 
 
+def referenced_responses(feedback: feedback_pb2.Feedback) -> list[str]:
+    """The response_ids a feedback is about: a preference's two, a rating's or an edit's one."""
+    kind = feedback.WhichOneof("kind")
+    if kind == "preference":
+        return [feedback.preference.chosen_response_id, feedback.preference.rejected_response_id]
+    if kind == "rating":
+        return [feedback.rating.response_id]
+    if kind == "edit":
+        return [feedback.edit.response_id]
+    return []
+
+
 def validate_feedback(feedback: feedback_pb2.Feedback, now_s: float | None = None) -> str:
     """Checks every field; returns the kind ("preference", "rating" or "edit") or raises InvalidFeedback."""
     check_opaque_id("feedback_id", feedback.feedback_id)

@@ -11,6 +11,7 @@ from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.core.images import ImageLimits
 from modalign.core.modelstore import S3Config
 from modalign.core.service import GrpcServiceConfig, loopback
+from modalign.core.tls import ClientTls
 from modalign.core.version_names import STARTING_VERSION
 
 # The topics each --follow mode reads.
@@ -28,11 +29,8 @@ class PolicyConfig(GrpcServiceConfig):
     """Threads serving RPCs; each waits on its batch, so this bounds requests in flight."""
     http_listen: str = ""
     """Address of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models), host:port; empty
-    (the default) serves none. modalign up and the chart turn it on."""
-    http_tls_cert: Path | None = None
-    """PEM certificate chain for HTTPS on http_listen; with http_tls_key. Unset: plain HTTP."""
-    http_tls_key: Path | None = None
-    """PEM private key of http_tls_cert."""
+    (the default) serves none. modalign up and the chart turn it on. HTTPS with the gRPC listener's
+    --tls.cert and --tls.key when given."""
     model_name: str = "modalign"
     """The model's name on the HTTP API (the `model` of /v1/models and of every completion)."""
     http_image_url_prefixes: tuple[str, ...] = ()
@@ -41,6 +39,8 @@ class PolicyConfig(GrpcServiceConfig):
     feedback_address: str = ""
     """The FeedbackService (host:port) that the HTTP API's POST /v1/feedback forwards to, so a web front
     end needs no gRPC; empty: /v1/feedback answers 404."""
+    feedback_tls: ClientTls = field(default_factory=ClientTls)
+    """How the HTTP API reaches the FeedbackService, when that serves TLS."""
     model_dir: str = ""
     """Folder of a Hugging Face image-text-to-text checkpoint, or the URI of a published version
     (file://... or s3://..., loaded verified; the rollout controller names one on a KServe revision);
@@ -93,8 +93,6 @@ class PolicyConfig(GrpcServiceConfig):
             host, _, port = self.http_listen.rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError("http_listen", f"host:port, got {self.http_listen!r}")
-        if (self.http_tls_cert is None) != (self.http_tls_key is None):
-            raise ConfigError("http_tls_cert", "give both --http-tls-cert and --http-tls-key, or neither")
 
     @property
     def http_url(self) -> str:
@@ -102,6 +100,6 @@ class PolicyConfig(GrpcServiceConfig):
         if not self.http_listen:
             return ""
         host, _, port = self.http_listen.rpartition(":")
-        scheme = "https" if self.http_tls_cert is not None else "http"
+        scheme = "https" if self.tls.enabled else "http"
         return f"{scheme}://{loopback(host)}:{port}/v1"
         require_one_of("dtype", self.dtype, DTYPES)

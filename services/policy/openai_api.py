@@ -16,6 +16,12 @@ every answer is learnable: each choice carries its `response_id` (and the respon
 object: `policy_version`, `prompt_id`), `system_fingerprint` and the `X-Modalign-Policy-Version` header
 name the version, and feedback names the response_id. Existing clients ignore the extra fields.
 
+Every /v1 call carries `Authorization: Bearer TOKEN` (modalign.core.auth): chat completions and
+feedback need the client role, /v1/models the client or reader role; 401 without a valid token, 403 for
+a role that may not. A caller that is not a trusted front end acts only as itself: its `user` must be
+empty or its own principal. Feedback is forwarded with the caller's token, and the feedback service
+checks it again.
+
 Canary stickiness: the X-Session-Id header, else `user`, picks the session (as GenerateRequest.session_id).
 Errors use OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with the HTTP status of
 their kind: 400 for a bad request (the message names the field), 429 at capacity, 503 when the
@@ -42,6 +48,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 
+from modalign.core import auth
 from modalign.core.images import ImageLimits
 from modalign.policy.conversation import ROLE_VALUES
 from modalign.policy.generations import OPAQUE_ID, Generated, Generations, Refused, Started, observed
@@ -54,6 +61,9 @@ ROLES = ROLE_VALUES | {"developer": common_pb2.ROLE_SYSTEM}
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    # As gRPC-gateway maps it: the request cannot apply to the current state (feedback on a response its
+    # user was not served).
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
@@ -91,8 +101,9 @@ def error_response(error: Refused) -> JSONResponse:
         for pattern, name in _FIELD_NAMES:
             message = pattern.sub(name, message, count=1)
         param = message.split(":", 1)[0] if ":" in message else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": error.code.name.lower()}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 def _optional(body: dict, name: str, kind: type[int] | type[float]) -> Any:
@@ -260,9 +271,25 @@ def feedback_of(body: Any) -> feedback_pb2.Feedback:
         raise invalid(f"body: {error}") from error
 
 
-def create_app(generations: Generations, model_name: str, feedback: feedback_pb2_grpc.FeedbackServiceStub | None = None,
+def create_app(generations: Generations, model_name: str, authenticator: auth.Authenticator,
+               feedback: feedback_pb2_grpc.FeedbackServiceStub | None = None,
                remote: RemoteImages = RemoteImages()) -> FastAPI:
     app = FastAPI(title="modalign policy: OpenAI-compatible chat completions", docs_url=None, redoc_url=None)
+
+    def caller(request: Request, roles: set[str]) -> auth.Principal:
+        """The request's principal, if it holds one of roles; Refused (401 or 403) otherwise."""
+        try:
+            return auth.check(authenticator, roles, f"{request.method} {request.url.path}",
+                              request.headers.get("authorization"))
+        except auth.Refused as refusal:
+            code = grpc.StatusCode.UNAUTHENTICATED if refusal.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
+            raise Refused(code, str(refusal)) from None
+
+    def as_end_user(principal: auth.Principal, user_id: str) -> str:
+        try:
+            return auth.end_user(principal, user_id)
+        except auth.Refused as refusal:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, str(refusal)) from None
 
     @app.exception_handler(Refused)
     def refused(_request: Request, error: Refused) -> JSONResponse:
@@ -278,7 +305,8 @@ def create_app(generations: Generations, model_name: str, feedback: feedback_pb2
         return JSONResponse({"status": "ready", "serving": routes.weights()})
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
+    def models(request: Request) -> dict[str, Any]:
+        caller(request, {auth.CLIENT, auth.READER})
         routes = generations.router.routes
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": 0, "owned_by": "modalign",
@@ -287,20 +315,26 @@ def create_app(generations: Generations, model_name: str, feedback: feedback_pb2
 
     @app.post("/v1/feedback")
     async def submit_feedback(request: Request) -> dict[str, Any]:
+        principal = caller(request, {auth.CLIENT})
         if feedback is None:
             raise Refused(grpc.StatusCode.NOT_FOUND, "feedback: this server forwards no feedback (no --feedback-address)")
         said = feedback_of(await json_body(request))
+        said.user_id = as_end_user(principal, said.user_id)
+        credential = request.headers.get("authorization")
         try:
-            ack = await run_in_threadpool(feedback.Submit, said, timeout=30)
+            ack = await run_in_threadpool(feedback.Submit, said, timeout=30,
+                                          metadata=[("authorization", credential)] if credential else None)
         except grpc.RpcError as error:
             raise Refused(error.code(), error.details()) from error
         return {"feedback_id": ack.feedback_id, "duplicate": ack.duplicate}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        principal = caller(request, {auth.CLIENT})
         body = await json_body(request)
         # Fetching allowed remote images and generating block: on the thread pool, off the event loop.
         generate = await run_in_threadpool(generate_request, body, request.headers.get(SESSION_HEADER), remote)
+        generate.user_id = as_end_user(principal, generate.user_id)
         created = int(time.time())
         if body.get("stream") is not True:
             generated = await run_in_threadpool(generate_and_log, generations, generate)

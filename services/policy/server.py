@@ -21,10 +21,13 @@ import uvicorn
 from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Gauge, Histogram
 
+from modalign.core import auth
 from modalign.core.blobs import BlobStore
+from modalign.core.grpc_server import access_for, dial
 from modalign.core.kafka import decode_record, ensure_topics
 from modalign.core.modelstore import fetch
 from modalign.core.service import run_service, serve_grpc
+from modalign.core.tls import http_ssl_context
 from modalign.core.versions import TopicFollower
 from modalign.policy.batcher import DynamicBatcher
 from modalign.policy.config import FOLLOW_MODES, PolicyConfig
@@ -63,7 +66,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext) -> policy_pb2.GenerateResponse:
         with refusals(context):
-            started = self._generations.start(request)
+            started = self._generations.start(for_end_user(request, context))
         context.set_trailing_metadata(((VERSION_METADATA, started.version),))
         with refusals(context), observed(started.version):
             generated = self._generations.finish(started)
@@ -74,7 +77,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[policy_pb2.GenerateStreamChunk]:
         with refusals(context):
-            started = self._generations.start(request, streamed=True)
+            started = self._generations.start(for_end_user(request, context), streamed=True)
         version = started.version
         context.set_trailing_metadata(((VERSION_METADATA, version),))
         with refusals(context), observed(version):
@@ -91,6 +94,15 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     response_id=candidate.response_id, token_count=candidate.token_count,
                     finish_reason=candidate.finish_reason,
                 )
+
+
+def for_end_user(request: policy_pb2.GenerateRequest, context: grpc.ServicerContext) -> policy_pb2.GenerateRequest:
+    """request, its user_id the end user the caller acts for (modalign.core.auth.end_user)."""
+    try:
+        request.user_id = auth.end_user(auth.current_principal(), request.user_id)
+    except auth.Refused as refusal:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(refusal))
+    return request
 
 
 @contextmanager
@@ -159,7 +171,8 @@ def publish_routes(old: Routes, new: Routes) -> None:
         TRAFFIC_WEIGHT.labels(version).set(weight)
 
 
-SERVICE_NAMES = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name]
+SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"]
+ACCESS = access_for(SERVICE, {auth.CLIENT})
 
 
 def serve_http(config: PolicyConfig, generations: Generations) -> uvicorn.Server:
@@ -167,13 +180,17 @@ def serve_http(config: PolicyConfig, generations: Generations) -> uvicorn.Server
     host, _, port = config.http_listen.rpartition(":")
     feedback = None
     if config.feedback_address:
-        feedback = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(config.feedback_address))
+        feedback = feedback_pb2_grpc.FeedbackServiceStub(dial(config.feedback_address, tls=config.feedback_tls))
     remote = RemoteImages(config.http_image_url_prefixes, max_bytes=config.image_max_bytes)
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(generations, config.model_name, feedback, remote), host=host.strip("[]"), port=int(port),
-        log_level="warning", ssl_certfile=config.http_tls_cert, ssl_keyfile=config.http_tls_key,
-        timeout_graceful_shutdown=5,
-    ))
+    http_config = uvicorn.Config(
+        create_app(generations, config.model_name, auth.Authenticator(config.auth), feedback, remote),
+        host=host.strip("[]"), port=int(port), log_level="warning", timeout_graceful_shutdown=5,
+    )
+    http_config.load()
+    if config.tls.enabled:
+        # uvicorn reads its certificate once; this context re-reads it when it changes, as gRPC does.
+        http_config.ssl = http_ssl_context(config.tls)
+    server = uvicorn.Server(http_config)
     thread = threading.Thread(target=server.run, name="openai-api", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -222,7 +239,7 @@ def serve(config: PolicyConfig) -> None:
     try:
         serve_grpc(
             config, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server),
-            SERVICE_NAMES,
+            [SERVICE.full_name], ACCESS,
         )
     finally:
         if follower is not None:

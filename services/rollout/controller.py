@@ -282,48 +282,48 @@ class RolloutController:
             alpha=self.policy.alpha, looks=len(self.policy.steps), min_samples=self.policy.min_samples,
         )
 
-    def _rollback(self, cause: str, reason: str, verdicts: list[events_pb2.AnalysisVerdict]) -> None:
-        self._commit(reason, canary_weight_percent=0, phase=events_pb2.ROLLOUT_PHASE_ROLLED_BACK, verdicts=verdicts)
+    def _rollback(self, cause: str, reason: str, verdicts: list[events_pb2.AnalysisVerdict], by: str = "") -> None:
+        self._commit(reason, by, canary_weight_percent=0, phase=events_pb2.ROLLOUT_PHASE_ROLLED_BACK, verdicts=verdicts)
         ROLLBACKS.labels(cause).inc()
 
     # ---- operator commands (the RolloutService) ------------------------------------------------------
 
-    def pause(self, reason: str) -> events_pb2.RolloutState:
+    def pause(self, reason: str, by: str = "") -> events_pb2.RolloutState:
         with self._lock:
             if self.state.phase != events_pb2.ROLLOUT_PHASE_PROGRESSING:
                 raise RolloutRefused(f"no rollout is progressing (phase {self._phase_name()})")
-            return self._commit(f"paused by operator: {reason}", phase=events_pb2.ROLLOUT_PHASE_PAUSED)
+            return self._commit(f"paused by operator: {reason}", by, phase=events_pb2.ROLLOUT_PHASE_PAUSED)
 
-    def resume(self, reason: str) -> events_pb2.RolloutState:
+    def resume(self, reason: str, by: str = "") -> events_pb2.RolloutState:
         with self._lock:
             if self.state.phase != events_pb2.ROLLOUT_PHASE_PAUSED:
                 raise RolloutRefused(f"no rollout is paused (phase {self._phase_name()})")
-            return self._commit(f"resumed by operator: {reason}", phase=events_pb2.ROLLOUT_PHASE_PROGRESSING,
+            return self._commit(f"resumed by operator: {reason}", by, phase=events_pb2.ROLLOUT_PHASE_PROGRESSING,
                                 step_started_at=_now())
 
-    def promote(self, reason: str) -> events_pb2.RolloutState:
+    def promote(self, reason: str, by: str = "") -> events_pb2.RolloutState:
         with self._lock:
             self._require_canary()
             PROMOTIONS.inc()
             return self._commit(
-                f"promoted {self.state.canary_version} by operator: {reason}", stable_version=self.state.canary_version,
+                f"promoted {self.state.canary_version} by operator: {reason}", by, stable_version=self.state.canary_version,
                 canary_weight_percent=0, phase=events_pb2.ROLLOUT_PHASE_PROMOTED, verdicts=[],
             )
 
-    def rollback(self, reason: str) -> events_pb2.RolloutState:
+    def rollback(self, reason: str, by: str = "") -> events_pb2.RolloutState:
         with self._lock:
             self._require_canary()
-            self._rollback("operator", f"rolled back {self.state.canary_version} by operator: {reason}", [])
+            self._rollback("operator", f"rolled back {self.state.canary_version} by operator: {reason}", [], by)
             return self.state
 
-    def pin(self, version: str, reason: str) -> events_pb2.RolloutState:
+    def pin(self, version: str, reason: str, by: str = "") -> events_pb2.RolloutState:
         with self._lock:
             if not version:
-                return self._commit(f"unpinned by operator: {reason}", pinned_version="", step_started_at=_now())
+                return self._commit(f"unpinned by operator: {reason}", by, pinned_version="", step_started_at=_now())
             self.catalog.poll()
             if version != self.policy.initial_version and version not in self.catalog.published:
                 raise LookupError(f"version {version!r} was never published")
-            return self._commit(f"pinned {version} by operator: {reason}", pinned_version=version)
+            return self._commit(f"pinned {version} by operator: {reason}", by, pinned_version=version)
 
     def _require_canary(self) -> None:
         if self.state.phase not in ACTIVE_PHASES:
@@ -331,8 +331,9 @@ class RolloutController:
 
     # ---- state, evidence, metrics --------------------------------------------------------------------
 
-    def _commit(self, reason: str, **changes) -> events_pb2.RolloutState:
-        """Writes the next state (durably, fenced) and only then makes it the current one."""
+    def _commit(self, reason: str, by: str = "", **changes) -> events_pb2.RolloutState:
+        """Writes the next state (durably, fenced) and only then makes it the current one; by is the
+        principal of the operator command behind it, empty for the controller's own decisions."""
         new = events_pb2.RolloutState()
         new.CopyFrom(self.state)
         verdicts = changes.pop("verdicts", None)
@@ -346,10 +347,11 @@ class RolloutController:
             new.verdicts.extend(verdicts)
         new.revision = self.state.revision + 1
         new.reason = reason
+        new.changed_by = by
         new.updated_at.CopyFrom(_now())
         self.store.write(new)
         self.state = new
-        log.info("rollout revision %d: %s", new.revision, reason)
+        log.info("rollout revision %d: %s%s", new.revision, reason, f" (command of {by})" if by else "")
         self._publish_metrics()
         self.on_state(new)
         return new

@@ -16,8 +16,10 @@ from typing import ClassVar
 
 import grpc
 
+from modalign.core.auth import OPERATOR, READER, current_principal
 from modalign.core.blobs import BlobStore
 from modalign.core.config import ConfigError
+from modalign.core.grpc_server import access_for
 from modalign.core.kafka import ensure_topics
 from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
 from modalign.rollout.controller import (
@@ -35,6 +37,10 @@ from modalign.v1 import events_pb2, rollout_pb2, rollout_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_REASON_BYTES = 512
+
+SERVICE = rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"]
+ACCESS = access_for(SERVICE, {OPERATOR}, GetState={READER, OPERATOR})
+"""Operators steer the rollout; readers (dashboards, scripts) only look."""
 
 
 @dataclass(frozen=True)
@@ -79,31 +85,29 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return self._controller.state
 
     def Pause(self, request: rollout_pb2.RolloutCommand, context: grpc.ServicerContext) -> events_pb2.RolloutState:
-        return self._run(context, self._controller.pause, self._reason(request.reason, context))
+        return self._run(context, self._controller.pause, request.reason)
 
     def Resume(self, request: rollout_pb2.RolloutCommand, context: grpc.ServicerContext) -> events_pb2.RolloutState:
-        return self._run(context, self._controller.resume, self._reason(request.reason, context))
+        return self._run(context, self._controller.resume, request.reason)
 
     def Promote(self, request: rollout_pb2.RolloutCommand, context: grpc.ServicerContext) -> events_pb2.RolloutState:
-        return self._run(context, self._controller.promote, self._reason(request.reason, context))
+        return self._run(context, self._controller.promote, request.reason)
 
     def Rollback(self, request: rollout_pb2.RolloutCommand, context: grpc.ServicerContext) -> events_pb2.RolloutState:
-        return self._run(context, self._controller.rollback, self._reason(request.reason, context))
+        return self._run(context, self._controller.rollback, request.reason)
 
     def Pin(self, request: rollout_pb2.PinRequest, context: grpc.ServicerContext) -> events_pb2.RolloutState:
-        reason = self._reason(request.reason, context)
-        return self._run(context, lambda why: self._controller.pin(request.version, why), reason)
-
-    @staticmethod
-    def _reason(reason: str, context: grpc.ServicerContext) -> str:
-        if len(reason.encode()) > MAX_REASON_BYTES:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reason: at most {MAX_REASON_BYTES} UTF-8 bytes")
-        return reason or "no reason given"
+        return self._run(context, lambda why, by: self._controller.pin(request.version, why, by), request.reason)
 
     @staticmethod
     def _run(context: grpc.ServicerContext, command, reason: str) -> events_pb2.RolloutState:
+        """Runs command(reason, principal), the caller's principal recorded in the state it writes."""
+        if len(reason.encode()) > MAX_REASON_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reason: at most {MAX_REASON_BYTES} UTF-8 bytes")
+        by = current_principal().name
+        log.info("%s by %s: %s", context.peer(), by, reason or "no reason given")
         try:
-            return command(reason)
+            return command(reason or "no reason given", by)
         except RolloutRefused as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except LookupError as error:
@@ -176,11 +180,10 @@ def serve(config: RolloutConfig) -> None:
     )
     loop.start()
     servicer = RolloutServicer(controller)
-    service_names = [rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name]
     try:
         serve_grpc(
             config, lambda server: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server),
-            service_names,
+            [SERVICE.full_name], ACCESS,
         )
     finally:
         stopping.set()

@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from modalign.feedback.validation import referenced_responses
 from modalign.policy import conversation
 from modalign.v1 import events_pb2
 
@@ -81,17 +82,6 @@ def response_of(generation: events_pb2.GenerationLogged) -> Response:
     )
 
 
-def referenced_responses(feedback: events_pb2.FeedbackReceived) -> list[str]:
-    kind = feedback.feedback.WhichOneof("kind")
-    if kind == "preference":
-        return [feedback.feedback.preference.chosen_response_id, feedback.feedback.preference.rejected_response_id]
-    if kind == "rating":
-        return [feedback.feedback.rating.response_id]
-    if kind == "edit":
-        return [feedback.feedback.edit.response_id]
-    return []
-
-
 @dataclass
 class JoinLimits:
     max_generations: int = 200_000
@@ -123,9 +113,9 @@ class FeedbackJoiner:
     ) -> tuple[list[PreferencePair], list[DeadLetter]]:
         """Joins one feedback if its generations are known; otherwise it waits."""
         now = time.time() if now is None else now
-        if not referenced_responses(feedback):
+        if not referenced_responses(feedback.feedback):
             return [], [DeadLetter(feedback, position, "malformed: feedback of no known kind")]
-        if all(rid in self.generations for rid in referenced_responses(feedback)):
+        if all(rid in self.generations for rid in referenced_responses(feedback.feedback)):
             return self._join(feedback, position)
         self.waiting.append(Waiting(feedback, position, now))
         dead = []
@@ -139,7 +129,7 @@ class FeedbackJoiner:
         now = time.time() if now is None else now
         pairs, dead, still_waiting = [], [], []
         for entry in self.waiting:
-            missing = [rid for rid in referenced_responses(entry.feedback) if rid not in self.generations]
+            missing = [rid for rid in referenced_responses(entry.feedback.feedback) if rid not in self.generations]
             if not missing:
                 joined, rejected = self._join(entry.feedback, entry.position)
                 pairs += joined

@@ -129,7 +129,7 @@ class PolicyVersionPublished(_message.Message):
     def __init__(self, version: _Optional[str] = ..., parent_version: _Optional[str] = ..., uri: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., algorithm: _Optional[str] = ..., trained_through: _Optional[_Iterable[_Union[PartitionOffset, _Mapping]]] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reward_model_version: _Optional[str] = ...) -> None: ...
 
 class RolloutState(_message.Message):
-    __slots__ = ("revision", "stable_version", "canary_version", "canary_weight_percent", "step_index", "phase", "reason", "updated_at", "pinned_version", "rollout_started_at", "step_started_at", "policy_versions_offset", "verdicts")
+    __slots__ = ("revision", "stable_version", "canary_version", "canary_weight_percent", "step_index", "phase", "reason", "updated_at", "pinned_version", "rollout_started_at", "step_started_at", "policy_versions_offset", "verdicts", "changed_by")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class RolloutState(_message.Message):
     STEP_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSIONS_OFFSET_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_BY_FIELD_NUMBER: _ClassVar[int]
     revision: int
     stable_version: str
     canary_version: str
@@ -156,7 +157,8 @@ class RolloutState(_message.Message):
     step_started_at: _timestamp_pb2.Timestamp
     policy_versions_offset: int
     verdicts: _containers.RepeatedCompositeFieldContainer[AnalysisVerdict]
-    def __init__(self, revision: _Optional[int] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_weight_percent: _Optional[int] = ..., step_index: _Optional[int] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., reason: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned_version: _Optional[str] = ..., rollout_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_versions_offset: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[AnalysisVerdict, _Mapping]]] = ...) -> None: ...
+    changed_by: str
+    def __init__(self, revision: _Optional[int] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_weight_percent: _Optional[int] = ..., step_index: _Optional[int] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., reason: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned_version: _Optional[str] = ..., rollout_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_versions_offset: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[AnalysisVerdict, _Mapping]]] = ..., changed_by: _Optional[str] = ...) -> None: ...
 
 class AnalysisVerdict(_message.Message):
     __slots__ = ("metric", "outcome", "canary_samples", "stable_samples", "canary_value", "stable_value", "statistic", "p_value", "threshold")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from modalign.core.auth import AuthConfig
 from modalign.core.broker import BrokerConfig
 from modalign.core.config import ConfigError, add_arguments, field_docs, parse_config, to_arguments, with_overrides
 from modalign.core.kafka import KafkaConfig
@@ -22,6 +23,8 @@ from modalign.reward.config import RewardServerConfig
 from modalign.rollout.server import RolloutConfig
 from modalign.trainer.service import TrainerConfig
 from modalign.up import LocalPorts, UpConfig, local_services
+
+INSECURE = AuthConfig(insecure=True)
 
 SERVICE_CONFIGS = [PolicyConfig, FeedbackConfig, RewardServerConfig, TrainerConfig, RolloutConfig]
 COMMAND_CONFIGS = [*SERVICE_CONFIGS, UpConfig, DemoConfig, BrokerConfig]
@@ -125,9 +128,9 @@ def test_a_misspelt_or_removed_field_fails_when_the_config_is_built() -> None:
     assert refused.value.field == "rollout.steps"
     ports = LocalPorts()
     with pytest.raises(ConfigError, match="no field 'follow_versions'"):
-        local_services(KafkaConfig(), Path("/tmp/x"), ports, {"reward": {"follow_versions": True}})
+        local_services(KafkaConfig(), Path("/tmp/x"), ports, INSECURE, {"reward": {"follow_versions": True}})
     with pytest.raises(ConfigError, match="not a service"):
-        local_services(KafkaConfig(), Path("/tmp/x"), ports, {"rolout": {}})
+        local_services(KafkaConfig(), Path("/tmp/x"), ports, INSECURE, {"rolout": {}})
     with pytest.raises(ConfigError):  # a launcher never starts a service with a config it would refuse
         LocalSystem({"policy": dataclasses.replace(PolicyConfig(), follow="nonsense")}, Path("/tmp/x"))
 
@@ -135,7 +138,7 @@ def test_a_misspelt_or_removed_field_fails_when_the_config_is_built() -> None:
 def test_the_demo_configures_every_service_as_before(tmp_path: Path) -> None:
     """The demo's settings, as the flags its services were started with before they came from configs."""
     demo = DemoConfig(device="cuda", seed=3)
-    services = local_services(KafkaConfig(topic_prefix="demo-x."), tmp_path, LocalPorts(50151, 9201),
+    services = local_services(KafkaConfig(topic_prefix="demo-x."), tmp_path, LocalPorts(50151, 9201), INSECURE,
                               service_settings(demo, Path("/warm")))
     trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))  # as the trainer process reads it
     assert (trainer.learner.algorithm, trainer.round_max_seconds, trainer.min_pairs_to_learn) == ("dpo", 5, 16)
@@ -159,7 +162,7 @@ def test_services_are_started_as_modalign_subcommands() -> None:
 def test_the_demo_runs_the_algorithm_it_is_given_and_refuses_an_unknown_one(tmp_path: Path) -> None:
     for algorithm in ("dpo", "ppo", "rloo", "grpo"):
         demo = parse_config(DemoConfig, ["--algorithm", algorithm])
-        services = local_services(KafkaConfig(), tmp_path, LocalPorts(), service_settings(demo, Path("/warm")))
+        services = local_services(KafkaConfig(), tmp_path, LocalPorts(), INSECURE, service_settings(demo, Path("/warm")))
         trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))  # as the trainer process reads it
         assert trainer.learner.algorithm == algorithm
         assert trainer.rounds_per_version == DEMO_SETTINGS["trainer"]["rounds_per_version"]
@@ -169,7 +172,7 @@ def test_the_demo_runs_the_algorithm_it_is_given_and_refuses_an_unknown_one(tmp_
 
 def test_the_demos_reward_backbone_reaches_the_trainer_and_the_reward_service(tmp_path: Path) -> None:
     demo = parse_config(DemoConfig, ["--reward-backbone", "clip", "--algorithm", "rloo"])
-    services = local_services(KafkaConfig(), tmp_path, LocalPorts(), service_settings(demo, Path("/warm")))
+    services = local_services(KafkaConfig(), tmp_path, LocalPorts(), INSECURE, service_settings(demo, Path("/warm")))
     trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))  # as the trainer process reads it
     reward = parse_config(RewardServerConfig, to_arguments(services["reward"]))
     assert (trainer.learner.reward_backbone, reward.backbone) == ("clip", "clip")

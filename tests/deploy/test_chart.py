@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -235,7 +237,7 @@ def test_external_kafka_credentials_come_from_secrets() -> None:
     assert env["MODALIGN_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
     assert env["MODALIGN_KAFKA_SASL_PLAIN_PASSWORD"] == {"secretKeyRef": {"name": "kafka-sasl", "key": "password"}}
     secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-    assert secrets == {"kafka-ca": "kafka-ca", "kafka-client": "kafka-client"}
+    assert secrets == {"kafka-ca": "kafka-ca", "kafka-client": "kafka-client", "auth": f"{RELEASE}-tokens"}
     assert "password" not in render_text(example("external-kafka-tls")).split("kind: ConfigMap", 1)[1].split("---")[0]
 
 
@@ -638,9 +640,10 @@ def test_rollout_controller_drives_the_policy_inference_service_with_its_own_nar
     ({"rollout": {"steps": [50, 25, 100]}}, "rollout.steps must increase, step by step, got [50,25,100]"),
     ({"rollout": {"requiredMetrics": ["rating", "reward"], "scoreWithReward": False}},
      "rollout.requiredMetrics names reward, which needs the reward service"),
-], ids=["canary-share-set-by-hand", "decreasing-steps", "reward-metric-without-scoring"])
-def test_rollout_settings_that_cannot_work_are_refused(tmp_path: Path, values: dict, message: str) -> None:
-    values_file = tmp_path / "rollout.yaml"
+    ({"auth": {"insecure": True, "tokensSecret": "ours"}}, "auth.insecure turns authentication off"),
+], ids=["canary-share-set-by-hand", "decreasing-steps", "reward-metric-without-scoring", "insecure-with-tokens"])
+def test_settings_that_cannot_work_are_refused(tmp_path: Path, values: dict, message: str) -> None:
+    values_file = tmp_path / "settings.yaml"
     values_file.write_text(yaml.safe_dump(values))
     result = run([tool("helm"), "template", RELEASE, str(CHART), "--values", str(values_file)])
     assert result.returncode != 0
@@ -694,3 +697,52 @@ def test_the_policys_openai_api_has_its_port_service_and_clients_and_forwards_fe
     feedback = one(docs, "NetworkPolicy", f"{RELEASE}-feedback")["spec"]["ingress"][0]
     assert feedback["from"][:1] == clients
     assert feedback["from"][1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "policy"
+
+
+AUTHENTICATING = ("policy", "feedback", "rollout")
+
+
+@values_files
+def test_every_api_service_requires_tokens_from_a_secret_it_mounts_and_none_runs_open(values_file: Path | None) -> None:
+    docs = render(values_file)
+    for component, spec in pod_specs(docs).items():
+        env = container_env(docs, service_container(spec))
+        assert "MODALIGN_AUTH_INSECURE" not in env, component
+        if component not in AUTHENTICATING:
+            continue
+        assert env["MODALIGN_AUTH_TOKENS_FILE"] == "/etc/modalign/auth/tokens.json", component
+        [volume] = [v for v in spec["volumes"] if v["name"] == "auth"]
+        assert volume["secret"]["secretName"] == f"{RELEASE}-tokens", component
+        mount = next(m for m in service_container(spec)["volumeMounts"] if m["name"] == "auth")
+        assert mount == {"name": "auth", "mountPath": "/etc/modalign/auth", "readOnly": True}  # no subPath: edits arrive
+    [secret] = find(docs, "Secret", f"{RELEASE}-tokens")
+    tokens = json.loads(base64.b64decode(secret["data"]["tokens.json"]))
+    assert sorted(tokens) == ["client", "operator", "reader"] and len({*tokens.values()}) == 3
+    assert all(len(token) >= 32 for token in tokens.values())
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_tokens_and_a_jwt_key_can_come_from_the_operators_secrets(tmp_path: Path) -> None:
+    values_file = tmp_path / "auth.yaml"
+    values_file.write_text(yaml.safe_dump({"auth": {"tokensSecret": "our-tokens", "frontEnds": ["web", "client"],
+                                                    "jwt": {"publicKeySecret": "idp-key", "issuer": "https://idp"}}}))
+    docs = render(values_file)
+    assert find(docs, "Secret", f"{RELEASE}-tokens") == []
+    for component in AUTHENTICATING:
+        spec = pod_specs(docs)[component]
+        env = container_env(docs, service_container(spec))
+        assert env["MODALIGN_AUTH_JWT_PUBLIC_KEY"] == "/etc/modalign/jwt/public.pem"
+        assert (env["MODALIGN_AUTH_JWT_ISSUER"], env["MODALIGN_AUTH_FRONT_ENDS"]) == ("https://idp", "web,client")
+        secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        assert secrets["auth"] == "our-tokens" and secrets["jwt"] == "idp-key"
+
+
+def test_authentication_is_off_only_when_asked_and_then_nothing_pretends_otherwise(tmp_path: Path) -> None:
+    values_file = tmp_path / "insecure.yaml"
+    values_file.write_text(yaml.safe_dump({"auth": {"insecure": True}}))
+    docs = render(values_file)
+    assert find(docs, "Secret", f"{RELEASE}-tokens") == []
+    for component in AUTHENTICATING:
+        spec = pod_specs(docs)[component]
+        assert container_env(docs, service_container(spec))["MODALIGN_AUTH_INSECURE"] == "true"
+        assert "auth" not in {v["name"] for v in spec["volumes"]}

@@ -32,6 +32,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core import broker
+from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably, type_headers
 from modalign.core.launch import service_process
 from modalign.core.processes import ManagedProcess, free_port, http_ok
@@ -89,7 +90,7 @@ def start_services(kafka: KafkaConfig, work: Path) -> dict[str, Service]:
     """Starts the five services at once (their imports take most of a minute on two cores), configured as
     `modalign up` configures them."""
     ports = LocalPorts(grpc_base=free_run(6), metrics_base=free_run(5))
-    configs = local_services(kafka, work, ports, {
+    configs = local_services(kafka, work, ports, AuthConfig(insecure=True), {
         "feedback": {"kafka.produce_timeout_s": PRODUCE_TIMEOUT_S}, "trainer": TRAINER_SETTINGS,
     })
     services = {}

@@ -4,11 +4,9 @@ service process with a real Kafka broker: what a team's existing clients would d
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import http.server
 import io
-import ipaddress
 import json
 import threading
 import urllib.error
@@ -20,20 +18,18 @@ import grpc
 import httpx
 import openai
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.processes import free_port
+from modalign.core.tls import TlsConfig
 from modalign.feedback.server import FeedbackConfig, content_digest
 from modalign.policy import conversation
 from modalign.policy.config import PolicyConfig
 from modalign.policy.model import build_processor, format_conversation
 from modalign.v1 import events_pb2, feedback_pb2, policy_pb2_grpc
 
+from tests.certificates import CertificateAuthority
 from tests.policy.test_policy_service import conversation_request, png
 from tests.services import start_grpc_service
 
@@ -294,36 +290,19 @@ def test_a_body_that_is_not_json_is_a_400_not_a_500(served: Served) -> None:
 def test_the_http_api_is_off_unless_asked_for() -> None:
     assert PolicyConfig().http_listen == "" and PolicyConfig().http_url == ""
     assert PolicyConfig(http_listen="0.0.0.0:8000").http_url == "http://127.0.0.1:8000/v1"
-    assert PolicyConfig(http_listen="127.0.0.1:8443", http_tls_cert=Path("c"), http_tls_key=Path("k")).http_url \
+    assert PolicyConfig(http_listen="127.0.0.1:8443", tls=TlsConfig(cert=Path("c"), key=Path("k"))).http_url \
         == "https://127.0.0.1:8443/v1"
 
 
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A key and a certificate for 127.0.0.1, valid for a day."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = folder / "key.pem", folder / "cert.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 def test_with_a_certificate_the_api_speaks_https_only(kafka_config: KafkaConfig, tmp_path: Path) -> None:
-    key, cert = self_signed(tmp_path)
+    authority = CertificateAuthority(tmp_path / "tls")
+    server = authority.server()
     port = free_port()
     process, _, _ = start_grpc_service(PolicyConfig, kafka_config, tmp_path, blob_dir=tmp_path / "blobs",
-                                       http_listen=f"127.0.0.1:{port}", http_tls_cert=cert, http_tls_key=key)
+                                       http_listen=f"127.0.0.1:{port}", tls=TlsConfig(cert=server.cert, key=server.key))
     try:
         client = openai.OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                               http_client=httpx.Client(verify=str(cert), timeout=60))
+                               http_client=httpx.Client(verify=str(authority.cert), timeout=60))
         reply = client.chat.completions.create(model="modalign", messages=MESSAGES, max_tokens=4)
         assert reply.choices[0].model_extra["response_id"]
         with pytest.raises(openai.APIConnectionError):  # the certificate is not one the default store trusts

@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.kafka import KafkaConfig, make_producer, produce_durably, read_topic
 from modalign.core.version_names import STARTING_VERSION
-from modalign.feedback.server import FeedbackConfig
+from modalign.feedback.server import FeedbackConfig, content_digest
 from modalign.policy.config import PolicyConfig
 from modalign.trainer.checkpoint import load_checkpoint
 from modalign.trainer.service import is_heldout
@@ -36,8 +36,11 @@ pytestmark = pytest.mark.integration
 HELDOUT_PERCENT = 20
 
 
-def send_feedback(policy_address: str, feedback_address: str, interactions: int) -> tuple[list[str], str]:
-    """Preferences and edits on fresh generations, plus one feedback on a response never logged."""
+def send_feedback(kafka: KafkaConfig, policy_address: str, feedback_address: str, interactions: int
+                  ) -> tuple[list[str], str]:
+    """Preferences and edits on fresh generations, plus one feedback on a response never logged: the
+    feedback service refuses such an orphan, so it is written to the topic directly, as one whose
+    generation aged out of retention would be read there."""
     rng = random.Random(11)
     sent = []
     with grpc.insecure_channel(policy_address) as p, grpc.insecure_channel(feedback_address) as f:
@@ -45,7 +48,7 @@ def send_feedback(policy_address: str, feedback_address: str, interactions: int)
         for index in range(interactions):
             request, colour = prompt(rng, n=2, max_new_tokens=6)
             first, second = policy.Generate(request, timeout=60).candidates
-            said = feedback_pb2.Feedback(feedback_id=f"crash-{index}", user_id="u")
+            said = feedback_pb2.Feedback(feedback_id=f"crash-{index}", user_id=request.user_id)
             said.client_time.FromSeconds(int(time.time()))
             if index % 2:
                 said.edit.CopyFrom(feedback_pb2.Edit(response_id=first.response_id, edited_text=f"It is {colour}."))
@@ -54,10 +57,15 @@ def send_feedback(policy_address: str, feedback_address: str, interactions: int)
                     chosen_response_id=first.response_id, rejected_response_id=second.response_id))
             feedback.Submit(said, timeout=30)
             sent.append(said.feedback_id)
-        orphan = feedback_pb2.Feedback(feedback_id="orphan", user_id="u",
-                                       rating=feedback_pb2.Rating(response_id=str(uuid.uuid4()), score=3))
-        orphan.client_time.FromSeconds(int(time.time()))
-        feedback.Submit(orphan, timeout=30)
+    orphan = feedback_pb2.Feedback(feedback_id="orphan", user_id="u",
+                                   rating=feedback_pb2.Rating(response_id=str(uuid.uuid4()), score=3))
+    orphan.client_time.FromSeconds(int(time.time()))
+    producer = make_producer(kafka)
+    try:
+        produce_durably(producer, kafka.topic("feedback"), [(orphan.feedback_id, events_pb2.FeedbackReceived(
+            feedback=orphan, content_sha256=content_digest(orphan)))], timeout_s=30)
+    finally:
+        producer.close()
     return sent, orphan.feedback_id
 
 
@@ -97,7 +105,7 @@ def test_sigkill_at_any_point_loses_and_repeats_nothing(kafka_config: KafkaConfi
         "gate.min_reward_gain": -1000.0, "gate.max_kl": 1000.0,
     })
     try:
-        sent, orphan = send_feedback(policy_address, feedback_address, interactions=24)
+        sent, orphan = send_feedback(kafka_config, policy_address, feedback_address, interactions=24)
         # Right after a checkpoint, right after a commit, right after publishing, and mid-round.
         kills = [(r"round 2 checkpointed", 0.0), (r"round \d+ committed", 0.0), (r"published policy v\d+", 0.0),
                  (r"resumed from round", random.Random(3).uniform(0.3, 1.5))]

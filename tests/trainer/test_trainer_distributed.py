@@ -41,7 +41,7 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: 
         ready=trainer.ready, log_path=tmp_path / "torchrun.log",
     )
     try:
-        sent, orphan = send_feedback(policy_address, feedback_address, interactions=16)
+        sent, orphan = send_feedback(kafka_config, policy_address, feedback_address, interactions=16)
         torchrun.start()
         deadline = time.monotonic() + 300
         state = None

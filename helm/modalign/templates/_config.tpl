@@ -44,6 +44,10 @@ Args: (dict "root" $ "component" NAME)
 {{- $values := index $root.Values $component }}
 {{- $store := $root.Values.modelStore }}
 {{- $startDir := include "modalign.startModelDir" . }}
+{{- $facts := index (include "modalign.componentFacts" $root | fromYaml) $component }}
+{{- if $facts.authenticates }}
+{{ include "modalign.authConfigData" $root }}
+{{- end }}
 {{- if eq $component "policy" }}
 MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
 MODALIGN_METRICS_HOST: "0.0.0.0"

@@ -54,6 +54,7 @@ policy:
   usesKafka: true
   usesModelStore: true
   usesBlobStore: true
+  authenticates: true
 feedback:
   command: feedback
   workload: Deployment
@@ -65,6 +66,7 @@ feedback:
   usesKafka: true
   usesModelStore: false
   usesBlobStore: false
+  authenticates: true
 reward:
   command: reward
   workload: Deployment
@@ -103,6 +105,7 @@ rollout:
   ports:
     - {name: grpc, key: grpcPort, appProtocol: grpc}
     - {name: metrics, key: metricsPort, appProtocol: http}
+  authenticates: true
   metricsPortName: metrics
   usesKafka: true
   usesModelStore: false
@@ -382,6 +385,9 @@ Refuses combinations that cannot work, with what to change: the rollout controll
 the policy's InferenceService, owns its canary share.
 */}}
 {{- define "modalign.validate" -}}
+{{- if and .Values.auth.insecure (or .Values.auth.tokensSecret .Values.auth.jwt.publicKeySecret) }}
+{{- fail "auth.insecure turns authentication off: unset auth.tokensSecret and auth.jwt.publicKeySecret, or auth.insecure" }}
+{{- end }}
 {{- if and (include "modalign.rolloutDrivesKServe" .) (not (kindIs "invalid" .Values.policy.kserve.canaryTrafficPercent)) }}
 {{- fail "the rollout controller sets the canaryTrafficPercent of the policy's InferenceService step by step: leave policy.kserve.canaryTrafficPercent null (or set rollout.enabled false to set it yourself)" }}
 {{- end }}
@@ -508,4 +514,29 @@ revision, from the annotations above (the downward API; env wins over the Config
 - name: MODALIGN_MODEL_DIR
   valueFrom:
     fieldRef: {fieldPath: "metadata.annotations['modalign.dev/policy-model-dir']"}
+{{- end }}
+
+{{/* The Secret of the services' bearer tokens: auth.tokensSecret, or the chart's own (auth.yaml). */}}
+{{- define "modalign.tokensSecret" -}}
+{{- .Values.auth.tokensSecret | default (printf "%s-tokens" (include "modalign.fullname" .)) }}
+{{- end }}
+
+{{/* Where a service that authenticates its callers finds the tokens (and the JWT key). */}}
+{{- define "modalign.authDir" -}}/etc/modalign/auth{{- end }}
+{{- define "modalign.jwtDir" -}}/etc/modalign/jwt{{- end }}
+
+{{/* The auth settings of a service that authenticates its callers. */}}
+{{- define "modalign.authConfigData" -}}
+{{- $auth := .Values.auth }}
+{{- if $auth.insecure }}
+MODALIGN_AUTH_INSECURE: "true"
+{{- else }}
+MODALIGN_AUTH_TOKENS_FILE: {{ printf "%s/tokens.json" (include "modalign.authDir" .) | quote }}
+{{- if $auth.jwt.publicKeySecret }}
+MODALIGN_AUTH_JWT_PUBLIC_KEY: {{ printf "%s/public.pem" (include "modalign.jwtDir" .) | quote }}
+MODALIGN_AUTH_JWT_AUDIENCE: {{ $auth.jwt.audience | quote }}
+MODALIGN_AUTH_JWT_ISSUER: {{ $auth.jwt.issuer | quote }}
+{{- end }}
+MODALIGN_AUTH_FRONT_ENDS: {{ join "," $auth.frontEnds | quote }}
+{{- end }}
 {{- end }}

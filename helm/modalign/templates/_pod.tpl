@@ -175,6 +175,13 @@ containers:
       {{- . | nindent 6 }}
       {{- end }}
       {{- end }}
+      {{- if and $facts.authenticates (not $root.Values.auth.insecure) }}
+      {{- /* Whole Secret volumes, not subPath: an edited Secret reaches the running pod. */}}
+      - {name: auth, mountPath: {{ include "modalign.authDir" $root }}, readOnly: true}
+      {{- if $root.Values.auth.jwt.publicKeySecret }}
+      - {name: jwt, mountPath: {{ include "modalign.jwtDir" $root }}, readOnly: true}
+      {{- end }}
+      {{- end }}
 volumes:
   - {name: tmp, emptyDir: {}}
   # Hugging Face, torch and Triton caches (XDG_CACHE_HOME of the image's user).
@@ -189,6 +196,15 @@ volumes:
       {{- if not $facts.writesModelStore }}
       readOnly: true
       {{- end }}
+  {{- end }}
+  {{- if and $facts.authenticates (not $root.Values.auth.insecure) }}
+  # The callers' bearer tokens (auth.tokensSecret, or the chart's own); readable by fsGroup only.
+  - name: auth
+    secret: {secretName: {{ include "modalign.tokensSecret" $root }}, defaultMode: 0440}
+  {{- with $root.Values.auth.jwt.publicKeySecret }}
+  - name: jwt
+    secret: {secretName: {{ . }}, defaultMode: 0440}
+  {{- end }}
   {{- end }}
   {{- if $facts.usesBlobStore }}
   - name: blobs

@@ -1,0 +1,262 @@
+"""Each door, tried against running services: TLS and mutual TLS (and a certificate renewed while they
+run), bearer tokens and JWTs on gRPC and HTTP, roles, refusals that never reach Kafka, and feedback
+only from the user a response was served to. Rollout commands by role: tests/test_up.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import jwt
+import openai
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from modalign.core.auth import AuthConfig
+from modalign.core.grpc_server import dial
+from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.processes import ManagedProcess, free_port
+from modalign.core.tls import ClientTls, TlsConfig
+from modalign.feedback.server import FeedbackConfig
+from modalign.policy.config import PolicyConfig
+from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
+
+from tests.certificates import CertificateAuthority, Issued
+from tests.policy.test_policy_service import png
+from tests.services import start_grpc_service
+
+pytestmark = pytest.mark.integration
+
+TOKENS = {"client": "client-" + "c" * 32, "operator": "operator-" + "o" * 32, "reader": "reader-" + "r" * 32}
+
+
+@dataclass
+class Secured:
+    """A feedback service behind mutual TLS and a policy whose HTTP API speaks HTTPS, sharing tokens,
+    a JWT key and a CA."""
+
+    authority: CertificateAuthority
+    server: Issued
+    web: Issued
+    jwt_key: ec.EllipticCurvePrivateKey
+    feedback: str
+    feedback_metrics: int
+    policy: str
+    policy_http: str
+    policy_metrics: int
+    kafka: KafkaConfig
+
+    def user_token(self, user: str, roles: tuple[str, ...] = ("client",)) -> str:
+        claims = {"sub": user, "roles": list(roles), "aud": "modalign", "exp": int(time.time()) + 300}
+        return jwt.encode(claims, self.jwt_key, algorithm="ES256")
+
+    def feedback_channel(self, token: str = "", certificate: Issued | None = None) -> grpc.Channel:
+        if certificate is None:
+            return dial(self.feedback, token, ClientTls(self.authority.cert))
+        return dial(self.feedback, token, ClientTls(self.authority.cert, certificate.cert, certificate.key))
+
+
+@pytest.fixture(scope="module")
+def secured(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    work = tmp_path_factory.mktemp("security")
+    authority = CertificateAuthority(work / "tls")
+    server, web, policy_client = authority.server(), authority.client("web"), authority.client("policy")
+    tokens = work / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    jwt_key = ec.generate_private_key(ec.SECP256R1())
+    jwt_public = work / "jwt.pem"
+    jwt_public.write_bytes(jwt_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    auth = AuthConfig(tokens_file=tokens, jwt_public_key=jwt_public, certificate_roles=("web:client", "policy:client"),
+                      front_ends=("client", "web"))
+    processes: list[ManagedProcess] = []
+    try:
+        feedback, feedback_address, feedback_metrics = start_grpc_service(
+            FeedbackConfig, kafka_config, work, auth=auth,
+            tls=TlsConfig(cert=server.cert, key=server.key, client_ca=authority.cert))
+        processes.append(feedback)
+        http_port = free_port()
+        policy, policy_address, policy_metrics = start_grpc_service(
+            PolicyConfig, kafka_config, work, auth=auth, blob_dir=work / "blobs", follow="none",
+            http_listen=f"127.0.0.1:{http_port}", feedback_address=feedback_address,
+            feedback_tls=ClientTls(authority.cert, policy_client.cert, policy_client.key),
+            tls=TlsConfig(cert=server.cert, key=server.key))
+        processes.append(policy)
+        yield Secured(authority, server, web, jwt_key, feedback_address, feedback_metrics, policy_address,
+                      f"https://127.0.0.1:{http_port}/v1", policy_metrics, kafka_config)
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code()
+
+
+def question(user_id: str = "") -> policy_pb2.GenerateRequest:
+    return policy_pb2.GenerateRequest(text="What colour is the square?", n=2, user_id=user_id,
+                                      images=[common_pb2.Image(data=png(), mime_type="image/png")],
+                                      sampling=common_pb2.SamplingParams(max_new_tokens=4))
+
+
+def generate(secured: Secured, token: str, user_id: str = "") -> policy_pb2.GenerateResponse:
+    with dial(secured.policy, token, ClientTls(secured.authority.cert)) as channel:
+        return policy_pb2_grpc.PolicyServiceStub(channel).Generate(question(user_id), timeout=60)
+
+
+def rating(user_id: str, response_id: str, score: int = 5) -> feedback_pb2.Feedback:
+    feedback = feedback_pb2.Feedback(feedback_id=f"sec-{uuid.uuid4().hex}", user_id=user_id,
+                                     rating=feedback_pb2.Rating(response_id=response_id, score=score))
+    feedback.client_time.GetCurrentTime()
+    return feedback
+
+
+def submit(channel: grpc.Channel, feedback: feedback_pb2.Feedback) -> feedback_pb2.SubmitResponse:
+    return feedback_pb2_grpc.FeedbackServiceStub(channel).Submit(feedback, timeout=30)
+
+
+def served_certificate_serial(address: str, authority: CertificateAuthority, client: Issued | None = None) -> int:
+    """The serial number of the certificate a new TLS connection to address is shown."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cafile=str(authority.cert))
+    if client is not None:
+        context.load_cert_chain(client.cert, client.key)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as connection:
+        return x509.load_der_x509_certificate(connection.getpeercert(binary_form=True)).serial_number
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of a counter's series with labels, as a service's /metrics shows it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+def test_mutual_tls_admits_only_certificates_of_its_ca_and_roles(secured: Secured, tmp_path: Path) -> None:
+    feedback = rating("u", str(uuid.uuid4()))
+    with grpc.insecure_channel(secured.feedback) as plaintext:
+        assert code_of(lambda: submit(plaintext, feedback)) == grpc.StatusCode.UNAVAILABLE
+    with secured.feedback_channel(TOKENS["client"]) as no_certificate:  # a valid token is not enough
+        assert code_of(lambda: submit(no_certificate, feedback)) == grpc.StatusCode.UNAVAILABLE
+    foreign = CertificateAuthority(tmp_path / "foreign", name="someone else's CA").client("web")
+    with secured.feedback_channel(certificate=foreign) as impostor:
+        assert code_of(lambda: submit(impostor, feedback)) == grpc.StatusCode.UNAVAILABLE
+    with secured.feedback_channel(certificate=secured.authority.client("stranger")) as stranger:
+        assert code_of(lambda: submit(stranger, feedback)) == grpc.StatusCode.PERMISSION_DENIED
+    with secured.feedback_channel(certificate=secured.web) as web:  # past the doors, on to the author check
+        assert code_of(lambda: submit(web, feedback)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart_or_a_dropped_one(secured: Secured) -> None:
+    reply = generate(secured, TOKENS["client"], "renewal-user")
+    with secured.feedback_channel(certificate=secured.web) as open_channel:
+        assert not submit(open_channel, rating("renewal-user", reply.candidates[0].response_id)).duplicate
+        assert served_certificate_serial(secured.feedback, secured.authority, secured.web) == secured.server.serial
+        assert served_certificate_serial(secured.policy_http.removeprefix("https://").removesuffix("/v1"),
+                                         secured.authority) == secured.server.serial
+        renewed = secured.authority.server()  # the same files, rewritten as a certificate manager renews them
+        assert renewed.serial != secured.server.serial
+        assert served_certificate_serial(secured.feedback, secured.authority, secured.web) == renewed.serial
+        assert served_certificate_serial(secured.policy, secured.authority) == renewed.serial
+        assert served_certificate_serial(secured.policy_http.removeprefix("https://").removesuffix("/v1"),
+                                         secured.authority) == renewed.serial
+        assert not submit(open_channel, rating("renewal-user", reply.candidates[1].response_id)).duplicate
+    secured.server = renewed
+
+
+def test_grpc_calls_need_a_token_of_a_role_that_may_make_them(secured: Secured) -> None:
+    assert code_of(lambda: generate(secured, "")) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: generate(secured, "x" * 40)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: generate(secured, TOKENS["reader"])) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: generate(secured, secured.user_token("mallory", roles=("reader",)))) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    assert metric(secured.policy_metrics, "modalign_auth_refused_total", method="/modalign.v1.PolicyService/Generate",
+                  reason="unauthenticated") >= 2
+    assert metric(secured.policy_metrics, "modalign_auth_refused_total", method="/modalign.v1.PolicyService/Generate",
+                  reason="permission_denied") >= 2
+    assert len(generate(secured, TOKENS["client"], "front-end-user").candidates) == 2
+
+
+def test_an_end_user_acts_only_as_itself_and_its_responses_are_logged_as_its_own(secured: Secured) -> None:
+    alice = secured.user_token("alice")
+    assert code_of(lambda: generate(secured, alice, "bob")) == grpc.StatusCode.PERMISSION_DENIED
+    reply = generate(secured, alice)
+    logged = {g.response_id: g.user_id for g in read_topic(secured.kafka, "generations", events_pb2.GenerationLogged)}
+    assert {logged[c.response_id] for c in reply.candidates} == {"alice"}
+    with secured.feedback_channel(alice, certificate=secured.web) as channel:  # the token names the principal
+        assert code_of(lambda: submit(channel, rating("bob", reply.candidates[0].response_id))) \
+            == grpc.StatusCode.PERMISSION_DENIED
+        assert not submit(channel, rating("", reply.candidates[0].response_id)).duplicate
+
+
+def test_feedback_on_a_response_served_to_someone_else_or_never_served_is_refused_and_never_stored(
+        secured: Secured) -> None:
+    served_to_a = generate(secured, TOKENS["client"], "user-a")
+    refused = [rating("user-b", served_to_a.candidates[0].response_id),
+               rating("user-a", str(uuid.uuid4()))]  # never served
+    with secured.feedback_channel(TOKENS["client"], certificate=secured.web) as channel:
+        for feedback in refused:
+            assert code_of(lambda feedback=feedback: submit(channel, feedback)) == grpc.StatusCode.FAILED_PRECONDITION
+        accepted = rating("user-a", served_to_a.candidates[0].response_id)
+        assert not submit(channel, accepted).duplicate
+    stored = {e.feedback.feedback_id for e in read_topic(secured.kafka, "feedback", events_pb2.FeedbackReceived)}
+    assert accepted.feedback_id in stored
+    assert not stored & {f.feedback_id for f in refused}
+
+
+def test_the_http_api_needs_a_token_and_forwards_feedback_under_it(secured: Secured) -> None:
+    def client(token: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=secured.policy_http, api_key=token, max_retries=0,
+                             http_client=httpx.Client(verify=str(secured.authority.cert), timeout=60))
+
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png()).decode()}},
+        {"type": "text", "text": "What colour is the square?"}]}]
+    with pytest.raises(openai.AuthenticationError):
+        client("not-a-token-of-this-system").chat.completions.create(model="modalign", messages=messages, max_tokens=4)
+    with pytest.raises(openai.PermissionDeniedError):
+        client(TOKENS["reader"]).chat.completions.create(model="modalign", messages=messages, max_tokens=4)
+    assert [m.id for m in client(TOKENS["reader"]).models.list()] == ["modalign"]
+    carol = client(secured.user_token("carol"))
+    reply = carol.chat.completions.create(model="modalign", messages=messages, max_tokens=4)
+    response_id = reply.choices[0].model_extra["response_id"]
+
+    def post_feedback(token: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{secured.policy_http}/feedback", data=json.dumps(body).encode(), headers={
+            "Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
+        context = ssl.create_default_context(cafile=str(secured.authority.cert))
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
+
+    body = {"feedback_id": f"http-{uuid.uuid4().hex}", "client_time": "2026-12-01T00:00:00Z",
+            "rating": {"response_id": response_id, "score": 5}}
+    status, answer = post_feedback("", body)
+    assert status == 401 and answer["error"]["type"] == "authentication_error"
+    status, answer = post_feedback(secured.user_token("dave"), body)  # dave was not served carol's response
+    assert status == 400 and "served to another user" in answer["error"]["message"], answer
+    status, answer = post_feedback(secured.user_token("carol"), body)
+    assert status == 200 and answer == {"feedback_id": body["feedback_id"], "duplicate": False}
+    with urllib.request.urlopen(urllib.request.Request(secured.policy_http.removesuffix("/v1") + "/healthz"),
+                                context=ssl.create_default_context(cafile=str(secured.authority.cert))) as health:
+        assert health.status == 200  # probes need no token
