@@ -133,15 +133,15 @@ def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, auth: Auth
     unknown = set(overrides) - {"feedback", "policy", "reward", "trainer", "rollout"}
     if unknown:
         raise ConfigError(",".join(sorted(unknown)), "not a service of the local system")
-    blobs = home / "blobs"
+    blobs, models = home / "blobs", str(home / "models")
     services: dict[str, ServiceConfig] = {
         "feedback": on_broker(FeedbackConfig, kafka, listen=ports.feedback, metrics_port=ports.metrics(1)),
         "policy": on_broker(PolicyConfig, kafka, listen=ports.policy, metrics_port=ports.metrics(0), blob_dir=blobs,
-                            http_listen=ports.policy_http, feedback_address=ports.feedback),
+                            http_listen=ports.policy_http, feedback_address=ports.feedback, model_store=models),
         "reward": on_broker(RewardServerConfig, kafka, http_port=ports.reward_http, grpc_port=ports.reward_grpc,
-                            follow="latest"),
+                            follow="latest", model_store=models),
         "trainer": on_broker(TrainerConfig, kafka, metrics_port=ports.metrics(3), blob_dir=blobs,
-                             work_dir=home / "trainer", model_store=str(home / "models")),
+                             work_dir=home / "trainer", model_store=models),
         "rollout": on_broker(RolloutConfig, kafka, listen=ports.rollout, metrics_port=ports.metrics(4), blob_dir=blobs,
                              policy_metrics=(f"127.0.0.1:{ports.metrics(0)}",),
                              reward_url=f"127.0.0.1:{ports.reward_http}"),

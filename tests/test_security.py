@@ -1,6 +1,8 @@
 """Each door, tried against running services: TLS and mutual TLS (and a certificate renewed while they
 run), bearer tokens and JWTs on gRPC and HTTP, roles, refusals that never reach Kafka, and feedback
-only from the user a response was served to. Rollout commands by role: tests/test_up.py."""
+only from the user a response was served to, at most as fast as the per-user rate limit; published
+versions only from the model store. Rollout
+commands by role: tests/test_up.py."""
 
 from __future__ import annotations
 
@@ -24,18 +26,24 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from modalign.core.auth import AuthConfig
 from modalign.core.grpc_server import dial
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.modelstore import DirectoryStore, Manifest, Published
 from modalign.core.processes import ManagedProcess, free_port
+from modalign.core.ratelimit import RateLimit
 from modalign.core.tls import ClientTls, TlsConfig
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
+from modalign.policy.model import save_policy
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 from tests.certificates import CertificateAuthority, Issued
 from tests.policy.test_policy_service import png
+from tests.rollout.users import announce, policy_with_eos_logit, publish
 from tests.services import start_grpc_service
 
 pytestmark = pytest.mark.integration
@@ -147,7 +155,7 @@ def metric(port: int, name: str, **labels: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         lines = response.read().decode().splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines
-               if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+               if line.startswith((f"{name}{{", f"{name} ")) and all(f'{k}="{v}"' in line for k, v in labels.items()))
 
 
 def test_mutual_tls_admits_only_certificates_of_its_ca_and_roles(secured: Secured, tmp_path: Path) -> None:
@@ -260,3 +268,83 @@ def test_the_http_api_needs_a_token_and_forwards_feedback_under_it(secured: Secu
     with urllib.request.urlopen(urllib.request.Request(secured.policy_http.removesuffix("/v1") + "/healthz"),
                                 context=ssl.create_default_context(cafile=str(secured.authority.cert))) as health:
         assert health.status == 200  # probes need no token
+
+
+def test_a_version_announced_outside_the_model_store_is_refused_and_the_policy_keeps_serving(
+        kafka_config: KafkaConfig, tmp_path: Path) -> None:
+    store, elsewhere = DirectoryStore(tmp_path / "models"), DirectoryStore(tmp_path / "elsewhere")
+    process, address, metrics_port = start_grpc_service(
+        PolicyConfig, kafka_config, tmp_path, follow="latest", blob_dir=tmp_path / "blobs", model_store=str(store.root))
+    try:
+        def served() -> str:
+            with dial(address) as channel:
+                return policy_pb2_grpc.PolicyServiceStub(channel).Generate(question("u"), timeout=60).policy_version
+
+        publish(kafka_config, elsewhere, "v5", eos_logit=3.0)  # a valid version, in the wrong place
+        published = store.publish(Manifest(version="v6", kind="policy", parent="test"),
+                                  lambda staging: save_policy(*policy_with_eos_logit(3.0), staging))
+        traversal = Published(uri=f"{store.root.as_uri()}/../elsewhere/policy/v5", manifest_sha256="")
+        announce(kafka_config, "v5b", traversal)
+        deadline = time.monotonic() + 60
+        while metric(metrics_port, "modalign_model_versions_refused_total") < 2:
+            assert time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.5)
+        assert served() == "v0"
+        announce(kafka_config, "v6", published)  # the store's own versions still load
+        while served() != "v6":
+            assert time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.5)
+    finally:
+        process.stop()
+
+
+def retry_delay_s(error: grpc.RpcError) -> float:
+    """The google.rpc.RetryInfo delay a RESOURCE_EXHAUSTED carries."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "no rich status in the trailers"
+    [detail] = status.details
+    info = error_details_pb2.RetryInfo()
+    assert detail.Unpack(info)
+    return info.retry_delay.ToTimedelta().total_seconds()
+
+
+def test_one_user_flooding_generate_or_feedback_is_held_to_its_rate_and_told_when_to_retry(
+        kafka_config: KafkaConfig, tmp_path: Path) -> None:
+    slow = RateLimit(per_second=0.05, burst=2)
+    processes = []
+    try:
+        feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, tmp_path, "flood-feedback",
+                                                            user_rate_limit=slow)
+        processes.append(feedback)
+        http_port = free_port()
+        policy, policy_address, _ = start_grpc_service(
+            PolicyConfig, kafka_config, tmp_path, "flood-policy", blob_dir=tmp_path / "blobs", follow="none",
+            user_rate_limit=slow, http_listen=f"127.0.0.1:{http_port}")
+        processes.append(policy)
+        with dial(policy_address) as policy_channel, dial(feedback_address) as feedback_channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(policy_channel)
+            replies = [stub.Generate(question("flood"), timeout=60) for _ in range(2)]
+            with pytest.raises(grpc.RpcError) as over:
+                stub.Generate(question("flood"), timeout=60)
+            assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in over.value.details()
+            assert 1 < retry_delay_s(over.value) <= 20
+            assert len(stub.Generate(question("someone-else"), timeout=60).candidates) == 2
+
+            body = json.dumps({"model": "modalign", "user": "flood", "max_tokens": 4, "messages": [
+                {"role": "user", "content": "Hello?"}]}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/chat/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as http_over:
+                urllib.request.urlopen(request, timeout=60)
+            assert http_over.value.code == 429 and 1 < int(http_over.value.headers["Retry-After"]) <= 20
+
+            ratings = [rating("flood", candidate.response_id) for reply in replies for candidate in reply.candidates]
+            assert [submit(feedback_channel, said).duplicate for said in ratings[:2]] == [False, False]
+            with pytest.raises(grpc.RpcError) as too_much:
+                submit(feedback_channel, ratings[2])
+            assert too_much.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_delay_s(too_much.value) > 1
+        stored = {e.feedback.feedback_id for e in read_topic(kafka_config, "feedback", events_pb2.FeedbackReceived)}
+        assert {r.feedback_id for r in ratings[:2]} <= stored and ratings[2].feedback_id not in stored
+    finally:
+        for process in processes:
+            process.stop()

@@ -30,10 +30,13 @@ from urllib.parse import unquote, urlparse
 
 import boto3
 from botocore.config import Config as BotoConfig
+from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+DEFAULT_MODEL_STORE = str(Path.home() / ".local" / "share" / "modalign" / "models")
+"""Where the trainer publishes, and the services load published versions from, unless told otherwise."""
 
 # AWS's rules for bucket names (3-63 lowercase letters, digits, dots and hyphens), checked here so a
 # typo is named at start-up rather than as a signature or routing error from the service.
@@ -349,6 +352,49 @@ def fetch(uri: str, s3: S3Config = S3Config(), manifest_sha256: str | None = Non
     """A verified local folder holding the version that uri (as a policy-versions event names it) points to."""
     root, kind, version = _split_version_uri(uri)
     return open_store(root, s3).fetch(kind, version, manifest_sha256)
+
+
+class OutsideStore(ValueError):
+    """A version URI that does not name a version inside the configured model store."""
+
+
+REFUSED_VERSIONS = Counter(
+    "modalign_model_versions_refused_total",
+    "Published versions not loaded because their URI lies outside the configured model store.",
+)
+
+
+def _location(root: str) -> tuple[str, str]:
+    """A store root as (scheme, canonical location): a bucket and prefix, or a resolved absolute path."""
+    parsed = urlparse(root)
+    if parsed.scheme == "s3":
+        bucket, prefix = _s3_location(root)
+        return "s3", f"{bucket}/{prefix}"
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise OutsideStore(f"{root!r}: a file:// URI names a local path, not host {parsed.netloc!r}")
+        return "file", os.path.realpath(unquote(parsed.path))
+    if "://" in root:
+        raise OutsideStore(f"{root!r}: unsupported scheme {parsed.scheme!r}")
+    return "file", os.path.realpath(root)
+
+
+def fetch_published(uri: str, store: str, s3: S3Config = S3Config(), manifest_sha256: str | None = None) -> Path:
+    """fetch, for a URI read from a topic: only a policy or reward version directly inside store (the
+    configured model store, as the trainer's --model-store names it). Anything else, a `..` segment, a
+    file:// path elsewhere, another bucket or prefix, raises OutsideStore before anything is read."""
+    try:
+        if any(part in (".", "..") for part in unquote(uri).split("/")):
+            raise ValueError(f"{uri!r}: a '.' or '..' segment")
+        root, kind, _ = _split_version_uri(uri)
+        inside = kind in ("policy", "reward") and _location(root) == _location(store)
+    except ValueError as error:
+        REFUSED_VERSIONS.inc()
+        raise OutsideStore(f"{error}; refused") from error
+    if not inside:
+        REFUSED_VERSIONS.inc()
+        raise OutsideStore(f"{uri!r} is not a version in the model store {store!r}; refused")
+    return fetch(uri, s3, manifest_sha256)
 
 
 def sibling_uri(uri: str, kind: str, version: str) -> str:

@@ -15,6 +15,7 @@ from prometheus_client import Counter
 from modalign.core import auth
 from modalign.core.grpc_server import access_for
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
+from modalign.core.ratelimit import LIMITED, PerUserLimiter, RateLimit, abort_with_retry_info, limited_message
 from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
 from modalign.feedback.ledger import Ledger, served_responses, stored_feedback
 from modalign.feedback.validation import InvalidFeedback, referenced_responses, validate_feedback
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 FEEDBACK = Counter(
     "modalign_feedback_received_total",
     "Feedback messages by kind and outcome: accepted, duplicate, invalid, conflict, refused (a user_id not the "
-    "caller's), not_served (a response never served, or served to another user), unavailable.",
+    "caller's), rate_limited, not_served (a response never served, or served to another user), unavailable.",
     ["kind", "outcome"],
 )
 
@@ -41,6 +42,9 @@ class FeedbackConfig(GrpcServiceConfig):
     """The Kafka cluster and topic prefix; a client waits at most produce_timeout_s for its feedback to be stored."""
     max_workers: int = 32
     """Threads serving RPCs; each holds one feedback while its write is acknowledged."""
+    user_rate_limit: RateLimit = field(default_factory=RateLimit)
+    """Feedback one end user may submit; past it, RESOURCE_EXHAUSTED with a google.rpc.RetryInfo (a
+    stream's feedback counts one by one, and a refused stream keeps what it stored before)."""
     verify_authors: bool = True
     """Accept feedback only on responses served to its user, as the generations topic records them;
     anything else is refused (FAILED_PRECONDITION), so no one rates, prefers or edits a response they
@@ -61,6 +65,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self._id_locks: dict[str, threading.Lock] = {}
         self._id_locks_guard = threading.Lock()
         self._uncertain_ids: set[str] = set()
+        self._per_user = PerUserLimiter(config.user_rate_limit)
 
     def close(self) -> None:
         self._producer.close(timeout=5)
@@ -89,6 +94,10 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         except auth.Refused as refusal:
             FEEDBACK.labels(kind, "refused").inc()
             context.abort(grpc.StatusCode.PERMISSION_DENIED, field_prefix + str(refusal))
+        if wait_s := self._per_user.wait_s(feedback.user_id):
+            FEEDBACK.labels(kind, "rate_limited").inc()
+            LIMITED.labels("Submit").inc()
+            abort_with_retry_info(context, field_prefix + limited_message(feedback.user_id, wait_s), wait_s)
         try:
             validate_feedback(feedback)
         except InvalidFeedback as error:

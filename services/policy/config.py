@@ -9,7 +9,8 @@ from typing import ClassVar
 
 from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.core.images import ImageLimits
-from modalign.core.modelstore import S3Config
+from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config
+from modalign.core.ratelimit import RateLimit
 from modalign.core.service import GrpcServiceConfig, loopback
 from modalign.core.tls import ClientTls
 from modalign.core.version_names import STARTING_VERSION
@@ -61,6 +62,9 @@ class PolicyConfig(GrpcServiceConfig):
     """Precision of the served weights: float32, bfloat16 or float16 (every version is loaded in it)."""
     blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
     """Content-addressed image store shared with the trainer and reward service."""
+    model_store: str = DEFAULT_MODEL_STORE
+    """The model store the trainer publishes to (its --model-store: a folder or s3://bucket/prefix):
+    a published version is loaded only from there, and one whose URI points anywhere else is refused."""
     s3: S3Config = field(default_factory=S3Config)
     """How to reach the model store when the trainer publishes to S3."""
     max_batch_rows: int = 32
@@ -85,6 +89,9 @@ class PolicyConfig(GrpcServiceConfig):
     """Most pixels (width x height) of a decoded image."""
     max_pending_rows: int = 512
     """Candidates allowed to queue for a batch; past this, requests get RESOURCE_EXHAUSTED."""
+    user_rate_limit: RateLimit = field(default_factory=RateLimit)
+    """Generate calls (gRPC and HTTP together) one end user may make; past it, RESOURCE_EXHAUSTED (HTTP
+    429) saying when to retry. Calls that name no user are not limited per user."""
 
     def validate(self) -> None:
         super().validate()

@@ -24,6 +24,7 @@ from transformers import ProcessorMixin
 from modalign.core.blobs import BlobStore
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import BrokerUnavailable, make_producer, produce_durably
+from modalign.core.ratelimit import LIMITED, PerUserLimiter, limited_message
 from modalign.policy.batcher import BatcherOverloaded
 from modalign.policy.config import PolicyConfig
 from modalign.policy.conversation import ROLES, last_user_text, of_messages
@@ -57,12 +58,14 @@ FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FI
 
 class Refused(Exception):
     """A request the service does not answer: code (gRPC's status, the canonical set) says why in kind,
-    the message in words, starting with the offending field's path where there is one."""
+    the message in words, starting with the offending field's path where there is one; retry_after_s,
+    when set, when the caller may try again (a rate limit)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float = 0.0) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(ValueError):
@@ -189,6 +192,7 @@ class Generations:
         self._limits = ImageLimits(max_bytes=config.image_max_bytes, max_pixels=config.image_max_pixels)
         self._producer = make_producer(config.kafka)
         self._topic = config.kafka.topic("generations")
+        self._per_user = PerUserLimiter(config.user_rate_limit)
 
     @property
     def router(self) -> VersionRouter:
@@ -200,7 +204,10 @@ class Generations:
     def start(self, request: policy_pb2.GenerateRequest, streamed: bool = False) -> Started:
         """Validates the request, stores its images and queues it on its session's version (streamed: its
         text deltas are kept for stream()). Raises Refused: INVALID_ARGUMENT, or RESOURCE_EXHAUSTED when
-        the version's queue is full."""
+        the version's queue is full or its user over the per-user rate limit."""
+        if wait_s := self._per_user.wait_s(request.user_id):
+            LIMITED.labels("Generate").inc()
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, limited_message(request.user_id, wait_s), wait_s)
         try:
             generation, conversation, prompt_text = self._prepare(request)
         except InvalidRequest as error:

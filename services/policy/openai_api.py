@@ -25,7 +25,8 @@ checks it again.
 Canary stickiness: the X-Session-Id header, else `user`, picks the session (as GenerateRequest.session_id).
 Errors use OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with the HTTP status of
 their kind: 400 for a bad request (the message names the field), 429 at capacity, 503 when the
-generation could not be logged, 500 when the model failed. Remote image URLs are fetched only under the
+generation could not be logged, 500 when the model failed; a user past the per-user rate limit gets 429
+with Retry-After. Remote image URLs are fetched only under the
 prefixes an operator allows (--http-image-url-prefixes, none by default; no redirects followed): a client
 sends the image itself, so the policy never reaches out to an address a user chose.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import time
 import urllib.request
@@ -102,6 +104,8 @@ def error_response(error: Refused) -> JSONResponse:
             message = pattern.sub(name, message, count=1)
         param = message.split(":", 1)[0] if ":" in message else None
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if error.retry_after_s:
+        headers = {"Retry-After": str(math.ceil(error.retry_after_s))}
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": error.code.name.lower()}},
                         status_code=status, headers=headers)
 

@@ -25,7 +25,8 @@ from modalign.core import auth
 from modalign.core.blobs import BlobStore
 from modalign.core.grpc_server import access_for, dial
 from modalign.core.kafka import decode_record, ensure_topics
-from modalign.core.modelstore import fetch
+from modalign.core.modelstore import fetch, fetch_published
+from modalign.core.ratelimit import abort_with_retry_info
 from modalign.core.service import run_service, serve_grpc
 from modalign.core.tls import http_ssl_context
 from modalign.core.versions import TopicFollower
@@ -107,10 +108,12 @@ def for_end_user(request: policy_pb2.GenerateRequest, context: grpc.ServicerCont
 
 @contextmanager
 def refusals(context: grpc.ServicerContext) -> Iterator[None]:
-    """A Refused ends the RPC with its status code and message."""
+    """A Refused ends the RPC with its status code and message (and when to retry, if it says)."""
     try:
         yield
     except Refused as error:
+        if error.retry_after_s:
+            abort_with_retry_info(context, error.message, error.retry_after_s)
         context.abort(error.code, error.message)
 
 
@@ -131,7 +134,7 @@ class PublishedVersions:
         event = self._published.get(version)
         if event is None:
             raise LookupError(f"policy {version} was never published")
-        folder = fetch(event.uri, self._config.s3, event.manifest_sha256)
+        folder = fetch_published(event.uri, self._config.model_store, self._config.s3, event.manifest_sha256)
         model, processor = load_policy(folder, device=self._config.device, dtype=getattr(torch, self._config.dtype))
         return PolicyEngine(model, processor, policy_version=version)
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 from modalign.core.config import DTYPES, require_one_of
 from modalign.core.images import ImageLimits
 from modalign.core.kafka import KafkaConfig
-from modalign.core.modelstore import S3Config
+from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config
 from modalign.core.processes import http_ok
 from modalign.core.service import ServiceConfig, loopback
 
@@ -76,6 +76,9 @@ class RewardServerConfig(ServiceConfig):
     standalone `modalign reward` (or one pinned to --model-dir) runs without Kafka. Use latest wherever
     a trainer publishes (`modalign up`, a cluster: MODALIGN_FOLLOW=latest); then the service needs
     Kafka (--kafka.*) to start."""
+    model_store: str = DEFAULT_MODEL_STORE
+    """The model store the trainer publishes to (its --model-store): with --follow latest, a published
+    reward model is loaded only from there, and one whose URI points anywhere else is refused."""
     s3: S3Config = field(default_factory=S3Config)
     """How to reach the model store when the trainer publishes to S3; used only with --follow latest."""
 

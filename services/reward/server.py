@@ -40,7 +40,17 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from prometheus_client import Counter, Gauge
 
 from modalign.core.kafka import ensure_topics
-from modalign.core.modelstore import MANIFEST, ChecksumMismatch, S3Config, fetch, read_manifest, sibling_uri, verify
+from modalign.core.modelstore import (
+    DEFAULT_MODEL_STORE,
+    MANIFEST,
+    ChecksumMismatch,
+    S3Config,
+    fetch,
+    fetch_published,
+    read_manifest,
+    sibling_uri,
+    verify,
+)
 from modalign.core.service import run_service
 from modalign.core.versions import follow_newest_version
 from modalign.reward.backbones import AnyRewardModel, build_default_reward_model, load_reward_model
@@ -113,10 +123,12 @@ class RewardKServeModel(kserve.Model):
         dtype: str = "float32",
         limits: RequestLimits | None = None,
         s3: S3Config = S3Config(),
+        store: str = DEFAULT_MODEL_STORE,
     ) -> None:
         super().__init__(name)
         self.limits = limits if limits is not None else RequestLimits()
         self._s3 = s3
+        self._store = store
         self._model_dir = model_dir
         self._seed = seed
         self._backbone = backbone
@@ -131,9 +143,11 @@ class RewardKServeModel(kserve.Model):
         served = self._served
         return served.version if served is not None else None
 
-    def load(self, model_dir: Path | str | None = None, expected_version: str | None = None) -> bool:
+    def load(self, model_dir: Path | str | None = None, expected_version: str | None = None,
+             published: bool = False) -> bool:
         """Loads `model_dir` (or the folder given at construction) and swaps it in atomically; a str
-        is the URI of a published version, fetched (a verified local copy) first.
+        is the URI of a version, fetched (a verified local copy) first: when published (read from the
+        policy-versions topic), only from the configured model store (OutsideStore otherwise).
 
         The new model is fully built before the swap, so requests keep being served by the old one
         meanwhile; a failed load (a checksum that differs from the manifest included) raises and
@@ -141,7 +155,8 @@ class RewardKServeModel(kserve.Model):
         """
         try:
             if isinstance(model_dir, str):
-                self._load(fetch(model_dir, self._s3), expected_version, fetched=True)
+                folder = fetch_published(model_dir, self._store, self._s3) if published else fetch(model_dir, self._s3)
+                self._load(folder, expected_version, fetched=True)
             else:
                 self._load(model_dir, expected_version)
         except Exception:
@@ -162,7 +177,7 @@ class RewardKServeModel(kserve.Model):
             return
         if event.reward_model_version == self.version:
             return
-        self.load(published_reward_uri(event), expected_version=event.reward_model_version)
+        self.load(published_reward_uri(event), expected_version=event.reward_model_version, published=True)
 
     def _load(self, model_dir: Path | None, expected_version: str | None, fetched: bool = False) -> None:
         with self._load_lock:
@@ -237,8 +252,7 @@ def serve(config: RewardServerConfig) -> None:
     )
     model = RewardKServeModel(
         config.model_name, config.model_dir, seed=config.seed, backbone=config.backbone, device=config.device, dtype=config.dtype,
-        limits=config.limits,
-        s3=config.s3,
+        limits=config.limits, s3=config.s3, store=config.model_store,
     )
     # Loaded even when a published version will replace it: if that one fails verification, this serves.
     model.load()

@@ -41,7 +41,7 @@ from modalign.core.kafka import (
     parse_record,
     produce_durably,
 )
-from modalign.core.modelstore import S3Config, open_store
+from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
 from modalign.core.service import MeteredConfig, run_service, serve_metrics
 from modalign.core.version_names import STARTING_VERSION
 from modalign.trainer import distributed
@@ -86,7 +86,7 @@ class TrainerConfig(MeteredConfig):
     """Kafka consumer group; torchrun ranks join the same one and share the feedback partitions."""
     work_dir: Path = Path.home() / ".local" / "share" / "modalign" / "trainer"
     """Holds the checkpoint."""
-    model_store: str = str(Path.home() / ".local" / "share" / "modalign" / "models")
+    model_store: str = DEFAULT_MODEL_STORE
     """Where versions are published: a folder (a shared volume in a cluster) or s3://bucket/prefix."""
     s3: S3Config = field(default_factory=S3Config)
     """How to reach an s3:// model store."""

@@ -13,9 +13,11 @@ from modalign.core.modelstore import (
     DirectoryStore,
     Manifest,
     ModelStore,
+    OutsideStore,
     S3Config,
     S3Store,
     fetch,
+    fetch_published,
     open_store,
     sibling_uri,
     verify,
@@ -201,3 +203,28 @@ def test_a_version_uri_names_its_siblings_in_the_same_store() -> None:
     for not_a_version in ("s3://bucket", "/srv/models/policy/v3", "s3://bucket/v3"):
         with pytest.raises(ValueError, match="is not a model-store version URI"):
             sibling_uri(not_a_version, "reward", "r3")
+
+
+def test_a_published_version_is_fetched_only_from_inside_the_configured_store(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path / "models")
+    store.publish(Manifest(version="v1", kind="policy"), lambda staging: (staging / "w.bin").write_bytes(b"w"))
+    uri = store.folder("policy", "v1").resolve().as_uri()
+    for configured in (str(tmp_path / "models"), (tmp_path / "models").as_uri(), f"{tmp_path}/./models/"):
+        assert fetch_published(uri, configured) == store.folder("policy", "v1")
+    elsewhere = DirectoryStore(tmp_path / "elsewhere")
+    elsewhere.publish(Manifest(version="v1", kind="policy"), lambda staging: (staging / "w.bin").write_bytes(b"w"))
+    for outside in (
+        elsewhere.folder("policy", "v1").resolve().as_uri(),          # another folder
+        f"{(tmp_path / 'models').as_uri()}/../elsewhere/policy/v1",   # climbing out
+        f"{(tmp_path / 'models').as_uri()}/%2e%2e/policy/v1",        # climbing out, encoded
+        f"{(tmp_path / 'models').as_uri()}/secrets/v1",              # not a kind of version
+        "s3://bucket/models/policy/v1",                               # another backend
+        "http://example.com/models/policy/v1",
+        "/etc/passwd",
+    ):
+        with pytest.raises(OutsideStore):
+            fetch_published(outside, str(tmp_path / "models"))
+    with pytest.raises(OutsideStore):
+        fetch_published("s3://other/models/policy/v1", "s3://bucket/models")
+    with pytest.raises(OutsideStore):
+        fetch_published("s3://bucket/models-2/policy/v1", "s3://bucket/models")

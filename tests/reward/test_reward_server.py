@@ -112,10 +112,10 @@ def model_dir(store: DirectoryStore) -> Path:
 
 @pytest.fixture(scope="module")
 def server(
-    model_dir: Path, kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory
+    model_dir: Path, store: DirectoryStore, kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
     config = on_broker(RewardServerConfig, kafka_config, model_dir=model_dir, http_port=free_port(),
-                       grpc_port=free_port(), grace_period=1, follow="latest")
+                       grpc_port=free_port(), grace_period=1, follow="latest", model_store=str(store.root))
     # Generous: importing torch, transformers and kserve alone takes tens of seconds on a busy 2-core box.
     process = start_service(config, tmp_path_factory.mktemp("logs"), "reward-server", timeout_s=240)
     try:
@@ -494,6 +494,26 @@ def test_a_published_clip_reward_model_replaces_a_generative_one(
     torch.set_num_threads(1)
     expected = clip.score(PROMPTS, DECODED, RESPONSES).numpy()
     np.testing.assert_allclose(np.array(served["outputs"][0]["data"], dtype=np.float32), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_reward_version_announced_outside_the_model_store_is_refused_and_scoring_goes_on(
+    server: dict[str, str], store: DirectoryStore, kafka_config: KafkaConfig, tmp_path: Path
+) -> None:
+    """A valid reward model in another folder, and a path that climbs out of the store: neither is read.
+    Runs after the CLIP test, which leaves r20 serving."""
+    elsewhere = DirectoryStore(tmp_path / "elsewhere")
+    elsewhere.publish(Manifest(version="r30", kind="reward", parent="r20"), build_default_reward_model(seed=19).save)
+    refused_before = _metric(_scrape(server["http"]), "modalign_model_versions_refused_total", default=0.0)
+    _publish_event(kafka_config, elsewhere, "v30", "r30")
+    producer = make_producer(kafka_config)
+    try:
+        climbing = events_pb2.PolicyVersionPublished(version="v31", uri=f"{store.root.as_uri()}/../elsewhere/policy/v31",
+                                                     reward_model_version="r30")
+        produce_durably(producer, kafka_config.topic("policy-versions"), [("v31", climbing)], timeout_s=30)
+    finally:
+        producer.close()
+    _wait_for_metric(server["http"], "modalign_model_versions_refused_total", refused_before + 2)
+    assert _rest_infer(server["http"])["model_version"] == "r20"
 
 
 def test_a_bfloat16_server_scores_as_the_model_does_in_bfloat16(model_dir: Path, tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def system(kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) 
         for name in ("policy-a", "policy-b"):
             process, address, metrics_port = start_grpc_service(
                 PolicyConfig, kafka_config, work, name, model_dir=str(base), blob_dir=work / "blobs",
-                max_batch_wait_ms=5.0,
+                max_batch_wait_ms=5.0, model_store=str(system.store.root),
             )
             system.processes.append(process)
             system.policy_addresses.append(address)

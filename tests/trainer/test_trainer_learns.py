@@ -49,6 +49,7 @@ def trainer_process(kafka: KafkaConfig, work: Path, overrides: dict[str, Any]) -
 def test_trainer_publishes_a_version_that_users_prefer(kafka_config: KafkaConfig, tmp_path: Path) -> None:
     policy, policy_address, _ = start_grpc_service(
         PolicyConfig, kafka_config, tmp_path, blob_dir=tmp_path / "blobs", max_batch_wait_ms=20.0, follow="latest",
+        model_store=str(tmp_path / "models"),
     )
     feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, tmp_path)
     trainer = trainer_process(kafka_config, tmp_path, {

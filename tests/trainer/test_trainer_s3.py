@@ -35,7 +35,7 @@ def test_versions_published_to_s3_are_served_by_the_policy_and_reward_services(
 ) -> None:
     root = f"s3://{s3_bucket}/models"
     policy, address, _ = start_grpc_service(
-        PolicyConfig, kafka_config, tmp_path, follow="latest", blob_dir=tmp_path / "blobs",
+        PolicyConfig, kafka_config, tmp_path, follow="latest", blob_dir=tmp_path / "blobs", model_store=root,
         s3=S3Config(endpoint_url=s3_config.endpoint_url, cache_dir=tmp_path / "policy-cache"),
     )
     try:
@@ -60,7 +60,7 @@ def test_versions_published_to_s3_are_served_by_the_policy_and_reward_services(
                 time.sleep(0.5)
         assert list((tmp_path / "policy-cache").rglob("manifest.json")), "the policy loaded a verified local copy"
 
-        reward = RewardKServeModel("reward", None, s3=s3_config)
+        reward = RewardKServeModel("reward", None, s3=s3_config, store=root)
         reward.load()
         reward.load_published(event)
         assert reward.version == "r1"
