@@ -218,7 +218,8 @@ def test_strimzi_topics_have_the_settings_the_services_create_locally(values_fil
 def test_strimzi_clients_reach_the_tls_listener_and_trust_the_cluster_ca() -> None:
     docs = render(example("strimzi"))
     kafka = one(docs, "Kafka", f"{RELEASE}-kafka")
-    assert kafka["spec"]["kafka"]["listeners"] == [{"name": "tls", "port": 9093, "type": "internal", "tls": True}]
+    assert kafka["spec"]["kafka"]["listeners"] == [{"name": "tls", "port": 9093, "type": "internal", "tls": True,
+                                                    "authentication": {"type": "tls"}}]
     assert one(docs, "KafkaNodePool", f"{RELEASE}-kafka-pool")["spec"]["roles"] == ["controller", "broker"]
     feedback = service_container(pod_specs(docs)["feedback"])
     env = container_env(docs, feedback)
@@ -403,7 +404,7 @@ STRIMZI_BROKERS = [{"podSelector": {"matchLabels": {"strimzi.io/cluster": f"{REL
     (None, [9092], None),
     (example("external-kafka-tls"), [9096], None),
     (example("strimzi"), [9093], STRIMZI_BROKERS),
-    (example("cpu"), [9092], STRIMZI_BROKERS),
+    (example("cpu"), [9093], STRIMZI_BROKERS),
 ], ids=["default", "external-kafka-tls", "strimzi", "cpu"])
 def test_the_trainer_may_reach_kafka_and_dns_and_nothing_else(values_file: Path | None, ports: list[int],
                                                               peers: list | None) -> None:
@@ -746,3 +747,35 @@ def test_authentication_is_off_only_when_asked_and_then_nothing_pretends_otherwi
         spec = pod_specs(docs)[component]
         assert container_env(docs, service_container(spec))["MODALIGN_AUTH_INSECURE"] == "true"
         assert "auth" not in {v["name"] for v in spec["volumes"]}
+
+
+def test_with_strimzi_each_service_is_a_kafka_user_allowed_exactly_its_own_writes() -> None:
+    docs = render(example("strimzi"))
+    kafka = one(docs, "Kafka", f"{RELEASE}-kafka")["spec"]["kafka"]
+    assert kafka["authorization"] == {"type": "simple"}
+    assert [listener["authentication"] for listener in kafka["listeners"]] == [{"type": "tls"}]
+    prefix = "modalign."
+    writers: dict[str, set[str]] = {}
+    transactional: dict[str, set[str]] = {}
+    users = find(docs, "KafkaUser")
+    assert {u["metadata"]["labels"]["app.kubernetes.io/component"] for u in users} == \
+        {"policy", "feedback", "reward", "trainer", "rollout"}
+    for user in users:
+        component = user["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert user["spec"]["authentication"] == {"type": "tls"}
+        for acl in user["spec"]["authorization"]["acls"]:
+            resource, operations = acl["resource"], set(acl["operations"])
+            assert acl.get("type", "allow") == "allow" and "All" not in operations
+            if resource["patternType"] == "prefix":  # the one broad grant: seeing that the topics exist
+                assert (resource["name"], operations) == (prefix, {"Describe", "DescribeConfigs"})
+            elif resource["type"] == "topic" and "Write" in operations:
+                writers.setdefault(resource["name"].removeprefix(prefix), set()).add(component)
+            elif resource["type"] == "transactionalId":
+                transactional.setdefault(resource["name"], set()).add(component)
+    assert writers == {"policy-versions": {"trainer"}, "rollout": {"rollout"}, "feedback": {"feedback"},
+                       "generations": {"policy"}, "feedback.dlq": {"trainer"}}
+    assert transactional == {f"{prefix}rollout-controller": {"rollout"}}
+    # Each pod connects with its own user's certificate.
+    for component, spec in pod_specs(docs).items():
+        client = [v for v in spec["volumes"] if v["name"] == "kafka-client"]
+        assert client and client[0]["secret"]["secretName"] == f"{RELEASE}-{component}", component

@@ -37,6 +37,12 @@ Args: (dict "root" $ "component" NAME)
 {{- end }}
 {{- end }}
 
+{{/* The model store the trainer publishes to, and the only place policy and reward load published versions from. */}}
+{{- define "modalign.modelStoreLocation" -}}
+{{- $store := .Values.modelStore }}
+{{- ternary (include "modalign.s3StoreUri" .) $store.mountPath (eq $store.type "s3") }}
+{{- end }}
+
 {{/* Args: (dict "root" $ "component" NAME) */}}
 {{- define "modalign.componentConfigData" -}}
 {{- $root := .root }}
@@ -57,6 +63,7 @@ MODALIGN_MODEL_DIR: {{ . | quote }}
 {{- end }}
 MODALIGN_POLICY_VERSION: {{ include "modalign.initialPolicyVersion" $root | quote }}
 MODALIGN_FOLLOW: {{ include "modalign.policyFollow" $root | quote }}
+MODALIGN_MODEL_STORE: {{ include "modalign.modelStoreLocation" $root | quote }}
 MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
 MODALIGN_DEVICE: {{ $values.device | quote }}
 MODALIGN_HTTP_LISTEN: {{ printf "0.0.0.0:%d" (int $values.httpPort) | quote }}
@@ -78,12 +85,13 @@ MODALIGN_MODEL_DIR: {{ . | quote }}
 MODALIGN_MODEL_NAME: {{ $values.modelName | quote }}
 MODALIGN_DEVICE: {{ $values.device | quote }}
 MODALIGN_FOLLOW: {{ ternary "latest" "none" $values.followVersions | quote }}
+MODALIGN_MODEL_STORE: {{ include "modalign.modelStoreLocation" $root | quote }}
 {{- else if eq $component "trainer" }}
 MODALIGN_METRICS_HOST: "0.0.0.0"
 MODALIGN_METRICS_PORT: {{ $values.metricsPort | quote }}
 MODALIGN_GROUP_ID: {{ $values.groupId | quote }}
 MODALIGN_WORK_DIR: {{ include "modalign.trainerWorkDir" $root | quote }}
-MODALIGN_MODEL_STORE: {{ ternary (include "modalign.s3StoreUri" $root) $store.mountPath (eq $store.type "s3") | quote }}
+MODALIGN_MODEL_STORE: {{ include "modalign.modelStoreLocation" $root | quote }}
 MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
 MODALIGN_LEARNER_ALGORITHM: {{ $values.algorithm | quote }}
 MODALIGN_LEARNER_DEVICE: {{ $values.device | quote }}

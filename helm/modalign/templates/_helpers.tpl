@@ -272,7 +272,14 @@ caSecret:
   name: {{ ternary (printf "%s-cluster-ca-cert" (include "modalign.kafkaClusterName" .)) "" $tls }}
   key: ca.crt
 clientSecret:
+  {{- if and $tls $kafka.strimzi.acls }}
+  {{- /* Each pod mounts its own KafkaUser's Secret here (modalign.kafkaVolumes). */}}
+  name: per-component
+  certificateKey: user.crt
+  privateKeyKey: user.key
+  {{- else }}
   name: ""
+  {{- end }}
 sasl:
   mechanism: ""
 {{- else }}
@@ -307,6 +314,7 @@ sasl:
 {{- end }}
 {{- end }}
 
+{{/* Args: the root context. */}}
 {{- define "modalign.kafkaVolumeMounts" -}}
 {{- $connection := include "modalign.kafkaConnection" . | fromYaml }}
 {{- if $connection.caSecret.name }}
@@ -321,8 +329,13 @@ sasl:
 {{- end }}
 {{- end }}
 
+{{/* Args: (dict "root" $ "component" NAME): with Strimzi ACLs, the client certificate is the component's own KafkaUser's. */}}
 {{- define "modalign.kafkaVolumes" -}}
-{{- $connection := include "modalign.kafkaConnection" . | fromYaml }}
+{{- $connection := include "modalign.kafkaConnection" .root | fromYaml }}
+{{- $clientSecret := $connection.clientSecret.name }}
+{{- if eq $clientSecret "per-component" }}
+{{- $clientSecret = include "modalign.componentName" . }}
+{{- end }}
 {{- if $connection.caSecret.name }}
 - name: kafka-ca
   secret:
@@ -333,7 +346,7 @@ sasl:
 {{- if $connection.clientSecret.name }}
 - name: kafka-client
   secret:
-    secretName: {{ $connection.clientSecret.name }}
+    secretName: {{ $clientSecret }}
     # The private key: readable by the pod's group (fsGroup) only.
     defaultMode: 0440
     items:
@@ -385,6 +398,9 @@ Refuses combinations that cannot work, with what to change: the rollout controll
 the policy's InferenceService, owns its canary share.
 */}}
 {{- define "modalign.validate" -}}
+{{- if and (eq .Values.kafka.mode "strimzi") .Values.kafka.strimzi.acls (ne .Values.kafka.strimzi.listener "tls") }}
+{{- fail "kafka.strimzi.acls authenticates each service by its TLS client certificate: set kafka.strimzi.listener tls (or acls false)" }}
+{{- end }}
 {{- if and .Values.auth.insecure (or .Values.auth.tokensSecret .Values.auth.jwt.publicKeySecret) }}
 {{- fail "auth.insecure turns authentication off: unset auth.tokensSecret and auth.jwt.publicKeySecret, or auth.insecure" }}
 {{- end }}
@@ -539,4 +555,29 @@ MODALIGN_AUTH_JWT_ISSUER: {{ $auth.jwt.issuer | quote }}
 {{- end }}
 MODALIGN_AUTH_FRONT_ENDS: {{ join "," $auth.frontEnds | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+What each service may do on Kafka, as the KafkaUser ACLs of Strimzi mode grant it (strimzi.yaml): the
+topics it reads and writes (names without the prefix), its consumer group and its transactional id.
+Every service may also Describe every modalign topic (checking at start that they exist).
+*/}}
+{{- define "modalign.kafkaAccess" -}}
+policy:
+  read: [policy-versions, rollout]
+  write: [generations]
+feedback:
+  read: [feedback, generations]
+  write: [feedback]
+reward:
+  read: [policy-versions]
+  write: []
+trainer:
+  read: [generations, feedback, policy-versions, rollout]
+  write: [feedback.dlq, policy-versions]
+  group: {{ .Values.trainer.groupId }}
+rollout:
+  read: [generations, feedback, policy-versions, rollout]
+  write: [rollout]
+  transactionalId: rollout-controller
 {{- end }}

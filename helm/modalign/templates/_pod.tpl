@@ -215,7 +215,7 @@ volumes:
       {{- end }}
   {{- end }}
   {{- if $usesKafka }}
-  {{- with include "modalign.kafkaVolumes" $root | trim }}
+  {{- with include "modalign.kafkaVolumes" $args | trim }}
   {{- . | nindent 2 }}
   {{- end }}
   {{- end }}
