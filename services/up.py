@@ -21,13 +21,13 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from modalign.core.auth import ROLES, AuthConfig
+from modalign.core.auth import CLIENT, READER, ROLES, AuthConfig, ClientAuth
 from modalign.core.broker import BrokerConfig
 from modalign.core.config import FLATTEN, ConfigError, parse_config, with_overrides
 from modalign.core.grpc_server import dial
 from modalign.core.kafka import KafkaConfig
 from modalign.core.launch import LocalSystem, on_broker
-from modalign.core.service import GrpcServiceConfig, ServiceConfig
+from modalign.core.service import ServiceConfig
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.reward.config import RewardServerConfig
@@ -119,11 +119,6 @@ def local_tokens(home: Path) -> Path:
     return path
 
 
-def read_token(tokens_file: Path | None, role: str) -> str:
-    """role's token from a tokens file up wrote; empty without one (authentication off)."""
-    return json.loads(Path(tokens_file).read_text())[role] if tokens_file else ""
-
-
 def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, auth: AuthConfig,
                    overrides: Overrides | None = None) -> dict[str, ServiceConfig]:
     """The configs of one local system's services, in start order, sharing the blob store, the model
@@ -146,8 +141,10 @@ def local_services(kafka: KafkaConfig, home: Path, ports: LocalPorts, auth: Auth
                              policy_metrics=(f"127.0.0.1:{ports.metrics(0)}",),
                              reward_url=f"127.0.0.1:{ports.reward_http}"),
     }
-    services = {name: dataclasses.replace(config, auth=auth) if isinstance(config, GrpcServiceConfig) else config
+    # Every service that takes callers authenticates them alike; the controller scores with the reader token.
+    services = {name: dataclasses.replace(config, auth=auth) if hasattr(config, "auth") else config
                 for name, config in services.items()}
+    services["rollout"] = dataclasses.replace(services["rollout"], reward_auth=ClientAuth(auth.tokens_file, READER))
     return {name: with_overrides(config, overrides.get(name, {})) for name, config in services.items()}
 
 
@@ -188,8 +185,8 @@ def run_local_system(config: UpConfig) -> int:
             print(f"tokens {tokens}\n  bearer tokens by role (client, operator, reader), sent as 'authorization: Bearer TOKEN'",
                   flush=True)
         if config.example:
-            example_chat(f"http://{ports.policy_http}/v1", read_token(tokens, "client"))
-            example_call(ports.policy, ports.feedback, read_token(tokens, "client"))
+            example_chat(f"http://{ports.policy_http}/v1", ClientAuth(tokens, CLIENT).token())
+            example_call(ports.policy, ports.feedback, ClientAuth(tokens, CLIENT).token())
         while not stopping.wait(1.0):
             if (exited := system.exited()) is not None:
                 print(f"{exited.name} exited with {exited.process.returncode}; see {exited.log_path}")

@@ -21,30 +21,38 @@ from pathlib import Path
 import grpc
 import httpx
 import jwt
+import numpy as np
 import openai
 import pytest
+import tritonclient.grpc as tritongrpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from tritonclient.utils import InferenceServerException
 
-from modalign.core.auth import AuthConfig
+from modalign.core.auth import AuthConfig, ClientAuth
+from modalign.core.blobs import BlobStore
 from modalign.core.grpc_server import dial
-from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.kafka import KafkaConfig, make_producer, produce_durably, read_topic
 from modalign.core.modelstore import DirectoryStore, Manifest, Published
 from modalign.core.processes import ManagedProcess, free_port
 from modalign.core.ratelimit import RateLimit
 from modalign.core.tls import ClientTls, TlsConfig
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
+from modalign.policy.conversation import chat_messages, single_question
 from modalign.policy.model import save_policy
+from modalign.reward.config import RewardServerConfig
+from modalign.rollout.controller import STATE_KEY, StateStore
+from modalign.rollout.evidence import RewardScorer, _ServedResponse
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 from tests.certificates import CertificateAuthority, Issued
 from tests.policy.test_policy_service import png
 from tests.rollout.users import announce, policy_with_eos_logit, publish
-from tests.services import start_grpc_service
+from tests.services import start_grpc_service, start_service
 
 pytestmark = pytest.mark.integration
 
@@ -348,3 +356,103 @@ def test_one_user_flooding_generate_or_feedback_is_held_to_its_rate_and_told_whe
     finally:
         for process in processes:
             process.stop()
+
+
+def test_a_rollout_state_written_outside_the_controllers_transactions_is_ignored(
+        kafka_config: KafkaConfig, tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path / "models")
+    process, address, metrics_port = start_grpc_service(
+        PolicyConfig, kafka_config, tmp_path, follow="rollout", blob_dir=tmp_path / "blobs", model_store=str(store.root))
+    try:
+        def served() -> str:
+            with dial(address) as channel:
+                return policy_pb2_grpc.PolicyServiceStub(channel).Generate(question("u"), timeout=60).policy_version
+
+        publish(kafka_config, store, "v7", eos_logit=3.0)
+        forged = events_pb2.RolloutState(revision=1000, stable_version="v7", reason="anyone with write access")
+        producer = make_producer(kafka_config)
+        try:  # acknowledged by the broker, committed as far as a read_committed reader goes, but no transaction's
+            produce_durably(producer, kafka_config.topic("rollout"), [(STATE_KEY.decode(), forged)], timeout_s=30)
+        finally:
+            producer.close()
+        deadline = time.monotonic() + 60
+        while metric(metrics_port, "modalign_state_records_ignored_total") < 1:
+            assert time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.5)
+        assert served() == "v0"
+        controller = StateStore(kafka_config)  # the controller's own writer, in its transactions
+        try:
+            controller.write(events_pb2.RolloutState(revision=1001, stable_version="v7", reason="the controller's"))
+        finally:
+            controller.close()
+        while served() != "v7":
+            assert time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.5)
+    finally:
+        process.stop()
+
+
+def test_the_reward_service_scores_only_for_a_role_that_may_over_tls(secured: Secured, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    blobs = BlobStore(tmp_path / "blobs")
+    image = blobs.put(png())
+    config = RewardServerConfig(auth=AuthConfig(tokens_file=tokens), tls=TlsConfig(cert=secured.server.cert, key=secured.server.key),
+                                http_port=free_port(), grpc_port=free_port(), grace_period=1)
+    process = start_service(config, tmp_path, "secured-reward", timeout_s=240)
+    try:
+        base = f"https://127.0.0.1:{config.http_port}"
+        context = ssl.create_default_context(cafile=str(secured.authority.cert))
+        body = json.dumps({"inputs": [
+            {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["What colour is the square?"]},
+            {"name": "response", "datatype": "BYTES", "shape": [1], "data": ["It is red."]},
+            {"name": "images", "datatype": "BYTES", "shape": [1, 1], "data": [[base64.b64encode(png()).decode()]]},
+        ]}).encode()
+
+        def call(path: str, token: str = "", data: bytes | None = None) -> int:
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+            try:
+                with urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers),
+                                            timeout=60, context=context) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        infer = "/v2/models/reward/infer"
+        assert call(infer, data=body) == 401
+        assert call(infer, "x" * 40, data=body) == 401
+        assert call(infer, TOKENS["operator"], data=body) == 403
+        assert call("/v2/repository/models/reward/unload", TOKENS["client"], data=b"{}") == 403
+        assert call(infer, TOKENS["reader"], data=body) == call(infer, TOKENS["client"], data=body) == 200
+        assert call("/v2/health/ready") == 200 and call("/metrics") == 200  # probes and scrapers need no token
+        with pytest.raises(OSError):  # and plain HTTP gets no answer
+            urllib.request.urlopen(f"http://127.0.0.1:{config.http_port}/v2/health/ready", timeout=10)
+
+        grpc_client = tritongrpc.InferenceServerClient(f"127.0.0.1:{config.grpc_port}", ssl=True,
+                                                       root_certificates=str(secured.authority.cert))
+        assert grpc_client.is_server_live()
+        inputs = []
+        for name, array in (("prompt", np.array([b"What colour?"], dtype=np.object_)),
+                            ("response", np.array([b"Red."], dtype=np.object_)),
+                            ("images", np.array([[png()]], dtype=np.object_))):
+            infer_input = tritongrpc.InferInput(name, list(array.shape), "BYTES")
+            infer_input.set_data_from_numpy(array)
+            inputs.append(infer_input)
+        with pytest.raises(InferenceServerException) as refused:
+            grpc_client.infer("reward", inputs)
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        scored = grpc_client.infer("reward", inputs, headers={"authorization": f"Bearer {TOKENS['reader']}"})
+        assert scored.as_numpy("score").shape == (1,)
+
+        # The rollout controller's own client: TLS against the CA, the reader token from the tokens file.
+        scorer = RewardScorer(f"127.0.0.1:{config.http_port}", "reward", blobs, ClientTls(secured.authority.cert),
+                              ClientAuth(tokens, "reader"))
+        asked = json.dumps(chat_messages(single_question("What colour is the square?", [image])))
+        served = _ServedResponse("v0", "What colour is the square?", "It is red.", (image,), asked)
+        scores, _ = scorer.score([served])
+        assert len(scores) == 1
+        with pytest.raises(InferenceServerException):
+            RewardScorer(f"127.0.0.1:{config.http_port}", "reward", blobs, ClientTls(secured.authority.cert),
+                         ClientAuth()).score([served])
+    finally:
+        process.stop()

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from modalign.core.auth import ClientAuth
 from modalign.core.grpc_server import dial
-from modalign.up import read_token
 from modalign.v1 import feedback_pb2_grpc, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
 from tests.services import free_run
@@ -47,7 +47,7 @@ def test_up_serves_a_version_its_users_prefer_within_twenty_minutes(tmp_path: Pa
         threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # keep the pipe drained
 
         policy_address, feedback_address, rollout_address = (f"127.0.0.1:{grpc_base + i}" for i in (0, 1, 4))
-        client, reader = (read_token(tmp_path / "tokens.json", role) for role in ("client", "reader"))
+        client, reader = (ClientAuth(tmp_path / "tokens.json", role).token() for role in ("client", "reader"))
         with dial(policy_address, client) as policy_channel, dial(feedback_address, client) as feedback_channel, \
                 dial(rollout_address, reader) as rollout_channel:
             policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)

@@ -268,3 +268,27 @@ def check(authenticator: Authenticator, allowed: Collection[str], method: str, a
         REFUSED.labels(method, "unauthenticated" if refusal.unauthenticated else "permission_denied").inc()
         raise
     return principal
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """The bearer token a modalign service sends when it calls another."""
+
+    tokens_file: Path | None = None
+    """A tokens file as `modalign up` writes it and the chart's Secret holds it (JSON by role); unset:
+    no token is sent."""
+    role: str = READER
+    """Whose token in tokens_file to send."""
+
+    def validate(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError("role", f"one of {', '.join(ROLES)}, got {self.role!r}")
+
+    def token(self) -> str:
+        """role's token, read now (so a rotated file is followed); the first when the role lists several."""
+        if self.tokens_file is None:
+            return ""
+        entry = json.loads(Path(self.tokens_file).read_text())[self.role]
+        if isinstance(entry, dict):
+            entry = next(iter(entry.values()))
+        return entry[0] if isinstance(entry, list) else entry

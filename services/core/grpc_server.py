@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
-from modalign.core.auth import Authenticator, Refused, acting_as, check
+from modalign.core.auth import Authenticator, Principal, Refused, acting_as, check
 from modalign.core.tls import ClientTls, TlsConfig, grpc_server_credentials
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,19 @@ PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRefle
 """Open to every caller: probes (a kubelet sends no token) and schema discovery, which steer nothing."""
 
 
+def caller(authenticator: Authenticator, allowed: Collection[str], method: str, context) -> Principal:
+    """The principal of a gRPC call (its bearer token, else its verified client certificate), if it may
+    call method; raises Refused otherwise. context: a sync or an asyncio ServicerContext."""
+    metadata = dict(context.invocation_metadata() or ())
+    names = context.auth_context().get("x509_common_name") or [None]
+    certificate = names[0].decode() if isinstance(names[0], bytes) else None
+    return check(authenticator, allowed, method, metadata.get("authorization"), certificate)
+
+
+def refused_code(refusal: Refused) -> grpc.StatusCode:
+    return grpc.StatusCode.UNAUTHENTICATED if refusal.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Refuses a call without a credential (UNAUTHENTICATED) or whose principal holds none of its method's
     roles (PERMISSION_DENIED) before the service sees it, and runs the service as that principal
@@ -111,14 +124,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
         authenticator = self._authenticator
 
         def admit(context: grpc.ServicerContext):
-            metadata = dict(context.invocation_metadata())
-            names = context.auth_context().get("x509_common_name") or [None]
-            certificate = names[0].decode() if isinstance(names[0], bytes) else None
             try:
-                return acting_as(check(authenticator, allowed, method, metadata.get("authorization"), certificate))
+                return acting_as(caller(authenticator, allowed, method, context))
             except Refused as refusal:
-                code = grpc.StatusCode.UNAUTHENTICATED if refusal.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
-                context.abort(code, str(refusal))
+                context.abort(refused_code(refusal), str(refusal))
 
         def wrap_unary(behaviour: Callable) -> Callable:
             def run(request_or_iterator, context):

@@ -83,18 +83,19 @@ def grpc_server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
         roots = Path(tls.client_ca).read_bytes() if tls.client_ca else None
         return grpc.ssl_server_certificate_configuration(pair, root_certificates=roots)
 
-    current = {"stamp": tls.stamp()}
+    stamp = tls.stamp()
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal stamp
         try:
             now = tls.stamp()
-            if now == current["stamp"]:
+            if now == stamp:
                 return None
             renewed = configuration()
         except (OSError, ValueError) as error:  # mid-replacement: keep serving the old one, try next time
             log.warning("TLS files not reloaded yet: %s", error)
             return None
-        current["stamp"] = now
+        stamp = now
         log.info("TLS certificate reloaded from %s", tls.cert)
         return renewed
 
@@ -116,17 +117,18 @@ def http_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         context.sni_callback = switch
         return context
 
-    current = {"stamp": tls.stamp()}
+    stamp, renewed = tls.stamp(), None
 
     def switch(connection: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext) -> None:
+        nonlocal stamp, renewed
         try:
             now = tls.stamp()
-            if now != current["stamp"]:
-                current["context"], current["stamp"] = build(), now
+            if now != stamp:
+                renewed, stamp = build(), now
                 log.info("TLS certificate reloaded from %s", tls.cert)
         except (OSError, ssl.SSLError) as error:
             log.warning("TLS files not reloaded yet: %s", error)
-        if "context" in current:
-            connection.context = current["context"]
+        if renewed is not None:
+            connection.context = renewed
 
     return build()

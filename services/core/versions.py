@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from typing import Callable
 
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from prometheus_client import Counter
 
 from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
+
+NOT_TRANSACTIONAL = Counter(
+    "modalign_state_records_ignored_total",
+    "Records of a state topic written only in transactions (rollout) that no transaction committed: "
+    "ignored, whoever wrote them.",
+    ["topic"],
+)
 
 # Rollout phases in which a canary holds its share of traffic.
 ACTIVE_PHASES = (events_pb2.ROLLOUT_PHASE_PROGRESSING, events_pb2.ROLLOUT_PHASE_PAUSED)
@@ -28,13 +37,22 @@ class TopicFollower:
     is logged and its records skipped: one version that fails to load must not stop later ones.
 
     Reads only committed records: the rollout controller writes in transactions, and the writes a
-    fenced (superseded) controller had in flight are aborted, never routed by.
+    fenced (superseded) controller had in flight are aborted, never routed by. On the topics named
+    transactional, a record is passed on only once it is known to have been committed by a transaction:
+    a transaction's commit marker takes the offset after its last record, so such a record is followed
+    by a gap in the offsets the consumer sees (markers are never delivered). A record followed directly
+    by the next one, or by the end of the partition, was written outside any transaction (by anyone who
+    can write the topic but is not the controller): it is held while that is not yet known, then
+    ignored and counted.
     """
 
     def __init__(
-        self, config: KafkaConfig, topic_names: list[str], on_records: Callable[[list[ConsumerRecord]], None]
+        self, config: KafkaConfig, topic_names: list[str], on_records: Callable[[list[ConsumerRecord]], None],
+        transactional: Collection[str] = (),
     ) -> None:
         self._on_records = on_records
+        self._transactional = {config.topic(name) for name in transactional}
+        self._held: dict[TopicPartition, ConsumerRecord] = {}
         self._consumer = make_consumer(config, group_id=None, isolation_level="read_committed")
         self._partitions = [TopicPartition(config.topic(name), 0) for name in topic_names]
         assign(self._consumer, self._partitions)
@@ -47,8 +65,7 @@ class TopicFollower:
         ends = self._consumer.end_offsets(self._partitions)
         replayed: list[ConsumerRecord] = []
         while any(self._consumer.position(p) < ends[p] for p in self._partitions):
-            for records in self._consumer.poll(timeout_ms=500).values():
-                replayed.extend(records)
+            replayed.extend(self._committed(self._consumer.poll(timeout_ms=500)))
         if replayed:
             self._deliver(replayed)
         self._thread.start()
@@ -61,13 +78,37 @@ class TopicFollower:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                batch = [r for records in self._consumer.poll(timeout_ms=500).values() for r in records]
+                batch = self._committed(self._consumer.poll(timeout_ms=500))
             except Exception:
                 log.warning("could not poll %s; retrying", [p.topic for p in self._partitions], exc_info=True)
                 self._stopping.wait(1.0)
                 continue
             if batch:
                 self._deliver(batch)
+
+    def _committed(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> list[ConsumerRecord]:
+        """The records of one poll to pass on, in order per partition: on a transactional topic, those a
+        transaction committed (a held record first, once the offsets after it say)."""
+        passed: list[ConsumerRecord] = []
+        for partition in self._partitions:
+            records = polled.get(partition, [])
+            if partition.topic not in self._transactional:
+                passed.extend(records)
+                continue
+            held = self._held.pop(partition, None)
+            pending = ([held] if held is not None else []) + records
+            position = self._consumer.position(partition)
+            for record, following in zip(pending, [r.offset for r in pending[1:]] + [position]):
+                if following > record.offset + 1:
+                    passed.append(record)
+                elif record is pending[-1] and record is not held:
+                    # Nothing after it yet: a poll cut short may not have reached its commit marker. The
+                    # next poll reads on from the same fetch, so one more look decides.
+                    self._held[partition] = record
+                else:
+                    NOT_TRANSACTIONAL.labels(partition.topic).inc()
+                    log.warning("ignoring %s offset %d: written outside a transaction", partition.topic, record.offset)
+        return passed
 
     def _deliver(self, records: list[ConsumerRecord]) -> None:
         try:

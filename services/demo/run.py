@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from modalign.core.auth import CLIENT, READER, AuthConfig
+from modalign.core.auth import CLIENT, READER, AuthConfig, ClientAuth
 from modalign.core.broker import BrokerConfig
 from modalign.core.config import DTYPES, FLATTEN, ConfigError, parse_config, require_one_of
 from modalign.core.grpc_server import dial
@@ -34,7 +34,7 @@ from modalign.demo.users import SimulatedUsers, Tally, UsersConfig
 from modalign.demo.warmstart import build_warm_start
 from modalign.reward.config import BACKBONES
 from modalign.trainer.algorithms import ALGORITHMS
-from modalign.up import LocalPorts, local_services, local_tokens, read_token
+from modalign.up import LocalPorts, local_services, local_tokens
 from modalign.v1 import events_pb2, rollout_pb2, rollout_pb2_grpc
 
 DEFAULT_CACHE = Path.home() / ".cache" / "modalign" / "warm-start"
@@ -131,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         system.start()
         print(f"demo: services up (logs in {home / 'logs'}); users start", flush=True)
         users = SimulatedUsers(UsersConfig(users=config.users, seed=config.seed), ports.policy, ports.feedback,
-                               http_url=f"http://{ports.policy_http}/v1", token=read_token(tokens, CLIENT))
+                               http_url=f"http://{ports.policy_http}/v1", token=ClientAuth(tokens, CLIENT).token())
         loop_started = time.monotonic()
         users.start()
-        promoted = watch(ports.rollout, read_token(tokens, READER), users, loop_started, config, stopping)
+        promoted = watch(ports.rollout, ClientAuth(tokens, READER).token(), users, loop_started, config, stopping)
         users.stop()
         loop_seconds = time.monotonic() - loop_started
         published = read_topic(kafka, "policy-versions", events_pb2.PolicyVersionPublished)

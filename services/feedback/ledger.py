@@ -62,6 +62,14 @@ class Ledger:
         with self._seen:
             return self._values.get(key)
 
+    def wait_for(self, key: str, timeout_s: float) -> str | None:
+        """The value of key once the tail has read it, waiting at most timeout_s; None if it has not."""
+        deadline = time.monotonic() + timeout_s
+        with self._seen:
+            while (value := self._values.get(key)) is None and (remaining := deadline - time.monotonic()) > 0:
+                self._seen.wait(remaining)
+            return value
+
     def record(self, key: str, value: str) -> None:
         """Notes a write this replica just had acknowledged, before the tail reads it back."""
         with self._seen:

@@ -140,13 +140,14 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         return False
 
     def _not_served(self, feedback: feedback_pb2.Feedback) -> str:
-        """Why feedback names a response its user was not served, or empty. A response not yet read from
-        the generations topic is looked for again once the ledger has read everything logged so far:
-        the policy logs a response before the client sees its id."""
+        """Why feedback names a response its user was not served, or empty. The policy logs a response
+        before the client sees its id, so a response not yet read from the generations topic is waited
+        for (the tail reads a new record within milliseconds), and, if still unknown, looked for once more
+        after the ledger has read everything logged so far."""
         served = self._served
         assert served is not None
         ids = referenced_responses(feedback)
-        if any(served.get(response_id) is None for response_id in ids):
+        if any(served.wait_for(response_id, timeout_s=1.0) is None for response_id in ids):
             try:
                 served.catch_up(self._config.kafka.produce_timeout_s)
             except TimeoutError:

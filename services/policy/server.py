@@ -233,7 +233,8 @@ def serve(config: PolicyConfig) -> None:
     follower = None
     if FOLLOW_MODES[config.follow]:
         # Before serving: a replica that starts mid-rollout routes as the others do from its first request.
-        follower = TopicFollower(config.kafka, FOLLOW_MODES[config.follow], on_records)
+        # Only the controller's transactions may route: a rollout state anyone else wrote is ignored.
+        follower = TopicFollower(config.kafka, FOLLOW_MODES[config.follow], on_records, transactional=["rollout"])
         follower.start()
     generations = Generations(config, router, processor, BlobStore(config.blob_dir))
     servicer = PolicyServicer(generations)

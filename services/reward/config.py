@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from modalign.core.auth import AuthConfig
+from modalign.core.broker import port_open
 from modalign.core.config import DTYPES, require_one_of
 from modalign.core.images import ImageLimits
 from modalign.core.kafka import KafkaConfig
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config
 from modalign.core.processes import http_ok
-from modalign.core.service import ServiceConfig, loopback
+from modalign.core.service import CannotStart, ServiceConfig, loopback
+from modalign.core.tls import TlsConfig
 
 FOLLOW_MODES = ("latest", "none")
 BACKBONES = ("generative", "clip")
@@ -81,6 +84,11 @@ class RewardServerConfig(ServiceConfig):
     reward model is loaded only from there, and one whose URI points anywhere else is refused."""
     s3: S3Config = field(default_factory=S3Config)
     """How to reach the model store when the trainer publishes to S3; used only with --follow latest."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """TLS (and mutual TLS) on the REST and gRPC listeners; plaintext when no certificate is given."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """How callers authenticate: scoring needs the client or reader role, loading models the operator
+    role; health, readiness, metadata and /metrics are open. Required unless --auth.insecure."""
 
     def validate(self) -> None:
         super().validate()
@@ -91,7 +99,13 @@ class RewardServerConfig(ServiceConfig):
     @property
     def url(self) -> str:
         """Where a client on this machine reaches the REST endpoints."""
-        return f"http://{loopback(self.host)}:{self.http_port}"
+        return f"{'https' if self.tls.enabled else 'http'}://{loopback(self.host)}:{self.http_port}"
+
+    def check_start(self) -> None:
+        if why := self.auth.missing():
+            raise CannotStart(why)
 
     def ready(self) -> bool:
+        if self.tls.enabled:  # this machine may hold no certificate the server accepts (mutual TLS)
+            return port_open(loopback(self.host), self.http_port)
         return http_ok(f"{self.url}/v2/health/ready")

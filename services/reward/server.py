@@ -39,6 +39,7 @@ from kserve.logging import logger
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from prometheus_client import Counter, Gauge
 
+from modalign.core.auth import Authenticator
 from modalign.core.kafka import ensure_topics
 from modalign.core.modelstore import (
     DEFAULT_MODEL_STORE,
@@ -248,7 +249,8 @@ def serve(config: RewardServerConfig) -> None:
     torch.set_num_threads(config.torch_threads)
     # The server first: constructing it configures KServe's logging, so the load is logged too.
     server = BoundModelServer(
-        host=config.host, http_port=config.http_port, grpc_port=config.grpc_port, grace_period=config.grace_period
+        host=config.host, tls=config.tls, authenticator=Authenticator(config.auth), http_port=config.http_port,
+        grpc_port=config.grpc_port, grace_period=config.grace_period,
     )
     model = RewardKServeModel(
         config.model_name, config.model_dir, seed=config.seed, backbone=config.backbone, device=config.device, dtype=config.dtype,

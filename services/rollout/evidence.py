@@ -17,8 +17,10 @@ import numpy as np
 from kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from modalign.core.auth import ClientAuth
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
+from modalign.core.tls import ClientTls
 from modalign.policy import conversation
 from modalign.rollout.analysis import Evidence, Traffic
 from modalign.v1 import events_pb2
@@ -46,13 +48,19 @@ class _ServedResponse:
 class RewardScorer:
     """Scores responses with the reward service over KServe's Open Inference Protocol v2 (REST)."""
 
-    def __init__(self, url: str, model_name: str, blobs: BlobStore, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, model_name: str, blobs: BlobStore, tls: ClientTls, auth: ClientAuth,
+                 timeout_s: float = 30.0) -> None:
         import tritonclient.http as httpclient  # only a controller that scores needs it
 
         self._http = httpclient
-        self._client = httpclient.InferenceServerClient(url=url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        options = {name: str(path) for name, path in
+                   (("ca_certs", tls.ca), ("certfile", tls.cert), ("keyfile", tls.key)) if path is not None}
+        self._client = httpclient.InferenceServerClient(
+            url=url, connection_timeout=timeout_s, network_timeout=timeout_s, ssl=tls.ca is not None, ssl_options=options,
+        )
         self._model_name = model_name
         self._blobs = blobs
+        self._auth = auth
 
     def score(self, served: list[_ServedResponse]) -> tuple[list[float], str]:
         """The scores, and the version of the reward model that gave them."""
@@ -73,7 +81,8 @@ class RewardScorer:
             infer_input = self._http.InferInput(name, list(array.shape), "BYTES")
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
-        result = self._client.infer(self._model_name, inputs)
+        token = self._auth.token()  # read per call: a rotated token is followed
+        result = self._client.infer(self._model_name, inputs, headers={"authorization": f"Bearer {token}"} if token else None)
         return [float(score) for score in result.as_numpy("score")], result.get_response().get("model_version", "")
 
     def close(self) -> None:

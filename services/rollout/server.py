@@ -16,12 +16,13 @@ from typing import ClassVar
 
 import grpc
 
-from modalign.core.auth import OPERATOR, READER, current_principal
+from modalign.core.auth import OPERATOR, READER, ClientAuth, current_principal
 from modalign.core.blobs import BlobStore
 from modalign.core.config import ConfigError
 from modalign.core.grpc_server import access_for
 from modalign.core.kafka import ensure_topics
 from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
+from modalign.core.tls import ClientTls
 from modalign.rollout.controller import (
     Fenced,
     RolloutController,
@@ -62,6 +63,10 @@ class RolloutConfig(GrpcServiceConfig):
     """host:port of the reward service's REST endpoint (OIP v2); empty: no reward metric."""
     reward_model: str = "reward"
     """The reward model's name on the reward service's v2 endpoints."""
+    reward_tls: ClientTls = field(default_factory=ClientTls)
+    """How the controller reaches the reward service, when that serves TLS."""
+    reward_auth: ClientAuth = field(default_factory=ClientAuth)
+    """The token the controller scores with (a role the reward service lets score: reader by default)."""
     blob_dir: Path = Path.home() / ".local" / "share" / "modalign" / "blobs"
     """The image store the policy writes to; the reward model scores responses with their images."""
     tick_seconds: float = 1.0
@@ -163,7 +168,10 @@ def control_loop(controller: RolloutController, sync: KServeSync | None, tick_s:
 
 def serve(config: RolloutConfig) -> None:
     ensure_topics(config.kafka)
-    scorer = RewardScorer(config.reward_url, config.reward_model, BlobStore(config.blob_dir)) if config.reward_url else None
+    scorer = None
+    if config.reward_url:
+        scorer = RewardScorer(config.reward_url, config.reward_model, BlobStore(config.blob_dir), config.reward_tls,
+                              config.reward_auth)
     catalog = VersionCatalog(config.kafka)
     store = StateStore(config.kafka)
     controller = RolloutController(

@@ -700,7 +700,7 @@ def test_the_policys_openai_api_has_its_port_service_and_clients_and_forwards_fe
     assert feedback["from"][1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "policy"
 
 
-AUTHENTICATING = ("policy", "feedback", "rollout")
+AUTHENTICATING = ("policy", "feedback", "reward", "rollout")
 
 
 @values_files
@@ -721,6 +721,9 @@ def test_every_api_service_requires_tokens_from_a_secret_it_mounts_and_none_runs
     assert sorted(tokens) == ["client", "operator", "reader"] and len({*tokens.values()}) == 3
     assert all(len(token) >= 32 for token in tokens.values())
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    rollout = container_env(docs, service_container(pod_specs(docs)["rollout"]))
+    if "MODALIGN_REWARD_URL" in rollout:  # the controller scores with the reader token of the same file
+        assert rollout["MODALIGN_REWARD_AUTH_TOKENS_FILE"] == "/etc/modalign/auth/tokens.json"
 
 
 def test_tokens_and_a_jwt_key_can_come_from_the_operators_secrets(tmp_path: Path) -> None:

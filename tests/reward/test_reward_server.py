@@ -30,11 +30,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tritonclient.utils import InferenceServerException
 
+from modalign.core.auth import AuthConfig, ClientAuth
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
 from modalign.core.launch import on_broker
 from modalign.core.modelstore import DirectoryStore, Manifest
 from modalign.core.processes import free_port
+from modalign.core.tls import ClientTls
 from modalign.policy.conversation import from_chat_messages
 from modalign.reward.backbones import build_default_reward_model
 from modalign.reward.config import RewardServerConfig
@@ -114,7 +116,7 @@ def model_dir(store: DirectoryStore) -> Path:
 def server(
     model_dir: Path, store: DirectoryStore, kafka_config: KafkaConfig, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
-    config = on_broker(RewardServerConfig, kafka_config, model_dir=model_dir, http_port=free_port(),
+    config = on_broker(RewardServerConfig, kafka_config, auth=AuthConfig(insecure=True), model_dir=model_dir, http_port=free_port(),
                        grpc_port=free_port(), grace_period=1, follow="latest", model_store=str(store.root))
     # Generous: importing torch, transformers and kserve alone takes tens of seconds on a busy 2-core box.
     process = start_service(config, tmp_path_factory.mktemp("logs"), "reward-server", timeout_s=240)
@@ -212,7 +214,7 @@ def test_the_rollout_controller_scores_each_versions_served_responses_here(
     produce_durably(producer, kafka_config.topic("generations"), generations, 30)
     producer.close()
 
-    collector = EvidenceCollector(kafka_config, RewardScorer(server["http"], MODEL_NAME, blobs))
+    collector = EvidenceCollector(kafka_config, RewardScorer(server["http"], MODEL_NAME, blobs, ClientTls(), ClientAuth()))
     try:
         collector.reset("canary", "stable", since_ms=0)
         deadline = time.monotonic() + 60
@@ -518,7 +520,8 @@ def test_a_reward_version_announced_outside_the_model_store_is_refused_and_scori
 
 def test_a_bfloat16_server_scores_as_the_model_does_in_bfloat16(model_dir: Path, tmp_path: Path) -> None:
     """--dtype bfloat16 serves the reward model in bfloat16: its scores are the bfloat16 model's, not float32's."""
-    config = RewardServerConfig(model_dir=model_dir, http_port=free_port(), grpc_port=free_port(), grace_period=1,
+    config = RewardServerConfig(model_dir=model_dir, auth=AuthConfig(insecure=True), http_port=free_port(),
+                                grpc_port=free_port(), grace_period=1,
                                 dtype="bfloat16")
     process = start_service(config, tmp_path, "reward-bf16", timeout_s=240)
     try:

@@ -126,6 +126,10 @@ MODALIGN_REWARD_URL: {{ printf "%s-predictor.%s.svc:80" (include "modalign.compo
 MODALIGN_REWARD_URL: {{ printf "%s.%s.svc:%d" (include "modalign.componentName" $rewardArgs) $root.Release.Namespace (int $reward.httpPort) | quote }}
 {{- end }}
 MODALIGN_REWARD_MODEL: {{ $reward.modelName | quote }}
+{{- if not $root.Values.auth.insecure }}
+{{- /* The controller scores with the reader token, from the tokens it mounts to authenticate its own callers. */}}
+MODALIGN_REWARD_AUTH_TOKENS_FILE: {{ printf "%s/tokens.json" (include "modalign.authDir" $root) | quote }}
+{{- end }}
 {{- end }}
 MODALIGN_BLOB_DIR: {{ $root.Values.blobStore.mountPath | quote }}
 {{- if include "modalign.rolloutDrivesKServe" $root }}

@@ -81,6 +81,7 @@ reward:
   usesKafka: false
   usesModelStore: true
   usesBlobStore: false
+  authenticates: true
 trainer:
   command: trainer
   workload: StatefulSet
