@@ -8,6 +8,7 @@ import functools
 import importlib
 import json
 import re
+import urllib.parse
 from pathlib import Path
 
 import jsonschema
@@ -782,3 +783,30 @@ def test_with_strimzi_each_service_is_a_kafka_user_allowed_exactly_its_own_write
     for component, spec in pod_specs(docs).items():
         client = [v for v in spec["volumes"] if v["name"] == "kafka-client"]
         assert client and client[0]["secret"]["secretName"] == f"{RELEASE}-{component}", component
+
+
+@pytest.mark.parametrize("values_file", [None, example("s3")], ids=["default", "s3"])
+def test_every_service_may_reach_only_what_it_talks_to(values_file: Path | None) -> None:
+    docs = render(values_file)
+    endpoint = (yaml.safe_load(values_file.read_text())["modelStore"]["s3"].get("endpoint") if values_file else None)
+    on_s3, s3_port = values_file is not None, urllib.parse.urlparse(endpoint or "https://s3").port or 443
+    for component in ("policy", "feedback", "reward", "trainer", "rollout"):
+        policy = one(docs, "NetworkPolicy", f"{RELEASE}-{component}")["spec"]
+        assert policy["policyTypes"] == ["Ingress", "Egress"], component
+        ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
+        expected = {53}
+        if component != "reward":  # the reward service uses Kafka only to follow versions
+            expected.add(9092)
+        if component == "policy":
+            expected.add(50052)  # the feedback service, for /v1/feedback
+        if component == "rollout":
+            expected |= {9101, 8080}  # policy /metrics, reward REST
+        if on_s3 and component in ("policy", "reward", "trainer"):
+            expected.add(s3_port)
+        if component == "reward" and "MODALIGN_KAFKA_BOOTSTRAP_SERVERS" in container_env(
+                docs, service_container(pod_specs(docs)["reward"])):
+            expected.add(9092)
+        assert ports == expected, component
+    to_feedback = [rule for rule in one(docs, "NetworkPolicy", f"{RELEASE}-policy")["spec"]["egress"]
+                   if rule["ports"] == [{"port": 50052, "protocol": "TCP"}]]
+    assert to_feedback[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "feedback"
