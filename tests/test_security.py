@@ -21,15 +21,15 @@ from pathlib import Path
 import grpc
 import httpx
 import jwt
-import numpy as np
 import openai
 import pytest
-import tritonclient.grpc as tritongrpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as inference
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as inference_grpc
 from tritonclient.utils import InferenceServerException
 
 from modalign.core.auth import AuthConfig, ClientAuth
@@ -428,21 +428,22 @@ def test_the_reward_service_scores_only_for_a_role_that_may_over_tls(secured: Se
         with pytest.raises(OSError):  # and plain HTTP gets no answer
             urllib.request.urlopen(f"http://127.0.0.1:{config.http_port}/v2/health/ready", timeout=10)
 
-        grpc_client = tritongrpc.InferenceServerClient(f"127.0.0.1:{config.grpc_port}", ssl=True,
-                                                       root_certificates=str(secured.authority.cert))
-        assert grpc_client.is_server_live()
-        inputs = []
-        for name, array in (("prompt", np.array([b"What colour?"], dtype=np.object_)),
-                            ("response", np.array([b"Red."], dtype=np.object_)),
-                            ("images", np.array([[png()]], dtype=np.object_))):
-            infer_input = tritongrpc.InferInput(name, list(array.shape), "BYTES")
-            infer_input.set_data_from_numpy(array)
-            inputs.append(infer_input)
-        with pytest.raises(InferenceServerException) as refused:
-            grpc_client.infer("reward", inputs)
-        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
-        scored = grpc_client.infer("reward", inputs, headers={"authorization": f"Bearer {TOKENS['reader']}"})
-        assert scored.as_numpy("score").shape == (1,)
+        # gRPC with KServe's own stubs (tritonclient.grpc cannot share a process with kserve's protos).
+        def tensor(name: str, shape: list[int], *values: bytes) -> inference.ModelInferRequest.InferInputTensor:
+            return inference.ModelInferRequest.InferInputTensor(
+                name=name, datatype="BYTES", shape=shape, contents=inference.InferTensorContents(bytes_contents=values))
+
+        request = inference.ModelInferRequest(model_name="reward", inputs=[
+            tensor("prompt", [1], b"What colour?"), tensor("response", [1], b"Red."), tensor("images", [1, 1], png())])
+        tls = ClientTls(secured.authority.cert)
+        for token, code in (("", grpc.StatusCode.UNAUTHENTICATED), (TOKENS["operator"], grpc.StatusCode.PERMISSION_DENIED)):
+            with dial(f"127.0.0.1:{config.grpc_port}", token, tls) as channel:
+                stub = inference_grpc.GRPCInferenceServiceStub(channel)
+                assert stub.ServerLive(inference.ServerLiveRequest(), timeout=30).live  # open to all
+                assert code_of(lambda stub=stub: stub.ModelInfer(request, timeout=60)) == code
+        with dial(f"127.0.0.1:{config.grpc_port}", TOKENS["reader"], tls) as channel:
+            reply = inference_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+            assert [output.name for output in reply.outputs] == ["score"]
 
         # The rollout controller's own client: TLS against the CA, the reader token from the tokens file.
         scorer = RewardScorer(f"127.0.0.1:{config.http_port}", "reward", blobs, ClientTls(secured.authority.cert),
