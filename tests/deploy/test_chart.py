@@ -810,3 +810,8 @@ def test_every_service_may_reach_only_what_it_talks_to(values_file: Path | None)
     to_feedback = [rule for rule in one(docs, "NetworkPolicy", f"{RELEASE}-policy")["spec"]["egress"]
                    if rule["ports"] == [{"port": 50052, "protocol": "TCP"}]]
     assert to_feedback[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "feedback"
+
+
+def test_the_rollout_service_is_closed_to_the_network_unless_operators_are_listed() -> None:
+    ingress = one(render(), "NetworkPolicy", f"{RELEASE}-rollout")["spec"]["ingress"]
+    assert ingress == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]  # /metrics only; no grpc from anyone
