@@ -103,9 +103,16 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         except InvalidFeedback as error:
             FEEDBACK.labels(kind, "invalid").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, field_prefix + str(error))
-        if self._served is not None and (why := self._not_served(feedback)):
-            FEEDBACK.labels(kind, "not_served").inc()
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, field_prefix + why)
+        if self._served is not None:
+            try:
+                why = self._not_served(feedback)
+            except TimeoutError as error:
+                FEEDBACK.labels(kind, "unavailable").inc()
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{field_prefix}could not check that the response was "
+                                                           f"served (the generations log is out of reach), retry later: {error}")
+            if why:
+                FEEDBACK.labels(kind, "not_served").inc()
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, field_prefix + why)
         digest = content_digest(feedback)
         with self._lock_for(feedback.feedback_id):
             try:
@@ -143,15 +150,13 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         """Why feedback names a response its user was not served, or empty. The policy logs a response
         before the client sees its id, so a response not yet read from the generations topic is waited
         for (the tail reads a new record within milliseconds), and, if still unknown, looked for once more
-        after the ledger has read everything logged so far."""
+        after the ledger has read everything logged so far. Raises TimeoutError when it could not read
+        that far (the broker is away): nothing that might have been served is refused for good."""
         served = self._served
         assert served is not None
         ids = referenced_responses(feedback)
         if any(served.wait_for(response_id, timeout_s=1.0) is None for response_id in ids):
-            try:
-                served.catch_up(self._config.kafka.produce_timeout_s)
-            except TimeoutError:
-                pass  # judged on what was read: a response still unknown is refused, and the client retries
+            served.catch_up(self._config.kafka.produce_timeout_s)
         for response_id in ids:
             user = served.get(response_id)
             if user is None:

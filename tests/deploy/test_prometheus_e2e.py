@@ -53,7 +53,7 @@ from tests.deploy.monitoring import (
     sample_names,
     write_rules_file,
 )
-from tests.feedback.cases import valid_feedback
+from tests.feedback.cases import store_directly, valid_feedback
 from tests.services import free_run
 from tests.trainer.scripted_users import prompt
 
@@ -312,11 +312,27 @@ def test_a_candidate_the_gate_refuses_fires_the_gate_alert_and_the_trainer_repor
     assert versions == {"rejected": 1.0}, versions
 
 
+def served_feedback(services, kind: str) -> feedback_pb2.Feedback:
+    """Valid feedback of kind on responses the policy really served its user: the feedback service takes
+    no other."""
+    with grpc.insecure_channel(services["policy"].address) as channel:
+        request, _ = prompt(random.Random(), n=2)
+        reply = policy_pb2_grpc.PolicyServiceStub(channel).Generate(request, timeout=60)
+    feedback = valid_feedback(kind, response_id=reply.candidates[0].response_id)
+    feedback.user_id = request.user_id
+    if kind == "preference":
+        feedback.preference.rejected_response_id = reply.candidates[1].response_id
+    return feedback
+
+
 def test_feedback_about_responses_never_logged_fires_the_dead_letter_alert(system) -> None:
-    services, prometheus, _ = system
+    """The feedback service refuses such feedback now; one that reaches the topic anyway (its generation
+    aged out of retention, or a replica from before the check) is dead-lettered by the trainer."""
+    services, prometheus, kafka = system
     with grpc.insecure_channel(services["feedback"].address) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
-        assert submit(stub, valid_feedback("preference")) == grpc.StatusCode.OK
+        assert submit(stub, valid_feedback("preference")) == grpc.StatusCode.FAILED_PRECONDITION
+    store_directly(kafka, valid_feedback("preference"))
     (alert,) = prometheus.wait_firing("ModalignTrainerDeadLettersHigh", timeout_s=JOIN_MAX_WAIT_S + 30)
     assert (alert["job"], alert["severity"]) == (f"{RELEASE}-trainer", "warning")
     reasons = {sample.labels["reason"] for family in text_string_to_metric_families(scrape(services["trainer"]))
@@ -362,9 +378,15 @@ def test_an_operator_rolling_back_the_canary_fires_the_rollback_alert(system) ->
 
 
 POISON_READERS = {  # who reads which topic all the time, and so must skip its poison
-    "feedback": ["feedback"], "policy": ["policy-versions", "rollout"], "reward": ["policy-versions"],
+    "feedback": ["feedback"], "policy": ["policy-versions"], "reward": ["policy-versions"],
     "trainer": ["feedback", "generations", "rollout"], "rollout": ["policy-versions"],
 }
+
+
+def scraped(service: Service, name: str) -> float:
+    """The sum of a counter's samples on a service's /metrics."""
+    return sum(sample.value for family in text_string_to_metric_families(scrape(service))
+               if family.name == name.removesuffix("_total") for sample in family.samples if sample.name == name)
 
 
 def poison_counts(service: Service, kafka: KafkaConfig) -> dict[str, float]:
@@ -378,7 +400,9 @@ def test_poison_records_on_every_topic_are_skipped_and_the_valid_records_after_t
     """Garbage bytes, a record of another type (as modalign writes it, type header and all) and a record
     without a value, on every topic: each reader counts and skips them, keeps serving, and reads on."""
     services, prometheus, kafka = system
+    replica_feedback = served_feedback(services, "rating")
     before = {name: poison_counts(services[name], kafka) for name in POISON_READERS}
+    ignored_before = scraped(services["policy"], "modalign_state_records_ignored_total")
     producer = make_producer(kafka)
     wrong_type = events_pb2.DeadLetter(reason="not this topic's type")
     try:
@@ -387,7 +411,6 @@ def test_poison_records_on_every_topic_are_skipped_and_the_valid_records_after_t
                                    (None, [])):
                 producer.send(kafka.topic(topic), key=b"poison", value=value, headers=headers).get(timeout=10)
         # After the poison, valid feedback as another feedback replica would have written it.
-        replica_feedback = valid_feedback("rating")
         produce_durably(producer, kafka.topic("feedback"), [(replica_feedback.feedback_id, events_pb2.FeedbackReceived(
             feedback=replica_feedback, content_sha256=content_digest(replica_feedback)))], 10)
     finally:
@@ -402,6 +425,10 @@ def test_poison_records_on_every_topic_are_skipped_and_the_valid_records_after_t
             break
         time.sleep(1)
     assert all(n >= 3 for n in skipped.values()), skipped
+    # The policy takes rollout states only from transactions: it ignores the rollout poison before reading it.
+    while scraped(services["policy"], "modalign_state_records_ignored_total") < ignored_before + 3:
+        assert time.monotonic() < deadline + 30, "the policy did not ignore the rollout poison"
+        time.sleep(1)
     (alert,) = prometheus.wait_firing("ModalignKafkaPoisonRecords", job=f"{RELEASE}-trainer", topic=kafka.topic("generations"))
     assert alert["severity"] == "warning"
 
@@ -422,14 +449,16 @@ def test_poison_records_on_every_topic_are_skipped_and_the_valid_records_after_t
 
 def test_a_kafka_outage_fires_the_feedback_unavailable_produce_error_and_error_rate_alerts(system, module_broker) -> None:
     services, prometheus, _ = system
+    first, *ratings = [served_feedback(services, kind) for kind in ["preference", *["rating"] * 8]]
     with grpc.insecure_channel(services["feedback"].address) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
-        assert submit(stub, valid_feedback("preference")) == grpc.StatusCode.OK
+        assert submit(stub, first) == grpc.StatusCode.OK
         broker.stop(module_broker)
         with ThreadPoolExecutor(4) as pool:
             # Two rounds, scraped apart: the first creates the counters, the second moves them.
             for round_number in (1, 2):
-                codes = set(pool.map(lambda _: submit(stub, valid_feedback("rating")), range(4)))
+                batch = ratings[4 * (round_number - 1):4 * round_number]
+                codes = set(pool.map(lambda said: submit(stub, said), batch))
                 assert codes == {grpc.StatusCode.UNAVAILABLE}
                 prometheus.wait_value(
                     f'sum(modalign_feedback_received_total{{job="{RELEASE}-feedback", outcome="unavailable"}})',

@@ -67,7 +67,7 @@ def test_the_policy_service_refuses_to_start_on_it_with_the_reason(tmp_path: Pat
     Blip2Config().save_pretrained(tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "modalign", "policy", "--model-dir", str(tmp_path), "--listen", "127.0.0.1:0",
-         "--kafka.bootstrap-servers", "127.0.0.1:1"],
+         "--kafka.bootstrap-servers", "127.0.0.1:1", "--auth.insecure"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2, done.stderr

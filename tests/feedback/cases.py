@@ -6,7 +6,9 @@ import time
 import uuid
 from typing import Callable
 
-from modalign.v1 import feedback_pb2
+from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
+from modalign.feedback.server import content_digest
+from modalign.v1 import events_pb2, feedback_pb2
 
 
 def valid_feedback(kind: str, feedback_id: str | None = None, response_id: str | None = None) -> feedback_pb2.Feedback:
@@ -23,6 +25,17 @@ def valid_feedback(kind: str, feedback_id: str | None = None, response_id: str |
         feedback.edit.response_id = response_id
         feedback.edit.edited_text = "There are two red circles."
     return feedback
+
+
+def store_directly(kafka: KafkaConfig, feedback: feedback_pb2.Feedback) -> None:
+    """Writes feedback to the feedback topic as the feedback service would, past its checks: how a
+    record the service would refuse today (one on a response never logged) reaches the readers."""
+    producer = make_producer(kafka)
+    try:
+        produce_durably(producer, kafka.topic("feedback"), [(feedback.feedback_id, events_pb2.FeedbackReceived(
+            feedback=feedback, content_sha256=content_digest(feedback)))], timeout_s=30)
+    finally:
+        producer.close()
 
 
 def _set(path: str, value) -> Callable[[feedback_pb2.Feedback], None]:

@@ -18,15 +18,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from modalign.core.kafka import KafkaConfig, make_producer, produce_durably, read_topic
+from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.core.version_names import STARTING_VERSION
-from modalign.feedback.server import FeedbackConfig, content_digest
+from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.trainer.checkpoint import load_checkpoint
 from modalign.trainer.service import is_heldout
 from modalign.trainer.state import TrainerState
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
+from tests.feedback.cases import store_directly
 from tests.services import start_grpc_service
 from tests.trainer.scripted_users import prompt
 from tests.trainer.test_trainer_learns import trainer_process
@@ -60,12 +61,7 @@ def send_feedback(kafka: KafkaConfig, policy_address: str, feedback_address: str
     orphan = feedback_pb2.Feedback(feedback_id="orphan", user_id="u",
                                    rating=feedback_pb2.Rating(response_id=str(uuid.uuid4()), score=3))
     orphan.client_time.FromSeconds(int(time.time()))
-    producer = make_producer(kafka)
-    try:
-        produce_durably(producer, kafka.topic("feedback"), [(orphan.feedback_id, events_pb2.FeedbackReceived(
-            feedback=orphan, content_sha256=content_digest(orphan)))], timeout_s=30)
-    finally:
-        producer.close()
+    store_directly(kafka, orphan)
     return sent, orphan.feedback_id
 
 
