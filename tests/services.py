@@ -64,3 +64,4 @@ def free_run(count: int) -> int:
             for sock in sockets:
                 sock.close()
     raise RuntimeError("no run of free ports")
+

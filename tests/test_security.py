@@ -26,8 +26,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as inference
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as inference_grpc
 from tritonclient.utils import InferenceServerException
@@ -38,7 +36,7 @@ from modalign.core.grpc_server import dial
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably, read_topic
 from modalign.core.modelstore import DirectoryStore, Manifest, Published
 from modalign.core.processes import ManagedProcess, free_port
-from modalign.core.ratelimit import RateLimit
+from modalign.core.ratelimit import RateLimit, retry_delay_s
 from modalign.core.tls import ClientTls, TlsConfig
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
@@ -133,6 +131,12 @@ def question(user_id: str = "") -> policy_pb2.GenerateRequest:
 def generate(secured: Secured, token: str, user_id: str = "") -> policy_pb2.GenerateResponse:
     with dial(secured.policy, token, ClientTls(secured.authority.cert)) as channel:
         return policy_pb2_grpc.PolicyServiceStub(channel).Generate(question(user_id), timeout=60)
+
+
+def served_version(address: str) -> str:
+    """The version a plaintext, unauthenticated policy at address answers with."""
+    with dial(address) as channel:
+        return policy_pb2_grpc.PolicyServiceStub(channel).Generate(question("u"), timeout=60).policy_version
 
 
 def rating(user_id: str, response_id: str, score: int = 5) -> feedback_pb2.Feedback:
@@ -284,9 +288,6 @@ def test_a_version_announced_outside_the_model_store_is_refused_and_the_policy_k
     process, address, metrics_port = start_grpc_service(
         PolicyConfig, kafka_config, tmp_path, follow="latest", blob_dir=tmp_path / "blobs", model_store=str(store.root))
     try:
-        def served() -> str:
-            with dial(address) as channel:
-                return policy_pb2_grpc.PolicyServiceStub(channel).Generate(question("u"), timeout=60).policy_version
 
         publish(kafka_config, elsewhere, "v5", eos_logit=3.0)  # a valid version, in the wrong place
         published = store.publish(Manifest(version="v6", kind="policy", parent="test"),
@@ -297,23 +298,13 @@ def test_a_version_announced_outside_the_model_store_is_refused_and_the_policy_k
         while metric(metrics_port, "modalign_model_versions_refused_total") < 2:
             assert time.monotonic() < deadline, process.log_tail()
             time.sleep(0.5)
-        assert served() == "v0"
+        assert served_version(address) == "v0"
         announce(kafka_config, "v6", published)  # the store's own versions still load
-        while served() != "v6":
+        while served_version(address) != "v6":
             assert time.monotonic() < deadline, process.log_tail()
             time.sleep(0.5)
     finally:
         process.stop()
-
-
-def retry_delay_s(error: grpc.RpcError) -> float:
-    """The google.rpc.RetryInfo delay a RESOURCE_EXHAUSTED carries."""
-    status = rpc_status.from_call(error)
-    assert status is not None, "no rich status in the trailers"
-    [detail] = status.details
-    info = error_details_pb2.RetryInfo()
-    assert detail.Unpack(info)
-    return info.retry_delay.ToTimedelta().total_seconds()
 
 
 def test_one_user_flooding_generate_or_feedback_is_held_to_its_rate_and_told_when_to_retry(
@@ -364,9 +355,6 @@ def test_a_rollout_state_written_outside_the_controllers_transactions_is_ignored
     process, address, metrics_port = start_grpc_service(
         PolicyConfig, kafka_config, tmp_path, follow="rollout", blob_dir=tmp_path / "blobs", model_store=str(store.root))
     try:
-        def served() -> str:
-            with dial(address) as channel:
-                return policy_pb2_grpc.PolicyServiceStub(channel).Generate(question("u"), timeout=60).policy_version
 
         publish(kafka_config, store, "v7", eos_logit=3.0)
         forged = events_pb2.RolloutState(revision=1000, stable_version="v7", reason="anyone with write access")
@@ -379,13 +367,13 @@ def test_a_rollout_state_written_outside_the_controllers_transactions_is_ignored
         while metric(metrics_port, "modalign_state_records_ignored_total") < 1:
             assert time.monotonic() < deadline, process.log_tail()
             time.sleep(0.5)
-        assert served() == "v0"
+        assert served_version(address) == "v0"
         controller = StateStore(kafka_config)  # the controller's own writer, in its transactions
         try:
             controller.write(events_pb2.RolloutState(revision=1001, stable_version="v7", reason="the controller's"))
         finally:
             controller.close()
-        while served() != "v7":
+        while served_version(address) != "v7":
             assert time.monotonic() < deadline, process.log_tail()
             time.sleep(0.5)
     finally:

@@ -32,6 +32,17 @@ HANDLING_SECONDS = Histogram(
 )
 
 
+def rewrapped(handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_stream: Callable) -> grpc.RpcMethodHandler:
+    """handler with its behaviour wrapped: by wrap_unary where it answers once, wrap_stream where it streams."""
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts and times every RPC, streaming ones included, by its final status code."""
 
@@ -69,13 +80,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     record(context, started, failed)
             return run
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-        return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+        return rewrapped(handler, wrap_unary, wrap_stream)
 
 
 Access = Mapping[str, Collection[str]]
@@ -141,13 +146,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 yield from behaviour(request_or_iterator, context)
             return run
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-        return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+        return rewrapped(handler, wrap_unary, wrap_stream)
 
 
 def build_server(

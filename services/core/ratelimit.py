@@ -11,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -20,6 +20,8 @@ from grpc_status import rpc_status
 from prometheus_client import Counter
 
 from modalign.core.config import ConfigError
+
+T = TypeVar("T")
 
 LIMITED = Counter(
     "modalign_rate_limited_total",
@@ -85,3 +87,25 @@ def abort_with_retry_info(context: grpc.ServicerContext, message: str, wait_s: f
     detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     context.abort_with_status(rpc_status.to_status(
         status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])))
+
+
+def retry_delay_s(error: grpc.RpcError) -> float | None:
+    """The google.rpc.RetryInfo delay of a refusal (a per-user rate limit), or None if it carries none."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
+
+
+def politely(call: Callable[..., T], request: Any, **options: Any) -> T:
+    """call(request, **options), the client's side of the rate limit: each refusal that says when to retry
+    is waited out, as a well-behaved client does; any other error is raised."""
+    while True:
+        try:
+            return call(request, **options)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or (delay := retry_delay_s(error)) is None:
+                raise
+            time.sleep(delay)

@@ -16,6 +16,7 @@ import json
 import random
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -25,6 +26,7 @@ import grpc
 from google.protobuf import json_format
 
 from modalign.core.grpc_server import dial
+from modalign.core.ratelimit import politely
 from modalign.demo.scenes import Example, examples, faithfulness, make_question, reference_answer
 from modalign.policy.conversation import ROLES
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -115,11 +117,11 @@ class GrpcClient:
         self.policy, self.feedback = policy, feedback
 
     def generate(self, request: policy_pb2.GenerateRequest) -> Reply:
-        reply = self.policy.Generate(request, timeout=120)
+        reply = politely(self.policy.Generate, request, timeout=120)
         return Reply(reply.policy_version, tuple(Answer(c.response_id, c.text) for c in reply.candidates))
 
     def submit(self, feedback: feedback_pb2.Feedback) -> None:
-        self.feedback.Submit(feedback, timeout=60)
+        politely(self.feedback.Submit, feedback, timeout=60)
 
 
 class HttpClient:
@@ -142,10 +144,17 @@ class HttpClient:
         self._post("/feedback", json_format.MessageToDict(feedback, preserving_proto_field_name=True), {})
 
     def _post(self, path: str, body: dict, headers: dict[str, str]) -> dict:
+        """The reply's JSON; a 429 that says when to retry (Retry-After) is waited out, as by the gRPC client."""
         request = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json", **self._auth, **headers})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.load(response)
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as error:
+                if error.code != 429 or not error.headers.get("Retry-After"):
+                    raise
+                time.sleep(float(error.headers["Retry-After"]))
 
 
 def openai_message(turn: common_pb2.Message) -> dict:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from modalign.core.kafka import KafkaConfig, make_producer, produce_durably
 from modalign.core.modelstore import Manifest, ModelStore, Published
+from modalign.core.ratelimit import politely
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import build_default_policy, format_prompt, save_policy
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -176,7 +177,7 @@ class Users:
 
     def _generate(self, stubs, replica: int, request) -> policy_pb2.GenerateResponse | None:
         try:
-            reply = stubs[replica].Generate(request, timeout=60)
+            reply = politely(stubs[replica].Generate, request, timeout=60)
         except grpc.RpcError as error:
             version = dict(error.trailing_metadata() or ()).get("policy-version", "")
             with self._lock:
@@ -190,4 +191,4 @@ class Users:
     def _send(feedback, index: int, **kind) -> None:
         message = feedback_pb2.Feedback(feedback_id=uuid.uuid4().hex, user_id=f"user-{index}", **kind)
         message.client_time.FromSeconds(int(time.time()))
-        feedback.Submit(message, timeout=30)
+        politely(feedback.Submit, message, timeout=30)
