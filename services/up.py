@@ -104,12 +104,9 @@ def local_tokens(home: Path) -> Path:
     """home/tokens.json: a bearer token per role ({"client": ..., "operator": ..., "reader": ...}),
     readable only by this user; written on first use and kept (delete it to rotate every token)."""
     path = home / "tokens.json"
-    try:
-        tokens = json.loads(path.read_text())
-        if sorted(tokens) == sorted(ROLES) and path.stat().st_mode & 0o077 == 0:
+    with contextlib.suppress(OSError, ValueError):  # missing or unreadable: written afresh below
+        if sorted(json.loads(path.read_text())) == sorted(ROLES) and path.stat().st_mode & 0o077 == 0:
             return path
-    except (OSError, ValueError):
-        pass
     home.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as file:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import random
 import socket
+import urllib.request
 from pathlib import Path
 from typing import Any, TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig
@@ -65,3 +68,11 @@ def free_run(count: int) -> int:
                 sock.close()
     raise RuntimeError("no run of free ports")
 
+
+
+def counter_total(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of a counter's samples (name ends in _total) that carry labels, as a /metrics endpoint shows them."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())

@@ -50,7 +50,7 @@ from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc,
 from tests.certificates import CertificateAuthority, Issued
 from tests.policy.test_policy_service import png
 from tests.rollout.users import announce, policy_with_eos_logit, publish
-from tests.services import start_grpc_service, start_service
+from tests.services import counter_total, start_grpc_service, start_service
 
 pytestmark = pytest.mark.integration
 
@@ -163,11 +163,7 @@ def served_certificate_serial(address: str, authority: CertificateAuthority, cli
 
 
 def metric(port: int, name: str, **labels: str) -> float:
-    """The sum of a counter's series with labels, as a service's /metrics shows it."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
-               if line.startswith((f"{name}{{", f"{name} ")) and all(f'{k}="{v}"' in line for k, v in labels.items()))
+    return counter_total(f"http://127.0.0.1:{port}/metrics", name, **labels)
 
 
 def test_mutual_tls_admits_only_certificates_of_its_ca_and_roles(secured: Secured, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ class TlsConfig:
 
     def stamp(self) -> tuple:
         """Changes whenever one of the files does."""
-        return tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in self.files())
+        return tuple((info.st_mtime_ns, info.st_size) for info in map(os.stat, self.files()))
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from tests.deploy.monitoring import (
     write_rules_file,
 )
 from tests.feedback.cases import store_directly, valid_feedback
-from tests.services import free_run
+from tests.services import counter_total, free_run
 from tests.trainer.scripted_users import prompt
 
 pytestmark = pytest.mark.integration
@@ -384,9 +384,7 @@ POISON_READERS = {  # who reads which topic all the time, and so must skip its p
 
 
 def scraped(service: Service, name: str) -> float:
-    """The sum of a counter's samples on a service's /metrics."""
-    return sum(sample.value for family in text_string_to_metric_families(scrape(service))
-               if family.name == name.removesuffix("_total") for sample in family.samples if sample.name == name)
+    return counter_total(service.metrics_url, name)
 
 
 def poison_counts(service: Service, kafka: KafkaConfig) -> dict[str, float]:
