@@ -169,6 +169,8 @@ class StaticTokens:
             try:
                 parsed = parse_tokens(json.loads(self._path.read_text()), self._front_ends)
             except (OSError, ValueError) as error:
+                # Not read again, nor logged again, on every call: only once the file changes.
+                self._stamp = stamp
                 log.error("tokens file %s not reloaded, the tokens read before stay in force: %s", self._path, error)
                 return
             self._by_digest, self._stamp = parsed, stamp
