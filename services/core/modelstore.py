@@ -12,6 +12,7 @@ S3 version in a local cache.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ from urllib.parse import unquote, urlparse
 import boto3
 from botocore.config import Config as BotoConfig
 from prometheus_client import Counter
+
+from modalign.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,33 @@ class S3Config:
     cache_dir: Path = Path.home() / ".cache" / "modalign" / "models"
     """Where versions fetched from S3 are kept, verified, to be loaded from; a cached copy that still
     verifies is reused."""
+    allow_plaintext: bool = False
+    """Accept an http:// endpoint on another machine, over which request signatures and every model
+    file cross the network unencrypted (an in-cluster object store without TLS). Off: such an endpoint
+    is refused; http:// on loopback (127.0.0.0/8, ::1, localhost) is always accepted."""
+
+    def validate(self) -> None:
+        if self.endpoint_url and (refusal := plaintext_refusal(self.endpoint_url, self.allow_plaintext)):
+            raise ConfigError("endpoint_url", refusal)
+
+
+def plaintext_refusal(endpoint_url: str, allow_plaintext: bool) -> str | None:
+    """Why an S3 endpoint may not be used, or None: an http:// one that leaves this machine needs
+    allow_plaintext, as nothing else on the way protects what it carries."""
+    parsed = urlparse(endpoint_url)
+    if parsed.scheme != "http" or allow_plaintext or _is_loopback(parsed.hostname or ""):
+        return None
+    return (f"S3 endpoint {endpoint_url} is plaintext HTTP: request signatures and model files would cross the "
+            "network unencrypted; use https://, or accept that with --s3.allow-plaintext (MODALIGN_S3_ALLOW_PLAINTEXT)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a DNS name other than localhost: it may resolve anywhere
+        return False
 
 
 class ChecksumMismatch(RuntimeError):
@@ -220,6 +250,9 @@ class S3Store(ModelStore):
             # Ceph, older MinIO) refuse; every file is checked against its sha256 anyway.
             config=BotoConfig(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
         )
+        # The endpoint boto3 resolved: the flag's, or one from the environment (AWS_ENDPOINT_URL_S3).
+        if refusal := plaintext_refusal(self._client.meta.endpoint_url, config.allow_plaintext):
+            raise ValueError(refusal)
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")

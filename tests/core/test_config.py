@@ -102,7 +102,8 @@ def test_the_broker_and_demo_flags_read_the_environment(monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("config", [
     with_overrides(PolicyConfig(), {"listen": "0.0.0.0:1", "follow": "none", "blob_dir": Path("/b"),
-                                    "kafka.topic_prefix": "t.", "max_batch_wait_ms": 2.5, "s3.endpoint_url": "http://s"}),
+                                    "kafka.topic_prefix": "t.", "max_batch_wait_ms": 2.5, "s3.endpoint_url": "http://s",
+                                    "s3.allow_plaintext": True}),
     RewardServerConfig(model_dir=Path("/m"), follow="latest", limits=dataclasses.replace(
         RewardServerConfig().limits, max_batch_size=3)),
     with_overrides(TrainerConfig(), DEMO_SETTINGS["trainer"]),

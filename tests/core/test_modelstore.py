@@ -7,6 +7,7 @@ import pytest
 from botocore.client import BaseClient
 from botocore.config import Config
 
+from modalign.core.config import ConfigError, validate
 from modalign.core.modelstore import (
     MANIFEST,
     ChecksumMismatch,
@@ -194,6 +195,30 @@ def test_store_locations_name_their_backend(tmp_path: Path) -> None:
     s3 = open_store("s3://bucket/a/b/", S3Config(region="eu-west-1"))
     assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bucket", "a/b")
     assert open_store("s3://bucket").prefix == ""  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("endpoint", ["http://minio.storage:9000", "http://10.0.0.7:9000", "http://[2001:db8::1]:9000",
+                                      "http://localhost.example.com:9000"])
+def test_a_plaintext_s3_endpoint_off_this_machine_is_refused_unless_allowed(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="plaintext HTTP.*--s3.allow-plaintext") as refused:
+        validate(S3Config(endpoint_url=endpoint))
+    assert refused.value.field == "endpoint_url"
+    with pytest.raises(ValueError, match="plaintext HTTP"):
+        open_store("s3://bucket/models", S3Config(endpoint_url=endpoint))
+    # The same endpoint from the environment, where boto3 also looks, is refused as well.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    with pytest.raises(ValueError, match="plaintext HTTP"):
+        open_store("s3://bucket/models", S3Config())
+    allowed = S3Config(endpoint_url=endpoint, allow_plaintext=True)
+    validate(allowed)
+    assert isinstance(open_store("s3://bucket/models", allowed), S3Store)
+
+
+@pytest.mark.parametrize("endpoint", ["https://minio.storage:9000", "http://127.0.0.1:9000", "http://127.8.0.1",
+                                      "http://[::1]:9000", "http://localhost:9000", "http://LOCALHOST"])
+def test_https_and_loopback_s3_endpoints_need_no_permission(endpoint: str) -> None:
+    validate(S3Config(endpoint_url=endpoint))
+    assert isinstance(open_store("s3://bucket/models", S3Config(endpoint_url=endpoint)), S3Store)
 
 
 def test_a_version_uri_names_its_siblings_in_the_same_store() -> None:

@@ -47,6 +47,11 @@ def store_type(values_file: Path | None) -> str:
     return values.get("modelStore", {}).get("type", "pvc")
 
 
+def tls_enabled(values_file: Path | None) -> bool:
+    values = yaml.safe_load(values_file.read_text()) if values_file else {}
+    return values.get("tls", {}).get("enabled", False)
+
+
 def example(name: str) -> Path:
     return EXAMPLES / f"{name}.yaml"
 
@@ -86,8 +91,12 @@ def test_chart_lints_strictly(values_file: Path | None) -> None:
 
 @values_files
 def test_every_rendered_document_is_valid_against_its_schema(values_file: Path | None) -> None:
+    assert_valid(render(values_file))
+
+
+def assert_valid(docs: list[dict]) -> None:
+    """Every document valid against its schema: Kubernetes' own, or a custom resource's vendored one."""
     crds = schema_dir("crds")
-    docs = render(values_file)
     assert docs, "the chart rendered nothing"
     for doc in docs:
         label = f"{doc['kind']} {doc['metadata']['name']}"
@@ -125,10 +134,11 @@ def test_every_rendered_document_is_valid_against_its_schema(values_file: Path |
         ({"rollout": {"steps": [5, 150]}}, "at '/rollout/steps/1'"),
         ({"rollout": {"requiredMetrics": ["clicks"]}}, "at '/rollout/requiredMetrics/0'"),
         ({"policy": {"follow": "newest"}}, "at '/policy/follow': value must be one of 'rollout', 'latest', 'none'"),
+        ({"tls": {"secrets": {"trainer": "trainer-tls"}}}, "additional properties 'trainer' not allowed"),
     ],
     ids=["string-for-integer", "string-gpu-count", "unknown-kafka-mode", "string-for-boolean", "misspelt-key",
          "s3-without-bucket", "canary-above-100", "unknown-algorithm", "bad-volume-size", "step-above-100",
-         "unknown-rollout-metric", "unknown-follow-mode"],
+         "unknown-rollout-metric", "unknown-follow-mode", "tls-for-a-service-without-an-api"],
 )
 def test_values_that_break_the_schema_are_refused_with_the_path_at_fault(tmp_path: Path, bad_values: dict, message: str) -> None:
     values_file = tmp_path / "bad-values.yaml"
@@ -274,7 +284,7 @@ def test_pods_run_as_non_root_with_a_read_only_root_filesystem(values_file: Path
         assert {"/tmp", "/home/modalign/.cache"} <= writable, component
 
 
-@values_files
+@pytest.mark.parametrize("values_file", [f for f in VALUES_FILES if not tls_enabled(f)], ids=values_id)
 def test_grpc_services_are_probed_with_grpc_health_checks_on_their_port(values_file: Path | None) -> None:
     for component, spec in pod_specs(render(values_file)).items():
         container = service_container(spec)
@@ -454,7 +464,7 @@ def s3_values(tmp_path: Path, **more: dict) -> Path:
     values_file = tmp_path / "s3.yaml"
     values_file.write_text(yaml.safe_dump({
         "modelStore": {"type": "s3", "s3": {"bucket": "models", "prefix": "", "endpoint": "http://minio.storage:9000",
-                                            "secretName": "s3-keys"}},
+                                            "allowPlaintext": True, "secretName": "s3-keys"}},
         "trainer": {"enabled": False},
         "policy": {"follow": "none", **more.get("policy", {})},
         "reward": {"followVersions": False, **more.get("reward", {})},
@@ -485,8 +495,21 @@ def test_s3_model_store_reaches_inference_services_through_kserves_storage_initi
     assert one(docs, "ServiceAccount", RELEASE)["secrets"] == [{"name": "s3-keys"}]
 
 
-S3_KEYS = {"AWS_ACCESS_KEY_ID": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}},
-           "AWS_SECRET_ACCESS_KEY": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}}}
+def s3_keys(secret: str) -> dict[str, dict]:
+    """The env entries of an S3 key pair from a Secret, as the chart's values name the keys by default."""
+    return {name: {"secretKeyRef": {"name": secret, "key": name}} for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+
+
+# examples/s3.yaml: the trainer writes with one key pair, every other pod reads with a read-only one.
+S3_WRITER_KEYS, S3_READER_KEYS = s3_keys("s3-credentials"), s3_keys("s3-reader-credentials")
+S3_KEYS = S3_WRITER_KEYS
+
+
+def s3_key_refs(spec: dict) -> dict[str, set[str]]:
+    """The S3 key pair Secrets each container of a pod (storage initializers included) reads, by container."""
+    return {container["name"]: {entry["valueFrom"]["secretKeyRef"]["name"] for entry in container.get("env", [])
+                                if entry["name"] in S3_KEYS and "valueFrom" in entry}
+            for container in spec.get("initContainers", []) + spec["containers"]}
 
 
 def test_on_s3_the_trainer_publishes_to_the_bucket_and_policy_and_reward_fetch_into_a_cache() -> None:
@@ -496,8 +519,11 @@ def test_on_s3_the_trainer_publishes_to_the_bucket_and_policy_and_reward_fetch_i
     for component in ("policy", "reward", "trainer"):
         container = service_container(specs[component])
         env = container_env(docs, container)
-        assert {name: env[name] for name in S3_KEYS} == S3_KEYS, component
+        keys = S3_WRITER_KEYS if component == "trainer" else S3_READER_KEYS
+        assert {name: env[name] for name in S3_KEYS} == keys, component
         assert (env["MODALIGN_S3_ENDPOINT_URL"], env["MODALIGN_S3_REGION"]) == ("http://minio.minio.svc:9000", "us-east-1")
+        # The example's MinIO speaks plain HTTP, which the services refuse unless told it was chosen.
+        assert env["MODALIGN_S3_ALLOW_PLAINTEXT"] == "true", component
         # The root filesystem is read-only: the cache lives in the pod's writable models emptyDir.
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
         assert mount["readOnly"] is False and env["MODALIGN_S3_CACHE_DIR"].startswith(mount["mountPath"] + "/"), component
@@ -526,7 +552,10 @@ def test_on_s3_a_controller_driven_policy_inference_service_fetches_the_versions
     # The starting version from KServe's storage initializer; later ones by the s3:// URI the rollout
     # controller writes into the revision's annotation, fetched by the policy itself.
     assert env["STORAGE_URI"] == "s3://modalign-models/models/policy/v0"
-    assert {name: env[name] for name in S3_KEYS} == S3_KEYS
+    assert {name: env[name] for name in S3_KEYS} == S3_READER_KEYS
+    # KServe's storage initializer reads the Secrets listed on the pod's account: the read-only one.
+    assert predictor["serviceAccountName"] == RELEASE
+    assert one(docs, "ServiceAccount", RELEASE)["secrets"] == [{"name": "s3-reader-credentials"}]
     assert env["MODALIGN_S3_CACHE_DIR"] == "/models/cache" and {"name": "models", "emptyDir": {}} in predictor["volumes"]
 
 
@@ -534,9 +563,49 @@ def test_on_s3_a_controller_driven_policy_inference_service_fetches_the_versions
                                                  ("http://minio:9000", 9000), ("http://ceph.storage/", 80)])
 def test_the_trainers_egress_reaches_the_s3_endpoints_port(tmp_path: Path, endpoint: str, port: int) -> None:
     values_file = tmp_path / "s3.yaml"
-    values_file.write_text(yaml.safe_dump({"modelStore": {"type": "s3", "s3": {"bucket": "b", "secretName": "s", "endpoint": endpoint}}}))
+    values_file.write_text(yaml.safe_dump({"modelStore": {"type": "s3", "s3": {"bucket": "b", "secretName": "s", "endpoint": endpoint,
+                                                                              "allowPlaintext": True}}}))
     *_, s3_egress = one(render(values_file), "NetworkPolicy", f"{RELEASE}-trainer")["spec"]["egress"]
     assert s3_egress == {"ports": [{"port": port, "protocol": "TCP"}]}
+
+
+def test_on_s3_only_the_trainer_holds_the_key_pair_that_writes() -> None:
+    docs = render(example("s3"))
+    specs = pod_specs(docs)
+    for component in ("policy", "reward", "trainer"):
+        expected = "s3-credentials" if component == "trainer" else "s3-reader-credentials"
+        refs = s3_key_refs(specs[component])
+        assert len(refs) > 1 and all(secrets == {expected} for secrets in refs.values()), (component, refs)
+    for component in ("feedback", "rollout"):
+        assert not any(s3_key_refs(specs[component]).values()), component
+    # The trainer runs as an account of its own, so that a workload identity could tell it apart too.
+    assert specs["trainer"]["serviceAccountName"] == f"{RELEASE}-trainer"
+    assert {spec["serviceAccountName"] for component, spec in specs.items() if component != "trainer"} == {RELEASE}
+    assert "secrets" not in one(docs, "ServiceAccount", f"{RELEASE}-trainer")
+    assert one(docs, "ServiceAccount", RELEASE)["secrets"] == [{"name": "s3-reader-credentials"}]
+
+
+def test_on_s3_a_workload_identity_replaces_the_key_pairs(tmp_path: Path) -> None:
+    reader, writer = "arn:aws:iam::111122223333:role/modalign-reader", "arn:aws:iam::111122223333:role/modalign-writer"
+    values_file = tmp_path / "irsa.yaml"
+    values_file.write_text(yaml.safe_dump({
+        "modelStore": {"type": "s3", "s3": {"bucket": "models", "region": "eu-west-1"}},
+        "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": reader}},
+        "trainer": {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": writer}}},
+        "policy": {"kserve": {"enabled": True}},
+    }))
+    docs = render(values_file)
+    assert_valid(docs)
+    specs = pod_specs(docs)
+    for component, spec in specs.items():
+        assert not any(s3_key_refs(spec).values()), component
+    readers = one(docs, "ServiceAccount", RELEASE)
+    assert readers["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": reader} and "secrets" not in readers
+    trainer = one(docs, "ServiceAccount", f"{RELEASE}-trainer")
+    assert trainer["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": writer}
+    assert specs["trainer"]["serviceAccountName"] == f"{RELEASE}-trainer"
+    for component in ("policy", "reward"):  # the policy's InferenceService too: KServe's initializer runs as it
+        assert specs[component]["serviceAccountName"] == RELEASE, component
 
 
 def test_dashboards_are_configmaps_for_the_grafana_sidecar() -> None:
@@ -643,7 +712,22 @@ def test_rollout_controller_drives_the_policy_inference_service_with_its_own_nar
     ({"rollout": {"requiredMetrics": ["rating", "reward"], "scoreWithReward": False}},
      "rollout.requiredMetrics names reward, which needs the reward service"),
     ({"auth": {"insecure": True, "tokensSecret": "ours"}}, "auth.insecure turns authentication off"),
-], ids=["canary-share-set-by-hand", "decreasing-steps", "reward-metric-without-scoring", "insecure-with-tokens"])
+    ({"modelStore": {"type": "s3", "s3": {"bucket": "b", "endpoint": "http://minio:9000"}}},
+     "modelStore.s3.endpoint http://minio:9000 is plaintext HTTP"),
+    ({"tls": {"enabled": True}}, "tls.enabled: the policy service has no certificate"),
+    ({"tls": {"enabled": True, "secrets": {"policy": "p", "feedback": "f", "rollout": "r"}}},
+     "tls.enabled: the reward service has no certificate"),
+    ({"tls": {"mutual": True, "secretName": "modalign-tls"}}, "tls.mutual asks every caller for a certificate over TLS"),
+    ({"tls": {"enabled": True, "certManager": {"enabled": True}}}, "name the Issuer or ClusterIssuer"),
+    ({"tls": {"enabled": True, "secretName": "modalign-tls", "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}},
+     "unset tls.secretName and tls.secrets, or tls.certManager.enabled"),
+    ({"tls": {"enabled": True, "secretName": "modalign-tls"}, "reward": {"kserve": {"enabled": True}}},
+     "tls.enabled cannot be combined with reward.kserve.enabled"),
+    ({"tls": {"enabled": True, "mutual": True, "secretName": "modalign-tls"}},
+     "Prometheus needs a client certificate to scrape the reward service's /metrics"),
+], ids=["canary-share-set-by-hand", "decreasing-steps", "reward-metric-without-scoring", "insecure-with-tokens",
+        "plaintext-s3", "tls-without-certificates", "tls-without-one-certificate", "mutual-without-tls",
+        "cert-manager-without-issuer", "cert-manager-and-secrets", "tls-with-kserve", "mutual-scrape-without-certificate"])
 def test_settings_that_cannot_work_are_refused(tmp_path: Path, values: dict, message: str) -> None:
     values_file = tmp_path / "settings.yaml"
     values_file.write_text(yaml.safe_dump(values))
@@ -815,3 +899,88 @@ def test_every_service_may_reach_only_what_it_talks_to(values_file: Path | None)
 def test_the_rollout_service_is_closed_to_the_network_unless_operators_are_listed() -> None:
     ingress = one(render(), "NetworkPolicy", f"{RELEASE}-rollout")["spec"]["ingress"]
     assert ingress == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]  # /metrics only; no grpc from anyone
+
+
+TLS_SERVICES = ("policy", "feedback", "reward", "rollout")
+
+
+def test_with_tls_every_api_serves_the_certificate_it_mounts_and_callers_verify_it(tmp_path: Path) -> None:
+    values_file = tmp_path / "tls.yaml"
+    values_file.write_text(yaml.safe_dump({"tls": {"enabled": True, "secretName": "modalign-tls",
+                                                   "secrets": {"reward": "reward-tls"}}}))
+    docs = render(values_file)
+    assert_valid(docs)
+    specs = pod_specs(docs)
+    for component in TLS_SERVICES:
+        container = service_container(specs[component])
+        env = container_env(docs, container)
+        assert {"name": "tls", "mountPath": "/etc/modalign/tls", "readOnly": True} in container["volumeMounts"], component
+        [volume] = [v for v in specs[component]["volumes"] if v["name"] == "tls"]
+        assert volume["secret"] == {"secretName": "reward-tls" if component == "reward" else "modalign-tls",
+                                    "defaultMode": 0o440}, component
+        assert (env["MODALIGN_TLS_CERT"], env["MODALIGN_TLS_KEY"]) == ("/etc/modalign/tls/tls.crt", "/etc/modalign/tls/tls.key")
+        assert "MODALIGN_TLS_CLIENT_CA" not in env, component
+        # The flags exist: a misspelt one would stop the service at start.
+        known = env_of_flags(*SERVICE_CONFIGS[component])
+        assert {name for name in env if name.startswith("MODALIGN_")} <= known, component
+    trainer = specs["trainer"]
+    assert "tls" not in {v["name"] for v in trainer["volumes"]}
+    assert not {name for name in container_env(docs, service_container(trainer)) if "TLS" in name}
+    # The callers verify the services they call against the CA, and present no certificate of their own.
+    policy_env = container_env(docs, service_container(specs["policy"]))
+    rollout_env = container_env(docs, service_container(specs["rollout"]))
+    assert policy_env["MODALIGN_FEEDBACK_TLS_CA"] == rollout_env["MODALIGN_REWARD_TLS_CA"] == "/etc/modalign/tls/ca.crt"
+    assert "MODALIGN_FEEDBACK_TLS_CERT" not in policy_env and "MODALIGN_REWARD_TLS_CERT" not in rollout_env
+    # Kubelet's gRPC probes speak no TLS: TCP connects on gRPC ports, HTTPS GETs on HTTP ones.
+    probes = {component: {kind: service_container(specs[component])[kind]
+                          for kind in ("startupProbe", "livenessProbe", "readinessProbe")} for component in specs}
+    assert probes["policy"]["startupProbe"]["tcpSocket"] == probes["policy"]["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert probes["policy"]["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}
+    for component in ("feedback", "rollout"):
+        assert all(probe["tcpSocket"] == {"port": "grpc"} for probe in probes[component].values()), component
+    assert probes["reward"]["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTPS"}
+    assert probes["reward"]["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert probes["trainer"]["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}  # plain /metrics
+    # /metrics stays plain on its own ports; the reward service's shares its REST port, so it is scraped over HTTPS.
+    reward_scrape = one(docs, "ServiceMonitor", f"{RELEASE}-reward")["spec"]["endpoints"][0]
+    assert reward_scrape["scheme"] == "https"
+    assert reward_scrape["tlsConfig"] == {"ca": {"secret": {"name": "reward-tls", "key": "ca.crt"}},
+                                          "serverName": f"{RELEASE}-reward.{NAMESPACE}.svc"}
+    for component in ("policy", "feedback", "trainer", "rollout"):
+        assert "scheme" not in one(docs, "ServiceMonitor", f"{RELEASE}-{component}")["spec"]["endpoints"][0], component
+    assert not find(docs, "Certificate")
+
+
+def test_mutual_tls_with_cert_manager_issues_a_certificate_per_service_for_the_names_it_is_called_by() -> None:
+    docs = render(example("tls-cert-manager"))
+    specs = pod_specs(docs)
+    certificates = {c["metadata"]["name"]: c["spec"] for c in find(docs, "Certificate")}
+    for component in TLS_SERVICES:
+        container = service_container(specs[component])
+        env = container_env(docs, container)
+        [volume] = [v for v in specs[component]["volumes"] if v["name"] == "tls"]
+        certificate = certificates[volume["secret"]["secretName"]]
+        assert certificate["secretName"] == volume["secret"]["secretName"]
+        assert certificate["issuerRef"] == {"name": "modalign-ca", "kind": "Issuer", "group": "cert-manager.io"}
+        assert certificate["commonName"] == f"{RELEASE}-{component}"
+        assert {"server auth", "client auth"} <= set(certificate["usages"])
+        # Every caller must present a certificate from the CA, so kubelet's probes can only connect.
+        assert env["MODALIGN_TLS_CLIENT_CA"] == "/etc/modalign/tls/ca.crt", component
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert set(container[kind]) & {"grpc", "httpGet", "tcpSocket"} == {"tcpSocket"}, (component, kind)
+    # The names the callers dial are in the certificates they verify, and the callers present their own.
+    policy_env = container_env(docs, service_container(specs["policy"]))
+    rollout_env = container_env(docs, service_container(specs["rollout"]))
+    feedback_host = policy_env["MODALIGN_FEEDBACK_ADDRESS"].rpartition(":")[0]
+    reward_host = rollout_env["MODALIGN_REWARD_URL"].rpartition(":")[0]
+    assert feedback_host in certificates[f"{RELEASE}-feedback-tls"]["dnsNames"]
+    assert reward_host in certificates[f"{RELEASE}-reward-tls"]["dnsNames"]
+    for env, prefix in ((policy_env, "MODALIGN_FEEDBACK_TLS"), (rollout_env, "MODALIGN_REWARD_TLS")):
+        assert (env[f"{prefix}_CERT"], env[f"{prefix}_KEY"]) == ("/etc/modalign/tls/tls.crt", "/etc/modalign/tls/tls.key")
+    # Prometheus scrapes the reward service's /metrics with a client certificate of its own.
+    metrics_client = certificates.pop(f"{RELEASE}-metrics-client-tls")
+    assert metrics_client["usages"] == ["digital signature", "client auth"] and "dnsNames" not in metrics_client
+    tls_config = one(docs, "ServiceMonitor", f"{RELEASE}-reward")["spec"]["endpoints"][0]["tlsConfig"]
+    assert tls_config["cert"] == {"secret": {"name": f"{RELEASE}-metrics-client-tls", "key": "tls.crt"}}
+    assert tls_config["keySecret"] == {"name": f"{RELEASE}-metrics-client-tls", "key": "tls.key"}
+    assert set(certificates) == {f"{RELEASE}-{component}-tls" for component in TLS_SERVICES}

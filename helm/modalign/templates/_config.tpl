@@ -54,6 +54,9 @@ Args: (dict "root" $ "component" NAME)
 {{- if $facts.authenticates }}
 {{ include "modalign.authConfigData" $root }}
 {{- end }}
+{{- if include "modalign.servesTls" . }}
+{{- include "modalign.tlsConfigData" $root }}
+{{- end }}
 {{- if eq $component "policy" }}
 MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
 MODALIGN_METRICS_HOST: "0.0.0.0"
@@ -70,6 +73,7 @@ MODALIGN_HTTP_LISTEN: {{ printf "0.0.0.0:%d" (int $values.httpPort) | quote }}
 {{- if $root.Values.feedback.enabled }}
 {{- /* POST /v1/feedback goes on to the feedback service. */}}
 MODALIGN_FEEDBACK_ADDRESS: {{ printf "%s:%d" (include "modalign.componentName" (dict "root" $root "component" "feedback")) (int $root.Values.feedback.grpcPort) | quote }}
+{{- include "modalign.clientTlsConfigData" (dict "root" $root "prefix" "MODALIGN_FEEDBACK_TLS") }}
 {{- end }}
 {{- else if eq $component "feedback" }}
 MODALIGN_LISTEN: {{ printf "0.0.0.0:%d" (int $values.grpcPort) | quote }}
@@ -126,6 +130,7 @@ MODALIGN_REWARD_URL: {{ printf "%s-predictor.%s.svc:80" (include "modalign.compo
 MODALIGN_REWARD_URL: {{ printf "%s.%s.svc:%d" (include "modalign.componentName" $rewardArgs) $root.Release.Namespace (int $reward.httpPort) | quote }}
 {{- end }}
 MODALIGN_REWARD_MODEL: {{ $reward.modelName | quote }}
+{{- include "modalign.clientTlsConfigData" (dict "root" $root "prefix" "MODALIGN_REWARD_TLS") }}
 {{- if not $root.Values.auth.insecure }}
 {{- /* The controller scores with the reader token, from the tokens it mounts to authenticate its own callers. */}}
 MODALIGN_REWARD_AUTH_TOKENS_FILE: {{ printf "%s/tokens.json" (include "modalign.authDir" $root) | quote }}
@@ -148,6 +153,9 @@ MODALIGN_S3_ENDPOINT_URL: {{ . | quote }}
 MODALIGN_S3_REGION: {{ . | quote }}
 {{- end }}
 MODALIGN_S3_CACHE_DIR: {{ include "modalign.s3CacheDir" $root | quote }}
+{{- if $store.s3.allowPlaintext }}
+MODALIGN_S3_ALLOW_PLAINTEXT: "true"
+{{- end }}
 {{- end }}
 {{- range $flag, $value := $values.settings }}
 {{ printf "MODALIGN_%s" ($flag | replace "." "_" | replace "-" "_" | upper) }}: {{ $value | toString | quote }}

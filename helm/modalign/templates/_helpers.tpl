@@ -34,6 +34,8 @@ values block, an entry below, and its workload template.
 {{/*
 Facts of each service's code (not choices): the `modalign` subcommand, how it reports health, its ports
 (name, and the key of its values that holds the number), which port serves /metrics, what it reads.
+servesTls: its API listeners take --tls.* (tls.enabled puts them on TLS; /metrics on a port of its own
+stays plain HTTP).
 workload: the kind that runs it; stateless services are Deployments (or KServe InferenceServices),
 the trainer a StatefulSet (see trainer.yaml). singleton: exactly one pod, never two at once (replicas 1,
 strategy Recreate, no autoscaler or disruption budget).
@@ -55,6 +57,7 @@ policy:
   usesModelStore: true
   usesBlobStore: true
   authenticates: true
+  servesTls: true
 feedback:
   command: feedback
   workload: Deployment
@@ -67,6 +70,7 @@ feedback:
   usesModelStore: false
   usesBlobStore: false
   authenticates: true
+  servesTls: true
 reward:
   command: reward
   workload: Deployment
@@ -76,12 +80,14 @@ reward:
   ports:
     - {name: http, key: httpPort, appProtocol: http}
     - {name: grpc, key: grpcPort, appProtocol: grpc}
+  # /metrics on the REST port, where KServe serves it: with tls.enabled it is scraped over HTTPS.
   metricsPortName: http
   # Only to follow published versions (reward.followVersions).
   usesKafka: false
   usesModelStore: true
   usesBlobStore: false
   authenticates: true
+  servesTls: true
 trainer:
   command: trainer
   workload: StatefulSet
@@ -107,6 +113,7 @@ rollout:
     - {name: grpc, key: grpcPort, appProtocol: grpc}
     - {name: metrics, key: metricsPort, appProtocol: http}
   authenticates: true
+  servesTls: true
   metricsPortName: metrics
   usesKafka: true
   usesModelStore: false
@@ -395,8 +402,9 @@ loading the versions it publishes (fetched into a local cache)? Args: (dict "roo
 {{- define "modalign.s3CacheDir" -}}{{ .Values.modelStore.mountPath }}/cache{{- end }}
 
 {{/*
-Refuses combinations that cannot work, with what to change: the rollout controller, when it drives
-the policy's InferenceService, owns its canary share.
+Refuses combinations that cannot work, or that would weaken security without being asked to, with what
+to change: the rollout controller, when it drives the policy's InferenceService, owns its canary share;
+a plaintext S3 endpoint needs modelStore.s3.allowPlaintext; TLS needs a certificate for every service.
 */}}
 {{- define "modalign.validate" -}}
 {{- if and (eq .Values.kafka.mode "strimzi") .Values.kafka.strimzi.acls (ne .Values.kafka.strimzi.listener "tls") }}
@@ -421,22 +429,60 @@ the policy's InferenceService, owns its canary share.
 {{- fail "rollout.requiredMetrics names reward, which needs the reward service (reward.enabled) and rollout.scoreWithReward" }}
 {{- end }}
 {{- end }}
+{{- $s3 := .Values.modelStore.s3 }}
+{{- if and (eq .Values.modelStore.type "s3") (hasPrefix "http://" $s3.endpoint) (not $s3.allowPlaintext) }}
+{{- fail (printf "modelStore.s3.endpoint %s is plaintext HTTP: S3 request signatures and every model file would cross the network unencrypted. Give an https:// endpoint, or set modelStore.s3.allowPlaintext true to accept that" $s3.endpoint) }}
+{{- end }}
+{{- include "modalign.validateTls" . }}
 {{- end }}
 
-{{/* The S3 key pair from modelStore.s3.secretName, as every AWS client reads it. */}}
+{{- define "modalign.validateTls" -}}
+{{- $root := . }}
+{{- $tls := .Values.tls }}
+{{- if and $tls.mutual (not $tls.enabled) }}
+{{- fail "tls.mutual asks every caller for a certificate over TLS: set tls.enabled too" }}
+{{- end }}
+{{- if $tls.enabled }}
+{{- $certManager := $tls.certManager }}
+{{- if and $certManager.enabled (not $certManager.issuerRef.name) }}
+{{- fail "tls.certManager.enabled: name the Issuer or ClusterIssuer that signs the services' certificates in tls.certManager.issuerRef.name" }}
+{{- end }}
+{{- if and $certManager.enabled (or $tls.secretName $tls.secrets) }}
+{{- fail "tls.certManager.enabled issues every service's certificate into a Secret of its own: unset tls.secretName and tls.secrets, or tls.certManager.enabled" }}
+{{- end }}
+{{- range $component := include "modalign.components" . | fromJsonArray }}
+{{- $args := dict "root" $root "component" $component }}
+{{- if and (index $root.Values $component).enabled (include "modalign.servesTls" $args) }}
+{{- if include "modalign.servedByKServe" $args }}
+{{- fail (printf "tls.enabled cannot be combined with %s.kserve.enabled: KServe (through Knative's queue-proxy in Serverless mode) reaches and probes the predictor's container over plaintext, so a container serving TLS would get no traffic. Encrypt KServe's traffic with Knative's or a service mesh's TLS and leave tls.enabled false, or run the %s service as a Deployment (%s.kserve.enabled false)" $component $component $component) }}
+{{- end }}
+{{- if not (include "modalign.tlsSecretName" $args) }}
+{{- fail (printf "tls.enabled: the %s service has no certificate: give tls.secrets.%s or tls.secretName (a Secret with tls.crt, tls.key and ca.crt), or set tls.certManager.enabled" $component $component) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (include "modalign.metricsNeedClientCertificate" .) (not (include "modalign.metricsClientSecret" .)) }}
+{{- fail "tls.mutual: Prometheus needs a client certificate to scrape the reward service's /metrics, which shares its REST port: give tls.metricsClientSecret (a Secret with tls.crt and tls.key from the services' CA), or set tls.certManager.enabled, or monitoring.serviceMonitor.enabled false" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The component's S3 key pair (modalign.s3SecretName), as every AWS client reads it; none without a Secret. Args: (dict "root" $ "component" NAME) */}}
 {{- define "modalign.s3Credentials" -}}
-{{- $s3 := .Values.modelStore.s3 }}
+{{- $s3 := .root.Values.modelStore.s3 }}
+{{- with include "modalign.s3SecretName" . }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
-    secretKeyRef: {name: {{ $s3.secretName }}, key: {{ $s3.accessKeyIdKey }}}
+    secretKeyRef: {name: {{ . }}, key: {{ $s3.accessKeyIdKey }}}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
-    secretKeyRef: {name: {{ $s3.secretName }}, key: {{ $s3.secretAccessKeyKey }}}
+    secretKeyRef: {name: {{ . }}, key: {{ $s3.secretAccessKeyKey }}}
+{{- end }}
 {{- end }}
 
-{{/* Env of KServe's storage initializer for S3 (its documented variables). */}}
+{{/* Env of KServe's storage initializer for S3 (its documented variables). Args: (dict "root" $ "component" NAME) */}}
 {{- define "modalign.s3Env" -}}
-{{- $s3 := .Values.modelStore.s3 }}
+{{- $s3 := .root.Values.modelStore.s3 }}
 {{- include "modalign.s3Credentials" . }}
 {{- with $s3.endpoint }}
 - name: AWS_ENDPOINT_URL
@@ -581,4 +627,135 @@ rollout:
   read: [generations, feedback, policy-versions, rollout]
   write: [rollout]
   transactionalId: rollout-controller
+{{- end }}
+
+{{/* Where a service that serves TLS finds its Secret's files: tls.crt, tls.key and ca.crt. */}}
+{{- define "modalign.tlsDir" -}}/etc/modalign/tls{{- end }}
+
+{{/* Does the component serve its APIs over TLS (tls.enabled)? Args: (dict "root" $ "component" NAME) */}}
+{{- define "modalign.servesTls" -}}
+{{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
+{{- if and .root.Values.tls.enabled $facts.servesTls }}true{{- end }}
+{{- end }}
+
+{{/*
+Is the component's /metrics on one of its TLS API ports (the reward service's, on its REST port), so
+that Prometheus scrapes it over HTTPS? Every other service serves /metrics, plain, on a port named
+metrics of its own. Args: (dict "root" $ "component" NAME)
+*/}}
+{{- define "modalign.metricsOverTls" -}}
+{{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
+{{- if and (include "modalign.servesTls" .) (ne $facts.metricsPortName "metrics") }}true{{- end }}
+{{- end }}
+
+{{/*
+The Secret of a TLS service's certificate: the one cert-manager fills for the chart's Certificate
+(certificates.yaml), else tls.secrets.<component>, else the shared tls.secretName.
+Args: (dict "root" $ "component" NAME)
+*/}}
+{{- define "modalign.tlsSecretName" -}}
+{{- $tls := .root.Values.tls }}
+{{- if $tls.certManager.enabled }}
+{{- printf "%s-tls" (include "modalign.componentName" .) | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- index $tls.secrets .component | default $tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{/* The settings of a TLS service's listeners: its certificate and, under tls.mutual, the CA its callers' certificates must chain to. */}}
+{{- define "modalign.tlsConfigData" -}}
+{{- $dir := include "modalign.tlsDir" . }}
+MODALIGN_TLS_CERT: {{ printf "%s/tls.crt" $dir | quote }}
+MODALIGN_TLS_KEY: {{ printf "%s/tls.key" $dir | quote }}
+{{- if .Values.tls.mutual }}
+MODALIGN_TLS_CLIENT_CA: {{ printf "%s/ca.crt" $dir | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+How a service calls another over TLS (the policy the feedback service: --feedback-tls.*; the rollout
+controller the reward service: --reward-tls.*, by prefix): it verifies the other's certificate against
+the ca.crt of its own Secret, every certificate coming from one CA, and under tls.mutual presents its
+own certificate. Args: (dict "root" $ "prefix" "MODALIGN_FEEDBACK_TLS")
+*/}}
+{{- define "modalign.clientTlsConfigData" -}}
+{{- if .root.Values.tls.enabled }}
+{{- $dir := include "modalign.tlsDir" .root }}
+{{ .prefix }}_CA: {{ printf "%s/ca.crt" $dir | quote }}
+{{- if .root.Values.tls.mutual }}
+{{ .prefix }}_CERT: {{ printf "%s/tls.crt" $dir | quote }}
+{{ .prefix }}_KEY: {{ printf "%s/tls.key" $dir | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Does Prometheus need a client certificate: under tls.mutual, to scrape the reward service's /metrics,
+which shares its REST port (modalign.metricsOverTls)?
+*/}}
+{{- define "modalign.metricsNeedClientCertificate" -}}
+{{- if and .Values.tls.mutual .Values.monitoring.serviceMonitor.enabled .Values.reward.enabled (include "modalign.metricsOverTls" (dict "root" . "component" "reward")) }}true{{- end }}
+{{- end }}
+
+{{/* The Secret of that client certificate: tls.metricsClientSecret, or the one the chart has cert-manager issue (certificates.yaml). */}}
+{{- define "modalign.metricsClientSecret" -}}
+{{- $tls := .Values.tls }}
+{{- if include "modalign.metricsNeedClientCertificate" . }}
+{{- $tls.metricsClientSecret | default (ternary (printf "%s-metrics-client-tls" (include "modalign.fullname" .)) "" $tls.certManager.enabled) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret of the S3 key pair a component uses (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY): the trainer,
+the store's one writer, modelStore.s3.secretName; every other pod, which only reads, the readers'.
+Empty: no key pair, the pods get their credentials from a workload identity (serviceAccount.annotations,
+trainer.serviceAccount.annotations). Args: (dict "root" $ "component" NAME)
+*/}}
+{{- define "modalign.s3SecretName" -}}
+{{- $facts := index (include "modalign.componentFacts" .root | fromYaml) .component }}
+{{- if $facts.writesModelStore }}{{ .root.Values.modelStore.s3.secretName }}{{ else }}{{ include "modalign.s3ReaderSecretName" .root }}{{ end }}
+{{- end }}
+
+{{/* The readers' S3 Secret: modelStore.s3.readerSecretName, or secretName when that is empty (the readers then hold the write key too). */}}
+{{- define "modalign.s3ReaderSecretName" -}}
+{{- .Values.modelStore.s3.readerSecretName | default .Values.modelStore.s3.secretName }}
+{{- end }}
+
+{{/*
+The trainer's ServiceAccount. On S3 it is the store's one writer, so it runs as an account of its own
+that a workload identity (trainer.serviceAccount.annotations, e.g. an IAM role for service accounts)
+can let write while the others' (serviceAccount) only reads; on a volume the shared one.
+*/}}
+{{- define "modalign.trainerServiceAccountName" -}}
+{{- if ne .Values.modelStore.type "s3" }}
+{{- include "modalign.serviceAccountName" . }}
+{{- else if .Values.serviceAccount.create }}
+{{- .Values.trainer.serviceAccount.name | default (include "modalign.componentName" (dict "root" . "component" "trainer")) }}
+{{- else }}
+{{- .Values.trainer.serviceAccount.name | default (include "modalign.serviceAccountName" .) }}
+{{- end }}
+{{- end }}
+
+{{/* What every Certificate of the chart shares (certificates.yaml): its issuer, lifetime and key. */}}
+{{- define "modalign.certificateSpec" -}}
+{{- $certManager := .Values.tls.certManager -}}
+issuerRef:
+  {{- toYaml $certManager.issuerRef | nindent 2 }}
+duration: {{ $certManager.duration }}
+renewBefore: {{ $certManager.renewBefore }}
+privateKey:
+  {{- toYaml $certManager.privateKey | nindent 2 }}
+{{- end }}
+
+{{/*
+grpcurl's flags to reach a service port-forwarded to localhost (NOTES.txt): -plaintext, or under TLS the
+CA and the name in the service's certificate (and, under tls.mutual, a client certificate of that CA).
+Args: (dict "root" $ "component" NAME)
+*/}}
+{{- define "modalign.grpcurlFlags" -}}
+{{- if include "modalign.servesTls" . -}}
+-cacert ca.crt -servername {{ include "modalign.componentName" . }}{{ if .root.Values.tls.mutual }} -cert tls.crt -key tls.key{{ end }}
+{{- else -}}
+-plaintext
+{{- end }}
 {{- end }}

@@ -7,7 +7,8 @@ trainer's, which publishes into it; published versions are named by file:// path
 the same in every pod. On S3 a service's starting versions are copied in at start, by the chart's
 storage-initializer init containers or (InferenceServices) by KServe's, into an emptyDir at
 modelStore.mountPath; the trainer publishes to S3 itself, and services that follow its versions fetch
-each into a verified cache in that emptyDir, with the key pair from the Secret.
+each into a verified cache in that emptyDir; the trainer with the key pair that writes, every other
+pod with the one that only reads (modalign.s3SecretName), or each by its ServiceAccount's workload identity.
 */}}
 {{- define "modalign.podSpec" -}}
 {{- $root := .root }}
@@ -29,12 +30,13 @@ each into a verified cache in that emptyDir, with the key pair from the Secret.
 {{- end }}
 {{- $kserveCopiesFromS3 := and $onS3 $kserve }}
 {{- $drivesKServe := eq (include "modalign.rolloutDrivesKServe" $root) "true" }}
+{{- $servesTls := eq (include "modalign.servesTls" $args) "true" }}
 {{- if and (eq $component "rollout") $drivesKServe }}
 {{- /* The one pod that calls the Kubernetes API: its own account, allowed to patch the policy's InferenceService (serviceaccount.yaml). */}}
 serviceAccountName: {{ include "modalign.componentName" $args }}
 automountServiceAccountToken: true
 {{- else }}
-serviceAccountName: {{ include "modalign.serviceAccountName" $root }}
+serviceAccountName: {{ ternary (include "modalign.trainerServiceAccountName" $root) (include "modalign.serviceAccountName" $root) (eq $component "trainer") }}
 automountServiceAccountToken: false
 {{- end }}
 {{- with $root.Values.imagePullSecrets }}
@@ -54,8 +56,10 @@ initContainers:
     args:
       - {{ include "modalign.modelStorageUri" (dict "root" $root "kind" $kind) | quote }}
       - {{ printf "%s/%s" $store.mountPath (index $store.initialVersions $kind) | quote }}
+    {{- with include "modalign.s3Env" $args | trim }}
     env:
-      {{- include "modalign.s3Env" $root | nindent 6 }}
+      {{- . | nindent 6 }}
+    {{- end }}
     resources:
       {{- toYaml $store.storageInitializer.resources | nindent 6 }}
     securityContext:
@@ -86,7 +90,7 @@ containers:
     {{- $env = printf "%s\n- name: STORAGE_URI\n  value: %s" $env (include "modalign.modelStorageUri" (dict "root" $root "kind" $component) | quote) }}
     {{- end }}
     {{- if $readsS3 }}
-    {{- $env = printf "%s\n%s" $env (include "modalign.s3Credentials" $root) }}
+    {{- $env = printf "%s\n%s" $env (include "modalign.s3Credentials" $args) }}
     {{- end }}
     {{- if and $kserve (eq $component "policy") $drivesKServe }}
     {{- $env = printf "%s\n%s" $env (include "modalign.policyVersionEnv" $root) }}
@@ -111,43 +115,46 @@ containers:
       - {name: {{ $port.name }}, containerPort: {{ index $values $port.key }}, protocol: TCP}
       {{- end }}
       {{- end }}
+    {{- /* What every probe of this container shares: whether its API ports serve TLS (modalign.probeHandler). */}}
+    {{- $probe := dict "secure" $servesTls "mutual" $root.Values.tls.mutual }}
     {{- if $facts.grpcHealthService }}
-    {{- $grpcProbe := dict "port" (int $values.grpcPort) "service" $facts.grpcHealthService }}
+    {{- $grpcProbe := merge (dict "port" "grpc" "grpc" (dict "port" (int $values.grpcPort) "service" $facts.grpcHealthService)) $probe }}
     {{- if not $kserve }}
     startupProbe:
-      grpc: {{ toJson $grpcProbe }}
+      {{- include "modalign.probeHandler" $grpcProbe | nindent 6 }}
       periodSeconds: 10
       failureThreshold: {{ $values.startupFailureThreshold }}
     livenessProbe:
       {{- if $facts.httpLivePath }}
       {{- /* The policy serves gRPC and HTTP from one process: ready by gRPC, alive by HTTP, so both are watched. */}}
-      httpGet: {path: {{ $facts.httpLivePath }}, port: {{ $facts.httpProbePort }}}
+      {{- include "modalign.probeHandler" (merge (dict "port" $facts.httpProbePort "path" $facts.httpLivePath) $probe) | nindent 6 }}
       {{- else }}
-      grpc: {{ toJson (dict "port" (int $values.grpcPort) "service" "") }}
+      {{- include "modalign.probeHandler" (merge (dict "port" "grpc" "grpc" (dict "port" (int $values.grpcPort) "service" "")) $probe) | nindent 6 }}
       {{- end }}
       periodSeconds: 10
       timeoutSeconds: 5
       failureThreshold: 3
     {{- end }}
     readinessProbe:
-      grpc: {{ toJson $grpcProbe }}
+      {{- include "modalign.probeHandler" $grpcProbe | nindent 6 }}
       periodSeconds: 5
       timeoutSeconds: 3
       failureThreshold: 2
     {{- else }}
     {{- if not $kserve }}
     startupProbe:
-      httpGet: {path: {{ $facts.httpReadyPath }}, port: {{ $facts.httpProbePort }}}
+      {{- include "modalign.probeHandler" (merge (dict "port" $facts.httpProbePort "path" $facts.httpReadyPath) $probe) | nindent 6 }}
       periodSeconds: 10
       failureThreshold: {{ $values.startupFailureThreshold }}
     livenessProbe:
-      httpGet: {path: {{ $facts.httpLivePath }}, port: {{ $facts.httpProbePort }}}
+      {{- include "modalign.probeHandler" (merge (dict "port" $facts.httpProbePort "path" $facts.httpLivePath) $probe) | nindent 6 }}
       periodSeconds: 10
       timeoutSeconds: 5
       failureThreshold: 3
     {{- end }}
     readinessProbe:
-      httpGet: {path: {{ $facts.httpReadyPath }}{{ if not $kserve }}, port: {{ $facts.httpProbePort }}{{ end }}}
+      {{- /* Under KServe the port is Knative's to fill in. */}}
+      {{- include "modalign.probeHandler" (merge (dict "port" (ternary "" $facts.httpProbePort $kserve) "path" $facts.httpReadyPath) $probe) | nindent 6 }}
       periodSeconds: 5
       timeoutSeconds: 3
       failureThreshold: 2
@@ -182,6 +189,10 @@ containers:
       - {name: jwt, mountPath: {{ include "modalign.jwtDir" $root }}, readOnly: true}
       {{- end }}
       {{- end }}
+      {{- if $servesTls }}
+      {{- /* The whole Secret too: a renewed certificate reaches the running pod, which re-reads the files. */}}
+      - {name: tls, mountPath: {{ include "modalign.tlsDir" $root }}, readOnly: true}
+      {{- end }}
 volumes:
   - {name: tmp, emptyDir: {}}
   # Hugging Face, torch and Triton caches (XDG_CACHE_HOME of the image's user).
@@ -206,6 +217,11 @@ volumes:
     secret: {secretName: {{ . }}, defaultMode: 0440}
   {{- end }}
   {{- end }}
+  {{- if $servesTls }}
+  # The service's certificate, its key (readable by fsGroup only) and the CA (tls).
+  - name: tls
+    secret: {secretName: {{ include "modalign.tlsSecretName" $args }}, defaultMode: 0440}
+  {{- end }}
   {{- if $facts.usesBlobStore }}
   - name: blobs
     persistentVolumeClaim:
@@ -229,4 +245,29 @@ volumes:
       claimName: {{ $values.persistence.existingClaim }}
   {{- end }}
   {{- end }}
+{{- end }}
+
+{{/*
+The handler of a probe on one of a service's ports: a gRPC health check (grpc: its port and service)
+or an HTTP GET of path. With tls.enabled (secure) kubelet cannot run either as such: its gRPC probes
+speak only plaintext, and its HTTPS probes present no client certificate. So a TLS port is probed by an
+HTTPS GET (kubelet does not verify the certificate) where it serves HTTP, and by a TCP connect where it
+serves gRPC or, under tls.mutual, refuses a handshake without a client certificate. A TCP connect is
+a sound start and readiness signal for these services: each opens its API port only once its model is
+loaded and its servicer built, the moment before it reports SERVING (what `modalign up` waits for
+under TLS too), and a stopping pod leaves its Service's endpoints whatever it reports while it drains.
+What it cannot see is a process hung with its port open; the policy's HTTPS liveness probe still does
+(unless mutual). An exec probe running a TLS health client would see it too, but would start a Python
+interpreter every few seconds in every pod; a plaintext health port would need the services to serve one.
+Args: (dict "port" NAME "grpc" (dict "port" N "service" S) | "path" PATH, "secure" BOOL "mutual" BOOL);
+an empty port leaves it out (KServe fills it in).
+*/}}
+{{- define "modalign.probeHandler" -}}
+{{- if and .secure (or .grpc .mutual) -}}
+tcpSocket: {port: {{ .port }}}
+{{- else if .grpc -}}
+grpc: {{ toJson .grpc }}
+{{- else -}}
+httpGet: {path: {{ .path }}{{ with .port }}, port: {{ . }}{{ end }}{{ if .secure }}, scheme: HTTPS{{ end }}}
+{{- end }}
 {{- end }}
