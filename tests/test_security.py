@@ -7,6 +7,7 @@ commands by role: tests/test_up.py."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import socket
 import ssl
@@ -28,29 +29,36 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as inference
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as inference_grpc
+from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
 from modalign.core.auth import AuthConfig, ClientAuth
 from modalign.core.blobs import BlobStore
 from modalign.core.grpc_server import dial
-from modalign.core.kafka import KafkaConfig, make_producer, produce_durably, read_topic
+from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably, read_topic
 from modalign.core.modelstore import DirectoryStore, Manifest, Published
 from modalign.core.processes import ManagedProcess, free_port
 from modalign.core.ratelimit import RateLimit, retry_delay_s
 from modalign.core.tls import ClientTls, TlsConfig
+from modalign.feedback.caps import UserCap
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.policy.conversation import chat_messages, single_question
 from modalign.policy.model import save_policy
 from modalign.reward.config import RewardServerConfig
+from modalign.rollout.analysis import analyse
 from modalign.rollout.controller import STATE_KEY, StateStore
-from modalign.rollout.evidence import RewardScorer, _ServedResponse
+from modalign.rollout.evidence import EvidenceCollector, RewardScorer, _ServedResponse
+from modalign.trainer.batches import Prompt
+from modalign.trainer.learner import Learner
+from modalign.trainer.service import Trainer, TrainerConfig
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 from tests.certificates import CertificateAuthority, Issued
 from tests.policy.test_policy_service import png
 from tests.rollout.users import announce, policy_with_eos_logit, publish
 from tests.services import counter_total, start_grpc_service, start_service
+from tests.trainer.learning import logged_generation
 
 pytestmark = pytest.mark.integration
 
@@ -441,3 +449,111 @@ def test_the_reward_service_scores_only_for_a_role_that_may_over_tls(secured: Se
                          ClientAuth()).score([served])
     finally:
         process.stop()
+
+
+FLOOD = 300
+
+
+def topics_of_its_own(kafka: KafkaConfig) -> KafkaConfig:
+    kafka = dataclasses.replace(kafka, topic_prefix=f"{kafka.topic_prefix}{uuid.uuid4().hex[:8]}.")
+    ensure_topics(kafka)
+    return kafka
+
+
+def served(kafka: KafkaConfig, generations: list[events_pb2.GenerationLogged],
+           ratings: list[tuple[str, str, int]]) -> None:
+    """Writes what the policy logs for the generations, then what the feedback service logs for the
+    (user, response_id, score) ratings."""
+    producer = make_producer(kafka)
+    try:
+        produce_durably(producer, kafka.topic("generations"), [(g.response_id, g) for g in generations], timeout_s=30)
+        feedback = [events_pb2.FeedbackReceived(feedback=feedback_pb2.Feedback(
+            feedback_id=uuid.uuid4().hex, user_id=user, rating=feedback_pb2.Rating(response_id=response, score=score)))
+            for user, response, score in ratings]
+        produce_durably(producer, kafka.topic("feedback"), [(f.feedback.feedback_id, f) for f in feedback], timeout_s=30)
+    finally:
+        producer.close()
+
+
+def test_a_flood_of_five_star_ratings_moves_a_canary_analysis_no_further_than_its_users_cap(
+        kafka_config: KafkaConfig) -> None:
+    kafka_config = topics_of_its_own(kafka_config)
+    # 40 users rate 3 responses each of stable v1 (about 3.5) and of canary v2 (about 2.5): v2 is worse.
+    # One more user gives the canary five stars 300 times, which alone would carry it past stable.
+    generations, ratings = [], []
+    for user in [f"user-{i}" for i in range(40)] + ["flood"] * (FLOOD // 6):
+        for version, scores in (("v1", (3, 4, 4) if user != "flood" else ()), ("v2", (2, 3, 2) if user != "flood" else (5,) * 6)):
+            for score in scores:
+                generation = events_pb2.GenerationLogged(response_id=uuid.uuid4().hex, user_id=user, policy_version=version)
+                generations.append(generation)
+                ratings.append((user, generation.response_id, score))
+    served(kafka_config, generations, ratings)
+
+    def verdict(cap: UserCap) -> tuple[events_pb2.AnalysisVerdict, float]:
+        collector = EvidenceCollector(kafka_config, None, cap)
+        try:
+            collector.reset("v2", "v1", since_ms=0)
+            assert collector.catch_up(60)
+            rating, = (v for v in analyse(collector.evidence, "v2", "v1", alpha=0.05, looks=3, min_samples=20)
+                       if v.metric == "rating")
+            return rating, REGISTRY.get_sample_value("modalign_rollout_evidence_capped") or 0.0
+        finally:
+            collector.close()
+
+    capped_verdict, left_out = verdict(UserCap())
+    # The flood keeps 26 of its 300: 10% of all ratings kept (26 of 266), more than 4x the median
+    # user's 6 (24) or min_items (8).
+    assert capped_verdict.canary_samples == 120 + 26 and left_out == FLOOD - 26
+    assert capped_verdict.outcome == "worse"
+    uncapped_verdict, left_out = verdict(UserCap(max_share=1.0))
+    assert uncapped_verdict.canary_samples == 120 + FLOOD and left_out == 0
+    assert uncapped_verdict.outcome == "not_worse"  # what the cap prevented
+
+
+def test_a_flood_of_five_star_ratings_adds_no_more_to_a_training_round_than_its_users_cap(
+        kafka_config: KafkaConfig, tmp_path: Path) -> None:
+    kafka_config = topics_of_its_own(kafka_config)
+
+    def trainer(cap: UserCap) -> Trainer:
+        config = TrainerConfig(
+            kafka=kafka_config, work_dir=tmp_path / uuid.uuid4().hex, model_store=str(tmp_path / "models"),
+            blob_dir=tmp_path / "blobs", metrics_port=0, group_id=uuid.uuid4().hex, user_cap=cap,
+            round_max_feedback=40 + FLOOD, round_max_seconds=120, min_pairs_to_learn=10**6)  # join, do not learn
+        return Trainer(config, Learner(config.learner, BlobStore(config.blob_dir)))
+
+    def one_round(trainer: Trainer) -> tuple[set[str], float]:
+        """The flood's answers in any pair of the round (to train on or held out), and how much of its
+        feedback the round left out."""
+        before = REGISTRY.get_sample_value("modalign_trainer_feedback_consumed_total", {"outcome": "capped"}) or 0.0
+        try:
+            trainer.run_round()
+            pairs = trainer.state.pending_pairs + trainer.state.heldout_pairs
+        finally:
+            trainer.close()
+        flood_answers = {r.text for pair in pairs for r in (pair.chosen, pair.rejected) if r.text.startswith("blue")}
+        after = REGISTRY.get_sample_value("modalign_trainer_feedback_consumed_total", {"outcome": "capped"}) or 0.0
+        return flood_answers, after - before
+
+    capped_trainer = trainer(UserCap())
+    # One question, answered 340 times: 40 users rate one answer each 1 to 4; one user rates 300 answers
+    # of its own five stars (each would pair with every lower rating of the question the trainer keeps).
+    question = logged_generation(capped_trainer.learner, Prompt.question("What colour is the square?"))
+    tokenizer = capped_trainer.learner.models.processor.tokenizer
+    generations, ratings = [], []
+    for index, user in enumerate([f"user-{i}" for i in range(40)] + ["flood"] * FLOOD):
+        generation = events_pb2.GenerationLogged()
+        generation.CopyFrom(question)
+        generation.response_id, generation.user_id, generation.policy_version = uuid.uuid4().hex, user, "v0"
+        generation.response_text = f"blue {index}" if user == "flood" else "red"
+        generation.response_token_ids[:] = tokenizer(generation.response_text, add_special_tokens=False).input_ids
+        generations.append(generation)
+        ratings.append((user, generation.response_id, 5 if user == "flood" else 1 + index % 4))
+    served(kafka_config, generations, ratings)
+
+    # The flood keeps 8 ratings (min_items: 10% of the 40 others, or 4x their median of 1, is less), and
+    # only those 8 of its answers reach any pair.
+    flood_answers, left_out = one_round(capped_trainer)
+    assert len(flood_answers) == 8 and left_out == FLOOD - 8
+    flood_answers, left_out = one_round(trainer(UserCap(max_share=1.0)))
+    # What the cap prevented: most of the flood's answers in pairs (each one rated after some lower rating).
+    assert len(flood_answers) > FLOOD // 3 and left_out == 0

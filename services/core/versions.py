@@ -8,7 +8,7 @@ import threading
 from collections.abc import Collection
 from typing import Callable
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Counter
 
@@ -28,6 +28,44 @@ NOT_TRANSACTIONAL = Counter(
 ACTIVE_PHASES = (events_pb2.ROLLOUT_PHASE_PROGRESSING, events_pb2.ROLLOUT_PHASE_PAUSED)
 
 
+class CommittedByTransactions:
+    """Passes on only the records of a transactionally written topic that a transaction committed.
+
+    Read with isolation_level read_committed, aborted transactions never arrive; but a record written
+    outside any transaction (by anyone who can write the topic but is not the controller) does. A
+    transaction's commit marker takes the offset after its last record, so such a record is followed by
+    a gap in the offsets the consumer sees (markers are never delivered). A record followed directly by
+    the next one, or by the end of the partition, was written outside any transaction: it is held while
+    that is not yet known (a poll cut short may not have reached its marker), then ignored and counted.
+    """
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._consumer = consumer
+        self._held: dict[TopicPartition, ConsumerRecord] = {}
+
+    def records(self, partition: TopicPartition, polled: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """Of what one poll returned for partition (call it for every poll, even one that returned
+        nothing), the records known to be committed, a held one first."""
+        passed: list[ConsumerRecord] = []
+        held = self._held.pop(partition, None)
+        pending = ([held] if held is not None else []) + polled
+        position = self._consumer.position(partition)
+        for record, following in zip(pending, [r.offset for r in pending[1:]] + [position]):
+            if following > record.offset + 1:
+                passed.append(record)
+            elif record is pending[-1] and record is not held:
+                self._held[partition] = record  # the next poll reads on from the same fetch: one more look decides
+            else:
+                NOT_TRANSACTIONAL.labels(partition.topic).inc()
+                log.warning("ignoring %s offset %d: written outside a transaction", partition.topic, record.offset)
+        return passed
+
+    def resume_offset(self, partition: TopicPartition) -> int:
+        """Where a reader restarted later must read on from not to skip the record still held."""
+        held = self._held.get(partition)
+        return held.offset if held is not None else self._consumer.position(partition)
+
+
 class TopicFollower:
     """Replays single-partition state topics from the beginning, then follows them on a daemon thread.
 
@@ -38,12 +76,8 @@ class TopicFollower:
 
     Reads only committed records: the rollout controller writes in transactions, and the writes a
     fenced (superseded) controller had in flight are aborted, never routed by. On the topics named
-    transactional, a record is passed on only once it is known to have been committed by a transaction:
-    a transaction's commit marker takes the offset after its last record, so such a record is followed
-    by a gap in the offsets the consumer sees (markers are never delivered). A record followed directly
-    by the next one, or by the end of the partition, was written outside any transaction (by anyone who
-    can write the topic but is not the controller): it is held while that is not yet known, then
-    ignored and counted.
+    transactional, a record is passed on only once a transaction is known to have committed it
+    (CommittedByTransactions).
     """
 
     def __init__(
@@ -52,8 +86,8 @@ class TopicFollower:
     ) -> None:
         self._on_records = on_records
         self._transactional = {config.topic(name) for name in transactional}
-        self._held: dict[TopicPartition, ConsumerRecord] = {}
         self._consumer = make_consumer(config, group_id=None, isolation_level="read_committed")
+        self._committed_only = CommittedByTransactions(self._consumer)
         self._partitions = [TopicPartition(config.topic(name), 0) for name in topic_names]
         assign(self._consumer, self._partitions)
         self._consumer.seek_to_beginning(*self._partitions)
@@ -87,27 +121,12 @@ class TopicFollower:
                 self._deliver(batch)
 
     def _committed(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> list[ConsumerRecord]:
-        """The records of one poll to pass on, in order per partition: on a transactional topic, those a
-        transaction committed (a held record first, once the offsets after it say)."""
+        """The records of one poll to pass on, in order per partition."""
         passed: list[ConsumerRecord] = []
         for partition in self._partitions:
             records = polled.get(partition, [])
-            if partition.topic not in self._transactional:
-                passed.extend(records)
-                continue
-            held = self._held.pop(partition, None)
-            pending = ([held] if held is not None else []) + records
-            position = self._consumer.position(partition)
-            for record, following in zip(pending, [r.offset for r in pending[1:]] + [position]):
-                if following > record.offset + 1:
-                    passed.append(record)
-                elif record is pending[-1] and record is not held:
-                    # Nothing after it yet: a poll cut short may not have reached its commit marker. The
-                    # next poll reads on from the same fetch, so one more look decides.
-                    self._held[partition] = record
-                else:
-                    NOT_TRANSACTIONAL.labels(partition.topic).inc()
-                    log.warning("ignoring %s offset %d: written outside a transaction", partition.topic, record.offset)
+            passed.extend(self._committed_only.records(partition, records)
+                          if partition.topic in self._transactional else records)
         return passed
 
     def _deliver(self, records: list[ConsumerRecord]) -> None:

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 from kafka import TopicPartition
+from prometheus_client import Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from modalign.core.auth import ClientAuth
 from modalign.core.blobs import BlobStore
 from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
 from modalign.core.tls import ClientTls
+from modalign.feedback.caps import UserCap, capped
 from modalign.policy import conversation
-from modalign.rollout.analysis import Evidence, Traffic
+from modalign.rollout.analysis import Evidence, Moments, Traffic
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,20 @@ log = logging.getLogger(__name__)
 MAX_PENDING_FEEDBACK = 50_000
 # Responses waiting for a reward score; under heavy traffic the oldest are dropped (scores are a sample).
 MAX_UNSCORED = 2_000
+
+VOTES_CAPPED = Gauge("modalign_rollout_evidence_capped",
+                     "Ratings and preferences of the current rollout left out because their user gave more than the cap allows.")
+
+
+@dataclass(frozen=True)
+class _Vote:
+    """One user's feedback that compares the canary with stable: a rating of one version's response, or
+    a head-to-head preference (version: the winner's)."""
+
+    user_id: str
+    metric: str
+    version: str
+    score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,12 +109,15 @@ class EvidenceCollector:
     """Tallies ratings, head-to-head preferences and reward scores of the canary and stable versions.
 
     reset() starts over for a rollout and re-reads both topics from the rollout's start time, so a
-    restarted controller rebuilds exactly the evidence it had. poll() reads what arrived since.
+    restarted controller rebuilds exactly the evidence it had. poll() reads what arrived since. Users'
+    ratings and preferences count up to each user's cap (modalign.feedback.caps), over the whole rollout.
     """
 
-    def __init__(self, kafka: KafkaConfig, scorer: RewardScorer | None, reward_batch: int = 32) -> None:
+    def __init__(self, kafka: KafkaConfig, scorer: RewardScorer | None, user_cap: UserCap,
+                 reward_batch: int = 32) -> None:
         self._kafka = kafka
         self._scorer = scorer
+        self._user_cap = user_cap
         self._reward_batch = reward_batch
         self._consumer = make_consumer(kafka, group_id=None)
         self._partitions = [
@@ -108,7 +127,10 @@ class EvidenceCollector:
         ]
         assign(self._consumer, self._partitions)
         self.canary = self.stable = ""
-        self.evidence = Evidence()
+        self._votes: list[_Vote] = []
+        self._rewards: dict[str, Moments] = {}
+        self._tallied: tuple[int, Evidence] | None = None
+        """The evidence of the first n votes, as last tallied."""
         self._served_by: dict[str, str] = {}
         self._pending: OrderedDict[str, events_pb2.FeedbackReceived] = OrderedDict()
         self._unscored: deque[_ServedResponse] = deque(maxlen=MAX_UNSCORED)
@@ -117,7 +139,9 @@ class EvidenceCollector:
 
     def reset(self, canary: str, stable: str, since_ms: int) -> None:
         self.canary, self.stable = canary, stable
-        self.evidence = Evidence()
+        self._votes.clear()
+        self._rewards.clear()
+        self._tallied = None
         self._served_by.clear()
         self._pending.clear()
         self._unscored.clear()
@@ -127,6 +151,26 @@ class EvidenceCollector:
                 self._consumer.seek_to_end(partition)
             else:
                 self._consumer.seek(partition, found.offset)
+
+    @property
+    def evidence(self) -> Evidence:
+        """Every user's votes up to their cap, and the reward scores, since the rollout began."""
+        if self._tallied is None or self._tallied[0] != len(self._votes):
+            self._tallied = (len(self._votes), self._tally())
+        return self._tallied[1]
+
+    def _tally(self) -> Evidence:
+        votes, dropped = capped(self._votes, lambda vote: vote.user_id, self._user_cap)
+        VOTES_CAPPED.set(sum(dropped.values()))
+        evidence = Evidence(rewards=self._rewards)
+        for vote in votes:
+            if vote.metric == "rating":
+                evidence.moments("rating", vote.version).add(vote.score)
+            elif vote.version == self.canary:
+                evidence.canary_wins += 1
+            else:
+                evidence.stable_wins += 1
+        return evidence
 
     def poll(self, timeout_ms: int = 200) -> None:
         for partition, records in self._consumer.poll(timeout_ms=timeout_ms, max_records=5000).items():
@@ -181,7 +225,7 @@ class EvidenceCollector:
             version = self._served_by.get(feedback.rating.response_id)
             if version is None:
                 return False
-            self.evidence.moments("rating", version).add(feedback.rating.score)
+            self._votes.append(_Vote(feedback.user_id, "rating", version, feedback.rating.score))
             return True
         if kind == "preference":
             chosen = self._served_by.get(feedback.preference.chosen_response_id)
@@ -189,10 +233,7 @@ class EvidenceCollector:
             if chosen is None or rejected is None:
                 return False
             if chosen != rejected:  # a comparison within one version says nothing about canary vs stable
-                if chosen == self.canary:
-                    self.evidence.canary_wins += 1
-                else:
-                    self.evidence.stable_wins += 1
+                self._votes.append(_Vote(feedback.user_id, "preference", chosen))
             return True
         return True  # edits say a response needed fixing, not how two versions compare: not used here
 
@@ -211,9 +252,9 @@ class EvidenceCollector:
                 log.info("reward model %s replaced %s: reward evidence starts over", model_version,
                          self.reward_model_version)
             self.reward_model_version = model_version
-            self.evidence.rewards.clear()
+            self._rewards.clear()
         for served, score in zip(batch, scores):
-            self.evidence.moments("reward", served.version).add(score)
+            self._rewards.setdefault(served.version, Moments()).add(score)
 
 
 SERVER_ERROR_CODES = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})

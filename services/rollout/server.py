@@ -23,6 +23,7 @@ from modalign.core.grpc_server import access_for
 from modalign.core.kafka import ensure_topics
 from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
 from modalign.core.tls import ClientTls
+from modalign.feedback.caps import UserCap
 from modalign.rollout.controller import (
     Fenced,
     RolloutController,
@@ -71,6 +72,8 @@ class RolloutConfig(GrpcServiceConfig):
     """The image store the policy writes to; the reward model scores responses with their images."""
     tick_seconds: float = 1.0
     """How often the controller reads new evidence and decides."""
+    user_cap: UserCap = field(default_factory=UserCap)
+    """How many of a rollout's ratings and preferences one user may give (docs/security.md)."""
     kserve: KServeConfig = field(default_factory=KServeConfig)
     """The InferenceService the controller drives, if any."""
 
@@ -175,7 +178,8 @@ def serve(config: RolloutConfig) -> None:
     catalog = VersionCatalog(config.kafka)
     store = StateStore(config.kafka)
     controller = RolloutController(
-        config.rollout, store, catalog, EvidenceCollector(config.kafka, scorer), TrafficScraper(config.policy_metrics)
+        config.rollout, store, catalog, EvidenceCollector(config.kafka, scorer, config.user_cap),
+        TrafficScraper(config.policy_metrics),
     )
     sync = None
     if config.kserve.inference_service:

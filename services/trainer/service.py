@@ -16,6 +16,7 @@ once; a crash between 5 and 6 publishes on restart.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import signal
@@ -44,6 +45,8 @@ from modalign.core.kafka import (
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
 from modalign.core.service import MeteredConfig, run_service, serve_metrics
 from modalign.core.version_names import STARTING_VERSION
+from modalign.core.versions import CommittedByTransactions
+from modalign.feedback.caps import UserCap, keep_first, kept_counts
 from modalign.trainer import distributed
 from modalign.trainer.batches import Prompt
 from modalign.trainer.checkpoint import (
@@ -62,7 +65,9 @@ from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
-FEEDBACK_CONSUMED = Counter("modalign_trainer_feedback_consumed_total", "Feedback records consumed, by outcome.", ["outcome"])
+FEEDBACK_CONSUMED = Counter("modalign_trainer_feedback_consumed_total",
+                            "Feedback records consumed, by outcome: new, duplicate, malformed, or capped (its user "
+                            "gave more in the round than the cap allows).", ["outcome"])
 PAIRS = Counter("modalign_trainer_pairs_total", "Preference pairs joined, by source and split.", ["source", "split"])
 DEAD_LETTERS = Counter("modalign_trainer_dead_letters_total", "Feedback sent to the dead-letter topic, by reason.", ["reason"])
 ROUND_SECONDS = Histogram("modalign_trainer_round_seconds", "Wall time of one training round.",
@@ -117,6 +122,8 @@ class TrainerConfig(MeteredConfig):
     """The models and how they learn."""
     join: JoinLimits = field(default_factory=JoinLimits)
     """Bounds on the feedback waiting to be joined with its generations."""
+    user_cap: UserCap = field(default_factory=UserCap)
+    """How much of one round's feedback one user may give (docs/security.md)."""
     recent_feedback_ids: int = DEFAULT_RECENT_IDS
     """Feedback ids remembered to skip a feedback delivered twice (see TrainerState); bounds the checkpoint."""
 
@@ -163,6 +170,8 @@ class Trainer:
         self.rollout_partition = TopicPartition(self.topics["rollout"], 0)
         assign(self.rollout_states, [self.rollout_partition])
         self.rollout_states.seek(self.rollout_partition, self.state.rollout_offset)
+        # Only the controller's transactional writes are followed (docs/security.md).
+        self.committed_states = CommittedByTransactions(self.rollout_states)
 
     def close(self) -> None:
         self.rollout_states.close()
@@ -207,7 +216,7 @@ class Trainer:
         self._follow_rollbacks()
         consumed = 0
         deadline = started + self.config.round_max_seconds
-        new_pairs: list[PreferencePair] = []
+        received: list[tuple[events_pb2.FeedbackReceived, tuple[int, int]]] = []
         dead: list[DeadLetter] = []
         while consumed < self.config.round_max_feedback and time.monotonic() < deadline:
             self._consume_generations()
@@ -216,10 +225,17 @@ class Trainer:
                 for record in records:
                     consumed += 1
                     self.state.positions[(tp.topic, tp.partition)] = record.offset + 1
-                    joined, rejected = self._on_feedback(record)
-                    new_pairs += joined
-                    dead += rejected
+                    parsed = self._parse_feedback(record)
+                    if isinstance(parsed, DeadLetter):
+                        dead.append(parsed)
+                    elif parsed is not None:
+                        received.append((parsed, (record.partition, record.offset)))
         self._consume_generations()
+        new_pairs: list[PreferencePair] = []
+        for feedback, position in self._capped(received):
+            joined, rejected = self.state.joiner.add_feedback(feedback, position)
+            new_pairs += joined
+            dead += rejected
         joined, rejected = self.state.joiner.retry_waiting()
         new_pairs += joined
         dead += rejected
@@ -261,14 +277,15 @@ class Trainer:
             end = self.rollout_states.end_offsets([tp])[tp]
             deadline = time.monotonic() + self.config.round_max_seconds
             while self.rollout_states.position(tp) < end and time.monotonic() < deadline:
-                for record in self.rollout_states.poll(timeout_ms=200).get(tp, []):
+                polled = self.rollout_states.poll(timeout_ms=200).get(tp, [])
+                for record in self.committed_states.records(tp, polled):
                     state = decode_record(events_pb2.RolloutState, record)
                     if state is not None and state.phase == events_pb2.ROLLOUT_PHASE_ROLLED_BACK and state.canary_version == building_on:
                         log.warning("the controller rolled back %s (%s): training goes on from %s",
                                     building_on, state.reason, state.stable_version)
                         ROLLBACKS_FOLLOWED.inc()
                         building_on = state.stable_version
-            offset = self.rollout_states.position(tp)
+            offset = self.committed_states.resume_offset(tp)
         building_on, self.state.rollout_offset = distributed.all_gather((building_on, offset))[0]
         if building_on == self.state.parent_version:
             return
@@ -300,22 +317,41 @@ class Trainer:
         while len(self.state.prompts) > self.config.max_prompts:
             self.state.prompts.popitem(last=False)
 
-    def _on_feedback(self, record) -> tuple[list[PreferencePair], list[DeadLetter]]:
-        position = (record.partition, record.offset)
+    def _parse_feedback(self, record) -> events_pb2.FeedbackReceived | DeadLetter | None:
+        """The feedback a record holds; a dead letter for a malformed one; None for one seen before."""
         try:
             received = parse_record(events_pb2.FeedbackReceived, record.value, record.headers or ())
         except PoisonRecord as error:
             count_poison(record, error)
             FEEDBACK_CONSUMED.labels("malformed").inc()
-            placeholder = events_pb2.FeedbackReceived()
-            return [], [DeadLetter(placeholder, position, f"malformed: {error}", raw=record.value or b"")]
+            return DeadLetter(events_pb2.FeedbackReceived(), (record.partition, record.offset), f"malformed: {error}",
+                              raw=record.value or b"")
         feedback_id = received.feedback.feedback_id
         if feedback_id in self.state.consumed_ids:
             FEEDBACK_CONSUMED.labels("duplicate").inc()
-            return [], []
+            return None
         self.state.consumed_ids.add(feedback_id)
-        FEEDBACK_CONSUMED.labels("new").inc()
-        return self.state.joiner.add_feedback(received, position)
+        return received
+
+    def _capped(self, received: list[tuple[events_pb2.FeedbackReceived, tuple[int, int]]]
+                ) -> list[tuple[events_pb2.FeedbackReceived, tuple[int, int]]]:
+        """The round's feedback with no user beyond their cap (modalign.feedback.caps), over every rank's
+        share of the round: the ranks count together, and each takes what earlier ranks left of a
+        user's allowance. What is left out is consumed, never joined into pairs."""
+        def user_of(item: tuple[events_pb2.FeedbackReceived, tuple[int, int]]) -> str:
+            return item[0].feedback.user_id
+
+        counts = distributed.all_gather(collections.Counter(user_of(item) for item in received))
+        allowed = kept_counts(dict(sum(counts, collections.Counter())), self.config.user_cap)
+        for earlier in counts[: self.rank]:
+            allowed = {user: n - min(n, earlier[user]) for user, n in allowed.items()}
+        kept, dropped = keep_first(received, user_of, allowed)
+        FEEDBACK_CONSUMED.labels("new").inc(len(kept))
+        if dropped:
+            FEEDBACK_CONSUMED.labels("capped").inc(sum(dropped.values()))
+            log.info("round %d: left out %d feedback beyond their users' caps (most: %s)", self.state.rounds,
+                     sum(dropped.values()), ", ".join(f"{user} {n}" for user, n in dropped.most_common(3)))
+        return kept
 
     def _dead_letter(self, dead: list[DeadLetter]) -> None:
         if not dead:

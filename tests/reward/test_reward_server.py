@@ -37,6 +37,7 @@ from modalign.core.launch import on_broker
 from modalign.core.modelstore import DirectoryStore, Manifest
 from modalign.core.processes import free_port
 from modalign.core.tls import ClientTls
+from modalign.feedback.caps import UserCap
 from modalign.policy.conversation import from_chat_messages
 from modalign.reward.backbones import build_default_reward_model
 from modalign.reward.config import RewardServerConfig
@@ -214,7 +215,7 @@ def test_the_rollout_controller_scores_each_versions_served_responses_here(
     produce_durably(producer, kafka_config.topic("generations"), generations, 30)
     producer.close()
 
-    collector = EvidenceCollector(kafka_config, RewardScorer(server["http"], MODEL_NAME, blobs, ClientTls(), ClientAuth()))
+    collector = EvidenceCollector(kafka_config, RewardScorer(server["http"], MODEL_NAME, blobs, ClientTls(), ClientAuth()), UserCap())
     try:
         collector.reset("canary", "stable", since_ms=0)
         deadline = time.monotonic() + 60
