@@ -7,14 +7,16 @@ import logging
 import time
 from collections.abc import Collection, Mapping
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from modalign.core.auth import Authenticator, Principal, Refused, acting_as, check
+from modalign.core.config import ConfigError
 from modalign.core.tls import ClientTls, TlsConfig, grpc_server_credentials
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,12 @@ HANDLING_SECONDS = Histogram(
     "Time from receiving an RPC to sending its last response.",
     ["grpc_service", "grpc_method"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+IN_FLIGHT = Gauge(
+    "modalign_grpc_server_in_flight",
+    "RPCs being served now, by service: against --grpc.max-workers, how busy the server is. (A call refused "
+    "for --grpc.max-concurrent-rpcs never reaches a handler and is counted by its client only.)",
+    ["grpc_service"],
 )
 
 
@@ -59,24 +67,30 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             HANDLED.labels(service, method, code.name).inc()
             HANDLING_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
+        in_flight = IN_FLIGHT.labels(service)
+
         def wrap_unary(behaviour: Callable) -> Callable:
             def run(request_or_iterator, context):
                 started, failed = time.perf_counter(), True
+                in_flight.inc()
                 try:
                     response = behaviour(request_or_iterator, context)
                     failed = False
                     return response
                 finally:
+                    in_flight.dec()
                     record(context, started, failed)
             return run
 
         def wrap_stream(behaviour: Callable) -> Callable:
             def run(request_or_iterator, context):
                 started, failed = time.perf_counter(), True
+                in_flight.inc()
                 try:
                     yield from behaviour(request_or_iterator, context)
                     failed = False
                 finally:
+                    in_flight.dec()
                     record(context, started, failed)
             return run
 
@@ -149,6 +163,54 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return rewrapped(handler, wrap_unary, wrap_stream)
 
 
+@dataclass(frozen=True)
+class GrpcLimits:
+    """What a gRPC server takes on at once, and for how long: past a bound a caller is refused at once
+    (RESOURCE_EXHAUSTED), never left waiting in an unbounded queue."""
+
+    max_workers: int = 32
+    """Threads serving RPCs: the most RPCs running at once."""
+    max_concurrent_rpcs: int = 64
+    """RPCs running or waiting for a thread at once; past it a call gets RESOURCE_EXHAUSTED at once."""
+    max_message_mib: float = 1.0
+    """Largest request or response message, MiB; a larger request is refused with RESOURCE_EXHAUSTED
+    before it is read."""
+    keepalive_seconds: float = 60.0
+    """Idle connections are pinged this often, so a client that vanished is noticed and its calls end."""
+    max_connection_age_seconds: float = 900.0
+    """A connection is closed (gracefully: calls on it finish) after this long, so clients reconnect and
+    load spreads to replicas started since."""
+    max_connection_age_grace_seconds: float = 60.0
+    """How long calls on a connection closed for its age may still run."""
+
+    def validate(self) -> None:
+        if self.max_workers < 1:
+            raise ConfigError("max_workers", f"must be at least 1, not {self.max_workers}")
+        if self.max_concurrent_rpcs < self.max_workers:
+            raise ConfigError("max_concurrent_rpcs",
+                              f"{self.max_concurrent_rpcs} is below max_workers {self.max_workers}: threads would stay idle")
+        if self.max_message_mib <= 0:
+            raise ConfigError("max_message_mib", f"must be positive, not {self.max_message_mib}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mib * 1024 * 1024)
+
+    def server_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace_seconds * 1000)),
+            # Clients may ping idle connections as often as every 10 s (gRPC's default refuses any ping
+            # more often than 5 min without calls, and closes the connection of a client that does).
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+
+
 def build_server(
     address: str,
     register: Callable[[grpc.Server], None],
@@ -156,19 +218,16 @@ def build_server(
     authenticator: Authenticator,
     access: Access,
     tls: TlsConfig | None = None,
-    max_workers: int = 32,
-    max_message_bytes: int = 64 * 1024 * 1024,
+    limits: GrpcLimits = GrpcLimits(),
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
     """A server (not yet started) with the servicer register adds, guarded by authenticator and access,
-    with health and reflection; over TLS when tls is enabled. Returns it, its health servicer (every
-    service starts NOT_SERVING until the caller marks it), and the bound port."""
+    with health and reflection, within limits; over TLS when tls is enabled. Returns it, its health
+    servicer (every service starts NOT_SERVING until the caller marks it), and the bound port."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
+        futures.ThreadPoolExecutor(max_workers=limits.max_workers),
         interceptors=[MetricsInterceptor(), AuthInterceptor(authenticator, access)],
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
+        options=limits.server_options(),
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
     register(server)
     names = list(service_names)

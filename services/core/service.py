@@ -27,7 +27,7 @@ from prometheus_client import start_http_server
 from modalign.core.auth import AuthConfig, Authenticator
 from modalign.core.broker import port_open
 from modalign.core.config import ConfigError, parse_config, require_one_of
-from modalign.core.grpc_server import Access, build_server, serve_until_signalled
+from modalign.core.grpc_server import Access, GrpcLimits, build_server, serve_until_signalled
 from modalign.core.kafka import KafkaConfig
 from modalign.core.processes import grpc_serving, http_ok
 from modalign.core.tls import TlsConfig
@@ -95,8 +95,8 @@ class GrpcServiceConfig(MeteredConfig):
 
     listen: str = "127.0.0.1:50051"
     """gRPC address, host:port; 0.0.0.0 or [::] in a container."""
-    max_workers: int = 32
-    """Threads serving RPCs, so the most RPCs in flight at once."""
+    grpc: GrpcLimits = field(default_factory=GrpcLimits)
+    """What the gRPC server takes on at once; past it callers are refused at once (RESOURCE_EXHAUSTED)."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """TLS (and mutual TLS) on the service's listeners; plaintext when no certificate is given."""
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -140,8 +140,7 @@ def serve_grpc(config: GrpcServiceConfig, register: Callable[[grpc.Server], None
     roles access gives it, until SIGTERM or SIGINT."""
     serve_metrics(config)
     server, health_servicer, port = build_server(
-        config.listen, register, service_names, Authenticator(config.auth), access, config.tls,
-        max_workers=config.max_workers,
+        config.listen, register, service_names, Authenticator(config.auth), access, config.tls, config.grpc,
     )
     log.info("%s listening on %s (port %d, %s, %s)", ", ".join(service_names), config.listen, port,
              "mutual TLS" if config.tls.client_ca else "TLS" if config.tls.enabled else "PLAINTEXT",

@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from prometheus_client import Counter
 
 from modalign.core import auth
-from modalign.core.grpc_server import access_for
+from modalign.core.grpc_server import GrpcLimits, access_for
 from modalign.core.kafka import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer, produce_durably
 from modalign.core.ratelimit import LIMITED, PerUserLimiter, RateLimit, abort_with_retry_info, limited_message
 from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
@@ -40,8 +40,9 @@ class FeedbackConfig(GrpcServiceConfig):
     metrics_port: int = 9102
     kafka: KafkaConfig = field(default_factory=lambda: KafkaConfig(produce_timeout_s=5.0))
     """The Kafka cluster and topic prefix; a client waits at most produce_timeout_s for its feedback to be stored."""
-    max_workers: int = 32
-    """Threads serving RPCs; each holds one feedback while its write is acknowledged."""
+    grpc: GrpcLimits = field(default_factory=lambda: GrpcLimits(max_workers=32, max_concurrent_rpcs=128))
+    """What the gRPC server takes on at once: each RPC holds a thread while its feedback's write is
+    acknowledged; a feedback message is small (an edit is at most 8 KiB)."""
     user_rate_limit: RateLimit = field(default_factory=RateLimit)
     """Feedback one end user may submit; past it, RESOURCE_EXHAUSTED with a google.rpc.RetryInfo (a
     stream's feedback counts one by one, and a refused stream keeps what it stored before)."""

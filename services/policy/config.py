@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from modalign.core.config import DTYPES, ConfigError, require_one_of
+from modalign.core.grpc_server import GrpcLimits
 from modalign.core.images import ImageLimits
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config
 from modalign.core.ratelimit import RateLimit
@@ -26,8 +27,11 @@ class PolicyConfig(GrpcServiceConfig):
     command: ClassVar[str] = "policy"
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9101
-    max_workers: int = 64
-    """Threads serving RPCs; each waits on its batch, so this bounds requests in flight."""
+    grpc: GrpcLimits = field(default_factory=lambda: GrpcLimits(
+        max_workers=64, max_concurrent_rpcs=128, max_message_mib=72.0))
+    """What the gRPC server takes on at once. Each Generate holds a thread while it waits on its batch,
+    so max_workers bounds the requests being generated; a request may carry max_images images of
+    image_max_bytes each, which max_message_mib must hold."""
     http_listen: str = ""
     """Address of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models), host:port; empty
     (the default) serves none. modalign up and the chart turn it on. HTTPS with the gRPC listener's
@@ -100,6 +104,10 @@ class PolicyConfig(GrpcServiceConfig):
             host, _, port = self.http_listen.rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError("http_listen", f"host:port, got {self.http_listen!r}")
+        largest_request = self.max_images * self.image_max_bytes + self.max_turns * self.max_text_bytes
+        if self.grpc.max_message_bytes < largest_request:
+            raise ConfigError("grpc.max_message_mib", f"{self.grpc.max_message_mib} MiB cannot hold a request of "
+                              f"max_images images of image_max_bytes and max_turns texts ({largest_request} bytes)")
 
     @property
     def http_url(self) -> str:

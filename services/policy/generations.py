@@ -11,8 +11,8 @@ import queue
 import re
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -169,6 +169,12 @@ class Started:
     deltas: queue.Queue | None = None
     """(candidate_index, text_delta) as tokens are sampled, then None; only for a request started streamed."""
 
+    def cancel_when_gone(self, context: grpc.ServicerContext) -> None:
+        """Takes the request out of its queue if the RPC ends before its batch starts (its deadline
+        passed, or its caller cancelled): it is then never generated, and its place goes to others."""
+        if not context.add_callback(self.pending.cancel):  # the RPC has ended already
+            self.pending.cancel()
+
 
 @dataclass
 class Generated:
@@ -223,17 +229,24 @@ class Generations:
             pending.add_done_callback(lambda _: deltas.put(None))
         return Started(request, str(uuid.uuid4()), version, pending, conversation, prompt_text, generation.n, deltas)
 
-    def finish(self, started: Started) -> Generated:
-        """Waits for the samples and logs them durably. Raises Refused: INVALID_ARGUMENT (a prompt too long
-        for the model), INTERNAL (the version failed), UNAVAILABLE (the log could not be written)."""
+    def finish(self, started: Started, still_wanted: Callable[[], bool] = lambda: True) -> Generated:
+        """Waits for the samples and logs them durably, unless the caller went away (still_wanted() is
+        False: its deadline passed, or it cancelled): nobody can give feedback on responses never received,
+        so they are not logged. Raises Refused: INVALID_ARGUMENT (a prompt too long for the model),
+        CANCELLED (the caller went away), INTERNAL (the version failed), UNAVAILABLE (the log could not
+        be written)."""
         request = started.request
         try:
             samples = started.pending.result()
+        except CancelledError as error:  # cancelled while queued (see Started.cancel_when_gone): never generated
+            raise Refused(grpc.StatusCode.CANCELLED, "the caller went away before its batch started") from error
         except PromptTooLong as error:
             field = "conversation" if request.conversation else "text"
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {error}") from error
         except Exception as error:
             raise Refused(grpc.StatusCode.INTERNAL, f"policy {started.version} failed to generate: {error}") from error
+        if not still_wanted():
+            raise Refused(grpc.StatusCode.CANCELLED, "the caller went away while its batch ran: nothing was logged")
         candidates = self._log(started, samples)
         return Generated(started.prompt_id, started.version, candidates, len(samples[0].prompt_token_ids))
 

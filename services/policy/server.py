@@ -68,9 +68,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext) -> policy_pb2.GenerateResponse:
         with refusals(context):
             started = self._generations.start(for_end_user(request, context))
+        started.cancel_when_gone(context)
         context.set_trailing_metadata(((VERSION_METADATA, started.version),))
         with refusals(context), observed(started.version):
-            generated = self._generations.finish(started)
+            generated = self._generations.finish(started, context.is_active)
             return policy_pb2.GenerateResponse(prompt_id=generated.prompt_id, policy_version=generated.version,
                                                candidates=generated.candidates)
 
@@ -79,6 +80,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     ) -> Iterator[policy_pb2.GenerateStreamChunk]:
         with refusals(context):
             started = self._generations.start(for_end_user(request, context), streamed=True)
+        started.cancel_when_gone(context)
         version = started.version
         context.set_trailing_metadata(((VERSION_METADATA, version),))
         with refusals(context), observed(version):
@@ -88,7 +90,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 yield policy_pb2.GenerateStreamChunk(
                     policy_version=version, candidate_index=index, text_delta=text, token_count=token_count,
                 )
-            generated = self._generations.finish(started)
+            generated = self._generations.finish(started, context.is_active)
             for index, candidate in enumerate(generated.candidates):
                 yield policy_pb2.GenerateStreamChunk(
                     prompt_id=generated.prompt_id, policy_version=version, candidate_index=index,

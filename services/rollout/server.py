@@ -19,7 +19,7 @@ import grpc
 from modalign.core.auth import OPERATOR, READER, ClientAuth, current_principal
 from modalign.core.blobs import BlobStore
 from modalign.core.config import ConfigError
-from modalign.core.grpc_server import access_for
+from modalign.core.grpc_server import GrpcLimits, access_for
 from modalign.core.kafka import ensure_topics
 from modalign.core.service import GrpcServiceConfig, run_service, serve_grpc
 from modalign.core.tls import ClientTls
@@ -53,8 +53,8 @@ class RolloutConfig(GrpcServiceConfig):
     listen: str = "127.0.0.1:50055"
     """gRPC address of modalign.v1.RolloutService, host:port; 0.0.0.0 or [::] in a container."""
     metrics_port: int = 9105
-    max_workers: int = 8
-    """Threads serving operators' RPCs."""
+    grpc: GrpcLimits = field(default_factory=lambda: GrpcLimits(max_workers=8, max_concurrent_rpcs=16))
+    """What the gRPC server takes on at once: a few operators and dashboards."""
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
     """How each new version is rolled out."""
     policy_metrics: tuple[str, ...] = ("127.0.0.1:9101",)

@@ -82,9 +82,9 @@ def test_environment_variables_are_read_and_a_malformed_one_is_named(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("MODALIGN_KAFKA_TOPIC_PREFIX", "env.")
-    monkeypatch.setenv("MODALIGN_MAX_WORKERS", "3")
-    config = parse_config(FeedbackConfig, ["--max-workers", "4"])
-    assert (config.kafka.topic_prefix, config.max_workers) == ("env.", 4)  # flags win
+    monkeypatch.setenv("MODALIGN_GRPC_MAX_WORKERS", "3")
+    config = parse_config(FeedbackConfig, ["--grpc.max-workers", "4"])
+    assert (config.kafka.topic_prefix, config.grpc.max_workers) == ("env.", 4)  # flags win
     assert config.kafka.produce_timeout_s == 5.0  # the service's own default for a nested field
     monkeypatch.setenv("MODALIGN_METRICS_PORT", "ninety")
     with pytest.raises(SystemExit):

@@ -626,7 +626,7 @@ def test_changing_a_setting_rolls_the_pods_that_read_it_and_no_others() -> None:
 
     before = checksums()
     assert len(before) == 5
-    feedback_setting = checksums("--set", "feedback.settings.max-workers=8")
+    feedback_setting = checksums("--set", "feedback.settings.grpc\\.max-workers=8")
     assert {name for name in before if before[name] != feedback_setting[name]} == {f"{RELEASE}-feedback"}
     trainer_setting = checksums("--set", "trainer.algorithm=grpo")
     assert {name for name in before if before[name] != trainer_setting[name]} == {f"{RELEASE}-trainer"}
