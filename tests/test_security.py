@@ -501,6 +501,7 @@ def test_a_flood_of_five_star_ratings_moves_a_canary_analysis_no_further_than_it
             collector.close()
 
     capped_verdict, left_out = verdict(UserCap())
+    assert REGISTRY.get_sample_value("modalign_rollout_evidence_entries", {"kind": "votes"}) == 240 + FLOOD
     # The flood keeps 26 of its 300: 10% of all ratings kept (26 of 266), more than 4x the median
     # user's 6 (24) or min_items (8).
     assert capped_verdict.canary_samples == 120 + 26 and left_out == FLOOD - 26
@@ -554,6 +555,8 @@ def test_a_flood_of_five_star_ratings_adds_no_more_to_a_training_round_than_its_
     # only those 8 of its answers reach any pair.
     flood_answers, left_out = one_round(capped_trainer)
     assert len(flood_answers) == 8 and left_out == FLOOD - 8
+    for kind in ("consumed_ids", "generations"):  # what the round holds is measured (docs/operations.md)
+        assert REGISTRY.get_sample_value("modalign_trainer_state_entries", {"kind": kind}) == 40 + FLOOD
     flood_answers, left_out = one_round(trainer(UserCap(max_share=1.0)))
     # What the cap prevented: most of the flood's answers in pairs (each one rated after some lower rating).
     assert len(flood_answers) > FLOOD // 3 and left_out == 0

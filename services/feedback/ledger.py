@@ -6,6 +6,11 @@ A topic is the source of truth, so there is no second database to keep consisten
 ledger reads its topic from the beginning (its retention bounds the work), then keeps tailing it, which
 also teaches each replica what other replicas (and the policy) wrote. Feedback records are keyed by
 feedback_id, so all copies of one id land in one partition in order.
+
+A ledger keeps the most recent max_entries keys it read, the oldest forgotten first, so its memory is
+bounded whatever the topic's retention (modalign_feedback_ledger_entries shows its size): a feedback id
+resubmitted after that many newer ones is stored again (the trainer skips it as seen, see TrainerState),
+and feedback on a response older than that many newer ones is refused as not served.
 """
 
 from __future__ import annotations
@@ -13,15 +18,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from google.protobuf.message import Message
 from kafka import TopicPartition
+from prometheus_client import Gauge
 
 from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
 from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
+
+ENTRIES = Gauge("modalign_feedback_ledger_entries", "Keys a feedback service's ledger of a topic holds (at most "
+                "its --max-feedback-ids or --max-served-responses).", ["topic"])
 
 
 class Ledger:
@@ -29,12 +39,14 @@ class Ledger:
     value of a key stays."""
 
     def __init__(self, config: KafkaConfig, topic: str, event_type: type[Message],
-                 entries: Callable[[Message], Iterable[tuple[str, str]]]) -> None:
+                 entries: Callable[[Message], Iterable[tuple[str, str]]], max_entries: int) -> None:
         self._topic = config.topic(topic)
         self._config = config
         self._event_type = event_type
         self._entries = entries
-        self._values: dict[str, str] = {}
+        self._max_entries = max_entries
+        self._values: OrderedDict[str, str] = OrderedDict()
+        self._size = ENTRIES.labels(self._topic)
         self._seen = threading.Condition()
         self._positions: dict[int, int] = {}
         self._stopping = threading.Event()
@@ -73,7 +85,16 @@ class Ledger:
     def record(self, key: str, value: str) -> None:
         """Notes a write this replica just had acknowledged, before the tail reads it back."""
         with self._seen:
-            self._values.setdefault(key, value)
+            self._add(key, value)
+
+    def _add(self, key: str, value: str) -> None:
+        """Keeps the first value of key; forgets the oldest keys past max_entries. Holds self._seen."""
+        if key in self._values:
+            return
+        self._values[key] = value
+        while len(self._values) > self._max_entries:
+            self._values.popitem(last=False)
+        self._size.set(len(self._values))
 
     def catch_up(self, timeout_s: float) -> None:
         """Waits until the ledger has read every record written before this call.
@@ -115,17 +136,18 @@ class Ledger:
                     for record in records:
                         if (event := decode_record(self._event_type, record)) is not None:
                             for key, value in self._entries(event):
-                                self._values.setdefault(key, value)
+                                self._add(key, value)
                 self._positions = positions
                 self._seen.notify_all()
 
 
-def stored_feedback(config: KafkaConfig) -> Ledger:
-    """The content digest of every stored feedback, by feedback_id."""
+def stored_feedback(config: KafkaConfig, max_entries: int) -> Ledger:
+    """The content digest of every stored feedback, by feedback_id (the most recent max_entries)."""
     return Ledger(config, "feedback", events_pb2.FeedbackReceived,
-                  lambda event: [(event.feedback.feedback_id, event.content_sha256)])
+                  lambda event: [(event.feedback.feedback_id, event.content_sha256)], max_entries)
 
 
-def served_responses(config: KafkaConfig) -> Ledger:
-    """The user every logged response was served to, by response_id."""
-    return Ledger(config, "generations", events_pb2.GenerationLogged, lambda event: [(event.response_id, event.user_id)])
+def served_responses(config: KafkaConfig, max_entries: int) -> Ledger:
+    """The user every logged response was served to, by response_id (the most recent max_entries)."""
+    return Ledger(config, "generations", events_pb2.GenerationLogged,
+                  lambda event: [(event.response_id, event.user_id)], max_entries)

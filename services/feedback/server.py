@@ -50,6 +50,12 @@ class FeedbackConfig(GrpcServiceConfig):
     """Accept feedback only on responses served to its user, as the generations topic records them;
     anything else is refused (FAILED_PRECONDITION), so no one rates, prefers or edits a response they
     were not given. Off only where generations are not logged to this cluster's topic."""
+    max_feedback_ids: int = 1_000_000
+    """Stored feedback ids remembered (the most recent) to answer a resubmission as a duplicate; about 290
+    bytes each. Older ones are forgotten (docs/operations.md)."""
+    max_served_responses: int = 1_000_000
+    """Logged responses remembered (the most recent) to check feedback's author against; about 240 bytes
+    each. Feedback on an older response is refused as not served (docs/operations.md)."""
 
 
 def content_digest(feedback: feedback_pb2.Feedback) -> str:
@@ -179,8 +185,8 @@ ACCESS = access_for(SERVICE, {auth.CLIENT})
 
 def serve(config: FeedbackConfig) -> None:
     ensure_topics(config.kafka)
-    ledger = stored_feedback(config.kafka)
-    served = served_responses(config.kafka) if config.verify_authors else None
+    ledger = stored_feedback(config.kafka, config.max_feedback_ids)
+    served = served_responses(config.kafka, config.max_served_responses) if config.verify_authors else None
     ledger.start()
     if served is not None:
         served.start()

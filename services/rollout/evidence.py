@@ -29,10 +29,20 @@ from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
-# Feedback whose responses are not (yet) known to come from the canary or stable; oldest dropped first.
+# What a rollout's evidence holds at most (docs/operations.md), the oldest forgotten first:
+# feedback whose responses are not (yet) known to come from the canary or stable;
 MAX_PENDING_FEEDBACK = 50_000
-# Responses waiting for a reward score; under heavy traffic the oldest are dropped (scores are a sample).
+# the version of each response the canary or stable served, to attribute feedback on it (feedback on a
+# response older than this many newer ones stays pending, then is dropped);
+MAX_SERVED_RESPONSES = 1_000_000
+# users' ratings and preferences (an analysis then rests on the most recent ones);
+MAX_VOTES = 500_000
+# responses waiting for a reward score (scores are a sample; under heavy traffic the oldest are dropped).
 MAX_UNSCORED = 2_000
+
+EVIDENCE_ENTRIES = Gauge("modalign_rollout_evidence_entries",
+                         "What the controller holds of the current rollout's evidence, by kind: served responses, "
+                         "votes (ratings and preferences), pending feedback, unscored responses.", ["kind"])
 
 VOTES_CAPPED = Gauge("modalign_rollout_evidence_capped",
                      "Ratings and preferences of the current rollout left out because their user gave more than the cap allows.")
@@ -127,11 +137,12 @@ class EvidenceCollector:
         ]
         assign(self._consumer, self._partitions)
         self.canary = self.stable = ""
-        self._votes: list[_Vote] = []
+        self._votes: deque[_Vote] = deque(maxlen=MAX_VOTES)
         self._rewards: dict[str, Moments] = {}
+        self._votes_added = 0
         self._tallied: tuple[int, Evidence] | None = None
-        """The evidence of the first n votes, as last tallied."""
-        self._served_by: dict[str, str] = {}
+        """The evidence as last tallied, after how many votes had been added."""
+        self._served_by: OrderedDict[str, str] = OrderedDict()
         self._pending: OrderedDict[str, events_pb2.FeedbackReceived] = OrderedDict()
         self._unscored: deque[_ServedResponse] = deque(maxlen=MAX_UNSCORED)
         self.reward_model_version: str | None = None
@@ -140,6 +151,7 @@ class EvidenceCollector:
     def reset(self, canary: str, stable: str, since_ms: int) -> None:
         self.canary, self.stable = canary, stable
         self._votes.clear()
+        self._votes_added = 0
         self._rewards.clear()
         self._tallied = None
         self._served_by.clear()
@@ -155,8 +167,8 @@ class EvidenceCollector:
     @property
     def evidence(self) -> Evidence:
         """Every user's votes up to their cap, and the reward scores, since the rollout began."""
-        if self._tallied is None or self._tallied[0] != len(self._votes):
-            self._tallied = (len(self._votes), self._tally())
+        if self._tallied is None or self._tallied[0] != self._votes_added:
+            self._tallied = (self._votes_added, self._tally())
         return self._tallied[1]
 
     def _tally(self) -> Evidence:
@@ -183,6 +195,9 @@ class EvidenceCollector:
                     self._pending[record.key.decode(errors="replace") if record.key else str(record.offset)] = feedback
         self._resolve_pending()
         self._score_some()
+        for kind, entries in (("served", self._served_by), ("votes", self._votes), ("pending", self._pending),
+                              ("unscored", self._unscored)):
+            EVIDENCE_ENTRIES.labels(kind).set(len(entries))
 
     def catch_up(self, max_seconds: float) -> bool:
         """Reads for up to max_seconds; True once everything written before the call has been read."""
@@ -204,6 +219,8 @@ class EvidenceCollector:
         if generation.policy_version not in (self.canary, self.stable):
             return
         self._served_by[generation.response_id] = generation.policy_version
+        while len(self._served_by) > MAX_SERVED_RESPONSES:
+            self._served_by.popitem(last=False)
         if self._scorer is not None:
             self._unscored.append(_ServedResponse(
                 generation.policy_version, generation.prompt_text, generation.response_text,
@@ -225,7 +242,7 @@ class EvidenceCollector:
             version = self._served_by.get(feedback.rating.response_id)
             if version is None:
                 return False
-            self._votes.append(_Vote(feedback.user_id, "rating", version, feedback.rating.score))
+            self._add_vote(_Vote(feedback.user_id, "rating", version, feedback.rating.score))
             return True
         if kind == "preference":
             chosen = self._served_by.get(feedback.preference.chosen_response_id)
@@ -233,9 +250,13 @@ class EvidenceCollector:
             if chosen is None or rejected is None:
                 return False
             if chosen != rejected:  # a comparison within one version says nothing about canary vs stable
-                self._votes.append(_Vote(feedback.user_id, "preference", chosen))
+                self._add_vote(_Vote(feedback.user_id, "preference", chosen))
             return True
         return True  # edits say a response needed fixing, not how two versions compare: not used here
+
+    def _add_vote(self, vote: _Vote) -> None:
+        self._votes.append(vote)
+        self._votes_added += 1
 
     def _score_some(self) -> None:
         if self._scorer is None or not self._unscored:

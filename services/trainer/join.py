@@ -92,6 +92,8 @@ class JoinLimits:
     """How long feedback may wait for its generation before it is dead-lettered."""
     max_ratings_per_prompt: int = 64
     """Ratings kept per prompt to pair against one another; the oldest are forgotten first."""
+    max_rated_prompts: int = 100_000
+    """Prompts whose ratings are kept; the prompt rated longest ago is forgotten first."""
 
 
 @dataclass
@@ -175,7 +177,10 @@ class FeedbackJoiner:
                 feedback.feedback_id, kind, rated, response_of(high), response_of(low), margin=abs(score - other_score),
                 received=received, position=position,
             ))
-        history = self.ratings.setdefault(key, [])
+        history = self.ratings.pop(key, [])  # re-inserted: the most recently rated prompt comes last
         history.append((rated.response_id, score))
         del history[: -self.limits.max_ratings_per_prompt]
+        self.ratings[key] = history
+        while len(self.ratings) > self.limits.max_rated_prompts:
+            del self.ratings[next(iter(self.ratings))]
         return pairs, []

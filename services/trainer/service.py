@@ -77,6 +77,9 @@ CONSUMER_LAG = Gauge("modalign_trainer_consumer_lag_records", "Feedback records 
 LEARN_METRIC = Gauge("modalign_trainer_metric", "The last value of each learning and evaluation metric.", ["name"])
 ROLLBACKS_FOLLOWED = Counter("modalign_trainer_rollbacks_followed_total",
                              "Rolled-back versions the trainer stopped building on, going back to the stable version.")
+STATE_ENTRIES = Gauge(
+    "modalign_trainer_state_entries",
+    "What the trainer's checkpointed state holds, by kind; each is bounded (docs/operations.md).", ["kind"])
 LAST_ROUND = Gauge("modalign_trainer_last_round_timestamp_seconds", "When the last round ended (Unix time).")
 
 
@@ -263,6 +266,14 @@ class Trainer:
             self._publish(self.state.pending_publish)
         ROUND_SECONDS.observe(time.monotonic() - started)
         LAST_ROUND.set_to_current_time()
+        state = self.state
+        for kind, entries in (
+            ("generations", state.joiner.generations), ("waiting_feedback", state.joiner.waiting),
+            ("rated_prompts", state.joiner.ratings), ("consumed_ids", state.consumed_ids),
+            ("trained_ids", state.trained_ids), ("prompts", state.prompts), ("pending_pairs", state.pending_pairs),
+            ("heldout_pairs", state.heldout_pairs), ("replay_pairs", state.replay_pairs),
+        ):
+            STATE_ENTRIES.labels(kind).set(len(entries))
         for name, value in metrics.items():
             LEARN_METRIC.labels(name).set(value)
         return metrics
@@ -275,6 +286,10 @@ class Trainer:
         if self.rank == 0:
             tp = self.rollout_partition
             end = self.rollout_states.end_offsets([tp])[tp]
+            if self.rollout_states.position(tp) >= end:
+                # A record held since the last round (no commit marker seen after it) is still the last
+                # one: no transaction wrote it. This second look decides it.
+                self.committed_states.records(tp, [])
             deadline = time.monotonic() + self.config.round_max_seconds
             while self.rollout_states.position(tp) < end and time.monotonic() < deadline:
                 polled = self.rollout_states.poll(timeout_ms=200).get(tp, [])

@@ -379,7 +379,7 @@ def test_an_operator_rolling_back_the_canary_fires_the_rollback_alert(system) ->
 
 POISON_READERS = {  # who reads which topic all the time, and so must skip its poison
     "feedback": ["feedback"], "policy": ["policy-versions"], "reward": ["policy-versions"],
-    "trainer": ["feedback", "generations", "rollout"], "rollout": ["policy-versions"],
+    "trainer": ["feedback", "generations"], "rollout": ["policy-versions"],
 }
 
 
@@ -400,7 +400,7 @@ def test_poison_records_on_every_topic_are_skipped_and_the_valid_records_after_t
     services, prometheus, kafka = system
     replica_feedback = served_feedback(services, "rating")
     before = {name: poison_counts(services[name], kafka) for name in POISON_READERS}
-    ignored_before = scraped(services["policy"], "modalign_state_records_ignored_total")
+    ignored_before = {name: scraped(services[name], "modalign_state_records_ignored_total") for name in ("policy", "trainer")}
     producer = make_producer(kafka)
     wrong_type = events_pb2.DeadLetter(reason="not this topic's type")
     try:
@@ -423,10 +423,12 @@ def test_poison_records_on_every_topic_are_skipped_and_the_valid_records_after_t
             break
         time.sleep(1)
     assert all(n >= 3 for n in skipped.values()), skipped
-    # The policy takes rollout states only from transactions: it ignores the rollout poison before reading it.
-    while scraped(services["policy"], "modalign_state_records_ignored_total") < ignored_before + 3:
-        assert time.monotonic() < deadline + 30, "the policy did not ignore the rollout poison"
-        time.sleep(1)
+    # The policy and the trainer take rollout states only from transactions: they ignore the rollout
+    # poison before reading it.
+    for name in ("policy", "trainer"):
+        while scraped(services[name], "modalign_state_records_ignored_total") < ignored_before[name] + 3:
+            assert time.monotonic() < deadline + 30, f"the {name} did not ignore the rollout poison"
+            time.sleep(1)
     (alert,) = prometheus.wait_firing("ModalignKafkaPoisonRecords", job=f"{RELEASE}-trainer", topic=kafka.topic("generations"))
     assert alert["severity"] == "warning"
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -11,11 +13,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from modalign.core import broker
 from modalign.core.config import with_overrides
-from modalign.core.kafka import KafkaConfig, ensure_topics, read_topic
+from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably, read_topic
 from modalign.core.processes import ManagedProcess
+from modalign.feedback.ledger import served_responses
 from modalign.feedback.server import FeedbackConfig
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
@@ -170,3 +174,23 @@ def retry_until_available(call, attempts: int = 10):
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
                 raise
+
+
+def test_a_ledger_keeps_the_most_recent_keys_only(kafka_config: KafkaConfig) -> None:
+    kafka = dataclasses.replace(kafka_config, topic_prefix=f"{kafka_config.topic_prefix}{uuid.uuid4().hex[:8]}.")
+    ensure_topics(kafka)
+    producer = make_producer(kafka)
+    try:
+        responses = [events_pb2.GenerationLogged(response_id=f"r{i}", user_id=f"u{i}", policy_version="v0") for i in range(5)]
+        produce_durably(producer, kafka.topic("generations"), [(g.response_id, g) for g in responses], timeout_s=30)
+    finally:
+        producer.close()
+    served = served_responses(kafka, max_entries=3)
+    served.start()
+    try:
+        served.record("r5", "u5")  # a write of its own counts as the newest
+        kept = {key for key in (f"r{i}" for i in range(6)) if served.get(key) is not None}
+        assert len(kept) == 3 and "r5" in kept
+        assert REGISTRY.get_sample_value("modalign_feedback_ledger_entries", {"topic": kafka.topic("generations")}) == 3
+    finally:
+        served.stop()

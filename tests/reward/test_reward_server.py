@@ -219,9 +219,9 @@ def test_the_rollout_controller_scores_each_versions_served_responses_here(
     try:
         collector.reset("canary", "stable", since_ms=0)
         deadline = time.monotonic() + 60
-        evidence = collector.evidence
-        while sum(m.n for m in evidence.rewards.values()) < 3 and time.monotonic() < deadline:
+        while sum(m.n for m in collector.evidence.rewards.values()) < 3 and time.monotonic() < deadline:
             collector.catch_up(max_seconds=5)
+        evidence = collector.evidence  # a view of everything read so far
     finally:
         collector.close()
     assert evidence.moments("reward", "canary").n == 2 and evidence.moments("reward", "stable").n == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from modalign.trainer.join import FeedbackJoiner, JoinLimits
+from modalign.trainer.join import FeedbackJoiner, JoinLimits, prompt_key
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2
 
 
@@ -97,3 +97,15 @@ def test_the_oldest_generations_are_forgotten_first() -> None:
     for g in (first, second, third):
         joiner.add_generation(g)
     assert list(joiner.generations) == [second.response_id, third.response_id]
+
+
+def test_the_prompts_rated_longest_ago_are_forgotten_first() -> None:
+    joiner = FeedbackJoiner(limits=JoinLimits(max_rated_prompts=2))
+    first, second, third = (generation(prompt=f"question {i}") for i in range(3))
+    for rated in (first, second, third):
+        joiner.add_generation(rated)
+    joiner.add_feedback(rating(first, 5), (0, 0))
+    joiner.add_feedback(rating(second, 4), (0, 1))
+    joiner.add_feedback(rating(first, 3), (0, 2))  # first is the most recently rated again
+    joiner.add_feedback(rating(third, 2), (0, 3))
+    assert sorted(joiner.ratings) == sorted(prompt_key(g) for g in (first, third))
