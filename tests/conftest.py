@@ -35,9 +35,8 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[broker.Br
     broker.stop(config)
 
 
-@pytest.fixture(scope="module")
-def kafka_config(kafka_broker: broker.BrokerConfig) -> KafkaConfig:
-    """A KafkaConfig whose topics, created here, belong to this test module alone."""
+def topics_of_their_own(kafka_broker: broker.BrokerConfig) -> KafkaConfig:
+    """A KafkaConfig on the broker whose topics, created here, no one else uses."""
     config = KafkaConfig(
         bootstrap_servers=kafka_broker.bootstrap_servers,
         topic_prefix=f"test-{uuid.uuid4().hex[:10]}.",
@@ -45,6 +44,18 @@ def kafka_config(kafka_broker: broker.BrokerConfig) -> KafkaConfig:
     )
     ensure_topics(config)
     return config
+
+
+@pytest.fixture(scope="module")
+def kafka_config(kafka_broker: broker.BrokerConfig) -> KafkaConfig:
+    """A KafkaConfig whose topics belong to this test module alone."""
+    return topics_of_their_own(kafka_broker)
+
+
+@pytest.fixture
+def own_kafka_config(kafka_broker: broker.BrokerConfig) -> KafkaConfig:
+    """A KafkaConfig whose topics belong to this test alone: for a test that counts every record."""
+    return topics_of_their_own(kafka_broker)
 
 
 @pytest.fixture(scope="session")

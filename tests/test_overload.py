@@ -4,7 +4,6 @@ a time, so that calls queue behind one another."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ import grpc
 import pytest
 
 from modalign.core.grpc_server import GrpcLimits
-from modalign.core.kafka import KafkaConfig, ensure_topics, read_topic
+from modalign.core.kafka import KafkaConfig, read_topic
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -34,9 +33,8 @@ def long_request(text: str, max_new_tokens: int = 512, n: int = 4) -> policy_pb2
 
 
 @pytest.fixture
-def policy(kafka_config: KafkaConfig, tmp_path: Path):
-    kafka = dataclasses.replace(kafka_config, topic_prefix=f"{kafka_config.topic_prefix}{uuid.uuid4().hex[:8]}.")
-    ensure_topics(kafka)
+def policy(own_kafka_config: KafkaConfig, tmp_path: Path):
+    kafka = own_kafka_config
     process, address, metrics_port = start_grpc_service(
         PolicyConfig, kafka, tmp_path, follow="none", blob_dir=tmp_path / "blobs", max_batch_rows=1, grpc=BOUND)
     channel = grpc.insecure_channel(address)

@@ -7,7 +7,6 @@ commands by role: tests/test_up.py."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import socket
 import ssl
@@ -35,7 +34,7 @@ from tritonclient.utils import InferenceServerException
 from modalign.core.auth import AuthConfig, ClientAuth
 from modalign.core.blobs import BlobStore
 from modalign.core.grpc_server import dial
-from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably, read_topic
+from modalign.core.kafka import KafkaConfig, make_producer, produce_durably, read_topic
 from modalign.core.modelstore import DirectoryStore, Manifest, Published
 from modalign.core.processes import ManagedProcess, free_port
 from modalign.core.ratelimit import RateLimit, retry_delay_s
@@ -454,12 +453,6 @@ def test_the_reward_service_scores_only_for_a_role_that_may_over_tls(secured: Se
 FLOOD = 300
 
 
-def topics_of_its_own(kafka: KafkaConfig) -> KafkaConfig:
-    kafka = dataclasses.replace(kafka, topic_prefix=f"{kafka.topic_prefix}{uuid.uuid4().hex[:8]}.")
-    ensure_topics(kafka)
-    return kafka
-
-
 def served(kafka: KafkaConfig, generations: list[events_pb2.GenerationLogged],
            ratings: list[tuple[str, str, int]]) -> None:
     """Writes what the policy logs for the generations, then what the feedback service logs for the
@@ -476,8 +469,8 @@ def served(kafka: KafkaConfig, generations: list[events_pb2.GenerationLogged],
 
 
 def test_a_flood_of_five_star_ratings_moves_a_canary_analysis_no_further_than_its_users_cap(
-        kafka_config: KafkaConfig) -> None:
-    kafka_config = topics_of_its_own(kafka_config)
+        own_kafka_config: KafkaConfig) -> None:
+    kafka_config = own_kafka_config
     # 40 users rate 3 responses each of stable v1 (about 3.5) and of canary v2 (about 2.5): v2 is worse.
     # One more user gives the canary five stars 300 times, which alone would carry it past stable.
     generations, ratings = [], []
@@ -512,8 +505,8 @@ def test_a_flood_of_five_star_ratings_moves_a_canary_analysis_no_further_than_it
 
 
 def test_a_flood_of_five_star_ratings_adds_no_more_to_a_training_round_than_its_users_cap(
-        kafka_config: KafkaConfig, tmp_path: Path) -> None:
-    kafka_config = topics_of_its_own(kafka_config)
+        own_kafka_config: KafkaConfig, tmp_path: Path) -> None:
+    kafka_config = own_kafka_config
 
     def trainer(cap: UserCap) -> Trainer:
         config = TrainerConfig(

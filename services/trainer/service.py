@@ -65,6 +65,9 @@ from modalign.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
+Received = tuple[events_pb2.FeedbackReceived, tuple[int, int]]
+"""A feedback record read in a round, with its (partition, offset)."""
+
 FEEDBACK_CONSUMED = Counter("modalign_trainer_feedback_consumed_total",
                             "Feedback records consumed, by outcome: new, duplicate, malformed, or capped (its user "
                             "gave more in the round than the cap allows).", ["outcome"])
@@ -219,7 +222,7 @@ class Trainer:
         self._follow_rollbacks()
         consumed = 0
         deadline = started + self.config.round_max_seconds
-        received: list[tuple[events_pb2.FeedbackReceived, tuple[int, int]]] = []
+        received: list[Received] = []
         dead: list[DeadLetter] = []
         while consumed < self.config.round_max_feedback and time.monotonic() < deadline:
             self._consume_generations()
@@ -348,12 +351,11 @@ class Trainer:
         self.state.consumed_ids.add(feedback_id)
         return received
 
-    def _capped(self, received: list[tuple[events_pb2.FeedbackReceived, tuple[int, int]]]
-                ) -> list[tuple[events_pb2.FeedbackReceived, tuple[int, int]]]:
+    def _capped(self, received: list[Received]) -> list[Received]:
         """The round's feedback with no user beyond their cap (modalign.feedback.caps), over every rank's
         share of the round: the ranks count together, and each takes what earlier ranks left of a
         user's allowance. What is left out is consumed, never joined into pairs."""
-        def user_of(item: tuple[events_pb2.FeedbackReceived, tuple[int, int]]) -> str:
+        def user_of(item: Received) -> str:
             return item[0].feedback.user_id
 
         counts = distributed.all_gather(collections.Counter(user_of(item) for item in received))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -176,9 +174,8 @@ def retry_until_available(call, attempts: int = 10):
                 raise
 
 
-def test_a_ledger_keeps_the_most_recent_keys_only(kafka_config: KafkaConfig) -> None:
-    kafka = dataclasses.replace(kafka_config, topic_prefix=f"{kafka_config.topic_prefix}{uuid.uuid4().hex[:8]}.")
-    ensure_topics(kafka)
+def test_a_ledger_keeps_the_most_recent_keys_only(own_kafka_config: KafkaConfig) -> None:
+    kafka = own_kafka_config
     producer = make_producer(kafka)
     try:
         responses = [events_pb2.GenerationLogged(response_id=f"r{i}", user_id=f"u{i}", policy_version="v0") for i in range(5)]
