@@ -15,7 +15,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
 from prometheus_client import Counter, Histogram
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,13 @@ PRODUCE_ERRORS = Counter(
 POISON_RECORDS = Counter(
     "modalign_kafka_poison_records_total",
     "Consumed records skipped because they are not a valid message of their topic's type, by topic.",
+    ["topic"],
+)
+
+OFFSET_GAPS = Counter(
+    "modalign_kafka_offset_gap_records_total",
+    "Records a consumer was to read next that were gone when it got there (deleted by retention: the consumer "
+    "was stopped, or fell behind, longer than the topic keeps records), by topic.",
     ["topic"],
 )
 
@@ -102,12 +109,13 @@ def decode_record(message_type: type[M], record) -> M | None:
 
 
 def assign(consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
-    """consumer.assign(partitions), exporting a poison count of 0 for each of their topics: Prometheus's
-    increase() sees no rise in a series whose first sample is already above zero, so the alert on the
-    first poison record of a topic needs the zero before it."""
+    """consumer.assign(partitions), exporting poison and gap counts of 0 for each of their topics:
+    Prometheus's increase() sees no rise in a series whose first sample is already above zero, so the
+    alert on the first poison record (or gap) of a topic needs the zero before it."""
     consumer.assign(partitions)
     for topic in {partition.topic for partition in partitions}:
         POISON_RECORDS.labels(topic)
+        OFFSET_GAPS.labels(topic)
 
 
 def count_poison(record, error: PoisonRecord) -> None:
@@ -269,18 +277,75 @@ def produce_durably(
     PRODUCE_SECONDS.labels(topic).observe(time.perf_counter() - started)
 
 
-def make_consumer(config: KafkaConfig, *topics: str, group_id: str | None, **options) -> KafkaConsumer:
-    """A consumer with manual commits; session timeouts kept short so group joins take seconds."""
-    return KafkaConsumer(
-        *topics,
+ON_GAP = ("resume", "stop")
+"""What a consumer that resumes from a position does when the records there are gone (see GapAwareConsumer)."""
+
+
+class OffsetGap(RuntimeError):
+    """Records a consumer was to read next are gone, and its policy is to stop rather than skip them."""
+
+
+class GapAwareConsumer(KafkaConsumer):
+    """A consumer that resumes from positions of its own (a checkpoint's, a group's committed offsets) and
+    never skips records silently. Where its next record was deleted by retention (it was stopped, or fell
+    behind, longer than the topic keeps records), Kafka's usual auto_offset_reset jumps to the log start
+    with an info line. This consumer logs an error naming the topic, partition and the records lost, counts
+    them in modalign_kafka_offset_gap_records_total (alert ModalignKafkaOffsetGap), and then follows
+    on_gap: "resume" goes on from the oldest record kept; "stop" raises OffsetGap from poll(), so the
+    service exits and an operator decides (restart with the policy "resume" to go on).
+
+    Every partition must be given a position (seek, seek_to_beginning) before the first poll."""
+
+    def __init__(self, *topics: str, on_gap: str, **configs) -> None:
+        if on_gap not in ON_GAP:
+            raise ValueError(f"on_gap must be one of {', '.join(ON_GAP)}, got {on_gap!r}")
+        super().__init__(*topics, auto_offset_reset="none", **configs)
+        self.on_gap = on_gap
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None, update_offsets: bool = True) -> dict:
+        try:
+            return super().poll(timeout_ms=timeout_ms, max_records=max_records, update_offsets=update_offsets)
+        except OffsetOutOfRangeError as error:
+            self._mind_the_gap(error.args[0])
+            return {}
+
+    def _mind_the_gap(self, out_of_range: dict[TopicPartition, int]) -> None:
+        starts = self.beginning_offsets(list(out_of_range))
+        ends = self.end_offsets(list(out_of_range))
+        for partition, position in out_of_range.items():
+            start, end = starts[partition], ends[partition]
+            where = f"{partition.topic}-{partition.partition}"
+            if position < start:
+                OFFSET_GAPS.labels(partition.topic).inc(start - position)
+                what = (f"{where}: records {position} to {start - 1} were deleted by retention before this consumer "
+                        f"read them ({start - position} lost to it)")
+            else:  # beyond the end: the topic was deleted and recreated, or truncated
+                what = f"{where}: its position {position} is beyond the log's end {end} (the topic was recreated?)"
+            if self.on_gap == "stop":
+                raise OffsetGap(f"{what}; stopping, as the offset-gap policy says (restart with it set to resume "
+                                f"to go on from offset {start})")
+            log.error("%s; resuming from the oldest record kept, offset %d", what, start)
+            self.seek(partition, start)
+
+
+def make_consumer(config: KafkaConfig, *topics: str, group_id: str | None, on_gap: str | None = None,
+                  **options) -> KafkaConsumer:
+    """A consumer with manual commits; session timeouts kept short so group joins take seconds.
+
+    on_gap: for a consumer resuming from positions of its own, what to do where records it was to read
+    next are gone (a GapAwareConsumer); None for one that reads from the beginning or a point in time,
+    to which Kafka's jump to the oldest record kept loses nothing it meant to read."""
+    common = dict(
         **config.client_kwargs(),
         group_id=group_id,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
         session_timeout_ms=options.pop("session_timeout_ms", 10_000),
         heartbeat_interval_ms=options.pop("heartbeat_interval_ms", 1_000),
         **options,
     )
+    if on_gap is not None:
+        return GapAwareConsumer(*topics, on_gap=on_gap, **common)
+    return KafkaConsumer(*topics, auto_offset_reset="earliest", **common)
 
 
 def read_topic(kafka: KafkaConfig, name: str, message_type: type[M]) -> list[M]:

@@ -31,7 +31,9 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from modalign.core.blobs import BlobStore
+from modalign.core.config import require_one_of
 from modalign.core.kafka import (
+    ON_GAP,
     PoisonRecord,
     assign,
     count_poison,
@@ -132,6 +134,15 @@ class TrainerConfig(MeteredConfig):
     """How much of one round's feedback one user may give (docs/security.md)."""
     recent_feedback_ids: int = DEFAULT_RECENT_IDS
     """Feedback ids remembered to skip a feedback delivered twice (see TrainerState); bounds the checkpoint."""
+    on_offset_gap: str = "resume"
+    """When feedback or generations the trainer was to read next were deleted by retention (it was down
+    longer than the topics keep records): resume (log an error, count them in
+    modalign_kafka_offset_gap_records_total, go on from the oldest record kept) or stop (exit with that
+    error, so an operator decides; restart with resume to go on)."""
+
+    def validate(self) -> None:
+        super().validate()
+        require_one_of("on_offset_gap", self.on_offset_gap, ON_GAP)
 
 
 def is_heldout(feedback_id: str, percent: int) -> bool:
@@ -152,7 +163,9 @@ class Trainer:
         self._restore()
         self.producer = make_producer(config.kafka)
         self.publisher = Publisher(self.store, self.producer, config.kafka, config.learner.algorithm)
-        self.generations = make_consumer(config.kafka, group_id=None)
+        # Both resume from the checkpoint's positions: records retention deleted before they were read
+        # are a gap the trainer reports (GapAwareConsumer), never a silent jump.
+        self.generations = make_consumer(config.kafka, group_id=None, on_gap=config.on_offset_gap)
         partitions = [TopicPartition(self.topics["generations"], p)
                       for p in sorted(self.generations.partitions_for_topic(self.topics["generations"]) or [])]
         assign(self.generations, partitions)
@@ -162,7 +175,8 @@ class Trainer:
         # rather than by the group's rebalancing: the ranks of one torch.distributed job must stay in
         # lockstep, which a rebalance in the middle of a round would break. The group still holds the
         # committed offsets, so lag shows in the usual tools.
-        self.feedback = make_consumer(config.kafka, group_id=config.group_id, max_poll_records=config.round_max_feedback)
+        self.feedback = make_consumer(config.kafka, group_id=config.group_id, on_gap=config.on_offset_gap,
+                                      max_poll_records=config.round_max_feedback)
         feedback_partitions = [
             TopicPartition(self.topics["feedback"], p)
             for p in sorted(self.feedback.partitions_for_topic(self.topics["feedback"]) or [])
