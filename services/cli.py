@@ -21,6 +21,7 @@ COMMANDS = {
     "feedback": ("modalign.feedback.server", "run the feedback service"),
     "trainer": ("modalign.trainer.service", "run the online trainer"),
     "rollout": ("modalign.rollout.server", "run the rollout controller"),
+    "dead-letters": ("modalign.trainer.dead_letters", "list the feedback the trainer set aside, or replay it once fixed"),
 }
 
 

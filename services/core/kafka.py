@@ -57,6 +57,7 @@ IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
     "modalign.v1.FeedbackReceived": ("feedback.feedback_id",),
     "modalign.v1.RolloutState": ("stable_version",),
     "modalign.v1.PolicyVersionPublished": ("version",),
+    "modalign.v1.DeadLetter": ("source_topic",),
 }
 
 CONTENT_TYPE_HEADER = "content-type"

@@ -392,6 +392,8 @@ class Trainer:
         records = []
         for letter in dead:
             DEAD_LETTERS.labels(letter.reason.split(":")[0]).inc()
+            # Not learned from: a replay of it (modalign dead-letters replay) must read as new.
+            self.state.consumed_ids.discard(letter.feedback.feedback.feedback_id)
             value = letter.raw if letter.raw is not None else letter.feedback.SerializeToString()
             records.append((letter.feedback.feedback.feedback_id, events_pb2.DeadLetter(
                 source_topic=self.topics["feedback"], source_partition=letter.position[0],

@@ -33,6 +33,9 @@ class RecentIds:
         while len(self._ids) > self.limit:
             del self._ids[next(iter(self._ids))]
 
+    def discard(self, feedback_id: str) -> None:
+        self._ids.pop(feedback_id, None)
+
     def __contains__(self, feedback_id: object) -> bool:
         return feedback_id in self._ids
 
