@@ -4,7 +4,11 @@ a time, so that calls queue behind one another."""
 
 from __future__ import annotations
 
+import base64
+import http.client
+import json
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +18,7 @@ import pytest
 
 from modalign.core.grpc_server import GrpcLimits
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.processes import free_port
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -35,18 +40,21 @@ def long_request(text: str, max_new_tokens: int = 512, n: int = 4) -> policy_pb2
 @pytest.fixture
 def policy(own_kafka_config: KafkaConfig, tmp_path: Path):
     kafka = own_kafka_config
+    http_listen = f"127.0.0.1:{free_port()}"
     process, address, metrics_port = start_grpc_service(
-        PolicyConfig, kafka, tmp_path, follow="none", blob_dir=tmp_path / "blobs", max_batch_rows=1, grpc=BOUND)
+        PolicyConfig, kafka, tmp_path, follow="none", blob_dir=tmp_path / "blobs", max_batch_rows=1, grpc=BOUND,
+        http_listen=http_listen)
     channel = grpc.insecure_channel(address)
     try:
-        yield kafka, policy_pb2_grpc.PolicyServiceStub(channel), f"http://127.0.0.1:{metrics_port}/metrics"
+        yield (kafka, policy_pb2_grpc.PolicyServiceStub(channel), f"http://127.0.0.1:{metrics_port}/metrics",
+               f"http://{http_listen}/v1/chat/completions")
     finally:
         channel.close()
         process.stop()
 
 
 def test_calls_past_the_bound_are_refused_while_the_accepted_ones_still_run(policy) -> None:
-    kafka, stub, _ = policy
+    kafka, stub, _, _ = policy
     calls = 4 * BOUND.max_concurrent_rpcs
     with ThreadPoolExecutor(calls) as pool:
         def call(index: int) -> tuple[grpc.StatusCode, float]:
@@ -68,13 +76,19 @@ def test_calls_past_the_bound_are_refused_while_the_accepted_ones_still_run(poli
     assert len(logged) == 4 * len(served)
 
 
-def test_a_request_whose_deadline_passes_in_the_queue_is_never_generated_or_logged(policy) -> None:
-    kafka, stub, metrics = policy
+def running_ahead(stub: policy_pb2_grpc.PolicyServiceStub, metrics: str) -> grpc.Future:
+    """A long request whose batch is running: what comes next waits in the queue behind it."""
     ahead = stub.Generate.future(long_request("ahead"), timeout=300)
     deadline = time.monotonic() + 60
-    while counter_total(metrics, "modalign_policy_batch_rows_count") < 1:  # its batch is running
+    while counter_total(metrics, "modalign_policy_batch_rows_count") < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return ahead
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_never_generated_or_logged(policy) -> None:
+    kafka, stub, metrics, _ = policy
+    ahead = running_ahead(stub, metrics)
     with pytest.raises(grpc.RpcError) as late:
         stub.Generate(long_request("too late", max_new_tokens=8, n=1), timeout=0.5)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -101,3 +115,36 @@ def test_a_message_larger_than_a_service_takes_is_refused_before_it_is_read(
             assert "larger than max" in (refused.value.details() or "")
     finally:
         process.stop()
+
+
+def test_an_http_client_that_disconnects_while_queued_is_never_generated_or_logged(policy) -> None:
+    kafka, stub, metrics, chat_url = policy
+    ahead = running_ahead(stub, metrics)
+    image = "data:image/png;base64," + base64.b64encode(png()).decode()
+    host, port = urllib.parse.urlsplit(chat_url).netloc.split(":")
+
+    def chat(text: str, stream: bool) -> http.client.HTTPConnection:
+        body = {"model": "modalign", "stream": stream, "max_tokens": 8, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image}}]}]}
+        connection = http.client.HTTPConnection(host, int(port), timeout=1)
+        connection.request("POST", urllib.parse.urlsplit(chat_url).path, json.dumps(body),
+                           {"Content-Type": "application/json"})
+        return connection
+
+    # A client that gives up waiting and closes its connection, and one that closes its stream after the
+    # first event.
+    gave_up = chat("gave up", stream=False)
+    with pytest.raises(TimeoutError):
+        gave_up.getresponse()
+    gave_up.close()
+    closed = chat("closed the stream", stream=True)
+    assert closed.getresponse().readline().startswith(b"data: ")
+    closed.close()
+    ahead.result()
+    deadline = time.monotonic() + 60
+    while counter_total(metrics, "modalign_policy_requests_total", grpc_code="CANCELLED") < 2:
+        assert time.monotonic() < deadline, "a disconnected HTTP request was not taken out of its queue"
+        time.sleep(0.1)
+    assert counter_total(metrics, "modalign_policy_batch_rows_count") == 1  # neither had a batch of its own
+    logged = read_topic(kafka, "generations", events_pb2.GenerationLogged)
+    assert {event.prompt_text for event in logged} == {"ahead"}

@@ -33,11 +33,13 @@ sends the image itself, so the policy never reaches out to an address a user cho
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import math
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -48,6 +50,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from modalign.core import auth
@@ -74,6 +77,8 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     grpc.StatusCode.INTERNAL: (500, "server_error"),
+    # What nginx logs for a client that closed its connection before the answer: nobody reads it.
+    grpc.StatusCode.CANCELLED: (499, "client_closed_request"),
 }
 
 
@@ -340,15 +345,34 @@ def create_app(generations: Generations, model_name: str, authenticator: auth.Au
         generate = await run_in_threadpool(generate_request, body, request.headers.get(SESSION_HEADER), remote)
         generate.user_id = as_end_user(principal, generate.user_id)
         created = int(time.time())
-        if body.get("stream") is not True:
-            generated = await run_in_threadpool(generate_and_log, generations, generate)
+        streamed = body.get("stream") is True
+        started = await run_in_threadpool(generations.start, generate, streamed)
+        caller_gone = threading.Event()
+        watch = asyncio.create_task(drop_when_gone(request, started, caller_gone))
+        if not streamed:
+            try:
+                with observed(started.version):
+                    generated = await run_in_threadpool(generations.finish, started, lambda: not caller_gone.is_set())
+            finally:
+                watch.cancel()
             return JSONResponse(completion(generated, model_name, created), headers={VERSION_HEADER: generated.version})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        started = await run_in_threadpool(generations.start, generate, True)
-        chunks = stream_chunks(generations, started, model_name, created, include_usage)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers={VERSION_HEADER: started.version})
+        chunks = stream_chunks(generations, started, model_name, created, include_usage, caller_gone)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={VERSION_HEADER: started.version},
+                                 background=BackgroundTask(watch.cancel))
 
     return app
+
+
+async def drop_when_gone(request: Request, started: Started, caller_gone: threading.Event) -> None:
+    """Waits for the client to disconnect, then drops its request as gRPC does for a cancelled call
+    (Started.cancel_when_gone): taken out of its queue if its batch has not started, and, through
+    caller_gone, not logged if it has (nobody can give feedback on an answer never received). Cancelled
+    once the answer has been sent."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass  # the body was read before generating: nothing else can arrive but the disconnect
+    caller_gone.set()
+    started.pending.cancel()
 
 
 async def json_body(request: Request) -> Any:
@@ -358,17 +382,12 @@ async def json_body(request: Request) -> Any:
         raise invalid(f"body: not valid JSON ({error})") from error
 
 
-def generate_and_log(generations: Generations, request: policy_pb2.GenerateRequest) -> Generated:
-    started = generations.start(request)
-    with observed(started.version):
-        return generations.finish(started)
-
-
-def stream_chunks(generations: Generations, started: Started, model: str, created: int, include_usage: bool
-                  ) -> Iterator[str]:
+def stream_chunks(generations: Generations, started: Started, model: str, created: int, include_usage: bool,
+                  caller_gone: threading.Event) -> Iterator[str]:
     """Server-sent events in OpenAI's chunk format: each choice's role, then its text deltas; once the
     generation is durably logged, each choice's finish_reason and response_id; usage if asked; [DONE].
-    A failure after the first byte can no longer change the HTTP status: it goes out as an error event."""
+    A failure after the first byte can no longer change the HTTP status: it goes out as an error event.
+    A stream whose client went away (caller_gone) is not logged."""
 
     def event(choices: list[dict], **extra: Any) -> str:
         chunk = {"id": f"chatcmpl-{started.prompt_id}", "object": "chat.completion.chunk", "created": created,
@@ -381,7 +400,7 @@ def stream_chunks(generations: Generations, started: Started, model: str, create
                          for i in range(started.n)])
             for index, text, _ in generations.stream(started):
                 yield event([{"index": index, "delta": {"content": text}, "finish_reason": None}])
-            generated = generations.finish(started)
+            generated = generations.finish(started, lambda: not caller_gone.is_set())
     except Refused as error:
         yield f"data: {error_response(error).body.decode()}\n\n"
         return
