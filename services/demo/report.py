@@ -171,6 +171,17 @@ def _accuracy(result: VersionResult) -> str:
     return f"{result.reward_model_accuracy:.1%} ({result.reward_model_pairs})"
 
 
+def head_to_head(verdicts) -> dict | None:
+    """What users said when they compared the canary's answer with stable's in one request, from a
+    rollout decision's preference verdict (whose statistic is the canary's wins): None before any."""
+    preference = next((v for v in verdicts if v.metric == "preference"), None)
+    if preference is None or not preference.canary_samples:
+        return None
+    compared, canary_wins = preference.canary_samples, round(preference.statistic)
+    return {"canary_wins": canary_wins, "stable_wins": compared - canary_wins,
+            "canary_win_rate": canary_wins / compared, "canary_win_rate_ci": wilson_interval(canary_wins, compared)}
+
+
 def write_report(out: Path, results: list[VersionResult], timeline: list[dict], summary: dict) -> None:
     """report.json, report.md and the PNG plots it shows, in out/."""
     import matplotlib
@@ -232,7 +243,13 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         " rises; one being gamed does not).",
         "", "## Canary decisions", "",
     ]
-    lines += [f"- {entry['time']} revision {entry['revision']}: {entry['reason']}" for entry in timeline]
+    for entry in timeline:
+        compared = entry.get("head_to_head")
+        users = "" if compared is None else (
+            f" Head to head, the canary won {compared['canary_wins']} of {compared['canary_wins'] + compared['stable_wins']}"
+            f" comparisons with stable ({compared['canary_win_rate']:.0%}, 95% CI {compared['canary_win_rate_ci'][0]:.0%}"
+            f"-{compared['canary_win_rate_ci'][1]:.0%}).")
+        lines.append(f"- {entry['time']} revision {entry['revision']}: {entry['reason']}{users}")
     lines += ["", "## Sample answers", ""]
     for r in results:
         for row in r.examples:

@@ -29,7 +29,7 @@ from modalign.core.launch import LocalSystem
 from modalign.core.modelstore import fetch, open_store
 from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import ACTIVE_PHASES
-from modalign.demo.report import evaluate_versions, held_out_examples, write_report
+from modalign.demo.report import evaluate_versions, head_to_head, held_out_examples, write_report
 from modalign.demo.users import SimulatedUsers, Tally, UsersConfig
 from modalign.demo.warmstart import build_warm_start
 from modalign.reward.config import BACKBONES
@@ -183,7 +183,8 @@ def report(config: DemoConfig, published: list[events_pb2.PolicyVersionPublished
     timeline = [
         {"time": datetime.fromtimestamp(s.updated_at.seconds, UTC).strftime("%H:%M:%S"),
          "revision": s.revision, "canary": s.canary_version, "stable": s.stable_version,
-         "phase": events_pb2.RolloutPhase.Name(s.phase), "weight": s.canary_weight_percent, "reason": s.reason}
+         "phase": events_pb2.RolloutPhase.Name(s.phase), "weight": s.canary_weight_percent, "reason": s.reason,
+         "head_to_head": head_to_head(s.verdicts)}
         for s in states
     ]
     write_report(config.out, results, timeline,

@@ -93,11 +93,19 @@ class PolicyConfig(GrpcServiceConfig):
     """Most pixels (width x height) of a decoded image."""
     max_pending_rows: int = 512
     """Candidates allowed to queue for a batch; past this, requests get RESOURCE_EXHAUSTED."""
+    head_to_head_percent: int = 50
+    """Share, in percent, of the canary's requests with n >= 2 that are head-to-head while a canary rolls
+    out: half their candidates (rounded up) from one of canary and stable, the rest from the other, in
+    random order, each logged with its version. A user's preference between them is direct evidence of
+    which version users prefer (docs/rollout.md); only sessions routed to the canary see them, so no
+    more users see the canary than its weight says. 0 turns it off."""
     user_rate_limit: RateLimit = field(default_factory=RateLimit)
     """Generate calls (gRPC and HTTP together) one end user may make; past it, RESOURCE_EXHAUSTED (HTTP
     429) saying when to retry. Calls that name no user are not limited per user."""
 
     def validate(self) -> None:
+        if not 0 <= self.head_to_head_percent <= 100:
+            raise ConfigError("head_to_head_percent", f"a percentage in [0, 100], got {self.head_to_head_percent}")
         super().validate()
         require_one_of("follow", self.follow, FOLLOW_MODES)
         if self.http_listen:

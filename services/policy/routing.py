@@ -4,17 +4,21 @@ A session's bucket is a hash of its session_id, the same on every replica, and a
 canary's weight goes to the canary. So a session stays on its version while the weights hold, every
 replica agrees on it without talking to the others, and as the weight grows sessions only move from
 stable to canary, never back and forth.
+
+Head-to-head (interleaving): a share of the canary's requests that ask for several candidates get half
+of them from stable, so a user who prefers one answer to the other compares the two versions directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from modalign.core.versions import ACTIVE_PHASES
 from modalign.policy.batcher import DynamicBatcher
@@ -62,6 +66,45 @@ class Routes:
         return {self.stable: 100 - self.canary_weight_percent, self.canary: self.canary_weight_percent}
 
 
+C = TypeVar("C", bound=Callable)
+
+
+class Joined(Future):
+    """The samples of one request split over several batchers, in order: done once every part is,
+    failed if any part failed, cancelled only as a whole (cancel() cancels every part; it succeeds when
+    none had started, else the request ends cancelled once the running parts finish)."""
+
+    def __init__(self, parts: list[Future[list[Sample]]]) -> None:
+        super().__init__()
+        self._parts = parts
+        self._lock = threading.Lock()
+        for part in parts:
+            part.add_done_callback(self._part_done)
+
+    def cancel(self) -> bool:
+        for part in self._parts:
+            part.cancel()
+        return self.cancelled()
+
+    def _part_done(self, _: Future) -> None:
+        with self._lock:  # the parts finish on their batchers' threads, maybe at once
+            if self.done() or not all(part.done() for part in self._parts):
+                return
+            if any(part.cancelled() for part in self._parts):
+                super().cancel()
+            elif failed := next((part.exception() for part in self._parts if part.exception()), None):
+                self.set_exception(failed)
+            else:
+                self.set_result([sample for part in self._parts for sample in part.result()])
+
+
+def _shifted(callback: C | None, offset: int) -> C | None:
+    """A per-candidate callback (index first) for a part whose candidates start at index offset."""
+    if callback is None or offset == 0:
+        return callback
+    return lambda index, *rest: callback(index + offset, *rest)  # type: ignore[return-value]
+
+
 class VersionRouter:
     """One DynamicBatcher per version served; routes each request to one of them by its session.
 
@@ -77,8 +120,10 @@ class VersionRouter:
         load_engine: Callable[[str], PolicyEngine],
         make_batcher: Callable[[PolicyEngine], DynamicBatcher],
         on_routes: Callable[[Routes, Routes], None] = lambda old, new: None,
+        head_to_head_percent: int = 0,
     ) -> None:
         self._load_engine = load_engine
+        self._head_to_head_percent = head_to_head_percent
         self._make_batcher = make_batcher
         self._on_routes = on_routes
         self._routes = Routes(stable=initial.policy_version)
@@ -91,12 +136,33 @@ class VersionRouter:
         return self._routes
 
     def submit(self, session_id: str, request: GenerationRequest) -> tuple[str, Future[list[Sample]]]:
-        """Queues the request on its session's version; returns that version and the samples' future."""
+        """Queues the request on its session's version; returns that version and the samples' future.
+        A head-to-head request is queued on both versions; its samples name each one's own version."""
         bucket = session_bucket(session_id)
         # Under the lock so that apply() cannot close the chosen batcher between choice and submit.
         with self._lock:
-            version = self._routes.version_for(bucket)
+            routes = self._routes
+            version = routes.version_for(bucket)
+            if version == routes.canary and request.n >= 2 and random.randrange(100) < self._head_to_head_percent:
+                return version, self._head_to_head(request, routes)
             return version, self._batchers[version].submit(request)
+
+    def _head_to_head(self, request: GenerationRequest, routes: Routes) -> Joined:
+        """Half the candidates (rounded up) from one of canary and stable, drawn at random so that
+        neither always comes first, the rest from the other."""
+        first, second = random.sample([routes.canary, routes.stable], 2)
+        split = (request.n + 1) // 2
+        parts: list[Future[list[Sample]]] = []
+        try:
+            for version, offset, n in ((first, 0, split), (second, split, request.n - split)):
+                parts.append(self._batchers[version].submit(dataclasses.replace(
+                    request, n=n, on_token=_shifted(request.on_token, offset),
+                    on_finish=_shifted(request.on_finish, offset))))
+        except Exception:
+            for part in parts:
+                part.cancel()
+            raise
+        return Joined(parts)
 
     def apply(self, wanted: Routes) -> Routes:
         """Serves `wanted` once every version in it is loaded; returns the routes now in force."""

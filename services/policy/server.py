@@ -224,7 +224,7 @@ def serve(config: PolicyConfig) -> None:
             engine, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_batch_wait_ms,
             max_pending_rows=config.max_pending_rows, on_batch=BATCH_ROWS.observe,
         ),
-        on_routes=publish_routes,
+        on_routes=publish_routes, head_to_head_percent=config.head_to_head_percent,
     )
     publish_routes(router.routes, router.routes)
 

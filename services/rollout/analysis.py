@@ -3,7 +3,7 @@
 The decision rule (docs/rollout.md states it for operators):
 
 - A rollout of K steps takes exactly K analyses, one at the end of each step: once the step has lasted
-  rollout.min_step_seconds and every required metric has min_samples per version. Data accumulate from
+  rollout.min_step_seconds and any of the required metrics has min_samples per version. Data accumulate from
   the start of the rollout. Nothing is decided between analyses, so looking often cannot inflate the
   error rate (the "peeking" problem of repeated significance tests).
 - Each analysis tests, for each of the M statistical metrics with at least min_samples per version,
@@ -148,7 +148,9 @@ def analyse(
 def has_required_samples(
     evidence: Evidence, canary: str, stable: str, required: tuple[str, ...], min_samples: int
 ) -> bool:
-    return all(min(evidence.samples(metric, canary, stable)) >= min_samples for metric in required)
+    """Whether any of the required metrics has min_samples per version: users who only compare answers,
+    or only rate them, must each be able to move a canary."""
+    return any(min(evidence.samples(metric, canary, stable)) >= min_samples for metric in required)
 
 
 def guard_verdicts(

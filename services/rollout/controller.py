@@ -85,8 +85,9 @@ class RolloutPolicy:
     """A step still short of min_samples after this long rolls the canary back (no evidence, no promotion)."""
     min_samples: int = 30
     """Samples per version a metric needs to be tested; sets the power of the analysis."""
-    required_metrics: tuple[str, ...] = ("rating",)
-    """Metrics (rating, preference, reward) whose min_samples each step waits for."""
+    required_metrics: tuple[str, ...] = ("rating", "preference")
+    """Metrics (rating, preference, reward) of which a step waits for any one to have min_samples per
+    version; every metric that has them is then tested. Name one alone to wait for it."""
     alpha: float = 0.05
     """Chance, over a whole rollout, of rolling back a canary that is not worse (Bonferroni-split over steps
     and metrics)."""

@@ -649,7 +649,7 @@ def test_rollout_controller_is_one_pod_replaced_by_recreate_and_reads_every_poli
     assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", 50055), ("metrics", 9105)]
     assert one(docs, "ServiceMonitor", name)["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     env = container_env(docs, service_container(deployment["spec"]["template"]["spec"]))
-    assert env["MODALIGN_ROLLOUT_STEPS"] == "5,25,50,100" and env["MODALIGN_ROLLOUT_REQUIRED_METRICS"] == "rating"
+    assert env["MODALIGN_ROLLOUT_STEPS"] == "5,25,50,100" and env["MODALIGN_ROLLOUT_REQUIRED_METRICS"] == "rating,preference"
     assert env["MODALIGN_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["MODALIGN_REWARD_URL"] == f"{RELEASE}-reward.{NAMESPACE}.svc:8080"
     assert "MODALIGN_KSERVE_INFERENCE_SERVICE" not in env

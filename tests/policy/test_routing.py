@@ -6,7 +6,7 @@ import copy
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +15,7 @@ from modalign.core.kafka import KafkaConfig, type_headers
 from modalign.policy.batcher import BatcherOverloaded, DynamicBatcher
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import format_prompt
-from modalign.policy.routing import BUCKETS, Routes, VersionRouter, session_bucket
+from modalign.policy.routing import BUCKETS, Joined, Routes, VersionRouter, session_bucket
 from modalign.policy.server import PolicyConfig, PublishedVersions
 from modalign.v1 import events_pb2
 
@@ -66,8 +66,8 @@ def prompt(processor, text: str, max_new_tokens: int = 3) -> GenerationRequest:
     return GenerationRequest(format_prompt(processor, text, 0), [], SamplingParams(max_new_tokens=max_new_tokens, seed=1))
 
 
-@pytest.fixture
-def router(policy):
+def make_router(policy, head_to_head_percent: int = 0) -> VersionRouter:
+    """A router over copies of one model as v0, v1 and v2 (v9 never loads), with its loads listed."""
     model, processor = policy
     loads: list[str] = []
     variants = {"v1": copy.deepcopy(model), "v2": copy.deepcopy(model)}
@@ -81,8 +81,15 @@ def router(policy):
     router = VersionRouter(
         PolicyEngine(model, processor, "v0"), load_engine,
         lambda engine: DynamicBatcher(engine, max_batch_rows=8, max_wait_ms=1),
+        head_to_head_percent=head_to_head_percent,
     )
-    router.loads = loads
+    router.loads = loads  # type: ignore[attr-defined]
+    return router
+
+
+@pytest.fixture
+def router(policy):
+    router = make_router(policy)
     yield router
     router.close()
 
@@ -95,6 +102,62 @@ def test_requests_reach_the_version_of_their_session(router, policy) -> None:
         version, pending = router.submit(session, prompt(processor, "hi"))
         assert version == expected
         assert pending.result(timeout=60)[0].policy_version == expected
+
+
+def test_the_canarys_requests_for_several_candidates_are_head_to_head_with_stable(policy) -> None:
+    _, processor = policy
+    router = make_router(policy, head_to_head_percent=100)
+    try:
+        router.apply(Routes("v0", "v1", 50))
+        sessions = [uuid.uuid4().hex for _ in range(40)]
+        canary_sessions = [s for s in sessions if router.routes.version_for(session_bucket(s)) == "v1"]
+        stable_sessions = [s for s in sessions if s not in canary_sessions]
+        orders = set()
+        for session in canary_sessions[:8]:
+            streamed: dict[int, str] = {}
+            request = prompt(processor, "compare", max_new_tokens=4)
+            request.n = 3
+            request.on_token = lambda index, _token, text, streamed=streamed: streamed.__setitem__(index, streamed.get(index, "") + text)
+            version, pending = router.submit(session, request)
+            samples = pending.result(timeout=60)
+            versions = [sample.policy_version for sample in samples]
+            assert version == "v1" and len(samples) == 3
+            assert versions in (["v1", "v1", "v0"], ["v0", "v0", "v1"])  # half (rounded up) from the first drawn
+            assert streamed == {index: sample.text for index, sample in enumerate(samples)}
+            orders.add(versions[0])
+        assert orders == {"v0", "v1"}  # which version comes first is random (8 draws: both with p > 0.99)
+        # One candidate cannot be compared; stable's sessions never see the canary.
+        single = prompt(processor, "one")
+        assert [s.policy_version for s in router.submit(canary_sessions[0], single)[1].result(timeout=60)] == ["v1"]
+        for session in stable_sessions[:4]:
+            request = prompt(processor, "compare")
+            request.n = 2
+            assert {s.policy_version for s in router.submit(session, request)[1].result(timeout=60)} == {"v0"}
+    finally:
+        router.close()
+
+
+def test_a_head_to_head_request_is_cancelled_only_as_a_whole(policy) -> None:
+    model, processor = policy
+    engine = PolicyEngine(model, processor, "v0")
+    in_flight, release = threading.Event(), threading.Event()
+    batcher = DynamicBatcher(engine, max_batch_rows=1, max_wait_ms=1)  # one request at a time
+    try:
+        held = prompt(processor, "hold", max_new_tokens=1)
+        held.on_token = lambda *_: (in_flight.set(), release.wait(30))
+        running = batcher.submit(held)
+        assert in_flight.wait(30)
+        partly_running = Joined([running, batcher.submit(prompt(processor, "queued"))])
+        queued = Joined([batcher.submit(prompt(processor, "a")), batcher.submit(prompt(processor, "b"))])
+        assert queued.cancel() and queued.cancelled()  # nothing of it had started: taken back whole
+        assert not partly_running.cancel()  # one part runs: the request cannot be taken back whole...
+        release.set()
+        with pytest.raises(CancelledError):  # ...and ends cancelled once that part has run
+            partly_running.result(timeout=30)
+        assert running.result(timeout=30)
+    finally:
+        release.set()
+        batcher.close()
 
 
 def test_promotion_reuses_the_canary_and_a_failed_canary_gets_no_traffic(router, policy) -> None:

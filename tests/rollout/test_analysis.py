@@ -105,8 +105,14 @@ def test_insufficient_samples_are_never_judged() -> None:
     evidence = evidence_from(random.Random(1), 10, canary_shift=-3.0, win_probability=0.0)
     verdicts = analyse(evidence, "c", "s", alpha=0.05, looks=4, min_samples=30)
     assert {v.outcome for v in verdicts} == {"insufficient"}
-    assert not has_required_samples(evidence, "c", "s", ("rating",), 30)
+    assert not has_required_samples(evidence, "c", "s", ("rating", "preference"), 30)
     assert has_required_samples(evidence, "c", "s", ("rating", "preference"), 10)
+
+
+def test_a_step_needs_enough_samples_of_any_one_required_metric() -> None:
+    only_compared = Evidence(canary_wins=20, stable_wins=15)  # users who compare answers and never rate them
+    assert has_required_samples(only_compared, "c", "s", ("rating", "preference"), 30)
+    assert not has_required_samples(only_compared, "c", "s", ("rating",), 30)
 
 
 def test_each_look_is_held_to_alpha_over_looks_and_metrics() -> None:
