@@ -72,7 +72,11 @@ def test_the_whole_loop_runs_on_another_model_family(kafka_broker: BrokerConfig,
 
     report = json.loads((out / "report.json").read_text())
     assert [v["version"] for v in report["versions"]][:2] == ["v0", "v1"]
-    assert any(entry["canary"] == "v1" and entry["phase"] == "ROLLOUT_PHASE_PROMOTED" for entry in report["timeline"])
+    promoted = [entry for entry in report["timeline"] if entry["canary"] == "v1" and entry["phase"] == "ROLLOUT_PHASE_PROMOTED"]
+    assert promoted
+    # Users compared the canary's answers with stable's directly (head-to-head answers in the canary's sessions).
+    compared = promoted[0]["head_to_head"]
+    assert compared is not None and compared["canary_wins"] + compared["stable_wins"] > 0, promoted[0]
     progress = [line for line in completed.stdout.splitlines() if "requests" in line and "failed" in line]
     assert progress and all("(failed 0," in line for line in progress), progress[-1:]
     assert report["failed_requests"] == 0 and report["conversations"] > 0 and report["http_requests"] > 0
