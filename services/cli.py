@@ -22,6 +22,7 @@ COMMANDS = {
     "trainer": ("modalign.trainer.service", "run the online trainer"),
     "rollout": ("modalign.rollout.server", "run the rollout controller"),
     "dead-letters": ("modalign.trainer.dead_letters", "list the feedback the trainer set aside, or replay it once fixed"),
+    "eval": ("modalign.evaluation.run", "a policy version's BLEU, ROUGE-L, POPE and reward on an evaluation set"),
 }
 
 

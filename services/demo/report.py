@@ -20,20 +20,20 @@ sampling seeds at temperature 1, so versions differ only by their weights:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from modalign.demo.scenes import Example, examples, faithfulness
+from modalign.demo.scenes import STYLES, Example, examples, faithfulness, reference_answer
 from modalign.demo.users import preference
-from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams, mask_unsampleable
+from modalign.evaluation.metrics import bleu, mean_interval, rouge_l, wilson_interval
+from modalign.evaluation.run import answers_of, reward_scores
+from modalign.policy.engine import PolicyEngine, Sample, mask_unsampleable
 from modalign.policy.model import format_prompt, load_policy
 from modalign.reward.backbones import AnyRewardModel, load_reward_model
 
 HELD_OUT_SEED = 424242
-Z95 = 1.959963984540054
 
 
 @dataclass
@@ -47,6 +47,10 @@ class VersionResult:
     hallucination_ci: list[float]
     kl: float
     samples: int
+    bleu: float = 0.0
+    """Corpus BLEU (0-100) of the answers against the scenes' concise and verbose reference answers."""
+    rouge_l: float = 0.0
+    """Mean ROUGE-L F-measure (0-1) against the same references."""
     reward_model_accuracy: float | None = None
     reward_model_pairs: int = 0
     """Scenes whose two answers (this version's, v0's) the users do not rate as a tie."""
@@ -54,39 +58,13 @@ class VersionResult:
     """A few (question, answer, verdict) rows for the markdown."""
 
 
-def wilson_interval(successes: int, n: int) -> list[float]:
-    if n == 0:
-        return [0.0, 1.0]
-    p = successes / n
-    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def mean_interval(values: list[float]) -> tuple[float, list[float]]:
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = Z95 * sd / math.sqrt(n)
-    return mean, [max(0.0, mean - half), min(1.0, mean + half)]
-
-
 def held_out_examples(n: int) -> list[Example]:
     stream = examples(HELD_OUT_SEED)
     return [next(stream) for _ in range(n)]
 
 
-@torch.no_grad()
-def sample_answers(engine: PolicyEngine, held_out: list[Example], max_new_tokens: int, batch: int = 32) -> list[Sample]:
-    requests = [
-        GenerationRequest(format_prompt(engine.processor, e.question.text, 1), [e.scene.image()],
-                          SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=HELD_OUT_SEED + i))
-        for i, e in enumerate(held_out)
-    ]
-    samples = []
-    for start in range(0, len(requests), batch):
-        samples.extend(candidates[0] for candidates in engine.generate(requests[start:start + batch]))
-    return samples
+def sample_answers(engine: PolicyEngine, held_out: list[Example], max_new_tokens: int) -> list[Sample]:
+    return answers_of(engine, [(e.question.text, [e.scene.image()]) for e in held_out], max_new_tokens, HELD_OUT_SEED)
 
 
 @torch.no_grad()
@@ -123,6 +101,7 @@ def evaluate_versions(
     samples = {name: sample_answers(engine, held_out, max_new_tokens) for name, engine in engines.items()}
     reference = versions[0][0]
     baseline = [s.text for s in samples[reference]]
+    references = [[reference_answer(e.scene, e.question, style) for style in STYLES] for e in held_out]
     results = []
     for name, _, promoted, reward_folder in versions:
         mine = [s.text for s in samples[name]]
@@ -138,19 +117,16 @@ def evaluate_versions(
             hallucination_rate=hallucinated / len(mine), hallucination_ci=wilson_interval(hallucinated, len(mine)),
             kl=0.0 if name == reference else kl_to(engines[reference], samples[name], held_out), samples=len(mine),
             reward_model_accuracy=accuracy, reward_model_pairs=pairs,
+            bleu=bleu(mine, references)[0], rouge_l=rouge_l(mine, references)[0],
             examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
                       for e, a, v in list(zip(held_out, mine, verdicts))[:3]],
         ))
     return results
 
 
-def score(reward: AnyRewardModel, held_out: list[Example], answers: list[str], batch: int = 32) -> torch.Tensor:
+def score(reward: AnyRewardModel, held_out: list[Example], answers: list[str]) -> torch.Tensor:
     """The reward model's scores [len(answers)] of one answer per held-out scene."""
-    return torch.cat([
-        reward.score([e.question.text for e in held_out[start:start + batch]],
-                     [[e.scene.image()] for e in held_out[start:start + batch]], answers[start:start + batch])
-        for start in range(0, len(held_out), batch)
-    ]).float()
+    return reward_scores(reward, [(e.question.text, [e.scene.image()]) for e in held_out], answers)
 
 
 def reward_model_accuracy(
@@ -220,15 +196,15 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f" {summary['feedback']} feedback messages.", "",
         "![per version](versions.png)", "",
         "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward"
-        " | reward model accuracy (pairs) | KL to v0 (nats per answer) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        " | reward model accuracy (pairs) | KL to v0 (nats per answer) | BLEU | ROUGE-L |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r.version} | {'yes' if r.promoted else 'no'} | {r.hallucination_rate:.1%}"
             f" ({r.hallucination_ci[0]:.1%}-{r.hallucination_ci[1]:.1%}) | {r.win_rate_vs_v0:.1%}"
             f" ({r.win_rate_ci[0]:.1%}-{r.win_rate_ci[1]:.1%}) | {r.mean_reward:.3f}"
-            f" | {_accuracy(r)} | {r.kl:.3f} |")
+            f" | {_accuracy(r)} | {r.kl:.3f} | {r.bleu:.1f} | {r.rouge_l:.3f} |")
     lines += [
         "", "## How these were measured", "",
         f"Each version answered the same {results[0].samples} held-out scenes (never shown to the simulated users),"

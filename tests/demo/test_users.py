@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-from modalign.demo.report import held_out_examples, kl_to, mean_interval, sample_answers, wilson_interval
+from modalign.demo.report import held_out_examples, kl_to, sample_answers
 from modalign.demo.scenes import examples, hallucinated_answer, reference_answer
 from modalign.demo.users import preference, rating
+from modalign.evaluation.metrics import mean_interval, wilson_interval
 from modalign.policy.engine import PolicyEngine
 from modalign.policy.model import build_default_policy
 

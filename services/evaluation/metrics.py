@@ -1,0 +1,99 @@
+"""What an evaluation reports, as pure functions of answers and references, each with a 95% interval.
+
+BLEU is sacreBLEU's corpus BLEU (0-100, its default 13a tokenisation, with effective order: a corpus of
+answers shorter than four words has no 4-grams, and plain BLEU would give even perfect ones 0), ROUGE-L the F-measure of Google's
+rouge-score package, best over an item's references, and POPE the yes/no accuracy, precision, recall, F1
+and yes-ratio of object-existence questions (Li et al., 2023): a model that hallucinates objects answers
+"yes" too often, which the yes-ratio shows and accuracy alone hides.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU
+
+Z95 = 1.959963984540054
+BOOTSTRAP_RESAMPLES = 500
+
+
+def wilson_interval(successes: int, n: int) -> list[float]:
+    """The 95% Wilson score interval of a proportion."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def mean_interval(values: list[float], low: float = 0.0, high: float = 1.0) -> tuple[float, list[float]]:
+    """The mean and its normal 95% interval, kept within [low, high] (where the values can lie)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = Z95 * sd / math.sqrt(n)
+    return mean, [max(low, mean - half), min(high, mean + half)]
+
+
+def _reference_streams(references: list[list[str]]) -> list[list[str]]:
+    """sacreBLEU's layout: stream k holds every item's k-th reference. Items with fewer references repeat
+    their first: BLEU clips each n-gram count by its most frequent reference, and picks the reference
+    length closest to the answer's, so a repeated reference changes neither."""
+    if not references or any(not refs for refs in references):
+        raise ValueError("every item needs at least one reference")
+    most = max(len(refs) for refs in references)
+    return [[refs[k] if k < len(refs) else refs[0] for refs in references] for k in range(most)]
+
+
+def bleu(answers: list[str], references: list[list[str]], seed: int = 0) -> tuple[float, list[float]]:
+    """Corpus BLEU of answers against their references (0-100), and a 95% bootstrap interval over items."""
+    streams = _reference_streams(references)
+    metric = BLEU(effective_order=True)
+    score = metric.corpus_score(answers, streams).score
+    rng = random.Random(seed)
+    resampled = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        picks = [rng.randrange(len(answers)) for _ in answers]
+        resampled.append(metric.corpus_score([answers[i] for i in picks],
+                                             [[stream[i] for i in picks] for stream in streams]).score)
+    resampled.sort()
+    return score, [resampled[int(0.025 * len(resampled))], resampled[int(0.975 * len(resampled)) - 1]]
+
+
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(answers: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    """Mean ROUGE-L F-measure (0-1), each answer scored against its best reference, with its interval."""
+    if any(not refs for refs in references):
+        raise ValueError("every item needs at least one reference")
+    scores = [max(_ROUGE.score(ref, answer)["rougeL"].fmeasure for ref in refs) for answer, refs in zip(answers, references)]
+    return mean_interval(scores)
+
+
+def yes_or_no(answer: str) -> bool | None:
+    """An answer's first word read as yes (True) or no (False); None for anything else."""
+    first = re.match(r"\s*([A-Za-z]+)", answer)
+    word = first.group(1).lower() if first else ""
+    return True if word == "yes" else False if word == "no" else None
+
+
+def pope(answers: list[str], labels: list[bool]) -> dict[str, float | list[float]]:
+    """POPE's figures over yes/no questions whose true answer is labels[i]; an answer that is neither yes
+    nor no counts as wrong (and as not "yes")."""
+    said = [yes_or_no(answer) for answer in answers]
+    true_yes = sum(s is True and label for s, label in zip(said, labels))
+    said_yes = sum(s is True for s in said)
+    correct = sum(s is not None and s == label for s, label in zip(said, labels))
+    precision = true_yes / said_yes if said_yes else 0.0
+    recall = true_yes / sum(labels) if any(labels) else 0.0
+    return {
+        "accuracy": correct / len(labels), "accuracy_ci": wilson_interval(correct, len(labels)),
+        "precision": precision, "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": said_yes / len(labels), "unanswered": sum(s is None for s in said), "questions": len(labels),
+    }

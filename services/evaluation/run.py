@@ -1,0 +1,290 @@
+"""`modalign eval`: a policy version's answers on an evaluation set, scored against references.
+
+    modalign eval --version v7 [--against v0] [--dataset PATH] [--out DIR]
+    modalign eval --model-dir FOLDER ...
+
+The version comes from the model store (verified, as the policy service loads it) or a checkpoint
+folder, and answers through the serving engine (PolicyEngine), greedily by default. It writes
+DIR/eval.json and DIR/eval.md with, each with a 95% interval:
+  - bleu and rouge_l over the items that have reference answers (modalign.evaluation.metrics);
+  - pope (accuracy, precision, recall, F1, yes-ratio) over the items labelled yes or no;
+  - reward: the mean score of the reward model published with the version (or --reward-version);
+  - win_rate: how often that reward model prefers this version's answer to --against's (ties half).
+
+An evaluation set is a JSONL or Parquet file, one item per line or row:
+    {"question": "What colour is the circle?", "images": ["circle.png"],
+     "references": ["Red.", "The circle is red."], "label": "yes" | "no" (optional)}
+An image is a path relative to the file, or a data: URL. Without --dataset, a set built from the demo's
+scenes (services/demo/scenes.py) is used: questions with their reference answers, and POPE-style "Is
+there a ...?" questions, half about an object in the image and half about one that is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from modalign.core.config import add_arguments, build_config
+from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
+from modalign.core.version_names import reward_version_for
+from modalign.evaluation.metrics import bleu, mean_interval, pope, rouge_l
+from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams
+from modalign.policy.model import format_prompt, load_policy
+from modalign.reward.backbones import AnyRewardModel, load_reward_model
+
+Prompt = tuple[str, list[Image.Image]]
+"""A question and its images."""
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    question: str
+    images: list[Image.Image]
+    references: tuple[str, ...] = ()
+    label: bool | None = None
+    """The true answer of a yes/no question; None for other questions."""
+
+
+class DatasetError(ValueError):
+    """An evaluation set that cannot be read; the message names the file, the item and the field."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate a policy version on an evaluation set: BLEU, ROUGE-L, POPE, reward-model score and win rate."""
+
+    version: str = ""
+    """The policy version to evaluate, from the model store (e.g. v7); with --model-dir, only its name."""
+    model_dir: str = ""
+    """A checkpoint folder to evaluate instead of a store version."""
+    against: str = ""
+    """Another store version to compare answers with by the reward model (win rate); empty: none."""
+    reward_version: str = ""
+    """The reward model (a store version, e.g. r7) that scores answers; empty: the one published with
+    --version, if any."""
+    model_store: str = DEFAULT_MODEL_STORE
+    """The model store the trainer publishes to (a folder or s3://bucket/prefix)."""
+    s3: S3Config = field(default_factory=S3Config)
+    """How to reach an s3:// model store."""
+    dataset: str = ""
+    """A JSONL or Parquet evaluation set (see `modalign eval --help`'s description); empty: the built-in
+    set of the demo's scenes."""
+    builtin_items: int = 200
+    """Items of the built-in set: half questions with reference answers, half yes/no questions."""
+    out: Path = Path("modalign-eval")
+    """Where eval.json and eval.md are written."""
+    max_new_tokens: int = 32
+    """Tokens per answer at most."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 decodes greedily, as reference-based metrics are usually reported."""
+    seed: int = 0
+    """Seed of the built-in set and of sampling."""
+    device: str = "cpu"
+    """Torch device for the models."""
+
+
+def builtin_items(n: int, seed: int) -> list[EvalItem]:
+    """The demo's scenes: n // 2 questions with their concise and verbose reference answers, and n - n // 2
+    yes/no questions "Is there a COLOUR SHAPE in the image?", alternately about an object in the scene
+    and about a colour and shape that are not in it."""
+    from modalign.demo import scenes  # the task's vocabulary and judge; only the built-in set needs them
+
+    rng = random.Random(seed)
+    items = []
+    for index in range(n):
+        example = scenes.make_example(rng)
+        scene, image = example.scene, example.scene.image()
+        if index % 2 == 0:
+            references = tuple(scenes.reference_answer(scene, example.question, style) for style in scenes.STYLES)
+            items.append(EvalItem(example.question.text, [image], references))
+            continue
+        present = {(obj.colour, obj.shape) for obj in scene.objects}
+        if index % 4 == 1:
+            colour, shape = rng.choice(sorted(present))
+        else:
+            colour, shape = rng.choice([(c, s) for c in scenes.COLOURS for s in scenes.SHAPES if (c, s) not in present])
+        label = (colour, shape) in present
+        items.append(EvalItem(f"Is there a {colour} {shape} in the image?", [image],
+                              ("Yes." if label else "No.",), label))
+    return items
+
+
+def load_items(path: Path) -> list[EvalItem]:
+    """The items of a JSONL or Parquet evaluation set; DatasetError names what is wrong, and where."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows: list[Any] = pq.read_table(path).to_pylist()
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"{path} line {number}: not JSON ({error})") from None
+    if not rows:
+        raise DatasetError(f"{path}: no items")
+    return [_item(row, path, f"{path} item {index}") for index, row in enumerate(rows, start=1)]
+
+
+def _item(row: Any, path: Path, where: str) -> EvalItem:
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: an object with question, images, references and label expected")
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise DatasetError(f"{where}: question: a non-empty string required")
+    images = row.get("images")
+    if not isinstance(images, list) or not images:
+        raise DatasetError(f"{where}: images: a list of at least one image required")
+    references = row.get("references") or []
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise DatasetError(f"{where}: references: a list of strings required")
+    label = row.get("label")
+    if label not in (None, "yes", "no"):
+        raise DatasetError(f"{where}: label: \"yes\", \"no\" or absent, got {label!r}")
+    if not references and label is None:
+        raise DatasetError(f"{where}: references or label: an item needs reference answers or a yes/no label")
+    return EvalItem(question, [_image(image, path, f"{where}: images[{i}]") for i, image in enumerate(images)],
+                    tuple(references), None if label is None else label == "yes")
+
+
+def _image(reference: Any, path: Path, where: str) -> Image.Image:
+    if not isinstance(reference, str):
+        raise DatasetError(f"{where}: a path or a data: URL required")
+    try:
+        if reference.startswith("data:"):
+            data = base64.b64decode(reference.split(",", 1)[1], validate=True)
+        else:
+            data = (path.parent / reference).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, IndexError, binascii.Error, Image.UnidentifiedImageError) as error:
+        raise DatasetError(f"{where}: not a readable image ({error})") from None
+
+
+@torch.no_grad()
+def answers_of(engine: PolicyEngine, prompts: list[Prompt], max_new_tokens: int, seed: int,
+               temperature: float = 1.0, batch: int = 32) -> list[Sample]:
+    """One answer per prompt, through the serving engine; prompt i is sampled with seed + i."""
+    requests = [
+        GenerationRequest(format_prompt(engine.processor, question, len(images)), images,
+                          SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i))
+        for i, (question, images) in enumerate(prompts)
+    ]
+    samples = []
+    for start in range(0, len(requests), batch):
+        samples.extend(candidates[0] for candidates in engine.generate(requests[start:start + batch]))
+    return samples
+
+
+def reward_scores(reward: AnyRewardModel, prompts: list[Prompt], answers: list[str], batch: int = 32) -> torch.Tensor:
+    """The reward model's scores [len(answers)] of one answer per prompt."""
+    return torch.cat([
+        reward.score([question for question, _ in prompts[start:start + batch]],
+                     [images for _, images in prompts[start:start + batch]], answers[start:start + batch])
+        for start in range(0, len(prompts), batch)
+    ]).float()
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Every figure the module docstring lists, as eval.json holds them."""
+    items = load_items(Path(config.dataset)) if config.dataset else builtin_items(config.builtin_items, config.seed)
+    store = open_store(config.model_store, config.s3)
+    folder = Path(config.model_dir) if config.model_dir else store.fetch("policy", config.version)
+    name = config.version or folder.name
+    prompts = [(item.question, item.images) for item in items]
+
+    def answers(policy_folder: Path, version: str) -> list[str]:
+        engine = PolicyEngine(*load_policy(policy_folder, device=config.device), policy_version=version)
+        return [s.text for s in answers_of(engine, prompts, config.max_new_tokens, config.seed, config.temperature)]
+
+    mine = answers(folder, name)
+    result: dict[str, Any] = {"version": name, "dataset": config.dataset or f"built-in ({len(items)} demo scenes)",
+                              "items": len(items)}
+    referenced = [i for i, item in enumerate(items) if item.references and item.label is None]
+    if referenced:
+        score, interval = bleu([mine[i] for i in referenced], [list(items[i].references) for i in referenced])
+        result["bleu"] = {"score": score, "ci": interval, "items": len(referenced)}
+        score, interval = rouge_l([mine[i] for i in referenced], [list(items[i].references) for i in referenced])
+        result["rouge_l"] = {"score": score, "ci": interval, "items": len(referenced)}
+    labelled = [i for i, item in enumerate(items) if item.label is not None]
+    if labelled:
+        result["pope"] = pope([mine[i] for i in labelled], [bool(items[i].label) for i in labelled])
+    reward_version = config.reward_version or _published_reward(store, config.version)
+    if reward_version:
+        reward = load_reward_model(store.fetch("reward", reward_version)).to(config.device)
+        scores = reward_scores(reward, prompts, mine)
+        mean, interval = mean_interval(scores.tolist(), low=float("-inf"), high=float("inf"))
+        result["reward"] = {"model": reward_version, "mean": mean, "ci": interval}
+        if config.against:
+            theirs = reward_scores(reward, prompts, answers(store.fetch("policy", config.against), config.against))
+            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores.tolist(), theirs.tolist())]
+            rate, interval = mean_interval(wins)
+            result["win_rate"] = {"against": config.against, "model": reward_version, "rate": rate, "ci": interval}
+    result["examples"] = [{"question": item.question, "answer": answer, "references": list(item.references)}
+                          for item, answer in list(zip(items, mine))[:5]]
+    return result
+
+
+def _published_reward(store, version: str) -> str:
+    try:
+        candidate = reward_version_for(version)
+    except ValueError:  # not a numbered store version (a folder, v0): no reward model was published with it
+        return ""
+    return candidate if store.lookup("reward", candidate) is not None else ""
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Evaluation of {result['version']}", "", f"{result['items']} items: {result['dataset']}.", "",
+             "| metric | value | 95% CI |", "| --- | --- | --- |"]
+    for name, label, scale in (("bleu", "BLEU", 1), ("rouge_l", "ROUGE-L", 1)):
+        if name in result:
+            low, high = result[name]["ci"]
+            lines.append(f"| {label} ({result[name]['items']} items) | {result[name]['score'] * scale:.3g} | {low:.3g}-{high:.3g} |")
+    if "pope" in result:
+        figures = result["pope"]
+        low, high = figures["accuracy_ci"]
+        lines.append(f"| POPE accuracy ({figures['questions']} yes/no questions) | {figures['accuracy']:.1%} | {low:.1%}-{high:.1%} |")
+        lines += [f"| POPE {key} | {figures[key]:.3g} | |" for key in ("precision", "recall", "f1", "yes_ratio")]
+    if "reward" in result:
+        low, high = result["reward"]["ci"]
+        lines.append(f"| mean reward ({result['reward']['model']}) | {result['reward']['mean']:.3f} | {low:.3f}-{high:.3f} |")
+    if "win_rate" in result:
+        low, high = result["win_rate"]["ci"]
+        lines.append(f"| win rate vs {result['win_rate']['against']} (by {result['win_rate']['model']}) |"
+                     f" {result['win_rate']['rate']:.1%} | {low:.1%}-{high:.1%} |")
+    lines += ["", "## Sample answers", ""]
+    lines += [f"- *{e['question']}* → {e['answer']!r} (reference: {e['references'][0]!r})" if e["references"]
+              else f"- *{e['question']}* → {e['answer']!r}" for e in result["examples"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modalign eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, EvalConfig)
+    config = build_config(parser, EvalConfig, parser.parse_args(argv))
+    if not config.version and not config.model_dir:
+        parser.error("--version or --model-dir: say which policy to evaluate")
+    try:
+        result = evaluate(config)
+    except (DatasetError, LookupError) as error:
+        parser.error(str(error))
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (config.out / "eval.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
