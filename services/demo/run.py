@@ -3,7 +3,7 @@
 1. v0: the warm start (built by modalign.demo.warmstart on first use and cached), or --policy-model.
 2. The broker (started if it is not running; the demo's topics get their own prefix) and every
    service: feedback, policy, reward, trainer (--algorithm: DPO on the users' preferences by default,
-   or PPO, RLOO or GRPO against the reward model learned from them) and the rollout controller, with
+   or PPO, A2C, RLOO or GRPO against the reward model learned from them) and the rollout controller, with
    settings that let versions move in minutes rather than hours.
 3. Simulated users talk to policy and feedback over gRPC until --minutes pass or --versions versions
    have been promoted; progress is printed as it goes.
@@ -64,11 +64,11 @@ class DemoConfig:
     seed: int = 0
     """Seed of the warm start, the trainer and the simulated users."""
     algorithm: str = "dpo"
-    """The trainer's policy algorithm: dpo (on the users' pairs), or ppo, rloo or grpo (against the reward
-    model learned from them); the demo's trainer settings serve all four (docs/demo.md has their runs)."""
+    """The trainer's policy algorithm: dpo (on the users' pairs), or ppo, a2c, rloo or grpo (against the
+    reward model learned from them); the demo's trainer settings serve all five (docs/demo.md has runs)."""
     reward_backbone: str = "generative"
     """The reward model's backbone: generative (the default) or clip (a CLIP dual encoder, cheaper; it
-    matters to ppo, rloo and grpo, which optimise against it)."""
+    matters to ppo, a2c, rloo and grpo, which optimise against it)."""
     users: int = 4
     """Simulated users sending requests at once."""
     policy_model: Path | None = None

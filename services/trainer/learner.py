@@ -1,7 +1,7 @@
 """The learner: one round of learning from preference pairs, put together from its parts.
 
 Each round the reward model learns from the new pairs (reward_learning.py), then the policy is updated
-by the configured algorithm (algorithms/: "ppo", "rloo", "grpo", "dpo", registered by name), which
+by the configured algorithm (algorithms/: "ppo", "a2c", "rloo", "grpo", "dpo", registered by name), which
 receives a PolicyContext: exactly what it may use. The parts, one idea each:
   models.py          the models, their optimisers and checkpoint state
   batches.py         response batches, the image cache, log-probs
@@ -42,7 +42,7 @@ class LearnerConfig:
     """What the trainer learns and how."""
 
     algorithm: str = "rloo"
-    """Policy optimisation: "ppo", "rloo", "grpo" or "dpo" (the names registered in trainer/algorithms)."""
+    """Policy optimisation: "ppo", "a2c", "rloo", "grpo" or "dpo" (the names registered in trainer/algorithms)."""
     policy_model_dir: str = ""
     """The starting policy (and the frozen reference); empty builds the default small policy."""
     reward_model_dir: str = ""
@@ -68,9 +68,9 @@ class LearnerConfig:
     """Earlier training pairs replayed beside each round's new ones when the reward model trains, so it
     keeps what it learned from earlier traffic (0: the new pairs only)."""
     policy_lr: float = 3e-4
-    """Learning rate of the policy (and of the value head, for PPO)."""
+    """Learning rate of the policy (and of the value head, for PPO and A2C)."""
     kl_coef: float = 0.05
-    """Weight of the KL penalty against the reference (in the reward for PPO and RLOO, in the loss for
+    """Weight of the KL penalty against the reference (in the reward for PPO, A2C and RLOO, in the loss for
     GRPO); with kl_target, its starting value and its floor."""
     kl_target: float = 3.0
     """On-policy algorithms: KL to the reference (nats per response) that the KL coefficient is adapted
@@ -80,7 +80,8 @@ class LearnerConfig:
     """With kl_target: responses over which the coefficient may move by up to a fifth (as fast as it
     goes: one batch of sample_prompts x samples_per_prompt responses moves it at most that much)."""
     policy_updates_per_round: int = 2
-    """On-policy algorithms: batches of episodes (each followed by policy_epochs of updates) per learning round."""
+    """On-policy algorithms: batches of episodes (each followed by policy_epochs of updates, or by A2C's one
+    step) per learning round."""
     sample_prompts: int = 8
     """On-policy algorithms: prompts from traffic drawn per batch of episodes."""
     samples_per_prompt: int = 4
@@ -92,21 +93,21 @@ class LearnerConfig:
     missing_eos_penalty: float = 1.0
     """Subtracted from the reward of a sampled response that hit max_new_tokens without EOS."""
     policy_epochs: int = 2
-    """Optimisation passes over each batch of episodes (or pairs, for DPO)."""
+    """Optimisation passes over each batch of episodes (or pairs, for DPO); A2C takes one step per batch."""
     minibatch_size: int = 16
-    """Rollouts (or pairs) per policy optimisation step."""
+    """Rollouts (or pairs) per policy optimisation step; A2C steps on the whole batch of episodes."""
     cliprange: float = 0.2
     """PPO, RLOO and GRPO: how far the probability ratio may move from 1 before the surrogate is clipped."""
     cliprange_value: float = 0.2
     """PPO: how far a value estimate may move from the rollout's before its loss is clipped."""
     vf_coef: float = 0.1
-    """PPO: weight of the value loss beside the policy loss."""
+    """PPO and A2C: weight of the value loss beside the policy loss."""
     gamma: float = 1.0
-    """PPO: discount of later tokens' rewards in the advantages."""
+    """PPO and A2C: discount of later tokens' rewards in the advantages."""
     lam: float = 0.95
-    """PPO: lambda of generalised advantage estimation."""
+    """PPO and A2C: lambda of generalised advantage estimation."""
     whiten_advantages: bool = True
-    """PPO: normalise the GAE advantages over each batch's valid tokens (as TRL's PPO does)."""
+    """PPO and A2C: normalise the GAE advantages over each batch's valid tokens (as TRL's PPO does)."""
     dpo_beta: float = 0.1
     """DPO: inverse temperature of the preference loss (how strongly the policy stays near the reference)."""
     eval_prompts: int = 16

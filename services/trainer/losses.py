@@ -1,4 +1,5 @@
-"""Training losses: the reward model's (Bradley-Terry), DPO's, and PPO's clipped policy and value losses.
+"""Training losses: the reward model's (Bradley-Terry), DPO's, PPO's clipped policy and value losses, and A2C's
+unclipped ones.
 
 Per-sequence inputs are [batch]; per-token inputs are [batch, length] with a response mask that is true on
 response tokens, and per-token losses are averaged over those tokens only. Log-probs are in nats.
@@ -121,3 +122,26 @@ def ppo_value_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_errors > unclipped_errors).float(), response_mask)
     return ValueLoss(loss, clip_fraction)
+
+
+def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """The advantage actor-critic's policy-gradient loss (Mnih et al., 2016): -mean over valid tokens of A * log pi.
+
+    logprobs: [batch, length] under the policy being trained, which must be the policy that sampled the tokens
+    (no ratio corrects for any other); advantages, response_mask: [batch, length]. Its gradient is PPO's clipped
+    surrogate's at ratio 1, where the clip is inactive. The advantages are detached: they are constants of the
+    update, and a gradient through them would train the critic with the policy's loss.
+    """
+    return -masked_mean(advantages.detach() * logprobs, response_mask)
+
+
+def a2c_value_loss(
+    values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor, vf_coef: float = 0.1
+) -> torch.Tensor:
+    """The critic's regression loss: vf_coef * 0.5 * mean over valid tokens of (values - returns)^2, unclipped.
+
+    The 0.5 is PPO's convention (`ppo_value_loss`, TRL's), so one vf_coef weighs the critic alike in both; the
+    gradient on each valid value is vf_coef * (value - return) / valid tokens, toward its return. values: [batch,
+    length] current predictions; returns: regression targets (GAE returns); both [batch, length] with response_mask.
+    """
+    return vf_coef * 0.5 * masked_mean((values - returns.detach()) ** 2, response_mask)

@@ -161,7 +161,7 @@ def test_services_are_started_as_modalign_subcommands() -> None:
 
 
 def test_the_demo_runs_the_algorithm_it_is_given_and_refuses_an_unknown_one(tmp_path: Path) -> None:
-    for algorithm in ("dpo", "ppo", "rloo", "grpo"):
+    for algorithm in ("dpo", "ppo", "a2c", "rloo", "grpo"):
         demo = parse_config(DemoConfig, ["--algorithm", algorithm])
         services = local_services(KafkaConfig(), tmp_path, LocalPorts(), INSECURE, service_settings(demo, Path("/warm")))
         trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))  # as the trainer process reads it

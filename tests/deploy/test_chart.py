@@ -129,7 +129,7 @@ def assert_valid(docs: list[dict]) -> None:
         ({"polcy": {"replicas": 2}}, "additional properties 'polcy' not allowed"),
         ({"modelStore": {"type": "s3"}}, "at '/modelStore/s3/bucket'"),
         ({"policy": {"kserve": {"enabled": True, "canaryTrafficPercent": 150}}}, "at '/policy/kserve/canaryTrafficPercent'"),
-        ({"trainer": {"algorithm": "sac"}}, "at '/trainer/algorithm': value must be one of 'ppo', 'rloo', 'grpo', 'dpo'"),
+        ({"trainer": {"algorithm": "sac"}}, "at '/trainer/algorithm': value must be one of 'ppo', 'a2c', 'rloo', 'grpo', 'dpo'"),
         ({"trainer": {"persistence": {"size": "lots"}}}, "at '/trainer/persistence/size'"),
         ({"rollout": {"steps": [5, 150]}}, "at '/rollout/steps/1'"),
         ({"rollout": {"requiredMetrics": ["clicks"]}}, "at '/rollout/requiredMetrics/0'"),

@@ -21,14 +21,17 @@ from modalign.policy.engine import Sample
 from modalign.reward.backbones import load_reward_model
 from modalign.reward.clip import ClipRewardModel
 from modalign.reward.model import RewardModel
+from modalign.trainer.algorithms import ALGORITHMS
+from modalign.trainer.algorithms.a2c import a2c_update
 from modalign.trainer.algorithms.critic_free import critic_free_update
-from modalign.trainer.algorithms.ppo import ppo_update
+from modalign.trainer.algorithms.ppo import critic_advantages, ppo_update
 from modalign.trainer.batches import Prompt
 from modalign.trainer.checkpoint import load_checkpoint, save_checkpoint
 from modalign.trainer.evaluation import heldout_preference_shift
 from modalign.trainer.gate import GateConfig, gate_candidate, gate_failures
 from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.learner import Learner
+from modalign.trainer.masked import masked_mean
 from modalign.trainer.service import TrainerConfig
 
 from tests.trainer.learning import (
@@ -74,7 +77,7 @@ def prompts(images: dict[str, str]) -> list[Prompt]:
 # --- (a) every algorithm: one round trains, the reference stays put ----------------------------------------------
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "ppo", "dpo"])
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "ppo", "a2c", "dpo"])
 def test_one_round_of_each_algorithm_trains_the_policy_and_leaves_the_reference_frozen(
     blobs: BlobStore, prompts: list[Prompt], algorithm: str
 ) -> None:
@@ -89,8 +92,8 @@ def test_one_round_of_each_algorithm_trains_the_policy_and_leaves_the_reference_
 
     expected = {"rm_loss", "rm_train_accuracy"} | (
         {"dpo_loss", "dpo_reward_accuracy", "dpo_reward_margin"} if algorithm == "dpo"
-        else {"policy_loss", "clip_fraction", "approx_kl", "entropy", "reward_mean", "kl", "response_length_mean"}
-    )
+        else {"policy_loss", "approx_kl", "entropy", "reward_mean", "kl", "response_length_mean"}
+    ) | ({"clip_fraction"} if algorithm in ("rloo", "grpo", "ppo") else set())  # A2C has no ratio to clip
     assert expected <= metrics.keys()
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
     assert differing(parameters(models.policy), policy)
@@ -98,7 +101,7 @@ def test_one_round_of_each_algorithm_trains_the_policy_and_leaves_the_reference_
     assert differing(parameters(models.reward_model), reward)
     assert not differing(parameters(models.reference), reference)
     assert not any(p.requires_grad for p in models.reference.parameters())
-    if algorithm == "ppo":
+    if algorithm in ("ppo", "a2c"):
         assert "value_loss" in metrics
         assert differing(parameters(models.value_model), value)
     else:
@@ -147,6 +150,34 @@ def test_recomputed_logprobs_equal_the_behaviour_logprobs_so_ppo_ratios_start_at
     history = critic_free_update(context, learner.sampler.collect_episodes(prompts), "rloo", kl_in_loss=False)
     assert history["clip_fraction"][0] == 0.0
     assert history["approx_kl"][0] < 1e-9
+
+
+def test_a2c_takes_one_step_per_batch_of_episodes_and_moves_its_critic_toward_the_returns(
+    blobs: BlobStore, prompts: list[Prompt]
+) -> None:
+    """A2C's gradient has no ratio, so it is right only for the policy that sampled the episodes: a second step on
+    the same batch would be off-policy. Epochs and minibatches that would give PPO four steps here change nothing."""
+    seed_everything(0)
+    # A step small enough to be first-order: at the default 3e-4, Adam's first step (3e-4 on every weight, whatever
+    # the gradient's size) overshoots the returns on this tiny critic, PPO's first step alike.
+    learner = make_learner(blobs, algorithm="a2c", policy_epochs=2, minibatch_size=8, policy_lr=1e-5)
+    context, models = learner.policy_context, learner.models
+    episodes = learner.sampler.collect_episodes(prompts)
+    assert len(episodes.samples) == 16
+    mask = episodes.batch.response_mask
+    _, _, returns = critic_advantages(context, episodes)
+
+    def critic_error() -> float:
+        with torch.no_grad():
+            return masked_mean((context.values(episodes.batch) - returns) ** 2, mask).item()
+
+    error_before = critic_error()
+    history = a2c_update(context, episodes)
+
+    for optimizer in (models.policy_optimizer, models.value_optimizer):
+        assert optimizer.state and {state["step"].item() for state in optimizer.state.values()} == {1}
+    assert critic_error() < error_before
+    assert history["approx_kl"] == [pytest.approx(0.0, abs=1e-9)]  # the learner's log-probs are the sampler's
 
 
 def test_a_later_turns_response_is_learned_on_the_whole_conversation(blobs: BlobStore, images: dict[str, str]) -> None:
@@ -229,7 +260,7 @@ def test_the_reward_model_learns_a_preference_for_red_and_generalises_to_held_ou
 # --- (d) on-policy algorithms raise the reward they are given -----------------------------------------------------
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
+@pytest.mark.parametrize("algorithm", ["rloo", "ppo", "a2c"])
 def test_an_on_policy_algorithm_raises_the_expected_reward_of_its_samples(
     blobs: BlobStore, prompts: list[Prompt], algorithm: str
 ) -> None:
@@ -237,8 +268,11 @@ def test_an_on_policy_algorithm_raises_the_expected_reward_of_its_samples(
     is computed exactly (the first token's probability mass on even ids, averaged over the prompts), so the
     check has no sampling noise; a sign error anywhere in advantages, ratios or losses would lower it."""
     seed_everything(0)
+    # Twelve policy steps each: two epochs over six batches, or A2C's one step on each of twelve batches.
+    batches = {"policy_updates_per_round": 2} if algorithm == "a2c" else {}
     learner = make_learner(
-        blobs, algorithm=algorithm, max_new_tokens=2, policy_lr=1e-2, policy_epochs=2, missing_eos_penalty=0.0
+        blobs, algorithm=algorithm, max_new_tokens=2, policy_lr=1e-2, policy_epochs=2, missing_eos_penalty=0.0,
+        **batches,
     )
     rewarded = torch.zeros(learner.models.policy.config.get_text_config().vocab_size, dtype=torch.bool)
     rewarded[0::2] = True
@@ -357,10 +391,15 @@ def test_an_unknown_reward_backbone_is_refused_naming_the_known_ones() -> None:
         with_overrides(TrainerConfig(), {"learner.reward_backbone": "vit"})
 
 
+def test_a2c_is_registered_with_a_critic_and_chosen_by_its_flag() -> None:
+    assert ALGORITHMS["a2c"].uses_critic
+    assert parse_config(TrainerConfig, ["--learner.algorithm", "a2c"]).learner.algorithm == "a2c"
+
+
 def test_an_unknown_algorithm_is_refused_when_the_config_is_parsed_naming_the_known_ones(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with pytest.raises(ConfigError, match=r"unknown 'ppo2'.*dpo, grpo, ppo, rloo") as refused:
+    with pytest.raises(ConfigError, match=r"unknown 'ppo2'.*a2c, dpo, grpo, ppo, rloo") as refused:
         with_overrides(TrainerConfig(), {"learner.algorithm": "ppo2"})
     assert refused.value.field == "learner.algorithm"
     with pytest.raises(SystemExit) as exited:

@@ -20,7 +20,15 @@ from modalign.trainer.evaluation import preference_shift
 from modalign.trainer.gate import GateConfig, gate_failures
 from modalign.trainer.kl import KLController, adaptive_kl_coef, kl_k1, kl_k3
 from modalign.trainer.logprobs import sequence_logprobs, token_entropy, token_logprobs
-from modalign.trainer.losses import bradley_terry_loss, dpo_loss, ppo_policy_loss, ppo_value_loss, preference_accuracy
+from modalign.trainer.losses import (
+    a2c_policy_loss,
+    a2c_value_loss,
+    bradley_terry_loss,
+    dpo_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    preference_accuracy,
+)
 from modalign.trainer.masked import masked_mean, masked_var, masked_whiten
 from modalign.trainer.rewards import kl_penalized_token_rewards, penalize_missing_eos
 
@@ -157,6 +165,40 @@ def test_ppo_value_loss_gives_no_gradient_to_a_value_clipped_away_from_its_rollo
     assert result.clip_fraction == 0.5
     # 0.5 * vf_coef * mean(max squared error): (1 - 0.2)^2 for the clipped value, 0.05^2 for the other.
     assert result.loss.item() == pytest.approx(0.5 * 0.5 * (0.64 + 0.0025) / 2)
+
+
+def test_a2c_policy_loss_raises_the_log_prob_of_tokens_in_proportion_to_their_advantage() -> None:
+    gen = generator(32)
+    mask = right_padded_mask([5, 2, 4], 5)
+    advantages = torch.randn(3, 5, generator=gen)
+    logprobs = (-3 * torch.rand(3, 5, generator=gen)).requires_grad_()
+    loss = a2c_policy_loss(logprobs, advantages, mask)
+    assert_close(loss, -(advantages * logprobs)[mask].mean())
+    loss.backward()
+    # A descent step moves each token's log-prob by lr * A / valid tokens: up where A > 0, down where A < 0.
+    assert_close(logprobs.grad, -advantages * mask / mask.sum())
+    # Advantages that carry a graph (say, from the critic's values) get no gradient from the policy's loss.
+    values = torch.zeros(3, 5, requires_grad=True)
+    a2c_policy_loss(logprobs.detach().requires_grad_(), advantages - values, mask).backward()
+    assert values.grad is None
+
+
+def test_a2c_value_loss_is_half_the_weighted_squared_error_and_pulls_each_value_toward_its_return() -> None:
+    gen = generator(33)
+    mask = right_padded_mask([5, 2, 4], 5)
+    returns = torch.randn(3, 5, generator=gen)
+    values = torch.randn(3, 5, generator=gen).requires_grad_()
+    vf_coef = 0.1
+    loss = a2c_value_loss(values, returns, mask, vf_coef)
+    assert_close(loss, vf_coef * 0.5 * ((values - returns)[mask] ** 2).mean())
+    # PPO's value loss with a clip range no value reaches: one convention, so vf_coef weighs the critic alike in both.
+    assert_close(loss, ppo_value_loss(values, values.detach(), returns, mask, math.inf, vf_coef).loss)
+    loss.backward()
+    assert_close(values.grad, vf_coef * (values.detach() - returns) * mask / mask.sum())
+    # A small descent step brings every valid value closer to its return and leaves padding alone.
+    stepped = values.detach() - values.grad
+    assert ((stepped - returns).abs() < (values.detach() - returns).abs())[mask].all()
+    assert (values.grad[~mask] == 0).all()
 
 
 def test_rloo_advantages_sum_to_zero_per_prompt_and_scale_the_deviation_from_the_mean() -> None:

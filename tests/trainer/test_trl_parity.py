@@ -36,6 +36,7 @@ from modalign.trainer.advantages import (
 from modalign.trainer.kl import kl_k1, kl_k3
 from modalign.trainer.logprobs import sequence_logprobs, token_entropy, token_logprobs
 from modalign.trainer.losses import (
+    a2c_policy_loss,
     bradley_terry_loss,
     dpo_loss,
     ppo_policy_loss,
@@ -409,6 +410,36 @@ def test_ppo_policy_loss_clip_fraction_and_entropy_match_trl_grpo_trainer() -> N
     assert_close(ours.loss, trl_loss)
     assert ours.clip_fraction.item() == pytest.approx(metrics["clip_ratio/region_mean"][0])
     assert masked_mean(token_entropy(batch["logits"]), valid).item() == pytest.approx(metrics["entropy"][0])
+
+
+def test_a2c_policy_gradient_equals_the_trl_ppo_and_grpo_gradients_on_policy() -> None:
+    """On-policy (old log-probs = the current ones, detached) TRL's ratio is exp(0) = 1 and its clip inactive, so
+    the gradient of its clipped surrogate is the plain policy gradient -A * grad log pi that A2C takes."""
+    cliprange = 0.2
+    batch = ppo_minibatch(seed=16)
+    padding = batch["padding_mask"]
+    valid = ~padding
+    logits = batch["logits"].clone().requires_grad_()
+    # The log-probs as PPOTrainer fills them: the constant INVALID_LOGPROB on padding, which carries no gradient.
+    new_logprobs = token_logprobs(logits, batch["tokens"]).masked_fill(padding, INVALID_LOGPROB)
+    on_policy = batch | {"logits": logits, "new_logprobs": new_logprobs, "old_logprobs": new_logprobs.detach()}
+
+    # trl 0.29.1 ppo_trainer.py, PPOTrainer.train, lines 837-842.
+    ratio = torch.exp(on_policy["new_logprobs"] - on_policy["old_logprobs"])
+    pg_losses = -batch["advantages"] * ratio
+    pg_losses2 = -batch["advantages"] * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    trl_ppo_loss = trl_ppo_masked_mean(torch.max(pg_losses, pg_losses2), valid)
+    # The three losses share the graph from logits to log-probs: keep it until the last gradient.
+    (trl_ppo_gradient,) = torch.autograd.grad(trl_ppo_loss, logits, retain_graph=True)
+    # GRPOTrainer._compute_loss, called for real: the same clipped surrogate over all valid tokens (loss_type="bnpo").
+    trl_grpo_loss, metrics = trl_grpo_compute_loss(on_policy, valid, cliprange, beta=0.0, ref_logprobs=new_logprobs)
+    (trl_grpo_gradient,) = torch.autograd.grad(trl_grpo_loss, logits, retain_graph=True)
+    (a2c_gradient,) = torch.autograd.grad(a2c_policy_loss(new_logprobs, batch["advantages"], valid), logits)
+
+    assert metrics["clip_ratio/region_mean"][0] == 0  # the clip is inactive: the premise of the comparison
+    assert a2c_gradient.abs().sum() > 0 and (a2c_gradient[padding] == 0).all()
+    assert_close(a2c_gradient, trl_ppo_gradient)
+    assert_close(a2c_gradient, trl_grpo_gradient)
 
 
 def test_ppo_value_loss_matches_trl_ppo() -> None:

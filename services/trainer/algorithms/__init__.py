@@ -45,4 +45,4 @@ def register_algorithm(name: str, *, uses_critic: bool = False) -> Callable[[Pol
 
 
 # Importing the modules registers their algorithms.
-from modalign.trainer.algorithms import critic_free, dpo, ppo  # noqa: E402,F401
+from modalign.trainer.algorithms import a2c, critic_free, dpo, ppo  # noqa: E402,F401

@@ -7,10 +7,13 @@ with the score added at the last token; the critic (initialised from the reward 
 every response token; GAE (gamma 1, lambda 0.95) gives advantages and returns; advantages are whitened
 over valid tokens (unless --learner.whiten-advantages false); then several epochs of clipped policy loss
 plus clipped value loss. Log-probs are recomputed at the sampling temperature, and the episodes'
-behaviour log-probs are the old log-probs.
+behaviour log-probs are the old log-probs. Everything before the epochs is `critic_advantages`, which A2C
+(a2c.py) shares.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -32,15 +35,34 @@ def ppo(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt]) 
     return ctx.on_policy_updates(prompts, lambda episodes: ppo_update(ctx, episodes))
 
 
-def ppo_update(ctx: PolicyContext, episodes: Episodes) -> History:
+class CriticAdvantages(NamedTuple):
+    values: torch.Tensor
+    """[batch, response_length] the critic's values when the episodes were sampled, zero on padding."""
+    advantages: torch.Tensor
+    """GAE advantages of the KL-penalised token rewards, whitened over valid tokens unless
+    --learner.whiten-advantages false."""
+    returns: torch.Tensor
+    """Unwhitened advantages plus values: what the critic regresses toward."""
+
+
+def critic_advantages(ctx: PolicyContext, episodes: Episodes) -> CriticAdvantages:
+    """What an actor-critic update (PPO's, A2C's) learns from: the episodes' per-token rewards (-kl_coef * KL on
+    every token, the score on the last), the critic's values at sampling, and GAE over them."""
     config = ctx.config
-    batch, mask = episodes.batch, episodes.batch.response_mask
+    mask = episodes.batch.response_mask
     with torch.no_grad():
-        old_values = ctx.values(batch) * mask
+        values = ctx.values(episodes.batch) * mask
     token_rewards = kl_penalized_token_rewards(episodes.scores, episodes.kl, mask, ctx.kl.coef)
-    advantages, returns = ADVANTAGE_ESTIMATORS["gae"](token_rewards, mask, old_values, gamma=config.gamma, lam=config.lam)
+    advantages, returns = ADVANTAGE_ESTIMATORS["gae"](token_rewards, mask, values, gamma=config.gamma, lam=config.lam)
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
+    return CriticAdvantages(values, advantages, returns)
+
+
+def ppo_update(ctx: PolicyContext, episodes: Episodes) -> History:
+    config = ctx.config
+    batch = episodes.batch
+    old_values, advantages, returns = critic_advantages(ctx, episodes)
 
     history = new_history()
     rows = list(range(len(episodes.samples)))
