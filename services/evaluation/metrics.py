@@ -49,6 +49,11 @@ def _reference_streams(references: list[list[str]]) -> list[list[str]]:
     return [[refs[k] if k < len(refs) else refs[0] for refs in references] for k in range(most)]
 
 
+def bleu_score(answers: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU of answers against their references (0-100)."""
+    return BLEU(effective_order=True).corpus_score(answers, _reference_streams(references)).score
+
+
 def bleu(answers: list[str], references: list[list[str]], seed: int = 0) -> tuple[float, list[float]]:
     """Corpus BLEU of answers against their references (0-100), and a 95% bootstrap interval over items."""
     streams = _reference_streams(references)

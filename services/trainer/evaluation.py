@@ -10,6 +10,10 @@ The check that does not use the reward model is the users' own held-out judgemen
 candidate, compared with the published policy, moved probability toward the sampled responses users
 chose and away from those they rejected (preference_shift). A candidate whose reward rises while that
 shift is negative beyond its noise is refused by the gate (gate.py).
+
+Users' edits are reference answers for their prompts: BLEU and ROUGE-L of both versions' answers to the
+held-out edited prompts, against the edits, give a reference-based score per version, which the gate
+can require not to fall (--gate.min-edit-bleu-gain, --gate.min-edit-rouge-l-gain).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import random
 
 import torch
 
+from modalign.evaluation.metrics import bleu_score, rouge_l
 from modalign.trainer.batches import Prompt, ResponseBatches
 from modalign.trainer.join import PreferencePair
 from modalign.trainer.logprobs import sequence_logprobs
@@ -78,14 +83,34 @@ def heldout_preference_shift(
 
 
 @torch.no_grad()
+def heldout_edit_overlap(models: Models, sampler: Sampler, heldout: list[PreferencePair], n: int) -> dict[str, float]:
+    """BLEU and ROUGE-L of the candidate's and the published version's answers to the prompts of the
+    most recent n held-out edits, against the edits: a user's edit is a reference answer for its prompt,
+    so this is a live reference-based score per version. Empty without held-out edits."""
+    edits = [pair for pair in heldout if pair.source == "edit"][-n:]
+    if not edits:
+        return {}
+    prompts, references = [Prompt.of(pair.prompt) for pair in edits], [[pair.chosen.text] for pair in edits]
+    candidate = [s.text for s in sampler.sample(prompts, 1, seed=SAMPLING_SEED)]
+    published = [s.text for s in sampler.sample(prompts, 1, seed=SAMPLING_SEED, model=models.published_policy)]
+    metrics = {"edit_references": float(len(edits))}
+    for name, score in (("edit_bleu", bleu_score), ("edit_rouge_l", lambda a, r: rouge_l(a, r)[0])):
+        metrics[name] = score(candidate, references)
+        metrics[f"{name}_gain"] = metrics[name] - score(published, references)
+    return metrics
+
+
+@torch.no_grad()
 def evaluate_candidate(
     models: Models, sampler: Sampler, reward: RewardLearning, batches: ResponseBatches,
     heldout: list[PreferencePair], prompts: list[Prompt], eval_prompts: int, shift_pairs: int,
 ) -> dict[str, float]:
-    """Held-out RM accuracy; the preference shift on the most recent shift_pairs held-out pairs; and
+    """Held-out RM accuracy; the preference shift on the most recent shift_pairs held-out pairs; BLEU and
+    ROUGE-L against the most recent eval_prompts held-out edits, and their gains; and
     the candidate's samples against the published version's: reward, its gain, KL to the reference
     (nats per response), length, its ratio, and how often EOS was reached."""
-    metrics = reward.heldout_accuracy(heldout) | heldout_preference_shift(models, batches, heldout[-shift_pairs:])
+    metrics = (reward.heldout_accuracy(heldout) | heldout_preference_shift(models, batches, heldout[-shift_pairs:])
+               | heldout_edit_overlap(models, sampler, heldout, eval_prompts))
     chosen = draw_prompts(prompts, eval_prompts, random.Random(PROMPT_SEED))
     if not chosen:
         return metrics

@@ -37,6 +37,12 @@ class GateConfig:
     """Mean reward of the candidate's held-out samples minus the current version's, at least this."""
     max_mean_length_ratio: float = 3.0
     """The candidate's mean response length at most this multiple of the current version's."""
+    min_edit_bleu_gain: float = -math.inf
+    """BLEU of the candidate's answers to held-out edited prompts, against the edits, minus the serving
+    version's, at least this (0: not worse than the serving version); -inf turns it off. Noisy with few
+    edits: evaluation metric edit_references says how many."""
+    min_edit_rouge_l_gain: float = -math.inf
+    """The same for ROUGE-L (0-1)."""
     hacking_z: float = 2.0
     """Reward-hacking check: refuse a candidate whose reward gain is positive while users' held-out
     preferences moved against it (preference_shift) by more than this many standard errors; 0 turns it off."""
@@ -56,6 +62,9 @@ def gate_failures(evaluation: dict[str, float], gate: GateConfig) -> dict[str, s
         failures["reward"] = f"reward_gain {evaluation['reward_gain']:.3f} < {gate.min_reward_gain}"
     if evaluation.get("length_ratio", 1.0) > gate.max_mean_length_ratio:
         failures["length"] = f"length_ratio {evaluation['length_ratio']:.2f} > {gate.max_mean_length_ratio}"
+    for metric, floor in (("edit_bleu", gate.min_edit_bleu_gain), ("edit_rouge_l", gate.min_edit_rouge_l_gain)):
+        if evaluation.get(f"{metric}_gain", 0.0) < floor:
+            failures[metric] = f"{metric}_gain {evaluation[f'{metric}_gain']:.3f} < {floor}: worse against users' edits"
     gain, shift = evaluation.get("reward_gain", 0.0), evaluation.get("preference_shift", 0.0)
     stderr = evaluation.get("preference_shift_stderr", math.inf)
     if gate.hacking_z > 0 and gain > 0 and shift + gate.hacking_z * stderr < 0:

@@ -520,3 +520,22 @@ def test_the_gate_refuses_a_candidate_that_games_a_reward_model_users_disagree_w
     else:
         assert evaluation["preference_shift"] > 0, evaluation
         assert gate_failures(evaluation, lenient) == {} and passed
+
+
+def test_the_evaluation_scores_both_versions_against_held_out_edits(blobs: BlobStore, prompts: list[Prompt]) -> None:
+    """A user's edit is a reference answer for its prompt: the evaluation reports BLEU and ROUGE-L of the
+    candidate's answers to edited prompts and their gains over the published version's."""
+    learner = make_learner(blobs, eval_prompts=4)
+    heldout = traffic_pairs(learner, prompts)  # a preference and an edit per prompt
+    evaluation = learner.evaluate(heldout, prompts)
+    assert evaluation["edit_references"] == 4  # the most recent eval_prompts edits
+    assert 0 <= evaluation["edit_bleu"] <= 100 and 0 <= evaluation["edit_rouge_l"] <= 1
+    # The candidate is the published policy until it learns: the same answers, no gain either way.
+    assert evaluation["edit_bleu_gain"] == 0 and evaluation["edit_rouge_l_gain"] == 0
+    torch.manual_seed(0)
+    with torch.no_grad():  # a different candidate answers differently, and its scores show it
+        for parameter in learner.models.policy.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    moved = learner.evaluate(heldout, prompts)
+    assert moved["edit_bleu"] != evaluation["edit_bleu"] or moved["edit_rouge_l"] != evaluation["edit_rouge_l"]
+    assert "edit_references" not in learner.evaluate([p for p in heldout if p.source != "edit"], prompts)

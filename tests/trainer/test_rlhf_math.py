@@ -341,3 +341,11 @@ def test_the_gate_refuses_a_reward_gain_that_users_held_out_preferences_contradi
     assert "reward_hacking" not in gate_failures(hacked, GateConfig(hacking_z=0.0))
     assert "reward_hacking" not in gate_failures({"reward_gain": 2.0, "preference_shift": 0.3,
                                                   "preference_shift_stderr": 0.1}, gate)
+
+
+def test_the_gate_can_require_a_candidate_not_worse_than_the_serving_version_against_users_edits() -> None:
+    worse = {"edit_bleu_gain": -3.0, "edit_rouge_l_gain": -0.02, "edit_references": 40.0}
+    assert gate_failures(worse, GateConfig()) == {}  # off by default: with few edits the scores are noisy
+    assert list(gate_failures(worse, GateConfig(min_edit_bleu_gain=0.0))) == ["edit_bleu"]
+    assert list(gate_failures(worse, GateConfig(min_edit_rouge_l_gain=0.0))) == ["edit_rouge_l"]
+    assert gate_failures(worse, GateConfig(min_edit_bleu_gain=-5.0, min_edit_rouge_l_gain=-0.05)) == {}
