@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", "docs/architecture.md", "docs/rollout.md", "docs/demo.md", "docs/benchmarks.md", "docs/models.md",
-             "docs/operations.md", "docs/security.md",
+             "docs/operations.md", "docs/security.md", "docs/data.md",
              "helm/modalign/README.md", "tests/deploy/schemas/README.md"]
 
 

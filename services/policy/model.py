@@ -23,6 +23,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaImageProcessor,
     LlavaProcessor,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
@@ -241,6 +242,19 @@ def load_policy(
     chat template.
     """
     folder = Path(folder)
+    _, processor = load_processor(folder)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, local_files_only=True, dtype=dtype if dtype is not None else "auto"
+    )
+    model.to(device)
+    model.eval()
+    return model, processor
+
+
+def load_processor(folder: str | Path) -> tuple[PreTrainedConfig, ProcessorMixin]:
+    """A policy folder's config and processor, checked as load_policy checks them, without reading its weights
+    (for whoever formats prompts for the policy without running it). Raises UnsupportedModel as load_policy does."""
+    folder = Path(folder)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -257,12 +271,7 @@ def load_policy(
     missing = [part for part in ("tokenizer", "image_processor", "chat_template") if getattr(processor, part, None) is None]
     if missing:
         raise UnsupportedModel(f"{folder}: the processor has no {' and no '.join(missing)}")
-    model = AutoModelForImageTextToText.from_pretrained(
-        folder, local_files_only=True, dtype=dtype if dtype is not None else "auto"
-    )
-    model.to(device)
-    model.eval()
-    return model, processor
+    return config, processor
 
 
 def _first_line(error: Exception) -> str:

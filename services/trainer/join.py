@@ -27,7 +27,8 @@ from modalign.v1 import events_pb2
 class Response:
     text: str
     token_ids: tuple[int, ...] | None
-    """The response's token ids as logged; None for an edit, whose text the trainer tokenises."""
+    """The response's token ids as logged; None for text no policy here sampled (an edit, a response imported
+    from a public dataset), which the trainer tokenises."""
     logprobs: tuple[float, ...] | None
     """Behaviour log-probabilities of token_ids, when the response was sampled by a policy."""
     policy_version: str = ""
@@ -74,10 +75,12 @@ def prompt_key(generation: events_pb2.GenerationLogged) -> str:
 
 
 def response_of(generation: events_pb2.GenerationLogged) -> Response:
+    """A logged generation's response. One with no token ids was not sampled here (`modalign data import` logs a
+    public dataset's responses so; a sampled one has at least one token): its text is tokenised by the trainer."""
     return Response(
         text=generation.response_text,
-        token_ids=tuple(generation.response_token_ids),
-        logprobs=tuple(generation.response_logprobs),
+        token_ids=tuple(generation.response_token_ids) or None,
+        logprobs=tuple(generation.response_logprobs) or None,
         policy_version=generation.policy_version,
     )
 
