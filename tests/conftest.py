@@ -109,6 +109,7 @@ def guard_unmarked_tests(request: pytest.FixtureRequest, monkeypatch: pytest.Mon
     if request.node.get_closest_marker("integration") is not None:
         return
     monkeypatch.setattr(broker, "start", _refuse_to_start("a Kafka broker"))
+    monkeypatch.setattr(broker, "launch", _refuse_to_start("a Kafka broker"))  # how a Cluster starts its nodes
     monkeypatch.setattr(s3proxy, "start", _refuse_to_start("an S3 server"))
     monkeypatch.setattr(grpc, "server", _refuse_to_start("a gRPC server"))
     monkeypatch.setattr(ManagedProcess, "start", _refuse_to_start("a service process"))

@@ -25,10 +25,11 @@ def test_an_unmarked_test_cannot_start_a_service_process(tmp_path: Path) -> None
     ("start", "what"),
     [
         (lambda tmp: broker.start(broker.BrokerConfig(data_dir=tmp, port=free_port(), controller_port=free_port())), "a Kafka broker"),
+        (lambda tmp: broker.Cluster.on_free_ports(tmp).start(), "a Kafka broker"),
         (lambda tmp: s3proxy.start(tmp), "an S3 server"),
         (lambda tmp: grpc.server(None), "a gRPC server"),
     ],
-    ids=["kafka", "s3", "grpc"],
+    ids=["kafka", "kafka-cluster", "s3", "grpc"],
 )
 def test_an_unmarked_test_cannot_start_a_server(start, what: str, tmp_path: Path) -> None:
     with pytest.raises(pytest.fail.Exception, match=f"started {what}"):

@@ -7,6 +7,12 @@ ledger reads its topic from the beginning (its retention bounds the work), then 
 also teaches each replica what other replicas (and the policy) wrote. Feedback records are keyed by
 feedback_id, so all copies of one id land in one partition in order.
 
+Catching up (Ledger.catch_up: reading everything written before a call) asks the brokers for the
+topic's end offsets through one long-lived consumer that every caller shares (EndOffsets): a caller
+that arrives while a lookup is under way waits for it and takes the next one, so under any load there is
+at most one lookup in flight and one waiting, and each costs one ListOffsets round trip, not a new
+connection and its metadata.
+
 A ledger keeps the most recent max_entries keys it read, the oldest forgotten first, so its memory is
 bounded whatever the topic's retention (modalign_feedback_ledger_entries shows its size): a feedback id
 resubmitted after that many newer ones is stored again (the trainer skips it as seen, see TrainerState),
@@ -22,8 +28,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from google.protobuf.message import Message
-from kafka import TopicPartition
-from prometheus_client import Gauge
+from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import Gauge, Histogram
 
 from modalign.core.kafka import KafkaConfig, assign, decode_record, make_consumer
 from modalign.v1 import events_pb2
@@ -32,6 +38,76 @@ log = logging.getLogger(__name__)
 
 ENTRIES = Gauge("modalign_feedback_ledger_entries", "Keys a feedback service's ledger of a topic holds (at most "
                 "its --max-feedback-ids or --max-served-responses).", ["topic"])
+CATCH_UP_SECONDS = Histogram(
+    "modalign_feedback_ledger_catch_up_seconds",
+    "Time a ledger took to read its topic up to the end offsets as of the call (Ledger.catch_up): the "
+    "end-offset lookup plus the tail's lag; the feedback service catches up before storing a new feedback_id.",
+    ["topic"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+class EndOffsets:
+    """The end offsets of some partitions, as of a moment after the call began, looked up by one
+    long-lived consumer shared by every caller.
+
+    KafkaConsumer is not thread-safe, so one caller at a time looks up (the one whose turn it is) and
+    callers that arrive meanwhile wait: a lookup that began before a caller did may miss records written
+    just before its call, so such a caller waits for the next lookup, which it shares with everyone else
+    waiting. However many callers there are, at most one lookup runs and one is queued.
+    """
+
+    def __init__(self, make_consumer: Callable[[], KafkaConsumer], partitions: list[TopicPartition]) -> None:
+        self._make_consumer = make_consumer
+        self._partitions = partitions
+        self._consumer: KafkaConsumer | None = None  # made on first use; only the caller whose turn it is uses it
+        self._changed = threading.Condition()
+        self._started = 0  # lookups begun
+        self._finished = 0  # lookups ended; the latest's result is in _result
+        self._running = False
+        self._result: dict[TopicPartition, int] | Exception = {}
+
+    def get(self, timeout_s: float) -> dict[TopicPartition, int]:
+        """The end offsets, looked up after this call began. Raises TimeoutError when the lookup fails
+        or does not end within timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            wanted = self._started + 1  # the first lookup to begin after this call
+        while True:
+            with self._changed:
+                while self._finished < wanted and self._running:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"no end offsets of {self._partitions[0].topic} in {timeout_s}s")
+                    self._changed.wait(remaining)
+                if self._finished >= wanted:
+                    result = self._result
+                    break
+                self._running = True  # this caller's turn: it looks up for everyone waiting
+                self._started += 1
+                number = self._started
+            try:
+                outcome: dict[TopicPartition, int] | Exception = self._lookup(deadline - time.monotonic())
+            except Exception as error:
+                outcome = error
+            with self._changed:
+                self._running = False
+                self._finished = number
+                self._result = outcome
+                self._changed.notify_all()
+        if isinstance(result, Exception):
+            raise TimeoutError(f"could not read the end offsets of {self._partitions[0].topic}: {result}") from result
+        return result
+
+    def _lookup(self, timeout_s: float) -> dict[TopicPartition, int]:
+        if self._consumer is None:
+            self._consumer = self._make_consumer()
+        return self._consumer.end_offsets(self._partitions, timeout_ms=max(int(timeout_s * 1000), 1))
+
+    def close(self) -> None:
+        with self._changed:
+            consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.close()
 
 
 class Ledger:
@@ -57,6 +133,8 @@ class Ledger:
         self._partitions = [TopicPartition(self._topic, p) for p in sorted(partitions)]
         assign(self._consumer, self._partitions)
         self._consumer.seek_to_beginning(*self._partitions)
+        self._end_offsets = EndOffsets(lambda: make_consumer(config, group_id=None), self._partitions)
+        self._catch_up_seconds = CATCH_UP_SECONDS.labels(self._topic)
         self._thread = threading.Thread(target=self._tail, name=f"ledger-{self._topic}", daemon=True)
 
     def start(self, timeout_s: float = 60.0) -> None:
@@ -68,6 +146,7 @@ class Ledger:
         self._stopping.set()
         self._thread.join(timeout=5)
         self._consumer.close()
+        self._end_offsets.close()
 
     def get(self, key: str) -> str | None:
         """The value read (or recorded) for key, or None."""
@@ -97,30 +176,23 @@ class Ledger:
         self._size.set(len(self._values))
 
     def catch_up(self, timeout_s: float) -> None:
-        """Waits until the ledger has read every record written before this call.
+        """Waits until the ledger has read every record written before this call (every record the
+        brokers had acknowledged when it began, whoever wrote it).
 
-        Used after a write whose outcome is unknown (a timeout may still have reached the broker), so a
-        retry sees it instead of storing it twice, and before deciding that a key was never written.
-        Raises TimeoutError, e.g. while the broker is down.
+        Used before storing a key the ledger has not seen, so that a write another replica (or an
+        earlier attempt here that timed out) had landed is found instead of stored twice, and before
+        deciding that a key was never written. Raises TimeoutError, e.g. while the broker is down.
         """
-        deadline = time.monotonic() + timeout_s
-        ends = self._end_offsets(timeout_s)
+        started = time.monotonic()
+        deadline = started + timeout_s
+        ends = self._end_offsets.get(timeout_s)
         with self._seen:
             while any(self._positions.get(tp.partition, 0) < end for tp, end in ends.items()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"the ledger did not catch up with {self._topic} in {timeout_s}s")
                 self._seen.wait(remaining)
-
-    def _end_offsets(self, timeout_s: float) -> dict[TopicPartition, int]:
-        # A separate short-lived consumer: KafkaConsumer is not thread-safe and the tail thread owns ours.
-        probe = make_consumer(self._config, group_id=None)
-        try:
-            return probe.end_offsets(self._partitions, timeout_ms=int(timeout_s * 1000))
-        except Exception as error:
-            raise TimeoutError(f"could not read the end offsets of {self._topic}: {error}") from error
-        finally:
-            probe.close()
+        self._catch_up_seconds.observe(time.monotonic() - started)
 
     def _tail(self) -> None:
         while not self._stopping.is_set():

@@ -206,11 +206,13 @@ def test_settings_from_values_become_the_services_environment(tmp_path: Path) ->
 def test_strimzi_topics_have_the_settings_the_services_create_locally(values_file: Path) -> None:
     values = yaml.safe_load(values_file.read_text())["kafka"]
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["kafka"]
+    brokers = values.get("strimzi", {}).get("replicas", defaults["strimzi"]["replicas"])
+    replication = values.get("replicationFactor") or min(3, brokers)  # the chart's defaults on Strimzi
     config = KafkaConfig(
         topic_prefix=values.get("topicPrefix", defaults["topicPrefix"]),
         partitions=values.get("partitions", defaults["partitions"]),
-        replication_factor=values.get("replicationFactor", defaults["replicationFactor"]),
-        min_insync_replicas=values.get("minInsyncReplicas", defaults["minInsyncReplicas"]),
+        replication_factor=replication,
+        min_insync_replicas=values.get("minInsyncReplicas") or max(1, replication - 1),
         retention_days=values.get("retentionDays", defaults["retentionDays"]),
     )
     rendered = {t["spec"]["topicName"]: t["spec"] for t in find(render(values_file), "KafkaTopic")}
@@ -224,6 +226,35 @@ def test_strimzi_topics_have_the_settings_the_services_create_locally(values_fil
         for spec in TOPICS
     }
     assert rendered == expected
+
+
+@pytest.mark.parametrize(("kafka", "replication", "min_isr"), [
+    ({"mode": "strimzi"}, 3, 2),
+    ({"mode": "strimzi", "strimzi": {"replicas": 5}}, 3, 2),
+    ({"mode": "strimzi", "strimzi": {"replicas": 1}}, 1, 1),
+    ({"mode": "strimzi", "replicationFactor": 5, "minInsyncReplicas": 3, "strimzi": {"replicas": 5}}, 5, 3),
+    ({"mode": "external"}, 1, 1),
+    ({"mode": "external", "replicationFactor": 3, "minInsyncReplicas": 2}, 3, 2),
+], ids=["strimzi", "strimzi-5-brokers", "strimzi-1-broker", "strimzi-set", "external", "external-set"])
+def test_on_strimzi_topics_default_to_three_replicas_of_which_two_hold_every_write(
+    tmp_path: Path, kafka: dict, replication: int, min_isr: int,
+) -> None:
+    values_file = tmp_path / "kafka.yaml"
+    values_file.write_text(yaml.safe_dump({"kafka": kafka}))
+    docs = render(values_file)
+    for component, spec in pod_specs(docs).items():
+        env = container_env(docs, service_container(spec))
+        if "MODALIGN_KAFKA_BOOTSTRAP_SERVERS" in env:
+            assert (env["MODALIGN_KAFKA_REPLICATION_FACTOR"], env["MODALIGN_KAFKA_MIN_INSYNC_REPLICAS"]) == (
+                str(replication), str(min_isr)), component
+    if kafka["mode"] == "strimzi":
+        topics = find(docs, "KafkaTopic")
+        assert topics and {(t["spec"]["replicas"], t["spec"]["config"]["min.insync.replicas"]) for t in topics} == {
+            (replication, str(min_isr))}
+        broker_config = one(docs, "Kafka", f"{RELEASE}-kafka")["spec"]["kafka"]["config"]
+        assert (broker_config["offsets.topic.replication.factor"], broker_config["transaction.state.log.replication.factor"],
+                broker_config["min.insync.replicas"], broker_config["transaction.state.log.min.isr"]) == (
+            replication, replication, min_isr, min_isr)
 
 
 def test_strimzi_clients_reach_the_tls_listener_and_trust_the_cluster_ca() -> None:
@@ -725,9 +756,13 @@ def test_rollout_controller_drives_the_policy_inference_service_with_its_own_nar
      "tls.enabled cannot be combined with reward.kserve.enabled"),
     ({"tls": {"enabled": True, "mutual": True, "secretName": "modalign-tls"}},
      "Prometheus needs a client certificate to scrape the reward service's /metrics"),
+    ({"kafka": {"mode": "strimzi", "minInsyncReplicas": 4}}, "kafka.minInsyncReplicas 4 is more than kafka.replicationFactor 3"),
+    ({"kafka": {"mode": "strimzi", "replicationFactor": 3, "strimzi": {"replicas": 1}}},
+     "kafka.replicationFactor 3 is more than the 1 brokers of kafka.strimzi.replicas"),
 ], ids=["canary-share-set-by-hand", "decreasing-steps", "reward-metric-without-scoring", "insecure-with-tokens",
         "plaintext-s3", "tls-without-certificates", "tls-without-one-certificate", "mutual-without-tls",
-        "cert-manager-without-issuer", "cert-manager-and-secrets", "tls-with-kserve", "mutual-scrape-without-certificate"])
+        "cert-manager-without-issuer", "cert-manager-and-secrets", "tls-with-kserve", "mutual-scrape-without-certificate",
+        "min-isr-above-replicas", "more-replicas-than-brokers"])
 def test_settings_that_cannot_work_are_refused(tmp_path: Path, values: dict, message: str) -> None:
     values_file = tmp_path / "settings.yaml"
     values_file.write_text(yaml.safe_dump(values))

@@ -6,8 +6,9 @@ MODALIGN_KAFKA_BOOTSTRAP_SERVERS: {{ $connection.bootstrapServers | quote }}
 MODALIGN_KAFKA_SECURITY_PROTOCOL: {{ $connection.securityProtocol | quote }}
 MODALIGN_KAFKA_TOPIC_PREFIX: {{ .Values.kafka.topicPrefix | quote }}
 MODALIGN_KAFKA_PARTITIONS: {{ .Values.kafka.partitions | quote }}
-MODALIGN_KAFKA_REPLICATION_FACTOR: {{ .Values.kafka.replicationFactor | quote }}
-MODALIGN_KAFKA_MIN_INSYNC_REPLICAS: {{ .Values.kafka.minInsyncReplicas | quote }}
+{{- $replication := include "modalign.kafkaReplication" . | fromYaml }}
+MODALIGN_KAFKA_REPLICATION_FACTOR: {{ $replication.replicationFactor | quote }}
+MODALIGN_KAFKA_MIN_INSYNC_REPLICAS: {{ $replication.minInsyncReplicas | quote }}
 MODALIGN_KAFKA_RETENTION_DAYS: {{ .Values.kafka.retentionDays | quote }}
 {{- if $connection.caSecret.name }}
 MODALIGN_KAFKA_SSL_CAFILE: {{ printf "%s/ca.crt" (include "modalign.kafkaCaDir" .) | quote }}

@@ -265,6 +265,20 @@ priorityClassName: {{ . }}
 {{- end }}
 {{- end }}
 
+{{/*
+Replication of the modalign topics (and, with Strimzi, of Kafka's internal ones): kafka.replicationFactor
+and kafka.minInsyncReplicas, or where empty 3 and 2 on a Strimzi cluster of three brokers or more (as many
+replicas as brokers up to 3, min ISR one less, at least 1) and 1 and 1 on an external one.
+*/}}
+{{- define "modalign.kafkaReplication" -}}
+{{- $kafka := .Values.kafka }}
+{{- $strimzi := eq $kafka.mode "strimzi" }}
+{{- $replication := $kafka.replicationFactor | default (ternary (min 3 $kafka.strimzi.replicas) 1 $strimzi) | int }}
+{{- $minIsr := $kafka.minInsyncReplicas | default (ternary (max 1 (sub $replication 1)) 1 $strimzi) | int }}
+replicationFactor: {{ $replication }}
+minInsyncReplicas: {{ $minIsr }}
+{{- end }}
+
 {{- define "modalign.kafkaClusterName" -}}
 {{- default (printf "%s-kafka" (include "modalign.fullname" .)) .Values.kafka.strimzi.clusterName }}
 {{- end }}
@@ -403,10 +417,17 @@ loading the versions it publishes (fetched into a local cache)? Args: (dict "roo
 
 {{/*
 Refuses combinations that cannot work, or that would weaken security without being asked to, with what
-to change: the rollout controller, when it drives the policy's InferenceService, owns its canary share;
+to change: topics need at least min ISR replicas, and Strimzi as many brokers as replicas; the rollout controller, when it drives the policy's InferenceService, owns its canary share;
 a plaintext S3 endpoint needs modelStore.s3.allowPlaintext; TLS needs a certificate for every service.
 */}}
 {{- define "modalign.validate" -}}
+{{- $replication := include "modalign.kafkaReplication" . | fromYaml }}
+{{- if gt $replication.minInsyncReplicas $replication.replicationFactor }}
+{{- fail (printf "kafka.minInsyncReplicas %v is more than kafka.replicationFactor %v: no write could ever be acknowledged" $replication.minInsyncReplicas $replication.replicationFactor) }}
+{{- end }}
+{{- if and (eq .Values.kafka.mode "strimzi") (gt (int $replication.replicationFactor) (int .Values.kafka.strimzi.replicas)) }}
+{{- fail (printf "kafka.replicationFactor %v is more than the %v brokers of kafka.strimzi.replicas: the topics could not be created" $replication.replicationFactor .Values.kafka.strimzi.replicas) }}
+{{- end }}
 {{- if and (eq .Values.kafka.mode "strimzi") .Values.kafka.strimzi.acls (ne .Values.kafka.strimzi.listener "tls") }}
 {{- fail "kafka.strimzi.acls authenticates each service by its TLS client certificate: set kafka.strimzi.listener tls (or acls false)" }}
 {{- end }}
