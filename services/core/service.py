@@ -157,7 +157,9 @@ def run_service(cls: type[C], serve: Callable[[C], None], argv: list[str] | None
     """The `main` of every service: parse and validate its config, set up logging, serve until
     stopped, exit."""
     config = parse_config(cls, argv, prog=f"modalign {cls.command}")
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: a library that logged before this point (absl does) has configured the root logger already.
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     try:
         config.check_start()
         serve(config)

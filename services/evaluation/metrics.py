@@ -9,6 +9,7 @@ and yes-ratio of object-existence questions (Li et al., 2023): a model that hall
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -69,14 +70,18 @@ def bleu(answers: list[str], references: list[list[str]], seed: int = 0) -> tupl
     return score, [resampled[int(0.025 * len(resampled))], resampled[int(0.975 * len(resampled)) - 1]]
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+@functools.cache
+def _rouge_scorer() -> rouge_scorer.RougeScorer:
+    # Built on first use: building one logs through absl, which configures the root logger of whatever
+    # process imports this module before that process configures its own logging.
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(answers: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
     """Mean ROUGE-L F-measure (0-1), each answer scored against its best reference, with its interval."""
     if any(not refs for refs in references):
         raise ValueError("every item needs at least one reference")
-    scores = [max(_ROUGE.score(ref, answer)["rougeL"].fmeasure for ref in refs) for answer, refs in zip(answers, references)]
+    scores = [max(_rouge_scorer().score(ref, answer)["rougeL"].fmeasure for ref in refs) for answer, refs in zip(answers, references)]
     return mean_interval(scores)
 
 
