@@ -7,8 +7,9 @@ A write counts as done only when the broker acknowledged it with acks=all; calle
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -327,6 +328,65 @@ class GapAwareConsumer(KafkaConsumer):
                                 f"to go on from offset {start})")
             log.error("%s; resuming from the oldest record kept, offset %d", what, start)
             self.seek(partition, start)
+
+
+class DurableProducer:
+    """A service's producer for acks=all writes, replaced after a write fails.
+
+    kafka-python 3.0.12's idempotent producer sends nothing more once a write it had already sent expires
+    (its delivery timeout passed while it was retried, as when a broker dies): it drops its producer id to
+    get a new one, but never asks for one. A long-lived service would then answer UNAVAILABLE until it is
+    restarted. So a failed write retires the producer (failed()), and the next write goes through a new
+    one (current()); the retired one closes in the background once its pending writes have ended."""
+
+    def __init__(self, config: KafkaConfig, make: Callable[[KafkaConfig], KafkaProducer] = make_producer) -> None:
+        self._config = config
+        self._make = make
+        self._lock = threading.Lock()
+        self._producer = make(config)
+        self._broken = False
+
+    def current(self) -> KafkaProducer:
+        """The producer to write through: a new one if a write through the last one failed. Raises
+        BrokerUnavailable when a new one cannot be made."""
+        with self._lock:
+            if self._broken:
+                try:
+                    fresh = self._make(self._config)
+                except Exception as error:
+                    raise BrokerUnavailable(f"could not make a new Kafka producer: {error}") from error
+                retired, self._producer, self._broken = self._producer, fresh, False
+                threading.Thread(target=self._retire, args=(retired,), name="retire-producer", daemon=True).start()
+            return self._producer
+
+    def failed(self, producer: KafkaProducer) -> None:
+        """A write through producer failed: unless it was replaced already, the next write gets a new one."""
+        with self._lock:
+            if producer is self._producer:
+                self._broken = True
+
+    def produce(self, topic: str, records: list[tuple[str, Message]], timeout_s: float) -> None:
+        """produce_durably through the current producer; a failure retires it."""
+        producer = self.current()
+        try:
+            produce_durably(producer, topic, records, timeout_s)
+        except BrokerUnavailable:
+            self.failed(producer)
+            raise
+
+    def _retire(self, producer: KafkaProducer) -> None:
+        try:
+            producer.close(timeout=self._config.produce_timeout_s + 5)
+        except Exception:
+            log.warning("a retired Kafka producer did not close cleanly", exc_info=True)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            producer = self._producer
+        try:
+            producer.close(timeout=timeout_s)
+        except KafkaError:
+            log.warning("the Kafka producer closed with writes unresolved", exc_info=True)
 
 
 def make_consumer(config: KafkaConfig, *topics: str, group_id: str | None, on_gap: str | None = None,

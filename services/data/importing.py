@@ -46,7 +46,7 @@ from transformers import ProcessorMixin
 from modalign.core.blobs import BlobStore
 from modalign.core.config import require_one_of
 from modalign.core.images import FORMAT_BY_MIME, ImageLimits, InvalidImage, decode_image
-from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably, read_topic
+from modalign.core.kafka import DurableProducer, KafkaConfig, ensure_topics, read_topic
 from modalign.data.formats import (
     KINDS,
     VLFEEDBACK_RATINGS,
@@ -309,14 +309,14 @@ def write(plan: Plan, kafka: KafkaConfig) -> Written:
     feedback = [(feedback_id, received) for feedback_id, received in plan.feedback.items() if feedback_id not in there]
     named = {response_id for _, received in feedback for response_id in referenced_responses(received.feedback)}
     generations = [(response_id, generation) for response_id, generation in plan.generations.items() if response_id in named]
-    producer = make_producer(kafka)
+    producer = DurableProducer(kafka)
     try:
         for topic, records in (("generations", generations), ("feedback", feedback)):
             for start in range(0, len(records), PRODUCE_CHUNK):
-                produce_durably(producer, kafka.topic(topic), list(records[start:start + PRODUCE_CHUNK]),
-                                timeout_s=kafka.produce_timeout_s + 2)
+                producer.produce(kafka.topic(topic), list(records[start:start + PRODUCE_CHUNK]),
+                                 timeout_s=kafka.produce_timeout_s + 2)
     finally:
-        producer.close(timeout=5)
+        producer.close()
     return Written(len(generations), len(feedback), len(plan.feedback) - len(feedback))
 
 

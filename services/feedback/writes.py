@@ -11,9 +11,8 @@ up to delivery_timeout_s, and a retry of the same feedback_id on this replica me
 write instead of beginning another (PendingWrites.pending). Once it is acknowledged, the id is in the
 ledger and the retry is answered as a duplicate; once it failed, the retry writes anew.
 
-A failed write also retires its producer: kafka-python's idempotent producer does not always recover by
-itself from a write that expired after it was sent (3.0.12 drops its producer id and never asks for a
-new one, so it sends nothing again), so the next write goes through a new one.
+A failed write also retires its producer (modalign.core.kafka.DurableProducer): kafka-python's idempotent
+producer does not always recover by itself from a write that expired after it was sent.
 
 How many writes may be pending is bounded (capacity): each holds its caller's gRPC thread for up to
 produce_timeout_s and ends within delivery_timeout_s, so the feedback service sizes it from those and
@@ -35,6 +34,7 @@ from modalign.core.kafka import (
     PRODUCE_ERRORS,
     PRODUCE_SECONDS,
     BrokerUnavailable,
+    DurableProducer,
     KafkaConfig,
     make_producer,
     type_headers,
@@ -69,17 +69,12 @@ class PendingWrites:
                  on_stored: Callable[[str, str], None],
                  make: Callable[[KafkaConfig], KafkaProducer] = make_producer) -> None:
         # The producer gives up on a write after delivery_timeout_s, not after its callers' wait.
-        self._config = dataclasses.replace(kafka, produce_timeout_s=delivery_timeout_s)
         self._topic = kafka.topic("feedback")
-        self._delivery_timeout_s = delivery_timeout_s
         self.capacity = capacity
         self._on_stored = on_stored
-        self._make = make
         self._lock = threading.Lock()
         self._pending: dict[str, Write] = {}
-        self._producer = make(self._config)
-        self._generation = 0  # of self._producer
-        self._broken = False  # a write through self._producer failed: replace it before the next
+        self._producer = DurableProducer(dataclasses.replace(kafka, produce_timeout_s=delivery_timeout_s), make)
 
     def __len__(self) -> int:
         with self._lock:
@@ -97,42 +92,26 @@ class PendingWrites:
         with self._lock:
             if len(self._pending) >= self.capacity:
                 raise BrokerUnavailable(f"{len(self._pending)} writes to {self._topic} are still unresolved")
-            producer, generation = self._current_producer()
             write = Write()
             self._pending[feedback_id] = write
         started = time.perf_counter()
         try:
+            producer = self._producer.current()
+        except BrokerUnavailable as error:
+            self._end(feedback_id, write, None, error, started)
+            raise
+        try:
             future = producer.send(self._topic, key=feedback_id.encode(), value=event.SerializeToString(),
                                    headers=type_headers(event))
         except KafkaError as error:
-            self._end(feedback_id, write, generation, error, started)
+            self._end(feedback_id, write, producer, error, started)
             raise BrokerUnavailable(f"Kafka did not take the write to {self._topic}: {error}") from error
-        future.add_callback(lambda _: self._end(feedback_id, write, generation, None, started, event.content_sha256))
-        future.add_errback(lambda error: self._end(feedback_id, write, generation, error, started))
+        future.add_callback(lambda _: self._end(feedback_id, write, producer, None, started, event.content_sha256))
+        future.add_errback(lambda error: self._end(feedback_id, write, producer, error, started))
         return write
 
-    def _current_producer(self) -> tuple[KafkaProducer, int]:
-        """The producer to write through, a new one if a write through the last one failed. Holds self._lock."""
-        if self._broken:
-            try:
-                fresh = self._make(self._config)
-            except Exception as error:
-                raise BrokerUnavailable(f"could not make a new Kafka producer: {error}") from error
-            retired, self._producer = self._producer, fresh
-            self._generation += 1
-            self._broken = False
-            # Its writes still pending end on their own (acknowledged or expired); then it closes.
-            threading.Thread(target=self._retire, args=(retired,), name="retire-producer", daemon=True).start()
-        return self._producer, self._generation
-
-    def _retire(self, producer: KafkaProducer) -> None:
-        try:
-            producer.close(timeout=self._delivery_timeout_s + 5)
-        except Exception:
-            log.warning("a retired Kafka producer did not close cleanly", exc_info=True)
-
-    def _end(self, feedback_id: str, write: Write, generation: int, error: BaseException | None, started: float,
-             digest: str = "") -> None:
+    def _end(self, feedback_id: str, write: Write, producer: KafkaProducer | None, error: BaseException | None,
+             started: float, digest: str = "") -> None:
         if error is None:
             PRODUCE_SECONDS.labels(self._topic).observe(time.perf_counter() - started)
             self._on_stored(feedback_id, digest)
@@ -141,15 +120,10 @@ class PendingWrites:
         with self._lock:
             if self._pending.get(feedback_id) is write:
                 del self._pending[feedback_id]
-            if error is not None and generation == self._generation:
-                self._broken = True
+        if error is not None and producer is not None:
+            self._producer.failed(producer)
         write.error = error
         write.done.set()
 
     def close(self, timeout_s: float = 5.0) -> None:
-        with self._lock:
-            producer = self._producer
-        try:
-            producer.close(timeout=timeout_s)
-        except KafkaError:
-            log.warning("the Kafka producer closed with writes unresolved", exc_info=True)
+        self._producer.close(timeout_s)

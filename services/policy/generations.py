@@ -23,7 +23,7 @@ from transformers import ProcessorMixin
 
 from modalign.core.blobs import BlobStore
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
-from modalign.core.kafka import BrokerUnavailable, make_producer, produce_durably
+from modalign.core.kafka import BrokerUnavailable, DurableProducer
 from modalign.core.ratelimit import LIMITED, PerUserLimiter, limited_message
 from modalign.policy.batcher import BatcherOverloaded
 from modalign.policy.config import PolicyConfig
@@ -196,7 +196,7 @@ class Generations:
         self._processor = processor
         self._blobs = blobs
         self._limits = ImageLimits(max_bytes=config.image_max_bytes, max_pixels=config.image_max_pixels)
-        self._producer = make_producer(config.kafka)
+        self._producer = DurableProducer(config.kafka)
         self._topic = config.kafka.topic("generations")
         self._per_user = PerUserLimiter(config.user_rate_limit)
 
@@ -205,7 +205,7 @@ class Generations:
         return self._router
 
     def close(self) -> None:
-        self._producer.close(timeout=5)
+        self._producer.close()
 
     def start(self, request: policy_pb2.GenerateRequest, streamed: bool = False) -> Started:
         """Validates the request, stores its images and queues it on its session's version (streamed: its
@@ -321,7 +321,7 @@ class Generations:
             ))
             GENERATED_TOKENS.labels(version).inc(len(sample.token_ids))
         try:
-            produce_durably(self._producer, self._topic, records, timeout_s=self._config.kafka.produce_timeout_s + 2)
+            self._producer.produce(self._topic, records, timeout_s=self._config.kafka.produce_timeout_s + 2)
         except BrokerUnavailable as error:
             log.warning("generation %s not logged: %s", prompt_id, error)
             raise Refused(grpc.StatusCode.UNAVAILABLE, f"the generation could not be logged, retry later: {error}") from error

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from modalign.core.config import ConfigError, add_arguments, build_config
-from modalign.core.kafka import KafkaConfig, PoisonRecord, make_producer, parse_record, produce_durably, read_topic
+from modalign.core.kafka import DurableProducer, KafkaConfig, PoisonRecord, parse_record, read_topic
 from modalign.v1 import events_pb2
 
 
@@ -102,11 +102,11 @@ def replay(config: DeadLettersConfig) -> tuple[int, int]:
     records = [(feedback.feedback.feedback_id, feedback) for letter in letters
                if (feedback := replayable(letter)) is not None]
     if records:
-        producer = make_producer(config.kafka)
+        producer = DurableProducer(config.kafka)
         try:
-            produce_durably(producer, config.kafka.topic("feedback"), records, config.kafka.produce_timeout_s)
+            producer.produce(config.kafka.topic("feedback"), records, config.kafka.produce_timeout_s)
         finally:
-            producer.close(timeout=5)
+            producer.close()
     return len(records), len(letters) - len(records)
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from kafka import KafkaProducer
-
-from modalign.core.kafka import KafkaConfig, produce_durably, read_topic
+from modalign.core.kafka import DurableProducer, KafkaConfig, read_topic
 from modalign.core.modelstore import Manifest
 from modalign.core.version_names import next_policy_version, reward_version_for
 from modalign.trainer.gate import VERSIONS
@@ -25,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, store, producer: KafkaProducer, kafka: KafkaConfig, algorithm: str) -> None:
+    def __init__(self, store, producer: DurableProducer, kafka: KafkaConfig, algorithm: str) -> None:
         self.store, self.producer, self.kafka, self.algorithm = store, producer, kafka, algorithm
 
     def next_version(self, parent: str) -> str:
@@ -56,7 +54,6 @@ class Publisher:
                                                                         events_pb2.PolicyVersionPublished)):
             log.info("policy %s was announced before the restart: not again", version)
             return
-        produce_durably(self.producer, self.kafka.topic("policy-versions"), [(version, event)],
-                        self.kafka.produce_timeout_s)
+        self.producer.produce(self.kafka.topic("policy-versions"), [(version, event)], self.kafka.produce_timeout_s)
         VERSIONS.labels("published").inc()
         log.info("published policy %s (parent %s): %s", version, pending.parent, pending.eval_metrics)

@@ -34,15 +34,14 @@ from modalign.core.blobs import BlobStore
 from modalign.core.config import require_one_of
 from modalign.core.kafka import (
     ON_GAP,
+    DurableProducer,
     PoisonRecord,
     assign,
     count_poison,
     decode_record,
     ensure_topics,
     make_consumer,
-    make_producer,
     parse_record,
-    produce_durably,
 )
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
 from modalign.core.service import MeteredConfig, run_service, serve_metrics
@@ -161,7 +160,7 @@ class Trainer:
         self.state = TrainerState(consumed_ids=RecentIds(config.recent_feedback_ids),
                                   joiner=FeedbackJoiner(limits=config.join))
         self._restore()
-        self.producer = make_producer(config.kafka)
+        self.producer = DurableProducer(config.kafka)
         self.publisher = Publisher(self.store, self.producer, config.kafka, config.learner.algorithm)
         # Both resume from the checkpoint's positions: records retention deleted before they were read
         # are a gap the trainer reports (GapAwareConsumer), never a silent jump.
@@ -197,7 +196,7 @@ class Trainer:
         self.rollout_states.close()
         self.feedback.close()
         self.generations.close()
-        self.producer.close(timeout=5)
+        self.producer.close()
 
     def _seek(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
         """From the checkpoint's position, the source of truth; without a checkpoint, from the group's
@@ -399,7 +398,7 @@ class Trainer:
                 source_topic=self.topics["feedback"], source_partition=letter.position[0],
                 source_offset=letter.position[1], source_value=value, reason=letter.reason, dead_lettered_at=now,
             )))
-        produce_durably(self.producer, self.topics["feedback.dlq"], records, self.config.kafka.produce_timeout_s)
+        self.producer.produce(self.topics["feedback.dlq"], records, self.config.kafka.produce_timeout_s)
 
     def _usable(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[DeadLetter]]:
         """Pairs the models can take, and dead letters for the others (an edit too long, or holding
