@@ -17,6 +17,7 @@ VALID = {
     events_pb2.FeedbackReceived: events_pb2.FeedbackReceived(feedback={"feedback_id": "f1", "user_id": "u"}),
     events_pb2.RolloutState: events_pb2.RolloutState(revision=3, stable_version="v2"),
     events_pb2.PolicyVersionPublished: events_pb2.PolicyVersionPublished(version="v4", uri="file:///m/v4"),
+    events_pb2.DeadLetter: events_pb2.DeadLetter(source_topic="m.feedback", source_offset=7, reason="unjoinable: late"),
 }
 
 
