@@ -16,6 +16,7 @@ COMMANDS = {
     "kafka": ("modalign.core.broker", "the local Apache Kafka broker (KRaft, one node): start, stop or status"),
     "up": ("modalign.up", "start the broker and every service on loopback; Ctrl-C stops all"),
     "demo": ("modalign.demo.run", "the whole loop with simulated users, ending with a report"),
+    "soak": ("modalign.soak", "the whole system under mixed traffic while services are killed and restarted; a verdict"),
     "policy": ("modalign.policy.server", "run the policy service"),
     "reward": ("modalign.reward.server", "run the reward service"),
     "feedback": ("modalign.feedback.server", "run the feedback service"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-import socket
 import urllib.request
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,30 +42,6 @@ def start_grpc_service(cls: type[GrpcServiceConfig], kafka: KafkaConfig, log_dir
     """Starts a gRPC service on free loopback ports; returns it, its address and its metrics port."""
     config = grpc_service_config(cls, kafka, **fields)
     return start_service(config, log_dir, name, timeout_s), config.address, config.metrics_port
-
-
-def free_run(count: int) -> int:
-    """A port such that it and the count - 1 after it are free on loopback, below the kernel's range of
-    ephemeral ports: a run taken from that range can lose a port to some process's outgoing connection
-    between this check and the service's bind, seconds later (a CI run lost the demo trainer's metrics
-    port that way)."""
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(100):
-        base = random.randrange(20000, ephemeral_low - count)
-        sockets = []
-        try:
-            for offset in range(count):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", base + offset))
-                sockets.append(sock)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no run of free ports")
-
 
 
 def counter_total(metrics_url: str, name: str, **labels: str) -> float:

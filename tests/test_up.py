@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from modalign.core.grpc_server import dial
-from modalign.core.processes import free_port
+from modalign.core.processes import free_port, free_run
 from modalign.up import example_image
 from modalign.v1 import (
     common_pb2,
@@ -28,8 +28,6 @@ from modalign.v1 import (
     rollout_pb2,
     rollout_pb2_grpc,
 )
-
-from tests.services import free_run
 
 pytestmark = pytest.mark.integration
 

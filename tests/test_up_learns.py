@@ -19,9 +19,9 @@ import pytest
 
 from modalign.core.auth import ClientAuth
 from modalign.core.grpc_server import dial
+from modalign.core.processes import free_run
 from modalign.v1 import feedback_pb2_grpc, policy_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 
-from tests.services import free_run
 from tests.test_up import start_up, stop_up
 from tests.trainer.scripted_users import colour_counts, interact, two_proportion_z
 

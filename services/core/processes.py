@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,6 +22,29 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def free_run(count: int) -> int:
+    """A port such that it and the count - 1 after it are free on loopback, below the kernel's range of
+    ephemeral ports: a run taken from that range can lose a port to some process's outgoing connection
+    between this check and the service's bind, seconds later (a CI run lost the demo trainer's metrics
+    port that way)."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        base = random.randrange(20000, ephemeral_low - count)
+        sockets = []
+        try:
+            for offset in range(count):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", base + offset))
+                sockets.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no run of free ports")
 
 
 def grpc_serving(address: str, service: str = "", timeout_s: float = 1.0) -> bool:

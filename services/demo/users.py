@@ -6,11 +6,16 @@ answer beats one that answers nothing false but misses the question, which beats
 Only between equally faithful answers does style decide: fewer words win. Users are noisy (each
 judgement flips with probability `noise`), so they sometimes disagree with each other and with
 themselves, as real raters do.
+
+Every call they make can be observed (`on_call`): what was called, how it ended and how long it took,
+which is what the soak (modalign.soak) measures.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import io
 import json
 import random
@@ -19,7 +24,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,6 +35,7 @@ from modalign.core.grpc_server import dial
 from modalign.core.ratelimit import politely
 from modalign.demo.scenes import Example, examples, faithfulness, make_question, reference_answer
 from modalign.policy.conversation import ROLES
+from modalign.policy.generations import shorthand_conversation
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 
@@ -81,6 +88,17 @@ class UsersConfig:
     """Every n-th session of a user speaks the policy's OpenAI-compatible HTTP API (chat completions,
     then /v1/feedback) instead of gRPC: user u's sessions u, u + n, ..., so HTTP traffic starts at once.
     0, or no HTTP URL given to the users: none."""
+    shorthand_share: float = 0.0
+    """Share of first questions over gRPC sent in the single-question shorthand (the request's text and
+    images) instead of as a conversation of one user turn."""
+    stream_share: float = 0.0
+    """Share of gRPC requests sent to GenerateStream (the answer streamed token by token) instead of Generate."""
+    think_s: float = 0.0
+    """How long a user reads an answer before the next question: 0 asks again at once, the most load the
+    users can make."""
+    pause_after_failure_s: float = 1.0
+    """How long a user waits after a request failed before the next, as a client backs off: while a service
+    restarts, calls fail at once, and users who asked again at once would spin."""
     max_new_tokens: int = 32
     seed: int = 0
     """Users draw scenes from seeds 1000 + seed*100 + user: never the held-out evaluation scenes."""
@@ -99,6 +117,38 @@ class Tally:
 
 
 @dataclass(frozen=True)
+class Call:
+    """One call a user made, as an observer (SimulatedUsers' on_call) sees it."""
+
+    kind: str
+    """What was called: Generate (the single-question shorthand), Generate conversation, GenerateStream,
+    Submit, HTTP chat completions or HTTP feedback."""
+    outcome: str
+    """OK, the gRPC status code's name, "HTTP <status>", or the name of the connection error that came
+    instead of an answer (ConnectionRefusedError, RemoteDisconnected, ...)."""
+    started: float
+    """Unix time the call began."""
+    seconds: float
+    feedback_id: str = ""
+    """The feedback a Submit or HTTP feedback call carried."""
+
+
+CALL_ERRORS = (grpc.RpcError, OSError, http.client.HTTPException, json.JSONDecodeError)
+"""What a call can fail with: a gRPC status, an HTTP error status or a lost connection (urllib's errors are
+OSErrors), a response cut short (its server went away mid-answer)."""
+
+
+def outcome_of(error: BaseException) -> str:
+    """A failed call's Call.outcome."""
+    if isinstance(error, grpc.RpcError):
+        return error.code().name
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code}"
+    reason = getattr(error, "reason", None)  # urllib wraps what the connection met in a URLError
+    return type(reason if isinstance(reason, BaseException) else error).__name__
+
+
+@dataclass(frozen=True)
 class Answer:
     response_id: str
     text: str
@@ -113,6 +163,8 @@ class Reply:
 class GrpcClient:
     """PolicyService and FeedbackService over gRPC."""
 
+    SUBMIT = "Submit"
+
     def __init__(self, policy: policy_pb2_grpc.PolicyServiceStub, feedback: feedback_pb2_grpc.FeedbackServiceStub) -> None:
         self.policy, self.feedback = policy, feedback
 
@@ -120,12 +172,27 @@ class GrpcClient:
         reply = politely(self.policy.Generate, request, timeout=120)
         return Reply(reply.policy_version, tuple(Answer(c.response_id, c.text) for c in reply.candidates))
 
+    def generate_stream(self, request: policy_pb2.GenerateRequest) -> Reply:
+        """The same answer from GenerateStream: each candidate's text deltas joined, its response_id from its
+        last chunk."""
+        chunks = politely(lambda r, **options: list(self.policy.GenerateStream(r, **options)), request, timeout=120)
+        texts: dict[int, str] = defaultdict(str)
+        response_ids: dict[int, str] = {}
+        for chunk in chunks:
+            texts[chunk.candidate_index] += chunk.text_delta
+            if chunk.response_id:
+                response_ids[chunk.candidate_index] = chunk.response_id
+        version = chunks[0].policy_version if chunks else ""
+        return Reply(version, tuple(Answer(response_ids.get(i, ""), texts[i]) for i in sorted(texts)))
+
     def submit(self, feedback: feedback_pb2.Feedback) -> None:
         politely(self.feedback.Submit, feedback, timeout=60)
 
 
 class HttpClient:
     """The same calls over the policy's OpenAI-compatible API, as a web front end makes them."""
+
+    SUBMIT = "HTTP feedback"
 
     def __init__(self, base_url: str, token: str = "") -> None:
         self.base_url = base_url
@@ -170,12 +237,14 @@ def openai_message(turn: common_pb2.Message) -> dict:
 
 class SimulatedUsers:
     """Users on threads, each in a loop of Generate (two candidates) then feedback, until stopped; calls
-    carry token, the bearer token of a front end acting for its users, when given."""
+    carry token, the bearer token of a front end acting for its users, when given, and each is reported
+    to on_call (from the users' threads) when given."""
 
     def __init__(self, config: UsersConfig, policy_address: str, feedback_address: str, http_url: str = "",
-                 token: str = "") -> None:
+                 token: str = "", on_call: Callable[[Call], None] | None = None) -> None:
         self.config = config
         self.tally = Tally()
+        self._on_call = on_call
         self._addresses = (policy_address, feedback_address)
         self._token = token
         self._http = HttpClient(http_url, token) if http_url else None
@@ -208,21 +277,32 @@ class SimulatedUsers:
                     client = self._http if over_http else grpc_client
                 turns += 1
                 example = next(stream)
+                # Drawn only when asked for, so that runs without the shorthand draw the demo's sequence.
+                shorthand = client is grpc_client and config.shorthand_share > 0 and rng.random() < config.shorthand_share
                 request = request_for(example, n=2, seed=rng.getrandbits(31), user_id=user_id, session_id=session,
-                                      max_new_tokens=config.max_new_tokens)
+                                      max_new_tokens=config.max_new_tokens, shorthand=shorthand)
                 reply = self._ask(client, request, example, rng, user_id, follow_up=False)
-                if reply is not None and rng.random() < config.follow_up_share:
+                if reply is None:
+                    self._stop.wait(config.pause_after_failure_s)
+                elif rng.random() < config.follow_up_share:
                     # The same scene, another question, the first answer in context.
                     follow_up = Example(example.scene, make_question(example.scene, rng))
                     self._ask(client, with_follow_up(request, reply.candidates[0].text, follow_up.question.text),
                               follow_up, rng, user_id, follow_up=True)
+                self._stop.wait(config.think_s)
 
     def _ask(self, client: GrpcClient | HttpClient, request: policy_pb2.GenerateRequest, example: Example,
              rng: random.Random, user_id: str, follow_up: bool) -> Reply | None:
         """One request and the user's feedback on its answers; None when the request failed."""
+        kind, generate = "HTTP chat completions", client.generate
+        if isinstance(client, GrpcClient):
+            streamed = self.config.stream_share > 0 and rng.random() < self.config.stream_share
+            kind, generate = ("GenerateStream", client.generate_stream) if streamed else (
+                "Generate" if request.text else "Generate conversation", client.generate)
         try:
-            reply = client.generate(request)
-        except (grpc.RpcError, OSError):
+            with self._observed(kind):
+                reply = generate(request)
+        except CALL_ERRORS:
             with self._lock:
                 self.tally.requests += 1
                 self.tally.failed += 1
@@ -235,12 +315,28 @@ class SimulatedUsers:
         if rng.random() < self.config.feedback_rate:
             for message in self._feedback(reply, example, rng, user_id):
                 try:
-                    client.submit(message)
-                except (grpc.RpcError, OSError):
+                    with self._observed(client.SUBMIT, message.feedback_id):
+                        client.submit(message)
+                except CALL_ERRORS:
                     continue  # the broker was briefly away; a real client would retry
                 with self._lock:
                     self.tally.feedback[message.WhichOneof("kind")] += 1
         return reply
+
+    @contextlib.contextmanager
+    def _observed(self, kind: str, feedback_id: str = "") -> Iterator[None]:
+        """Reports the call made inside to on_call: OK, or how it failed (the error goes on to the caller)."""
+        started, clock = time.time(), time.perf_counter()
+        try:
+            yield
+        except CALL_ERRORS as error:
+            self._report(Call(kind, outcome_of(error), started, time.perf_counter() - clock, feedback_id))
+            raise
+        self._report(Call(kind, "OK", started, time.perf_counter() - clock, feedback_id))
+
+    def _report(self, call: Call) -> None:
+        if self._on_call is not None:
+            self._on_call(call)
 
     def _feedback(self, reply: Reply, example: Example, rng: random.Random,
                   user_id: str) -> list[feedback_pb2.Feedback]:
@@ -275,24 +371,34 @@ class SimulatedUsers:
 
 
 def request_for(example: Example, n: int, seed: int, user_id: str = "", session_id: str = "",
-                max_new_tokens: int = 32, temperature: float = 1.0) -> policy_pb2.GenerateRequest:
-    """A question about a scene: one user turn, the scene's image, then the question."""
+                max_new_tokens: int = 32, temperature: float = 1.0, shorthand: bool = False) -> policy_pb2.GenerateRequest:
+    """A question about a scene: one user turn, the scene's image, then the question; in the single-question
+    shorthand (the request's text and images) when shorthand."""
     buffer = io.BytesIO()
     example.scene.image().save(buffer, format="PNG")
     image = common_pb2.Image(data=buffer.getvalue(), mime_type="image/png")
-    return policy_pb2.GenerateRequest(
-        conversation=[common_pb2.Message(role=common_pb2.ROLE_USER, content=[
-            common_pb2.ContentPart(image=image), common_pb2.ContentPart(text=example.question.text)])],
+    request = policy_pb2.GenerateRequest(
         sampling=common_pb2.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
         n=n, user_id=user_id, session_id=session_id,
     )
+    if shorthand:
+        request.text = example.question.text
+        request.images.append(image)
+    else:
+        request.conversation.append(common_pb2.Message(role=common_pb2.ROLE_USER, content=[
+            common_pb2.ContentPart(image=image), common_pb2.ContentPart(text=example.question.text)]))
+    return request
 
 
 def with_follow_up(request: policy_pb2.GenerateRequest, answer: str, question: str) -> policy_pb2.GenerateRequest:
-    """The request's conversation, the answer it got, then the next question."""
+    """The request's conversation (the turn a shorthand request stands for), the answer it got, then the next
+    question."""
     follow_up = policy_pb2.GenerateRequest()
     follow_up.CopyFrom(request)
+    for asked in ("text", "images", "conversation"):
+        follow_up.ClearField(asked)
     follow_up.conversation.extend([
+        *shorthand_conversation(request),
         common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=[common_pb2.ContentPart(text=answer)]),
         common_pb2.Message(role=common_pb2.ROLE_USER, content=[common_pb2.ContentPart(text=question)]),
     ])

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from modalign.core.broker import BrokerConfig
+from modalign.core.processes import free_run
 from modalign.policy.model import build_default_policy, save_policy
 
 from tests.families.tiny import TINY_CHECKPOINTS
-from tests.services import free_run
 
 pytestmark = pytest.mark.integration
 

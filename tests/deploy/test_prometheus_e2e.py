@@ -35,7 +35,7 @@ from modalign.core import broker
 from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig, ensure_topics, make_producer, produce_durably, type_headers
 from modalign.core.launch import service_process
-from modalign.core.processes import ManagedProcess, free_port, http_ok
+from modalign.core.processes import ManagedProcess, free_port, free_run, http_ok
 from modalign.feedback.server import content_digest
 from modalign.reward.config import RewardServerConfig
 from modalign.up import LocalPorts, local_services
@@ -54,7 +54,7 @@ from tests.deploy.monitoring import (
     write_rules_file,
 )
 from tests.feedback.cases import store_directly, valid_feedback
-from tests.services import counter_total, free_run
+from tests.services import counter_total
 from tests.trainer.scripted_users import prompt
 
 pytestmark = pytest.mark.integration
