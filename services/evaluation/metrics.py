@@ -85,6 +85,18 @@ def rouge_l(answers: list[str], references: list[list[str]]) -> tuple[float, lis
     return mean_interval(scores)
 
 
+def _normalised(text: str) -> str:
+    """Lower case, punctuation and extra spaces gone: "The circle is red." and "the circle is red" match."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def exact_match(answers: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    """Share of answers equal to one of their references once normalised (case, punctuation, spacing),
+    with its Wilson interval."""
+    matched = sum(_normalised(answer) in {_normalised(ref) for ref in refs} for answer, refs in zip(answers, references))
+    return matched / len(answers), wilson_interval(matched, len(answers))
+
+
 def yes_or_no(answer: str) -> bool | None:
     """An answer's first word read as yes (True) or no (False); None for anything else."""
     first = re.match(r"\s*([A-Za-z]+)", answer)

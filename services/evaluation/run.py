@@ -6,7 +6,7 @@
 The version comes from the model store (verified, as the policy service loads it) or a checkpoint
 folder, and answers through the serving engine (PolicyEngine), greedily by default. It writes
 DIR/eval.json and DIR/eval.md with, each with a 95% interval:
-  - bleu and rouge_l over the items that have reference answers (modalign.evaluation.metrics);
+  - bleu, rouge_l and exact_match over the items that have reference answers (modalign.evaluation.metrics);
   - pope (accuracy, precision, recall, F1, yes-ratio) over the items labelled yes or no;
   - reward: the mean score of the reward model published with the version (or --reward-version);
   - win_rate: how often that reward model prefers this version's answer to --against's (ties half).
@@ -37,7 +37,7 @@ from PIL import Image
 from modalign.core.config import add_arguments, build_config
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
 from modalign.core.version_names import reward_version_for
-from modalign.evaluation.metrics import bleu, mean_interval, pope, rouge_l
+from modalign.evaluation.metrics import bleu, exact_match, mean_interval, pope, rouge_l
 from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams
 from modalign.policy.model import format_prompt, load_policy
 from modalign.reward.backbones import AnyRewardModel, load_reward_model
@@ -220,6 +220,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         result["bleu"] = {"score": score, "ci": interval, "items": len(referenced)}
         score, interval = rouge_l([mine[i] for i in referenced], [list(items[i].references) for i in referenced])
         result["rouge_l"] = {"score": score, "ci": interval, "items": len(referenced)}
+        score, interval = exact_match([mine[i] for i in referenced], [list(items[i].references) for i in referenced])
+        result["exact_match"] = {"score": score, "ci": interval, "items": len(referenced)}
     labelled = [i for i, item in enumerate(items) if item.label is not None]
     if labelled:
         result["pope"] = pope([mine[i] for i in labelled], [bool(items[i].label) for i in labelled])
@@ -250,7 +252,7 @@ def _published_reward(store, version: str) -> str:
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Evaluation of {result['version']}", "", f"{result['items']} items: {result['dataset']}.", "",
              "| metric | value | 95% CI |", "| --- | --- | --- |"]
-    for name, label, scale in (("bleu", "BLEU", 1), ("rouge_l", "ROUGE-L", 1)):
+    for name, label, scale in (("bleu", "BLEU", 1), ("rouge_l", "ROUGE-L", 1), ("exact_match", "exact match", 1)):
         if name in result:
             low, high = result[name]["ci"]
             lines.append(f"| {label} ({result[name]['items']} items) | {result[name]['score'] * scale:.3g} | {low:.3g}-{high:.3g} |")

@@ -47,7 +47,7 @@ def test_a_store_version_is_scored_on_the_built_in_set_by_its_own_reward_model(s
     result = json.loads((out / "eval.json").read_text())
     assert result["version"] == "v1" and result["items"] == 8
     assert result["bleu"]["items"] == 4 and 0 <= result["bleu"]["score"] <= 100
-    assert 0 <= result["rouge_l"]["score"] <= 1
+    assert 0 <= result["rouge_l"]["score"] <= 1 and 0 <= result["exact_match"]["score"] <= 1
     assert set(result["pope"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio"}
     assert result["pope"]["questions"] == 4
     assert result["reward"]["model"] == "r1"

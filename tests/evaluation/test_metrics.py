@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sacrebleu.metrics import BLEU
 
-from modalign.evaluation.metrics import bleu, pope, rouge_l, yes_or_no
+from modalign.evaluation.metrics import bleu, exact_match, pope, rouge_l, yes_or_no
 
 
 def test_perfect_answers_score_full_marks_and_worse_ones_less() -> None:
@@ -46,3 +46,10 @@ def test_pope_reads_yes_and_no_and_counts_an_evasive_answer_as_wrong() -> None:
 def test_an_item_without_a_reference_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one reference"):
         bleu(["an answer"], [[]])
+
+
+def test_exact_match_ignores_case_punctuation_and_spacing_but_not_words() -> None:
+    references = [["The circle is red."], ["Two.", "There are two shapes."]]
+    assert exact_match(["the circle is  RED", "two"], references)[0] == 1.0
+    share, (low, high) = exact_match(["The circle is blue.", "There are two shapes!"], references)
+    assert share == 0.5 and low < 0.5 < high
