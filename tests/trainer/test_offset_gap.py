@@ -30,7 +30,9 @@ def write_feedback(kafka: KafkaConfig, ids: range) -> None:
     producer = make_producer(kafka)
     try:
         produce_durably(producer, kafka.topic("feedback"), [
-            (f"f{i}", events_pb2.FeedbackReceived(feedback=feedback_pb2.Feedback(feedback_id=f"f{i}", user_id="u")))
+            # Ratings of responses not logged (yet): they wait to be joined, remembered as consumed.
+            (f"f{i}", events_pb2.FeedbackReceived(feedback=feedback_pb2.Feedback(
+                feedback_id=f"f{i}", user_id="u", rating=feedback_pb2.Rating(response_id=f"r{i}", score=3))))
             for i in ids
         ], timeout_s=30)
     finally:
