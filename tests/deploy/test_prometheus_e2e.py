@@ -447,7 +447,7 @@ def test_poison_records_on_every_topic_are_skipped_and_the_valid_records_after_t
     assert all(service.process.process.poll() is None for service in services.values())
 
 
-def test_a_kafka_outage_fires_the_feedback_unavailable_produce_error_and_error_rate_alerts(system, module_broker) -> None:
+def test_a_kafka_outage_fires_the_feedback_unavailable_and_error_rate_alerts(system, module_broker) -> None:
     services, prometheus, _ = system
     first, *ratings = [served_feedback(services, kind) for kind in ["preference", *["rating"] * 8]]
     with grpc.insecure_channel(services["feedback"].address) as channel:
@@ -465,9 +465,9 @@ def test_a_kafka_outage_fires_the_feedback_unavailable_produce_error_and_error_r
                     4 * round_number)
     (unavailable,) = prometheus.wait_firing("ModalignFeedbackUnavailable")
     assert (unavailable["job"], unavailable["severity"]) == (f"{RELEASE}-feedback", "critical")
-    # (The trainer may report failed writes of its own during the outage: only the feedback service's are asserted.)
-    produce_errors = prometheus.wait_firing("ModalignKafkaProduceErrors", job=f"{RELEASE}-feedback")
-    assert {a["topic"] for a in produce_errors} == {"modalign.feedback"}
+    # No ModalignKafkaProduceErrors from the feedback service: before storing an id it has not seen it reads its
+    # topic to the end (a retry on another replica must see the first write), and with the broker gone that
+    # read fails first, so no write is attempted. FeedbackUnavailable and the error rate are its signals.
     error_rate = prometheus.wait_firing("ModalignGrpcErrorRateHigh")
     assert {(a["job"], a["grpc_service"]) for a in error_rate} == {(f"{RELEASE}-feedback", "modalign.v1.FeedbackService")}
 
