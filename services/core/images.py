@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import warnings
 from dataclasses import dataclass
@@ -22,6 +24,19 @@ class ImageLimits:
 
 class InvalidImage(ValueError):
     """The image cannot be accepted; the message says why, for the client."""
+
+
+def decode_data_url(url: str) -> tuple[bytes, str]:
+    """The bytes and MIME type of a base64 data: URL (data:image/png;base64,...), or InvalidImage naming
+    what is wrong with it."""
+    header, comma, data = url.partition(",")
+    if not (url.startswith("data:") and comma and header.endswith(";base64")):
+        raise InvalidImage("must be a data: URL with base64 content (data:image/png;base64,...)")
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidImage(f"the data is not valid base64 ({error})") from error
+    return decoded, header[len("data:"):-len(";base64")]
 
 
 def decode_image(data: bytes, mime_type: str, limits: ImageLimits = ImageLimits()) -> Image.Image:

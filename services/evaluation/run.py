@@ -22,8 +22,6 @@ there a ...?" questions, half about an object in the image and half about one th
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import io
 import json
 import random
@@ -35,6 +33,7 @@ import torch
 from PIL import Image
 
 from modalign.core.config import add_arguments, build_config
+from modalign.core.images import InvalidImage, decode_data_url
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
 from modalign.core.version_names import reward_version_for
 from modalign.evaluation.metrics import bleu, exact_match, mean_interval, pope, rouge_l
@@ -166,12 +165,12 @@ def _image(reference: Any, path: Path, where: str) -> Image.Image:
         raise DatasetError(f"{where}: a path or a data: URL required")
     try:
         if reference.startswith("data:"):
-            data = base64.b64decode(reference.split(",", 1)[1], validate=True)
+            data, _ = decode_data_url(reference)
         else:
             data = (path.parent / reference).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
-    except (OSError, IndexError, binascii.Error, Image.UnidentifiedImageError) as error:
+    except (OSError, InvalidImage, Image.UnidentifiedImageError) as error:
         raise DatasetError(f"{where}: not a readable image ({error})") from None
 
 

@@ -34,8 +34,6 @@ sends the image itself, so the policy never reaches out to an address a user cho
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import math
 import re
@@ -54,7 +52,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from modalign.core import auth
-from modalign.core.images import ImageLimits
+from modalign.core.images import ImageLimits, InvalidImage, decode_data_url
 from modalign.policy.conversation import ROLE_VALUES
 from modalign.policy.generations import OPAQUE_ID, Generated, Generations, Refused, Started, observed
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2
@@ -164,14 +162,11 @@ def image_part(url: Any, where: str, remote: RemoteImages) -> common_pb2.Content
         raise invalid(f"{where}: must be a string URL")
     if url.startswith(("http://", "https://")):
         return common_pb2.ContentPart(image=remote.fetch(url, where))
-    header, comma, data = url.partition(",")
-    if not (url.startswith("data:") and comma and header.endswith(";base64")):
-        raise invalid(f"{where}: must be a data: URL with base64 content (data:image/png;base64,...)")
     try:
-        decoded = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise invalid(f"{where}: the data is not valid base64 ({error})") from error
-    return common_pb2.ContentPart(image=common_pb2.Image(data=decoded, mime_type=header[len("data:"):-len(";base64")]))
+        decoded, mime_type = decode_data_url(url)
+    except InvalidImage as error:
+        raise invalid(f"{where}: {error}") from error
+    return common_pb2.ContentPart(image=common_pb2.Image(data=decoded, mime_type=mime_type))
 
 
 def conversation_of(messages: Any, remote: RemoteImages) -> list[common_pb2.Message]:
