@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 import uuid
@@ -56,7 +57,8 @@ class DemoConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig, metadata=FLATTEN)
     """The local broker: used if running, else started, and stopped again at the end."""
     out: Path = Path("modalign-demo")
-    """Where the report goes."""
+    """Where the report goes; the run's services keep their state in its work/ folder, emptied at the start
+    of every run."""
     minutes: float = 9.0
     """Longest the loop runs."""
     versions: int = 20
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     kafka = KafkaConfig(bootstrap_servers=config.broker.bootstrap_servers, topic_prefix=f"demo-{uuid.uuid4().hex[:8]}.")
     home = config.out.resolve() / "work"
+    # A previous run's trainer checkpoint and model store would be resumed and continued: every run starts
+    # from v0 (the report's comparisons assume it).
+    shutil.rmtree(home, ignore_errors=True)
     ports = LocalPorts(grpc_base=config.grpc_base_port, metrics_base=config.metrics_base_port)
     tokens = local_tokens(home)
     system = LocalSystem(local_services(kafka, home, ports, AuthConfig(tokens_file=tokens), service_settings(config, policy_model)),
