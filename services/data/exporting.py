@@ -21,7 +21,7 @@ as it is (its DataCollatorForVisionPreference), in TRL's conversational preferen
             the feedback that completed the pair, and who gave it
 
 Feedback the join cannot use is left out and counted: a feedback id seen before (read once, as the trainer
-does), a preference of responses to different prompts, an edit equal to the original, feedback whose
+does), a tie (no pair: TRL's format has no ties), a preference of responses to different prompts, an edit equal to the original, feedback whose
 generations are not on the topic (expired, or never logged), an image no longer in the blob store.
 """
 
@@ -98,6 +98,9 @@ def joined_pairs(kafka: KafkaConfig) -> tuple[list[PreferencePair], collections.
             left_out["duplicate: a feedback id seen before"] += 1
             continue
         seen.add(item.feedback.feedback_id)
+        if item.feedback.WhichOneof("kind") == "tie":
+            left_out["tie: neither response preferred (the preference format has no ties)"] += 1
+            continue
         joined, dead = joiner.add_feedback(item, (-1, index), now=0.0)
         pairs += joined
         left_out.update(letter.reason for letter in dead)

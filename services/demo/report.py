@@ -149,13 +149,15 @@ def _accuracy(result: VersionResult) -> str:
 
 def head_to_head(verdicts) -> dict | None:
     """What users said when they compared the canary's answer with stable's in one request, from a
-    rollout decision's preference verdict (whose statistic is the canary's wins): None before any."""
+    rollout decision's preference verdict (whose statistic is the canary's wins): None before any.
+    The win rate counts ties half, as the win rate against v0 does."""
     preference = next((v for v in verdicts if v.metric == "preference"), None)
-    if preference is None or not preference.canary_samples:
+    if preference is None or not (preference.canary_samples or preference.ties):
         return None
-    compared, canary_wins = preference.canary_samples, round(preference.statistic)
-    return {"canary_wins": canary_wins, "stable_wins": compared - canary_wins,
-            "canary_win_rate": canary_wins / compared, "canary_win_rate_ci": wilson_interval(canary_wins, compared)}
+    decided, canary_wins, ties = preference.canary_samples, round(preference.statistic), preference.ties
+    compared, score = decided + ties, canary_wins + ties / 2
+    return {"canary_wins": canary_wins, "stable_wins": decided - canary_wins, "ties": ties,
+            "canary_win_rate": score / compared, "canary_win_rate_ci": wilson_interval(score, compared)}
 
 
 def write_report(out: Path, results: list[VersionResult], timeline: list[dict], summary: dict) -> None:
@@ -222,9 +224,9 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
     for entry in timeline:
         compared = entry.get("head_to_head")
         users = "" if compared is None else (
-            f" Head to head, the canary won {compared['canary_wins']} of {compared['canary_wins'] + compared['stable_wins']}"
-            f" comparisons with stable ({compared['canary_win_rate']:.0%}, 95% CI {compared['canary_win_rate_ci'][0]:.0%}"
-            f"-{compared['canary_win_rate_ci'][1]:.0%}).")
+            f" Head to head, the canary won {compared['canary_wins']}, lost {compared['stable_wins']} and tied"
+            f" {compared['ties']} comparisons with stable (win rate {compared['canary_win_rate']:.0%} with ties half,"
+            f" 95% CI {compared['canary_win_rate_ci'][0]:.0%}-{compared['canary_win_rate_ci'][1]:.0%}).")
         lines.append(f"- {entry['time']} revision {entry['revision']}: {entry['reason']}{users}")
     lines += ["", "## Sample answers", ""]
     for r in results:

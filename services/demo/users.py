@@ -340,7 +340,8 @@ class SimulatedUsers:
 
     def _feedback(self, reply: Reply, example: Example, rng: random.Random,
                   user_id: str) -> list[feedback_pb2.Feedback]:
-        """An edit of a hallucinated answer, a comparison of the two, or a rating of each."""
+        """An edit of a hallucinated answer, a comparison of the two (a preference, or a tie when neither is
+        better), or a rating of each."""
         config = self.config
         first, second = reply.candidates[0], reply.candidates[1]
 
@@ -355,7 +356,10 @@ class SimulatedUsers:
             fixed = reference_answer(example.scene, example.question)
             return [message(edit=feedback_pb2.Edit(response_id=hallucinated[0].response_id, edited_text=fixed))]
         verdict = preference(first.text, second.text, example)
-        if draw < config.edit_share + config.preference_share and verdict != 0.5:
+        if draw < config.edit_share + config.preference_share:
+            if verdict == 0.5:
+                return [message(tie=feedback_pb2.Tie(first_response_id=first.response_id,
+                                                     second_response_id=second.response_id))]
             if rng.random() < config.noise:
                 verdict = 1.0 - verdict
             chosen, rejected = (first, second) if verdict == 1.0 else (second, first)

@@ -21,8 +21,8 @@ Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 500
 
 
-def wilson_interval(successes: int, n: int) -> list[float]:
-    """The 95% Wilson score interval of a proportion."""
+def wilson_interval(successes: float, n: int) -> list[float]:
+    """The 95% Wilson score interval of a proportion (successes may count ties as halves)."""
     if n == 0:
         return [0.0, 1.0]
     p = successes / n
@@ -98,10 +98,10 @@ def exact_match(answers: list[str], references: list[list[str]]) -> tuple[float,
 
 
 def yes_or_no(answer: str) -> bool | None:
-    """An answer's first word read as yes (True) or no (False); None for anything else."""
-    first = re.match(r"\s*([A-Za-z]+)", answer)
-    word = first.group(1).lower() if first else ""
-    return True if word == "yes" else False if word == "no" else None
+    """Whichever of yes (True) and no (False) the answer says first ("Sure! Yes, there is ..." is a yes);
+    None when it says neither."""
+    word = next((w for w in re.findall(r"[a-z]+", answer.lower()) if w in ("yes", "no")), None)
+    return None if word is None else word == "yes"
 
 
 def pope(answers: list[str], labels: list[bool]) -> dict[str, float | list[float]]:

@@ -38,10 +38,12 @@ def check_response_id(field: str, value: str) -> None:
 
 
 def referenced_responses(feedback: feedback_pb2.Feedback) -> list[str]:
-    """The response_ids a feedback is about: a preference's two, a rating's or an edit's one."""
+    """The response_ids a feedback is about: a preference's or a tie's two, a rating's or an edit's one."""
     kind = feedback.WhichOneof("kind")
     if kind == "preference":
         return [feedback.preference.chosen_response_id, feedback.preference.rejected_response_id]
+    if kind == "tie":
+        return [feedback.tie.first_response_id, feedback.tie.second_response_id]
     if kind == "rating":
         return [feedback.rating.response_id]
     if kind == "edit":
@@ -50,7 +52,7 @@ def referenced_responses(feedback: feedback_pb2.Feedback) -> list[str]:
 
 
 def validate_feedback(feedback: feedback_pb2.Feedback, now_s: float | None = None) -> str:
-    """Checks every field; returns the kind ("preference", "rating" or "edit") or raises InvalidFeedback."""
+    """Checks every field; returns the kind ("preference", "tie", "rating" or "edit") or raises InvalidFeedback."""
     check_opaque_id("feedback_id", feedback.feedback_id)
     check_opaque_id("user_id", feedback.user_id)
 
@@ -75,6 +77,11 @@ def validate_feedback(feedback: feedback_pb2.Feedback, now_s: float | None = Non
         check_response_id("preference.rejected_response_id", preference.rejected_response_id)
         if preference.chosen_response_id.lower() == preference.rejected_response_id.lower():
             raise InvalidFeedback("preference.rejected_response_id: must differ from chosen_response_id")
+    elif kind == "tie":
+        check_response_id("tie.first_response_id", feedback.tie.first_response_id)
+        check_response_id("tie.second_response_id", feedback.tie.second_response_id)
+        if feedback.tie.first_response_id.lower() == feedback.tie.second_response_id.lower():
+            raise InvalidFeedback("tie.second_response_id: must differ from first_response_id")
     elif kind == "rating":
         check_response_id("rating.response_id", feedback.rating.response_id)
         if not 1 <= feedback.rating.score <= 5:
@@ -87,5 +94,5 @@ def validate_feedback(feedback: feedback_pb2.Feedback, now_s: float | None = Non
         if len(text.encode()) > MAX_EDIT_BYTES:
             raise InvalidFeedback(f"edit.edited_text: at most {MAX_EDIT_BYTES} UTF-8 bytes")
     else:
-        raise InvalidFeedback("kind: one of preference, rating or edit is required")
+        raise InvalidFeedback("kind: one of preference, tie, rating or edit is required")
     return kind

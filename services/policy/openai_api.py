@@ -5,7 +5,7 @@
                                 stop, user, stream (server-sent events, ending with [DONE];
                                 stream_options.include_usage); usage with token counts
     GET  /v1/models             the served model, with its stable and canary versions
-    POST /v1/feedback           a Feedback (preference, rating or edit) as JSON, forwarded to the
+    POST /v1/feedback           a Feedback (preference, tie, rating or edit) as JSON, forwarded to the
                                 FeedbackService (--feedback-address): its validation, idempotency by
                                 feedback_id and durable acknowledgement, its status codes as HTTP
     GET  /healthz, /readyz      liveness, and readiness (a version is loaded and serving)

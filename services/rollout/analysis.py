@@ -64,6 +64,8 @@ class Evidence:
     canary_wins: int = 0
     """Head-to-head preferences (one canary response against one stable response) the canary won."""
     stable_wins: int = 0
+    ties: int = 0
+    """Head-to-head comparisons users called a tie: reported, but not in the test, which is over decided ones."""
 
     def moments(self, metric: str, version: str) -> Moments:
         table = self.ratings if metric == "rating" else self.rewards
@@ -125,6 +127,7 @@ def verdict_for(
         verdict.canary_value = evidence.canary_wins / trials if trials else 0.0
         verdict.stable_value = evidence.stable_wins / trials if trials else 0.0
         statistic, p_value = float(evidence.canary_wins), binomial_lower_tail(evidence.canary_wins, trials)
+        verdict.ties = evidence.ties
     else:
         canary_moments, stable_moments = evidence.moments(metric, canary), evidence.moments(metric, stable)
         verdict.canary_value, verdict.stable_value = canary_moments.mean, stable_moments.mean

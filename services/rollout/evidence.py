@@ -50,8 +50,8 @@ VOTES_CAPPED = Gauge("modalign_rollout_evidence_capped",
 
 @dataclass(frozen=True)
 class _Vote:
-    """One user's feedback that compares the canary with stable: a rating of one version's response, or
-    a head-to-head preference (version: the winner's)."""
+    """One user's feedback that compares the canary with stable: a rating of one version's response, a
+    head-to-head preference (version: the winner's), or a head-to-head tie (metric "tie", no version)."""
 
     user_id: str
     metric: str
@@ -178,6 +178,8 @@ class EvidenceCollector:
         for vote in votes:
             if vote.metric == "rating":
                 evidence.moments("rating", vote.version).add(vote.score)
+            elif vote.metric == "tie":
+                evidence.ties += 1
             elif vote.version == self.canary:
                 evidence.canary_wins += 1
             else:
@@ -251,6 +253,14 @@ class EvidenceCollector:
                 return False
             if chosen != rejected:  # a comparison within one version says nothing about canary vs stable
                 self._add_vote(_Vote(feedback.user_id, "preference", chosen))
+            return True
+        if kind == "tie":
+            first = self._served_by.get(feedback.tie.first_response_id)
+            second = self._served_by.get(feedback.tie.second_response_id)
+            if first is None or second is None:
+                return False
+            if first != second:
+                self._add_vote(_Vote(feedback.user_id, "tie", ""))
             return True
         return True  # edits say a response needed fixing, not how two versions compare: not used here
 

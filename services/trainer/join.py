@@ -161,6 +161,8 @@ class FeedbackJoiner:
                 return [], [DeadLetter(received, position, "mismatched: the two responses answer different prompts")]
             return [PreferencePair(feedback.feedback_id, kind, chosen, response_of(chosen), response_of(rejected),
                                    received=received, position=position)], []
+        if kind == "tie":  # neither response is better: no pair, as two equal ratings make none
+            return [], []
         if kind == "edit":
             original = self.generations[feedback.edit.response_id]
             if feedback.edit.edited_text.strip() == original.response_text.strip():

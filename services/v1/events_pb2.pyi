@@ -161,7 +161,7 @@ class RolloutState(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_weight_percent: _Optional[int] = ..., step_index: _Optional[int] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., reason: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned_version: _Optional[str] = ..., rollout_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_versions_offset: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[AnalysisVerdict, _Mapping]]] = ..., changed_by: _Optional[str] = ...) -> None: ...
 
 class AnalysisVerdict(_message.Message):
-    __slots__ = ("metric", "outcome", "canary_samples", "stable_samples", "canary_value", "stable_value", "statistic", "p_value", "threshold")
+    __slots__ = ("metric", "outcome", "canary_samples", "stable_samples", "canary_value", "stable_value", "statistic", "p_value", "threshold", "ties")
     METRIC_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     CANARY_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class AnalysisVerdict(_message.Message):
     STATISTIC_FIELD_NUMBER: _ClassVar[int]
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TIES_FIELD_NUMBER: _ClassVar[int]
     metric: str
     outcome: str
     canary_samples: int
@@ -180,4 +181,5 @@ class AnalysisVerdict(_message.Message):
     statistic: float
     p_value: float
     threshold: float
-    def __init__(self, metric: _Optional[str] = ..., outcome: _Optional[str] = ..., canary_samples: _Optional[int] = ..., stable_samples: _Optional[int] = ..., canary_value: _Optional[float] = ..., stable_value: _Optional[float] = ..., statistic: _Optional[float] = ..., p_value: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+    ties: int
+    def __init__(self, metric: _Optional[str] = ..., outcome: _Optional[str] = ..., canary_samples: _Optional[int] = ..., stable_samples: _Optional[int] = ..., canary_value: _Optional[float] = ..., stable_value: _Optional[float] = ..., statistic: _Optional[float] = ..., p_value: _Optional[float] = ..., threshold: _Optional[float] = ..., ties: _Optional[int] = ...) -> None: ...

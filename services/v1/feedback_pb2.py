@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amodalign/v1/feedback.proto\x12\x0bmodalign.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12/\n\x0b\x63lient_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12-\n\npreference\x18\n \x01(\x0b\x32\x17.modalign.v1.PreferenceH\x00\x12%\n\x06rating\x18\x0b \x01(\x0b\x32\x13.modalign.v1.RatingH\x00\x12!\n\x04\x65\x64it\x18\x0c \x01(\x0b\x32\x11.modalign.v1.EditH\x00\x42\x06\n\x04kind\"F\n\nPreference\x12\x1a\n\x12\x63hosen_response_id\x18\x01 \x01(\t\x12\x1c\n\x14rejected_response_id\x18\x02 \x01(\t\",\n\x06Rating\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\r\"0\n\x04\x45\x64it\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64ited_text\x18\x02 \x01(\t\"8\n\x0eSubmitResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"<\n\x14SubmitStreamResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r2\x9b\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12<\n\x06Submit\x12\x15.modalign.v1.Feedback\x1a\x1b.modalign.v1.SubmitResponse\x12J\n\x0cSubmitStream\x12\x15.modalign.v1.Feedback\x1a!.modalign.v1.SubmitStreamResponse(\x01\x42+P\x01Z\'modalign.dev/api/modalign/v1;modalignv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amodalign/v1/feedback.proto\x12\x0bmodalign.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12/\n\x0b\x63lient_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12-\n\npreference\x18\n \x01(\x0b\x32\x17.modalign.v1.PreferenceH\x00\x12%\n\x06rating\x18\x0b \x01(\x0b\x32\x13.modalign.v1.RatingH\x00\x12!\n\x04\x65\x64it\x18\x0c \x01(\x0b\x32\x11.modalign.v1.EditH\x00\x12\x1f\n\x03tie\x18\r \x01(\x0b\x32\x10.modalign.v1.TieH\x00\x42\x06\n\x04kind\"F\n\nPreference\x12\x1a\n\x12\x63hosen_response_id\x18\x01 \x01(\t\x12\x1c\n\x14rejected_response_id\x18\x02 \x01(\t\"<\n\x03Tie\x12\x19\n\x11\x66irst_response_id\x18\x01 \x01(\t\x12\x1a\n\x12second_response_id\x18\x02 \x01(\t\",\n\x06Rating\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\r\"0\n\x04\x45\x64it\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64ited_text\x18\x02 \x01(\t\"8\n\x0eSubmitResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"<\n\x14SubmitStreamResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r2\x9b\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12<\n\x06Submit\x12\x15.modalign.v1.Feedback\x1a\x1b.modalign.v1.SubmitResponse\x12J\n\x0cSubmitStream\x12\x15.modalign.v1.Feedback\x1a!.modalign.v1.SubmitStreamResponse(\x01\x42+P\x01Z\'modalign.dev/api/modalign/v1;modalignv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\'modalign.dev/api/modalign/v1;modalignv1'
   _globals['_FEEDBACK']._serialized_start=77
-  _globals['_FEEDBACK']._serialized_end=319
-  _globals['_PREFERENCE']._serialized_start=321
-  _globals['_PREFERENCE']._serialized_end=391
-  _globals['_RATING']._serialized_start=393
-  _globals['_RATING']._serialized_end=437
-  _globals['_EDIT']._serialized_start=439
-  _globals['_EDIT']._serialized_end=487
-  _globals['_SUBMITRESPONSE']._serialized_start=489
-  _globals['_SUBMITRESPONSE']._serialized_end=545
-  _globals['_SUBMITSTREAMRESPONSE']._serialized_start=547
-  _globals['_SUBMITSTREAMRESPONSE']._serialized_end=607
-  _globals['_FEEDBACKSERVICE']._serialized_start=610
-  _globals['_FEEDBACKSERVICE']._serialized_end=765
+  _globals['_FEEDBACK']._serialized_end=352
+  _globals['_PREFERENCE']._serialized_start=354
+  _globals['_PREFERENCE']._serialized_end=424
+  _globals['_TIE']._serialized_start=426
+  _globals['_TIE']._serialized_end=486
+  _globals['_RATING']._serialized_start=488
+  _globals['_RATING']._serialized_end=532
+  _globals['_EDIT']._serialized_start=534
+  _globals['_EDIT']._serialized_end=582
+  _globals['_SUBMITRESPONSE']._serialized_start=584
+  _globals['_SUBMITRESPONSE']._serialized_end=640
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_start=642
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_end=702
+  _globals['_FEEDBACKSERVICE']._serialized_start=705
+  _globals['_FEEDBACKSERVICE']._serialized_end=860
 # @@protoc_insertion_point(module_scope)

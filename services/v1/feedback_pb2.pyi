@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Feedback(_message.Message):
-    __slots__ = ("feedback_id", "user_id", "client_time", "reason", "preference", "rating", "edit")
+    __slots__ = ("feedback_id", "user_id", "client_time", "reason", "preference", "rating", "edit", "tie")
     FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class Feedback(_message.Message):
     PREFERENCE_FIELD_NUMBER: _ClassVar[int]
     RATING_FIELD_NUMBER: _ClassVar[int]
     EDIT_FIELD_NUMBER: _ClassVar[int]
+    TIE_FIELD_NUMBER: _ClassVar[int]
     feedback_id: str
     user_id: str
     client_time: _timestamp_pb2.Timestamp
@@ -24,7 +25,8 @@ class Feedback(_message.Message):
     preference: Preference
     rating: Rating
     edit: Edit
-    def __init__(self, feedback_id: _Optional[str] = ..., user_id: _Optional[str] = ..., client_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., preference: _Optional[_Union[Preference, _Mapping]] = ..., rating: _Optional[_Union[Rating, _Mapping]] = ..., edit: _Optional[_Union[Edit, _Mapping]] = ...) -> None: ...
+    tie: Tie
+    def __init__(self, feedback_id: _Optional[str] = ..., user_id: _Optional[str] = ..., client_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., preference: _Optional[_Union[Preference, _Mapping]] = ..., rating: _Optional[_Union[Rating, _Mapping]] = ..., edit: _Optional[_Union[Edit, _Mapping]] = ..., tie: _Optional[_Union[Tie, _Mapping]] = ...) -> None: ...
 
 class Preference(_message.Message):
     __slots__ = ("chosen_response_id", "rejected_response_id")
@@ -33,6 +35,14 @@ class Preference(_message.Message):
     chosen_response_id: str
     rejected_response_id: str
     def __init__(self, chosen_response_id: _Optional[str] = ..., rejected_response_id: _Optional[str] = ...) -> None: ...
+
+class Tie(_message.Message):
+    __slots__ = ("first_response_id", "second_response_id")
+    FIRST_RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    SECOND_RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    first_response_id: str
+    second_response_id: str
+    def __init__(self, first_response_id: _Optional[str] = ..., second_response_id: _Optional[str] = ...) -> None: ...
 
 class Rating(_message.Message):
     __slots__ = ("response_id", "score")

@@ -29,6 +29,8 @@ from modalign.trainer.learner import Learner, LearnerConfig
 from modalign.trainer.service import Trainer, TrainerConfig
 from modalign.v1 import common_pb2, events_pb2
 
+from tests.feedback.cases import store_directly, valid_feedback
+
 pytestmark = pytest.mark.integration
 
 QUESTION = "What colour is the shape?"
@@ -374,10 +376,12 @@ def test_export_is_a_trl_preference_dataset_that_dpo_trains_on(
     from modalign.policy.model import build_default_policy
 
     blobs = import_one_of_each(own_kafka_config, tmp_path)
+    store_directly(own_kafka_config, valid_feedback("tie"))  # a tie makes no pair: left out, and said so
     out = tmp_path / "export" / "pairs.parquet"
     capsys.readouterr()
     assert run_data(own_kafka_config, blobs, "export", str(out)) == 0
-    assert "wrote 5 preference pairs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote 5 preference pairs" in printed and "left out 1: tie" in printed
 
     dataset = datasets.load_dataset("parquet", data_files=str(out), split="train")
     assert set(dataset.column_names) == {"prompt", "chosen", "rejected", "images", "source", "margin",

@@ -35,7 +35,8 @@ def test_rouge_l_takes_the_best_reference_of_each_answer() -> None:
 
 
 def test_pope_reads_yes_and_no_and_counts_an_evasive_answer_as_wrong() -> None:
-    assert [yes_or_no(a) for a in ("Yes.", " no, there is not", "Maybe", "yesterday", "")] == [True, False, None, None, None]
+    answers = ("Yes.", " no, there is not", "Sure! Yes, there is one.", "Maybe", "yesterday", "nothing", "")
+    assert [yes_or_no(a) for a in answers] == [True, False, True, None, None, None, None]
     figures = pope(["Yes.", "Yes.", "No.", "No.", "I see a circle."], [True, False, True, False, True])
     assert figures["accuracy"] == pytest.approx(2 / 5)
     assert figures["precision"] == pytest.approx(1 / 2) and figures["recall"] == pytest.approx(1 / 3)

@@ -18,6 +18,9 @@ def valid_feedback(kind: str, feedback_id: str | None = None, response_id: str |
     if kind == "preference":
         feedback.preference.chosen_response_id = response_id
         feedback.preference.rejected_response_id = str(uuid.uuid4())
+    elif kind == "tie":
+        feedback.tie.first_response_id = response_id
+        feedback.tie.second_response_id = str(uuid.uuid4())
     elif kind == "rating":
         feedback.rating.response_id = response_id
         feedback.rating.score = 4
@@ -60,6 +63,11 @@ def _same_pair(feedback: feedback_pb2.Feedback) -> None:
     feedback.preference.rejected_response_id = feedback.preference.chosen_response_id
 
 
+def _same_tie(feedback: feedback_pb2.Feedback) -> None:
+    feedback.CopyFrom(valid_feedback("tie", feedback.feedback_id))
+    feedback.tie.second_response_id = feedback.tie.first_response_id.upper()
+
+
 def _no_kind(feedback: feedback_pb2.Feedback) -> None:
     feedback.ClearField("rating")
 
@@ -83,6 +91,9 @@ BAD_FEEDBACK: list[tuple[Callable[[feedback_pb2.Feedback], None], str]] = [
     (_as_kind("preference", "preference.chosen_response_id", "123"), "preference.chosen_response_id"),
     (_as_kind("preference", "preference.rejected_response_id", ""), "preference.rejected_response_id"),
     (_same_pair, "preference.rejected_response_id"),
+    (_as_kind("tie", "tie.first_response_id", ""), "tie.first_response_id"),
+    (_as_kind("tie", "tie.second_response_id", "not-a-uuid"), "tie.second_response_id"),
+    (_same_tie, "tie.second_response_id"),
     (_as_kind("edit", "edit.response_id", "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"), "edit.response_id"),
     (_as_kind("edit", "edit.edited_text", ""), "edit.edited_text"),
     (_as_kind("edit", "edit.edited_text", " \n\t "), "edit.edited_text"),

@@ -8,7 +8,7 @@ from modalign.v1 import feedback_pb2
 from tests.feedback.cases import BAD_FEEDBACK, valid_feedback
 
 
-@pytest.mark.parametrize("kind", ["preference", "rating", "edit"])
+@pytest.mark.parametrize("kind", ["preference", "tie", "rating", "edit"])
 def test_valid_feedback_of_each_kind_passes(kind: str) -> None:
     assert validate_feedback(valid_feedback(kind)) == kind
 

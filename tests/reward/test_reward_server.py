@@ -209,6 +209,10 @@ def test_the_rollout_controller_scores_each_versions_served_responses_here(
         feedback_id="preference", preference=feedback_pb2.Preference(
             chosen_response_id="response-1", rejected_response_id="response-2")))
     feedback.append(("preference", preference))
+    for name, first, second in (("tie", "response-1", "response-2"), ("tie-within-canary", "response-0", "response-2")):
+        tie = events_pb2.FeedbackReceived(feedback=feedback_pb2.Feedback(
+            feedback_id=name, tie=feedback_pb2.Tie(first_response_id=first, second_response_id=second)))
+        feedback.append((name, tie))
     producer = make_producer(kafka_config)
     # Feedback first: the collector must hold it until the generations it refers to arrive.
     produce_durably(producer, kafka_config.topic("feedback"), feedback, 30)
@@ -230,6 +234,7 @@ def test_the_rollout_controller_scores_each_versions_served_responses_here(
     assert evidence.moments("rating", "canary").mean == pytest.approx(3.0)  # scores 2 and 4
     assert evidence.moments("rating", "stable").mean == pytest.approx(3.0)  # score 3
     assert (evidence.canary_wins, evidence.stable_wins) == (0, 1)
+    assert evidence.ties == 1  # a tie within one version says nothing about canary vs stable
     assert collector.reward_model_version == VERSION
 
 

@@ -55,6 +55,16 @@ def test_a_preference_across_different_prompts_is_dead_lettered() -> None:
     assert pairs == [] and dead.reason.startswith("mismatched")
 
 
+def test_a_tie_makes_no_pair_and_is_not_dead_lettered() -> None:
+    joiner = FeedbackJoiner()
+    a, b = generation(text="red"), generation(text="red")
+    joiner.add_generation(a)
+    joiner.add_generation(b)
+    tie = received(tie=feedback_pb2.Tie(first_response_id=a.response_id, second_response_id=b.response_id))
+    assert joiner.add_feedback(tie, (0, 2)) == ([], [])
+    assert joiner.waiting == []
+
+
 def test_an_edit_prefers_the_edited_text_over_the_original() -> None:
     joiner = FeedbackJoiner()
     original = generation(text="a blue square")
