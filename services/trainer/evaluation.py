@@ -107,7 +107,8 @@ def evaluate_candidate(
 ) -> dict[str, float]:
     """Held-out RM accuracy; the preference shift on the most recent shift_pairs held-out pairs; BLEU and
     ROUGE-L against the most recent eval_prompts held-out edits, and their gains; and
-    the candidate's samples against the published version's: reward, its gain, KL to the reference
+    the candidate's samples against the published version's: reward, its gain (paired by prompt, with its
+    standard error), KL to the reference
     (nats per response), length, its ratio, and how often EOS was reached."""
     metrics = (reward.heldout_accuracy(heldout) | heldout_preference_shift(models, batches, heldout[-shift_pairs:])
                | heldout_edit_overlap(models, sampler, heldout, eval_prompts))
@@ -116,8 +117,10 @@ def evaluate_candidate(
         return metrics
     candidate = sampler.sample(chosen, 1, seed=SAMPLING_SEED)
     published = sampler.sample(chosen, 1, seed=SAMPLING_SEED, model=models.published_policy)
-    candidate_reward = reward.score(chosen, candidate).mean().item()
-    published_reward = reward.score(chosen, published).mean().item()
+    candidate_rewards, published_rewards = reward.score(chosen, candidate), reward.score(chosen, published)
+    # Paired by prompt: its standard error is what tells a worse candidate from an unlucky draw of few prompts.
+    gains = candidate_rewards - published_rewards
+    gain_stderr = (gains.std() / math.sqrt(len(gains))).item() if len(gains) > 1 else 0.0
     batch = batches.of_samples(chosen, candidate)
     logprobs = batches.logprobs(models.policy, batch)
     ref_logprobs = batches.logprobs(models.reference, batch)
@@ -125,8 +128,9 @@ def evaluate_candidate(
     candidate_length = mean(len(s.token_ids) for s in candidate)
     published_length = mean(len(s.token_ids) for s in published)
     return metrics | {
-        "reward_mean": candidate_reward,
-        "reward_gain": candidate_reward - published_reward,
+        "reward_mean": candidate_rewards.mean().item(),
+        "reward_gain": gains.mean().item(),
+        "reward_gain_stderr": gain_stderr,
         "kl_to_reference": kl,
         "response_length_mean": candidate_length,
         "length_ratio": candidate_length / max(published_length, 1.0),

@@ -35,6 +35,10 @@ class GateConfig:
     """KL to the reference policy at most this many nats per response."""
     min_reward_gain: float = -0.05
     """Mean reward of the candidate's held-out samples minus the current version's, at least this."""
+    reward_gain_z: float = 1.64
+    """Refuse for reward only when the gain is below min_reward_gain by more than this many standard errors
+    (one-sided 95%): the gain is measured on a few prompts (--learner.eval-prompts), one sample each, and
+    refusing on its noise throws good candidates away; 0 holds the gain itself to min_reward_gain."""
     max_mean_length_ratio: float = 3.0
     """The candidate's mean response length at most this multiple of the current version's."""
     min_edit_bleu_gain: float = -math.inf
@@ -58,8 +62,10 @@ def gate_failures(evaluation: dict[str, float], gate: GateConfig) -> dict[str, s
         failures["heldout_accuracy"] = f"rm_heldout_accuracy {evaluation['rm_heldout_accuracy']:.3f} < {gate.min_heldout_accuracy}"
     if evaluation.get("kl_to_reference", 0.0) > gate.max_kl:
         failures["kl"] = f"kl_to_reference {evaluation['kl_to_reference']:.3f} > {gate.max_kl}"
-    if evaluation.get("reward_gain", 0.0) < gate.min_reward_gain:
-        failures["reward"] = f"reward_gain {evaluation['reward_gain']:.3f} < {gate.min_reward_gain}"
+    gain_upper = evaluation.get("reward_gain", 0.0) + gate.reward_gain_z * evaluation.get("reward_gain_stderr", 0.0)
+    if gain_upper < gate.min_reward_gain:
+        failures["reward"] = (f"reward_gain {evaluation['reward_gain']:.3f} +- {evaluation.get('reward_gain_stderr', 0.0):.3f}"
+                              f" < {gate.min_reward_gain}")
     if evaluation.get("length_ratio", 1.0) > gate.max_mean_length_ratio:
         failures["length"] = f"length_ratio {evaluation['length_ratio']:.2f} > {gate.max_mean_length_ratio}"
     for metric, floor in (("edit_bleu", gate.min_edit_bleu_gain), ("edit_rouge_l", gate.min_edit_rouge_l_gain)):

@@ -349,3 +349,12 @@ def test_the_gate_can_require_a_candidate_not_worse_than_the_serving_version_aga
     assert list(gate_failures(worse, GateConfig(min_edit_bleu_gain=0.0))) == ["edit_bleu"]
     assert list(gate_failures(worse, GateConfig(min_edit_rouge_l_gain=0.0))) == ["edit_rouge_l"]
     assert gate_failures(worse, GateConfig(min_edit_bleu_gain=-5.0, min_edit_rouge_l_gain=-0.05)) == {}
+
+
+def test_the_gate_refuses_for_reward_only_when_the_loss_stands_out_of_its_noise() -> None:
+    gate = GateConfig()  # min_reward_gain -0.05, reward_gain_z 1.64
+    assert "reward" in gate_failures({"reward_gain": -0.6, "reward_gain_stderr": 0.2}, gate)  # -0.27 upper bound
+    assert "reward" not in gate_failures({"reward_gain": -0.3, "reward_gain_stderr": 0.2}, gate)  # +0.03: noise
+    # Without its standard error, or with z = 0, the gain itself is held to the floor.
+    assert "reward" in gate_failures({"reward_gain": -0.3}, gate)
+    assert "reward" in gate_failures({"reward_gain": -0.3, "reward_gain_stderr": 0.2}, GateConfig(reward_gain_z=0.0))
