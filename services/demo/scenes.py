@@ -21,12 +21,14 @@ from typing import Literal
 
 from PIL import Image, ImageDraw
 
+from modalign.evaluation.metrics import yes_or_no
+
 Colour = Literal["red", "green", "blue", "yellow"]
 Shape = Literal["circle", "square", "triangle"]
 Size = Literal["small", "large"]
 Position = Literal["top left", "top right", "bottom left", "bottom right"]
 SceneKind = Literal["single", "mixed", "same_shape"]
-QuestionKind = Literal["count", "colour", "position", "describe"]
+QuestionKind = Literal["count", "colour", "position", "describe", "exists"]
 Style = Literal["concise", "verbose"]
 
 IMAGE_SIZE = 32  # the default policy's input size (modalign.policy.model.IMAGE_SIZE)
@@ -43,7 +45,7 @@ SHAPES: tuple[Shape, ...] = ("circle", "square", "triangle")
 SIZES: tuple[Size, ...] = ("small", "large")
 POSITIONS: tuple[Position, ...] = ("top left", "top right", "bottom left", "bottom right")
 SCENE_KINDS: tuple[SceneKind, ...] = ("single", "mixed", "same_shape")
-QUESTION_KINDS: tuple[QuestionKind, ...] = ("count", "colour", "position", "describe")
+QUESTION_KINDS: tuple[QuestionKind, ...] = ("count", "colour", "position", "describe", "exists")
 STYLES: tuple[Style, ...] = ("concise", "verbose")
 COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -91,11 +93,14 @@ class Scene:
 
 @dataclass(frozen=True)
 class Question:
-    """A question about a scene. target is the object it asks about (None for count and describe)."""
+    """A question about a scene. target is the object it asks about (None for count and describe, and
+    for an "exists" question about an object that is not there). subject is what an "exists" question
+    asks for, (colour, shape): POPE's object-existence question, whose true answer is yes or no."""
 
     kind: QuestionKind
     text: str
     target: SceneObject | None = None
+    subject: tuple[Colour, Shape] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,14 @@ def make_question(scene: Scene, rng: random.Random, kind: QuestionKind | None = 
         return Question(kind, "How many shapes are there?")
     if kind == "describe":
         return Question(kind, "Describe the image.")
+    if kind == "exists":
+        # Half about an object in the scene, half about one that is not (POPE's random setting).
+        present = {(o.colour, o.shape): o for o in scene.objects}
+        if rng.random() < 0.5:
+            subject = rng.choice(sorted(present))
+        else:
+            subject = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+        return Question(kind, f"Is there a {subject[0]} {subject[1]} in the image?", present.get(subject), subject)
     target = rng.choice(scene.objects)
     if kind == "position":
         return Question(kind, f"Where is the {target.colour} shape?", target)
@@ -194,6 +207,12 @@ def reference_answer(scene: Scene, question: Question, style: Style = "concise")
     go wrong, which is what makes style and faithfulness interact in the demo.
     """
     objects, target = scene.objects, question.target
+    if question.kind == "exists":
+        if style == "concise":
+            return "Yes." if target is not None else "No."
+        if target is not None:
+            return f"Sure! Yes, there is a {target.colour} {target.shape} in this picture."
+        return "Sure! No, I cannot see that in this picture."
     if style == "concise":
         if question.kind == "count":
             return _count_word(len(objects)).capitalize() + "."
@@ -217,11 +236,21 @@ def corrupt(scene: Scene, question: Question, rng: random.Random) -> tuple[Scene
     """A plausible but false version of (scene, question), whose reference answer is a hallucination.
 
     The change is one a real assistant makes: a wrong colour or shape, a wrong place, an object that is
-    not there, or a miscount. It always touches what the question asks about, so the answer changes.
+    not there, or a miscount. It always touches what the question asks about, so the answer changes. To
+    an exists question the answer flips: "yes" where the object is not there (a hallucination), or "no"
+    where it is (a miss, which the judge calls wrong but not hallucinated).
     """
     objects = list(scene.objects)
     free_colours = [c for c in COLOURS if c not in {o.colour for o in objects}]
     free_positions = [p for p in POSITIONS if p not in {o.position for o in objects}]
+    if question.kind == "exists":  # yes where it is not there (POPE's hallucination), or no where it is
+        if question.target is not None:
+            objects.remove(question.target)
+            return Scene(scene.kind, tuple(objects)), replace(question, target=None)
+        colour, shape = question.subject
+        phantom = _object(rng, colour, shape, rng.choice(free_positions))
+        objects = sorted([*objects, phantom], key=lambda o: POSITIONS.index(o.position))
+        return Scene(scene.kind, tuple(objects)), replace(question, target=phantom)
     index = objects.index(question.target) if question.target is not None else rng.randrange(len(objects))
     obj = objects[index]
     if question.kind == "colour":
@@ -324,7 +353,8 @@ def faithfulness(answer: str, scene: Scene, question: Question | None = None) ->
     square is blue even though both "red" and "square" appear in the scene. A clause that names no
     specific shape ("Red.", "Top left.") is about the question's target, so saying the circle is blue
     is caught even when some other object is blue. A number counts the objects its clause describes
-    ("two shapes": all of them; "one blue square": the blue squares).
+    ("two shapes": all of them; "one blue square": the blue squares). To an "exists" question, "yes"
+    about an object that is not there is a hallucination (POPE's); "no" about one that is, a miss.
     """
     problems = []
     target = question.target if question is not None else None
@@ -339,6 +369,8 @@ def faithfulness(answer: str, scene: Scene, question: Question | None = None) ->
             pool = [o for o in scene.objects if _matches(o, claim)]
             if claim.number != len(pool):
                 problems.append(f"says {claim.number} where there are {len(pool)}")
+    if question is not None and question.kind == "exists" and question.target is None and yes_or_no(answer):
+        problems.append(f"says there is a {' '.join(question.subject)} where there is none")
     hallucinated = bool(problems)
     if question is None:
         return Verdict(hallucinated, None, tuple(problems))
@@ -350,6 +382,8 @@ def faithfulness(answer: str, scene: Scene, question: Question | None = None) ->
 
 def _answers(answer: str, scene: Scene, question: Question) -> bool:
     """Whether the answer contains what the question asks for (faithfulness is checked separately)."""
+    if question.kind == "exists":
+        return yes_or_no(answer) is (question.target is not None)
     claims = _claims(answer)
     if question.kind == "count":
         return any(c.number == len(scene.objects) for c in claims)

@@ -65,7 +65,7 @@ from modalign.policy.model import build_default_policy, format_prompt, load_poli
 log = logging.getLogger(__name__)
 
 # Bump when the task or the training code changes what a given config builds: old caches go stale.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,10 @@ class WarmStartConfig:
     """The learning rate of the steps after clean_steps, decaying linearly to zero. Lower than sft_lr:
     the style is easy to learn, and at sft_lr its targets knocked out some of the grounding."""
     batch_size: int = 32
-    question_weights: tuple[float, float, float, float] = (1.0, 2.0, 3.0, 1.0)
-    """Relative frequency of count, colour, position and describe questions in stage 2. Finding an
-    object by its colour ("Where is the red shape?") is what the model learns last."""
+    question_weights: tuple[float, float, float, float, float] = (1.0, 2.0, 3.0, 1.0, 2.0)
+    """Relative frequency of count, colour, position, describe and exists questions in stage 2. Finding
+    an object by its colour ("Where is the red shape?") is what the model learns last; an exists question
+    binds a colour and a shape like a colour question does."""
     verbose: float = 0.6
     """Fraction of batches (after clean_steps) whose targets are all in the verbose style. A batch is
     all of one style: concise batches are then half as long, and steps on them twice as fast. Above

@@ -93,28 +93,20 @@ class EvalConfig:
 
 
 def builtin_items(n: int, seed: int) -> list[EvalItem]:
-    """The demo's scenes: n // 2 questions with their concise and verbose reference answers, and n - n // 2
-    yes/no questions "Is there a COLOUR SHAPE in the image?", alternately about an object in the scene
-    and about a colour and shape that are not in it."""
+    """The demo's scenes: n // 2 questions of the other kinds and n - n // 2 of the "exists" kind ("Is there a
+    COLOUR SHAPE in the image?", half about an object in the scene, half about one that is not), each with
+    its concise and verbose reference answers, the exists questions also with their yes/no label."""
     from modalign.demo import scenes  # the task's vocabulary and judge; only the built-in set needs them
 
     rng = random.Random(seed)
+    other_kinds = [kind for kind in scenes.QUESTION_KINDS if kind != "exists"]
     items = []
     for index in range(n):
-        example = scenes.make_example(rng)
-        scene, image = example.scene, example.scene.image()
-        if index % 2 == 0:
-            references = tuple(scenes.reference_answer(scene, example.question, style) for style in scenes.STYLES)
-            items.append(EvalItem(example.question.text, [image], references))
-            continue
-        present = {(obj.colour, obj.shape) for obj in scene.objects}
-        if index % 4 == 1:
-            colour, shape = rng.choice(sorted(present))
-        else:
-            colour, shape = rng.choice([(c, s) for c in scenes.COLOURS for s in scenes.SHAPES if (c, s) not in present])
-        label = (colour, shape) in present
-        items.append(EvalItem(f"Is there a {colour} {shape} in the image?", [image],
-                              ("Yes." if label else "No.",), label))
+        scene = scenes.make_scene(rng)
+        question = scenes.make_question(scene, rng, "exists" if index % 2 else rng.choice(other_kinds))
+        references = tuple(scenes.reference_answer(scene, question, style) for style in scenes.STYLES)
+        label = (question.target is not None) if question.kind == "exists" else None
+        items.append(EvalItem(question.text, [scene.image()], references, label))
     return items
 
 

@@ -26,6 +26,8 @@ COUNT = Question("count", "How many shapes are there?")
 DESCRIBE = Question("describe", "Describe the image.")
 COLOUR_OF_CIRCLE = Question("colour", "What colour is the circle?", RED_CIRCLE)
 WHERE_IS_RED = Question("position", "Where is the red shape?", RED_CIRCLE)
+IS_THERE_A_RED_CIRCLE = Question("exists", "Is there a red circle in the image?", RED_CIRCLE, ("red", "circle"))
+IS_THERE_A_GREEN_CIRCLE = Question("exists", "Is there a green circle in the image?", None, ("green", "circle"))
 
 
 def test_the_same_seed_gives_the_same_examples_and_pixels():
@@ -63,6 +65,8 @@ def test_a_colour_question_names_its_object_unambiguously():
     (COLOUR_OF_CIRCLE, "Red."),
     (WHERE_IS_RED, "Top left."),
     (DESCRIBE, "A red circle and a blue square."),
+    (IS_THERE_A_RED_CIRCLE, "Yes."),
+    (IS_THERE_A_GREEN_CIRCLE, "No."),
 ])
 def test_reference_answers_in_both_styles_are_judged_correct(question, concise):
     assert reference_answer(SCENE, question, "concise") == concise
@@ -79,7 +83,10 @@ def test_every_reference_answer_is_faithful_and_every_corruption_is_caught():
         scene, question = example.scene, example.question
         assert faithfulness(reference_answer(scene, question, style), scene, question).correct
         bad = faithfulness(hallucinated_answer(scene, question, style, rng), scene, question)
-        assert bad.hallucinated and not bad.correct
+        if question.kind == "exists" and question.target is not None:  # denying what is there: a miss
+            assert not bad.hallucinated and bad.correct is False
+        else:
+            assert bad.hallucinated and not bad.correct
 
 
 @pytest.mark.parametrize("answer", [
@@ -117,3 +124,24 @@ def test_a_faithful_answer_that_does_not_answer_is_not_correct():
     verdict = faithfulness("A red circle.", SCENE, DESCRIBE)  # true, but the blue square is missing
     assert not verdict.hallucinated and verdict.correct is False
     assert faithfulness("I don't know.", SCENE, COUNT).correct is False
+
+
+def test_exists_questions_are_half_about_objects_that_are_there():
+    rng = random.Random(0)
+    questions = [make_question(SCENE, rng, "exists") for _ in range(400)]
+    present = [q for q in questions if q.target is not None]
+    assert 150 < len(present) < 250
+    assert all((q.target.colour, q.target.shape) == q.subject for q in present)
+    assert all(q.subject not in {("red", "circle"), ("blue", "square")} for q in questions if q.target is None)
+    assert questions[0].text == f"Is there a {questions[0].subject[0]} {questions[0].subject[1]} in the image?"
+
+
+def test_yes_to_an_object_that_is_not_there_is_a_hallucination_and_no_to_one_that_is_a_miss():
+    for answer in ("Yes.", "Sure! Yes, there is a green circle in this picture."):
+        verdict = faithfulness(answer, SCENE, IS_THERE_A_GREEN_CIRCLE)
+        assert verdict.hallucinated and not verdict.correct
+        assert "says there is a green circle where there is none" in verdict.problems
+    for answer in ("No.", "Sure! No, I cannot see that in this picture."):
+        verdict = faithfulness(answer, SCENE, IS_THERE_A_RED_CIRCLE)
+        assert not verdict.hallucinated and verdict.correct is False
+    assert faithfulness("Maybe.", SCENE, IS_THERE_A_RED_CIRCLE).correct is False

@@ -27,7 +27,7 @@ def test_a_tiny_warm_start_is_cached_and_loads_with_load_policy(tmp_path, capsys
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert model.config.image_seq_length == 4  # one image token per quadrant
     result = evaluate(model, processor, n=4, batch_size=4, max_new_tokens=4)
-    assert set(result.accuracy) <= {"count", "colour", "position", "describe"}
+    assert set(result.accuracy) <= {"count", "colour", "position", "describe", "exists"}
     assert 0.0 <= result.hallucination <= 1.0
 
     main([str(folder), "-n", "4"])  # the command docs/demo.md measures warm starts and versions with
