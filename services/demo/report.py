@@ -14,7 +14,10 @@ sampling seeds at temperature 1, so versions differ only by their weights:
   Set beside the win rate, it says whether what the loop optimised is what users want;
 - kl: KL(version || v0) per answer in nats, estimated on the same samples as the mean of
   log pi_version(answer) - log pi_v0(answer) (each answer's tokens scored by v0 under the sampler's
-  own masking, at temperature 1); 0 for v0 itself.
+  own masking, at temperature 1); 0 for v0 itself;
+- bleu, rouge_l: the answers against the scenes' concise and verbose reference answers;
+- pope: POPE's figures (accuracy, precision, recall, F1, yes-ratio) over the held-out "exists" questions
+  (is there a COLOUR SHAPE?), whose true answer is yes or no.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from modalign.demo.scenes import STYLES, Example, examples, faithfulness, reference_answer
 from modalign.demo.users import preference
-from modalign.evaluation.metrics import bleu, mean_interval, rouge_l, wilson_interval
+from modalign.evaluation.metrics import bleu, mean_interval, pope, rouge_l, wilson_interval
 from modalign.evaluation.run import answers_of, reward_scores
 from modalign.policy.engine import PolicyEngine, Sample, mask_unsampleable
 from modalign.policy.model import format_prompt, load_policy
@@ -51,6 +54,8 @@ class VersionResult:
     """Corpus BLEU (0-100) of the answers against the scenes' concise and verbose reference answers."""
     rouge_l: float = 0.0
     """Mean ROUGE-L F-measure (0-1) against the same references."""
+    pope: dict | None = None
+    """POPE's figures over the held-out yes/no questions; None when there were none."""
     reward_model_accuracy: float | None = None
     reward_model_pairs: int = 0
     """Scenes whose two answers (this version's, v0's) the users do not rate as a tie."""
@@ -109,6 +114,7 @@ def evaluate_versions(
         hallucinated = sum(v.hallucinated for v in verdicts)
         win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(mine, baseline, held_out)])
         mean_reward = score(reward, held_out, mine).mean().item() if reward is not None else float("nan")
+        yes_no = [(a, e.question.target is not None) for a, e in zip(mine, held_out) if e.question.kind == "exists"]
         accuracy, pairs = (None, 0)
         if reward_folder is not None:
             accuracy, pairs = reward_model_accuracy(load_reward_model(reward_folder).to(device), held_out, mine, baseline)
@@ -118,6 +124,7 @@ def evaluate_versions(
             kl=0.0 if name == reference else kl_to(engines[reference], samples[name], held_out), samples=len(mine),
             reward_model_accuracy=accuracy, reward_model_pairs=pairs,
             bleu=bleu(mine, references)[0], rouge_l=rouge_l(mine, references)[0],
+            pope=pope(*map(list, zip(*yes_no))) if yes_no else None,
             examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
                       for e, a, v in list(zip(held_out, mine, verdicts))[:3]],
         ))
@@ -145,6 +152,13 @@ def _accuracy(result: VersionResult) -> str:
     if result.reward_model_accuracy is None:
         return "-"
     return f"{result.reward_model_accuracy:.1%} ({result.reward_model_pairs})"
+
+
+def _pope(result: VersionResult) -> str:
+    if result.pope is None:
+        return "-"
+    figures = result.pope
+    return f"{figures['accuracy']:.1%}, {figures['yes_ratio']:.0%} ({figures['questions']})"
 
 
 def head_to_head(verdicts) -> dict | None:
@@ -198,15 +212,15 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f" {summary['feedback']} feedback messages.", "",
         "![per version](versions.png)", "",
         "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward"
-        " | reward model accuracy (pairs) | KL to v0 (nats per answer) | BLEU | ROUGE-L |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " | reward model accuracy (pairs) | KL to v0 (nats per answer) | BLEU | ROUGE-L | POPE accuracy, yes-ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r.version} | {'yes' if r.promoted else 'no'} | {r.hallucination_rate:.1%}"
             f" ({r.hallucination_ci[0]:.1%}-{r.hallucination_ci[1]:.1%}) | {r.win_rate_vs_v0:.1%}"
             f" ({r.win_rate_ci[0]:.1%}-{r.win_rate_ci[1]:.1%}) | {r.mean_reward:.3f}"
-            f" | {_accuracy(r)} | {r.kl:.3f} | {r.bleu:.1f} | {r.rouge_l:.3f} |")
+            f" | {_accuracy(r)} | {r.kl:.3f} | {r.bleu:.1f} | {r.rouge_l:.3f} | {_pope(r)} |")
     lines += [
         "", "## How these were measured", "",
         f"Each version answered the same {results[0].samples} held-out scenes (never shown to the simulated users),"
@@ -218,7 +232,9 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         " The reward model accuracy is that of the reward model published with the version: on the scenes where"
         " the users' hidden preference between the version's answer and v0's is not a tie, how often the reward"
         " model prefers the same answer (a reward model that tracks the users keeps it high while the win rate"
-        " rises; one being gamed does not).",
+        " rises; one being gamed does not). POPE is over the held-out questions that ask whether an object is"
+        " there (half of them about one that is not): accuracy, and how often the version said yes; a version"
+        " that hallucinates objects says yes too often.",
         "", "## Canary decisions", "",
     ]
     for entry in timeline:

@@ -52,6 +52,8 @@ def test_demo_runs_the_loop_and_writes_its_report(kafka_broker: BrokerConfig, tm
         low, high = version["win_rate_ci"]
         assert 0 <= low <= version["win_rate_vs_v0"] <= high <= 1
         assert 0 <= version["hallucination_rate"] <= 1 and version["samples"] == 16
+        # Two of the 16 held-out questions ask whether an object is there: POPE's figures are over them.
+        assert version["pope"]["questions"] == 2 and 0 <= version["pope"]["accuracy"] <= 1, version["pope"]
     assert report["versions"][0]["win_rate_vs_v0"] == 0.5  # v0 against itself: every scene a tie
     # Both front doors and conversations carried traffic, and nothing failed.
     assert report["conversations"] > 0 and 0 < report["http_requests"] < report["requests"], report
