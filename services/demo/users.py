@@ -76,7 +76,8 @@ class UsersConfig:
     preference_share: float = 0.6
     """Of the feedback: comparisons of the two candidates; the rest split between ratings and edits."""
     edit_share: float = 0.15
-    """Of the feedback: corrections of a hallucinated answer (the user writes the concise reference)."""
+    """Of the feedback: corrections of a wrong answer, hallucinated or incomplete (the user writes the concise
+    reference)."""
     noise: float = 0.1
     """Chance that a user's comparison is flipped or a rating off by one."""
     session_turns: int = 5
@@ -340,8 +341,8 @@ class SimulatedUsers:
 
     def _feedback(self, reply: Reply, example: Example, rng: random.Random,
                   user_id: str) -> list[feedback_pb2.Feedback]:
-        """An edit of a hallucinated answer, a comparison of the two (a preference, or a tie when neither is
-        better), or a rating of each."""
+        """An edit of a wrong answer (hallucinated, or missing what was asked), a comparison of the two (a
+        preference, or a tie when neither is better), or a rating of each."""
         config = self.config
         first, second = reply.candidates[0], reply.candidates[1]
 
@@ -351,10 +352,11 @@ class SimulatedUsers:
             return feedback
 
         draw = rng.random()
-        hallucinated = [c for c in (first, second) if faithfulness_rank(c.text, example) == 0]
-        if draw < config.edit_share and hallucinated:
+        # The worse of the two, if it is wrong: a hallucination, or an answer that leaves out what was asked.
+        worst = min((first, second), key=lambda c: faithfulness_rank(c.text, example))
+        if draw < config.edit_share and faithfulness_rank(worst.text, example) < 2:
             fixed = reference_answer(example.scene, example.question)
-            return [message(edit=feedback_pb2.Edit(response_id=hallucinated[0].response_id, edited_text=fixed))]
+            return [message(edit=feedback_pb2.Edit(response_id=worst.response_id, edited_text=fixed))]
         verdict = preference(first.text, second.text, example)
         if draw < config.edit_share + config.preference_share:
             if verdict == 0.5:
