@@ -44,7 +44,9 @@ DEFAULT_CACHE = Path.home() / ".cache" / "modalign" / "warm-start"
 # (modalign.core.config.with_overrides): checked against the service's config when the demo builds it.
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "trainer": {"round_max_seconds": 5.0, "min_pairs_to_learn": 16, "rounds_per_version": 2,
-                "learner.max_new_tokens": 32, "learner.policy_lr": 1e-4},
+                "learner.max_new_tokens": 32, "learner.policy_lr": 1e-4,
+                # DPO alone lowered chosen tokens with rejected ones: greedy v10 answered "O." for "One."
+                "learner.dpo_sft_weight": 1.0},
     "rollout": {"rollout.steps": (50, 100), "rollout.min_step_seconds": 10.0, "rollout.min_samples": 15,
                 "rollout.required_metrics": ("rating",), "tick_seconds": 1.0},
 }

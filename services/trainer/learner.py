@@ -110,6 +110,10 @@ class LearnerConfig:
     """PPO and A2C: normalise the GAE advantages over each batch's valid tokens (as TRL's PPO does)."""
     dpo_beta: float = 0.1
     """DPO: inverse temperature of the preference loss (how strongly the policy stays near the reference)."""
+    dpo_sft_weight: float = 0.0
+    """DPO: weight of an SFT term on the chosen responses (RPO; TRL's loss_type ["sigmoid", "sft"] with
+    loss_weights [1, this]). DPO alone can lower the likelihood of a chosen answer's tokens along with the
+    rejected one's; 0 is plain DPO."""
     eval_prompts: int = 16
     """Prompts sampled (with a fixed seed) to evaluate a candidate version."""
     eval_heldout_pairs: int = 512

@@ -61,6 +61,13 @@ def dpo_loss(
     return DPOLoss(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
 
 
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The SFT term of RPO (Pang et al., 2024; TRL's DPO loss type "sft"): the negative log-likelihood per
+    token of the chosen responses, over the whole batch: -sum(log pi(chosen)) / the chosen tokens. chosen_logps
+    are sequence log-probs [batch], chosen_tokens their token counts [batch]."""
+    return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+
+
 class PolicyLoss(NamedTuple):
     loss: torch.Tensor
     """Scalar clipped surrogate loss to minimise."""

@@ -31,6 +31,7 @@ from modalign.trainer.evaluation import heldout_preference_shift
 from modalign.trainer.gate import GateConfig, gate_candidate, gate_failures
 from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.learner import Learner
+from modalign.trainer.logprobs import sequence_logprobs
 from modalign.trainer.masked import masked_mean
 from modalign.trainer.service import TrainerConfig
 
@@ -255,6 +256,25 @@ def test_the_reward_model_learns_a_preference_for_red_and_generalises_to_held_ou
     assert heldout_margin() > margin_before + 0.5
     # DPO on the same pairs moved the policy's implicit reward the same way.
     assert metrics["dpo_reward_accuracy"] == 1.0 and metrics["dpo_reward_margin"] > 0
+
+
+def test_dpo_with_an_sft_weight_raises_the_chosen_answers_likelihood_more(blobs: BlobStore, prompts: list[Prompt]) -> None:
+    def chosen_logprob_gain(sft_weight: float) -> float:
+        seed_everything(0)
+        learner = make_learner(blobs, algorithm="dpo", dpo_sft_weight=sft_weight, policy_epochs=3)
+        pairs = traffic_pairs(learner, prompts)
+        batch = learner.batches.of_pairs(pairs)
+
+        def chosen() -> float:
+            with torch.no_grad():
+                logits = learner.batches.logits(learner.models.policy, batch)
+                return sequence_logprobs(logits, batch.response_ids, batch.response_mask)[:len(pairs)].sum().item()
+
+        before = chosen()
+        learner.learn(pairs, [])
+        return chosen() - before
+
+    assert chosen_logprob_gain(5.0) > chosen_logprob_gain(0.0) + 1.0
 
 
 # --- (d) on-policy algorithms raise the reward they are given -----------------------------------------------------

@@ -37,6 +37,7 @@ from modalign.trainer.kl import kl_k1, kl_k3
 from modalign.trainer.logprobs import sequence_logprobs, token_entropy, token_logprobs
 from modalign.trainer.losses import (
     a2c_policy_loss,
+    chosen_nll,
     bradley_terry_loss,
     dpo_loss,
     ppo_policy_loss,
@@ -540,3 +541,34 @@ def test_grpo_estimator_matches_trl_grpo() -> None:
     token_rewards = kl_penalized_token_rewards(scores, torch.zeros(prompts * k, length), mask, kl_coef=0.0)
     advantages, _ = ADVANTAGE_ESTIMATORS["grpo"](token_rewards, mask, samples_per_prompt=k)
     assert_close(advantages, trl_grpo_advantages(scores, k).unsqueeze(1) * mask)
+
+
+def test_dpo_with_an_sft_term_matches_trl_dpo_trainer_sigmoid_plus_sft() -> None:
+    """RPO: TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, alpha] on one batch of pairs."""
+    pairs, length, beta, alpha = 4, 9, 0.1, 0.7
+    gen = generator(11)
+    token_ids = torch.randint(3, VOCAB, (2 * pairs, length), generator=gen)
+    policy_logits = torch.randn(2 * pairs, length, VOCAB, generator=gen)
+    completion_mask = right_padded_mask([9, 5, 7, 2, 8, 9, 3, 6], length).long()
+    completion_mask[:, 0] = 0
+    targets, target_mask = token_ids[:, 1:], completion_mask[:, 1:]
+    token_logps = selective_log_softmax(policy_logits[:, :-1], targets) * target_mask
+    ref_logps = (selective_log_softmax(torch.randn(2 * pairs, length - 1, VOCAB, generator=gen), targets)
+                 * target_mask).sum(dim=1)
+    trainer = trl_trainer_stub(
+        beta=beta, loss_types=["sigmoid", "sft"], loss_weights=[1.0, alpha], label_smoothing=0.0,
+        f_divergence_type="reverse_kl", ld_alpha=None, precompute_ref_logps=True, use_weighting=False,
+        args=SimpleNamespace(),
+    )
+    outputs = SimpleNamespace(log_probs=token_logps, entropy=torch.zeros(2 * pairs, length - 1),
+                              mean_logits=torch.zeros(2 * pairs, length - 1),
+                              is_top1=torch.zeros(2 * pairs, length - 1, dtype=torch.bool))
+    inputs = {"input_ids": token_ids, "attention_mask": torch.ones(2 * pairs, length, dtype=torch.long),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_logps[:pairs],
+              "ref_rejected_logps": ref_logps[pairs:]}
+    trl_loss = DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, return_outputs=False)
+
+    logps = sequence_logprobs(policy_logits[:, :-1], targets, target_mask)
+    ours = dpo_loss(logps[:pairs], logps[pairs:], ref_logps[:pairs], ref_logps[pairs:], beta).losses.mean()
+    ours = ours + alpha * chosen_nll(logps[:pairs], target_mask[:pairs].sum(-1))
+    assert_close(ours, trl_loss)
