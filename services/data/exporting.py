@@ -21,8 +21,9 @@ as it is (its DataCollatorForVisionPreference), in TRL's conversational preferen
             the feedback that completed the pair, and who gave it
 
 Feedback the join cannot use is left out and counted: a feedback id seen before (read once, as the trainer
-does), a tie (no pair: TRL's format has no ties), a preference of responses to different prompts, an edit equal to the original, feedback whose
-generations are not on the topic (expired, or never logged), an image no longer in the blob store.
+does), a tie (no pair: TRL's format has no ties), a preference of responses to different prompts, an edit
+equal to the original, feedback whose generations are not on the topic (expired, or never logged), an image
+no longer in the blob store.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ from modalign.trainer.kl import kl_k1, kl_k3
 from modalign.trainer.logprobs import sequence_logprobs, token_entropy, token_logprobs
 from modalign.trainer.losses import (
     a2c_policy_loss,
-    chosen_nll,
     bradley_terry_loss,
+    chosen_nll,
     dpo_loss,
     ppo_policy_loss,
     ppo_value_loss,
