@@ -35,10 +35,12 @@ class GateConfig:
     """KL to the reference policy at most this many nats per response."""
     min_reward_gain: float = -0.05
     """Mean reward of the candidate's held-out samples minus the current version's, at least this."""
-    reward_gain_z: float = 1.64
+    reward_gain_z: float = 0.0
     """Refuse for reward only when the gain is below min_reward_gain by more than this many standard errors
-    (one-sided 95%): the gain is measured on a few prompts (--learner.eval-prompts), one sample each, and
-    refusing on its noise throws good candidates away; 0 holds the gain itself to min_reward_gain."""
+    (1.64: one-sided 95%). The gain is measured on a few prompts (--learner.eval-prompts), one sample each,
+    and refusing on its noise throws good candidates away: the demo's DPO runs use 1.64. 0 holds the gain
+    itself to min_reward_gain, which keeps an algorithm that optimises the reward model from accepting a
+    step that lowered it."""
     max_mean_length_ratio: float = 3.0
     """The candidate's mean response length at most this multiple of the current version's."""
     min_edit_bleu_gain: float = -math.inf

@@ -352,9 +352,9 @@ def test_the_gate_can_require_a_candidate_not_worse_than_the_serving_version_aga
 
 
 def test_the_gate_refuses_for_reward_only_when_the_loss_stands_out_of_its_noise() -> None:
-    gate = GateConfig()  # min_reward_gain -0.05, reward_gain_z 1.64
+    gate = GateConfig(reward_gain_z=1.64)  # min_reward_gain -0.05
     assert "reward" in gate_failures({"reward_gain": -0.6, "reward_gain_stderr": 0.2}, gate)  # -0.27 upper bound
     assert "reward" not in gate_failures({"reward_gain": -0.3, "reward_gain_stderr": 0.2}, gate)  # +0.03: noise
-    # Without its standard error, or with z = 0, the gain itself is held to the floor.
+    # Without its standard error, or with z = 0 (the default), the gain itself is held to the floor.
     assert "reward" in gate_failures({"reward_gain": -0.3}, gate)
-    assert "reward" in gate_failures({"reward_gain": -0.3, "reward_gain_stderr": 0.2}, GateConfig(reward_gain_z=0.0))
+    assert "reward" in gate_failures({"reward_gain": -0.3, "reward_gain_stderr": 0.2}, GateConfig())
