@@ -114,7 +114,7 @@ def evaluate_versions(
         hallucinated = sum(v.hallucinated for v in verdicts)
         win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(mine, baseline, held_out)])
         mean_reward = score(reward, held_out, mine).mean().item() if reward is not None else float("nan")
-        yes_no = [(a, e.question.target is not None) for a, e in zip(mine, held_out) if e.question.kind == "exists"]
+        exists = [i for i, e in enumerate(held_out) if e.question.kind == "exists"]
         accuracy, pairs = (None, 0)
         if reward_folder is not None:
             accuracy, pairs = reward_model_accuracy(load_reward_model(reward_folder).to(device), held_out, mine, baseline)
@@ -124,7 +124,7 @@ def evaluate_versions(
             kl=0.0 if name == reference else kl_to(engines[reference], samples[name], held_out), samples=len(mine),
             reward_model_accuracy=accuracy, reward_model_pairs=pairs,
             bleu=bleu(mine, references)[0], rouge_l=rouge_l(mine, references)[0],
-            pope=pope(*map(list, zip(*yes_no))) if yes_no else None,
+            pope=pope([mine[i] for i in exists], [held_out[i].question.target is not None for i in exists]) if exists else None,
             examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
                       for e, a, v in list(zip(held_out, mine, verdicts))[:3]],
         ))

@@ -64,16 +64,15 @@ def gate_failures(evaluation: dict[str, float], gate: GateConfig) -> dict[str, s
         failures["heldout_accuracy"] = f"rm_heldout_accuracy {evaluation['rm_heldout_accuracy']:.3f} < {gate.min_heldout_accuracy}"
     if evaluation.get("kl_to_reference", 0.0) > gate.max_kl:
         failures["kl"] = f"kl_to_reference {evaluation['kl_to_reference']:.3f} > {gate.max_kl}"
-    gain_upper = evaluation.get("reward_gain", 0.0) + gate.reward_gain_z * evaluation.get("reward_gain_stderr", 0.0)
-    if gain_upper < gate.min_reward_gain:
-        failures["reward"] = (f"reward_gain {evaluation['reward_gain']:.3f} +- {evaluation.get('reward_gain_stderr', 0.0):.3f}"
-                              f" < {gate.min_reward_gain}")
+    gain, gain_stderr = evaluation.get("reward_gain", 0.0), evaluation.get("reward_gain_stderr", 0.0)
+    if gain + gate.reward_gain_z * gain_stderr < gate.min_reward_gain:
+        failures["reward"] = f"reward_gain {gain:.3f} +- {gain_stderr:.3f} < {gate.min_reward_gain}"
     if evaluation.get("length_ratio", 1.0) > gate.max_mean_length_ratio:
         failures["length"] = f"length_ratio {evaluation['length_ratio']:.2f} > {gate.max_mean_length_ratio}"
     for metric, floor in (("edit_bleu", gate.min_edit_bleu_gain), ("edit_rouge_l", gate.min_edit_rouge_l_gain)):
         if evaluation.get(f"{metric}_gain", 0.0) < floor:
             failures[metric] = f"{metric}_gain {evaluation[f'{metric}_gain']:.3f} < {floor}: worse against users' edits"
-    gain, shift = evaluation.get("reward_gain", 0.0), evaluation.get("preference_shift", 0.0)
+    shift = evaluation.get("preference_shift", 0.0)
     stderr = evaluation.get("preference_shift_stderr", math.inf)
     if gate.hacking_z > 0 and gain > 0 and shift + gate.hacking_z * stderr < 0:
         failures["reward_hacking"] = (
