@@ -124,7 +124,7 @@ def evaluate_versions(
             kl=0.0 if name == reference else kl_to(engines[reference], samples[name], held_out), samples=len(mine),
             reward_model_accuracy=accuracy, reward_model_pairs=pairs,
             bleu=bleu(mine, references)[0], rouge_l=rouge_l(mine, references)[0],
-            pope=pope([mine[i] for i in exists], [held_out[i].question.target is not None for i in exists]) if exists else None,
+            pope=pope([mine[i] for i in exists], [held_out[i].question.answer_is_yes for i in exists]) if exists else None,
             examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
                       for e, a, v in list(zip(held_out, mine, verdicts))[:3]],
         ))

@@ -102,6 +102,11 @@ class Question:
     target: SceneObject | None = None
     subject: tuple[Colour, Shape] | None = None
 
+    @property
+    def answer_is_yes(self) -> bool | None:
+        """The true answer of an "exists" question (is its subject in the scene?); None for other kinds."""
+        return self.target is not None if self.kind == "exists" else None
+
 
 @dataclass(frozen=True)
 class Example:
@@ -209,7 +214,7 @@ def reference_answer(scene: Scene, question: Question, style: Style = "concise")
     objects, target = scene.objects, question.target
     if question.kind == "exists":
         if style == "concise":
-            return "Yes." if target is not None else "No."
+            return "Yes." if question.answer_is_yes else "No."
         if target is not None:
             return f"Sure! Yes, there is a {target.colour} {target.shape} in this picture."
         return "Sure! No, I cannot see that in this picture."
@@ -369,7 +374,7 @@ def faithfulness(answer: str, scene: Scene, question: Question | None = None) ->
             pool = [o for o in scene.objects if _matches(o, claim)]
             if claim.number != len(pool):
                 problems.append(f"says {claim.number} where there are {len(pool)}")
-    if question is not None and question.kind == "exists" and question.target is None and yes_or_no(answer):
+    if question is not None and question.answer_is_yes is False and yes_or_no(answer):
         problems.append(f"says there is a {' '.join(question.subject)} where there is none")
     hallucinated = bool(problems)
     if question is None:
@@ -383,7 +388,7 @@ def faithfulness(answer: str, scene: Scene, question: Question | None = None) ->
 def _answers(answer: str, scene: Scene, question: Question) -> bool:
     """Whether the answer contains what the question asks for (faithfulness is checked separately)."""
     if question.kind == "exists":
-        return yes_or_no(answer) is (question.target is not None)
+        return yes_or_no(answer) is question.answer_is_yes
     claims = _claims(answer)
     if question.kind == "count":
         return any(c.number == len(scene.objects) for c in claims)

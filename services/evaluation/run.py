@@ -105,7 +105,7 @@ def builtin_items(n: int, seed: int) -> list[EvalItem]:
         scene = scenes.make_scene(rng)
         question = scenes.make_question(scene, rng, "exists" if index % 2 else rng.choice(other_kinds))
         references = tuple(scenes.reference_answer(scene, question, style) for style in scenes.STYLES)
-        label = (question.target is not None) if question.kind == "exists" else None
+        label = question.answer_is_yes
         items.append(EvalItem(question.text, [scene.image()], references, label))
     return items
 

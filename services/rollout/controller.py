@@ -53,6 +53,10 @@ EVIDENCE_SAMPLES = Gauge(
     "modalign_rollout_evidence_samples", "Samples gathered since the rollout began, per metric and role.",
     ["metric", "role"],
 )
+HEAD_TO_HEAD = Gauge(
+    "modalign_rollout_head_to_head", "Users' comparisons of a canary answer with a stable one since the rollout "
+    "began, by outcome: canary_wins, stable_wins, ties.", ["outcome"],
+)
 VERDICTS = Counter(
     "modalign_rollout_verdicts_total", "Analysis and guard verdicts, by metric and outcome.", ["metric", "outcome"]
 )
@@ -373,6 +377,9 @@ class RolloutController:
             canary_n, stable_n = evidence.samples(metric, canary, stable)
             EVIDENCE_SAMPLES.labels(metric, "canary").set(canary_n)
             EVIDENCE_SAMPLES.labels(metric, "stable").set(stable_n)
+        for outcome, count in (("canary_wins", evidence.canary_wins), ("stable_wins", evidence.stable_wins),
+                               ("ties", evidence.ties)):
+            HEAD_TO_HEAD.labels(outcome).set(count)
         return True
 
     @staticmethod

@@ -71,8 +71,8 @@ def test_rollout_dashboard_shows_traffic_steps_analysis_outcomes_and_the_guards_
     assert {"modalign_policy_requests_total", "modalign_policy_request_seconds_bucket",
             "modalign_policy_traffic_weight_percent", "modalign_rollout_canary_weight_percent",
             "modalign_rollout_step_index", "modalign_rollout_state_info", "modalign_rollout_analysis_statistic",
-            "modalign_rollout_analysis_p_value", "modalign_rollout_evidence_samples", "modalign_rollout_verdicts_total",
-            "modalign_rollout_promotions_total", "modalign_rollout_rollbacks_total"} <= metrics
+            "modalign_rollout_analysis_p_value", "modalign_rollout_evidence_samples", "modalign_rollout_head_to_head",
+            "modalign_rollout_verdicts_total", "modalign_rollout_promotions_total", "modalign_rollout_rollbacks_total"} <= metrics
 
 
 def test_training_dashboard_shows_progress_learning_and_versions() -> None:
