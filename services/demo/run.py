@@ -88,9 +88,10 @@ class DemoConfig:
     """Where warm starts are cached."""
     held_out: int = 200
     """Held-out scenes each version is judged on."""
-    grpc_base_port: int = 50151
+    grpc_base_port: int = 21151
     """policy, feedback, reward REST, reward gRPC, rollout and the policy's HTTP API listen on this port and
-    the next five."""
+    the next five. Below Linux's ephemeral range (32768-60999): a run once failed because one of its own
+    Kafka connections had taken 50152, the old default, as its source port."""
     metrics_base_port: int = 9201
     """policy, feedback, trainer and rollout serve /metrics on this port, +1, +3 and +4."""
 
