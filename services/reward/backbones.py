@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import AutoConfig, PreTrainedModel, ProcessorMixin
 
-from modalign.policy.model import build_default_policy
+from modalign.policy.families import supported_model_types
+from modalign.policy.model import build_default_policy, load_policy
 from modalign.reward import clip, model
 from modalign.reward.clip import ClipRewardModel
 from modalign.reward.config import BACKBONES
@@ -37,29 +38,49 @@ def new_reward_model(backbone: str, policy: PreTrainedModel, processor: Processo
 
 
 def backbone_of(folder: str | Path) -> str:
-    """The backbone of a folder: a saved reward model's (from its reward_config.json), or "clip" for a
-    plain CLIP checkpoint (a starting point). Raises UnusableRewardModel for anything else."""
+    """The backbone of a folder: a saved reward model's (from its reward_config.json), or for a plain
+    checkpoint (a starting point under a fresh head) "clip" for a CLIP one and "generative" for an
+    image-text-to-text one of a supported family. Raises UnusableRewardModel for anything else."""
     folder = Path(folder)
-    if (folder / CONFIG_FILE).is_file():
+    if is_saved_reward_model(folder):
         format = json.loads((folder / CONFIG_FILE).read_text()).get("format")
         if format not in _FORMATS:
             raise UnusableRewardModel(f"{folder / CONFIG_FILE} has format {format!r}, expected one of {sorted(_FORMATS)}")
         return _FORMATS[format]
-    if clip.is_clip_checkpoint(folder):
+    model_type = _model_type(folder)
+    if model_type == "clip":
         return "clip"
-    raise UnusableRewardModel(f"{folder} is neither a saved reward model (no {CONFIG_FILE}) nor a CLIP checkpoint")
+    if model_type in supported_model_types():
+        return "generative"
+    raise UnusableRewardModel(f"{folder} is neither a saved reward model (no {CONFIG_FILE}) nor a CLIP or "
+                              f"image-text-to-text checkpoint (model_type {model_type!r})")
+
+
+def is_saved_reward_model(folder: str | Path) -> bool:
+    """Whether a folder holds a trained reward model (written by save), not a plain starting checkpoint."""
+    return (Path(folder) / CONFIG_FILE).is_file()
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    except (OSError, ValueError):
+        return None
 
 
 def load_reward_model(folder: str | Path, seed: int = 0, backbone: str | None = None) -> AnyRewardModel:
-    """A saved reward model of either backbone, or a fresh head (seeded) on a plain CLIP checkpoint; in
-    eval mode. With `backbone`, a folder of another backbone is refused (UnusableRewardModel)."""
+    """A saved reward model of either backbone, or a fresh head (seeded) on a plain CLIP or
+    image-text-to-text checkpoint; in eval mode. With `backbone`, a folder of another backbone is
+    refused (UnusableRewardModel)."""
     folder = Path(folder)
     found = backbone_of(folder)
     if backbone is not None and found != backbone:
         raise UnusableRewardModel(f"{folder} holds a {found} reward model, not a {backbone} one")
-    if not (folder / CONFIG_FILE).is_file():
+    if is_saved_reward_model(folder):
+        return RewardModel.load(folder) if found == "generative" else ClipRewardModel.load(folder)
+    if found == "clip":
         return ClipRewardModel.start_from_clip(folder, seed=seed)
-    return RewardModel.load(folder) if found == "generative" else ClipRewardModel.load(folder)
+    return RewardModel(*load_policy(folder), seed=seed).eval()
 
 
 def build_default_reward_model(seed: int = 0, backbone: str = "generative") -> AnyRewardModel:

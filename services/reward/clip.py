@@ -42,7 +42,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
-    AutoConfig,
     BatchFeature,
     CLIPConfig,
     CLIPModel,
@@ -202,10 +201,3 @@ class ClipRewardModel(nn.Module):
         clip_processor = CLIPProcessor(image_processor=copy.deepcopy(processor.image_processor), tokenizer=copy.deepcopy(tokenizer))
         return cls(clip.to(embeddings.device), clip_processor, seed=seed).eval()
 
-
-def is_clip_checkpoint(folder: str | Path) -> bool:
-    """Whether a folder holds a plain CLIPModel checkpoint (a starting point, not a saved reward model)."""
-    try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True).model_type == "clip"
-    except (OSError, ValueError):
-        return False

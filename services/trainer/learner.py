@@ -46,8 +46,10 @@ class LearnerConfig:
     policy_model_dir: str = ""
     """The starting policy (and the frozen reference); empty builds the default small policy."""
     reward_model_dir: str = ""
-    """The starting reward model: a saved one, or (clip backbone) a CLIP checkpoint folder under a fresh
-    head; empty builds a fresh one of --learner.reward-backbone from the starting policy."""
+    """The starting reward model: a saved one, or a fresh head on a checkpoint folder (a CLIP one for the
+    clip backbone, an image-text-to-text one for the generative backbone: e.g. a model fine-tuned for
+    grounding rather than the policy's style); empty builds a fresh one of --learner.reward-backbone on
+    a copy of the starting policy."""
     reward_backbone: str = "generative"
     """The reward model's backbone: "generative" (the policy's kind of VLM reads prompt, images and response
     together; the default) or "clip" (a CLIP dual encoder: cheaper, less exact; see docs/models.md)."""

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.policy.model import build_default_policy, load_policy, save_policy
-from modalign.reward.backbones import AnyRewardModel, load_reward_model, new_reward_model
+from modalign.reward.backbones import AnyRewardModel, is_saved_reward_model, load_reward_model, new_reward_model
 from modalign.reward.model import RewardModel
 
 
@@ -87,7 +87,9 @@ class Models:
         else:
             self.value_model = RewardModel(copy.deepcopy(self.policy), self.processor, seed=seed,
                                            likelihood_features=False).to(device).eval()
-        self.critic_from_trained_reward_model = bool(reward_model_dir) or not isinstance(self.reward_model, RewardModel)
+        self.critic_from_trained_reward_model = (
+            bool(reward_model_dir) and is_saved_reward_model(reward_model_dir)
+        ) or not isinstance(self.reward_model, RewardModel)
         self.policy_optimizer = torch.optim.AdamW(self.policy.parameters(), lr=policy_lr, weight_decay=0.0)
         self.reward_optimizer = torch.optim.AdamW(self.reward_model.parameters(), lr=reward_lr, weight_decay=0.0)
         self.value_optimizer = (

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
 from modalign.core.service import CannotStart
-from modalign.policy.model import build_default_policy
+from modalign.policy.model import build_default_policy, save_policy
 from modalign.reward.backbones import backbone_of, build_default_reward_model, load_reward_model, new_reward_model
 from modalign.reward.clip import ClipRewardModel
 from modalign.reward.model import RewardModel, UnscorableText, UnusableRewardModel
@@ -105,6 +105,20 @@ def test_a_generative_folder_loads_as_one_and_unknown_folders_are_refused(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(CannotStart, match="neither a saved reward model"):
         load_reward_model(tmp_path / "empty")
+
+
+def test_a_plain_policy_checkpoint_starts_a_generative_reward_model_under_a_fresh_head(tmp_path: Path, images) -> None:
+    """What the demo does with its warm start's grounded snapshot: a backbone other than the policy's."""
+    policy, processor = build_default_policy(4)
+    save_policy(policy, processor, tmp_path / "policy")
+    assert backbone_of(tmp_path / "policy") == "generative"
+    model = load_reward_model(tmp_path / "policy", seed=2, backbone="generative")
+    assert isinstance(model, RewardModel)
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), model.backbone.state_dict().values()))
+    assert torch.equal(model.head.weight, load_reward_model(tmp_path / "policy", seed=2).head.weight)  # seeded
+    assert torch.isfinite(model.score(PROMPTS, images, RESPONSES)).all()
+    with pytest.raises(UnusableRewardModel, match="not a clip one"):
+        load_reward_model(tmp_path / "policy", backbone="clip")
 
 
 def test_a_plain_clip_checkpoint_starts_a_clip_reward_model_under_a_fresh_head(tmp_path: Path, images) -> None:
