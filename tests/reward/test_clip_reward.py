@@ -108,7 +108,7 @@ def test_a_generative_folder_loads_as_one_and_unknown_folders_are_refused(tmp_pa
 
 
 def test_a_plain_policy_checkpoint_starts_a_generative_reward_model_under_a_fresh_head(tmp_path: Path, images) -> None:
-    """What the demo does with its warm start's grounded snapshot: a backbone other than the policy's."""
+    """What a team with its own SFT checkpoint points the trainer at: a backbone other than the policy's."""
     policy, processor = build_default_policy(4)
     save_policy(policy, processor, tmp_path / "policy")
     assert backbone_of(tmp_path / "policy") == "generative"
