@@ -32,6 +32,7 @@ from modalign.trainer.distributed import Shards
 from modalign.trainer.evaluation import evaluate_candidate
 from modalign.trainer.join import PreferencePair
 from modalign.trainer.kl import KLController
+from modalign.trainer.lora import LoraSettings
 from modalign.trainer.models import Models, max_positions, reserved_tokens
 from modalign.trainer.reward_learning import RewardLearning
 from modalign.trainer.sampling import Sampler
@@ -71,6 +72,14 @@ class LearnerConfig:
     keeps what it learned from earlier traffic (0: the new pairs only)."""
     policy_lr: float = 3e-4
     """Learning rate of the policy (and of the value head, for PPO and A2C)."""
+    lora_rank: int = 0
+    """Rank of the LoRA adapter (PEFT) the policy trains instead of its weights: the base stays frozen,
+    and the reference is the base with the adapter off rather than a second copy. 0: every weight trains."""
+    lora_alpha: float = 16.0
+    """With lora_rank: LoRA's alpha (the adapter's update is scaled by alpha / rank)."""
+    lora_target_modules: tuple[str, ...] = ()
+    """With lora_rank: the layers to adapt (PEFT's target_modules: full names, or the last part of one);
+    empty: the attention and MLP projections of the text model (q/k/v/o_proj, gate/up/down_proj)."""
     kl_coef: float = 0.05
     """Weight of the KL penalty against the reference (in the reward for PPO, A2C and RLOO, in the loss for
     GRPO); with kl_target, its starting value and its floor."""
@@ -129,6 +138,8 @@ class LearnerConfig:
         then, naming the known ones, not at the first learning round."""
         require_one_of("dtype", self.dtype, DTYPES)
         require_one_of("reward_backbone", self.reward_backbone, BACKBONES)
+        if self.lora_rank < 0:
+            raise ConfigError("lora_rank", f"must be 0 (no LoRA) or a positive rank, not {self.lora_rank}")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", f"unknown {self.algorithm!r}; the known algorithms are "
                                            f"{', '.join(sorted(ALGORITHMS))}")
@@ -147,6 +158,8 @@ class Learner:
             reward_backbone=config.reward_backbone, seed=config.seed,
             device=device, policy_lr=config.policy_lr, reward_lr=config.reward_lr,
             with_critic=self.algorithm.uses_critic, world_size=world_size,
+            lora=LoraSettings(config.lora_rank, config.lora_alpha, config.lora_target_modules)
+            if config.lora_rank else None,
         )
         models = self.models
         self.shards = Shards(config.seed, rank, world_size)

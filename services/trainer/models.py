@@ -2,7 +2,8 @@
 
 - policy: trained; published_policy: the last version the gate accepted (the baseline of the next
   evaluation, and what a refused candidate reverts to); reference: the starting policy, frozen, for
-  the KL penalty.
+  the KL penalty. With every weight trained (FullPolicy) the last two are copies of the policy; with
+  LoRA (lora.py) they are the same base weights under another adapter, or none.
 - reward_model: trained on every round's pairs (Bradley-Terry); generative or CLIP (reward/backbones.py).
 - value_model: the critic, only for algorithms that declare one (PPO); a generative reward model whose
   head reads every position.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from modalign.policy.model import build_default_policy, load_policy, save_policy
 from modalign.reward.backbones import AnyRewardModel, is_saved_reward_model, load_reward_model, new_reward_model
 from modalign.reward.model import RewardModel
+from modalign.trainer.lora import LoraPolicy, LoraSettings
 
 
 class TokenValues(torch.nn.Module):
@@ -56,27 +59,63 @@ def optimizer_step(
         optimizer.step()
 
 
+class FullPolicy:
+    """The policy with every weight trained; the reference and the last published version are copies
+    of it. The same interface as lora.LoraPolicy."""
+
+    def __init__(self, policy: PreTrainedModel, processor: ProcessorMixin) -> None:
+        self.policy, self.processor = policy, processor
+        self.reference = copy.deepcopy(policy).requires_grad_(False)
+        self.published = copy.deepcopy(policy).requires_grad_(False)
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.policy.parameters()
+
+    def accept(self) -> None:
+        self.published.load_state_dict(self.policy.state_dict())
+
+    def revert(self) -> None:
+        self.policy.load_state_dict(self.published.state_dict())
+
+    def reset(self, folder: Path | None) -> None:
+        start = (load_policy(folder, device=self.policy.device, dtype=torch.float32)[0] if folder is not None
+                 else self.reference)
+        weights = start.state_dict()
+        self.policy.load_state_dict(weights)
+        self.published.load_state_dict(weights)
+
+    def export(self, folder: Path) -> None:
+        save_policy(self.policy, self.processor, folder)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reference is rebuilt, not saved."""
+        return {"policy": self.policy.state_dict(), "published_policy": self.published.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.published.load_state_dict(state["published_policy"])
+
+
 class Models:
     """Builds the models from their starting points and keeps them, their optimisers and wrappers."""
 
     def __init__(
         self, *, policy_model_dir: str, reward_model_dir: str, reward_backbone: str, seed: int, device: torch.device,
-        policy_lr: float, reward_lr: float, with_critic: bool, world_size: int,
+        policy_lr: float, reward_lr: float, with_critic: bool, world_size: int, lora: LoraSettings | None = None,
     ) -> None:
         self.device = device
         self.world_size = world_size
         if policy_model_dir:
             # float32 whatever the checkpoint's dtype: these are the master weights (LearnerConfig.dtype).
-            self.policy, self.processor = load_policy(policy_model_dir, device=device, dtype=torch.float32)
+            base, self.processor = load_policy(policy_model_dir, device=device, dtype=torch.float32)
         else:
             model, self.processor = build_default_policy(seed)
-            self.policy = model.to(device)
-        self.reference = copy.deepcopy(self.policy).requires_grad_(False)
-        self.published_policy = copy.deepcopy(self.policy).requires_grad_(False)
+            base = model.to(device)
+        # The reward model and the critic start from copies of the policy taken before LoRA adapts it.
         if reward_model_dir:
             self.reward_model = load_reward_model(reward_model_dir, seed, reward_backbone).to(device, torch.float32)
         else:
-            self.reward_model = new_reward_model(reward_backbone, copy.deepcopy(self.policy), self.processor, seed).to(device)
+            self.reward_model = new_reward_model(reward_backbone, copy.deepcopy(base), self.processor, seed).to(device)
         # The critic reads every position of a generative backbone: it starts as a copy of a generative
         # reward model (taken again after the first round of training when that one starts untrained),
         # and as a fresh head on a copy of the policy beside a CLIP one.
@@ -85,12 +124,15 @@ class Models:
         elif isinstance(self.reward_model, RewardModel):
             self.value_model = copy.deepcopy(self.reward_model)
         else:
-            self.value_model = RewardModel(copy.deepcopy(self.policy), self.processor, seed=seed,
+            self.value_model = RewardModel(copy.deepcopy(base), self.processor, seed=seed,
                                            likelihood_features=False).to(device).eval()
         self.critic_from_trained_reward_model = (
             bool(reward_model_dir) and is_saved_reward_model(reward_model_dir)
         ) or not isinstance(self.reward_model, RewardModel)
-        self.policy_optimizer = torch.optim.AdamW(self.policy.parameters(), lr=policy_lr, weight_decay=0.0)
+        self.versions = LoraPolicy(base, self.processor, lora) if lora is not None else FullPolicy(base, self.processor)
+        self.policy, self.reference = self.versions.policy, self.versions.reference
+        self.published_policy = self.versions.published
+        self.policy_optimizer = torch.optim.AdamW(self.versions.trainable_parameters(), lr=policy_lr, weight_decay=0.0)
         self.reward_optimizer = torch.optim.AdamW(self.reward_model.parameters(), lr=reward_lr, weight_decay=0.0)
         self.value_optimizer = (
             torch.optim.AdamW(self.value_model.parameters(), lr=policy_lr, weight_decay=0.0)
@@ -126,23 +168,20 @@ class Models:
 
     def accept_candidate(self) -> None:
         """The gate passed: the current policy becomes the baseline of the next evaluation."""
-        self.published_policy.load_state_dict(self.policy.state_dict())
+        self.versions.accept()
 
     def revert_policy(self) -> None:
         """The gate refused the candidate: continue from the last published policy."""
-        self.policy.load_state_dict(self.published_policy.state_dict())
+        self.versions.revert()
         self.policy_optimizer.state.clear()
 
     def reset_policy(self, folder: Path | None) -> None:
         """Start again from a published policy (its folder; None: the starting policy, the reference)."""
-        start = load_policy(folder, device=self.device, dtype=torch.float32)[0] if folder is not None else self.reference
-        weights = start.state_dict()
-        self.policy.load_state_dict(weights)
-        self.published_policy.load_state_dict(weights)
+        self.versions.reset(folder)
         self.policy_optimizer.state.clear()
 
     def export_policy(self, folder: Path) -> None:
-        save_policy(self.policy, self.processor, folder)
+        self.versions.export(folder)
 
     def export_reward(self, folder: Path) -> None:
         self.reward_model.save(folder)
@@ -151,9 +190,7 @@ class Models:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (see trainer/checkpoint.py); the reference is rebuilt, not saved."""
-        state = {
-            "policy": self.policy.state_dict(),
-            "published_policy": self.published_policy.state_dict(),
+        state = self.versions.state_dict() | {
             "reward_model": self.reward_model.state_dict(),
             "policy_optimizer": self.policy_optimizer.state_dict(),
             "reward_optimizer": self.reward_optimizer.state_dict(),
@@ -164,8 +201,7 @@ class Models:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.published_policy.load_state_dict(state["published_policy"])
+        self.versions.load_state_dict(state)
         self.reward_model.load_state_dict(state["reward_model"])
         self.policy_optimizer.load_state_dict(state["policy_optimizer"])
         self.reward_optimizer.load_state_dict(state["reward_optimizer"])

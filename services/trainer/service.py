@@ -321,14 +321,13 @@ class Trainer:
         if building_on == self.state.parent_version:
             return
         try:
-            folder = self.store.fetch("policy", building_on)
-        except LookupError:
-            if building_on != STARTING_VERSION:
-                log.error("cannot go back to %s: it is neither in the model store nor the starting policy; "
-                          "training goes on from %s", building_on, self.state.parent_version)
-                return
-            folder = None  # the starting version need not be in the store: it is the learner's reference
-        self.learner.models.reset_policy(folder)
+            # The starting version need not be in the store: it is the learner's reference.
+            folder = None if building_on == STARTING_VERSION else self.store.fetch("policy", building_on)
+            self.learner.models.reset_policy(folder)
+        except (LookupError, ValueError) as error:  # not in the store; not an adapter of this LoRA base
+            log.error("cannot go back to %s (%s); training goes on from %s", building_on, error,
+                      self.state.parent_version)
+            return
         self.state.parent_version = building_on
 
     def _consume_generations(self) -> None:

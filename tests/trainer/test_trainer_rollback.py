@@ -16,6 +16,7 @@ from kafka import TopicPartition
 from prometheus_client import REGISTRY
 
 from modalign.core.blobs import BlobStore
+from modalign.core.config import with_overrides
 from modalign.core.kafka import KafkaConfig, make_consumer, make_producer, produce_durably
 from modalign.rollout.controller import STATE_KEY, StateStore
 from modalign.trainer.learner import Learner
@@ -30,7 +31,7 @@ def train_and_publish(trainer: Trainer, version: str) -> str:
     """Stands in for rounds of learning and a passed gate: the policy moves, and is published. Returns
     the learner's digest (its reward model does not move without pairs: the policy tells them apart)."""
     with torch.no_grad():
-        for parameter in trainer.learner.models.policy.parameters():
+        for parameter in trainer.learner.models.versions.trainable_parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     trainer.learner.models.accept_candidate()
     trainer._publish(PendingVersion(version, trainer.state.parent_version, eval_metrics={}, trained_through=[]))
@@ -81,11 +82,15 @@ def rolled_back(canary: str, stable: str) -> events_pb2.RolloutState:
                                    phase=events_pb2.ROLLOUT_PHASE_ROLLED_BACK, reason="rating worse")
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
 def test_the_trainer_goes_back_to_the_stable_version_when_its_version_is_rolled_back(
-    kafka_config: KafkaConfig, tmp_path: Path
+    own_kafka_config: KafkaConfig, tmp_path: Path, lora_rank: int
 ) -> None:
-    config = TrainerConfig(kafka=kafka_config, work_dir=tmp_path / "trainer", model_store=str(tmp_path / "models"),
-                           blob_dir=tmp_path / "blobs", metrics_port=0, round_max_seconds=0.5)
+    """With LoRA, the versions it goes back to are reloaded from the adapters published beside them."""
+    kafka_config = own_kafka_config  # each run reads its rollout topic from the start
+    config = with_overrides(TrainerConfig(
+        kafka=kafka_config, work_dir=tmp_path / "trainer", model_store=str(tmp_path / "models"),
+        blob_dir=tmp_path / "blobs", metrics_port=0, round_max_seconds=0.5), {"learner.lora_rank": lora_rank})
     trainer = Trainer(config, Learner(config.learner, BlobStore(config.blob_dir)))
     try:
         starting = trainer.learner.models.parameter_digest()
