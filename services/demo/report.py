@@ -59,6 +59,8 @@ class VersionResult:
     reward_model_accuracy: float | None = None
     reward_model_pairs: int = 0
     """Scenes whose two answers (this version's, v0's) the users do not rate as a tie."""
+    size_bytes: int = 0
+    """What the version takes in the model store: every file of its folder."""
     examples: list[dict] = field(default_factory=list)
     """A few (question, answer, verdict) rows for the markdown."""
 
@@ -108,7 +110,7 @@ def evaluate_versions(
     baseline = [s.text for s in samples[reference]]
     references = [[reference_answer(e.scene, e.question, style) for style in STYLES] for e in held_out]
     results = []
-    for name, _, promoted, reward_folder in versions:
+    for name, folder, promoted, reward_folder in versions:
         mine = [s.text for s in samples[name]]
         verdicts = [faithfulness(a, e.scene, e.question) for a, e in zip(mine, held_out)]
         hallucinated = sum(v.hallucinated for v in verdicts)
@@ -123,6 +125,7 @@ def evaluate_versions(
             hallucination_rate=hallucinated / len(mine), hallucination_ci=wilson_interval(hallucinated, len(mine)),
             kl=0.0 if name == reference else kl_to(engines[reference], samples[name], held_out), samples=len(mine),
             reward_model_accuracy=accuracy, reward_model_pairs=pairs,
+            size_bytes=sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()),
             bleu=bleu(mine, references)[0], rouge_l=rouge_l(mine, references)[0],
             pope=pope([mine[i] for i in exists], [held_out[i].question.answer_is_yes for i in exists]) if exists else None,
             examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
@@ -212,15 +215,17 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f" {summary['feedback']} feedback messages.", "",
         "![per version](versions.png)", "",
         "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward"
-        " | reward model accuracy (pairs) | KL to v0 (nats per answer) | BLEU | ROUGE-L | POPE accuracy, yes-ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " | reward model accuracy (pairs) | KL to v0 (nats per answer) | BLEU | ROUGE-L | POPE accuracy, yes-ratio"
+        " | size (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r.version} | {'yes' if r.promoted else 'no'} | {r.hallucination_rate:.1%}"
             f" ({r.hallucination_ci[0]:.1%}-{r.hallucination_ci[1]:.1%}) | {r.win_rate_vs_v0:.1%}"
             f" ({r.win_rate_ci[0]:.1%}-{r.win_rate_ci[1]:.1%}) | {r.mean_reward:.3f}"
-            f" | {_accuracy(r)} | {r.kl:.3f} | {r.bleu:.1f} | {r.rouge_l:.3f} | {_pope(r)} |")
+            f" | {_accuracy(r)} | {r.kl:.3f} | {r.bleu:.1f} | {r.rouge_l:.3f} | {_pope(r)}"
+            f" | {r.size_bytes / 1e6:.1f} |")
     lines += [
         "", "## How these were measured", "",
         f"Each version answered the same {results[0].samples} held-out scenes (never shown to the simulated users),"

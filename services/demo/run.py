@@ -54,6 +54,11 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+# With --lora: the trainer's settings that replace DEMO_SETTINGS's. An adapter's update is a low-rank
+# slice of a full one, so it takes a larger learning rate to move as far per step.
+DEMO_LORA: dict[str, Any] = {"learner.lora_rank": 16, "learner.lora_alpha": 32.0, "learner.policy_lr": 1e-3}
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """The whole online RLHF loop with simulated users, ending with a report."""
@@ -72,6 +77,9 @@ class DemoConfig:
     algorithm: str = "dpo"
     """The trainer's policy algorithm: dpo (on the users' pairs), or ppo, a2c, rloo or grpo (against the
     reward model learned from them); the demo's trainer settings serve all five (docs/demo.md has runs)."""
+    lora: bool = False
+    """Train the policy as a LoRA adapter on its frozen base (DEMO_LORA's rank, alpha and learning rate)
+    instead of training every weight."""
     reward_backbone: str = "generative"
     """The reward model's backbone: generative (the default) or clip (a CLIP dual encoder, cheaper; it
     matters to ppo, a2c, rloo and grpo, which optimise against it)."""
@@ -110,7 +118,7 @@ def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[s
         "reward": {"device": config.device, "dtype": config.dtype, "backbone": config.reward_backbone},
         "trainer": {**DEMO_SETTINGS["trainer"], "learner.algorithm": config.algorithm, "learner.policy_model_dir": str(policy_model),
                     "learner.seed": config.seed, "learner.device": config.device, "learner.dtype": config.dtype,
-                    "learner.reward_backbone": config.reward_backbone},
+                    "learner.reward_backbone": config.reward_backbone, **(DEMO_LORA if config.lora else {})},
     }
 
 

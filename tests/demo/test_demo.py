@@ -52,6 +52,7 @@ def test_demo_runs_the_loop_and_writes_its_report(kafka_broker: BrokerConfig, tm
         low, high = version["win_rate_ci"]
         assert 0 <= low <= version["win_rate_vs_v0"] <= high <= 1
         assert 0 <= version["hallucination_rate"] <= 1 and version["samples"] == 16
+        assert version["size_bytes"] > 1_000_000  # the whole model, its processor files and manifest
         # Two of the 16 held-out questions ask whether an object is there: POPE's figures are over them.
         assert version["pope"]["questions"] == 2 and 0 <= version["pope"]["accuracy"] <= 1, version["pope"]
     assert report["versions"][0]["win_rate_vs_v0"] == 0.5  # v0 against itself: every scene a tie
@@ -62,15 +63,17 @@ def test_demo_runs_the_loop_and_writes_its_report(kafka_broker: BrokerConfig, tm
     assert "## How these were measured" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "idefics"])
-def test_the_whole_loop_runs_on_another_model_family(kafka_broker: BrokerConfig, tmp_path: Path, family: str) -> None:
+@pytest.mark.parametrize(("family", "flags"), [("qwen2_vl", ()), ("idefics", ("--lora",))], ids=["qwen2_vl", "idefics-lora"])
+def test_the_whole_loop_runs_on_another_model_family(
+    kafka_broker: BrokerConfig, tmp_path: Path, family: str, flags: tuple[str, ...]
+) -> None:
     """Qwen2-VL (3-D rope, dynamic resolution) and Idefics (Flamingo's gated cross-attention) as v0: versions are
     published, rolled out behind the canary and promoted, and no user request fails. Learning at this size is not
-    the point."""
+    the point. Idefics trains a LoRA adapter: its decoder holds its vision tower, which the adapter must leave out."""
     model = tmp_path / family
     TINY_CHECKPOINTS[family](model, 0)
     out = tmp_path / "report"
-    completed = run_demo(kafka_broker, model, out, "--minutes", "4", "--versions", "1")
+    completed = run_demo(kafka_broker, model, out, "--minutes", "4", "--versions", "1", *flags)
 
     report = json.loads((out / "report.json").read_text())
     assert [v["version"] for v in report["versions"]][:2] == ["v0", "v1"]
@@ -82,3 +85,5 @@ def test_the_whole_loop_runs_on_another_model_family(kafka_broker: BrokerConfig,
     progress = [line for line in completed.stdout.splitlines() if "requests" in line and "failed" in line]
     assert progress and all("(failed 0," in line for line in progress), progress[-1:]
     assert report["failed_requests"] == 0 and report["conversations"] > 0 and report["http_requests"] > 0
+    v1 = out / "work" / "models" / "policy" / "v1"
+    assert (v1 / "adapter" / "adapter_config.json").exists() == ("--lora" in flags)
