@@ -25,14 +25,19 @@ pytestmark = pytest.mark.integration
 CHECKPOINTED = re.compile(r"round (\d+) checkpointed: (\d+) pairs learned so far \(rank (\d), parameters (\w+)\)")
 
 
-def test_two_ranks_share_the_partitions_and_keep_identical_models(kafka_config: KafkaConfig, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_two_ranks_share_the_partitions_and_keep_identical_models(
+    own_kafka_config: KafkaConfig, tmp_path: Path, lora_rank: int
+) -> None:
+    """With LoRA the ranks train their adapters in step on identical frozen bases (the digest covers both)."""
+    kafka_config = own_kafka_config  # each run's trainer reads its feedback topics from the start
     assert kafka_config.partitions == 2
     policy, policy_address, _ = start_grpc_service(PolicyConfig, kafka_config, tmp_path, blob_dir=tmp_path / "blobs")
     feedback, feedback_address, _ = start_grpc_service(FeedbackConfig, kafka_config, tmp_path)
     trainer = trainer_config(kafka_config, tmp_path, {
         "round_max_feedback": 4, "round_max_seconds": 1.0, "min_pairs_to_learn": 2,
         "rounds_per_version": 2, "learner.policy_updates_per_round": 1, "learner.sample_prompts": 2,
-        "learner.samples_per_prompt": 2, "learner.max_new_tokens": 6, "learner.eval_prompts": 4,
+        "learner.samples_per_prompt": 2, "learner.max_new_tokens": 6, "learner.eval_prompts": 4, "learner.lora_rank": lora_rank,
     }, metrics_port=0)
     torchrun = ManagedProcess(
         "torchrun",
