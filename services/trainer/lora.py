@@ -51,7 +51,7 @@ class LoraSettings:
 
 def default_target_modules(model: PreTrainedModel) -> list[str]:
     """Full names of the text model's attention and MLP projections: the vision tower and the projector
-    keep their pretrained weights, as in the peers' LoRA recipes for vision-language models."""
+    keep their pretrained weights, as in LLaVA's own LoRA recipe."""
     decoder = model.get_decoder()
     prefix = next(name for name, module in model.named_modules() if module is decoder)
     targets = [
@@ -140,10 +140,11 @@ class LoraPolicy:
         policy, no change to the base)."""
         if folder is None:
             weights = self._start
-        elif (folder / ADAPTER_FOLDER / "adapter_model.safetensors").is_file():
-            weights = load_file(folder / ADAPTER_FOLDER / "adapter_model.safetensors")
         else:
-            raise ValueError(f"{folder.name} holds no LoRA adapter ({ADAPTER_FOLDER}/): it was not trained as one")
+            adapter = folder / ADAPTER_FOLDER / "adapter_model.safetensors"
+            if not adapter.is_file():
+                raise ValueError(f"{folder.name} holds no LoRA adapter ({ADAPTER_FOLDER}/): it was not trained as one")
+            weights = load_file(adapter)
         self._load_adapter(TRAINED, weights)
         self._load_adapter(PUBLISHED, weights)
 
