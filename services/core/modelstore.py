@@ -7,6 +7,11 @@ sees half a version. A folder store writes a version under a temporary name and 
 place; an S3 store uploads every file first and the manifest last. Readers get a local folder whose
 every file was checked against the manifest (fetch): a folder store's own, or a verified copy of an
 S3 version in a local cache.
+
+A policy version is a full checkpoint or a LoRA adapter: an adapter's manifest names its base (a full
+version in the same store) and the sha256 of the base's manifest. Fetching an adapter fetches its base
+too, verified against that sha256, so a base that was replaced or damaged is refused; every store keeps
+the base's folder beside the adapter's (base_folder), where loaders find it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ DEFAULT_MODEL_STORE = str(Path.home() / ".local" / "share" / "modalign" / "model
 # AWS's rules for bucket names (3-63 lowercase letters, digits, dots and hyphens), checked here so a
 # typo is named at start-up rather than as a signature or routing error from the service.
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""A version name becomes a folder name: nothing that could step out of the model store."""
 
 
 @dataclass
@@ -60,6 +67,9 @@ class Manifest:
     """Kafka positions [{"topic", "partition", "offset"}]: everything before each offset was trained on."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0
+    base: dict[str, str] = field(default_factory=dict)
+    """For a LoRA adapter version: {"version", "manifest_sha256"} of the full version it adapts; empty
+    for a full checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,16 @@ def read_manifest(folder: Path | str) -> Manifest:
     return Manifest(**json.loads((Path(folder) / MANIFEST).read_text()))
 
 
+def base_folder(folder: Path | str) -> Path | None:
+    """The folder of the base an adapter version adapts (its sibling, where fetch put it, verified);
+    None for a full checkpoint or a folder that is not a store version."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return None
+    base = read_manifest(folder).base
+    return folder.parent / base["version"] if base else None
+
+
 def verify(folder: Path | str, manifest_sha256: str | None = None) -> Manifest:
     """Checks every file against the manifest (and the manifest against manifest_sha256 when given)."""
     folder = Path(folder)
@@ -145,6 +165,13 @@ def verify(folder: Path | str, manifest_sha256: str | None = None) -> Manifest:
     return manifest
 
 
+def folder_digests(folder: Path | str) -> dict[str, str]:
+    """sha256 of every file in folder but a manifest, by relative path: what a manifest's files would be."""
+    folder = Path(folder)
+    return {str(path.relative_to(folder)): file_sha256(path)
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
 class ModelStore(ABC):
     """Versions by kind: published once, never rewritten, fetched verified."""
 
@@ -156,10 +183,26 @@ class ModelStore(ABC):
     def lookup(self, kind: str, version: str) -> Published | None:
         """The published version, or None if it was never published (completely)."""
 
-    @abstractmethod
     def fetch(self, kind: str, version: str, manifest_sha256: str | None = None) -> Path:
         """A local folder holding the version, every file verified against its manifest (and the
-        manifest against manifest_sha256 when given). Raises LookupError if it was never published."""
+        manifest against manifest_sha256 when given); for an adapter, its base too, beside it (see
+        base_folder). Raises LookupError if it (or its base) was never published, ChecksumMismatch if
+        a file differs or the base is not the one the adapter names."""
+        folder = self._fetch_version(kind, version, manifest_sha256)
+        base = read_manifest(folder).base
+        if base:
+            if not VERSION_NAME.match(base.get("version", "")) or not base.get("manifest_sha256"):
+                raise ChecksumMismatch(f"{kind} {version}: its manifest names base {base!r}, not a version and its sha256")
+            try:
+                self._fetch_version(kind, base["version"], base["manifest_sha256"])
+            except ChecksumMismatch as error:
+                raise ChecksumMismatch(f"{kind} {version} adapts {base['version']}, but {base['version']} in {self} "
+                                       f"is not the base it was trained on: {error}") from error
+        return folder
+
+    @abstractmethod
+    def _fetch_version(self, kind: str, version: str, manifest_sha256: str | None) -> Path:
+        """fetch for one version, without its base."""
 
     def publish(self, manifest: Manifest, write: Callable[[Path], None]) -> Published:
         """Writes a version: write(folder) fills a temporary folder, the manifest is added with every
@@ -172,10 +215,7 @@ class ModelStore(ABC):
             raise FileExistsError(f"{manifest.kind} version {manifest.version} already exists in {self}")
         with self._staging(manifest.kind) as staging:
             write(staging)
-            manifest.files = {
-                str(path.relative_to(staging)): file_sha256(path)
-                for path in sorted(staging.rglob("*")) if path.is_file()
-            }
+            manifest.files = folder_digests(staging)
             manifest.created_at = manifest.created_at or time.time()
             (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
             return self._commit(staging, manifest.kind, manifest.version)
@@ -214,7 +254,7 @@ class DirectoryStore(ModelStore):
             return None
         return Published(uri=folder.resolve().as_uri(), manifest_sha256=file_sha256(folder / MANIFEST))
 
-    def fetch(self, kind: str, version: str, manifest_sha256: str | None = None) -> Path:
+    def _fetch_version(self, kind: str, version: str, manifest_sha256: str | None) -> Path:
         folder = self.folder(kind, version)
         if not (folder / MANIFEST).is_file():
             raise LookupError(f"{kind} version {version} was never published: {folder / MANIFEST} does not exist")
@@ -278,7 +318,7 @@ class S3Store(ModelStore):
         return Published(uri=f"s3://{self.bucket}/{self._key(kind, version)}",
                          manifest_sha256=hashlib.sha256(manifest).hexdigest())
 
-    def fetch(self, kind: str, version: str, manifest_sha256: str | None = None) -> Path:
+    def _fetch_version(self, kind: str, version: str, manifest_sha256: str | None) -> Path:
         target = self.cache_dir / self.bucket / self._key(kind, version)
         if target.exists():
             try:

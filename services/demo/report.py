@@ -60,7 +60,7 @@ class VersionResult:
     reward_model_pairs: int = 0
     """Scenes whose two answers (this version's, v0's) the users do not rate as a tie."""
     size_bytes: int = 0
-    """What the version takes in the model store: every file of its folder."""
+    """What the version takes in the model store: every file of its folder (an adapter version's, not its base's)."""
     examples: list[dict] = field(default_factory=list)
     """A few (question, answer, verdict) rows for the markdown."""
 

@@ -29,6 +29,8 @@ from transformers import (
     ProcessorMixin,
 )
 
+from modalign.core.modelstore import base_folder
+from modalign.policy.adapters import is_adapter_version, merged
 from modalign.policy.conversation import Conversation, chat_messages, single_question
 from modalign.policy.families import UnsupportedModel, family_of
 
@@ -235,13 +237,20 @@ def load_policy(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load an image-text-to-text policy of a supported family from a local folder, in eval mode
-    (dropout off).
+    (dropout off). A model-store version that is a LoRA adapter (adapters.py) is loaded onto its base,
+    which the store fetched beside it, and merged.
 
     Raises UnsupportedModel with a one-line reason, before any weight is read, when the folder has no
     config, its family is not supported, or its processor lacks a tokenizer, an image processor or a
     chat template.
     """
     folder = Path(folder)
+    if (base := base_folder(folder)) is not None:
+        model, processor = load_policy(base, device, dtype)
+        return merged(model, folder), processor
+    if is_adapter_version(folder):
+        raise UnsupportedModel(f"{folder}: a LoRA adapter without its base; load it from the model store, "
+                               "or export it merged (modalign export-version VERSION --merged)")
     _, processor = load_processor(folder)
     model = AutoModelForImageTextToText.from_pretrained(
         folder, local_files_only=True, dtype=dtype if dtype is not None else "auto"
@@ -253,8 +262,9 @@ def load_policy(
 
 def load_processor(folder: str | Path) -> tuple[PreTrainedConfig, ProcessorMixin]:
     """A policy folder's config and processor, checked as load_policy checks them, without reading its weights
-    (for whoever formats prompts for the policy without running it). Raises UnsupportedModel as load_policy does."""
-    folder = Path(folder)
+    (for whoever formats prompts for the policy without running it); an adapter version's are its base's.
+    Raises UnsupportedModel as load_policy does."""
+    folder = base_folder(folder) or Path(folder)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:

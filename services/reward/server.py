@@ -26,7 +26,6 @@ Run: modalign reward --http-port 8080 --grpc-port 8081 [--model-dir PATH]
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from modalign.core.kafka import ensure_topics
 from modalign.core.modelstore import (
     DEFAULT_MODEL_STORE,
     MANIFEST,
+    VERSION_NAME,
     ChecksumMismatch,
     S3Config,
     fetch,
@@ -69,8 +69,6 @@ MODEL_LOADS = Counter(
     "Reward model loads, by outcome: loaded, or failed (the previous model keeps serving).",
     ["outcome"],
 )
-# A version name becomes a folder name: nothing that could step out of the model store.
-_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ def verified_version(model_dir: Path | None, fresh_name: str, expected: str | No
 def published_reward_uri(event: events_pb2.PolicyVersionPublished) -> str:
     """The URI of the reward version an event names: <store>/reward/<rN>, beside <store>/policy/<vN> (its uri)."""
     version = event.reward_model_version
-    if not _VERSION_NAME.match(version):
+    if not VERSION_NAME.match(version):
         raise ValueError(f"policy {event.version}: reward_model_version {version!r} is not a version name")
     return sibling_uri(event.uri, "reward", version)
 

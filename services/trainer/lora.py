@@ -7,9 +7,9 @@ One copy of the base holds three policies as PEFT adapters on it:
 - no adapter at all, the starting policy: the reference of the KL penalty is the base with its
   adapters disabled, not a second copy of the model.
 
-A published version is written as the merged full checkpoint, which the policy service loads like
-any other, with the adapter beside it in adapter/ (PEFT's own format), which is what the trainer
-reloads when a rollback makes it continue from that version.
+A published version is the trained adapter alone (policy/adapters.py: PEFT's format in adapter/), on
+the base the trainer started from, which is published once as a full version of its own
+(export_base); a rollback reloads the adapter of the version the trainer goes back to.
 
 The trainer keeps every model in eval mode (models.py), so that sampling and training see the same
 network; an adapter dropout would therefore never apply, and there is no flag for one.
@@ -18,16 +18,18 @@ network; an adapter dropout would therefore never apply, and there is no flag fo
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import PreTrainedModel, ProcessorMixin
 
+from modalign.core.modelstore import MANIFEST, base_folder
+from modalign.policy.adapters import ADAPTER_FOLDER, adapter_weights, load_weights
 from modalign.policy.families import UnsupportedModel
 from modalign.policy.model import save_policy
 
@@ -36,8 +38,6 @@ PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "u
 family's text model gives them."""
 _NOT_TEXT = ("vision", "visual", "perceiver", "multi_modal_projector")
 """Parts of a model's decoder that are not its text model (Idefics's decoder holds its vision tower)."""
-ADAPTER_FOLDER = "adapter"
-"""Where a published version's folder holds its adapter."""
 TRAINED, PUBLISHED = "default", "published"
 
 
@@ -100,10 +100,12 @@ class LoraPolicy:
     """The policy as a trained adapter on a frozen base, with the published adapter and the reference
     beside it on the same weights. The same interface as models.FullPolicy."""
 
-    def __init__(self, base: PreTrainedModel, processor: ProcessorMixin, settings: LoraSettings) -> None:
+    def __init__(self, base: PreTrainedModel, processor: ProcessorMixin, settings: LoraSettings,
+                 source: Path | None = None) -> None:
+        """source: the checkpoint folder base was loaded from; None: base was built in code."""
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
                             target_modules=list(settings.target_modules) or default_target_modules(base))
-        self.processor = processor
+        self.processor, self.source = processor, source
         self.peft = get_peft_model(base, config, adapter_name=TRAINED)
         self.peft.add_adapter(PUBLISHED, config)
         self.peft.set_adapter(TRAINED)  # trainable; every other adapter frozen
@@ -123,11 +125,7 @@ class LoraPolicy:
                 for key, tensor in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
 
     def _load_adapter(self, name: str, weights: dict[str, torch.Tensor]) -> None:
-        result = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
-        missing = [key for key in result.missing_keys if f".{name}." in key]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"the adapter does not fit this base: missing {missing[:3]}, "
-                             f"unexpected {list(result.unexpected_keys)[:3]}")
+        load_weights(self.peft, name, weights)
 
     def accept(self) -> None:
         self._load_adapter(PUBLISHED, self._adapter(TRAINED))
@@ -137,23 +135,25 @@ class LoraPolicy:
 
     def reset(self, folder: Path | None) -> None:
         """Both adapters from a version published by a LoRA trainer on this base (None: the starting
-        policy, no change to the base)."""
-        if folder is None:
-            weights = self._start
-        else:
-            adapter = folder / ADAPTER_FOLDER / "adapter_model.safetensors"
-            if not adapter.is_file():
-                raise ValueError(f"{folder.name} holds no LoRA adapter ({ADAPTER_FOLDER}/): it was not trained as one")
-            weights = load_file(adapter)
+        policy, no change to the base). Raises AdapterMismatch (a ValueError) for a full checkpoint or
+        an adapter that does not fit."""
+        weights = self._start if folder is None else adapter_weights(folder)
         self._load_adapter(TRAINED, weights)
         self._load_adapter(PUBLISHED, weights)
 
     def export(self, folder: Path) -> None:
-        """The merged full checkpoint (what serving loads), and the trained adapter in adapter/."""
-        merged = copy.deepcopy(self.peft).merge_and_unload(adapter_names=[TRAINED])
-        save_policy(merged, self.processor, folder)
+        """The trained adapter, in adapter/: megabytes, where the model is gigabytes."""
         self.peft.save_pretrained(folder / ADAPTER_FOLDER, selected_adapters=[TRAINED])
         (folder / ADAPTER_FOLDER / "README.md").unlink(missing_ok=True)  # PEFT's blank model card
+
+    def export_base(self, folder: Path) -> None:
+        """The base the adapters adapt, as a full checkpoint: the files it was loaded from, byte for
+        byte (so that a policy service started from the same folder can tell it is the same model),
+        or, built in code or merged from an adapter version, saved from its weights."""
+        if self.source is not None and base_folder(self.source) is None:
+            shutil.copytree(self.source, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
+        else:
+            save_policy(copy.deepcopy(self.peft).unload(), self.processor, folder)
 
     def state_dict(self) -> dict[str, Any]:
         """The adapters only: the base is the starting checkpoint, loaded again on restart."""

@@ -129,7 +129,8 @@ class Models:
         self.critic_from_trained_reward_model = (
             bool(reward_model_dir) and is_saved_reward_model(reward_model_dir)
         ) or not isinstance(self.reward_model, RewardModel)
-        self.versions = LoraPolicy(base, self.processor, lora) if lora is not None else FullPolicy(base, self.processor)
+        self.versions = (LoraPolicy(base, self.processor, lora, Path(policy_model_dir) if policy_model_dir else None)
+                         if lora is not None else FullPolicy(base, self.processor))
         self.policy, self.reference = self.versions.policy, self.versions.reference
         self.published_policy = self.versions.published
         self.policy_optimizer = torch.optim.AdamW(self.versions.trainable_parameters(), lr=policy_lr, weight_decay=0.0)
@@ -181,7 +182,17 @@ class Models:
         self.policy_optimizer.state.clear()
 
     def export_policy(self, folder: Path) -> None:
+        """The policy as a version: every weight, or with LoRA its adapter alone (see adapts_base)."""
         self.versions.export(folder)
+
+    @property
+    def adapts_base(self) -> bool:
+        """Whether the policy is a LoRA adapter: its versions then name the base they adapt (export_base)."""
+        return isinstance(self.versions, LoraPolicy)
+
+    def export_base(self, folder: Path) -> None:
+        assert isinstance(self.versions, LoraPolicy), "only a LoRA policy has a base of its own"
+        self.versions.export_base(folder)
 
     def export_reward(self, folder: Path) -> None:
         self.reward_model.save(folder)

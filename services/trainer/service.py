@@ -43,7 +43,7 @@ from modalign.core.kafka import (
     make_consumer,
     parse_record,
 )
-from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
+from modalign.core.modelstore import DEFAULT_MODEL_STORE, ChecksumMismatch, S3Config, open_store, read_manifest
 from modalign.core.service import MeteredConfig, run_service, serve_metrics
 from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import CommittedByTransactions
@@ -317,6 +317,8 @@ class Trainer:
                         ROLLBACKS_FOLLOWED.inc()
                         building_on = state.stable_version
             offset = self.committed_states.resume_offset(tp)
+            if building_on not in (self.state.parent_version, STARTING_VERSION) and self.learner.models.adapts_base:
+                building_on = self._on_own_base(building_on)
         building_on, self.state.rollout_offset = distributed.all_gather((building_on, offset))[0]
         if building_on == self.state.parent_version:
             return
@@ -324,11 +326,25 @@ class Trainer:
             # The starting version need not be in the store: it is the learner's reference.
             folder = None if building_on == STARTING_VERSION else self.store.fetch("policy", building_on)
             self.learner.models.reset_policy(folder)
-        except (LookupError, ValueError) as error:  # not in the store; not an adapter of this LoRA base
+        except (LookupError, ValueError, ChecksumMismatch) as error:  # not in the store, damaged, or not an adapter of this LoRA base
             log.error("cannot go back to %s (%s); training goes on from %s", building_on, error,
                       self.state.parent_version)
             return
         self.state.parent_version = building_on
+
+    def _on_own_base(self, version: str) -> str:
+        """version, if it is an adapter on this LoRA trainer's base (or cannot be read: that is told
+        later); else the version the trainer builds on now, with an error logged."""
+        try:
+            base = read_manifest(self.store.fetch("policy", version)).base.get("version")
+        except (LookupError, ValueError, ChecksumMismatch):
+            return version
+        own = self.publisher.base(self.learner.models)["version"]
+        if base == own:
+            return version
+        log.error("cannot go back to %s: it adapts %s, not this trainer's base %s; training goes on from %s",
+                  version, base or "nothing (a full checkpoint)", own, self.state.parent_version)
+        return self.state.parent_version
 
     def _consume_generations(self) -> None:
         while batches := self.generations.poll(timeout_ms=50, max_records=1000):

@@ -1,5 +1,5 @@
 """LoRA training of the policy (--learner.lora-rank): PEFT adapters on a frozen base that the reference
-and the published version share, published as a merged checkpoint with the adapter beside it.
+and the published version share, published as the adapter alone on a base published once.
 
 On the real (tiny) default models, no Kafka (blobs and prompts: conftest.py); the family checks build
 each family's tiny checkpoint.
@@ -11,15 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from modalign.core.blobs import BlobStore
 from modalign.core.config import ConfigError, parse_config, with_overrides
+from modalign.core.modelstore import MANIFEST, ChecksumMismatch, DirectoryStore, Manifest
+from modalign.policy.adapters import ADAPTER_FOLDER, WEIGHTS
+from modalign.policy.export import main as export_main
+from modalign.policy.families import UnsupportedModel
 from modalign.policy.model import load_policy
 from modalign.trainer.batches import Prompt
 from modalign.trainer.checkpoint import load_checkpoint, save_checkpoint
 from modalign.trainer.learner import Learner
-from modalign.trainer.lora import ADAPTER_FOLDER, default_target_modules
+from modalign.trainer.lora import default_target_modules
+from modalign.trainer.publishing import Publisher
 from modalign.trainer.service import TrainerConfig
 
 from tests.families.tiny import TINY_CHECKPOINTS
@@ -54,24 +59,34 @@ def test_lora_trains_only_the_adapter_and_the_reference_is_the_untouched_base(
     assert 0 < trainable < sum(p.numel() for p in models.policy.parameters()) / 10
 
 
-def test_a_lora_version_is_published_merged_and_reloads_as_its_adapter(
+def test_a_lora_version_is_its_adapter_on_a_base_published_once(
     blobs: BlobStore, prompts: list[Prompt], tmp_path: Path
 ) -> None:
     seed_everything(0)
     learner = make_learner(blobs, algorithm="dpo", **LORA)
     learner.learn(traffic_pairs(learner, prompts), prompts)
-    learner.models.export_policy(tmp_path / "v1")
+    store = DirectoryStore(tmp_path / "store")
+    publisher = Publisher(store, producer=None, kafka=None, algorithm="dpo")
+    base = publisher.base(learner.models)
+    store.publish(Manifest(version="v1", kind="policy", base=base), learner.models.export_policy)
 
-    # The merged checkpoint is an ordinary one: what the policy service loads serves the adapter's tokens.
-    merged, _ = load_policy(tmp_path / "v1", device=torch.device("cpu"), dtype=torch.float32)
+    # The version is the adapter alone; its base is a full version of its own, named by its files, so
+    # another trainer started from the same checkpoint names the same base rather than publishing another.
+    folder = store.fetch("policy", "v1")
+    assert {p.name for p in folder.rglob("*") if p.is_file()} == {MANIFEST, "adapter_config.json", WEIGHTS}
+    base_size = sum(p.stat().st_size for p in (store.root / "policy" / base["version"]).rglob("*") if p.is_file())
+    assert (folder / ADAPTER_FOLDER / WEIGHTS).stat().st_size < base_size / 5
+    other = make_learner(blobs, algorithm="dpo", **LORA)
+    assert Publisher(store, producer=None, kafka=None, algorithm="dpo").base(other.models) == base
+    assert store.versions("policy") == [base["version"], "v1"]
+
+    # Loaded from the store, the adapter is merged into its base: an ordinary model with the adapter's tokens.
+    merged, _ = load_policy(folder, device=torch.device("cpu"), dtype=torch.float32)
     assert tokens(learner, prompts, merged) == tokens(learner, prompts)
-    adapter = tmp_path / "v1" / ADAPTER_FOLDER / "adapter_model.safetensors"
-    assert adapter.stat().st_size < (tmp_path / "v1" / "model.safetensors").stat().st_size / 10
 
     # Another trainer going back to v1 (after a rollback) loads the adapter onto its own base.
-    other = make_learner(blobs, algorithm="dpo", **LORA)
     assert tokens(other, prompts) != tokens(learner, prompts)
-    other.models.reset_policy(tmp_path / "v1")
+    other.models.reset_policy(folder)
     assert tokens(other, prompts) == tokens(learner, prompts)
     assert tokens(other, prompts, other.models.published_policy) == tokens(learner, prompts)
 
@@ -81,6 +96,40 @@ def test_a_lora_version_is_published_merged_and_reloads_as_its_adapter(
     assert not (tmp_path / "full" / ADAPTER_FOLDER).exists()
     with pytest.raises(ValueError, match="no LoRA adapter"):
         other.models.reset_policy(tmp_path / "full")
+
+    # Exported: as stored, the adapter loads onto its base with PEFT; merged, transformers loads it alone.
+    assert export_main(["v1", "--out", str(tmp_path / "adapter"), "--model-store", str(store.root)]) == 0
+    on_base = PeftModel.from_pretrained(load_policy(store.fetch("policy", base["version"]))[0], tmp_path / "adapter")
+    assert tokens(learner, prompts, on_base.merge_and_unload()) == tokens(learner, prompts)
+    assert export_main(["v1", "--merged", "--out", str(tmp_path / "merged"), "--model-store", str(store.root)]) == 0
+    assert not (tmp_path / "merged" / MANIFEST).exists()
+    assert tokens(learner, prompts, load_policy(tmp_path / "merged")[0]) == tokens(learner, prompts)
+
+
+def test_an_adapter_whose_base_was_replaced_or_whose_files_changed_is_refused(
+    blobs: BlobStore, prompts: list[Prompt], tmp_path: Path
+) -> None:
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="dpo", **LORA)
+    store = DirectoryStore(tmp_path)
+    base = Publisher(store, producer=None, kafka=None, algorithm="dpo").base(learner.models)
+    for version, names in (("v1", base), ("v2", base | {"manifest_sha256": "0" * 64}),
+                           ("v3", {"version": "../v1", "manifest_sha256": "0" * 64})):
+        store.publish(Manifest(version=version, kind="policy", base=names), learner.models.export_policy)
+    store.fetch("policy", "v1")
+    with pytest.raises(ChecksumMismatch, match="not the base it was trained on"):
+        store.fetch("policy", "v2")
+    with pytest.raises(ChecksumMismatch, match="not a version"):
+        store.fetch("policy", "v3")
+    weights = store.root / "policy" / "v1" / ADAPTER_FOLDER / WEIGHTS
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(ChecksumMismatch, match="sha256 differs"):
+        store.fetch("policy", "v1")
+    # An adapter outside the store is not loaded as if it were a model.
+    learner.models.export_policy(tmp_path / "adapter-only")
+    with pytest.raises(UnsupportedModel, match="LoRA adapter without its base"):
+        load_policy(tmp_path / "adapter-only")
 
 
 def test_lora_reverts_to_the_published_adapter_and_checkpoints_adapters_only(
