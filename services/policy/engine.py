@@ -1,6 +1,10 @@
 """Batched sampling from the policy with exact behaviour log-probs (batcher.py merges a server's
 concurrent requests into these batches).
 
+One engine may serve several versions on one copy of the weights: its own (the base) and LoRA adapter
+versions added beside it (add_adapter); each request names its version, and a batch mixes rows of
+different versions, each row through its own adapter (PEFT's mixed-batch forward).
+
 Every sampled token comes with its log-probability under the distribution it was actually drawn from
 (temperature, then top_p truncation). The trainer divides by these for importance ratios, so they
 must be exact rather than re-derived later from a model that may have moved on.
@@ -10,15 +14,19 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from peft import PeftModel
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.core.version_names import STARTING_VERSION
+from modalign.policy.adapters import BASE, attach
 from modalign.policy.families import Inputs, family_of
 
 log = logging.getLogger(__name__)
@@ -47,7 +55,7 @@ class Sample:
     from: log_softmax(logits / temperature) restricted to the top_p nucleus and renormalised; for greedy
     decoding, the untempered log_softmax. token_ids include the EOS token when one was produced; text
     excludes special tokens. seed is the one this candidate was sampled with (request seed + index),
-    so a generation can be replayed; policy_version names the engine that produced it.
+    so a generation can be replayed; policy_version names the version that produced it.
     """
 
     prompt_token_ids: list[int]
@@ -77,6 +85,8 @@ class GenerationRequest:
     n: int = 1
     on_token: Callable[[int, int, str], None] | None = None
     on_finish: Callable[[int, Sample], None] | None = None
+    version: str = ""
+    """The version to sample from: the engine's own (empty) or one of its adapters (PolicyEngine.versions)."""
 
 
 class PromptTooLong(ValueError):
@@ -149,6 +159,7 @@ class _Row:
     params: SamplingParams
     seed: int
     generator: torch.Generator
+    version: str
     token_ids: list[int]
     logprobs: list[float]
     emitted_text: str = ""
@@ -160,11 +171,16 @@ class _Row:
 class PolicyEngine:
     """Samples candidates for many requests as one left-padded batch with a KV cache.
 
-    Not thread-safe: one thread (e.g. a batcher.DynamicBatcher's worker) calls generate at a time.
+    One thread (e.g. a batcher.DynamicBatcher's worker) calls generate at a time; add_adapter and
+    remove_adapter may come from another, and wait for the batch in progress to end.
     """
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, policy_version: str = STARTING_VERSION) -> None:
         self.model = model.eval()
+        self._peft: PeftModel | None = None
+        """The model with its adapters, once one is added: forward passes go through it to pick each row's."""
+        self._adapters: set[str] = set()
+        self._lock = threading.Lock()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.family = family_of(model.config.model_type)
@@ -178,9 +194,44 @@ class PolicyEngine:
         self.unsampleable_token_ids = unsampleable_token_ids(self.tokenizer, self.eos_token_ids)
         self.max_positions: int = model.config.get_text_config().max_position_embeddings
 
+    @property
+    def versions(self) -> frozenset[str]:
+        """Every version this engine serves: its own and its adapters'."""
+        return frozenset({self.policy_version, *self._adapters})
+
+    def add_adapter(self, version: str, folder: Path) -> None:
+        """Serves version, the LoRA adapter version in folder (adapters.py), beside the others on the
+        same weights; a hot load, the base is not read again. Raises AdapterMismatch if it does not fit."""
+        with self._lock:
+            if version in self.versions:
+                raise ValueError(f"{version} is already served by this engine")
+            self._peft = attach(self._peft or self.model, version, folder)
+            self._adapters.add(version)
+
+    def remove_adapter(self, version: str) -> None:
+        """Stops serving an adapter version (a request for it fails from now on)."""
+        with self._lock:
+            if version not in self._adapters:
+                return
+            assert self._peft is not None
+            self._adapters.discard(version)
+            if self._adapters:
+                self._peft.delete_adapter(version)
+            else:  # the last one: back to the plain model, no adapter layers left in it
+                self._peft.unload()
+                self._peft = None
+
+    def _forward(self, rows: list[str], **inputs: Any) -> Any:
+        """The model's forward pass, each row through its version's adapter (none for the base's rows)."""
+        if self._peft is None:
+            return self.model(**inputs)
+        return self._peft(**inputs, adapter_names=[BASE if v == self.policy_version else v for v in rows])
+
     def encode(self, request: GenerationRequest) -> Inputs:
         """Validate a request and run the processor on it (image placeholders expanded), on the CPU."""
         params = request.params
+        if request.version and request.version not in self.versions:
+            raise ValueError(f"this engine serves {sorted(self.versions)}, not {request.version}")
         if request.n < 1:
             raise ValueError(f"n must be at least 1, got {request.n}")
         if not (params.temperature >= 0 and params.temperature != float("inf")):
@@ -209,6 +260,10 @@ class PolicyEngine:
         """generate() for requests already passed through encode()."""
         if not requests:
             return []
+        with self._lock:
+            return self._generate_groups(requests, encoded)
+
+    def _generate_groups(self, requests: list[GenerationRequest], encoded: list[Inputs]) -> list[list[Sample]]:
         groups = self.family.groups(encoded)
         if len(groups) > 1:  # rows the family cannot batch together (Mllama's image counts): one batch each
             samples: list[list[Sample]] = [[] for _ in requests]
@@ -225,7 +280,8 @@ class PolicyEngine:
         samples: list[list[Sample | None]] = [[None] * r.n for r in requests]
 
         # Prefill each distinct prompt once, then give each of its n candidates a copy of its cache.
-        logits, cache, attention_mask, next_position, step_inputs = self._prefill(encoded)
+        logits, cache, attention_mask, next_position, step_inputs = self._prefill(
+            encoded, [r.version or self.policy_version for r in requests])
         row_request = torch.tensor([row.request_index for row in rows], device=logits.device)
         cache.batch_select_indices(row_request)
         logits, attention_mask, next_position = logits[row_request], attention_mask[row_request], next_position[row_request]
@@ -240,7 +296,7 @@ class PolicyEngine:
             uniforms = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active])
             if not torch.isfinite(logits).all():
                 # A diverged model (NaN or inf weights) would otherwise sample arbitrary token ids.
-                raise NonFiniteLogits(f"policy {self.policy_version} produced NaN or infinite logits")
+                raise NonFiniteLogits(f"policy {', '.join(sorted({r.version for r in active}))} produced NaN or infinite logits")
             logprobs = sampling_logprobs(mask_unsampleable(logits, self.unsampleable_token_ids), temperature, top_p)
             tokens = draw_tokens(logprobs, temperature <= 0, uniforms.to(logits.device))
             token_logprobs = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -275,7 +331,8 @@ class PolicyEngine:
                 step_inputs = {key: value[index] for key, value in step_inputs.items()}
                 active = [active[i] for i in keep]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
-            out = self.model(
+            out = self._forward(
+                [row.version for row in active],
                 input_ids=tokens.unsqueeze(-1),
                 attention_mask=attention_mask,
                 position_ids=self.family.step_positions(next_position),
@@ -296,18 +353,17 @@ class PolicyEngine:
                 seed = (base_seed + candidate_index) % _SEED_MODULUS
                 generator = torch.Generator(device="cpu")
                 generator.manual_seed(seed)
-                rows.append(
-                    _Row(request_index, candidate_index, prompt_ids, request.params, seed, generator, [], [])
-                )
+                rows.append(_Row(request_index, candidate_index, prompt_ids, request.params, seed, generator,
+                                 request.version or self.policy_version, [], []))
         return rows
 
-    def _prefill(self, encoded: list[Inputs]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor, Inputs]:
+    def _prefill(self, encoded: list[Inputs], versions: list[str]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor, Inputs]:
         """Run the prompts (one row each, left-padded so each ends where generation continues) through
         the model; return last-position logits, the cache, the attention mask, each row's next position
         and the inputs every decoding step needs."""
         batch = self.family.collate(encoded, self.pad_token_id, "left", self.model.device, self.model.dtype)
         position_ids, next_position = self.family.positions(self.model, batch)
-        out = self.model(**batch, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        out = self._forward(versions, **batch, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         step_inputs = self.family.step_inputs(batch, out)
         return out.logits[:, -1], out.cache, batch["attention_mask"], next_position, step_inputs
 
@@ -350,7 +406,7 @@ class PolicyEngine:
             text=self._text(row),
             finish_reason=row.finish_reason,
             seed=row.seed,
-            policy_version=self.policy_version,
+            policy_version=row.version,
         )
 
     @staticmethod

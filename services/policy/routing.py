@@ -7,6 +7,10 @@ stable to canary, never back and forth.
 
 Head-to-head (interleaving): a share of the canary's requests that ask for several candidates get half
 of them from stable, so a user who prefers one answer to the other compares the two versions directly.
+
+LoRA adapter versions on one base share one engine and its batcher (engine.py): a canary, a promotion
+and a rollback among them are pointer switches, and the previous stable adapter stays loaded, unrouted,
+so that going back to it is one too.
 """
 
 from __future__ import annotations
@@ -106,12 +110,16 @@ def _shifted(callback: C | None, offset: int) -> C | None:
 
 
 class VersionRouter:
-    """One DynamicBatcher per version served; routes each request to one of them by its session.
+    """One DynamicBatcher per engine, an engine per full version or per base of adapter versions;
+    routes each request to its session's version.
 
     apply() loads any version it lacks before switching, so requests keep flowing on the old routes
     meanwhile; a version promoted from canary to stable keeps its batcher (nothing reloads). Batchers
-    no longer routed to finish their queued requests and stop. A canary that fails to load gets no
-    traffic (its share goes to stable); a stable that fails to load leaves the routes as they were.
+    no longer routed to finish their queued requests and stop; an adapter no longer routed (but the
+    previous stable's) is removed from its engine once its queued requests are answered. A canary that
+    fails to load gets no traffic (its share goes to stable); a stable that fails to load leaves the
+    routes as they were. load_engine(version) returns an engine that serves version: a new one, or one
+    already held that it added the version's adapter to.
     """
 
     def __init__(
@@ -128,6 +136,11 @@ class VersionRouter:
         self._on_routes = on_routes
         self._routes = Routes(stable=initial.policy_version)
         self._batchers = {initial.policy_version: make_batcher(initial)}
+        """The batcher of each version loaded: routed, or the previous stable adapter."""
+        self._previous_stable = ""
+        self._removals: dict[str, object] = {}
+        """Adapters due to be removed once their queued requests are answered, each with its token: a
+        version routed again before then cancels its removal."""
         self._lock = threading.Lock()
         self._apply_lock = threading.Lock()
 
@@ -145,7 +158,7 @@ class VersionRouter:
             version = routes.version_for(bucket)
             if version == routes.canary and request.n >= 2 and random.randrange(100) < self._head_to_head_percent:
                 return version, self._head_to_head(request, routes)
-            return version, self._batchers[version].submit(request)
+            return version, self._batchers[version].submit(dataclasses.replace(request, version=version))
 
     def _head_to_head(self, request: GenerationRequest, routes: Routes) -> Joined:
         """Half the candidates (rounded up) from one of canary and stable, drawn at random so that
@@ -156,7 +169,7 @@ class VersionRouter:
         try:
             for version, offset, n in ((first, 0, split), (second, split, request.n - split)):
                 parts.append(self._batchers[version].submit(dataclasses.replace(
-                    request, n=n, on_token=_shifted(request.on_token, offset),
+                    request, n=n, version=version, on_token=_shifted(request.on_token, offset),
                     on_finish=_shifted(request.on_finish, offset))))
         except Exception:
             for part in parts:
@@ -167,18 +180,19 @@ class VersionRouter:
     def apply(self, wanted: Routes) -> Routes:
         """Serves `wanted` once every version in it is loaded; returns the routes now in force."""
         with self._apply_lock:
-            loaded = {}
+            loaded: dict[str, DynamicBatcher] = {}
             for version in wanted.versions():
+                with self._lock:
+                    self._removals.pop(version, None)
                 if version in self._batchers:
                     continue
                 try:
-                    loaded[version] = self._make_batcher(self._load_engine(version))
+                    loaded[version] = self._batcher_of(self._load_engine(version), loaded)
                 except Exception:
                     log.exception("could not load policy %s", version)
             available = self._batchers.keys() | loaded.keys()
             if wanted.stable not in available:
-                for batcher in loaded.values():
-                    batcher.close()
+                self._release(loaded, keep=self._batchers)
                 return self._routes
             if wanted.canary and wanted.canary not in available:
                 wanted = Routes(stable=wanted.stable)
@@ -186,16 +200,52 @@ class VersionRouter:
                 old = self._routes
                 self._batchers.update(loaded)
                 self._routes = wanted
-                dropped = [self._batchers.pop(v) for v in list(self._batchers) if v not in wanted.versions()]
-            for batcher in dropped:
-                threading.Thread(target=batcher.close, name="batcher-drain", daemon=True).start()
+                if old.stable != wanted.stable:
+                    self._previous_stable = old.stable
+                kept = {v: b for v, b in self._batchers.items() if v in wanted.versions()}
+                previous = self._batchers.get(self._previous_stable)
+                if previous is not None and previous.engine.policy_version != self._previous_stable \
+                        and previous in kept.values():  # an adapter on a base still served: kept, cheap
+                    kept[self._previous_stable] = previous
+                dropped = {v: b for v, b in self._batchers.items() if v not in kept}
+                self._batchers = kept
+            self._release(dropped, keep=kept)
             if old != wanted:
                 log.info("routes: %s", wanted.weights())
                 self._on_routes(old, wanted)
             return wanted
 
+    def _batcher_of(self, engine: PolicyEngine, loaded: dict[str, DynamicBatcher]) -> DynamicBatcher:
+        """The batcher of engine: the one it has already (it serves another version), or a new one."""
+        for batcher in [*self._batchers.values(), *loaded.values()]:
+            if batcher.engine is engine:
+                return batcher
+        return self._make_batcher(engine)
+
+    def _release(self, dropped: dict[str, DynamicBatcher], keep: dict[str, DynamicBatcher]) -> None:
+        """Stops serving the dropped versions: a batcher no kept version uses finishes its queued
+        requests and stops; an adapter on a batcher still in use is removed after its queued requests."""
+        still_used = {id(b) for b in keep.values()}
+        closing = {id(b): b for b in dropped.values() if id(b) not in still_used}
+        for batcher in closing.values():
+            threading.Thread(target=batcher.close, name="batcher-drain", daemon=True).start()
+        for version, batcher in dropped.items():
+            if id(batcher) in still_used and batcher.engine.policy_version != version:
+                token = object()
+                with self._lock:
+                    self._removals[version] = token
+                batcher.after_queued(lambda version=version, token=token, engine=batcher.engine:
+                                     self._remove_adapter(engine, version, token))
+
+    def _remove_adapter(self, engine: PolicyEngine, version: str, token: object) -> None:
+        with self._lock:  # so that apply() cannot route to version again meanwhile
+            if self._removals.get(version) is token:
+                del self._removals[version]
+                engine.remove_adapter(version)
+                log.info("policy %s: adapter removed", version)
+
     def close(self) -> None:
         with self._lock:
-            batchers = list(self._batchers.values())
-        for batcher in batchers:
+            batchers = {id(b): b for b in self._batchers.values()}
+        for batcher in batchers.values():
             batcher.close()

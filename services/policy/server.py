@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -20,12 +22,13 @@ import torch
 import uvicorn
 from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Gauge, Histogram
+from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.core import auth
 from modalign.core.blobs import BlobStore
 from modalign.core.grpc_server import access_for, dial
 from modalign.core.kafka import decode_record, ensure_topics
-from modalign.core.modelstore import fetch, fetch_published
+from modalign.core.modelstore import base_folder, fetch, fetch_published, folder_digests, read_manifest
 from modalign.core.ratelimit import abort_with_retry_info
 from modalign.core.service import run_service, serve_grpc
 from modalign.core.tls import http_ssl_context
@@ -121,11 +124,20 @@ def refusals(context: grpc.ServicerContext) -> Iterator[None]:
 
 class PublishedVersions:
     """The versions the trainer published and the routes the replica should serve, from the records of
-    the followed topics; loads any of those versions, verified against its manifest first."""
+    the followed topics; loads any of those versions, verified against its manifest first.
 
-    def __init__(self, config: PolicyConfig, initial: PolicyEngine) -> None:
+    A LoRA adapter version is added to the engine of its base, loaded once: the initial engine when it
+    was started from the base's very files (the trainer publishes its starting checkpoint as the base),
+    else the base from the model store, shared by every adapter on it while any is served.
+    """
+
+    def __init__(self, config: PolicyConfig, initial: PolicyEngine, initial_folder: Path | None = None) -> None:
+        """initial_folder: the checkpoint folder the initial engine was loaded from; None: built in code."""
         self._config = config
         self._initial = initial
+        self._initial_folder = initial_folder
+        self._initial_files: dict[str, str] | None = None
+        self._bases: weakref.WeakValueDictionary[str, PolicyEngine] = weakref.WeakValueDictionary()
         self._published: dict[str, events_pb2.PolicyVersionPublished] = {}
         self._rollout_revision = -1
         self._awaiting: Routes | None = None
@@ -137,8 +149,27 @@ class PublishedVersions:
         if event is None:
             raise LookupError(f"policy {version} was never published")
         folder = fetch_published(event.uri, self._config.model_store, self._config.s3, event.manifest_sha256)
-        model, processor = load_policy(folder, device=self._config.device, dtype=getattr(torch, self._config.dtype))
-        return PolicyEngine(model, processor, policy_version=version)
+        base = base_folder(folder)
+        if base is None:
+            return PolicyEngine(*self._load(folder), policy_version=version)
+        engine = self._base_engine(base)
+        if version not in engine.versions:  # else still there: it was dropped and routed again before its removal
+            engine.add_adapter(version, folder)
+        return engine
+
+    def _load(self, folder: Path) -> tuple[PreTrainedModel, ProcessorMixin]:
+        return load_policy(folder, device=self._config.device, dtype=getattr(torch, self._config.dtype))
+
+    def _base_engine(self, base: Path) -> PolicyEngine:
+        """The engine holding the base in folder base (fetched and verified by the store)."""
+        if self._initial_folder is not None and self._initial_files is None:
+            self._initial_files = folder_digests(self._initial_folder)
+        if read_manifest(base).files == self._initial_files:
+            return self._initial
+        engine = self._bases.get(base.name)
+        if engine is None:
+            engine = self._bases[base.name] = PolicyEngine(*self._load(base), policy_version=base.name)
+        return engine
 
     def update(self, records: list[ConsumerRecord]) -> Routes | None:
         """Catalogs every published version in records; returns the routes they call for, if changed."""
@@ -209,15 +240,17 @@ def serve_http(config: PolicyConfig, generations: Generations) -> uvicorn.Server
 
 def serve(config: PolicyConfig) -> None:
     # The model first: a checkpoint that cannot be served is refused before anything else starts.
+    folder = None
     if config.model_dir:
-        folder = fetch(config.model_dir, config.s3) if "://" in config.model_dir else config.model_dir
+        folder = fetch(config.model_dir, config.s3) if "://" in config.model_dir else Path(config.model_dir)
         model, processor = load_policy(folder, device=config.device, dtype=getattr(torch, config.dtype))
     else:
         model, processor = build_default_policy(config.seed)
         model.to(config.device, getattr(torch, config.dtype))
     initial = PolicyEngine(model, processor, policy_version=config.policy_version)
     ensure_topics(config.kafka)
-    versions = PublishedVersions(config, initial)
+    # Adapters can share the initial engine's weights when it was loaded from a full checkpoint's folder.
+    versions = PublishedVersions(config, initial, folder if folder is not None and base_folder(folder) is None else None)
     router = VersionRouter(
         initial, versions.load_engine,
         lambda engine: DynamicBatcher(

@@ -6,7 +6,9 @@ import copy
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -168,8 +170,11 @@ def test_promotion_reuses_the_canary_and_a_failed_canary_gets_no_traffic(router,
     assert router.apply(Routes("v9")) == Routes("v1")  # nor can an unloadable stable replace a working one
 
 
-def test_no_request_fails_while_routes_change_under_load(router, policy) -> None:
-    _, processor = policy
+@contextmanager
+def under_load(router: VersionRouter, make_request: Callable[[], GenerationRequest], clients: int = 4
+               ) -> Iterator[tuple[list[BaseException], set[str]]]:
+    """Clients sending make_request() to the router in a loop, each with a new session, until the block
+    ends; yields the failures they met and the versions that answered them."""
     stop = threading.Event()
     failures: list[BaseException] = []
     served: set[str] = set()
@@ -177,18 +182,26 @@ def test_no_request_fails_while_routes_change_under_load(router, policy) -> None
     def client() -> None:
         while not stop.is_set():
             try:
-                version, pending = router.submit(uuid.uuid4().hex, prompt(processor, "load", max_new_tokens=2))
-                served.add(pending.result(timeout=60)[0].policy_version)
+                _, pending = router.submit(uuid.uuid4().hex, make_request())
+                served.update(sample.policy_version for sample in pending.result(timeout=60))
             except BaseException as error:  # noqa: BLE001 - any failure is the test's finding
                 failures.append(error)
 
-    with ThreadPoolExecutor(4) as pool:
-        for _ in range(4):
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
             pool.submit(client)
+        try:
+            yield failures, served
+        finally:
+            stop.set()
+
+
+def test_no_request_fails_while_routes_change_under_load(router, policy) -> None:
+    _, processor = policy
+    with under_load(router, lambda: prompt(processor, "load", max_new_tokens=2)) as (failures, served):
         for routes in (Routes("v0", "v1", 50), Routes("v1"), Routes("v1", "v2", 50), Routes("v1"), Routes("v2")):
             router.apply(routes)
             time.sleep(0.3)
-        stop.set()
     assert not failures
     assert router.routes == Routes("v2") and {"v0", "v1", "v2"} >= served and len(served) >= 2
 
