@@ -136,8 +136,8 @@ def main() -> None:
         for repeat in range(args.repeats + 1):  # the first pass warms up, untimed
             peft = adapter(repeat)
             merged = copy.deepcopy(peft).merge_and_unload()  # the same version, as a full checkpoint
-            sides = [("full", lambda: full_version(f"full-{repeat}", merged)),
-                     ("adapter", lambda: adapter_version(f"adapter-{repeat}", peft))]
+            sides = [("full", lambda repeat=repeat, merged=merged: full_version(f"full-{repeat}", merged)),
+                     ("adapter", lambda repeat=repeat, peft=peft: adapter_version(f"adapter-{repeat}", peft))]
             for side, run in (sides if repeat % 2 == 0 else sides[::-1]):
                 elapsed = run()
                 if repeat:

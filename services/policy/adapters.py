@@ -56,6 +56,8 @@ def attach(model: PreTrainedModel | PeftModel, name: str, folder: Path) -> PeftM
     weights = adapter_weights(folder)
     config = LoraConfig.from_pretrained(str(folder / ADAPTER_FOLDER))
     config.inference_mode = True
+    # Where the trainer loaded its base from is not where this base was loaded from; both are the base.
+    config.base_model_name_or_path = getattr(model, "name_or_path", None)
     if isinstance(model, PeftModel):
         model.add_adapter(name, config)
         peft = model

@@ -1,4 +1,5 @@
-"""The dynamic batcher: merges a server's concurrent requests into batches for one PolicyEngine."""
+"""The dynamic batcher: a server's concurrent requests decoded together by one PolicyEngine, new ones
+joining the running batch between its steps (continuous batching)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample
+from modalign.policy.engine import GenerationRequest, PolicyEngine, RunningBatch, Sample
+from modalign.policy.families import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +29,29 @@ class BatcherOverloaded(RuntimeError):
 class _Pending:
     request: GenerationRequest
     future: Future[list[Sample]]
+    number: int
+    """Its place in the order of submission."""
+    encoded: Inputs | None = None
 
 
 class DynamicBatcher:
-    """Merges concurrent requests into batches for one PolicyEngine, on one worker thread.
+    """Continuous batching of concurrent requests for one PolicyEngine, on one worker thread.
 
     submit() returns a concurrent.futures.Future at once, so a caller chooses how to wait (with a
-    deadline, or cancel() before its batch starts). The worker takes the oldest request, then waits up
-    to max_wait_ms for more until max_batch_rows candidates are gathered (a request with more
-    candidates than that runs alone), encodes each request (a bad one fails only its own future), and
-    runs one generate. If the batch raises, that batch's futures get the exception; the worker goes on.
-    One batcher serves one engine: one version, or several on one base (LoRA adapters), mixed in a batch;
-    routing.VersionRouter holds one per engine.
+    deadline, or cancel() before its request is taken up). The worker keeps one running batch
+    (engine.RunningBatch) and, between two of its decoding steps, admits waiting requests: they are
+    encoded (a bad one fails only its own future), prefilled together, and join the running rows;
+    finished rows leave at every step, and each future resolves as soon as its last candidate ends.
+    Admission goes in the order of submission while the candidates fit max_batch_rows and their
+    reserved cache positions (prompt plus max_new_tokens, per candidate) fit max_batch_tokens; the
+    oldest request that does not fit holds back the ones behind it, so a large request is not starved
+    by small ones, and a request larger than either bound runs once nothing else does. With nothing
+    running, the worker waits up to max_wait_ms for more requests to start with. Rows the engine cannot
+    join to a running batch (families whose caches do not line up) wait for it to end. If a step
+    raises, the futures of every running request get the exception; the worker goes on.
+
+    One batcher serves one engine: one version, or several on one base (LoRA adapters), mixed in a
+    batch; routing.VersionRouter holds one per engine.
     """
 
     def __init__(
@@ -48,20 +61,27 @@ class DynamicBatcher:
         max_wait_ms: float = 5.0,
         max_pending_rows: int | None = None,
         on_batch: Callable[[int], None] | None = None,
+        max_batch_tokens: int | None = None,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_pending_rows = max_pending_rows
         self.on_batch = on_batch
         self._engine = engine
         self._queue: deque[_Pending] = deque()
         self._pending_rows = 0
-        self._submitted = self._finished = 0  # requests queued so far; requests whose batch has ended
+        self._submitted = 0
+        self._open: set[int] = set()
+        """Numbers of the requests submitted and not yet answered (queued or running)."""
         self._after: list[tuple[int, Callable[[], None]]] = []
         self._closed = False
         self._cond = threading.Condition()
+        # The worker's own: the running batch, and its requests by id(request) with their reservations.
+        self._running: RunningBatch | None = None
+        self._answering: dict[int, tuple[_Pending, int]] = {}
         self._worker = threading.Thread(target=self._run, name="policy-batcher", daemon=True)
         self._worker.start()
 
@@ -77,7 +97,8 @@ class DynamicBatcher:
                 raise BatcherClosed("the batcher is closed")
             if self.max_pending_rows is not None and self._pending_rows + request.n > self.max_pending_rows:
                 raise BatcherOverloaded(f"{self._pending_rows} candidates already queued")
-            self._queue.append(_Pending(request, future))
+            self._queue.append(_Pending(request, future, self._submitted))
+            self._open.add(self._submitted)
             self._submitted += 1
             self._pending_rows += request.n
             self._cond.notify()
@@ -97,27 +118,41 @@ class DynamicBatcher:
             self._cond.notify()
         self._worker.join(timeout)
 
-    def _next_batch(self) -> list[_Pending] | None:
+    # --- the worker -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            self._admit(taken)
+            if self._running is not None:
+                self._step()
+            self._run_actions()
+        self._run_actions(every=True)
+
+    def _take(self) -> list[_Pending] | None:
+        """The oldest waiting requests whose candidates fit beside the running rows (waiting for some
+        when nothing runs); None once closed with nothing left."""
         with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                if self._after:
-                    return []  # nothing to generate, but actions waiting for their turn
-                self._cond.wait()
-            deadline = time.monotonic() + self.max_wait_s
-            while not self._closed and self._queued_rows_that_fit() < self.max_batch_rows:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            batch, rows = [], 0
-            while self._queue and (not batch or rows + self._queue[0].request.n <= self.max_batch_rows):
+            if self._running is None:
+                while not self._queue:
+                    if self._closed:
+                        return None
+                    if self._after:
+                        return []  # nothing to generate, but actions waiting for their turn
+                    self._cond.wait()
+                deadline = time.monotonic() + self.max_wait_s
+                while not self._closed and self._queued_rows_that_fit() < self.max_batch_rows:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            rows = len(self._running.rows) if self._running is not None else 0
+            taken: list[_Pending] = []
+            while self._queue and (rows == 0 or rows + self._queue[0].request.n <= self.max_batch_rows):
                 pending = self._queue.popleft()
                 rows += pending.request.n
-                batch.append(pending)
-            self._pending_rows -= rows
-            return batch
+                self._pending_rows -= pending.request.n
+                taken.append(pending)
+            return taken
 
     def _queued_rows_that_fit(self) -> int:
         rows = 0
@@ -127,47 +162,96 @@ class DynamicBatcher:
             rows += pending.request.n
         return rows
 
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._run_batch(batch)
-            with self._cond:
-                self._finished += len(batch)
-            self._run_actions()
-        self._run_actions(every=True)
+    def _give_back(self, pendings: list[_Pending]) -> None:
+        """Requests taken but not admitted: first in the queue again, in their order."""
+        with self._cond:
+            for pending in reversed(pendings):
+                self._queue.appendleft(pending)
+                self._pending_rows += pending.request.n
 
-    def _run_batch(self, batch: list[_Pending]) -> None:
-        engine = self._engine
-        # Skip callers that cancelled while queued; the rest can no longer cancel.
-        batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
-        runnable, encoded = [], []
-        for pending in batch:
-            try:
-                encoded.append(engine.encode(pending.request))
-                runnable.append(pending)
-            except Exception as error:
-                pending.future.set_exception(error)
-        if not runnable:
+    def _admit(self, taken: list[_Pending]) -> None:
+        """Encodes the taken requests and starts them, or joins them to the running batch, as far as
+        they fit; gives back the rest."""
+        engine, running = self._engine, self._running
+        admitted: list[_Pending] = []
+        reserved = sum(tokens for _, tokens in self._answering.values())
+        for index, pending in enumerate(taken):
+            if pending.encoded is None:  # else taken before and given back, already encoded
+                if not pending.future.set_running_or_notify_cancel():
+                    self._done(pending)  # cancelled while queued
+                    continue
+                try:
+                    pending.encoded = engine.encode(pending.request)
+                except Exception as error:
+                    pending.future.set_exception(error)
+                    self._done(pending)
+                    continue
+            tokens = pending.request.n * (pending.encoded["input_ids"].shape[1] + pending.request.params.max_new_tokens)
+            candidates = admitted + [pending]
+            fits = self.max_batch_tokens is None or reserved + tokens <= self.max_batch_tokens
+            if not (fits or (running is None and not admitted)) or not self._can_run_together(candidates):
+                self._give_back(taken[index:])
+                break
+            admitted.append(pending)
+            reserved += tokens
+        if not admitted:
             return
+        try:
+            batch = engine.start([p.request for p in admitted], [p.encoded for p in admitted])  # type: ignore[misc]
+        except Exception as error:
+            log.exception("prefill of %d requests failed", len(admitted))
+            for pending in admitted:
+                pending.future.set_exception(error)
+                self._done(pending)
+            return
+        for pending in admitted:
+            self._answering[id(pending.request)] = (pending, pending.request.n * (
+                pending.encoded["input_ids"].shape[1] + pending.request.params.max_new_tokens))  # type: ignore[index]
+        if running is None:
+            self._running = batch
+        else:
+            engine.join(running, batch)
         if self.on_batch is not None:
             try:
-                self.on_batch(sum(p.request.n for p in runnable))
+                self.on_batch(len(self._running.rows))  # type: ignore[union-attr]
             except Exception:
                 log.exception("on_batch hook failed")
+
+    def _can_run_together(self, candidates: list[_Pending]) -> bool:
+        encoded = [p.encoded for p in candidates]
+        if self._running is None:
+            return len(self._engine.family.groups(encoded)) == 1  # type: ignore[arg-type]
+        return self._engine.joinable(self._running, encoded)  # type: ignore[arg-type]
+
+    def _step(self) -> None:
+        assert self._running is not None
         try:
-            results = engine.generate_encoded([p.request for p in runnable], encoded)
+            finished = self._engine.step(self._running)
         except Exception as error:
-            log.exception("generation batch of %d requests failed", len(runnable))
-            for pending in runnable:
+            log.exception("a decoding step of %d requests failed", len(self._answering))
+            for pending, _ in self._answering.values():
                 pending.future.set_exception(error)
+                self._done(pending)
+            self._answering.clear()
+            self._running = None
             return
-        for pending, samples in zip(runnable, results):
+        for request, samples in finished:
+            pending, _ = self._answering.pop(id(request))
             pending.future.set_result(samples)
+            self._done(pending)
+        if not self._running.rows:
+            self._running = None
+
+    def _done(self, pending: _Pending) -> None:
+        with self._cond:
+            self._open.discard(pending.number)
 
     def _run_actions(self, every: bool = False) -> None:
         """The after_queued actions whose requests have all been answered (every: all of them)."""
         with self._cond:
-            due = [action for mark, action in self._after if every or mark <= self._finished]
-            self._after = [(mark, action) for mark, action in self._after if not (every or mark <= self._finished)]
+            oldest_open = min(self._open, default=self._submitted)
+            due = [action for mark, action in self._after if every or mark <= oldest_open]
+            self._after = [(mark, action) for mark, action in self._after if not (every or mark <= oldest_open)]
         for action in due:
             try:
                 action()

@@ -72,9 +72,12 @@ class PolicyConfig(GrpcServiceConfig):
     s3: S3Config = field(default_factory=S3Config)
     """How to reach the model store when the trainer publishes to S3."""
     max_batch_rows: int = 32
-    """Most sequences decoded together; concurrent requests are merged up to this."""
+    """Most sequences decoded together; requests join a running batch between its steps up to this."""
+    max_batch_tokens: int = 65536
+    """Cache positions a running batch may reserve, each candidate its prompt plus its max_new_tokens
+    (a bound on the KV cache's memory); a request that would pass it waits, one larger than it runs alone."""
     max_batch_wait_ms: float = 5.0
-    """How long the first queued request waits for company before its batch starts."""
+    """How long the first queued request waits for company before a batch starts (later ones join it)."""
     default_max_new_tokens: int = 64
     """Tokens sampled per candidate when a request sets no sampling.max_new_tokens."""
     max_new_tokens_limit: int = 512
@@ -108,6 +111,10 @@ class PolicyConfig(GrpcServiceConfig):
             raise ConfigError("head_to_head_percent", f"a percentage in [0, 100], got {self.head_to_head_percent}")
         super().validate()
         require_one_of("follow", self.follow, FOLLOW_MODES)
+        require_one_of("dtype", self.dtype, DTYPES)
+        for name in ("max_batch_rows", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"at least 1, got {getattr(self, name)}")
         if self.http_listen:
             host, _, port = self.http_listen.rpartition(":")
             if not host or not port.isdigit():
@@ -125,4 +132,3 @@ class PolicyConfig(GrpcServiceConfig):
         host, _, port = self.http_listen.rpartition(":")
         scheme = "https" if self.tls.enabled else "http"
         return f"{scheme}://{loopback(host)}:{port}/v1"
-        require_one_of("dtype", self.dtype, DTYPES)

@@ -24,10 +24,11 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
+from transformers.cache_utils import DynamicLayer
 
 from modalign.core.version_names import STARTING_VERSION
 from modalign.policy.adapters import BASE, attach
-from modalign.policy.families import Inputs, family_of
+from modalign.policy.families import Family, Inputs, family_of
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +150,22 @@ def draw_tokens(logprobs: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Te
     return torch.where(greedy, logprobs.argmax(dim=-1), sampled)
 
 
+class _Answer:
+    """A request being answered: its candidates as they finish, and whether its callbacks still run."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.samples: list[Sample | None] = [None] * request.n
+        self.callbacks_on = request.on_token is not None or request.on_finish is not None
+
+
 @dataclass
 class _Row:
     """Decoding state of one candidate."""
 
+    answer: _Answer
     request_index: int
+    """Its request's index among those started together (their prefill rows)."""
     candidate_index: int
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -216,6 +228,8 @@ class PolicyEngine:
             assert self._peft is not None
             self._adapters.discard(version)
             if self._adapters:
+                if version in self._peft.active_adapters:  # PEFT's active adapter, unused here (adapter_names)
+                    self._peft.set_adapter(next(iter(self._adapters)), inference_mode=True)
                 self._peft.delete_adapter(version)
             else:  # the last one: back to the plain model, no adapter layers left in it
                 self._peft.unload()
@@ -253,107 +267,117 @@ class PolicyEngine:
         """Sample request.n candidates for every request; returns them per request, in order."""
         return self.generate_encoded(requests, [self.encode(request) for request in requests])
 
-    @torch.inference_mode()
     def generate_encoded(
         self, requests: list[GenerationRequest], encoded: list[Inputs]
     ) -> list[list[Sample]]:
-        """generate() for requests already passed through encode()."""
-        if not requests:
-            return []
+        """generate() for requests already passed through encode(): one running batch per group of rows
+        the family can batch together (all of them but in Mllama), decoded until every row ends."""
+        samples: dict[int, list[Sample]] = {}
+        for group in self.family.groups(encoded) if requests else []:
+            batch = self.start([requests[i] for i in group], [encoded[i] for i in group])
+            while batch.rows:
+                for request, candidates in self.step(batch):
+                    samples[id(request)] = candidates
+        return [samples[id(request)] for request in requests]
+
+    def joinable(self, batch: RunningBatch, encoded: list[Inputs]) -> bool:
+        """Whether requests (encoded) may join batch between two of its steps (continuous batching): when
+        the family batches them with the batch's rows and every cache layer is a plain one that grows by
+        a token a step (not a sliding window or a cross-attention cache, whose shapes do not line up)."""
+        return (type(self.family).step_inputs is Family.step_inputs and not self.family.step_keys
+                and len(self.family.groups(encoded)) == 1 and batch.cache_joinable)
+
+    @torch.inference_mode()
+    def start(self, requests: list[GenerationRequest], encoded: list[Inputs]) -> RunningBatch:
+        """A running batch of the requests' candidates (rows the family can batch together), prefilled:
+        each distinct prompt once, then each of its n candidates gets a copy of its cache."""
         with self._lock:
-            return self._generate_groups(requests, encoded)
+            answers = [_Answer(request) for request in requests]
+            rows = self._make_rows(answers, encoded)
+            logits, cache, attention_mask, next_position, step_inputs = self._prefill(
+                encoded, [r.version or self.policy_version for r in requests])
+            row_request = torch.tensor([row.request_index for row in rows], device=logits.device)
+            cache.batch_select_indices(row_request)
+            step_inputs = {key: value[row_request] for key, value in step_inputs.items()}
+            return RunningBatch(
+                rows, logits[row_request], cache, attention_mask[row_request], next_position[row_request],
+                step_inputs, torch.tensor([r.params.temperature for r in rows], device=logits.device),
+                torch.tensor([r.params.top_p for r in rows], device=logits.device),
+            )
 
-    def _generate_groups(self, requests: list[GenerationRequest], encoded: list[Inputs]) -> list[list[Sample]]:
-        groups = self.family.groups(encoded)
-        if len(groups) > 1:  # rows the family cannot batch together (Mllama's image counts): one batch each
-            samples: list[list[Sample]] = [[] for _ in requests]
-            for group in groups:
-                for index, candidates in zip(group, self._generate([requests[i] for i in group], [encoded[i] for i in group])):
-                    samples[index] = candidates
-            return samples
-        return self._generate(requests, encoded)
+    @torch.inference_mode()
+    def join(self, batch: RunningBatch, joining: RunningBatch) -> None:
+        """Adds joining's rows (just started) to batch (between two of its steps; see joinable)."""
+        with self._lock:
+            batch.join(joining)
 
-    def _generate(self, requests: list[GenerationRequest], encoded: list[Inputs]) -> list[list[Sample]]:
-        """Sample every request's candidates as one batch."""
-        rows = self._make_rows(requests, encoded)
-        callbacks_on = [r.on_token is not None or r.on_finish is not None for r in requests]
-        samples: list[list[Sample | None]] = [[None] * r.n for r in requests]
+    @torch.inference_mode()
+    def step(self, batch: RunningBatch) -> list[tuple[GenerationRequest, list[Sample]]]:
+        """One decoding step of every row: a token each, finished rows leave. Returns the requests whose
+        last candidate finished in this step, with their candidates."""
+        with self._lock:
+            return self._step(batch)
 
-        # Prefill each distinct prompt once, then give each of its n candidates a copy of its cache.
-        logits, cache, attention_mask, next_position, step_inputs = self._prefill(
-            encoded, [r.version or self.policy_version for r in requests])
-        row_request = torch.tensor([row.request_index for row in rows], device=logits.device)
-        cache.batch_select_indices(row_request)
-        logits, attention_mask, next_position = logits[row_request], attention_mask[row_request], next_position[row_request]
-        step_inputs = {key: value[row_request] for key, value in step_inputs.items()}
+    def _step(self, batch: RunningBatch) -> list[tuple[GenerationRequest, list[Sample]]]:
+        active, logits = batch.rows, batch.logits
+        # The uniforms come from per-row CPU generators: a row's stream depends only on its seed,
+        # never on its batch companions or on the device.
+        uniforms = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active])
+        if not torch.isfinite(logits).all():
+            # A diverged model (NaN or inf weights) would otherwise sample arbitrary token ids.
+            raise NonFiniteLogits(f"policy {', '.join(sorted({r.version for r in active}))} produced NaN or infinite logits")
+        logprobs = sampling_logprobs(mask_unsampleable(logits, self.unsampleable_token_ids), batch.temperature, batch.top_p)
+        tokens = draw_tokens(logprobs, batch.temperature <= 0, uniforms.to(logits.device))
+        token_logprobs = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
-        active = rows
-        temperature = torch.tensor([r.params.temperature for r in active], device=logits.device)
-        top_p = torch.tensor([r.params.top_p for r in active], device=logits.device)
-        while True:
-            # The uniforms come from per-row CPU generators: a row's stream depends only on its seed,
-            # never on its batch companions or on the device.
-            uniforms = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active])
-            if not torch.isfinite(logits).all():
-                # A diverged model (NaN or inf weights) would otherwise sample arbitrary token ids.
-                raise NonFiniteLogits(f"policy {', '.join(sorted({r.version for r in active}))} produced NaN or infinite logits")
-            logprobs = sampling_logprobs(mask_unsampleable(logits, self.unsampleable_token_ids), temperature, top_p)
-            tokens = draw_tokens(logprobs, temperature <= 0, uniforms.to(logits.device))
-            token_logprobs = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-            keep = []
-            for i, (row, token, token_logprob) in enumerate(zip(active, tokens.tolist(), token_logprobs.tolist())):
-                row.token_ids.append(token)
-                row.logprobs.append(token_logprob)
-                if token in self.eos_token_ids:
-                    row.finish_reason = "stop"
-                elif row.params.stop and (text := self._until_stop(row)) is not None:
-                    row.finish_reason, row.stopped_text = "stop", text
-                elif len(row.token_ids) >= row.params.max_new_tokens:
-                    row.finish_reason = "length"
-                else:
-                    keep.append(i)
-                if callbacks_on[row.request_index]:
-                    self._stream(requests[row.request_index], row, callbacks_on)
-                if row.finish_reason is not None:
-                    sample = self._to_sample(row)
-                    samples[row.request_index][row.candidate_index] = sample
-                    if callbacks_on[row.request_index] and requests[row.request_index].on_finish is not None:
-                        self._call(requests[row.request_index].on_finish, callbacks_on, row, row.candidate_index, sample)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                # Finished rows leave the batch: later steps compute only for rows still generating.
-                index = torch.tensor(keep, device=logits.device)
-                cache.batch_select_indices(index)
-                attention_mask, next_position, tokens = attention_mask[index], next_position[index], tokens[index]
-                temperature, top_p = temperature[index], top_p[index]
-                step_inputs = {key: value[index] for key, value in step_inputs.items()}
-                active = [active[i] for i in keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
+        keep, finished = [], []
+        for i, (row, token, token_logprob) in enumerate(zip(active, tokens.tolist(), token_logprobs.tolist())):
+            row.token_ids.append(token)
+            row.logprobs.append(token_logprob)
+            if token in self.eos_token_ids:
+                row.finish_reason = "stop"
+            elif row.params.stop and (text := self._until_stop(row)) is not None:
+                row.finish_reason, row.stopped_text = "stop", text
+            elif len(row.token_ids) >= row.params.max_new_tokens:
+                row.finish_reason = "length"
+            else:
+                keep.append(i)
+            answer = row.answer
+            if answer.callbacks_on:
+                self._stream(row)
+            if row.finish_reason is not None:
+                sample = self._to_sample(row)
+                answer.samples[row.candidate_index] = sample
+                if answer.callbacks_on and answer.request.on_finish is not None:
+                    self._call(answer.request.on_finish, row, row.candidate_index, sample)
+                if all(s is not None for s in answer.samples):
+                    finished.append((answer.request, answer.samples))
+        batch.keep(keep, tokens)
+        if batch.rows:
             out = self._forward(
-                [row.version for row in active],
-                input_ids=tokens.unsqueeze(-1),
-                attention_mask=attention_mask,
-                position_ids=self.family.step_positions(next_position),
-                cache=cache,
+                [row.version for row in batch.rows],
+                input_ids=batch.tokens.unsqueeze(-1),
+                attention_mask=batch.attention_mask,
+                position_ids=self.family.step_positions(batch.next_position),
+                cache=batch.cache,
                 use_cache=True,
                 logits_to_keep=1,
-                **step_inputs,
+                **batch.step_inputs,
             )
-            logits, cache, next_position = out.logits[:, -1], out.cache, next_position + 1
-        return samples  # type: ignore[return-value]  # every row finished, so every slot is filled
+            batch.stepped(out.logits[:, -1], out.cache)
+        return finished  # type: ignore[return-value]  # every candidate of a finished request is filled
 
-    def _make_rows(self, requests: list[GenerationRequest], encoded: list[Inputs]) -> list[_Row]:
+    def _make_rows(self, answers: list[_Answer], encoded: list[Inputs]) -> list[_Row]:
         rows = []
-        for request_index, (request, inputs) in enumerate(zip(requests, encoded)):
+        for request_index, (answer, inputs) in enumerate(zip(answers, encoded)):
+            request = answer.request
             prompt_ids = inputs["input_ids"][0].tolist()
             base_seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
             for candidate_index in range(request.n):
                 seed = (base_seed + candidate_index) % _SEED_MODULUS
                 generator = torch.Generator(device="cpu")
                 generator.manual_seed(seed)
-                rows.append(_Row(request_index, candidate_index, prompt_ids, request.params, seed, generator,
+                rows.append(_Row(answer, request_index, candidate_index, prompt_ids, request.params, seed, generator,
                                  request.version or self.policy_version, [], []))
         return rows
 
@@ -381,7 +405,8 @@ class PolicyEngine:
     def _text(self, row: _Row) -> str:
         return row.stopped_text if row.stopped_text is not None else self._decode(row.token_ids)
 
-    def _stream(self, request: GenerationRequest, row: _Row, callbacks_on: list[bool]) -> None:
+    def _stream(self, row: _Row) -> None:
+        request = row.answer.request
         if request.on_token is None:
             return
         text = self._text(row)
@@ -395,7 +420,7 @@ class PolicyEngine:
         else:
             delta = text[len(row.emitted_text) :]
             row.emitted_text = text
-        self._call(request.on_token, callbacks_on, row, row.candidate_index, row.token_ids[-1], delta)
+        self._call(request.on_token, row, row.candidate_index, row.token_ids[-1], delta)
 
     def _to_sample(self, row: _Row) -> Sample:
         assert row.finish_reason is not None
@@ -410,13 +435,81 @@ class PolicyEngine:
         )
 
     @staticmethod
-    def _call(callback: Callable[..., None], callbacks_on: list[bool], row: _Row, *args: Any) -> None:
+    def _call(callback: Callable[..., None], row: _Row, *args: Any) -> None:
         try:
             callback(*args)
         except Exception:
             # A consumer that went away (e.g. a cancelled stream) must not fail the batch it shares.
-            log.exception("generation callback failed; dropping callbacks of request %d", row.request_index)
-            callbacks_on[row.request_index] = False
+            log.exception("generation callback failed; dropping the callbacks of its request")
+            row.answer.callbacks_on = False
+
+
+class RunningBatch:
+    """Rows decoded together, between two steps: the logits of each row's next token, the KV cache and
+    the inputs the next forward pass needs. PolicyEngine.start makes one, step advances it, join adds
+    the rows of requests that arrive meanwhile (continuous batching)."""
+
+    def __init__(
+        self, rows: list[_Row], logits: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
+        next_position: torch.Tensor, step_inputs: Inputs, temperature: torch.Tensor, top_p: torch.Tensor,
+    ) -> None:
+        self.rows, self.logits, self.cache, self.attention_mask = rows, logits, cache, attention_mask
+        self.next_position, self.step_inputs, self.temperature, self.top_p = next_position, step_inputs, temperature, top_p
+        self.tokens = torch.empty(0, dtype=torch.long, device=logits.device)
+        """Each row's last sampled token: the input of the next forward pass."""
+
+    @property
+    def width(self) -> int:
+        """Positions in the cache: the longest row's, the others left-padded."""
+        return self.attention_mask.shape[1]
+
+    @property
+    def cache_joinable(self) -> bool:
+        return all(type(layer) is DynamicLayer for layer in getattr(self.cache, "layers", [None]))
+
+    def keep(self, keep: list[int], tokens: torch.Tensor) -> None:
+        """Only the rows at the indices keep go on (finished rows leave: later steps compute only for rows
+        still generating), with tokens, the ones just sampled."""
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
+            self.cache.batch_select_indices(index)
+            self.attention_mask, self.next_position, tokens = self.attention_mask[index], self.next_position[index], tokens[index]
+            self.temperature, self.top_p = self.temperature[index], self.top_p[index]
+            self.step_inputs = {key: value[index] for key, value in self.step_inputs.items()}
+            self.rows = [self.rows[i] for i in keep]
+            # Positions no remaining row uses (the left padding of rows that left) leave the cache.
+            unused = int(self.attention_mask.any(0).long().argmax()) if self.rows else 0
+            if unused and self.cache_joinable:
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+                self.attention_mask = self.attention_mask[:, unused:]
+        self.tokens = tokens
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], dim=-1)
+
+    def stepped(self, logits: torch.Tensor, cache: Any) -> None:
+        self.logits, self.cache, self.next_position = logits, cache, self.next_position + 1
+
+    def join(self, other: RunningBatch) -> None:
+        """Appends other's rows (a batch just started), left-padding the shorter cache to the longer."""
+        width = max(self.width, other.width)
+        for layer, joining in zip(self.cache.layers, other.cache.layers, strict=True):
+            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(joining.keys, width)])
+            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(joining.values, width)])
+        self.attention_mask = torch.cat([_left_pad(self.attention_mask, width), _left_pad(other.attention_mask, width)])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.temperature, self.top_p = torch.cat([self.temperature, other.temperature]), torch.cat([self.top_p, other.top_p])
+        self.rows = self.rows + other.rows
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """tensor ([rows, positions] or [rows, heads, positions, dim]) with zeros before its positions up to width."""
+    missing = width - (tensor.shape[1] if tensor.dim() == 2 else tensor.shape[-2])
+    if missing == 0:
+        return tensor
+    if tensor.dim() == 2:
+        return torch.cat([tensor.new_zeros(tensor.shape[0], missing), tensor], dim=1)
+    return torch.cat([tensor.new_zeros(*tensor.shape[:2], missing, tensor.shape[-1]), tensor], dim=-2)
 
 
 class NonFiniteLogits(RuntimeError):

@@ -254,7 +254,8 @@ def serve(config: PolicyConfig) -> None:
     router = VersionRouter(
         initial, versions.load_engine,
         lambda engine: DynamicBatcher(
-            engine, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_batch_wait_ms,
+            engine, max_batch_rows=config.max_batch_rows, max_batch_tokens=config.max_batch_tokens,
+            max_wait_ms=config.max_batch_wait_ms,
             max_pending_rows=config.max_pending_rows, on_batch=BATCH_ROWS.observe,
         ),
         on_routes=publish_routes, head_to_head_percent=config.head_to_head_percent,

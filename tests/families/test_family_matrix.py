@@ -115,6 +115,34 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(policy, blobs, prom
             torch.testing.assert_close(batched[0].logprobs, alone.logprobs, atol=1e-4, rtol=0)
 
 
+# Families whose rows join a running batch (continuous batching); the others' caches (sliding windows,
+# cross-attention to images) do not line up across rows started apart, and new requests wait instead.
+JOINING = {"idefics3", "llava", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm"}
+
+
+def test_requests_that_join_a_running_batch_get_what_they_get_alone(policy, blobs, prompts) -> None:
+    model, processor = policy
+    engine = PolicyEngine(model, processor)
+    first, *later = requests_of(processor, blobs, [prompts[2], prompts[0], prompts[1], prompts[3]],
+                                temperature=1.0, seed=5, max_new_tokens=12)
+    batch = engine.start([first], [engine.encode(first)])
+    answers = {}
+    for _ in range(3):
+        answers.update((id(r), s) for r, s in engine.step(batch))
+    encoded = [engine.encode(r) for r in later]
+    assert engine.joinable(batch, encoded) == (model.config.model_type in JOINING)
+    if engine.joinable(batch, encoded):
+        engine.join(batch, engine.start(later, encoded))
+    else:
+        answers.update((id(r), s) for r, s in zip(later, engine.generate_encoded(later, encoded)))
+    while batch.rows:
+        answers.update((id(r), s) for r, s in engine.step(batch))
+    for request in [first, *later]:
+        alone = engine.generate([request])[0][0]
+        assert answers[id(request)][0].token_ids == alone.token_ids
+        torch.testing.assert_close(answers[id(request)][0].logprobs, alone.logprobs, atol=1e-4, rtol=0)
+
+
 def test_seeded_sampling_replays(policy, blobs, prompts) -> None:
     model, processor = policy
     engine = PolicyEngine(model, processor)

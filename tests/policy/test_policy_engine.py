@@ -1,3 +1,4 @@
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -236,19 +237,28 @@ def test_invalid_params_are_rejected(policy, engine):
 
 
 class CountingEngine(PolicyEngine):
-    """A real engine that records the rows of every batch it runs, and can be told to fail one."""
+    """A real engine that records the rows of every batch it starts and of every join, and can be told
+    to fail a decoding step."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.batches: list[int] = []
+        self.joins: list[int] = []
         self.fail_next = False
 
-    def generate_encoded(self, requests, encoded):
+    def start(self, requests, encoded):
         self.batches.append(sum(r.n for r in requests))
+        return super().start(requests, encoded)
+
+    def join(self, batch, joining):
+        self.joins.append(len(joining.rows))
+        super().join(batch, joining)
+
+    def step(self, batch):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("device lost")
-        return super().generate_encoded(requests, encoded)
+        return super().step(batch)
 
 
 def test_batcher_merges_concurrent_submits_into_one_batch(policy, images):
@@ -322,3 +332,72 @@ def test_responses_never_contain_special_tokens_other_than_eos(policy, images, e
     assert processor.tokenizer.eos_token_id not in never
     for sample in engine.generate([hot])[0]:
         assert never.isdisjoint(sample.token_ids)
+
+
+def test_a_request_joins_the_running_batch_and_is_answered_before_it_ends(policy, images):
+    model, processor = policy
+    engine = CountingEngine(model, processor)
+    batcher = DynamicBatcher(engine, max_batch_rows=8, max_wait_ms=1)
+    long = request(processor, "a long answer", [], n=2, temperature=1.0, seed=3, max_new_tokens=40)
+    later = [request(processor, "a short one", images[:1], n=2, temperature=1.0, seed=4, max_new_tokens=3),
+             request(processor, "and greedy", images[:2], temperature=0.0, max_new_tokens=5)]
+    long_tokens: list[int] = []
+    futures, answered_at = [], []
+
+    def on_token(index: int, token: int, delta: str) -> None:
+        long_tokens.append(index)
+        if len(long_tokens) == 4:  # the long request is running: the others arrive now
+            for r in later:
+                futures.append(batcher.submit(r))
+                futures[-1].add_done_callback(lambda _: answered_at.append(len(long_tokens)))
+
+    long.on_token = on_token
+    long_future = batcher.submit(long)
+    results = [long_future.result(timeout=60), *(f.result() for f in futures)]
+    batcher.close()
+    assert engine.batches == [2, 3] and engine.joins == [3]
+    assert len(answered_at) == 2 and max(answered_at) < 2 * 40  # answered before the long request's last token
+    # Joined into a batch of other lengths (left-padded caches), each row samples what it samples alone.
+    for req, samples in zip([long, *later], results):
+        alone = PolicyEngine(model, processor).generate([dataclasses.replace(req, on_token=None)])[0]
+        assert [s.token_ids for s in samples] == [s.token_ids for s in alone]
+        for sample, single in zip(samples, alone):
+            assert sample.logprobs == pytest.approx(single.logprobs, abs=1e-5)
+
+
+def test_the_cache_bound_holds_a_request_back_and_an_oversized_one_runs_alone(policy):
+    model, processor = policy
+    engine = CountingEngine(model, processor)
+    prompt_tokens = engine.encode(request(processor, "q", [], max_new_tokens=1))["input_ids"].shape[1]
+    # Room for one candidate of 20 new tokens: the second request waits for the first to end.
+    batcher = DynamicBatcher(engine, max_batch_rows=8, max_wait_ms=1, max_batch_tokens=prompt_tokens + 20)
+    first = request(processor, "q", [], temperature=1.0, seed=1, max_new_tokens=20)
+    started = threading.Event()
+    first.on_token = lambda *_: started.set()
+    futures = [batcher.submit(first)]
+    assert started.wait(30)
+    futures += [batcher.submit(request(processor, "q", [], temperature=1.0, seed=2, max_new_tokens=20)),
+                batcher.submit(request(processor, "q", [], n=3, temperature=1.0, seed=2, max_new_tokens=20))]
+    for future in futures:
+        future.result(timeout=60)
+    batcher.close()
+    assert engine.batches == [1, 1, 3] and engine.joins == []
+
+
+def test_a_large_request_is_not_overtaken_by_smaller_ones_behind_it(policy):
+    model, processor = policy
+    engine = CountingEngine(model, processor)
+    batcher = DynamicBatcher(engine, max_batch_rows=4, max_wait_ms=1)
+    running = request(processor, "q", [], n=2, temperature=1.0, seed=1, max_new_tokens=30)
+    started = threading.Event()
+    running.on_token = lambda *_: started.set()
+    futures = [batcher.submit(running)]
+    assert started.wait(30)
+    # Four candidates do not fit beside the two running: the large request waits for them, and the
+    # small one behind it, which would fit, waits behind it rather than overtake it.
+    futures += [batcher.submit(request(processor, "q", [], n=4, max_new_tokens=2)),
+                batcher.submit(request(processor, "q", [], n=1, max_new_tokens=2))]
+    for future in futures:
+        future.result(timeout=60)
+    batcher.close()
+    assert engine.batches == [2, 4, 1] and engine.joins == []
