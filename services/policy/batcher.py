@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 
 from modalign.policy.engine import GenerationRequest, PolicyEngine, RunningBatch, Sample
@@ -25,10 +25,29 @@ class BatcherOverloaded(RuntimeError):
     """submit() while max_pending_rows candidates are already waiting (a server answers RESOURCE_EXHAUSTED)."""
 
 
+class CallerGone(CancelledError):
+    """The request was cancelled while its rows were being decoded: they left the batch unfinished."""
+
+
+class RequestFuture(Future):
+    """A request's samples. cancel() while the request waits cancels it, as for any Future; while its
+    rows are decoded, it abandons the request: the rows leave the running batch before its next step,
+    freeing their places, and the future ends with CallerGone."""
+
+    abandoned = False
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        if self.running():
+            self.abandoned = True
+        return False
+
+
 @dataclass
 class _Pending:
     request: GenerationRequest
-    future: Future[list[Sample]]
+    future: RequestFuture
     number: int
     """Its place in the order of submission."""
     encoded: Inputs | None = None
@@ -49,6 +68,8 @@ class DynamicBatcher:
     running, the worker waits up to max_wait_ms for more requests to start with. Rows the engine cannot
     join to a running batch (families whose caches do not line up) wait for it to end. If a step
     raises, the futures of every running request get the exception; the worker goes on.
+
+    A request cancelled while it runs leaves the batch before the next step (RequestFuture).
 
     One batcher serves one engine: one version, or several on one base (LoRA adapters), mixed in a
     batch; routing.VersionRouter holds one per engine.
@@ -90,8 +111,9 @@ class DynamicBatcher:
         return self._engine
 
     def submit(self, request: GenerationRequest) -> Future[list[Sample]]:
-        """Queue a request; the future resolves to its n samples, or to the error that stopped them."""
-        future: Future[list[Sample]] = Future()
+        """Queue a request; the future resolves to its n samples, or to the error that stopped them
+        (see RequestFuture for cancelling it)."""
+        future = RequestFuture()
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the batcher is closed")
@@ -176,6 +198,10 @@ class DynamicBatcher:
         admitted: list[_Pending] = []
         reserved = sum(tokens for _, tokens in self._answering.values())
         for index, pending in enumerate(taken):
+            if pending.future.abandoned:  # taken before and given back, then cancelled
+                pending.future.set_exception(CallerGone("the caller went away before its rows started"))
+                self._done(pending)
+                continue
             if pending.encoded is None:  # else taken before and given back, already encoded
                 if not pending.future.set_running_or_notify_cancel():
                     self._done(pending)  # cancelled while queued
@@ -225,6 +251,17 @@ class DynamicBatcher:
 
     def _step(self) -> None:
         assert self._running is not None
+        gone = [pending for pending, _ in self._answering.values() if pending.future.abandoned]
+        if gone:
+            self._engine.drop(self._running, [pending.request for pending in gone])
+            for pending in gone:
+                del self._answering[id(pending.request)]
+                pending.future.set_exception(CallerGone("the caller went away while its rows were decoded: "
+                                                        "they stopped, and nothing was logged"))
+                self._done(pending)
+            if not self._running.rows:
+                self._running = None
+                return
         try:
             finished = self._engine.step(self._running)
         except Exception as error:

@@ -312,6 +312,12 @@ class PolicyEngine:
             batch.join(joining)
 
     @torch.inference_mode()
+    def drop(self, batch: RunningBatch, requests: list[GenerationRequest]) -> None:
+        """Takes the rows of requests out of batch, between two of its steps, unfinished."""
+        with self._lock:
+            batch.drop(requests)
+
+    @torch.inference_mode()
     def step(self, batch: RunningBatch) -> list[tuple[GenerationRequest, list[Sample]]]:
         """One decoding step of every row: a token each, finished rows leave. Returns the requests whose
         last candidate finished in this step, with their candidates."""
@@ -468,23 +474,34 @@ class RunningBatch:
         return all(type(layer) is DynamicLayer for layer in getattr(self.cache, "layers", [None]))
 
     def keep(self, keep: list[int], tokens: torch.Tensor) -> None:
-        """Only the rows at the indices keep go on (finished rows leave: later steps compute only for rows
-        still generating), with tokens, the ones just sampled."""
-        if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
-            self.cache.batch_select_indices(index)
-            self.attention_mask, self.next_position, tokens = self.attention_mask[index], self.next_position[index], tokens[index]
-            self.temperature, self.top_p = self.temperature[index], self.top_p[index]
-            self.step_inputs = {key: value[index] for key, value in self.step_inputs.items()}
-            self.rows = [self.rows[i] for i in keep]
-            # Positions no remaining row uses (the left padding of rows that left) leave the cache.
-            unused = int(self.attention_mask.any(0).long().argmax()) if self.rows else 0
-            if unused and self.cache_joinable:
-                for layer in self.cache.layers:
-                    layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
-                self.attention_mask = self.attention_mask[:, unused:]
-        self.tokens = tokens
+        """After a step's sampling: only the rows at the indices keep go on (finished rows leave: later
+        steps compute only for rows still generating), with tokens, the ones just sampled."""
+        self.tokens = self._select(keep, tokens)
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], dim=-1)
+
+    def drop(self, requests: list[GenerationRequest]) -> None:
+        """Between steps: the rows of requests leave, unfinished (their callers went away)."""
+        leaving = {id(request) for request in requests}
+        self.logits = self._select([i for i, row in enumerate(self.rows) if id(row.answer.request) not in leaving],
+                                   self.logits)
+
+    def _select(self, keep: list[int], per_row: torch.Tensor) -> torch.Tensor:
+        """Keeps the rows at the indices keep; returns per_row (one entry per row) cut alike."""
+        if len(keep) == len(self.rows):
+            return per_row
+        index = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
+        self.cache.batch_select_indices(index)
+        self.attention_mask, self.next_position = self.attention_mask[index], self.next_position[index]
+        self.temperature, self.top_p = self.temperature[index], self.top_p[index]
+        self.step_inputs = {key: value[index] for key, value in self.step_inputs.items()}
+        self.rows = [self.rows[i] for i in keep]
+        # Positions no remaining row uses (the left padding of rows that left) leave the cache.
+        unused = int(self.attention_mask.any(0).long().argmax()) if self.rows else 0
+        if unused and self.cache_joinable:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+            self.attention_mask = self.attention_mask[:, unused:]
+        return per_row[index]
 
     def stepped(self, logits: torch.Tensor, cache: Any) -> None:
         self.logits, self.cache, self.next_position = logits, cache, self.next_position + 1

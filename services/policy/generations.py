@@ -171,7 +171,8 @@ class Started:
 
     def cancel_when_gone(self, context: grpc.ServicerContext) -> None:
         """Takes the request out of its queue if the RPC ends before its batch starts (its deadline
-        passed, or its caller cancelled): it is then never generated, and its place goes to others."""
+        passed, or its caller cancelled): it is then never generated, and its place goes to others;
+        if it ends while the request runs, its rows stop at the next decoding step (RequestFuture)."""
         if not context.add_callback(self.pending.cancel):  # the RPC has ended already
             self.pending.cancel()
 
@@ -238,8 +239,8 @@ class Generations:
         request = started.request
         try:
             samples = started.pending.result()
-        except CancelledError as error:  # cancelled while queued (see Started.cancel_when_gone): never generated
-            raise Refused(grpc.StatusCode.CANCELLED, "the caller went away before its batch started") from error
+        except CancelledError as error:  # cancelled (Started.cancel_when_gone) while queued, or while it ran
+            raise Refused(grpc.StatusCode.CANCELLED, str(error) or "the caller went away before its batch started") from error
         except PromptTooLong as error:
             field = "conversation" if request.conversation else "text"
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {error}") from error

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modalign.policy.batcher import BatcherClosed, DynamicBatcher
+from modalign.policy.batcher import BatcherClosed, CallerGone, DynamicBatcher
 from modalign.policy.engine import (
     GenerationRequest,
     PolicyEngine,
@@ -401,3 +401,26 @@ def test_a_large_request_is_not_overtaken_by_smaller_ones_behind_it(policy):
         future.result(timeout=60)
     batcher.close()
     assert engine.batches == [2, 4, 1] and engine.joins == []
+
+
+def test_a_request_cancelled_while_it_runs_leaves_the_batch_at_the_next_step(policy):
+    model, processor = policy
+    batcher = DynamicBatcher(PolicyEngine(model, processor), max_batch_rows=8, max_wait_ms=50)
+    abandoned = request(processor, "a long answer", [], n=2, temperature=1.0, seed=3, max_new_tokens=40)
+    staying = request(processor, "another", [], temperature=1.0, seed=4, max_new_tokens=12)
+    steps: list[int] = []
+
+    def on_token(index: int, *_) -> None:
+        steps.append(index)
+        if len(steps) == 6:  # three steps of its two rows: its caller goes away
+            future.cancel()
+
+    abandoned.on_token = on_token
+    future, other = batcher.submit(abandoned), batcher.submit(staying)
+    with pytest.raises(CallerGone, match="went away"):
+        future.result(timeout=30)
+    assert len(steps) == 6  # its rows left before the next step
+    assert [s.token_ids for s in other.result(timeout=30)] == \
+        [s.token_ids for s in PolicyEngine(model, processor).generate([staying])[0]]
+    assert not future.cancelled()  # a Future that ran is not "cancelled": it ended with CallerGone
+    batcher.close()
