@@ -181,10 +181,11 @@ class _Row:
 
 
 class PolicyEngine:
-    """Samples candidates for many requests as one left-padded batch with a KV cache.
+    """Samples candidates for many requests as one left-padded batch with a KV cache: generate() whole,
+    or start(), step() and join() a RunningBatch (continuous batching, batcher.py).
 
-    One thread (e.g. a batcher.DynamicBatcher's worker) calls generate at a time; add_adapter and
-    remove_adapter may come from another, and wait for the batch in progress to end.
+    One thread (e.g. a batcher.DynamicBatcher's worker) decodes at a time; add_adapter and
+    remove_adapter may come from another, and wait for the step in progress to end.
     """
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, policy_version: str = STARTING_VERSION) -> None:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from modalign.core.kafka import DurableProducer, KafkaConfig, read_topic
-from modalign.core.modelstore import Manifest, folder_digests
+from modalign.core.modelstore import ChecksumMismatch, Manifest, folder_digests, read_manifest
 from modalign.core.version_names import next_policy_version, reward_version_for
 from modalign.trainer.gate import VERSIONS
 from modalign.trainer.models import Models
@@ -81,3 +81,15 @@ class Publisher:
                     log.info("published %s, the base of this trainer's LoRA versions", name)
             self._base = {"version": name, "manifest_sha256": published.manifest_sha256}
         return self._base
+
+    def foreign_adapter(self, version: str, models: Models) -> str | None:
+        """Why a LoRA trainer must not go back to version (a full checkpoint, or an adapter on another
+        base than its own); None when it may, or when version cannot be read (going back says why)."""
+        try:
+            base = read_manifest(self.store.fetch("policy", version)).base.get("version")
+        except (LookupError, ValueError, ChecksumMismatch):
+            return None
+        own = self.base(models)["version"]
+        if base == own:
+            return None
+        return f"it adapts {base}, not this trainer's base {own}" if base else "it is a full checkpoint, not an adapter"

@@ -43,7 +43,7 @@ from modalign.core.kafka import (
     make_consumer,
     parse_record,
 )
-from modalign.core.modelstore import DEFAULT_MODEL_STORE, ChecksumMismatch, S3Config, open_store, read_manifest
+from modalign.core.modelstore import DEFAULT_MODEL_STORE, ChecksumMismatch, S3Config, open_store
 from modalign.core.service import MeteredConfig, run_service, serve_metrics
 from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import CommittedByTransactions
@@ -335,15 +335,10 @@ class Trainer:
     def _on_own_base(self, version: str) -> str:
         """version, if it is an adapter on this LoRA trainer's base (or cannot be read: that is told
         later); else the version the trainer builds on now, with an error logged."""
-        try:
-            base = read_manifest(self.store.fetch("policy", version)).base.get("version")
-        except (LookupError, ValueError, ChecksumMismatch):
+        refusal = self.publisher.foreign_adapter(version, self.learner.models)
+        if refusal is None:
             return version
-        own = self.publisher.base(self.learner.models)["version"]
-        if base == own:
-            return version
-        log.error("cannot go back to %s: it adapts %s, not this trainer's base %s; training goes on from %s",
-                  version, base or "nothing (a full checkpoint)", own, self.state.parent_version)
+        log.error("cannot go back to %s: %s; training goes on from %s", version, refusal, self.state.parent_version)
         return self.state.parent_version
 
     def _consume_generations(self) -> None:

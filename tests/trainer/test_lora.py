@@ -7,6 +7,7 @@ each family's tiny checkpoint.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,22 @@ def test_an_adapter_whose_base_was_replaced_or_whose_files_changed_is_refused(
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     with pytest.raises(ChecksumMismatch, match="sha256 differs"):
         store.fetch("policy", "v1")
+    # A LoRA trainer goes back only to adapters on its own base.
+    publisher = Publisher(store, producer=None, kafka=None, algorithm="dpo")
+    assert publisher.foreign_adapter("v1", learner.models) is None
+    full = make_learner(blobs, algorithm="dpo")
+    store.publish(Manifest(version="v4", kind="policy"), full.models.export_policy)
+    assert publisher.foreign_adapter("v4", learner.models) == "it is a full checkpoint, not an adapter"
+    other_store = DirectoryStore(tmp_path / "other")
+    seed_everything(1)
+    stranger = make_learner(blobs, algorithm="dpo", seed=1, **LORA)
+    other_base = Publisher(other_store, producer=None, kafka=None, algorithm="dpo").base(stranger.models)
+    assert other_base["version"] != base["version"]
+    shutil.copytree(other_store.root / "policy" / other_base["version"], store.root / "policy" / other_base["version"])
+    store.publish(Manifest(version="v5", kind="policy", base=other_base), stranger.models.export_policy)
+    refusal = publisher.foreign_adapter("v5", learner.models)
+    assert refusal == f"it adapts {other_base['version']}, not this trainer's base {base['version']}"
+
     # An adapter outside the store is not loaded as if it were a model.
     learner.models.export_policy(tmp_path / "adapter-only")
     with pytest.raises(UnsupportedModel, match="LoRA adapter without its base"):
