@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from modalign.core.auth import AuthConfig
 from modalign.core.broker import port_open
-from modalign.core.config import DTYPES, require_one_of
+from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.core.images import ImageLimits
 from modalign.core.kafka import KafkaConfig
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config
@@ -71,6 +71,10 @@ class RewardServerConfig(ServiceConfig):
     """Seconds in-flight gRPC requests get to finish on SIGTERM."""
     limits: RequestLimits = RequestLimits()
     """Bounds on one request."""
+    max_batch_rows: int = 64
+    """Rows of concurrent requests scored together in one forward pass at most (a larger request runs alone)."""
+    max_batch_wait_ms: float = 2.0
+    """How long the oldest waiting request waits for others to share its forward pass."""
     follow: str = "none"
     """Which versions to serve. "latest": each reward model the trainer publishes (the
     reward_model_version of every event on the policy-versions topic), verified by checksum, loaded
@@ -95,6 +99,8 @@ class RewardServerConfig(ServiceConfig):
         require_one_of("follow", self.follow, FOLLOW_MODES)
         require_one_of("dtype", self.dtype, DTYPES)
         require_one_of("backbone", self.backbone, BACKBONES)
+        if self.max_batch_rows < 1:
+            raise ConfigError("max_batch_rows", f"at least 1, got {self.max_batch_rows}")
 
     @property
     def url(self) -> str:

@@ -36,7 +36,7 @@ import torch
 from kserve.errors import InvalidInput
 from kserve.logging import logger
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from modalign.core.auth import Authenticator
 from modalign.core.kafka import ensure_topics
@@ -55,14 +55,19 @@ from modalign.core.modelstore import (
 from modalign.core.service import run_service
 from modalign.core.versions import follow_newest_version
 from modalign.reward.backbones import AnyRewardModel, build_default_reward_model, load_reward_model
+from modalign.reward.batching import ScoringBatcher
 from modalign.reward.config import RequestLimits, RewardServerConfig
-from modalign.reward.contract import INPUTS, OUTPUTS, parse_request
+from modalign.reward.contract import INPUTS, OUTPUTS, ScoreBatch, parse_request
 from modalign.reward.kserve_server import BoundModelServer
 from modalign.reward.model import UnscorableText
 from modalign.v1 import events_pb2
 
 # Defined once per process: prometheus_client's default registry is what KServe's /metrics serves.
 SCORED = Counter("modalign_reward_scored_total", "Responses scored by the reward model.")
+BATCH_ROWS = Histogram(
+    "modalign_reward_batch_rows", "Rows of concurrent requests scored together in one forward pass.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 MODEL_INFO = Gauge("modalign_reward_model_info", "1 for the reward model version being served.", ["version"])
 MODEL_LOADS = Counter(
     "modalign_reward_model_loads",
@@ -123,6 +128,8 @@ class RewardKServeModel(kserve.Model):
         limits: RequestLimits | None = None,
         s3: S3Config = S3Config(),
         store: str = DEFAULT_MODEL_STORE,
+        max_batch_rows: int = 64,
+        max_batch_wait_ms: float = 2.0,
     ) -> None:
         super().__init__(name)
         self.limits = limits if limits is not None else RequestLimits()
@@ -135,6 +142,11 @@ class RewardKServeModel(kserve.Model):
         self._dtype = getattr(torch, dtype)
         self._served: _LoadedRewardModel | None = None
         self._load_lock = threading.Lock()
+        self._batcher = ScoringBatcher(self._score, max_batch_rows, max_batch_wait_ms, on_batch=BATCH_ROWS.observe)
+
+    def close(self) -> None:
+        """Scores the requests waiting, then stops the batcher's worker."""
+        self._batcher.close()
 
     @property
     def version(self) -> str | None:
@@ -215,11 +227,16 @@ class RewardKServeModel(kserve.Model):
         # and /metrics stay responsive while a batch is scored.
         return await asyncio.get_running_loop().run_in_executor(None, self._infer, payload)
 
+    def _score(self, batch: ScoreBatch) -> tuple[torch.Tensor, str]:
+        """The batcher's forward pass: one snapshot of the model served, so a reload never splits it."""
+        served = self._served
+        assert served is not None, "load() runs before the server starts"
+        return served.reward.score(batch.prompts, batch.images, batch.responses), served.version
+
     def _infer(self, request: InferRequest) -> InferResponse:
         batch = parse_request(request, self.limits)
-        served = self._served
         try:
-            scores = served.reward.score(batch.prompts, batch.images, batch.responses)
+            scores, version = self._batcher.submit(batch).result()
         except UnscorableText as error:
             raise InvalidInput(f"inputs 'prompt'/'response': {error}") from error
         SCORED.inc(len(batch.responses))
@@ -231,7 +248,7 @@ class RewardKServeModel(kserve.Model):
             # tritonclient.http answers 500 to a response without an id.
             response_id=request.id or str(uuid.uuid4()),
             model_name=self.name,
-            model_version=served.version,
+            model_version=version,
             infer_outputs=[output],
             use_binary_outputs=request.use_binary_outputs,
             requested_outputs=request.request_outputs,
@@ -253,6 +270,7 @@ def serve(config: RewardServerConfig) -> None:
     model = RewardKServeModel(
         config.model_name, config.model_dir, seed=config.seed, backbone=config.backbone, device=config.device, dtype=config.dtype,
         limits=config.limits, s3=config.s3, store=config.model_store,
+        max_batch_rows=config.max_batch_rows, max_batch_wait_ms=config.max_batch_wait_ms,
     )
     # Loaded even when a published version will replace it: if that one fails verification, this serves.
     model.load()
@@ -266,6 +284,7 @@ def serve(config: RewardServerConfig) -> None:
     finally:
         if follower is not None:
             follower.stop()
+        model.close()
 
 
 def main(argv: list[str] | None = None) -> None:
