@@ -17,6 +17,7 @@ from modalign.core.modelstore import (
     OutsideStore,
     S3Config,
     S3Store,
+    base_folder,
     fetch,
     fetch_published,
     open_store,
@@ -69,6 +70,33 @@ def test_publish_then_fetch_gives_the_verified_version(backend: tuple[ModelStore
     assert store.lookup("policy", "v1") == published and store.lookup("policy", "v2") is None
     with pytest.raises(LookupError, match="v2 was never published"):
         store.fetch("policy", "v2")
+
+
+def write_adapter(folder: Path) -> None:
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"low rank")
+
+
+def test_an_adapter_is_fetched_with_its_base_beside_it_and_another_base_is_refused(
+    backend: tuple[ModelStore, S3Config],
+) -> None:
+    store, s3_config = backend
+    base = store.publish(Manifest(version="base-1", kind="policy"), write_model)
+    adapter = store.publish(Manifest(version="v1", kind="policy", base={
+        "version": "base-1", "manifest_sha256": base.manifest_sha256}), write_adapter)
+    folder = fetch(adapter.uri, s3_config, adapter.manifest_sha256)
+    assert base_folder(folder) == folder.parent / "base-1"
+    assert verify(folder.parent / "base-1", base.manifest_sha256).version == "base-1"
+    # Another base with the same files is another version: an adapter naming it with base-1's sha256 is refused.
+    store.publish(Manifest(version="base-2", kind="policy"), write_model)
+    stray = store.publish(Manifest(version="v2", kind="policy", base={
+        "version": "base-2", "manifest_sha256": base.manifest_sha256}), write_adapter)
+    with pytest.raises(ChecksumMismatch, match="not the base it was trained on"):
+        fetch(stray.uri, s3_config, stray.manifest_sha256)
+    orphan = store.publish(Manifest(version="v3", kind="policy", base={
+        "version": "base-9", "manifest_sha256": base.manifest_sha256}), write_adapter)
+    with pytest.raises(LookupError, match="base-9 was never published"):
+        fetch(orphan.uri, s3_config, orphan.manifest_sha256)
 
 
 def test_versions_are_listed_oldest_first(backend: tuple[ModelStore, S3Config]) -> None:
