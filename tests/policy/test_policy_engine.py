@@ -371,35 +371,32 @@ def test_the_cache_bound_holds_a_request_back_and_an_oversized_one_runs_alone(po
     prompt_tokens = engine.encode(request(processor, "q", [], max_new_tokens=1))["input_ids"].shape[1]
     # Room for one candidate of 20 new tokens: the second request waits for the first to end.
     batcher = DynamicBatcher(engine, max_batch_rows=8, max_wait_ms=1, max_batch_tokens=prompt_tokens + 20)
-    first = request(processor, "q", [], temperature=1.0, seed=1, max_new_tokens=20)
+    behind_a_running_request(batcher, request(processor, "q", [], temperature=1.0, seed=1, max_new_tokens=20), [
+        request(processor, "q", [], temperature=1.0, seed=2, max_new_tokens=20),
+        request(processor, "q", [], n=3, temperature=1.0, seed=2, max_new_tokens=20)])
+    assert engine.batches == [1, 1, 3] and engine.joins == []
+
+
+def behind_a_running_request(batcher: DynamicBatcher, running: GenerationRequest, later: list[GenerationRequest]) -> None:
+    """Submits running, then, once its first token is out, later; waits for every answer and closes the batcher."""
     started = threading.Event()
-    first.on_token = lambda *_: started.set()
-    futures = [batcher.submit(first)]
+    running.on_token = lambda *_: started.set()
+    futures = [batcher.submit(running)]
     assert started.wait(30)
-    futures += [batcher.submit(request(processor, "q", [], temperature=1.0, seed=2, max_new_tokens=20)),
-                batcher.submit(request(processor, "q", [], n=3, temperature=1.0, seed=2, max_new_tokens=20))]
+    futures += [batcher.submit(r) for r in later]
     for future in futures:
         future.result(timeout=60)
     batcher.close()
-    assert engine.batches == [1, 1, 3] and engine.joins == []
 
 
 def test_a_large_request_is_not_overtaken_by_smaller_ones_behind_it(policy):
     model, processor = policy
     engine = CountingEngine(model, processor)
     batcher = DynamicBatcher(engine, max_batch_rows=4, max_wait_ms=1)
-    running = request(processor, "q", [], n=2, temperature=1.0, seed=1, max_new_tokens=30)
-    started = threading.Event()
-    running.on_token = lambda *_: started.set()
-    futures = [batcher.submit(running)]
-    assert started.wait(30)
     # Four candidates do not fit beside the two running: the large request waits for them, and the
     # small one behind it, which would fit, waits behind it rather than overtake it.
-    futures += [batcher.submit(request(processor, "q", [], n=4, max_new_tokens=2)),
-                batcher.submit(request(processor, "q", [], n=1, max_new_tokens=2))]
-    for future in futures:
-        future.result(timeout=60)
-    batcher.close()
+    behind_a_running_request(batcher, request(processor, "q", [], n=2, temperature=1.0, seed=1, max_new_tokens=30), [
+        request(processor, "q", [], n=4, max_new_tokens=2), request(processor, "q", [], n=1, max_new_tokens=2)])
     assert engine.batches == [2, 4, 1] and engine.joins == []
 
 

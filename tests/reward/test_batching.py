@@ -4,6 +4,7 @@ reward model, each caller gets its own rows' scores, and a bad request fails onl
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -39,16 +40,23 @@ class HeldScore:
         return self.reward.score(batch.prompts, batch.images, batch.responses), "r7"
 
 
-def test_concurrent_requests_share_a_pass_and_each_gets_its_own_rows_scores(reward) -> None:
+def queued_behind_a_pass(reward, requests: list[ScoreBatch]) -> tuple[ScoringBatcher, list[int], list[Future]]:
+    """A batcher whose first pass (one row) is held until requests are queued behind it; the rows of each
+    pass it ran, and the requests' futures."""
     passes: list[int] = []
     score = HeldScore(reward)
     batcher = ScoringBatcher(score, max_batch_rows=16, max_wait_ms=50, on_batch=passes.append)
     first = batcher.submit(request(1, 0))
     assert score.held.wait(30)
-    requests = [request(rows, 10 * k) for k, rows in enumerate((3, 1, 4, 2), start=1)]
     futures = [batcher.submit(r) for r in requests]
     score.released.set()
     first.result(timeout=30)
+    return batcher, passes, futures
+
+
+def test_concurrent_requests_share_a_pass_and_each_gets_its_own_rows_scores(reward) -> None:
+    requests = [request(rows, 10 * k) for k, rows in enumerate((3, 1, 4, 2), start=1)]
+    batcher, passes, futures = queued_behind_a_pass(reward, requests)
     for r, future in zip(requests, futures):
         scores, version = future.result(timeout=30)
         alone = reward.score(r.prompts, r.images, r.responses)
@@ -59,15 +67,8 @@ def test_concurrent_requests_share_a_pass_and_each_gets_its_own_rows_scores(rewa
 
 
 def test_a_bad_request_fails_only_its_own_caller(reward) -> None:
-    passes: list[int] = []
-    score = HeldScore(reward)
-    batcher = ScoringBatcher(score, max_batch_rows=16, max_wait_ms=50, on_batch=passes.append)
-    first = batcher.submit(request(1, 0))
-    assert score.held.wait(30)
-    good = batcher.submit(request(2, 0))
-    bad = batcher.submit(request(1, 0, response="<image> is {}"))  # a reserved token: unscorable
-    score.released.set()
-    first.result(timeout=30)
+    # The second has a reserved token: unscorable.
+    batcher, passes, (good, bad) = queued_behind_a_pass(reward, [request(2, 0), request(1, 0, response="<image> is {}")])
     assert good.result(timeout=30)[0].shape == (2,)
     with pytest.raises(UnscorableText, match="reserved token"):
         bad.result(timeout=30)
