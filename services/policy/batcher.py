@@ -52,6 +52,12 @@ class _Pending:
     """Its place in the order of submission."""
     encoded: Inputs | None = None
 
+    @property
+    def reserved_tokens(self) -> int:
+        """Cache positions its candidates may take: the prompt plus max_new_tokens each (once encoded)."""
+        assert self.encoded is not None
+        return self.request.n * (self.encoded["input_ids"].shape[1] + self.request.params.max_new_tokens)
+
 
 class DynamicBatcher:
     """Continuous batching of concurrent requests for one PolicyEngine, on one worker thread.
@@ -100,9 +106,9 @@ class DynamicBatcher:
         self._after: list[tuple[int, Callable[[], None]]] = []
         self._closed = False
         self._cond = threading.Condition()
-        # The worker's own: the running batch, and its requests by id(request) with their reservations.
+        # The worker's own: the running batch, and its requests by id(request).
         self._running: RunningBatch | None = None
-        self._answering: dict[int, tuple[_Pending, int]] = {}
+        self._answering: dict[int, _Pending] = {}
         self._worker = threading.Thread(target=self._run, name="policy-batcher", daemon=True)
         self._worker.start()
 
@@ -196,7 +202,7 @@ class DynamicBatcher:
         they fit; gives back the rest."""
         engine, running = self._engine, self._running
         admitted: list[_Pending] = []
-        reserved = sum(tokens for _, tokens in self._answering.values())
+        reserved = sum(pending.reserved_tokens for pending in self._answering.values())
         for index, pending in enumerate(taken):
             if pending.future.abandoned:  # taken before and given back, then cancelled
                 pending.future.set_exception(CallerGone("the caller went away before its rows started"))
@@ -212,14 +218,13 @@ class DynamicBatcher:
                     pending.future.set_exception(error)
                     self._done(pending)
                     continue
-            tokens = pending.request.n * (pending.encoded["input_ids"].shape[1] + pending.request.params.max_new_tokens)
             candidates = admitted + [pending]
-            fits = self.max_batch_tokens is None or reserved + tokens <= self.max_batch_tokens
+            fits = self.max_batch_tokens is None or reserved + pending.reserved_tokens <= self.max_batch_tokens
             if not (fits or (running is None and not admitted)) or not self._can_run_together(candidates):
                 self._give_back(taken[index:])
                 break
             admitted.append(pending)
-            reserved += tokens
+            reserved += pending.reserved_tokens
         if not admitted:
             return
         try:
@@ -230,9 +235,7 @@ class DynamicBatcher:
                 pending.future.set_exception(error)
                 self._done(pending)
             return
-        for pending in admitted:
-            self._answering[id(pending.request)] = (pending, pending.request.n * (
-                pending.encoded["input_ids"].shape[1] + pending.request.params.max_new_tokens))  # type: ignore[index]
+        self._answering.update((id(pending.request), pending) for pending in admitted)
         if running is None:
             self._running = batch
         else:
@@ -251,7 +254,7 @@ class DynamicBatcher:
 
     def _step(self) -> None:
         assert self._running is not None
-        gone = [pending for pending, _ in self._answering.values() if pending.future.abandoned]
+        gone = [pending for pending in self._answering.values() if pending.future.abandoned]
         if gone:
             self._engine.drop(self._running, [pending.request for pending in gone])
             for pending in gone:
@@ -266,14 +269,14 @@ class DynamicBatcher:
             finished = self._engine.step(self._running)
         except Exception as error:
             log.exception("a decoding step of %d requests failed", len(self._answering))
-            for pending, _ in self._answering.values():
+            for pending in self._answering.values():
                 pending.future.set_exception(error)
                 self._done(pending)
             self._answering.clear()
             self._running = None
             return
         for request, samples in finished:
-            pending, _ = self._answering.pop(id(request))
+            pending = self._answering.pop(id(request))
             pending.future.set_result(samples)
             self._done(pending)
         if not self._running.rows:
