@@ -67,6 +67,24 @@ def http_ok(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def descendants(pid: int) -> list[int]:
+    """The PIDs of pid's children, of theirs, and so on, read from /proc (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
+        children.setdefault(parent, []).append(int(entry.name))
+    found, waiting = [], [pid]
+    while waiting:
+        below = children.get(waiting.pop(), [])
+        found += below
+        waiting += below
+    return found
+
+
 @dataclass
 class ManagedProcess:
     """A child process that counts as started once `ready()` holds, and is stopped by its PID."""
@@ -122,7 +140,14 @@ class ManagedProcess:
             return self.process.wait()
 
     def kill(self) -> None:
+        """SIGKILL to the process group and to every descendant: some children lead sessions of their own
+        (torchrun's workers do), and a killed parent cannot pass a signal on."""
         if self.process is not None and self.process.poll() is None:
+            for pid in descendants(self.process.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self._signal_group(signal.SIGKILL)
             self.process.wait()
 

@@ -185,13 +185,20 @@ class RewardModel(nn.Module):
         with torch.inference_mode():
             return self(**inputs)
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, whole: dict[str, torch.Tensor] | None = None) -> None:
+        """whole: this model's state dict gathered from its shards (a trainer's FSDP), else its own."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_policy(self.backbone, self.processor, folder / BACKBONE_DIR)
-        tensors = dict(self.head.state_dict())
-        if self.likelihood_weights is not None:
-            tensors["likelihood_weights"] = self.likelihood_weights.detach()
+        if whole is None:
+            save_policy(self.backbone, self.processor, folder / BACKBONE_DIR)
+            tensors = dict(self.head.state_dict())
+            if self.likelihood_weights is not None:
+                tensors["likelihood_weights"] = self.likelihood_weights.detach()
+        else:
+            backbone = {name.removeprefix("backbone."): t for name, t in whole.items() if name.startswith("backbone.")}
+            self.backbone.save_pretrained(folder / BACKBONE_DIR, state_dict=backbone, safe_serialization=True)
+            self.processor.save_pretrained(folder / BACKBONE_DIR)
+            tensors = {name.removeprefix("head."): t for name, t in whole.items() if not name.startswith("backbone.")}
         save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / HEAD_FILE)
         config = {"format": FORMAT, "hidden_size": self.head.in_features, "backbone": BACKBONE_DIR,
                   "likelihood_features": self.likelihood_weights is not None}

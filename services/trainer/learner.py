@@ -10,7 +10,8 @@ receives a PolicyContext: exactly what it may use. The parts, one idea each:
   evaluation.py      the candidate against the published version, for the gate
 Under torchrun (world_size > 1) every rank takes the same number of steps on its own shard of the
 (identical, gathered) pairs or on its own episodes, and DistributedDataParallel averages the
-gradients, so the models stay identical on every rank.
+gradients, so the models stay identical on every rank; or FSDP2 shards them (--learner.sharding
+fsdp; models.py says how sampling and evaluation run then).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from modalign.trainer.evaluation import evaluate_candidate
 from modalign.trainer.join import PreferencePair
 from modalign.trainer.kl import KLController
 from modalign.trainer.lora import LoraSettings
-from modalign.trainer.models import Models, max_positions, reserved_tokens
+from modalign.trainer.models import SHARDINGS, Models, max_positions, reserved_tokens
 from modalign.trainer.reward_learning import RewardLearning
 from modalign.trainer.sampling import Sampler
 
@@ -132,6 +133,10 @@ class LearnerConfig:
     against the published policy (the gate's reward-hacking check)."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm before each step."""
+    sharding: str = "ddp"
+    """Under torchrun: "ddp" (every rank holds every weight, gradients averaged) or "fsdp" (FSDP2: the
+    trained models' weights, gradients and optimiser state split across the ranks, for models whose
+    training state does not fit one device; full fine-tuning with the generative reward model)."""
 
     def validate(self) -> None:
         """Run when the config is parsed or built (core/config.py): an unknown algorithm is refused
@@ -140,6 +145,10 @@ class LearnerConfig:
         require_one_of("reward_backbone", self.reward_backbone, BACKBONES)
         if self.lora_rank < 0:
             raise ConfigError("lora_rank", f"must be 0 (no LoRA) or a positive rank, not {self.lora_rank}")
+        require_one_of("sharding", self.sharding, SHARDINGS)
+        if self.sharding == "fsdp" and (self.lora_rank or self.reward_backbone != "generative"):
+            raise ConfigError("sharding", "fsdp shards full fine-tuning with the generative reward model; a LoRA "
+                                          "adapter or a CLIP reward model is small enough to train with ddp")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", f"unknown {self.algorithm!r}; the known algorithms are "
                                            f"{', '.join(sorted(ALGORITHMS))}")
@@ -160,6 +169,7 @@ class Learner:
             with_critic=self.algorithm.uses_critic, world_size=world_size,
             lora=LoraSettings(config.lora_rank, config.lora_alpha, config.lora_target_modules)
             if config.lora_rank else None,
+            sharding=config.sharding,
         )
         models = self.models
         self.shards = Shards(config.seed, rank, world_size)
@@ -176,7 +186,7 @@ class Learner:
             score=self.reward.score, shards=self.shards, temperature=config.sampling_temperature,
             max_new_tokens=config.max_new_tokens, prompts_per_batch=config.sample_prompts,
             samples_per_prompt=config.samples_per_prompt, missing_eos_penalty=config.missing_eos_penalty,
-            batches_per_round=config.policy_updates_per_round,
+            batches_per_round=config.policy_updates_per_round, gathered=models.gathered,
         )
         self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.policy_context = PolicyContext(
@@ -219,12 +229,12 @@ class Learner:
         return None
 
     def heldout_accuracy(self, heldout: list[PreferencePair]) -> dict[str, float]:
-        with self.precision():
+        with self.precision(), self.models.gathered():
             return self.reward.heldout_accuracy(heldout)
 
     def evaluate(self, heldout: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
         """What the gate decides on (see evaluation.py)."""
-        with self.precision():
+        with self.precision(), self.models.gathered():
             return evaluate_candidate(self.models, self.sampler, self.reward, self.batches, heldout, prompts,
                                       self.config.eval_prompts, self.config.eval_heldout_pairs)
 

@@ -8,8 +8,21 @@
 - value_model: the critic, only for algorithms that declare one (PPO); a generative reward model whose
   head reads every position.
 Dropout stays off (eval mode) in every model: gradients flow in eval mode, and sampling and training
-then see the same network. Under torchrun the trained modules are wrapped in DistributedDataParallel
-(the `training_*` attributes): forward passes that should average gradients go through those.
+then see the same network.
+
+Under torchrun the trained modules (policy, reward model, critic) are distributed one of two ways
+(--learner.sharding):
+- ddp: every rank holds every weight and its optimiser state; DistributedDataParallel wrappers (the
+  `training_*` attributes) average the gradients. Forward passes that should average gradients go
+  through those; other passes use the modules themselves, on each rank at its own pace.
+- fsdp: FSDP2 (fully_shard) splits each trained module's weights, gradients and optimiser state across
+  the ranks, by text decoder layer and then the rest of the model (the vision tower included: it runs
+  only for rows with images, and a part that one rank runs and another skips would strand a
+  collective). Every forward pass all-gathers weights, so each is a collective that every rank must
+  take alike; training steps are (shared_minibatches). Sampling, scoring and evaluation are not:
+  a response ends when it ends. Those run inside gathered(), on every module's full weights, taken
+  once and freed after. The reference and the last published policy stay whole on every rank (frozen,
+  no gradients or optimiser state, and the published one is what a version is exported from).
 """
 
 from __future__ import annotations
@@ -17,16 +30,60 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import PreTrainedModel, ProcessorMixin
 
+from modalign.policy.families import Family, UnsupportedModel, family_of
 from modalign.policy.model import build_default_policy, load_policy, save_policy
 from modalign.reward.backbones import AnyRewardModel, is_saved_reward_model, load_reward_model, new_reward_model
 from modalign.reward.model import RewardModel
 from modalign.trainer.lora import LoraPolicy, LoraSettings
+
+SHARDINGS = ("ddp", "fsdp")
+_FULL = StateDictOptions(full_state_dict=True)
+
+
+def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of module, whole on every rank: under FSDP a collective every rank must call."""
+    return get_model_state_dict(module, options=_FULL)
+
+
+def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads whole weights into module, each rank keeping its own shard under FSDP."""
+    set_model_state_dict(module, state, options=_FULL)
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The text decoder layers of the first Hugging Face model in module (the policy, or a reward
+    model's backbone); none for a model without a text decoder (a CLIP reward model)."""
+    for part in module.modules():
+        if isinstance(part, PreTrainedModel):
+            try:
+                layers = getattr(part.get_decoder(), "layers", None)
+            except (AttributeError, NotImplementedError, ValueError):
+                return []
+            return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+    return []
+
+
+def shard(module: torch.nn.Module) -> None:
+    """FSDP2 in place: each text decoder layer is a unit of its own (gathered only while it runs);
+    everything else, the vision tower included, belongs to the root unit, gathered for every pass."""
+    for layer in decoder_layers(module):
+        fully_shard(layer)
+    fully_shard(module)
 
 
 class TokenValues(torch.nn.Module):
@@ -71,21 +128,28 @@ class FullPolicy:
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.policy.parameters()
 
+    # The policy may be sharded (FSDP); the reference and the published copy never are.
+
     def accept(self) -> None:
-        self.published.load_state_dict(self.policy.state_dict())
+        self.published.load_state_dict(full_state(self.policy))
 
     def revert(self) -> None:
-        self.policy.load_state_dict(self.published.state_dict())
+        load_full_state(self.policy, self.published.state_dict())
 
     def reset(self, folder: Path | None) -> None:
-        start = (load_policy(folder, device=self.policy.device, dtype=torch.float32)[0] if folder is not None
+        start = (load_policy(folder, device=self.published.device, dtype=torch.float32)[0] if folder is not None
                  else self.reference)
         weights = start.state_dict()
-        self.policy.load_state_dict(weights)
+        load_full_state(self.policy, weights)
         self.published.load_state_dict(weights)
 
-    def export(self, folder: Path) -> None:
-        save_policy(self.policy, self.processor, folder)
+    def export(self, folder: Path, whole: dict[str, torch.Tensor] | None = None) -> None:
+        """whole: the policy's weights gathered from its shards (FSDP), else its own."""
+        if whole is None:
+            save_policy(self.policy, self.processor, folder)
+        else:
+            self.policy.save_pretrained(folder, state_dict=whole, safe_serialization=True)
+            self.processor.save_pretrained(folder)
 
     def state_dict(self) -> dict[str, Any]:
         """The reference is rebuilt, not saved."""
@@ -102,15 +166,22 @@ class Models:
     def __init__(
         self, *, policy_model_dir: str, reward_model_dir: str, reward_backbone: str, seed: int, device: torch.device,
         policy_lr: float, reward_lr: float, with_critic: bool, world_size: int, lora: LoraSettings | None = None,
+        sharding: str = "ddp",
     ) -> None:
         self.device = device
         self.world_size = world_size
+        self.sharding = sharding
+        self.sharded = sharding == "fsdp" and world_size > 1
+        self._whole: dict[str, dict[str, torch.Tensor]] | None = None
         if policy_model_dir:
             # float32 whatever the checkpoint's dtype: these are the master weights (LearnerConfig.dtype).
             base, self.processor = load_policy(policy_model_dir, device=device, dtype=torch.float32)
         else:
             model, self.processor = build_default_policy(seed)
             base = model.to(device)
+        if self.sharded and type(family_of(base.config.model_type)).split is not Family.split:
+            raise UnsupportedModel(f"{base.config.model_type}: its batches split by image count into a number of "
+                                   "forward passes that differs between ranks, which FSDP cannot shard; use ddp")
         # The reward model and the critic start from copies of the policy taken before LoRA adapts it.
         if reward_model_dir:
             self.reward_model = load_reward_model(reward_model_dir, seed, reward_backbone).to(device, torch.float32)
@@ -133,22 +204,63 @@ class Models:
                          if lora is not None else FullPolicy(base, self.processor))
         self.policy, self.reference = self.versions.policy, self.versions.reference
         self.published_policy = self.versions.published
+        self.critic = TokenValues(self.value_model) if self.value_model is not None else None
+        # Sharded before the optimisers are made: FSDP replaces each parameter with its shard.
+        self.training_policy, self.training_reward_model, self.training_critic = (
+            self._distribute(module) for module in (self.policy, self.reward_model, self.critic)
+        )
         self.policy_optimizer = torch.optim.AdamW(self.versions.trainable_parameters(), lr=policy_lr, weight_decay=0.0)
         self.reward_optimizer = torch.optim.AdamW(self.reward_model.parameters(), lr=reward_lr, weight_decay=0.0)
         self.value_optimizer = (
             torch.optim.AdamW(self.value_model.parameters(), lr=policy_lr, weight_decay=0.0)
             if self.value_model is not None else None
         )
-        self.critic = TokenValues(self.value_model) if self.value_model is not None else None
-        self.training_policy, self.training_reward_model, self.training_critic = (
-            self._data_parallel(module) for module in (self.policy, self.reward_model, self.critic)
-        )
 
-    def _data_parallel(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
+    def _distribute(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The module forward passes that average gradients go through (see the module docstring)."""
         if module is None or self.world_size == 1:
+            return module
+        if self.sharded:
+            shard(module)
             return module
         # Unused parameters: the reward model's backbone keeps an LM head it never calls.
         return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+
+    def _sharded_modules(self) -> list[FSDPModule]:
+        return [part for module in (self.policy, self.reward_model, self.critic) if module is not None
+                for part in module.modules() if isinstance(part, FSDPModule)]
+
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Every sharded module's full weights on every rank for the duration, so that forward passes
+        run without collectives, as many as each rank needs (sampling, scoring, evaluation). Every
+        rank must enter it together: gathering is a collective. A no-op unless sharded."""
+        units = self._sharded_modules()
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(True, recurse=False)
+
+    @contextmanager
+    def whole_weights(self) -> Iterator[None]:
+        """For the duration, rank 0 holds the policy's and the reward model's whole weights (on the CPU),
+        gathered from their shards, so that it alone can export them; every rank must enter it together.
+        A no-op unless sharded: each rank then holds the whole weights anyway."""
+        if not self.sharded:
+            yield
+            return
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self._whole = {"policy": get_model_state_dict(self.policy, options=options),
+                       "reward_model": get_model_state_dict(self.reward_model, options=options)}
+        try:
+            yield
+        finally:
+            self._whole = None
 
     def start_critic_from_trained_reward_model(self) -> None:
         """Called after each round's reward-model training: the first time, the critic copies it."""
@@ -158,10 +270,11 @@ class Models:
             self.critic_from_trained_reward_model = True
 
     def parameter_digest(self) -> str:
-        """A short hash of every trained weight: equal on every rank while they stay in step."""
+        """A short hash of every trained weight (whole, gathered from the shards under FSDP: a collective):
+        equal on every rank while they stay in step."""
         digest = hashlib.sha256()
-        for module in (self.policy, self.reward_model, self.value_model):
-            for tensor in (module.state_dict().values() if module is not None else ()):
+        for module in (self.policy, self.reward_model, self.critic):
+            for tensor in (full_state(module).values() if module is not None else ()):
                 digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
@@ -182,8 +295,12 @@ class Models:
         self.policy_optimizer.state.clear()
 
     def export_policy(self, folder: Path) -> None:
-        """The policy as a version: every weight, or with LoRA its adapter alone (see adapts_base)."""
-        self.versions.export(folder)
+        """The policy as a version: every weight, or with LoRA its adapter alone (see adapts_base).
+        Sharded: on rank 0, inside whole_weights()."""
+        if self.sharded:
+            self.versions.export(folder, self._gathered_whole("policy"))
+        else:
+            self.versions.export(folder)
 
     @property
     def adapts_base(self) -> bool:
@@ -195,31 +312,64 @@ class Models:
         self.versions.export_base(folder)
 
     def export_reward(self, folder: Path) -> None:
-        self.reward_model.save(folder)
+        """Sharded: on rank 0, inside whole_weights()."""
+        if self.sharded:
+            self.reward_model.save(folder, self._gathered_whole("reward_model"))
+        else:
+            self.reward_model.save(folder)
+
+    def _gathered_whole(self, name: str) -> dict[str, torch.Tensor]:
+        if not self._whole or not self._whole[name]:
+            raise RuntimeError("a sharded model is exported on rank 0 inside whole_weights()")
+        return self._whole[name]
 
     # --- checkpoint state -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only (see trainer/checkpoint.py); the reference is rebuilt, not saved."""
+        """Tensors and plain values only (see trainer/checkpoint.py); the reference is rebuilt, not saved.
+        Under --learner.sharding fsdp the weights and optimiser states are each rank's shards (DTensors,
+        which the checkpoint writes in a sharded format any number of ranks can load) and the optimiser
+        states are keyed by parameter name, not position; every rank must call it together."""
         state = self.versions.state_dict() | {
+            "sharding": self.sharding,
             "reward_model": self.reward_model.state_dict(),
-            "policy_optimizer": self.policy_optimizer.state_dict(),
-            "reward_optimizer": self.reward_optimizer.state_dict(),
+            "policy_optimizer": self._optimizer_state(self.policy, self.policy_optimizer),
+            "reward_optimizer": self._optimizer_state(self.reward_model, self.reward_optimizer),
         }
         if self.value_model is not None:
-            state |= {"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+            state |= {"value_model": self.value_model.state_dict(),
+                      "value_optimizer": self._optimizer_state(self.value_model, self.value_optimizer),
                       "critic_from_trained_reward_model": self.critic_from_trained_reward_model}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        written_with = state.get("sharding", "ddp")  # checkpoints from before FSDP lack it
+        if written_with != self.sharding:
+            raise ValueError(f"this checkpoint was written with --learner.sharding {written_with}; resume it with "
+                             f"the same (this trainer has {self.sharding})")
         self.versions.load_state_dict(state)
         self.reward_model.load_state_dict(state["reward_model"])
-        self.policy_optimizer.load_state_dict(state["policy_optimizer"])
-        self.reward_optimizer.load_state_dict(state["reward_optimizer"])
+        self._load_optimizer_state(self.policy, self.policy_optimizer, state["policy_optimizer"])
+        self._load_optimizer_state(self.reward_model, self.reward_optimizer, state["reward_optimizer"])
         if self.value_model is not None:
             self.value_model.load_state_dict(state["value_model"])
-            self.value_optimizer.load_state_dict(state["value_optimizer"])
+            self._load_optimizer_state(self.value_model, self.value_optimizer, state["value_optimizer"])
             self.critic_from_trained_reward_model = state["critic_from_trained_reward_model"]
+
+    def _optimizer_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        # By name under FSDP: a checkpoint then loads into any number of ranks (and the state is made,
+        # zero, before the first step, so that a fresh trainer has the tensors a sharded load fills in).
+        if self.sharding == "fsdp":
+            return get_optimizer_state_dict(module, optimizer)
+        return optimizer.state_dict()
+
+    def _load_optimizer_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict[str, Any]) -> None:
+        if self.sharding == "fsdp":
+            # Not strict: a weight no forward pass uses (LLaVA's last vision layer norm) never has state.
+            set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(strict=False))
+        else:
+            optimizer.load_state_dict(state)
 
 
 def max_positions(policy: PreTrainedModel, reward_model: AnyRewardModel) -> int:

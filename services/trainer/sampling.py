@@ -9,6 +9,7 @@ updates or none does.
 from __future__ import annotations
 
 import random
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,12 +72,14 @@ class Sampler:
         batches: ResponseBatches, score: Callable[[list[Prompt], list[Sample]], torch.Tensor], shards: Shards,
         temperature: float, max_new_tokens: int, prompts_per_batch: int, samples_per_prompt: int,
         missing_eos_penalty: float, batches_per_round: int,
+        gathered: Callable[[], AbstractContextManager[None]],
     ) -> None:
         self.policy, self.reference, self.processor = policy, reference, processor
         self.batches, self.score, self.shards = batches, score, shards
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.prompts_per_batch, self.samples_per_prompt = prompts_per_batch, samples_per_prompt
         self.missing_eos_penalty, self.batches_per_round = missing_eos_penalty, batches_per_round
+        self.gathered = gathered
 
     def sample(
         self, prompts: list[Prompt], samples_per_prompt: int, seed: int, model: PreTrainedModel | None = None
@@ -100,7 +103,9 @@ class Sampler:
         """batches_per_round times: fresh episodes, then update(episodes). Returns the mean metrics."""
         history = new_history()
         for _ in range(self.batches_per_round):
-            episodes = self.collect_episodes(prompts)
+            # Sampled on whole weights (models.gathered): each rank's responses end when they end.
+            with self.gathered():
+                episodes = self.collect_episodes(prompts)
             # Every rank updates or none does: a rank with no prompts yet (its view of the generations
             # topic lags) must not leave the others waiting in a gradient all-reduce.
             if not all(distributed.all_gather(episodes is not None)):

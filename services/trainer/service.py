@@ -212,7 +212,7 @@ class Trainer:
     def _restore(self) -> None:
         if self.rank == 0:
             remove_interrupted_writes(self.config.work_dir)
-        checkpoint = load_checkpoint(self.config.work_dir)
+        checkpoint = load_checkpoint(self.config.work_dir, into=lambda: {"learner": self.learner.state_dict()})
         if checkpoint is None:
             return
         if len(checkpoint["ranks"]) != self.world_size:
@@ -268,11 +268,11 @@ class Trainer:
             metrics |= self._learn()
         self.state.rounds += 1
         self.state.pending_publish = self._maybe_gate(metrics)
-        # One checkpoint holds every rank's state, written by rank 0: a round is in it for all ranks or
-        # for none, so no rank can resume ahead of the others.
+        # One checkpoint holds every rank's state, committed by rank 0: a round is in it for all ranks or
+        # for none, so no rank can resume ahead of the others. Under FSDP each rank writes its own shards.
         states, rngs = distributed.all_gather(self.state.to_json()), distributed.all_gather(rng_state())
-        if self.rank == 0:
-            save_checkpoint(self.config.work_dir, {"ranks": states, "learner": self.learner.state_dict(), "rng": rngs})
+        save_checkpoint(self.config.work_dir, {"ranks": states, "learner": self.learner.state_dict(), "rng": rngs},
+                        rank=self.rank)
         distributed.barrier()
         log.info("round %d checkpointed: %d pairs learned so far (rank %d, parameters %s)", self.state.rounds,
                  len(self.state.trained_ids), self.rank, self.learner.models.parameter_digest())
@@ -477,8 +477,9 @@ class Trainer:
             log.debug("could not read end offsets for the lag metric", exc_info=True)
 
     def _publish(self, pending: PendingVersion, recovering: bool = False) -> None:
-        if self.rank == 0:  # rank 0 writes the store and the event; the others only follow
-            self.publisher.publish(pending, self.learner.models, recovering)
+        with self.learner.models.whole_weights():  # sharded (FSDP): every rank gathers, for rank 0 to write
+            if self.rank == 0:  # rank 0 writes the store and the event; the others only follow
+                self.publisher.publish(pending, self.learner.models, recovering)
         self.state.parent_version = pending.version
         self.state.pending_publish = None
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import random
 
 import torch
+from PIL import Image, ImageDraw
 
 from modalign.core.blobs import BlobStore
 from modalign.policy.conversation import ROLE_VALUES
@@ -18,6 +20,28 @@ SMALL = {
     "sample_prompts": 4, "samples_per_prompt": 4, "max_new_tokens": 8,
     "policy_updates_per_round": 1, "policy_epochs": 1, "reward_epochs": 1, "eval_prompts": 4,
 }
+
+
+def square_images(blobs: BlobStore) -> dict[str, str]:
+    """sha256 of a 32x32 PNG with a square of each colour, put in blobs."""
+    shas = {}
+    for colour in ("red", "blue", "green"):
+        image = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(image).rectangle((4, 4, 20, 20), fill=colour)
+        data = io.BytesIO()
+        image.save(data, "PNG")
+        shas[colour] = blobs.put(data.getvalue())
+    return shas
+
+
+def mixed_prompts(images: dict[str, str]) -> list[Prompt]:
+    """Prompts of different lengths with zero, one and two images."""
+    return [
+        Prompt.question("Hi", ()),
+        Prompt.question("What colour is the square?", (images["red"],)),
+        Prompt.question("Compare these two pictures, please.", (images["blue"], images["green"])),
+        Prompt.question("Where?", (images["green"],)),
+    ]
 
 
 def seed_everything(seed: int) -> None:

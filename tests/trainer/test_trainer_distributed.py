@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from modalign.policy.config import PolicyConfig
 from modalign.trainer.state import TrainerState
 
 from tests.services import start_grpc_service
-from tests.trainer.test_trainer_crash import live_checkpoint, send_feedback
+from tests.trainer.test_trainer_crash import live_checkpoint, send_feedback, wait_for_log
 from tests.trainer.test_trainer_learns import trainer_config
 
 pytestmark = pytest.mark.integration
@@ -25,11 +26,16 @@ pytestmark = pytest.mark.integration
 CHECKPOINTED = re.compile(r"round (\d+) checkpointed: (\d+) pairs learned so far \(rank (\d), parameters (\w+)\)")
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+@pytest.mark.parametrize("learner", [{}, {"learner.lora_rank": 4}, {"learner.sharding": "fsdp"}],
+                         ids=["full", "lora", "fsdp"])
 def test_two_ranks_share_the_partitions_and_keep_identical_models(
-    own_kafka_config: KafkaConfig, tmp_path: Path, lora_rank: int
+    own_kafka_config: KafkaConfig, tmp_path: Path, learner: dict
 ) -> None:
-    """With LoRA the ranks train their adapters in step on identical frozen bases (the digest covers both)."""
+    """With LoRA the ranks train their adapters in step on identical frozen bases (the digest covers both).
+    With FSDP each rank holds shards (the digest is of the whole weights, gathered), and the job is
+    SIGKILLed once, right after a checkpoint, and started again: it resumes from its sharded checkpoint
+    and still learns from every feedback exactly once."""
+    sharded = learner.get("learner.sharding") == "fsdp"
     kafka_config = own_kafka_config  # each run's trainer reads its feedback topics from the start
     assert kafka_config.partitions == 2
     policy, policy_address, _ = start_grpc_service(PolicyConfig, kafka_config, tmp_path, blob_dir=tmp_path / "blobs")
@@ -37,7 +43,8 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(
     trainer = trainer_config(kafka_config, tmp_path, {
         "round_max_feedback": 4, "round_max_seconds": 1.0, "min_pairs_to_learn": 2,
         "rounds_per_version": 2, "learner.policy_updates_per_round": 1, "learner.sample_prompts": 2,
-        "learner.samples_per_prompt": 2, "learner.max_new_tokens": 6, "learner.eval_prompts": 4, "learner.lora_rank": lora_rank,
+        "learner.samples_per_prompt": 2, "learner.max_new_tokens": 6, "learner.eval_prompts": 4,
+        "gate.min_reward_gain": -1000.0, "gate.max_kl": 1000.0, **learner,
     }, metrics_port=0)
     torchrun = ManagedProcess(
         "torchrun",
@@ -47,6 +54,12 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(
     )
     try:
         sent, orphan = send_feedback(kafka_config, policy_address, feedback_address, interactions=16)
+        if sharded:
+            torchrun.start()
+            wait_for_log(torchrun, r"round 2 checkpointed: .* \(rank 0", after=0)
+            torchrun.kill()
+            assert (tmp_path / "trainer" / "checkpoint.json").exists()
+        log_size = torchrun.log_path.stat().st_size if torchrun.log_path.exists() else 0
         torchrun.start()
         deadline = time.monotonic() + 300
         state = None
@@ -71,11 +84,17 @@ def test_two_ranks_share_the_partitions_and_keep_identical_models(
     assert first.consumed_ids and second.consumed_ids, "each rank consumes its own share of the partitions"
     assert not set(first.consumed_ids) & set(second.consumed_ids)
     assert first.trained_ids == second.trained_ids  # both learned from the same gathered pairs
+    assert max(Counter(first.trained_ids).values()) == 1, "a feedback learned from twice"
+    log = torchrun.log_path.read_text()
+    assert re.search(r"published policy v\d+", log), "rank 0 publishes the versions the gate passes"
+    if sharded:
+        assert "resumed from round" in log[log_size:]
+        assert list((tmp_path / "trainer").glob("sharded-*/.metadata")), "each rank's shards, in a sharded checkpoint"
     assert {p for (topic, p) in first.positions if topic.endswith("feedback")} == {0}
     assert {p for (topic, p) in second.positions if topic.endswith("feedback")} == {1}
 
     digests: dict[tuple[int, int], str] = {}
-    for round_, _, rank, digest in CHECKPOINTED.findall(torchrun.log_path.read_text()):
+    for round_, _, rank, digest in CHECKPOINTED.findall(log):
         digests[(int(round_), int(rank))] = digest
     rounds = sorted({r for r, _ in digests if (r, 0) in digests and (r, 1) in digests})
     assert len(rounds) >= 3
