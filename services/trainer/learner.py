@@ -81,6 +81,12 @@ class LearnerConfig:
     lora_target_modules: tuple[str, ...] = ()
     """With lora_rank: the layers to adapt (PEFT's target_modules: full names, or the last part of one);
     empty: the attention and MLP projections of the text model (q/k/v/o_proj, gate/up/down_proj)."""
+    reward_lora: bool = False
+    """With lora_rank: the reward model (and PPO's and A2C's critic) are LoRA adapters of their own on the
+    policy's base, each with its own head, instead of copies of the model: the trainer holds one copy of
+    the model in all, and gradients and optimiser state for adapters and heads only. Its published
+    reward models are the base with the adapter merged in. Needs the generative reward backbone and no
+    --learner.reward-model-dir (a reward model of its own is a model of its own)."""
     kl_coef: float = 0.05
     """Weight of the KL penalty against the reference (in the reward for PPO, A2C and RLOO, in the loss for
     GRPO); with kl_target, its starting value and its floor."""
@@ -145,6 +151,9 @@ class LearnerConfig:
         require_one_of("reward_backbone", self.reward_backbone, BACKBONES)
         if self.lora_rank < 0:
             raise ConfigError("lora_rank", f"must be 0 (no LoRA) or a positive rank, not {self.lora_rank}")
+        if self.reward_lora and not (self.lora_rank and self.reward_backbone == "generative" and not self.reward_model_dir):
+            raise ConfigError("reward_lora", "makes the reward model an adapter on the LoRA policy's base: it needs "
+                                             "--learner.lora-rank, the generative backbone and no --learner.reward-model-dir")
         require_one_of("sharding", self.sharding, SHARDINGS)
         if self.sharding == "fsdp" and (self.lora_rank or self.reward_backbone != "generative"):
             raise ConfigError("sharding", "fsdp shards full fine-tuning with the generative reward model; a LoRA "
@@ -169,7 +178,7 @@ class Learner:
             with_critic=self.algorithm.uses_critic, world_size=world_size,
             lora=LoraSettings(config.lora_rank, config.lora_alpha, config.lora_target_modules)
             if config.lora_rank else None,
-            sharding=config.sharding,
+            reward_lora=config.reward_lora, sharding=config.sharding,
         )
         models = self.models
         self.shards = Shards(config.seed, rank, world_size)

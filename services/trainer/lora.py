@@ -6,6 +6,9 @@ One copy of the base holds three policies as PEFT adapters on it:
   refused candidate reverts to);
 - no adapter at all, the starting policy: the reference of the KL penalty is the base with its
   adapters disabled, not a second copy of the model.
+With --learner.reward-lora the same base also holds the reward model ("reward") and PPO's critic
+("value"), each an adapter with a scalar head of its own (AdapterRewardModel): the trainer then holds
+one copy of the model in all, and gradients and optimiser state for adapters and heads only.
 
 A published version is the trained adapter alone (policy/adapters.py: PEFT's format in adapter/), on
 the base the trainer started from, which is published once as a full version of its own
@@ -20,18 +23,20 @@ from __future__ import annotations
 import copy
 import shutil
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.core.modelstore import MANIFEST, base_folder
 from modalign.policy.adapters import ADAPTER_FOLDER, adapter_weights, load_weights
 from modalign.policy.families import UnsupportedModel
 from modalign.policy.model import save_policy
+from modalign.reward.model import RewardModel
 
 PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 """The linear layers adapted by default: attention and MLP projections, by the names every supported
@@ -39,6 +44,8 @@ family's text model gives them."""
 _NOT_TEXT = ("vision", "visual", "perceiver", "multi_modal_projector")
 """Parts of a model's decoder that are not its text model (Idefics's decoder holds its vision tower)."""
 TRAINED, PUBLISHED = "default", "published"
+REWARD, VALUE = "reward", "value"
+"""The adapters of the reward model and of the critic, with --learner.reward-lora."""
 
 
 @dataclass(frozen=True)
@@ -66,34 +73,32 @@ def default_target_modules(model: PreTrainedModel) -> list[str]:
     return targets
 
 
+def adapter_parameters(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """The weights of the adapter `name` in a model PEFT injected adapters into."""
+    return [parameter for key, parameter in model.named_parameters() if f".{name}." in key]
+
+
 class AdapterView(torch.nn.Module):
     """One policy on the shared base, as a model of its own: the published adapter, or none (the
     reference). Forward passes switch to it and back; every other attribute is the policy's (config,
     generation_config, device, ...), so that the engine and the batches take it like any model. Its
     weights are the policy's: it holds no parameters itself."""
 
-    def __init__(self, peft_model: PeftModel, adapter: str | None) -> None:
+    def __init__(self, policy: LoraPolicy, adapter: str | None) -> None:
         super().__init__()
-        self.__dict__["_peft"] = peft_model  # not a submodule: the weights belong to the policy
+        self.__dict__["_lora"] = policy  # not a submodule: the weights belong to the policy
         self.adapter = adapter
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        peft = self.__dict__["_peft"]
-        model = peft.get_base_model()
-        if self.adapter is None:
-            with peft.disable_adapter():
-                return model(*args, **kwargs)
-        peft.set_adapter(self.adapter, inference_mode=True)
-        try:
-            return model(*args, **kwargs)
-        finally:
-            peft.set_adapter(TRAINED)  # trainable again; the published adapter stays frozen
+        lora = self.__dict__["_lora"]
+        with lora.using(self.adapter):
+            return lora.policy(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_peft"].get_base_model(), name)
+            return getattr(self.__dict__["_lora"].policy, name)
 
 
 class LoraPolicy:
@@ -101,24 +106,51 @@ class LoraPolicy:
     beside it on the same weights. The same interface as models.FullPolicy."""
 
     def __init__(self, base: PreTrainedModel, processor: ProcessorMixin, settings: LoraSettings,
-                 source: Path | None = None) -> None:
-        """source: the checkpoint folder base was loaded from; None: base was built in code."""
+                 source: Path | None = None, scorers: tuple[str, ...] = (), seed: int = 0) -> None:
+        """source: the checkpoint folder base was loaded from; None: base was built in code. scorers: the
+        adapters of reward models on this base (AdapterRewardModel), added beside the policy's. seed:
+        of the adapters' initialisation, so that every torchrun rank starts from the same ones."""
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
                             target_modules=list(settings.target_modules) or default_target_modules(base))
         self.processor, self.source = processor, source
-        self.peft = get_peft_model(base, config, adapter_name=TRAINED)
-        self.peft.add_adapter(PUBLISHED, config)
-        self.peft.set_adapter(TRAINED)  # trainable; every other adapter frozen
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG undisturbed
+            torch.manual_seed(seed)
+            self.peft = get_peft_model(base, config, adapter_name=TRAINED)
+            for name in (PUBLISHED, *scorers):
+                self.peft.add_adapter(name, config)
+        self.peft.set_adapter(TRAINED)  # trainable; every other adapter frozen, ...
+        for name in scorers:  # ... but the reward model's and the critic's, which train too
+            for parameter in adapter_parameters(self.peft, name):
+                parameter.requires_grad_(True)
+        self._trains = [(parameter, parameter.requires_grad) for parameter in self.peft.parameters()]
         self.peft.eval()
         self.policy: PreTrainedModel = self.peft.get_base_model()
         """The base with its adapters injected: it runs the trained adapter and holds every weight."""
-        self.reference = AdapterView(self.peft, None)
-        self.published = AdapterView(self.peft, PUBLISHED)
+        self.reference = AdapterView(self, None)
+        self.published = AdapterView(self, PUBLISHED)
         self._start = self._adapter(TRAINED)
         self._load_adapter(PUBLISHED, self._start)
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return (p for p in self.policy.parameters() if p.requires_grad)
+        return iter(adapter_parameters(self.policy, TRAINED))
+
+    @contextmanager
+    def using(self, adapter: str | None) -> Iterator[None]:
+        """Forward passes run the adapter `adapter` (None: none, the base) for the duration, then the
+        trained policy's again. Which weights train does not change: PEFT's adapter switches freeze
+        every adapter but the active one, and a weight frozen before its backward pass gets no gradient
+        (the reward model's backward runs after its forward, when the policy's adapter is on again)."""
+        try:
+            if adapter is None:
+                with self.peft.disable_adapter():
+                    yield
+            else:
+                self.peft.set_adapter(adapter)
+                yield
+        finally:
+            self.peft.set_adapter(TRAINED)
+            for parameter, trains in self._trains:
+                parameter.requires_grad_(trains)
 
     def _adapter(self, name: str) -> dict[str, torch.Tensor]:
         return {key: tensor.detach().clone()
@@ -162,3 +194,68 @@ class LoraPolicy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_adapter(TRAINED, state["policy"])
         self._load_adapter(PUBLISHED, state["published_policy"])
+
+
+class AdapterRewardModel(torch.nn.Module):
+    """A generative reward model (or PPO's critic) that is a LoRA adapter on the policy's base with a
+    head of its own: a reward.model.RewardModel whose backbone is the policy's shared base, run with
+    this adapter on. Only the adapter and the head train (trainable_parameters); its state is theirs
+    alone (state_dict), portable from one such model to another (the critic starts as a copy of the
+    reward model); its published version is the base with the adapter merged in, an ordinary reward
+    model folder the reward service loads as any other."""
+
+    def __init__(self, policy: LoraPolicy, adapter: str, seed: int) -> None:
+        super().__init__()
+        self.__dict__["_policy"] = policy  # not a submodule: the base is reached through scorer
+        self.adapter = adapter
+        self.scorer = RewardModel(policy.policy, policy.processor, seed=seed)
+
+    def active(self) -> AbstractContextManager[None]:
+        """This adapter on for the duration; then the policy's again."""
+        return self.__dict__["_policy"].using(self.adapter)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with self.active():
+            return self.scorer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # encode, processor, family, max_positions, backbone, head
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["scorer"], name)
+
+    def _own(self) -> dict[str, torch.Tensor]:
+        """The head's weights (and the likelihood weights), by their names in a RewardModel."""
+        scorer = self._modules["scorer"]
+        own = {f"head.{name}": tensor for name, tensor in scorer.head.named_parameters()}
+        if scorer.likelihood_weights is not None:
+            own["likelihood_weights"] = scorer.likelihood_weights
+        return own
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return adapter_parameters(self.__dict__["_policy"].policy, self.adapter) + list(self._own().values())
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        adapter = get_peft_model_state_dict(self.__dict__["_policy"].peft, adapter_name=self.adapter)
+        return ({f"adapter/{key}": tensor.detach().clone() for key, tensor in adapter.items()}
+                | {key: tensor.detach().clone() for key, tensor in self._own().items()})
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        load_weights(self.__dict__["_policy"].peft, self.adapter,
+                     {key.removeprefix("adapter/"): tensor for key, tensor in state.items() if key.startswith("adapter/")})
+        with torch.no_grad():
+            for key, tensor in self._own().items():
+                tensor.copy_(state[key])
+
+    def save(self, folder: Path) -> None:
+        """A reward model folder: the base with this adapter merged in, and the head."""
+        policy = self.__dict__["_policy"]
+        merged = copy.deepcopy(policy.peft)
+        merged.set_adapter(self.adapter)
+        standalone = RewardModel(merged.merge_and_unload(adapter_names=[self.adapter]), policy.processor,
+                                 likelihood_features=self._modules["scorer"].likelihood_weights is not None)
+        with torch.no_grad():
+            for key, tensor in standalone.named_parameters():
+                if key in self._own():
+                    tensor.copy_(self._own()[key])
+        standalone.save(folder)

@@ -27,10 +27,10 @@ Under torchrun the trained modules (policy, reward model, critic) are distribute
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from modalign.policy.families import Family, UnsupportedModel, family_of
 from modalign.policy.model import build_default_policy, load_policy, save_policy
 from modalign.reward.backbones import AnyRewardModel, is_saved_reward_model, load_reward_model, new_reward_model
 from modalign.reward.model import RewardModel
-from modalign.trainer.lora import LoraPolicy, LoraSettings
+from modalign.trainer.lora import REWARD, VALUE, AdapterRewardModel, LoraPolicy, LoraSettings
 
 SHARDINGS = ("ddp", "fsdp")
 _FULL = StateDictOptions(full_state_dict=True)
@@ -101,7 +101,14 @@ class TokenValues(torch.nn.Module):
             index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             return self.model.head(hidden.gather(1, index).to(self.model.head.weight.dtype)).squeeze(-1).float()
 
-        return self.model.family.in_parts(inputs, values)
+        # A critic that is an adapter on the policy's base runs with its adapter on.
+        with self.model.active() if isinstance(self.model, AdapterRewardModel) else contextlib.nullcontext():
+            return self.model.family.in_parts(inputs, values)
+
+
+def trained_parameters(model: torch.nn.Module) -> Iterator[torch.nn.Parameter]:
+    """What a model's optimiser updates: an adapter reward model's adapter and head, else every weight."""
+    return iter(model.trainable_parameters()) if isinstance(model, AdapterRewardModel) else model.parameters()
 
 
 def optimizer_step(
@@ -166,12 +173,15 @@ class Models:
     def __init__(
         self, *, policy_model_dir: str, reward_model_dir: str, reward_backbone: str, seed: int, device: torch.device,
         policy_lr: float, reward_lr: float, with_critic: bool, world_size: int, lora: LoraSettings | None = None,
-        sharding: str = "ddp",
+        reward_lora: bool = False, sharding: str = "ddp",
     ) -> None:
+        """reward_lora (with lora): the reward model and the critic are adapters on the policy's base
+        (lora.AdapterRewardModel) rather than copies of the model."""
         self.device = device
         self.world_size = world_size
         self.sharding = sharding
         self.sharded = sharding == "fsdp" and world_size > 1
+        self.reward_lora = reward_lora
         self._whole: dict[str, dict[str, torch.Tensor]] | None = None
         if policy_model_dir:
             # float32 whatever the checkpoint's dtype: these are the master weights (LearnerConfig.dtype).
@@ -182,6 +192,37 @@ class Models:
         if self.sharded and type(family_of(base.config.model_type)).split is not Family.split:
             raise UnsupportedModel(f"{base.config.model_type}: its batches split by image count into a number of "
                                    "forward passes that differs between ranks, which FSDP cannot shard; use ddp")
+        if reward_lora:
+            self._adapters_on_one_base(base, policy_model_dir, lora, with_critic, seed)
+        else:
+            self._copies(base, policy_model_dir, reward_model_dir, reward_backbone, lora, with_critic, seed)
+        self.critic = TokenValues(self.value_model) if self.value_model is not None else None
+        # Sharded before the optimisers are made: FSDP replaces each parameter with its shard.
+        self.training_policy = self._distribute(self.policy, lambda: list(self.versions.trainable_parameters()))
+        self.training_reward_model = self._distribute(self.reward_model, lambda: list(trained_parameters(self.reward_model)))
+        self.training_critic = self._distribute(self.critic, lambda: list(trained_parameters(self.value_model)))
+        self.policy_optimizer = torch.optim.AdamW(self.versions.trainable_parameters(), lr=policy_lr, weight_decay=0.0)
+        self.reward_optimizer = torch.optim.AdamW(trained_parameters(self.reward_model), lr=reward_lr, weight_decay=0.0)
+        self.value_optimizer = (
+            torch.optim.AdamW(trained_parameters(self.value_model), lr=policy_lr, weight_decay=0.0)
+            if self.value_model is not None else None
+        )
+
+    def _adapters_on_one_base(self, base: PreTrainedModel, policy_model_dir: str, lora: LoraSettings | None,
+                              with_critic: bool, seed: int) -> None:
+        if lora is None:
+            raise ValueError("the reward model is an adapter on the policy's base only when the policy is one")
+        self.versions = LoraPolicy(base, self.processor, lora, Path(policy_model_dir) if policy_model_dir else None,
+                                   scorers=(REWARD, VALUE) if with_critic else (REWARD,), seed=seed)
+        self.policy, self.reference = self.versions.policy, self.versions.reference
+        self.published_policy = self.versions.published
+        self.reward_model = AdapterRewardModel(self.versions, REWARD, seed).to(self.device)
+        self.value_model = AdapterRewardModel(self.versions, VALUE, seed).to(self.device) if with_critic else None
+        self.critic_from_trained_reward_model = False  # the critic copies the reward model once it trained
+
+    def _copies(self, base: PreTrainedModel, policy_model_dir: str, reward_model_dir: str, reward_backbone: str,
+                lora: LoraSettings | None, with_critic: bool, seed: int) -> None:
+        device = self.device
         # The reward model and the critic start from copies of the policy taken before LoRA adapts it.
         if reward_model_dir:
             self.reward_model = load_reward_model(reward_model_dir, seed, reward_backbone).to(device, torch.float32)
@@ -200,29 +241,27 @@ class Models:
         self.critic_from_trained_reward_model = (
             bool(reward_model_dir) and is_saved_reward_model(reward_model_dir)
         ) or not isinstance(self.reward_model, RewardModel)
-        self.versions = (LoraPolicy(base, self.processor, lora, Path(policy_model_dir) if policy_model_dir else None)
+        self.versions = (LoraPolicy(base, self.processor, lora, Path(policy_model_dir) if policy_model_dir else None,
+                                    seed=seed)
                          if lora is not None else FullPolicy(base, self.processor))
         self.policy, self.reference = self.versions.policy, self.versions.reference
         self.published_policy = self.versions.published
-        self.critic = TokenValues(self.value_model) if self.value_model is not None else None
-        # Sharded before the optimisers are made: FSDP replaces each parameter with its shard.
-        self.training_policy, self.training_reward_model, self.training_critic = (
-            self._distribute(module) for module in (self.policy, self.reward_model, self.critic)
-        )
-        self.policy_optimizer = torch.optim.AdamW(self.versions.trainable_parameters(), lr=policy_lr, weight_decay=0.0)
-        self.reward_optimizer = torch.optim.AdamW(self.reward_model.parameters(), lr=reward_lr, weight_decay=0.0)
-        self.value_optimizer = (
-            torch.optim.AdamW(self.value_model.parameters(), lr=policy_lr, weight_decay=0.0)
-            if self.value_model is not None else None
-        )
 
-    def _distribute(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
-        """The module forward passes that average gradients go through (see the module docstring)."""
+    def _distribute(self, module: torch.nn.Module | None,
+                    trained: Callable[[], list[torch.nn.Parameter]]) -> torch.nn.Module | None:
+        """The module forward passes that average gradients go through (see the module docstring);
+        trained(): the weights its optimiser updates."""
         if module is None or self.world_size == 1:
             return module
         if self.sharded:
             shard(module)
             return module
+        if self.reward_lora:
+            # The policy, the reward model and the critic share one base, each with adapters of its own
+            # that train: each wrapper averages its own alone, or two would reduce the same gradients.
+            own = {id(parameter) for parameter in trained()}
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                module, [name for name, parameter in module.named_parameters() if id(parameter) not in own])
         # Unused parameters: the reward model's backbone keeps an LM head it never calls.
         return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
 
@@ -230,7 +269,7 @@ class Models:
         return [part for module in (self.policy, self.reward_model, self.critic) if module is not None
                 for part in module.modules() if isinstance(part, FSDPModule)]
 
-    @contextmanager
+    @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
         """Every sharded module's full weights on every rank for the duration, so that forward passes
         run without collectives, as many as each rank needs (sampling, scoring, evaluation). Every
@@ -246,7 +285,7 @@ class Models:
                 unit.reshard()
                 unit.set_reshard_after_forward(True, recurse=False)
 
-    @contextmanager
+    @contextlib.contextmanager
     def whole_weights(self) -> Iterator[None]:
         """For the duration, rank 0 holds the policy's and the reward model's whole weights (on the CPU),
         gathered from their shards, so that it alone can export them; every rank must enter it together.
@@ -273,8 +312,11 @@ class Models:
         """A short hash of every trained weight (whole, gathered from the shards under FSDP: a collective):
         equal on every rank while they stay in step."""
         digest = hashlib.sha256()
-        for module in (self.policy, self.reward_model, self.critic):
-            for tensor in (full_state(module).values() if module is not None else ()):
+        # Sharded, the critic's root module gathers its weights; else each module's own state (an adapter
+        # reward model's is its adapter and head).
+        for module in (self.policy, self.reward_model, self.critic if self.sharded else self.value_model):
+            state = full_state(module) if self.sharded and module is not None else module.state_dict() if module else {}
+            for tensor in state.values():
                 digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 

@@ -21,9 +21,10 @@ from modalign.policy.adapters import ADAPTER_FOLDER, WEIGHTS
 from modalign.policy.export import main as export_main
 from modalign.policy.families import UnsupportedModel
 from modalign.policy.model import load_policy
+from modalign.reward.model import RewardModel
 from modalign.trainer.batches import Prompt
 from modalign.trainer.checkpoint import load_checkpoint, save_checkpoint
-from modalign.trainer.learner import Learner
+from modalign.trainer.learner import Learner, LearnerConfig
 from modalign.trainer.lora import default_target_modules
 from modalign.trainer.publishing import Publisher
 from modalign.trainer.service import TrainerConfig
@@ -196,3 +197,59 @@ def test_a_negative_lora_rank_is_refused_naming_its_flag(capsys: pytest.CaptureF
     with pytest.raises(SystemExit) as exited:
         parse_config(TrainerConfig, ["--learner.lora-rank", "-1"])
     assert exited.value.code == 2 and "--learner.lora-rank" in capsys.readouterr().err
+
+
+def test_the_reward_model_and_the_critic_can_be_adapters_on_the_policys_base(
+    blobs: BlobStore, prompts: list[Prompt], tmp_path: Path
+) -> None:
+    """--learner.reward-lora: one copy of the model holds the policy, the reward model and PPO's critic,
+    each training an adapter (and a head) of its own; none moves another's outputs; the reward model
+    publishes as an ordinary reward model folder and checkpoints with its adapter alone."""
+    seed_everything(0)
+    learner = make_learner(blobs, algorithm="ppo", reward_lora=True, reward_epochs=3, **LORA)
+    models = learner.models
+    base = {id(p) for p in models.policy.parameters()}
+    for scorer in (models.reward_model, models.value_model):
+        own = [p for p in scorer.parameters() if id(p) not in base]
+        assert sum(p.numel() for p in own) < 200, "a head of its own; every other weight is the policy's"
+    optimised = [name for name, p in models.policy.named_parameters()
+                 if any(p is q for q in models.reward_optimizer.param_groups[0]["params"])]
+    assert optimised and all(".reward." in name for name in optimised), optimised[:3]
+
+    pairs = traffic_pairs(learner, prompts)
+    before = parameters(models.policy)
+    learner.learn(pairs, prompts)
+    assert models.critic_from_trained_reward_model
+    changed = differing(parameters(models.policy), before)
+    assert all("lora_" in name for name in changed), "the base stays frozen"
+    assert {name.split("lora_")[1].split(".")[1] for name in changed} == {"default", "reward", "value"}
+
+    # Each adapter only moves its own model's outputs.
+    batch = learner.batches.of_samples(prompts, learner.sampler.sample(prompts, 1, seed=1))
+    samples = learner.sampler.sample(prompts, 1, seed=2)
+    policy_logprobs, rewards = learner.batches.logprobs(models.policy, batch), learner.reward.score(prompts, samples)
+    reward_state = models.reward_model.state_dict()
+    models.reward_model.load_state_dict({key: value + 0.05 for key, value in reward_state.items()})
+    assert torch.equal(learner.batches.logprobs(models.policy, batch), policy_logprobs)
+    assert not torch.allclose(learner.reward.score(prompts, samples), rewards)
+    models.reward_model.load_state_dict(reward_state)
+    assert torch.equal(learner.reward.score(prompts, samples), rewards)
+
+    # Published: the base with the reward adapter merged in, scoring as the trainer's reward model does.
+    models.export_reward(tmp_path / "r1")
+    published = RewardModel.load(tmp_path / "r1")
+    inputs = published.encode([p.conversation for p in prompts], [learner.images.of_prompt(p) for p in prompts],
+                              [s.text for s in samples])
+    with torch.no_grad():
+        torch.testing.assert_close(published(**inputs), rewards, rtol=1e-5, atol=1e-5)
+
+    # Checkpointed with the adapters and heads alone, and restored into another learner's base.
+    save_checkpoint(tmp_path / "checkpoint", {"learner": learner.state_dict()})
+    restored = make_learner(blobs, algorithm="ppo", reward_lora=True, **LORA)
+    restored.load_state_dict(load_checkpoint(tmp_path / "checkpoint")["learner"])
+    assert torch.equal(restored.reward.score(prompts, samples), rewards)
+    assert not differing(parameters(restored.models.policy), parameters(models.policy))
+
+    for refused in ({}, {"lora_rank": 4, "reward_backbone": "clip"}, {"lora_rank": 4, "reward_model_dir": "rm"}):
+        with pytest.raises(ConfigError, match="reward model an adapter"):
+            LearnerConfig(reward_lora=True, **refused).validate()

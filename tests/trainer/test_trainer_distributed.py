@@ -26,12 +26,14 @@ pytestmark = pytest.mark.integration
 CHECKPOINTED = re.compile(r"round (\d+) checkpointed: (\d+) pairs learned so far \(rank (\d), parameters (\w+)\)")
 
 
-@pytest.mark.parametrize("learner", [{}, {"learner.lora_rank": 4}, {"learner.sharding": "fsdp"}],
-                         ids=["full", "lora", "fsdp"])
+@pytest.mark.parametrize("learner", [
+    {}, {"learner.lora_rank": 4, "learner.reward_lora": True, "learner.algorithm": "ppo"}, {"learner.sharding": "fsdp"},
+], ids=["full", "lora", "fsdp"])
 def test_two_ranks_share_the_partitions_and_keep_identical_models(
     own_kafka_config: KafkaConfig, tmp_path: Path, learner: dict
 ) -> None:
-    """With LoRA the ranks train their adapters in step on identical frozen bases (the digest covers both).
+    """With LoRA the ranks train their adapters in step on identical frozen bases (the digest covers both);
+    the reward model and PPO's critic are adapters on the same base, each wrapper averaging its own.
     With FSDP each rank holds shards (the digest is of the whole weights, gathered), and the job is
     SIGKILLed once, right after a checkpoint, and started again: it resumes from its sharded checkpoint
     and still learns from every feedback exactly once."""
