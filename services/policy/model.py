@@ -17,6 +17,7 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
+    BitsAndBytesConfig,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -234,11 +235,12 @@ def save_policy(model: PreTrainedModel, processor: ProcessorMixin, folder: str |
 
 
 def load_policy(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, four_bit: bool = False,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load an image-text-to-text policy of a supported family from a local folder, in eval mode
     (dropout off). A model-store version that is a LoRA adapter (adapters.py) is loaded onto its base,
-    which the store fetched beside it, and merged.
+    which the store fetched beside it, and merged. four_bit: its linear layers (but the LM head) in
+    4-bit NF4 with bitsandbytes, computing in dtype (QLoRA's frozen base); a full checkpoint only.
 
     Raises UnsupportedModel with a one-line reason, before any weight is read, when the folder has no
     config, its family is not supported, or its processor lacks a tokenizer, an image processor or a
@@ -246,16 +248,26 @@ def load_policy(
     """
     folder = Path(folder)
     if (base := base_folder(folder)) is not None:
+        if four_bit:
+            raise UnsupportedModel(f"{folder}: a LoRA adapter version; 4-bit loading takes a full checkpoint "
+                                   "(modalign export-version VERSION --merged writes one)")
         model, processor = load_policy(base, device, dtype)
         return merged(model, folder), processor
     if is_adapter_version(folder):
         raise UnsupportedModel(f"{folder}: a LoRA adapter without its base; load it from the model store, "
                                "or export it merged (modalign export-version VERSION --merged)")
     _, processor = load_processor(folder)
-    model = AutoModelForImageTextToText.from_pretrained(
-        folder, local_files_only=True, dtype=dtype if dtype is not None else "auto"
-    )
-    model.to(device)
+    if four_bit:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, local_files_only=True, dtype=dtype, device_map={"": str(device)},
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=dtype),
+        )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, local_files_only=True, dtype=dtype if dtype is not None else "auto"
+        )
+        model.to(device)
     model.eval()
     return model, processor
 

@@ -81,6 +81,11 @@ class LearnerConfig:
     lora_target_modules: tuple[str, ...] = ()
     """With lora_rank: the layers to adapt (PEFT's target_modules: full names, or the last part of one);
     empty: the attention and MLP projections of the text model (q/k/v/o_proj, gate/up/down_proj)."""
+    lora_bits: int = 0
+    """With lora_rank: 4 holds the frozen base in 4-bit NF4 (QLoRA, bitsandbytes; it runs on CPUs too),
+    computing in float32, while the adapters train in float32; 0 keeps it in float32. Needs
+    --learner.reward-lora (a 4-bit weight cannot train, so the reward model and the critic must be
+    adapters too). Published versions are adapters on the checkpoint's own float32 base."""
     reward_lora: bool = False
     """With lora_rank: the reward model (and PPO's and A2C's critic) are LoRA adapters of their own on the
     policy's base, each with its own head, instead of copies of the model: the trainer holds one copy of
@@ -154,6 +159,11 @@ class LearnerConfig:
         if self.reward_lora and not (self.lora_rank and self.reward_backbone == "generative" and not self.reward_model_dir):
             raise ConfigError("reward_lora", "makes the reward model an adapter on the LoRA policy's base: it needs "
                                              "--learner.lora-rank, the generative backbone and no --learner.reward-model-dir")
+        if self.lora_bits not in (0, 4):
+            raise ConfigError("lora_bits", f"must be 0 (a float32 base) or 4 (QLoRA), not {self.lora_bits}")
+        if self.lora_bits and not self.reward_lora:
+            raise ConfigError("lora_bits", "a 4-bit base trains adapters only: add --learner.reward-lora, so that the "
+                                           "reward model and the critic are adapters on it too")
         require_one_of("sharding", self.sharding, SHARDINGS)
         if self.sharding == "fsdp" and (self.lora_rank or self.reward_backbone != "generative"):
             raise ConfigError("sharding", "fsdp shards full fine-tuning with the generative reward model; a LoRA "
@@ -176,7 +186,7 @@ class Learner:
             reward_backbone=config.reward_backbone, seed=config.seed,
             device=device, policy_lr=config.policy_lr, reward_lr=config.reward_lr,
             with_critic=self.algorithm.uses_critic, world_size=world_size,
-            lora=LoraSettings(config.lora_rank, config.lora_alpha, config.lora_target_modules)
+            lora=LoraSettings(config.lora_rank, config.lora_alpha, config.lora_target_modules, config.lora_bits)
             if config.lora_rank else None,
             reward_lora=config.reward_lora, sharding=config.sharding,
         )

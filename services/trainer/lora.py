@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.core.modelstore import MANIFEST, base_folder
-from modalign.policy.adapters import ADAPTER_FOLDER, adapter_weights, load_weights
+from modalign.policy.adapters import ADAPTER_FOLDER, WEIGHTS, AdapterMismatch, adapter_weights, load_weights
 from modalign.policy.families import UnsupportedModel
-from modalign.policy.model import save_policy
+from modalign.policy.model import load_policy, save_policy
 from modalign.reward.model import RewardModel
 
 PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
@@ -54,6 +55,8 @@ class LoraSettings:
     alpha: float
     target_modules: tuple[str, ...] = ()
     """Empty: default_target_modules(model)."""
+    bits: int = 0
+    """4: the base is held in 4-bit NF4 (QLoRA; load it with load_policy(four_bit=True)); 0: as loaded."""
 
 
 def default_target_modules(model: PreTrainedModel) -> list[str]:
@@ -112,7 +115,9 @@ class LoraPolicy:
         of the adapters' initialisation, so that every torchrun rank starts from the same ones."""
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
                             target_modules=list(settings.target_modules) or default_target_modules(base))
-        self.processor, self.source = processor, source
+        if settings.bits and source is None:
+            raise ValueError("a 4-bit base is quantised as it loads: give the checkpoint folder it came from")
+        self.processor, self.source, self.config, self.bits = processor, source, config, settings.bits
         with torch.random.fork_rng(devices=[]):  # the caller's RNG undisturbed
             torch.manual_seed(seed)
             self.peft = get_peft_model(base, config, adapter_name=TRAINED)
@@ -129,7 +134,7 @@ class LoraPolicy:
         self.reference = AdapterView(self, None)
         self.published = AdapterView(self, PUBLISHED)
         self._start = self._adapter(TRAINED)
-        self._load_adapter(PUBLISHED, self._start)
+        self.load_adapter(PUBLISHED, self._start)
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
         return iter(adapter_parameters(self.policy, TRAINED))
@@ -152,31 +157,61 @@ class LoraPolicy:
             for parameter, trains in self._trains:
                 parameter.requires_grad_(trains)
 
-    def _adapter(self, name: str) -> dict[str, torch.Tensor]:
-        return {key: tensor.detach().clone()
-                for key, tensor in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
+    # Adapters are read and written through their parameters, never the model's state_dict: on
+    # bitsandbytes' CPU backend a state_dict of a 4-bit model that has run reshuffles the weights it
+    # repacked for its kernels, and the frozen base changes (bitsandbytes 0.50.2).
 
-    def _load_adapter(self, name: str, weights: dict[str, torch.Tensor]) -> None:
-        load_weights(self.peft, name, weights)
+    def _adapter_parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
+        """The adapter's parameters by PEFT's saved names (the adapter's name left out)."""
+        marker = f".{name}."
+        return {key.replace(marker, "."): parameter for key, parameter in self.peft.named_parameters() if marker in key}
+
+    def _adapter(self, name: str) -> dict[str, torch.Tensor]:
+        return {key: parameter.detach().clone() for key, parameter in self._adapter_parameters(name).items()}
+
+    def load_adapter(self, name: str, weights: dict[str, torch.Tensor]) -> None:
+        """Copies weights (PEFT's saved form) into the adapter `name`; raises AdapterMismatch (a
+        ValueError) unless they fill it exactly."""
+        targets = self._adapter_parameters(name)
+        unfit = [key for key, tensor in weights.items() if key not in targets or targets[key].shape != tensor.shape]
+        missing = sorted(targets.keys() - weights.keys())
+        if unfit or missing:
+            raise AdapterMismatch(f"the adapter does not fit this base: unexpected {unfit[:3]}, missing {missing[:3]}")
+        with torch.no_grad():
+            for key, tensor in weights.items():
+                targets[key].copy_(tensor)
 
     def accept(self) -> None:
-        self._load_adapter(PUBLISHED, self._adapter(TRAINED))
+        self.load_adapter(PUBLISHED, self._adapter(TRAINED))
 
     def revert(self) -> None:
-        self._load_adapter(TRAINED, self._adapter(PUBLISHED))
+        self.load_adapter(TRAINED, self._adapter(PUBLISHED))
 
     def reset(self, folder: Path | None) -> None:
         """Both adapters from a version published by a LoRA trainer on this base (None: the starting
         policy, no change to the base). Raises AdapterMismatch (a ValueError) for a full checkpoint or
         an adapter that does not fit."""
         weights = self._start if folder is None else adapter_weights(folder)
-        self._load_adapter(TRAINED, weights)
-        self._load_adapter(PUBLISHED, weights)
+        self.load_adapter(TRAINED, weights)
+        self.load_adapter(PUBLISHED, weights)
 
     def export(self, folder: Path) -> None:
-        """The trained adapter, in adapter/: megabytes, where the model is gigabytes."""
-        self.peft.save_pretrained(folder / ADAPTER_FOLDER, selected_adapters=[TRAINED])
-        (folder / ADAPTER_FOLDER / "README.md").unlink(missing_ok=True)  # PEFT's blank model card
+        """The trained adapter, in adapter/ in PEFT's format: megabytes, where the model is gigabytes."""
+        (folder / ADAPTER_FOLDER).mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(folder / ADAPTER_FOLDER)
+        save_file(self._adapter(TRAINED), folder / ADAPTER_FOLDER / WEIGHTS)
+
+    def merged(self, adapter: str) -> PreTrainedModel:
+        """A plain model: the base with the adapter `adapter` merged in. A 4-bit base is merged from the
+        checkpoint's own weights (float32), as QLoRA adapters are, not from its quantised copy."""
+        if self.bits:
+            full, _ = load_policy(self.source, device=self.policy.device, dtype=torch.float32)
+            copy_of = get_peft_model(full, self.config, adapter_name=adapter)
+            load_weights(copy_of, adapter, self._adapter(adapter))  # a float32 copy: PEFT's own loading is safe
+            return copy_of.merge_and_unload()
+        copy_of = copy.deepcopy(self.peft)
+        copy_of.set_adapter(adapter)
+        return copy_of.merge_and_unload(adapter_names=[adapter])
 
     def export_base(self, folder: Path) -> None:
         """The base the adapters adapt, as a full checkpoint: the files it was loaded from, byte for
@@ -192,8 +227,8 @@ class LoraPolicy:
         return {"policy": self._adapter(TRAINED), "published_policy": self._adapter(PUBLISHED)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load_adapter(TRAINED, state["policy"])
-        self._load_adapter(PUBLISHED, state["published_policy"])
+        self.load_adapter(TRAINED, state["policy"])
+        self.load_adapter(PUBLISHED, state["published_policy"])
 
 
 class AdapterRewardModel(torch.nn.Module):
@@ -236,13 +271,13 @@ class AdapterRewardModel(torch.nn.Module):
         return adapter_parameters(self.__dict__["_policy"].policy, self.adapter) + list(self._own().values())
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        adapter = get_peft_model_state_dict(self.__dict__["_policy"].peft, adapter_name=self.adapter)
-        return ({f"adapter/{key}": tensor.detach().clone() for key, tensor in adapter.items()}
+        adapter = self.__dict__["_policy"]._adapter(self.adapter)
+        return ({f"adapter/{key}": tensor for key, tensor in adapter.items()}
                 | {key: tensor.detach().clone() for key, tensor in self._own().items()})
 
     def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
-        load_weights(self.__dict__["_policy"].peft, self.adapter,
-                     {key.removeprefix("adapter/"): tensor for key, tensor in state.items() if key.startswith("adapter/")})
+        self.__dict__["_policy"].load_adapter(
+            self.adapter, {key.removeprefix("adapter/"): tensor for key, tensor in state.items() if key.startswith("adapter/")})
         with torch.no_grad():
             for key, tensor in self._own().items():
                 tensor.copy_(state[key])
@@ -250,9 +285,7 @@ class AdapterRewardModel(torch.nn.Module):
     def save(self, folder: Path) -> None:
         """A reward model folder: the base with this adapter merged in, and the head."""
         policy = self.__dict__["_policy"]
-        merged = copy.deepcopy(policy.peft)
-        merged.set_adapter(self.adapter)
-        standalone = RewardModel(merged.merge_and_unload(adapter_names=[self.adapter]), policy.processor,
+        standalone = RewardModel(policy.merged(self.adapter), policy.processor,
                                  likelihood_features=self._modules["scorer"].likelihood_weights is not None)
         with torch.no_grad():
             for key, tensor in standalone.named_parameters():

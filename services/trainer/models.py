@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,15 @@ class Models:
         self.sharded = sharding == "fsdp" and world_size > 1
         self.reward_lora = reward_lora
         self._whole: dict[str, dict[str, torch.Tensor]] | None = None
-        if policy_model_dir:
+        if lora is not None and lora.bits:
+            if not policy_model_dir:
+                # QLoRA quantises a checkpoint as it loads: the built-in model is saved first, and that
+                # folder is the base its versions name (lora.LoraPolicy.export_base copies it).
+                self._built_in = tempfile.TemporaryDirectory(prefix="modalign-base-")
+                save_policy(*build_default_policy(seed), self._built_in.name)
+                policy_model_dir = self._built_in.name
+            base, self.processor = load_policy(policy_model_dir, device=device, dtype=torch.float32, four_bit=True)
+        elif policy_model_dir:
             # float32 whatever the checkpoint's dtype: these are the master weights (LearnerConfig.dtype).
             base, self.processor = load_policy(policy_model_dir, device=device, dtype=torch.float32)
         else:
@@ -315,7 +324,12 @@ class Models:
         # Sharded, the critic's root module gathers its weights; else each module's own state (an adapter
         # reward model's is its adapter and head).
         for module in (self.policy, self.reward_model, self.critic if self.sharded else self.value_model):
-            state = full_state(module) if self.sharded and module is not None else module.state_dict() if module else {}
+            if module is None:
+                continue
+            # Sharded: gathered whole. An adapter reward model's own state is its adapter and head. Else
+            # the parameters, not the state_dict (see lora.py on 4-bit bases).
+            state = (full_state(module) if self.sharded else module.state_dict()
+                     if isinstance(module, AdapterRewardModel) else dict(module.named_parameters()))
             for tensor in state.values():
                 digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -253,3 +254,53 @@ def test_the_reward_model_and_the_critic_can_be_adapters_on_the_policys_base(
     for refused in ({}, {"lora_rank": 4, "reward_backbone": "clip"}, {"lora_rank": 4, "reward_model_dir": "rm"}):
         with pytest.raises(ConfigError, match="reward model an adapter"):
             LearnerConfig(reward_lora=True, **refused).validate()
+
+
+def test_qlora_trains_adapters_on_a_four_bit_base_and_publishes_them_on_its_float32_checkpoint(
+    blobs: BlobStore, prompts: list[Prompt], tmp_path: Path
+) -> None:
+    """--learner.lora-bits 4: the frozen base is held in 4-bit NF4 (bitsandbytes, here on the CPU), the
+    three adapters train on it, and the versions are adapters on the float32 checkpoint it came from."""
+    seed_everything(0)
+    qlora = {**LORA, "lora_bits": 4, "reward_lora": True}
+    learner = make_learner(blobs, algorithm="ppo", **qlora)
+    models = learner.models
+    projection = models.policy.get_decoder().layers[0].self_attn.q_proj.base_layer
+    assert isinstance(projection, bnb.nn.Linear4bit)
+    stored = projection.weight.numel() * projection.weight.element_size()
+    assert stored * 8 == projection.in_features * projection.out_features * 4, "4 bits a weight, not 32"
+
+    def weights() -> dict[str, torch.Tensor]:  # by parameter: a 4-bit model's state_dict disturbs it (lora.py)
+        return {name: p.detach().clone() for name, p in models.policy.named_parameters()}
+
+    batch = learner.batches.of_samples(prompts, learner.sampler.sample(prompts, 1, seed=1))
+    reference, policy = (learner.batches.logprobs(model, batch) for model in (models.reference, models.policy))
+    before = weights()
+    learner.learn(traffic_pairs(learner, prompts), prompts)
+    changed = differing(weights(), before)
+    assert {name.split("lora_")[1].split(".")[1] for name in changed} == {"default", "reward", "value"}
+    assert torch.equal(learner.batches.logprobs(models.reference, batch), reference), "the 4-bit base is frozen"
+    assert not torch.allclose(learner.batches.logprobs(models.policy, batch), policy)
+
+    # The base version is the float32 checkpoint's files; the reward model merges into it, not into 4 bits.
+    models.export_base(tmp_path / "base")
+    base, _ = load_policy(tmp_path / "base")
+    assert all(p.dtype == torch.float32 for p in base.parameters())
+    models.export_policy(tmp_path / "v1")
+    assert (tmp_path / "v1" / ADAPTER_FOLDER / WEIGHTS).exists()
+    models.export_reward(tmp_path / "r1")
+    published = RewardModel.load(tmp_path / "r1")
+    assert type(published.backbone.get_decoder().layers[0].self_attn.q_proj) is torch.nn.Linear
+
+    save_checkpoint(tmp_path / "checkpoint", {"learner": learner.state_dict()})
+    restored = make_learner(blobs, algorithm="ppo", **qlora)
+    restored.load_state_dict(load_checkpoint(tmp_path / "checkpoint")["learner"])
+    adapters = {name: p for name, p in restored.models.policy.named_parameters() if "lora_" in name}
+    assert not differing(adapters, {name: p for name, p in weights().items() if "lora_" in name})
+    # bitsandbytes' CPU kernels repack a 4-bit weight once it has run, and the packed path rounds
+    # differently from the first: close, not bit-identical, until both models have run alike.
+    torch.testing.assert_close(restored.batches.logprobs(restored.models.policy, batch),
+                               learner.batches.logprobs(models.policy, batch), rtol=0, atol=1e-2)
+
+    with pytest.raises(ConfigError, match="reward-lora"):
+        LearnerConfig(lora_rank=4, lora_bits=4).validate()
