@@ -25,6 +25,7 @@ COMMANDS = {
     "dead-letters": ("modalign.trainer.dead_letters", "list the feedback the trainer set aside, or replay it once fixed"),
     "eval": ("modalign.evaluation.run", "a policy version's BLEU, ROUGE-L, POPE and reward on an evaluation set"),
     "export-version": ("modalign.policy.export", "a published policy version into a folder: as stored, or --merged into a full checkpoint"),
+    "bench": ("modalign.bench.run", "benchmarks side by side with the baselines users would pick, as ratios (bench.json, bench.md)"),
     "data": ("modalign.data", "public preference datasets in as generations and feedback, the joined feedback out for TRL"),
 }
 
