@@ -43,7 +43,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for side, label in ((result.baseline, "A: transformers `generate`, static batches"),
                         (result.modalign, "B: modalign, continuous batching")):
-        rates = side.tokens_per_second
+        rates = side.per_second
         print(f"| {label} | {statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
               f"{side.p50_ms:.0f} ms | {side.p99_ms:.0f} ms |")
     print(f"B/A throughput: {result.ratio:.2f}x (range {min(result.ratios):.2f}-{max(result.ratios):.2f}), "

@@ -32,14 +32,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
+from modalign.bench.ingestion import Pass, closed_loop, submit_over_grpc
+from modalign.bench.serving import percentile
 from modalign.core import broker
 from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig, ensure_topics, make_consumer
@@ -47,7 +45,7 @@ from modalign.core.processes import free_port, grpc_serving
 from modalign.core.service import serve_grpc
 from modalign.feedback.ledger import stored_feedback
 from modalign.feedback.server import ACCESS, SERVICE, FeedbackConfig, FeedbackServicer
-from modalign.v1 import feedback_pb2, feedback_pb2_grpc
+from modalign.v1 import feedback_pb2_grpc
 
 SIDES = {
     "A": "no catch-up (baseline)",
@@ -104,67 +102,8 @@ def serve(side: str, kafka: KafkaConfig, port: int) -> None:
         ledger.stop()
 
 
-@dataclass
-class Run:
-    wall_s: float
-    latencies_s: list[float]
-
-    @property
-    def per_s(self) -> float:
-        return len(self.latencies_s) / self.wall_s
-
-
-def new_feedback() -> feedback_pb2.Feedback:
-    feedback = feedback_pb2.Feedback(feedback_id=f"fb-{uuid.uuid4().hex}", user_id=f"user-{uuid.uuid4().hex[:12]}")
-    feedback.client_time.FromSeconds(int(time.time()))
-    feedback.rating.response_id = str(uuid.uuid4())
-    feedback.rating.score = 4
-    return feedback
-
-
-def run_pass(address: str, requests: int, concurrency: int) -> Run:
-    remaining = iter(range(requests))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-    go = threading.Barrier(concurrency + 1)
-
-    def client() -> None:
-        with grpc.insecure_channel(address) as channel:
-            stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
-            go.wait()
-            try:
-                while True:
-                    with lock:
-                        if next(remaining, None) is None:
-                            return
-                    feedback = new_feedback()
-                    started = time.perf_counter()
-                    reply = stub.Submit(feedback, timeout=30)
-                    took = time.perf_counter() - started
-                    if reply.duplicate:
-                        raise AssertionError(f"{feedback.feedback_id} answered as a duplicate")
-                    with lock:
-                        latencies.append(took)
-            except BaseException as error:
-                errors.append(error)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    go.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    return Run(wall, latencies)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def run_pass(address: str, requests: int, concurrency: int) -> Pass:
+    return closed_loop(lambda: None, requests, concurrency, connect=submit_over_grpc(address))
 
 
 def main() -> None:
@@ -211,7 +150,7 @@ def main() -> None:
               f"{args.requests} Submits per pass, {args.concurrency} clients, {args.repeats} repeats", flush=True)
         for _, address in servers.values():
             run_pass(address, max(args.concurrency * 4, 50), args.concurrency)  # warm-up: connections and metadata
-        runs: dict[str, list[Run]] = {side: [] for side in SIDES}
+        runs: dict[str, list[Pass]] = {side: [] for side in SIDES}
         order = list(SIDES)
         for repeat in range(args.repeats):
             for side in order:
@@ -226,7 +165,7 @@ def main() -> None:
             rates = [run.per_s for run in runs[side]]
             latencies = [latency for run in runs[side] for latency in run.latencies_s]
             print(f"| {side}: {label} | {statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
-                  f"{percentile(latencies, 0.5) * 1000:.1f} ms | {percentile(latencies, 0.95) * 1000:.1f} ms |")
+                  f"{percentile(latencies, 50) * 1000:.1f} ms | {percentile(latencies, 95) * 1000:.1f} ms |")
         for side in ("B", "C"):
             ratios = [b.per_s / a.per_s for a, b in zip(runs["A"], runs[side])]
             print(f"\n{side}/A Submits/s: median {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "

@@ -160,18 +160,20 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass(frozen=True)
 class Side:
-    tokens_per_second: list[float]
-    """Useful tokens per second, per repeat."""
+    per_second: list[float]
+    """Throughput per repeat: useful tokens per second here, records per second for ingestion."""
     p50_ms: float
     p99_ms: float
 
 
 @dataclass(frozen=True)
 class Comparison:
+    """A measurement's two sides (each bench module's docstring says what they are)."""
+
     baseline: Side
-    """A: transformers' generate, static batches."""
+    """A: what a user would run instead."""
     modalign: Side
-    """B: continuous batching."""
+    """B."""
     ratios: list[float]
     """B/A throughput per repeat."""
 
