@@ -44,12 +44,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.policy.families import Family, UnsupportedModel, family_of
 from modalign.policy.model import build_default_policy, load_policy, save_policy
 from modalign.reward.backbones import AnyRewardModel, is_saved_reward_model, load_reward_model, new_reward_model
 from modalign.reward.model import RewardModel
+from modalign.trainer import distributed
 from modalign.trainer.lora import REWARD, VALUE, AdapterRewardModel, LoraPolicy, LoraSettings
 
 SHARDINGS = ("ddp", "fsdp")
@@ -318,20 +320,21 @@ class Models:
             self.critic_from_trained_reward_model = True
 
     def parameter_digest(self) -> str:
-        """A short hash of every trained weight (whole, gathered from the shards under FSDP: a collective):
-        equal on every rank while they stay in step."""
+        """A short hash of every trained weight: equal on every rank while they stay in step. Under FSDP,
+        of every rank's shards, gathered as digests rather than weights (a collective, but a cheap one):
+        the whole model, which no rank holds."""
         digest = hashlib.sha256()
-        # Sharded, the critic's root module gathers its weights; else each module's own state (an adapter
-        # reward model's is its adapter and head).
-        for module in (self.policy, self.reward_model, self.critic if self.sharded else self.value_model):
+        for module in (self.policy, self.reward_model, self.value_model):
             if module is None:
                 continue
-            # Sharded: gathered whole. An adapter reward model's own state is its adapter and head. Else
-            # the parameters, not the state_dict (see lora.py on 4-bit bases).
-            state = (full_state(module) if self.sharded else module.state_dict()
-                     if isinstance(module, AdapterRewardModel) else dict(module.named_parameters()))
+            # An adapter reward model's own state is its adapter and head; else the parameters, not the
+            # state_dict (see lora.py on 4-bit bases).
+            state = module.state_dict() if isinstance(module, AdapterRewardModel) else dict(module.named_parameters())
             for tensor in state.values():
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+                digest.update(local.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        if self.sharded:
+            return hashlib.sha256("".join(distributed.all_gather(digest.hexdigest())).encode()).hexdigest()[:16]
         return digest.hexdigest()[:16]
 
     # --- versions ---------------------------------------------------------------------------------
