@@ -254,10 +254,11 @@ def load_checkpoint(directory: Path, into: Callable[[], dict[str, Any]] | None =
         like = _Tensors("refer")
         _encode(into(), like, "")
         targets = like.plain | like.sharded
-        missing = sorted(_sharded_keys(manifest["state"]) - targets.keys())
+        wanted = _sharded_keys(manifest["state"])
+        missing = sorted(wanted - targets.keys())
         if missing:
             raise CheckpointFormatError(f"{directory / MANIFEST} holds tensors this trainer has no place for, "
                                         f"e.g. {missing[0]}")
-        sharded = {key: targets[key] for key in _sharded_keys(manifest["state"])}
+        sharded = {key: targets[key] for key in wanted}
         dcp.load(sharded, checkpoint_id=directory / manifest["sharded"])
     return _decode(manifest["state"], tensors, sharded)

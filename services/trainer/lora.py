@@ -76,9 +76,11 @@ def default_target_modules(model: PreTrainedModel) -> list[str]:
     return targets
 
 
-def adapter_parameters(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
-    """The weights of the adapter `name` in a model PEFT injected adapters into."""
-    return [parameter for key, parameter in model.named_parameters() if f".{name}." in key]
+def adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """The weights of the adapter `name` in a model PEFT injected adapters into, by PEFT's saved names
+    (the adapter's name left out)."""
+    marker = f".{name}."
+    return {key.replace(marker, "."): parameter for key, parameter in model.named_parameters() if marker in key}
 
 
 class AdapterView(torch.nn.Module):
@@ -125,7 +127,7 @@ class LoraPolicy:
                 self.peft.add_adapter(name, config)
         self.peft.set_adapter(TRAINED)  # trainable; every other adapter frozen, ...
         for name in scorers:  # ... but the reward model's and the critic's, which train too
-            for parameter in adapter_parameters(self.peft, name):
+            for parameter in adapter_parameters(self.peft, name).values():
                 parameter.requires_grad_(True)
         self._trains = [(parameter, parameter.requires_grad) for parameter in self.peft.parameters()]
         self.peft.eval()
@@ -137,7 +139,7 @@ class LoraPolicy:
         self.load_adapter(PUBLISHED, self._start)
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return iter(adapter_parameters(self.policy, TRAINED))
+        return iter(adapter_parameters(self.policy, TRAINED).values())
 
     @contextmanager
     def using(self, adapter: str | None) -> Iterator[None]:
@@ -161,18 +163,13 @@ class LoraPolicy:
     # bitsandbytes' CPU backend a state_dict of a 4-bit model that has run reshuffles the weights it
     # repacked for its kernels, and the frozen base changes (bitsandbytes 0.50.2).
 
-    def _adapter_parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
-        """The adapter's parameters by PEFT's saved names (the adapter's name left out)."""
-        marker = f".{name}."
-        return {key.replace(marker, "."): parameter for key, parameter in self.peft.named_parameters() if marker in key}
-
     def _adapter(self, name: str) -> dict[str, torch.Tensor]:
-        return {key: parameter.detach().clone() for key, parameter in self._adapter_parameters(name).items()}
+        return {key: parameter.detach().clone() for key, parameter in adapter_parameters(self.peft, name).items()}
 
     def load_adapter(self, name: str, weights: dict[str, torch.Tensor]) -> None:
         """Copies weights (PEFT's saved form) into the adapter `name`; raises AdapterMismatch (a
         ValueError) unless they fill it exactly."""
-        targets = self._adapter_parameters(name)
+        targets = adapter_parameters(self.peft, name)
         unfit = [key for key, tensor in weights.items() if key not in targets or targets[key].shape != tensor.shape]
         missing = sorted(targets.keys() - weights.keys())
         if unfit or missing:
@@ -268,7 +265,7 @@ class AdapterRewardModel(torch.nn.Module):
         return own
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return adapter_parameters(self.__dict__["_policy"].policy, self.adapter) + list(self._own().values())
+        return [*adapter_parameters(self.__dict__["_policy"].policy, self.adapter).values(), *self._own().values()]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         adapter = self.__dict__["_policy"]._adapter(self.adapter)
