@@ -45,8 +45,9 @@ DEFAULT_CACHE = Path.home() / ".cache" / "modalign" / "warm-start"
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "trainer": {"round_max_seconds": 5.0, "min_pairs_to_learn": 16, "rounds_per_version": 2,
                 "learner.max_new_tokens": 32, "learner.policy_lr": 1e-4,
-                # DPO alone lowered chosen tokens with rejected ones: greedy v10 answered "O." for "One."
-                "learner.dpo_sft_weight": 1.0,
+                # An SFT term on users' chosen answers: for DPO, RPO's (DPO alone lowered chosen tokens with
+                # rejected ones: greedy v10 answered "O." for "One."); for the on-policy algorithms, PPO-ptx's.
+                "learner.sft_weight": 1.0,
                 # The reward gain is measured on 16 prompts: refuse only a loss that stands out of that noise.
                 "gate.reward_gain_z": 1.64},
     "rollout": {"rollout.steps": (50, 100), "rollout.min_step_seconds": 10.0, "rollout.min_samples": 15,

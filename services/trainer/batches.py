@@ -167,6 +167,10 @@ class ResponseBatches:
         answers = [self.token_ids(p.chosen) for p in pairs] + [self.token_ids(p.rejected) for p in pairs]
         return self.build(prompts, answers)
 
+    def of_chosen(self, pairs: list[PreferencePair]) -> ResponseBatch:
+        """The chosen responses of the pairs, one row each."""
+        return self.build([Prompt.of(p.prompt) for p in pairs], [self.token_ids(p.chosen) for p in pairs])
+
     def token_ids(self, response: Response) -> list[int]:
         """A logged response's token ids as generated; an edit's text tokenised, EOS-terminated."""
         if response.token_ids is not None:

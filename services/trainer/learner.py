@@ -133,10 +133,14 @@ class LearnerConfig:
     """PPO and A2C: normalise the GAE advantages over each batch's valid tokens (as TRL's PPO does)."""
     dpo_beta: float = 0.1
     """DPO: inverse temperature of the preference loss (how strongly the policy stays near the reference)."""
-    dpo_sft_weight: float = 0.0
-    """DPO: weight of an SFT term on the chosen responses (RPO; TRL's loss_type ["sigmoid", "sft"] with
-    loss_weights [1, this]). DPO alone can lower the likelihood of a chosen answer's tokens along with the
-    rejected one's; 0 is plain DPO."""
+    sft_weight: float = 0.0
+    """Weight of an SFT term (negative log-likelihood per token) on the answers users chose: the chosen
+    responses of the round's pairs, an edit's corrected text among them. DPO adds it on each minibatch's
+    chosen responses (RPO; TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, this]): DPO alone can
+    lower the likelihood of a chosen answer's tokens along with the rejected one's. The on-policy
+    algorithms add it to every update step on a minibatch of the round's chosen responses (InstructGPT's
+    PPO-ptx, with users' answers for its data): the reward model's gradient comes from a few dozen samples
+    a batch, and this one from what users said directly. 0: the algorithm alone."""
     eval_prompts: int = 16
     """Prompts sampled (with a fixed seed) to evaluate a candidate version."""
     eval_heldout_pairs: int = 512

@@ -113,10 +113,10 @@ def test_recomputed_logprobs_equal_the_behaviour_logprobs_so_ppo_ratios_start_at
 
     # The first minibatch of an update sees ratio 1 on every token: nothing clipped, no movement.
     context = learner.policy_context
-    history = ppo_update(context, episodes)
+    history = ppo_update(context, episodes, [])
     assert history["clip_fraction"][0] == 0.0
     assert history["approx_kl"][0] < 1e-9
-    history = critic_free_update(context, learner.sampler.collect_episodes(prompts), "rloo", kl_in_loss=False)
+    history = critic_free_update(context, learner.sampler.collect_episodes(prompts), [], "rloo", kl_in_loss=False)
     assert history["clip_fraction"][0] == 0.0
     assert history["approx_kl"][0] < 1e-9
 
@@ -141,7 +141,7 @@ def test_a2c_takes_one_step_per_batch_of_episodes_and_moves_its_critic_toward_th
             return masked_mean((context.values(episodes.batch) - returns) ** 2, mask).item()
 
     error_before = critic_error()
-    history = a2c_update(context, episodes)
+    history = a2c_update(context, episodes, [])
 
     for optimizer in (models.policy_optimizer, models.value_optimizer):
         assert optimizer.state and {state["step"].item() for state in optimizer.state.values()} == {1}
@@ -226,20 +226,25 @@ def test_the_reward_model_learns_a_preference_for_red_and_generalises_to_held_ou
     assert metrics["dpo_reward_accuracy"] == 1.0 and metrics["dpo_reward_margin"] > 0
 
 
-def test_dpo_with_an_sft_weight_raises_the_chosen_answers_likelihood_more(blobs: BlobStore, prompts: list[Prompt]) -> None:
+@pytest.mark.parametrize("algorithm", ["dpo", "ppo", "grpo", "a2c"])
+def test_an_sft_weight_raises_the_likelihood_of_users_chosen_answers_more(
+    blobs: BlobStore, prompts: list[Prompt], algorithm: str
+) -> None:
+    """RPO's term for DPO; PPO-ptx's for the on-policy algorithms, which otherwise never see the pairs' answers."""
     def chosen_logprob_gain(sft_weight: float) -> float:
         seed_everything(0)
-        learner = make_learner(blobs, algorithm="dpo", dpo_sft_weight=sft_weight, policy_epochs=3)
+        learner = make_learner(blobs, algorithm=algorithm, sft_weight=sft_weight, policy_epochs=3)
         pairs = traffic_pairs(learner, prompts)
-        batch = learner.batches.of_pairs(pairs)
+        batch = learner.batches.of_chosen(pairs)
 
         def chosen() -> float:
             with torch.no_grad():
                 logits = learner.batches.logits(learner.models.policy, batch)
-                return sequence_logprobs(logits, batch.response_ids, batch.response_mask)[:len(pairs)].sum().item()
+                return sequence_logprobs(logits, batch.response_ids, batch.response_mask).sum().item()
 
         before = chosen()
-        learner.learn(pairs, [])
+        metrics = learner.learn(pairs, prompts)
+        assert ("sft_loss" in metrics) == (algorithm != "dpo" and sft_weight > 0)  # DPO's is inside dpo_loss
         return chosen() - before
 
     assert chosen_logprob_gain(5.0) > chosen_logprob_gain(0.0) + 1.0

@@ -29,10 +29,10 @@ from modalign.trainer.sampling import Episodes
 
 @register_algorithm("a2c", uses_critic=True)
 def a2c(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
-    return ctx.on_policy_updates(prompts, lambda episodes: a2c_update(ctx, episodes))
+    return ctx.on_policy_updates(prompts, lambda episodes: a2c_update(ctx, episodes, pairs))
 
 
-def a2c_update(ctx: PolicyContext, episodes: Episodes) -> History:
+def a2c_update(ctx: PolicyContext, episodes: Episodes, pairs: list[PreferencePair]) -> History:
     config = ctx.config
     batch, mask = episodes.batch, episodes.batch.response_mask
     _, advantages, returns = critic_advantages(ctx, episodes)
@@ -41,9 +41,8 @@ def a2c_update(ctx: PolicyContext, episodes: Episodes) -> History:
     logprobs = ctx.batches.logprobs_from_logits(logits, batch)
     policy_loss = a2c_policy_loss(logprobs, advantages, mask)
     value_loss = a2c_value_loss(ctx.values(batch), returns, mask, config.vf_coef)
-    ctx.step(policy_loss + value_loss, critic=True)
-
     history = new_history()
+    ctx.step(policy_loss + value_loss + ctx.users_answers_sft(pairs, history), critic=True)
     history["policy_loss"].append(policy_loss.item())
     history["value_loss"].append(value_loss.item())
     # The recomputed log-probs against the sampler's: 0 up to rounding when learner and sampler agree. A2C has no

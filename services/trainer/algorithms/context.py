@@ -15,7 +15,9 @@ import torch
 from modalign.trainer import distributed
 from modalign.trainer.batches import Prompt, ResponseBatch, ResponseBatches
 from modalign.trainer.distributed import Shards
+from modalign.trainer.join import PreferencePair
 from modalign.trainer.kl import KLController
+from modalign.trainer.losses import chosen_nll
 from modalign.trainer.metrics import History, mean
 from modalign.trainer.models import Models, optimizer_step
 from modalign.trainer.sampling import Episodes, Sampler
@@ -73,6 +75,20 @@ class PolicyContext:
             return history
 
         return self._sampler.on_policy_updates(prompts, update_then_adapt_kl)
+
+    def users_answers_sft(self, pairs: list[PreferencePair], history: History) -> torch.Tensor:
+        """--learner.sft-weight times the negative log-likelihood per token of users' chosen answers, on a
+        minibatch of the round's pairs drawn by this rank (InstructGPT's PPO-ptx term, its data what users
+        chose or wrote), to add to an on-policy step's loss; recorded in history as sft_loss. A zero when
+        the weight is 0 or the round has no pairs (every rank holds the same pairs, so all or none compute it)."""
+        if not self.config.sft_weight or not pairs:
+            return torch.zeros((), device=self._models.device)
+        batch = self.batches.of_chosen(self.rng.sample(pairs, min(len(pairs), self.config.minibatch_size)))
+        # At temperature 1: the likelihood of the policy's own distribution, as in DPO's SFT term.
+        logprobs = self.batches.logprobs(self.policy, batch, temperature=1.0)
+        nll = chosen_nll(logprobs.sum(-1), batch.response_mask.sum(-1))
+        history["sft_loss"].append(nll.item())
+        return self.config.sft_weight * nll
 
     def shared_minibatches(self, items: list[T], size: int) -> list[list[T]]:
         """Minibatches of a list every rank holds alike (e.g. the round's pairs): this rank's share of each."""

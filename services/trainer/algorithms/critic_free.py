@@ -3,7 +3,8 @@
 Per update: sample k responses to each of some prompts seen in traffic, score them with the reward
 model (minus a penalty when no EOS was produced), turn the scores into per-sample advantages with the
 registered estimator, and take clipped policy-gradient steps (the episodes' behaviour log-probs are
-the importance-sampling denominator, so several epochs over one batch stay correct).
+the importance-sampling denominator, so several epochs over one batch stay correct), plus, with
+--learner.sft-weight, an SFT term on users' chosen answers (PPO-ptx).
 KL to the reference: RLOO puts -kl_coef * KL into the reward (as TRL's RLOOTrainer); GRPO adds
 kl_coef * k3 to the loss (as the GRPO paper and TRL's GRPOTrainer).
 """
@@ -24,7 +25,8 @@ from modalign.trainer.rewards import kl_penalized_token_rewards
 from modalign.trainer.sampling import Episodes
 
 
-def critic_free_update(ctx: PolicyContext, episodes: Episodes, estimator: str, kl_in_loss: bool) -> History:
+def critic_free_update(ctx: PolicyContext, episodes: Episodes, pairs: list[PreferencePair], estimator: str,
+                       kl_in_loss: bool) -> History:
     config = ctx.config
     k = config.samples_per_prompt
     mask = episodes.batch.response_mask
@@ -48,8 +50,8 @@ def critic_free_update(ctx: PolicyContext, episodes: Episodes, estimator: str, k
             if kl_in_loss:
                 kl = masked_mean(kl_k3(logprobs, episodes.ref_logprobs[rows]), sub.response_mask)
                 loss = loss + ctx.kl.coef * kl
-            ctx.step(loss)
             history["policy_loss"].append(loss.item())
+            ctx.step(loss + ctx.users_answers_sft(pairs, history))
             history["clip_fraction"].append(clipped.clip_fraction.item())
             history["approx_kl"].append(clipped.approx_kl.item())
             # Entropy of the distribution the episodes were sampled from: at the sampling temperature.
@@ -60,9 +62,9 @@ def critic_free_update(ctx: PolicyContext, episodes: Episodes, estimator: str, k
 
 @register_algorithm("rloo")
 def rloo(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
-    return ctx.on_policy_updates(prompts, lambda episodes: critic_free_update(ctx, episodes, "rloo", False))
+    return ctx.on_policy_updates(prompts, lambda episodes: critic_free_update(ctx, episodes, pairs, "rloo", False))
 
 
 @register_algorithm("grpo")
 def grpo(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
-    return ctx.on_policy_updates(prompts, lambda episodes: critic_free_update(ctx, episodes, "grpo", True))
+    return ctx.on_policy_updates(prompts, lambda episodes: critic_free_update(ctx, episodes, pairs, "grpo", True))

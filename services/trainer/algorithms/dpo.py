@@ -2,7 +2,7 @@
 
 The pairs are exactly what users judged: logged responses (their token ids as generated) and edits
 (the corrected text, tokenised). Log-probs are at temperature 1, the policy's own distribution,
-which is what DPO's implicit reward is defined on. With --learner.dpo-sft-weight the loss adds RPO's SFT
+which is what DPO's implicit reward is defined on. With --learner.sft-weight the loss adds RPO's SFT
 term on the chosen responses, so that DPO does not lower the likelihood of what users chose along with
 what they rejected.
 """
@@ -36,8 +36,8 @@ def dpo(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt]) 
             n = len(chunk)
             result = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=config.dpo_beta)
             loss = result.losses.mean()
-            if config.dpo_sft_weight:
-                loss = loss + config.dpo_sft_weight * chosen_nll(logps[:n], batch.response_mask[:n].sum(-1))
+            if config.sft_weight:
+                loss = loss + config.sft_weight * chosen_nll(logps[:n], batch.response_mask[:n].sum(-1))
             ctx.step(loss)
             losses.append(loss.item())
             accuracies.append((result.chosen_rewards > result.rejected_rewards).float().mean().item())

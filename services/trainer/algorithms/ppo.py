@@ -6,7 +6,8 @@ token, minus a penalty when no EOS was produced; per-token rewards are -kl_coef 
 with the score added at the last token; the critic (initialised from the reward model) gives values at
 every response token; GAE (gamma 1, lambda 0.95) gives advantages and returns; advantages are whitened
 over valid tokens (unless --learner.whiten-advantages false); then several epochs of clipped policy loss
-plus clipped value loss. Log-probs are recomputed at the sampling temperature, and the episodes'
+plus clipped value loss (plus, with --learner.sft-weight, an SFT term on users' chosen answers: PPO-ptx).
+Log-probs are recomputed at the sampling temperature, and the episodes'
 behaviour log-probs are the old log-probs. Everything before the epochs is `critic_advantages`, which A2C
 (a2c.py) shares.
 """
@@ -32,7 +33,7 @@ from modalign.trainer.sampling import Episodes
 
 @register_algorithm("ppo", uses_critic=True)
 def ppo(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
-    return ctx.on_policy_updates(prompts, lambda episodes: ppo_update(ctx, episodes))
+    return ctx.on_policy_updates(prompts, lambda episodes: ppo_update(ctx, episodes, pairs))
 
 
 class CriticAdvantages(NamedTuple):
@@ -59,7 +60,7 @@ def critic_advantages(ctx: PolicyContext, episodes: Episodes) -> CriticAdvantage
     return CriticAdvantages(values, advantages, returns)
 
 
-def ppo_update(ctx: PolicyContext, episodes: Episodes) -> History:
+def ppo_update(ctx: PolicyContext, episodes: Episodes, pairs: list[PreferencePair]) -> History:
     config = ctx.config
     batch = episodes.batch
     old_values, advantages, returns = critic_advantages(ctx, episodes)
@@ -79,7 +80,7 @@ def ppo_update(ctx: PolicyContext, episodes: Episodes) -> History:
                 ctx.values(sub), old_values[picked], returns[picked], sub.response_mask,
                 config.cliprange_value, config.vf_coef,
             )
-            ctx.step(policy_loss.loss + value_loss.loss, critic=True)
+            ctx.step(policy_loss.loss + value_loss.loss + ctx.users_answers_sft(pairs, history), critic=True)
             history["policy_loss"].append(policy_loss.loss.item())
             history["value_loss"].append(value_loss.loss.item())
             history["clip_fraction"].append(policy_loss.clip_fraction.item())
