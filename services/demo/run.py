@@ -48,6 +48,9 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
                 # An SFT term on users' chosen answers: for DPO, RPO's (DPO alone lowered chosen tokens with
                 # rejected ones: greedy v10 answered "O." for "One."); for the on-policy algorithms, PPO-ptx's.
                 "learner.sft_weight": 1.0,
+                # GRPO: a yes/no question's samples differ only by the reward model's noise (it cannot see
+                # whether an object is there); divided by their own tiny spread they steered like real signal.
+                "learner.grpo_scale_rewards": "batch",
                 # The reward gain is measured on 16 prompts: refuse only a loss that stands out of that noise.
                 "gate.reward_gain_z": 1.64},
     "rollout": {"rollout.steps": (50, 100), "rollout.min_step_seconds": 10.0, "rollout.min_samples": 15,

@@ -66,18 +66,28 @@ def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
     return scores - baselines
 
 
-def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages (Shao et al., 2024): scores normalised within each prompt's group,
-    (score - group mean) / (group std + eps), with the unbiased std as TRL uses.
+GRPO_REWARD_SCALES = ("group", "batch", "none")
+
+
+def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
+    """GRPO advantages (Shao et al., 2024): each score minus its prompt's group mean, divided by a standard
+    deviation (the unbiased one, as TRL's): by scale, the group's ("group": the paper's and TRL's default),
+    the whole batch's ("batch": Lite PPO, Liu et al., 2025), or none ("none": Dr. GRPO, Liu et al., 2025).
+    Dividing by the group's std gives a group whose samples barely differ (noise in the reward model's
+    scores) advantages as large as a group whose samples differ in kind; the batch's std keeps them small.
 
     scores: [num_prompts, k] sequence rewards, k >= 2. Returns [num_prompts, k]. A group whose samples all
     scored the same gets zero advantages: it carries no signal about which sample was better.
     """
     if scores.size(-1) < 2:
         raise ValueError("GRPO needs at least 2 samples per prompt")
-    mean = scores.mean(dim=-1, keepdim=True)
-    std = scores.std(dim=-1, keepdim=True)
-    return (scores - mean) / (std + eps)
+    if scale not in GRPO_REWARD_SCALES:
+        raise ValueError(f"scale must be one of {GRPO_REWARD_SCALES}, not {scale!r}")
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    if scale == "none":
+        return centred
+    std = scores.std(dim=-1, keepdim=True) if scale == "group" else scores.std()
+    return centred / (std + eps)
 
 
 def reward_to_go(token_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -111,9 +121,10 @@ def rloo_token_advantages(
 
 @register_advantage_estimator("grpo")
 def grpo_token_advantages(
-    token_rewards: torch.Tensor, response_mask: torch.Tensor, samples_per_prompt: int, eps: float = 1e-4
+    token_rewards: torch.Tensor, response_mask: torch.Tensor, samples_per_prompt: int, eps: float = 1e-4,
+    scale: str = "group",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`grpo_advantages` of each response's summed reward, broadcast over its tokens (batch = prompts * k)."""
     return _outcome_advantages(
-        lambda scores: grpo_advantages(scores, eps), token_rewards, response_mask, samples_per_prompt
+        lambda scores: grpo_advantages(scores, eps, scale), token_rewards, response_mask, samples_per_prompt
     )

@@ -26,6 +26,7 @@ from modalign.core.blobs import BlobStore
 from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.policy.engine import PolicyEngine
 from modalign.reward.config import BACKBONES
+from modalign.trainer.advantages import GRPO_REWARD_SCALES
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.algorithms.context import PolicyContext
 from modalign.trainer.batches import ImageCache, Prompt, ResponseBatches
@@ -133,6 +134,10 @@ class LearnerConfig:
     """PPO and A2C: normalise the GAE advantages over each batch's valid tokens (as TRL's PPO does)."""
     dpo_beta: float = 0.1
     """DPO: inverse temperature of the preference loss (how strongly the policy stays near the reference)."""
+    grpo_scale_rewards: str = "group"
+    """GRPO: what a group's centred scores are divided by: "group" (its own standard deviation: the paper's
+    and TRL's default), "batch" (the whole batch's, as Lite PPO and TRL's scale_rewards="batch": a group
+    whose samples differ only by the reward model's noise then moves the policy little) or "none" (Dr. GRPO)."""
     sft_weight: float = 0.0
     """Weight of an SFT term (negative log-likelihood per token) on the answers users chose: the chosen
     responses of the round's pairs, an edit's corrected text among them. DPO adds it on each minibatch's
@@ -169,6 +174,7 @@ class LearnerConfig:
             raise ConfigError("lora_bits", "a 4-bit base trains adapters only: add --learner.reward-lora, so that the "
                                            "reward model and the critic are adapters on it too")
         require_one_of("sharding", self.sharding, SHARDINGS)
+        require_one_of("grpo_scale_rewards", self.grpo_scale_rewards, GRPO_REWARD_SCALES)
         if self.sharding == "fsdp" and (self.lora_rank or self.reward_backbone != "generative"):
             raise ConfigError("sharding", "fsdp shards full fine-tuning with the generative reward model; a LoRA "
                                           "adapter or a CLIP reward model is small enough to train with ddp")

@@ -384,6 +384,22 @@ def test_an_unknown_reward_backbone_is_refused_naming_the_known_ones() -> None:
         with_overrides(TrainerConfig(), {"learner.reward_backbone": "vit"})
 
 
+def test_grpos_reward_scale_reaches_its_update_and_an_unknown_one_is_refused(
+    blobs: BlobStore, prompts: list[Prompt]
+) -> None:
+    def trained(scale: str) -> dict[str, torch.Tensor]:
+        seed_everything(0)
+        learner = make_learner(blobs, algorithm="grpo", grpo_scale_rewards=scale)
+        learner.learn(traffic_pairs(learner, prompts), prompts)
+        return parameters(learner.models.policy)
+
+    group = trained("group")
+    assert not differing(group, trained("group"))  # the same seed and scale: the same steps
+    assert differing(group, trained("batch"))
+    with pytest.raises(ConfigError, match=r"one of group, batch, none, got 'prompt'"):
+        with_overrides(TrainerConfig(), {"learner.grpo_scale_rewards": "prompt"})
+
+
 def test_a2c_is_registered_with_a_critic_and_chosen_by_its_flag() -> None:
     assert ALGORITHMS["a2c"].uses_critic
     assert parse_config(TrainerConfig, ["--learner.algorithm", "a2c"]).learner.algorithm == "a2c"

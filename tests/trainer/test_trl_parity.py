@@ -500,21 +500,26 @@ def trl_rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Te
     return torch.nan_to_num(rewards - baselines, nan=0.0)
 
 
-def trl_grpo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """trl 1.16 grpo_trainer.py, GRPOTrainer._generate_and_score_completions, lines 2765-2787
-    (scale_rewards="group"), with TRL's own nanstd: (reward - group mean) / (group std + 1e-4)."""
+def trl_grpo_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
+    """trl 1.16 grpo_trainer.py, GRPOTrainer._generate_and_score_completions, lines 2765-2787, with TRL's own
+    nanstd: (reward - group mean), divided by (std + 1e-4) of the group or the batch, or not divided ("none")."""
     mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)
     mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
-    std_rewards = nanstd(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations, dim=0)
-    return (rewards - mean_grouped_rewards) / (std_rewards + 1e-4)
+    advantages = rewards - mean_grouped_rewards
+    if scale_rewards == "group":
+        return advantages / (nanstd(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations) + 1e-4)
+    if scale_rewards == "batch":
+        return advantages / (nanstd(rewards).expand_as(rewards) + 1e-4)
+    return advantages
 
 
-def test_rloo_and_grpo_advantages_match_trl() -> None:
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_rloo_and_grpo_advantages_match_trl(scale: str) -> None:
     prompts, k = 5, 4
     scores = torch.randn(prompts * k, generator=generator(13))
     scores[8:12] = 0.5  # a group whose completions all scored the same
     assert_close(rloo_advantages(scores.view(prompts, k)).view(-1), trl_rloo_advantages(scores, k))
-    assert_close(grpo_advantages(scores.view(prompts, k)).view(-1), trl_grpo_advantages(scores, k))
+    assert_close(grpo_advantages(scores.view(prompts, k), scale=scale).view(-1), trl_grpo_advantages(scores, k, scale))
 
 
 def test_rloo_estimator_with_kl_in_the_reward_matches_trl_rloo() -> None:

@@ -32,7 +32,8 @@ def critic_free_update(ctx: PolicyContext, episodes: Episodes, pairs: list[Prefe
     mask = episodes.batch.response_mask
     kl_coef_in_reward = 0.0 if kl_in_loss else ctx.kl.coef
     token_rewards = kl_penalized_token_rewards(episodes.scores, episodes.kl, mask, kl_coef_in_reward)
-    advantages, _ = ADVANTAGE_ESTIMATORS[estimator](token_rewards, mask, samples_per_prompt=k)
+    options = {"scale": config.grpo_scale_rewards} if estimator == "grpo" else {}
+    advantages, _ = ADVANTAGE_ESTIMATORS[estimator](token_rewards, mask, samples_per_prompt=k, **options)
 
     history = new_history()
     groups = list(range(len(episodes.samples) // k))
