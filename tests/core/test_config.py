@@ -167,6 +167,7 @@ def test_the_demo_runs_the_algorithm_it_is_given_and_refuses_an_unknown_one(tmp_
         trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))  # as the trainer process reads it
         assert trainer.learner.algorithm == algorithm
         assert trainer.rounds_per_version == DEMO_SETTINGS["trainer"]["rounds_per_version"]
+        assert trainer.learner.policy_lr == (3e-4 if algorithm == "a2c" else 1e-4)  # A2C's one step per batch
     with pytest.raises(SystemExit):
         parse_config(DemoConfig, ["--algorithm", "a3c"])
 
