@@ -11,6 +11,8 @@ kl_coef * k3 to the loss (as the GRPO paper and TRL's GRPOTrainer).
 
 from __future__ import annotations
 
+from typing import Any
+
 from modalign.trainer.advantages import ADVANTAGE_ESTIMATORS
 from modalign.trainer.algorithms import register_algorithm
 from modalign.trainer.algorithms.context import PolicyContext
@@ -26,14 +28,13 @@ from modalign.trainer.sampling import Episodes
 
 
 def critic_free_update(ctx: PolicyContext, episodes: Episodes, pairs: list[PreferencePair], estimator: str,
-                       kl_in_loss: bool) -> History:
+                       kl_in_loss: bool, **estimator_options: Any) -> History:
     config = ctx.config
     k = config.samples_per_prompt
     mask = episodes.batch.response_mask
     kl_coef_in_reward = 0.0 if kl_in_loss else ctx.kl.coef
     token_rewards = kl_penalized_token_rewards(episodes.scores, episodes.kl, mask, kl_coef_in_reward)
-    options = {"scale": config.grpo_scale_rewards} if estimator == "grpo" else {}
-    advantages, _ = ADVANTAGE_ESTIMATORS[estimator](token_rewards, mask, samples_per_prompt=k, **options)
+    advantages, _ = ADVANTAGE_ESTIMATORS[estimator](token_rewards, mask, samples_per_prompt=k, **estimator_options)
 
     history = new_history()
     groups = list(range(len(episodes.samples) // k))
@@ -68,4 +69,5 @@ def rloo(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt])
 
 @register_algorithm("grpo")
 def grpo(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt]) -> dict[str, float]:
-    return ctx.on_policy_updates(prompts, lambda episodes: critic_free_update(ctx, episodes, pairs, "grpo", True))
+    return ctx.on_policy_updates(prompts, lambda episodes: critic_free_update(
+        ctx, episodes, pairs, "grpo", True, scale=ctx.config.grpo_scale_rewards))
