@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from modalign.bench import ingestion, serving
-from modalign.bench.serving import Comparison, make_requests
+from modalign.bench.serving import Measured, make_requests
 from modalign.core import broker
 from modalign.core.config import add_arguments, build_config
 from modalign.core.processes import free_port
@@ -53,13 +53,6 @@ class BenchConfig:
     """A small run: less traffic, one repeat. It shows that everything runs; its ratios are noise."""
     repeats: int = 3
     """Timed passes per side and measurement, after an untimed warm-up (--quick: 1)."""
-
-
-@dataclass(frozen=True)
-class Measured:
-    traffic: str
-    unit: str
-    comparison: Comparison
 
 
 def measure_serving(quick: bool, repeats: int) -> dict[str, Measured]:

@@ -220,3 +220,12 @@ def compare(engine: PolicyEngine, requests: list[GenerationRequest], *, rate: fl
                     percentile(latencies, 99) * 1000)
 
     return Comparison(side(runs["A"]), side(runs["B"]), [a.wall / b.wall for a, b in zip(runs["A"], runs["B"])])
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One line of bench.json and bench.md: what was measured, in what unit, and its two sides."""
+
+    traffic: str
+    unit: str
+    comparison: Comparison
