@@ -55,6 +55,7 @@ class Publisher:
             manifest_sha256=published.manifest_sha256, algorithm=self.algorithm,
             trained_through=[events_pb2.PartitionOffset(**p) for p in pending.trained_through],
             eval_metrics=pending.eval_metrics, reward_model_version=reward_version,
+            passed_over=[events_pb2.OffsetRange(**r) for r in pending.passed_over],
         )
         event.published_at.GetCurrentTime()
         if recovering and any(e.version == version for e in read_topic(self.kafka, "policy-versions",

@@ -31,7 +31,7 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from modalign.core.blobs import BlobStore
-from modalign.core.config import require_one_of
+from modalign.core.config import ConfigError, require_one_of
 from modalign.core.kafka import (
     ON_GAP,
     DurableProducer,
@@ -70,8 +70,9 @@ Received = tuple[events_pb2.FeedbackReceived, tuple[int, int]]
 """A feedback record read in a round, with its (partition, offset)."""
 
 FEEDBACK_CONSUMED = Counter("modalign_trainer_feedback_consumed_total",
-                            "Feedback records consumed, by outcome: new, duplicate, malformed, or capped (its user "
-                            "gave more in the round than the cap allows).", ["outcome"])
+                            "Feedback records consumed, by outcome: new, duplicate, malformed, capped (its user "
+                            "gave more in the round than the cap allows), or stale (older than "
+                            "--max-feedback-age-s when its round began: passed over, never trained on).", ["outcome"])
 PAIRS = Counter("modalign_trainer_pairs_total", "Preference pairs joined, by source and split.", ["source", "split"])
 DEAD_LETTERS = Counter("modalign_trainer_dead_letters_total", "Feedback sent to the dead-letter topic, by reason.", ["reason"])
 ROUND_SECONDS = Histogram("modalign_trainer_round_seconds", "Wall time of one training round.",
@@ -108,6 +109,12 @@ class TrainerConfig(MeteredConfig):
     """Feedback records consumed per round at most."""
     round_max_seconds: float = 5.0
     """A round closes after this long even when little feedback arrived."""
+    max_feedback_age_s: float = 0.0
+    """Feedback older than this (by its record's time) when a round begins is passed over, never trained on,
+    and counted (modalign_trainer_feedback_consumed_total{outcome="stale"}): a trainer slower than its users
+    then learns from what they say about the versions serving now, instead of falling ever further behind
+    and training each version on older feedback. 0 (the default): all feedback is trained on, however late;
+    the consumer lag (modalign_trainer_consumer_lag_records) shows a trainer that cannot keep up."""
     min_pairs_to_learn: int = 16
     """New training pairs needed before a learning step runs; fewer wait for the next round."""
     rounds_per_version: int = 4
@@ -142,6 +149,8 @@ class TrainerConfig(MeteredConfig):
     def validate(self) -> None:
         super().validate()
         require_one_of("on_offset_gap", self.on_offset_gap, ON_GAP)
+        if self.max_feedback_age_s < 0:
+            raise ConfigError("max_feedback_age_s", f"must be 0 (off) or more, not {self.max_feedback_age_s}")
 
 
 def is_heldout(feedback_id: str, percent: int) -> bool:
@@ -233,6 +242,7 @@ class Trainer:
         if self.state.pending_publish is not None:  # a crash came between checkpoint and publishing
             self._publish(self.state.pending_publish, recovering=True)
         self._follow_rollbacks()
+        self._pass_over_stale_feedback()
         consumed = 0
         deadline = started + self.config.round_max_seconds
         received: list[Received] = []
@@ -293,6 +303,29 @@ class Trainer:
         for name, value in metrics.items():
             LEARN_METRIC.labels(name).set(value)
         return metrics
+
+    def _pass_over_stale_feedback(self) -> None:
+        """With --max-feedback-age-s: moves each feedback partition's position past the records older than
+        that; the checkpoint and the committed offsets then say they were read, and the next version's event
+        names them (passed_over)."""
+        if not self.config.max_feedback_age_s:
+            return
+        partitions = sorted(self.feedback.assignment())
+        since_ms = int((time.time() - self.config.max_feedback_age_s) * 1000)
+        first_fresh = self.feedback.offsets_for_times({tp: since_ms for tp in partitions})
+        ends = self.feedback.end_offsets(partitions)
+        for tp in partitions:
+            found = first_fresh.get(tp)
+            target = found.offset if found is not None else ends[tp]  # none as new: every record is stale
+            position = self.feedback.position(tp)
+            if position is not None and target > position:
+                self.feedback.seek(tp, target)
+                self.state.positions[(tp.topic, tp.partition)] = target
+                self.state.passed_over.append({"topic": tp.topic, "partition": tp.partition, "start": position,
+                                               "end": target})
+                FEEDBACK_CONSUMED.labels("stale").inc(target - position)
+                log.info("passed over %d feedback records of %s-%d older than %.0f s", target - position, tp.topic,
+                         tp.partition, self.config.max_feedback_age_s)
 
     def _follow_rollbacks(self) -> None:
         """Goes back to the stable version when the controller rolled back the one the policy is built
@@ -457,7 +490,9 @@ class Trainer:
             return None
         parent = self.state.parent_version
         version = distributed.all_gather(self.publisher.next_version(parent) if self.rank == 0 else None)[0]
-        return PendingVersion(version, parent, evaluation, self._trained_through())
+        pending = PendingVersion(version, parent, evaluation, self._trained_through(), self.state.passed_over)
+        self.state.passed_over = []
+        return pending
 
     def _trained_through(self) -> list[dict]:
         return [{"topic": topic, "partition": partition, "offset": offset}

@@ -55,6 +55,8 @@ class PendingVersion:
     eval_metrics: dict[str, float]
     trained_through: list[dict[str, Any]]
     """{"topic", "partition", "offset"} of every partition the version has learned from, up to offset."""
+    passed_over: list[dict[str, Any]] = field(default_factory=list)
+    """{"topic", "partition", "start", "end"}: feedback read past, not trained on, since the version before."""
 
 
 DEFAULT_RECENT_IDS = 100_000
@@ -93,6 +95,9 @@ class TrainerState:
     rollout_offset: int = 0
     """Next offset of the rollout topic to read for rollbacks."""
     pending_publish: PendingVersion | None = None
+    passed_over: list[dict[str, Any]] = field(default_factory=list)
+    """Feedback ranges read past without training on them since the last version ({"topic", "partition",
+    "start", "end"}); the next version's PendingVersion takes them."""
 
     def record_trained(self, feedback_ids: list[str]) -> None:
         self.trained_ids.extend(dict.fromkeys(feedback_ids))
@@ -113,6 +118,7 @@ class TrainerState:
             "parent_version": self.parent_version,
             "rollout_offset": self.rollout_offset,
             "pending_publish": asdict(self.pending_publish) if self.pending_publish is not None else None,
+            "passed_over": self.passed_over,
         }
 
     @classmethod
@@ -134,6 +140,7 @@ class TrainerState:
             parent_version=data["parent_version"],
             rollout_offset=data["rollout_offset"],
             pending_publish=PendingVersion(**pending) if pending is not None else None,
+            passed_over=data.get("passed_over", []),
         )
 
 

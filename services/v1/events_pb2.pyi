@@ -99,8 +99,20 @@ class PartitionOffset(_message.Message):
     offset: int
     def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
+class OffsetRange(_message.Message):
+    __slots__ = ("topic", "partition", "start", "end")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    start: int
+    end: int
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
 class PolicyVersionPublished(_message.Message):
-    __slots__ = ("version", "parent_version", "uri", "manifest_sha256", "algorithm", "trained_through", "eval_metrics", "published_at", "reward_model_version")
+    __slots__ = ("version", "parent_version", "uri", "manifest_sha256", "algorithm", "trained_through", "eval_metrics", "published_at", "reward_model_version", "passed_over")
     class EvalMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +129,7 @@ class PolicyVersionPublished(_message.Message):
     EVAL_METRICS_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
     REWARD_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PASSED_OVER_FIELD_NUMBER: _ClassVar[int]
     version: str
     parent_version: str
     uri: str
@@ -126,7 +139,8 @@ class PolicyVersionPublished(_message.Message):
     eval_metrics: _containers.ScalarMap[str, float]
     published_at: _timestamp_pb2.Timestamp
     reward_model_version: str
-    def __init__(self, version: _Optional[str] = ..., parent_version: _Optional[str] = ..., uri: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., algorithm: _Optional[str] = ..., trained_through: _Optional[_Iterable[_Union[PartitionOffset, _Mapping]]] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reward_model_version: _Optional[str] = ...) -> None: ...
+    passed_over: _containers.RepeatedCompositeFieldContainer[OffsetRange]
+    def __init__(self, version: _Optional[str] = ..., parent_version: _Optional[str] = ..., uri: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., algorithm: _Optional[str] = ..., trained_through: _Optional[_Iterable[_Union[PartitionOffset, _Mapping]]] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reward_model_version: _Optional[str] = ..., passed_over: _Optional[_Iterable[_Union[OffsetRange, _Mapping]]] = ...) -> None: ...
 
 class RolloutState(_message.Message):
     __slots__ = ("revision", "stable_version", "canary_version", "canary_weight_percent", "step_index", "phase", "reason", "updated_at", "pinned_version", "rollout_started_at", "step_started_at", "policy_versions_offset", "verdicts", "changed_by")
