@@ -411,6 +411,12 @@ def make_consumer(config: KafkaConfig, *topics: str, group_id: str | None, on_ga
 
 def read_topic(kafka: KafkaConfig, name: str, message_type: type[M]) -> list[M]:
     """Every committed record of a topic, from the beginning to the end offsets as of this call."""
+    return [message for _, _, message in read_records(kafka, name, message_type)]
+
+
+def read_records(kafka: KafkaConfig, name: str, message_type: type[M]) -> list[tuple[int, int, M]]:
+    """read_topic's records as (partition, offset, message): where each record sits, for comparing with
+    consumer positions (a published version's trained_through)."""
     consumer = make_consumer(kafka, group_id=None, isolation_level="read_committed")
     try:
         topic = kafka.topic(name)
@@ -418,10 +424,11 @@ def read_topic(kafka: KafkaConfig, name: str, message_type: type[M]) -> list[M]:
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
         ends = consumer.end_offsets(partitions)
-        records: list[M] = []
+        records: list[tuple[int, int, M]] = []
         while any(consumer.position(tp) < end for tp, end in ends.items()):
             for batch in consumer.poll(timeout_ms=1000).values():
-                records.extend(m for r in batch if (m := decode_record(message_type, r)) is not None)
+                records.extend((r.partition, r.offset, m) for r in batch
+                               if (m := decode_record(message_type, r)) is not None)
         return records
     finally:
         consumer.close()

@@ -177,6 +177,25 @@ def head_to_head(verdicts) -> dict | None:
             "canary_win_rate": score / compared, "canary_win_rate_ci": wilson_interval(score, compared)}
 
 
+def freshness_line(freshness: dict) -> str:
+    """report.md's sentence on a Freshness (modalign.demo.freshness) as a dict."""
+    if not freshness["measured"]:
+        return (f"Freshness: no version trained on the users' feedback served canary traffic before the loop"
+                f" ended ({freshness['left_out']} feedback messages).")
+    return (f"Freshness: a version trained on a user's feedback served canary traffic a median"
+            f" {freshness['median']:.0f} s (p90 {freshness['p90']:.0f} s) after the feedback arrived, over"
+            f" {freshness['measured']} feedback messages; {freshness['left_out']} came too late for a version"
+            f" that served before the loop ended, and the trainer passed over {freshness['passed_over']} as older"
+            " than its --max-feedback-age-s.")
+
+
+def memory_line(memory: dict[str, dict]) -> str:
+    """report.md's sentence on the processes' resident memory (modalign.demo.memory's ResidentMemory as dicts)."""
+    figures = ", ".join(f"{name} {m['idle']:.0f} / {m['load_median']:.0f} / {m['load_max']:.0f}"
+                        for name, m in memory.items())
+    return f"Resident memory in MiB (idle / median under load / max under load): {figures}."
+
+
 def write_report(out: Path, results: list[VersionResult], timeline: list[dict], summary: dict) -> None:
     """report.json, report.md and the PNG plots it shows, in out/."""
     import matplotlib
@@ -213,6 +232,8 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f"Traffic: {summary['requests']} requests, {summary['conversations']} of them follow-ups in a two-turn"
         f" conversation and {summary['http_requests']} over the OpenAI-compatible HTTP API (the rest over gRPC);"
         f" {summary['feedback']} feedback messages.", "",
+        freshness_line(summary["freshness_seconds"]), "",
+        memory_line(summary["memory_mib"]), "",
         "![per version](versions.png)", "",
         "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward"
         " | reward model accuracy (pairs) | KL to v0 (nats per answer) | BLEU | ROUGE-L | POPE accuracy, yes-ratio"

@@ -6,8 +6,11 @@
    or PPO, A2C, RLOO or GRPO against the reward model learned from them) and the rollout controller, with
    settings that let versions move in minutes rather than hours.
 3. Simulated users talk to policy and feedback over gRPC until --minutes pass or --versions versions
-   have been promoted; progress is printed as it goes.
-4. Every version is evaluated on held-out scenes and the report is written to --out.
+   have been promoted; progress is printed as it goes, and every process's resident memory is sampled.
+4. Every version is evaluated on held-out scenes and the report is written to --out, with the loop's
+   freshness (feedback to a version trained on it serving canary traffic) and memory.
+
+run_loop is steps 2 and 3 alone: `modalign bench` measures freshness and memory with it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import shutil
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,13 @@ from modalign.core.auth import CLIENT, READER, AuthConfig, ClientAuth
 from modalign.core.broker import BrokerConfig
 from modalign.core.config import DTYPES, FLATTEN, ConfigError, parse_config, require_one_of
 from modalign.core.grpc_server import dial
-from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.kafka import KafkaConfig, read_records, read_topic
 from modalign.core.launch import LocalSystem
 from modalign.core.modelstore import fetch, open_store
 from modalign.core.version_names import STARTING_VERSION
 from modalign.core.versions import ACTIVE_PHASES
+from modalign.demo.freshness import Freshness, freshness
+from modalign.demo.memory import MemorySampler, ResidentMemory, resident_mib, summarise, system_pids
 from modalign.demo.report import evaluate_versions, head_to_head, held_out_examples, write_report
 from modalign.demo.users import SimulatedUsers, Tally, UsersConfig
 from modalign.demo.warmstart import build_warm_start
@@ -44,6 +49,11 @@ DEFAULT_CACHE = Path.home() / ".cache" / "modalign" / "warm-start"
 # (modalign.core.config.with_overrides): checked against the service's config when the demo builds it.
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "trainer": {"round_max_seconds": 5.0, "min_pairs_to_learn": 16, "rounds_per_version": 2,
+                # The users give about 40 feedback a second, five times what the trainer learns from on
+                # these two cores: without a bound it fell ever further behind, and a version served a
+                # median 78 s after the feedback it learned from (3 minutes in; more later). Passing over
+                # what is older keeps each version on feedback about the versions serving now.
+                "max_feedback_age_s": 10.0,
                 "learner.max_new_tokens": 32, "learner.policy_lr": 1e-4,
                 # An SFT term on users' chosen answers: for DPO, RPO's (DPO alone lowered chosen tokens with
                 # rejected ones: greedy v10 answered "O." for "One."); for the on-policy algorithms, PPO-ptx's.
@@ -137,15 +147,50 @@ def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[s
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(DemoConfig, argv, prog="modalign demo")
-    started = time.monotonic()
-    if config.policy_model is not None:
-        policy_model, warm_start_seconds = config.policy_model, 0.0
-    else:
-        print("warm start: building or loading v0 ...", flush=True)
-        policy_model = build_warm_start(config.cache_dir, seed=config.seed)
-        warm_start_seconds = time.monotonic() - started
-        print(f"warm start: {policy_model} ({warm_start_seconds:.0f} s)", flush=True)
+    policy_model, warm_start_seconds = starting_policy(config)
+    stopping: list[bool] = []
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    loop = run_loop(config, policy_model, stopping)
+    # After the services stopped: the evaluation has the CPU to itself.
+    print(f"demo: loop ran {loop.seconds:.0f} s, {loop.promoted} versions promoted; evaluating ...", flush=True)
+    report(config, loop, policy_model, warm_start_seconds)
+    return 0
 
+
+def starting_policy(config: DemoConfig) -> tuple[Path, float]:
+    """v0's folder, --policy-model or the warm start (built on first use, then cached), and the seconds
+    the warm start took (0 for --policy-model)."""
+    if config.policy_model is not None:
+        return config.policy_model, 0.0
+    started = time.monotonic()
+    print("warm start: building or loading v0 ...", flush=True)
+    policy_model = build_warm_start(config.cache_dir, seed=config.seed)
+    seconds = time.monotonic() - started
+    print(f"warm start: {policy_model} ({seconds:.0f} s)", flush=True)
+    return policy_model, seconds
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One run of the loop: how it went, and what it left on the topics and in the work folder."""
+
+    seconds: float
+    """From the users' start to their stop."""
+    promoted: int
+    tally: Tally
+    published: list[events_pb2.PolicyVersionPublished]
+    states: list[events_pb2.RolloutState]
+    freshness: Freshness
+    memory: dict[str, ResidentMemory]
+    """Per process of the system (the broker's too), its resident memory at idle and under load."""
+    home: Path
+    """The services' state: the model store is in its models/ folder."""
+
+
+def run_loop(config: DemoConfig, policy_model: Path, stopping: list[bool]) -> Loop:
+    """The loop from policy_model as v0: the broker (started unless it runs) and every service, the simulated
+    users until --minutes pass, --versions versions were promoted or stopping gets an item; then what the
+    loop left on the topics is read and everything started here is stopped."""
     kafka = KafkaConfig(bootstrap_servers=config.broker.bootstrap_servers, topic_prefix=f"demo-{uuid.uuid4().hex[:8]}.")
     home = config.out.resolve() / "work"
     # A previous run's trainer checkpoint and model store would be resumed and continued: every run starts
@@ -155,29 +200,34 @@ def main(argv: list[str] | None = None) -> int:
     tokens = local_tokens(home)
     system = LocalSystem(local_services(kafka, home, ports, AuthConfig(tokens_file=tokens), service_settings(config, policy_model)),
                          home / "logs", config.broker, ready_timeout_s=300)
-    stopping = []
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     users = None
     try:
         system.start()
+        pids = system_pids(system, config.broker)
+        idle = resident_mib(pids)
         print(f"demo: services up (logs in {home / 'logs'}); users start", flush=True)
         users = SimulatedUsers(UsersConfig(users=config.users, seed=config.seed), ports.policy, ports.feedback,
                                http_url=f"http://{ports.policy_http}/v1", token=ClientAuth(tokens, CLIENT).token())
         loop_started = time.monotonic()
-        users.start()
-        promoted = watch(ports.rollout, ClientAuth(tokens, READER).token(), users, loop_started, config, stopping)
-        users.stop()
+        with MemorySampler(pids) as sampler:
+            users.start()
+            promoted = watch(ports.rollout, ClientAuth(tokens, READER).token(), users, loop_started, config, stopping)
+            users.stop()
         loop_seconds = time.monotonic() - loop_started
         published = read_topic(kafka, "policy-versions", events_pb2.PolicyVersionPublished)
-        states = read_topic(kafka, "rollout", events_pb2.RolloutState)
+        return Loop(seconds=loop_seconds, promoted=promoted, tally=users.tally, published=published,
+                    states=read_topic(kafka, "rollout", events_pb2.RolloutState),
+                    freshness=loop_freshness(kafka, published), memory=summarise(idle, sampler.samples), home=home)
     finally:
         if users is not None:
             users.stop()
         system.stop()
-    # After the services stopped: the evaluation has the CPU to itself.
-    print(f"demo: loop ran {loop_seconds:.0f} s, {promoted} versions promoted; evaluating ...", flush=True)
-    report(config, published, states, policy_model, home, loop_seconds, warm_start_seconds, users.tally)
-    return 0
+
+
+def loop_freshness(kafka: KafkaConfig, published: list[events_pb2.PolicyVersionPublished]) -> Freshness:
+    """The freshness (modalign.demo.freshness) of every feedback record on the loop's topics."""
+    return freshness(read_records(kafka, "feedback", events_pb2.FeedbackReceived), published,
+                     read_topic(kafka, "generations", events_pb2.GenerationLogged), kafka.topic("feedback"))
 
 
 def watch(rollout_address: str, token: str, users: SimulatedUsers, started: float, config: DemoConfig,
@@ -201,14 +251,13 @@ def watch(rollout_address: str, token: str, users: SimulatedUsers, started: floa
     return len(stables) - 1
 
 
-def report(config: DemoConfig, published: list[events_pb2.PolicyVersionPublished],
-           states: list[events_pb2.RolloutState], policy_model: Path, home: Path, loop_seconds: float,
-           warm_start_seconds: float, tally: Tally) -> None:
+def report(config: DemoConfig, loop: Loop, policy_model: Path, warm_start_seconds: float) -> None:
+    states, tally = loop.states, loop.tally
     promoted = {s.canary_version for s in states if s.phase == events_pb2.ROLLOUT_PHASE_PROMOTED}
     final = states[-1].stable_version if states else STARTING_VERSION
-    store = open_store(home / "models")
+    store = open_store(loop.home / "models")
     versions = [(STARTING_VERSION, policy_model, True, None)] + [
-        (e.version, fetch(e.uri), e.version in promoted, store.fetch("reward", e.reward_model_version)) for e in published
+        (e.version, fetch(e.uri), e.version in promoted, store.fetch("reward", e.reward_model_version)) for e in loop.published
     ]
     results = evaluate_versions(versions, held_out_examples(config.held_out), device=config.device)
     timeline = [
@@ -219,10 +268,11 @@ def report(config: DemoConfig, published: list[events_pb2.PolicyVersionPublished
         for s in states
     ]
     write_report(config.out, results, timeline,
-                 {"seconds": loop_seconds, "warm_start_seconds": warm_start_seconds, "final": final, "seed": config.seed,
+                 {"seconds": loop.seconds, "warm_start_seconds": warm_start_seconds, "final": final, "seed": config.seed,
                   "algorithm": config.algorithm, "requests": tally.requests, "failed_requests": tally.failed,
                   "conversations": tally.conversations, "http_requests": tally.http,
-                  "feedback": sum(tally.feedback.values())})
+                  "feedback": sum(tally.feedback.values()), "freshness_seconds": asdict(loop.freshness),
+                  "memory_mib": {name: asdict(memory) for name, memory in loop.memory.items()}})
     for r in results:
         print(f"  {r.version}: hallucination {r.hallucination_rate:.1%}, win rate vs v0 {r.win_rate_vs_v0:.1%}"
               f" {'(promoted)' if r.promoted else ''}")

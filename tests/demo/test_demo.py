@@ -59,8 +59,15 @@ def test_demo_runs_the_loop_and_writes_its_report(kafka_broker: BrokerConfig, tm
     # Both front doors and conversations carried traffic, and nothing failed.
     assert report["conversations"] > 0 and 0 < report["http_requests"] < report["requests"], report
     assert report["failed_requests"] == 0 and report["feedback"] > 0
+    freshness = report["freshness_seconds"]
+    assert set(freshness) == {"median", "p90", "measured", "left_out", "passed_over"} and freshness["measured"] + freshness["left_out"] > 0
+    # Every service, and the broker the fixture runs, sampled at idle and under load.
+    memory = report["memory_mib"]
+    assert set(memory) == {"feedback", "policy", "reward", "trainer", "rollout", "broker"}, memory
+    assert all(0 < m["idle"] and 0 < m["load_median"] <= m["load_max"] for m in memory.values()), memory
     assert (out / "versions.png").stat().st_size > 0
-    assert "## How these were measured" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "## How these were measured" in markdown and "Freshness:" in markdown and "Resident memory" in markdown
 
 
 @pytest.mark.parametrize(("family", "flags"), [("qwen2_vl", ()), ("idefics", ("--lora",))], ids=["qwen2_vl", "idefics-lora"])
@@ -85,5 +92,7 @@ def test_the_whole_loop_runs_on_another_model_family(
     progress = [line for line in completed.stdout.splitlines() if "requests" in line and "failed" in line]
     assert progress and all("(failed 0," in line for line in progress), progress[-1:]
     assert report["failed_requests"] == 0 and report["conversations"] > 0 and report["http_requests"] > 0
+    # v1 served canary traffic, and it was trained on feedback: that feedback's freshness was measured.
+    assert report["freshness_seconds"]["measured"] > 0 and report["freshness_seconds"]["median"] > 0
     v1 = out / "work" / "models" / "policy" / "v1"
     assert (v1 / "adapter" / "adapter_config.json").exists() == ("--lora" in flags)
