@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from kafka import KafkaProducer
 
-from modalign.bench.serving import Comparison, Side, percentile
+from modalign.bench.serving import Comparison, Side, interleaved, percentile
 from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig, ensure_topics
 from modalign.core.launch import service_process
@@ -129,19 +129,19 @@ def compare(bootstrap_servers: str, log_dir: Path, *, requests: int, concurrency
     process.start()
     try:
         process.wait_ready(120)
-        sides: dict[str, Callable[[], Pass]] = {
+        comparison = compare_passes({
             "A": lambda: closed_loop(produce_directly(producer, raw.topic("feedback")), requests, concurrency),
             "B": lambda: closed_loop(lambda: None, requests, concurrency, connect=submit_over_grpc(service.address)),
-        }
-        for run in sides.values():
-            run()  # warm-up: connections, metadata
-        passes: dict[str, list[Pass]] = {"A": [], "B": []}
-        for repeat in range(repeats):
-            for name in ("A", "B") if repeat % 2 == 0 else ("B", "A"):
-                passes[name].append(sides[name]())
+        }, repeats)
     finally:
         process.stop()
         producer.close()
+    return comparison
+
+
+def compare_passes(sides: dict[str, Callable[[], Pass]], repeats: int) -> Comparison:
+    """The closed-loop passes of sides A and B (serving.interleaved); B/A of throughput per repeat."""
+    passes = interleaved(sides, repeats)
 
     def side(runs: list[Pass]) -> Side:
         latencies = [latency for one in runs for latency in one.latencies_s]

@@ -5,17 +5,28 @@ work, with repeats interleaved, and reports the ratio modalign / baseline (above
 It writes OUT/bench.json (the ratios, medians and ranges, the machine and versions) and OUT/bench.md, a
 section for docs/benchmarks.md with the command that produced it.
 
-Measured: policy serving against transformers' `generate` (bench/serving.py), under Poisson arrivals at
-concurrency 32 and as one static batch; feedback ingestion through the feedback service against
-kafka-python's producer on the same broker (bench/ingestion.py; the command starts the broker, which
-needs Java and the Kafka distribution `modalign kafka` uses). bench.json's `not_measured` lists what
-issue 19 asks for that this command does not measure yet.
+Measured, each module's docstring saying exactly what its two sides are:
+- policy serving against transformers' `generate` (bench/serving.py), under Poisson arrivals at
+  concurrency 32 and as one static batch;
+- the services' transports against calling the same model in this process (bench/overhead.py): the
+  policy over gRPC and over its OpenAI-compatible HTTP API, the reward model over OIP v2 REST;
+- feedback ingestion through the feedback service against kafka-python's producer on the same broker
+  (bench/ingestion.py);
+- reward-model training and policy updates against TRL's trainers on the same work (bench/training.py);
+- freshness (a feedback to a version trained on it serving canary traffic) and each service's resident
+  memory, from the demo's loop run for a few minutes with its settings (bench/loop.py).
+
+The command starts a broker for the measurements that need one (Java and the Kafka distribution
+`modalign kafka` uses), and TRL and the `openai` client come with the bench extra
+(`uv run --extra bench modalign bench`). Every measurement runs with one torch thread per process, as
+modalign's services do on a small machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -25,22 +36,23 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from modalign.bench import ingestion, serving
+from modalign.bench import ingestion, loop, serving
+
+try:
+    from modalign.bench import overhead, training
+except ModuleNotFoundError as missing:  # TRL and openai come with the bench extra, not with modalign itself
+    raise SystemExit(f"modalign bench needs {missing.name!r}, which the bench extra installs: "
+                     "uv run --extra bench modalign bench") from missing
 from modalign.bench.serving import Measured, make_requests
 from modalign.core import broker
 from modalign.core.config import add_arguments, build_config
 from modalign.core.processes import free_port
 from modalign.policy.engine import PolicyEngine
 from modalign.policy.model import build_default_policy
-
-NOT_MEASURED = {
-    "rm_training_vs_trl": "reward-model training against TRL's RewardTrainer: not yet",
-    "policy_update_vs_trl": "policy updates against TRL's trainers: not yet",
-    "freshness_seconds": "feedback to a version serving canary traffic: not yet",
-}
 
 
 @dataclass(frozen=True)
@@ -75,35 +87,46 @@ def measure_serving(quick: bool, repeats: int) -> dict[str, Measured]:
     return measured
 
 
-def measure_ingestion(quick: bool, repeats: int, work: Path) -> dict[str, Measured]:
-    """The feedback service against kafka-python's producer (ingestion.py), on a broker started for it."""
+def measure_on_a_broker(quick: bool, repeats: int, work: Path) -> dict[str, Measured]:
+    """Feedback ingestion (ingestion.py) and the policy's transports (overhead.py), on a broker started for them."""
     node = broker.BrokerConfig(data_dir=work / "kafka", port=free_port(), controller_port=free_port())
     broker.start(node)
     try:
         requests, concurrency = (60, 4) if quick else (600, 16)
-        comparison = ingestion.compare(node.bootstrap_servers, work / "logs", requests=requests,
-                                       concurrency=concurrency, repeats=repeats)
+        measured = {"ingestion_vs_raw_producer": Measured(
+            f"{requests} records, {concurrency} writers each waiting for its acknowledgement, one broker", "records/s",
+            ingestion.compare(node.bootstrap_servers, work / "logs", requests=requests, concurrency=concurrency,
+                              repeats=repeats))}
+        return measured | overhead.measure_policy(node.bootstrap_servers, work, requests=16 if quick else 128,
+                                                  concurrency=8, repeats=repeats)
     finally:
         broker.stop(node)
-    return {"ingestion_vs_raw_producer": Measured(
-        f"{requests} records, {concurrency} writers each waiting for its acknowledgement, one broker", "records/s",
-        comparison)}
 
 
-def report(config: BenchConfig, command: str, results: dict[str, Measured], seconds: float) -> dict:
-    machine = {"host": platform.node(), "cpus": torch.get_num_threads(), "python": platform.python_version(),
-               "torch": torch.__version__, "transformers": version("transformers"), "modalign": version("modalign")}
+def report(config: BenchConfig, command: str, repeats: int, results: dict[str, Measured], loop_result: dict,
+           seconds: float) -> dict:
+    machine = {"host": platform.node(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+               "python": platform.python_version(), "torch": torch.__version__,
+               "transformers": version("transformers"), "trl": version("trl"), "modalign": version("modalign")}
+    ratios: dict[str, Any] = {}
+    for name, measured in results.items():
+        group, _, key = name.partition(".")  # "policy_update_vs_trl.dpo": a ratio per algorithm
+        if key:
+            ratios.setdefault(group, {})[key] = round(measured.comparison.ratio, 3)
+        else:
+            ratios[name] = round(measured.comparison.ratio, 3)
     return {
-        "command": command, "quick": config.quick, "repeats": config.repeats, "machine": machine,
-        "seconds": round(seconds, 1),
-        "ratios": {name: round(m.comparison.ratio, 3) for name, m in results.items()},
+        "command": command, "quick": config.quick, "repeats": repeats, "machine": machine,
+        "seconds": round(seconds, 1), "ratios": ratios,
+        "freshness_seconds": loop_result["freshness_seconds"]["median"],
+        "freshness": loop_result["freshness_seconds"], "memory_mib": loop_result["memory_mib"],
+        "loop": loop_result["traffic"],
         "details": {
-            name: {"traffic": m.traffic, "unit": m.unit,
+            name: {"traffic": m.traffic, "unit": m.unit, "ratio": round(m.comparison.ratio, 3),
                    "ratio_range": [round(min(m.comparison.ratios), 3), round(max(m.comparison.ratios), 3)],
                    "baseline": m.comparison.baseline.__dict__, "modalign": m.comparison.modalign.__dict__}
             for name, m in results.items()
         },
-        "not_measured": NOT_MEASURED,
     }
 
 
@@ -111,8 +134,9 @@ def markdown(result: dict) -> str:
     machine = result["machine"]
     lines = [
         f"### `modalign bench`, {time.strftime('%Y-%m-%d')}{' (--quick)' if result['quick'] else ''}", "",
-        f"{machine['host']}, {machine['cpus']} torch threads; Python {machine['python']}, torch {machine['torch']}, "
-        f"transformers {machine['transformers']}, modalign {machine['modalign']}; {result['repeats']} repeats, "
+        f"{machine['host']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch thread(s) per process; Python "
+        f"{machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, TRL {machine['trl']}, "
+        f"modalign {machine['modalign']}; {result['repeats']} repeats, "
         f"{result['seconds']} s.", "", "```", result["command"], "```", "",
         "| measurement | traffic | baseline (median throughput, latency) | modalign | throughput ratio (median, range) |",
         "| --- | --- | --- | --- | --- |",
@@ -122,17 +146,28 @@ def markdown(result: dict) -> str:
                  f"p99 {side['p99_ms']:.0f} ms" for side in (detail["baseline"], detail["modalign"])]
         low, high = detail["ratio_range"]
         lines.append(f"| {name} | {detail['traffic']} | {sides[0]} | {sides[1]} | "
-                     f"{result['ratios'][name]:.2f}x ({low:.2f}-{high:.2f}) |")
-    lines += ["", "Not measured yet: " + "; ".join(f"{name} ({why})" for name, why in result["not_measured"].items()) + "."]
+                     f"{detail['ratio']:.2f}x ({low:.2f}-{high:.2f}) |")
+    freshness = result["freshness"]
+    lines += ["", f"Freshness ({result['loop']}): median {freshness['median']:.1f} s, p90 {freshness['p90']:.1f} s, "
+              f"over {freshness['measured']} feedback ({freshness['left_out']} not yet in a version that served; "
+              f"{freshness['passed_over']} passed over by the trainer as older than its --max-feedback-age-s).", "",
+              "| service | resident memory at idle | under load (median) | under load (max) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {memory['idle']:.0f} MiB | {memory['load_median']:.0f} MiB | {memory['load_max']:.0f} MiB |"
+              for name, memory in result["memory_mib"].items()]
     return "\n".join(lines) + "\n"
 
 
 def bench(config: BenchConfig, command: str) -> dict:
     started = time.monotonic()
     repeats = 1 if config.quick else config.repeats
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="modalign-bench-") as work:
-        results = measure_serving(config.quick, repeats) | measure_ingestion(config.quick, repeats, Path(work))
-    result = report(config, command, results, time.monotonic() - started)
+        results = (measure_serving(config.quick, repeats) | measure_on_a_broker(config.quick, repeats, Path(work))
+                   | overhead.measure_reward(Path(work), requests=16 if config.quick else 256, concurrency=8,
+                                             repeats=repeats)
+                   | training.measure_training(config.quick, repeats))
+    loop_result = loop.measure_loop(config.quick)  # last: the whole loop, with the machine to itself
+    result = report(config, command, repeats, results, loop_result, time.monotonic() - started)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (config.out / "bench.md").write_text(markdown(result))
@@ -148,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if config.repeats < 1:
         parser.error("--repeats must be at least 1")
     result = bench(config, shlex.join(["modalign", "bench", *argv]))
-    for name, ratio in result["ratios"].items():
-        print(f"{name}: {ratio:.2f}x")
+    for name, detail in result["details"].items():
+        print(f"{name}: {detail['ratio']:.2f}x")
+    print(f"freshness: median {result['freshness_seconds']:.1f} s")
     print(f"wrote {config.out / 'bench.json'} and {config.out / 'bench.md'}")
     return 0

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image, ImageDraw
@@ -182,6 +182,22 @@ class Comparison:
         return statistics.median(self.ratios)
 
 
+T = TypeVar("T")
+
+
+def interleaved(sides: dict[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:
+    """Side "A" (the baseline) and side "B" (modalign): an untimed warm-up pass of each, then repeats timed
+    passes of each, alternating which goes first (A B, B A, ...) so that drift in the machine's load falls
+    on both alike."""
+    for one_pass in sides.values():
+        one_pass()
+    passes: dict[str, list[T]] = {"A": [], "B": []}
+    for repeat in range(repeats):
+        for name in ("A", "B") if repeat % 2 == 0 else ("B", "A"):
+            passes[name].append(sides[name]())
+    return passes
+
+
 def compare(engine: PolicyEngine, requests: list[GenerationRequest], *, rate: float, concurrency: int,
             max_batch_rows: int, max_wait_ms: float, repeats: int) -> Comparison:
     """Both sides on the same requests (module docstring), after an untimed warm-up of each. Raises
@@ -201,11 +217,7 @@ def compare(engine: PolicyEngine, requests: list[GenerationRequest], *, rate: fl
         finally:
             batcher.close()
 
-    side_a(), side_b()  # warm-up
-    runs: dict[str, list[Run]] = {"A": [], "B": []}
-    for repeat in range(repeats):
-        for name in ("A", "B") if repeat % 2 == 0 else ("B", "A"):
-            runs[name].append(side_a() if name == "A" else side_b())
+    runs = interleaved({"A": side_a, "B": side_b}, repeats)
     reference = runs["A"][0].tokens
     for name, passes in runs.items():
         for one in passes:

