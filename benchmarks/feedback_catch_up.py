@@ -36,8 +36,8 @@ import time
 import uuid
 from pathlib import Path
 
-from modalign.bench.ingestion import Pass, closed_loop, submit_over_grpc
-from modalign.bench.serving import percentile
+from modalign.bench.common import Pass, closed_loop, percentile
+from modalign.bench.ingestion import submit_over_grpc
 from modalign.core import broker
 from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig, ensure_topics, make_consumer

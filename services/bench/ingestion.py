@@ -13,20 +13,17 @@ throughput per repeat. Repeats alternate the order of the sides after an untimed
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from kafka import KafkaProducer
 
-from modalign.bench.serving import Comparison, Side, interleaved, percentile
+from modalign.bench.common import Comparison, closed_loop, compared, interleaved, running
 from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig, ensure_topics
-from modalign.core.launch import service_process
 from modalign.core.processes import free_port
 from modalign.feedback.server import FeedbackConfig
 from modalign.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
@@ -39,55 +36,6 @@ def new_feedback() -> feedback_pb2.Feedback:
     feedback.rating.response_id = str(uuid.uuid4())
     feedback.rating.score = 4
     return feedback
-
-
-@dataclass(frozen=True)
-class Pass:
-    wall_s: float
-    latencies_s: list[float]
-
-    @property
-    def per_s(self) -> float:
-        return len(self.latencies_s) / self.wall_s
-
-
-def closed_loop(write: Callable[[], None], requests: int, concurrency: int,
-                connect: Callable[[], Callable[[], None]] | None = None) -> Pass:
-    """concurrency threads calling write() (or, with connect, each the writer connect() returns) until
-    requests calls have returned; an exception in any ends the pass with it."""
-    remaining = iter(range(requests))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-    go = threading.Barrier(concurrency + 1)
-
-    def client() -> None:
-        writer = connect() if connect is not None else write
-        go.wait()
-        try:
-            while True:
-                with lock:
-                    if next(remaining, None) is None:
-                        return
-                started = time.perf_counter()
-                writer()
-                took = time.perf_counter() - started
-                with lock:
-                    latencies.append(took)
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    go.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return Pass(wall, latencies)
 
 
 def submit_over_grpc(address: str) -> Callable[[], Callable[[], None]]:
@@ -125,26 +73,12 @@ def compare(bootstrap_servers: str, log_dir: Path, *, requests: int, concurrency
     producer = KafkaProducer(**raw.client_kwargs(), acks="all")
     service = FeedbackConfig(listen=f"127.0.0.1:{free_port()}", metrics_port=0, auth=AuthConfig(insecure=True),
                              verify_authors=False, kafka=topics("service"))
-    process = service_process(service, log_dir, "feedback")
-    process.start()
     try:
-        process.wait_ready(120)
-        comparison = compare_passes({
-            "A": lambda: closed_loop(produce_directly(producer, raw.topic("feedback")), requests, concurrency),
-            "B": lambda: closed_loop(lambda: None, requests, concurrency, connect=submit_over_grpc(service.address)),
-        }, repeats)
+        with running(service, log_dir, "feedback"):
+            passes = interleaved({
+                "A": lambda: closed_loop(produce_directly(producer, raw.topic("feedback")), requests, concurrency),
+                "B": lambda: closed_loop(lambda: None, requests, concurrency, connect=submit_over_grpc(service.address)),
+            }, repeats)
     finally:
-        process.stop()
         producer.close()
-    return comparison
-
-
-def compare_passes(sides: dict[str, Callable[[], Pass]], repeats: int) -> Comparison:
-    """The closed-loop passes of sides A and B (serving.interleaved); B/A of throughput per repeat."""
-    passes = interleaved(sides, repeats)
-
-    def side(runs: list[Pass]) -> Side:
-        latencies = [latency for one in runs for latency in one.latencies_s]
-        return Side([one.per_s for one in runs], percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000)
-
-    return Comparison(side(passes["A"]), side(passes["B"]), [b.per_s / a.per_s for a, b in zip(passes["A"], passes["B"])])
+    return compared(passes, rate=lambda one: one.per_s, times=lambda one: one.latencies_s)

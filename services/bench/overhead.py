@@ -27,8 +27,7 @@ import io
 import random
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +38,11 @@ import torch
 import tritonclient.http as triton
 from PIL import Image
 
-from modalign.bench.ingestion import closed_loop, compare_passes
-from modalign.bench.serving import QUESTIONS, Comparison, Measured, scene
+from modalign.bench.common import Comparison, Measured, closed_loop, compared, interleaved, running
+from modalign.bench.serving import QUESTIONS, scene
 from modalign.core.auth import AuthConfig
 from modalign.core.kafka import KafkaConfig, ensure_topics
-from modalign.core.launch import service_process
-from modalign.core.processes import ManagedProcess, free_port
-from modalign.core.service import ServiceConfig
+from modalign.core.processes import free_port
 from modalign.policy.batcher import DynamicBatcher
 from modalign.policy.config import PolicyConfig
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
@@ -106,11 +103,11 @@ def compare(sides: dict[str, Callable[[Question], object]], items: list[Question
         return lambda: closed_loop(lambda: None, len(items), concurrency,
                                    connect=each_request(items, sides[name], answers[name]))
 
-    comparison = compare_passes({name: one_pass(name) for name in sides}, repeats)
+    passes = interleaved({name: one_pass(name) for name in sides}, repeats)
     differing = [i for i in answers["A"] if not agree(answers["A"][i], answers["B"].get(i))]
     if differing:
         raise ValueError(f"requests {differing[:5]} answered differently in this process and by the service")
-    return comparison
+    return compared(passes, rate=lambda one: one.per_s, times=lambda one: one.latencies_s)
 
 
 # --- the policy ------------------------------------------------------------------------------------
@@ -162,7 +159,7 @@ def measure_policy(bootstrap_servers: str, work: Path, *, requests: int, concurr
     traffic = (f"{requests} requests (a question, a 32x32 PNG, {MAX_NEW_TOKENS} greedy tokens at most), "
                f"{concurrency} clients in a closed loop")
     try:
-        with running(policy, work, "policy"):
+        with running(policy, work / "logs", "policy"):
             in_process = in_process_policy(batcher, processor)
             transports = {"policy_grpc_vs_in_process": policy_over_grpc(policy.address),
                           "policy_http_vs_in_process": policy_over_http(policy.http_url)}
@@ -208,7 +205,7 @@ def measure_reward(work: Path, *, requests: int, concurrency: int, repeats: int)
     batcher = ScoringBatcher(lambda batch: (model.score(batch.prompts, batch.images, batch.responses), "v0"),
                              reward.max_batch_rows, reward.max_batch_wait_ms)
     try:
-        with running(reward, work, "reward"):
+        with running(reward, work / "logs", "reward"):
             comparison = compare({"A": in_process_reward(batcher), "B": reward_over_oip(f"127.0.0.1:{reward.http_port}")},
                                  questions(requests), concurrency=concurrency, repeats=repeats,
                                  agree=lambda mine, theirs: theirs is not None and abs(mine - theirs) <= 1e-4)
@@ -217,16 +214,3 @@ def measure_reward(work: Path, *, requests: int, concurrency: int, repeats: int)
     return {"reward_oip_vs_in_process": Measured(
         f"{requests} one-row requests (a question, a 32x32 PNG, an answer), {concurrency} clients in a closed loop",
         "requests/s", comparison)}
-
-
-@contextmanager
-def running(config: ServiceConfig, work: Path, name: str) -> Iterator[ManagedProcess]:
-    """The service config describes, in a process of its own with as many torch threads as this one, ready
-    inside the with block and stopped by its PID at the end."""
-    process = service_process(config, work / "logs", name, env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
-    process.start()
-    try:
-        process.wait_ready(240)
-        yield process
-    finally:
-        process.stop()

@@ -47,7 +47,8 @@ try:
 except ModuleNotFoundError as missing:  # TRL and openai come with the bench extra, not with modalign itself
     raise SystemExit(f"modalign bench needs {missing.name!r}, which the bench extra installs: "
                      "uv run --extra bench modalign bench") from missing
-from modalign.bench.serving import Measured, make_requests
+from modalign.bench.common import Measured
+from modalign.bench.serving import make_requests
 from modalign.core import broker
 from modalign.core.config import add_arguments, build_config
 from modalign.core.processes import free_port

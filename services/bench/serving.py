@@ -21,18 +21,18 @@ so that drift in the machine's load falls on both alike.
 from __future__ import annotations
 
 import random
-import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 
+from modalign.bench.common import Comparison, compared, interleaved
 from modalign.policy.batcher import DynamicBatcher
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import IMAGE_SIZE, format_prompt
@@ -151,53 +151,6 @@ def run(submit: Callable[[GenerationRequest], Future], token_ids: Callable[[Any]
     return Run(time.perf_counter() - started, tokens, latencies)  # type: ignore[arg-type]  # every slot filled
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-@dataclass(frozen=True)
-class Side:
-    per_second: list[float]
-    """Throughput per repeat: useful tokens per second here, records per second for ingestion."""
-    p50_ms: float
-    p99_ms: float
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A measurement's two sides (each bench module's docstring says what they are)."""
-
-    baseline: Side
-    """A: what a user would run instead."""
-    modalign: Side
-    """B."""
-    ratios: list[float]
-    """B/A throughput per repeat."""
-
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.ratios)
-
-
-T = TypeVar("T")
-
-
-def interleaved(sides: dict[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:
-    """Side "A" (the baseline) and side "B" (modalign): an untimed warm-up pass of each, then repeats timed
-    passes of each, alternating which goes first (A B, B A, ...) so that drift in the machine's load falls
-    on both alike."""
-    for one_pass in sides.values():
-        one_pass()
-    passes: dict[str, list[T]] = {"A": [], "B": []}
-    for repeat in range(repeats):
-        for name in ("A", "B") if repeat % 2 == 0 else ("B", "A"):
-            passes[name].append(sides[name]())
-    return passes
-
-
 def compare(engine: PolicyEngine, requests: list[GenerationRequest], *, rate: float, concurrency: int,
             max_batch_rows: int, max_wait_ms: float, repeats: int) -> Comparison:
     """Both sides on the same requests (module docstring), after an untimed warm-up of each. Raises
@@ -225,19 +178,4 @@ def compare(engine: PolicyEngine, requests: list[GenerationRequest], *, rate: fl
             if differing:
                 raise ValueError(f"side {name} answered requests {differing[:5]} differently from transformers' generate")
     useful = sum(len(tokens) for tokens in reference)
-
-    def side(passes: list[Run]) -> Side:
-        latencies = [latency for one in passes for latency in one.latencies]
-        return Side([useful / one.wall for one in passes], percentile(latencies, 50) * 1000,
-                    percentile(latencies, 99) * 1000)
-
-    return Comparison(side(runs["A"]), side(runs["B"]), [a.wall / b.wall for a, b in zip(runs["A"], runs["B"])])
-
-
-@dataclass(frozen=True)
-class Measured:
-    """One line of bench.json and bench.md: what was measured, in what unit, and its two sides."""
-
-    traffic: str
-    unit: str
-    comparison: Comparison
+    return compared(runs, rate=lambda one: useful / one.wall, times=lambda one: one.latencies)

@@ -67,7 +67,7 @@ from PIL import Image
 from transformers import LlamaForSequenceClassification, TrainerCallback, TrainingArguments
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer
 
-from modalign.bench.serving import Comparison, Measured, Side, interleaved, percentile
+from modalign.bench.common import Comparison, Measured, compared, interleaved
 from modalign.core.blobs import BlobStore
 from modalign.demo.scenes import examples, hallucinated_answer, reference_answer
 from modalign.policy.model import build_default_policy, format_prompt, load_policy, save_policy
@@ -207,15 +207,9 @@ def modalign_pass(optimizer: torch.optim.Optimizer, run: Callable[[], object], s
 
 
 def compare(trl: Callable[[], Pass], modalign: Callable[[], Pass], repeats: int) -> Comparison:
-    """A (TRL) and B (modalign), each call a pass on fresh models (serving.interleaved)."""
-    passes = interleaved({"A": trl, "B": modalign}, repeats)
-
-    def side(runs: list[Pass]) -> Side:
-        steps = [step for one in runs for step in one.step_s]
-        return Side([one.per_s for one in runs], percentile(steps, 50) * 1000, percentile(steps, 99) * 1000)
-
-    return Comparison(side(passes["A"]), side(passes["B"]),
-                      [b.per_s / a.per_s for a, b in zip(passes["A"], passes["B"])])
+    """A (TRL) and B (modalign), each call a pass on fresh models (common.interleaved)."""
+    return compared(interleaved({"A": trl, "B": modalign}, repeats), rate=lambda one: one.per_s,
+                    times=lambda one: one.step_s)
 
 
 # --- the comparisons --------------------------------------------------------------------------------------

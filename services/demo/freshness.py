@@ -53,8 +53,8 @@ def first_served(generations: Iterable[events_pb2.GenerationLogged]) -> dict[str
 
 def covered_through(version: events_pb2.PolicyVersionPublished, feedback_topic: str) -> dict[int, int]:
     """Per feedback partition, the next offset the version's trainer was to read: every record before it went
-    into the version, but those it passed over. trained_through holds the generations topic's positions too, hence the topic filter.
-    A distributed trainer publishes rank 0's positions, which name only rank 0's feedback partitions: the
+    into the version, but those it passed over. trained_through holds the generations topic's positions too,
+    hence the topic filter. A distributed trainer publishes rank 0's positions, which name only rank 0's feedback partitions: the
     others' records would count as left out (the demo's trainer is one process)."""
     return {p.partition: p.offset for p in version.trained_through if p.topic == feedback_topic}
 
