@@ -313,10 +313,12 @@ class Trainer:
         partitions = sorted(self.feedback.assignment())
         since_ms = int((time.time() - self.config.max_feedback_age_s) * 1000)
         first_fresh = self.feedback.offsets_for_times({tp: since_ms for tp in partitions})
-        ends = self.feedback.end_offsets(partitions)
+        # A partition with no record that new is stale to its end; only then is its end looked up.
+        all_stale = [tp for tp in partitions if first_fresh.get(tp) is None]
+        ends = self.feedback.end_offsets(all_stale) if all_stale else {}
         for tp in partitions:
             found = first_fresh.get(tp)
-            target = found.offset if found is not None else ends[tp]  # none as new: every record is stale
+            target = found.offset if found is not None else ends[tp]
             position = self.feedback.position(tp)
             if position is not None and target > position:
                 self.feedback.seek(tp, target)
