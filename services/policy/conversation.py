@@ -1,8 +1,8 @@
-"""Conversations: what a request asks, as turns of ordered text and image parts.
+"""Conversations: what a request asks, as turns of ordered text, image and audio parts.
 
 One representation serves every part of the loop. The policy service builds it from a request (a
 conversation, or the single-question shorthand: one user turn of images then text), logs it with the
-generation (images by their blob sha256), and the trainer rebuilds it from the log to learn on the full
+generation (images and audio clips by their blob sha256), and the trainer rebuilds it from the log to learn on the full
 context; model.format_conversation renders it with the checkpoint's own chat template. Hashable, so a
 trainer can key prompts by it.
 """
@@ -25,9 +25,9 @@ ROLE_VALUES = {name: value for value, name in ROLES.items()}
 
 @dataclass(frozen=True)
 class Part:
-    kind: Literal["text", "image"]
+    kind: Literal["text", "image", "audio"]
     value: str
-    """The text, or the image's key: its sha256 once stored (any placeholder before, e.g. "")."""
+    """The text, or the image's or audio clip's key: its sha256 once stored (any placeholder before, e.g. "")."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,11 @@ def image_keys(conversation: Conversation) -> list[str]:
     return [part.value for turn in conversation for part in turn.parts if part.kind == "image"]
 
 
+def audio_keys(conversation: Conversation) -> list[str]:
+    """The keys of the conversation's audio clips, in the order the model hears them."""
+    return [part.value for turn in conversation for part in turn.parts if part.kind == "audio"]
+
+
 def last_user_text(conversation: Conversation) -> str:
     """The text of the last user turn: what the response answers."""
     return next((turn.text for turn in reversed(conversation) if turn.role == "user"), "")
@@ -66,14 +71,14 @@ def last_user_text(conversation: Conversation) -> str:
 def chat_messages(conversation: Conversation) -> list[dict]:
     """The conversation in the messages format of transformers' chat templates."""
     return [
-        {"role": turn.role, "content": [{"type": "image"} if part.kind == "image" else {"type": "text", "text": part.value}
+        {"role": turn.role, "content": [{"type": "text", "text": part.value} if part.kind == "text" else {"type": part.kind}
                                         for part in turn.parts]}
         for turn in conversation
     ]
 
 
 def from_chat_messages(messages: Any) -> Conversation:
-    """The inverse of chat_messages (image parts get the key ""); ValueError naming what is malformed."""
+    """The inverse of chat_messages (image and audio parts get the key ""); ValueError naming what is malformed."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("a non-empty list of messages is required")
     turns = []
@@ -84,12 +89,14 @@ def from_chat_messages(messages: Any) -> Conversation:
             raise ValueError(f"message {index} needs a role ({', '.join(ROLES.values())}) and a list of content parts")
         parts = []
         for part in content:
-            if isinstance(part, dict) and part.get("type") == "image":
-                parts.append(Part("image", ""))
+            if isinstance(part, dict) and part.get("type") in ("image", "audio"):
+                parts.append(Part(part["type"], ""))
             elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 parts.append(Part("text", part["text"]))
             else:
-                raise ValueError(f"message {index}: a part is {{'type': 'text', 'text': ...}} or {{'type': 'image'}}")
+                raise ValueError(
+                    f"message {index}: a part is {{'type': 'text', 'text': ...}}, {{'type': 'image'}} or {{'type': 'audio'}}"
+                )
         turns.append(Turn(role, tuple(parts)))
     return tuple(turns)
 

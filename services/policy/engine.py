@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from peft import PeftModel
 from PIL import Image
@@ -70,7 +71,7 @@ class Sample:
 
 @dataclass
 class GenerationRequest:
-    """A prompt (already formatted, e.g. by model.format_prompt) and its images, sampled n times.
+    """A prompt (already formatted, e.g. by model.format_prompt), its images and audio clips, sampled n times.
 
     Callbacks run on the generating thread, in token order per candidate; keep them short (hand off to
     a queue). on_token(candidate_index, token_id, text_delta): the deltas of a candidate concatenate to
@@ -88,6 +89,8 @@ class GenerationRequest:
     on_finish: Callable[[int, Sample], None] | None = None
     version: str = ""
     """The version to sample from: the engine's own (empty) or one of its adapters (PolicyEngine.versions)."""
+    audio: Sequence[np.ndarray] = ()
+    """Audio clips, in the order of the prompt's audio placeholders: mono float samples at the processor's rate."""
 
 
 class PromptTooLong(ValueError):
@@ -255,7 +258,7 @@ class PolicyEngine:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
-        row = self.family.encode(self.processor, request.prompt_text, request.images)
+        row = self.family.encode(self.processor, request.prompt_text, request.images, request.audio)
         length = row["input_ids"].shape[1]
         if length + params.max_new_tokens > self.max_positions:
             raise PromptTooLong(

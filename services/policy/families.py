@@ -1,4 +1,4 @@
-"""Model families: how modalign feeds each kind of image-text-to-text model.
+"""Model families: how modalign feeds each kind of image-text-to-text model (and image-audio-text-to-text).
 
 Every part of the loop (the policy engine, the reward model, the trainer's batches) feeds a model the
 same way: each row (a prompt with its images, then possibly response tokens) is encoded alone by the
@@ -20,10 +20,11 @@ A checkpoint whose family is not registered here is refused at load time, before
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
@@ -50,9 +51,17 @@ class Family:
     step_keys: frozenset[str] = frozenset()
     """Sequence inputs a decoding step takes too (at the new token's position), e.g. cross-attention masks."""
 
-    def encode(self, processor: ProcessorMixin, text: str, images: list[Image.Image]) -> Inputs:
-        """One row: the formatted prompt (image placeholders expanded) and its images, batch dimension 1."""
-        return dict(processor(text=[text], images=[images] if images else None, return_tensors="pt"))
+    def encode(
+        self, processor: ProcessorMixin, text: str, images: list[Image.Image], audio: Sequence[np.ndarray] = ()
+    ) -> Inputs:
+        """One row: the formatted prompt (image and audio placeholders expanded), its images and its audio
+        clips (mono float samples at the processor's sampling rate), batch dimension 1."""
+        media: dict[str, Any] = {"images": [images]} if images else {}
+        if audio:
+            if not takes_audio(processor):
+                raise ValueError(f"this model ({type(processor).__name__}) takes no audio")
+            media["audio"] = list(audio)
+        return dict(processor(text=[text], return_tensors="pt", **media))
 
     def extend(self, row: Inputs, token_ids: list[int]) -> Inputs:
         """The row followed by token_ids (a response): sequence inputs repeat the prompt's last position,
@@ -137,16 +146,35 @@ class MultimodalRope(Family):
 
     def positions(self, model: PreTrainedModel, batch: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch["attention_mask"]
-        position_ids, _ = model.model.get_rope_index(
-            batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
-            attention_mask=mask,
-        )
+        position_ids = self.rope_index(model, batch)
         real = mask.bool().unsqueeze(0).expand_as(position_ids[-3:])
         next_position = position_ids[-3:].masked_fill(~real, -1).amax(dim=(0, 2)) + 1
         return position_ids, next_position
 
     def step_positions(self, next_position: torch.Tensor) -> torch.Tensor:
         return next_position.view(1, -1, 1).expand(3, -1, -1)
+
+    def rope_index(self, model: PreTrainedModel, batch: Inputs) -> torch.Tensor:
+        """The model's own 3-D (or text + 3-D) positions of a padded batch."""
+        position_ids, _ = model.model.get_rope_index(
+            batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=batch["attention_mask"],
+        )
+        return position_ids
+
+
+@dataclass(frozen=True)
+class OmniRope(MultimodalRope):
+    """Qwen2.5-Omni's thinker: Qwen2-VL's multimodal rope over images and audio clips, each found by its start
+    token (audio tokens advance like text). Its audio inputs are listed one row per clip, like images."""
+
+    def rope_index(self, model: PreTrainedModel, batch: Inputs) -> torch.Tensor:
+        features = batch.get("feature_attention_mask")
+        position_ids, _ = model.model.get_rope_index(
+            batch["input_ids"], image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch["attention_mask"],
+            audio_seqlens=None if features is None else features.sum(-1),
+        )
+        return position_ids
 
 
 @dataclass(frozen=True)
@@ -155,7 +183,11 @@ class GatedCrossAttention(Family):
     processor takes a prompt as text pieces and images in order; the image features computed at prefill
     are passed to every decoding step, since they are not part of the cache."""
 
-    def encode(self, processor: ProcessorMixin, text: str, images: list[Image.Image]) -> Inputs:
+    def encode(
+        self, processor: ProcessorMixin, text: str, images: list[Image.Image], audio: Sequence[np.ndarray] = ()
+    ) -> Inputs:
+        if audio:
+            raise ValueError(f"this model ({type(processor).__name__}) takes no audio")
         pieces: list[str | Image.Image] = []
         for index, piece in enumerate(text.split(_IDEFICS_IMAGE)):
             if index:
@@ -225,6 +257,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llava-onevision", ("llava_onevision",)),
     Family("gemma3", ("gemma3",), sequence_keys=frozenset({"token_type_ids"})),
     MultimodalRope("qwen2-vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), sequence_keys=frozenset({"mm_token_type_ids"})),
+    OmniRope("qwen2.5-omni", ("qwen2_5_omni_thinker",)),
     Family("idefics3", ("idefics3", "smolvlm"), row_keys=frozenset({"pixel_values", "pixel_attention_mask"})),
     GatedCrossAttention(
         "idefics", ("idefics",), row_keys=frozenset({"pixel_values"}),
@@ -236,6 +269,11 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 _BY_MODEL_TYPE: Mapping[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}
+
+
+def takes_audio(processor: ProcessorMixin) -> bool:
+    """Whether the checkpoint's processor turns audio into model inputs (it has a feature extractor)."""
+    return getattr(processor, "feature_extractor", None) is not None
 
 
 def supported_model_types() -> list[str]:

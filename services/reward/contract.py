@@ -36,7 +36,7 @@ from kserve.protocol.infer_type import InferRequest
 from PIL import Image
 
 from modalign.core.images import InvalidImage, decode_image
-from modalign.policy.conversation import Conversation, from_chat_messages, image_keys
+from modalign.policy.conversation import Conversation, audio_keys, from_chat_messages, image_keys
 from modalign.reward.config import RequestLimits
 
 INPUTS = [
@@ -158,6 +158,8 @@ def _conversations(array: np.ndarray, images: list[list[Image.Image]], limits: R
             conversation = from_chat_messages(json.loads(data))
         except (ValueError, UnicodeDecodeError) as error:
             raise InvalidInput(f"{where} is not a conversation in the chat messages format ({error})") from error
+        if audio_keys(conversation):
+            raise InvalidInput(f"{where} has audio parts; the reward service scores text and images only")
         if len(image_keys(conversation)) != len(images[row]):
             raise InvalidInput(f"{where} has {len(image_keys(conversation))} image parts for the row's "
                                f"{len(images[row])} images")

@@ -117,7 +117,7 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(policy, blobs, prom
 
 # Families whose rows join a running batch (continuous batching); the others' caches (sliding windows,
 # cross-attention to images) do not line up across rows started apart, and new requests wait instead.
-JOINING = {"idefics3", "llava", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm"}
+JOINING = {"idefics3", "llava", "llava_onevision", "qwen2_5_omni_thinker", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm"}
 
 
 def test_requests_that_join_a_running_batch_get_what_they_get_alone(policy, blobs, prompts) -> None:

@@ -311,7 +311,9 @@ def test_a_conversation_input_is_scored_as_the_model_scores_the_whole_conversati
      "'conversation'[0] has 0 image parts for the row's 1 images"),
     ([[{"role": "robot", "content": []}], *CONVERSATIONS[1:]], "'conversation'[0] is not a conversation"),
     (CONVERSATIONS[:2], "'conversation' has 2 rows"),
-], ids=["image-count", "role", "rows"])
+    ([[{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "Hm?"}]}],
+      *CONVERSATIONS[1:]], "'conversation'[0] has audio parts; the reward service scores text and images only"),
+], ids=["image-count", "role", "rows", "audio"])
 def test_a_bad_conversation_is_refused_with_400_naming_the_row(
     http: httpclient.InferenceServerClient, conversations: list, named: str
 ) -> None:

@@ -16,6 +16,7 @@ from tests.families.tiny.idefics import build_idefics, build_idefics3, build_smo
 from tests.families.tiny.llava_gemma import build_gemma3, build_llava_onevision
 from tests.families.tiny.mllama import build_mllama
 from tests.families.tiny.qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
+from tests.families.tiny.qwen_omni import build_qwen2_5_omni
 
 
 def build_llava(folder: Path, seed: int = 0) -> None:
@@ -29,6 +30,7 @@ TINY_CHECKPOINTS: dict[str, Callable[[Path, int], None]] = {
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
     "qwen3_vl": build_qwen3_vl,
+    "qwen2_5_omni": build_qwen2_5_omni,
     "idefics3": build_idefics3,
     "smolvlm": build_smolvlm,
     "gemma3": build_gemma3,
