@@ -97,14 +97,18 @@ def decode_input_audio(data_b64: str, audio_format: str, limits: AudioLimits = A
     return decoded, mime_type
 
 
-def decode_audio(data: bytes, mime_type: str, sampling_rate: int, limits: AudioLimits = AudioLimits()) -> Audio:
-    """The audio as mono float32 samples at `sampling_rate`, or InvalidAudio naming the problem."""
+def decode_audio(
+    data: bytes, mime_type: str | None, sampling_rate: int, limits: AudioLimits = AudioLimits()
+) -> Audio:
+    """The audio as mono float32 samples at `sampling_rate`, or InvalidAudio naming the problem. mime_type
+    None takes whatever container the data holds: audio read back from the blob store, whose MIME type was
+    checked when a client sent it."""
     if not data:
         raise InvalidAudio("is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise InvalidAudio(f"is {len(data)} bytes, above the limit of {limits.max_bytes}")
-    container = CONTAINER_BY_MIME.get(mime_type)
-    if container is None:
+    container = None if mime_type is None else CONTAINER_BY_MIME.get(mime_type)
+    if mime_type is not None and container is None:
         raise InvalidAudio(f"mime_type {mime_type!r} is not one of {sorted(CONTAINER_BY_MIME)}")
     try:
         file = soundfile.SoundFile(io.BytesIO(data))
@@ -135,12 +139,12 @@ def decode_audio(data: bytes, mime_type: str, sampling_rate: int, limits: AudioL
 
 
 def _check_header(
-    file: soundfile.SoundFile, data: bytes, mime_type: str, container: str, limits: AudioLimits
+    file: soundfile.SoundFile, data: bytes, mime_type: str | None, container: str | None, limits: AudioLimits
 ) -> None:
     """Refuses, from the header alone, audio that is not what its MIME type says, or too long, or at a rate
     or with channels outside the limits, or empty, or a WAV cut short."""
     found = "WAV" if file.format == "WAVEX" else file.format  # WAVEX: WAV with the extensible format header
-    if found != container:
+    if container is not None and found != container:
         raise InvalidAudio(f"mime_type {mime_type!r} declares {container}, but the data is {found}")
     if not limits.min_sample_rate <= file.samplerate <= limits.max_sample_rate:
         raise InvalidAudio(

@@ -3,8 +3,8 @@
 espeak-ng speaks when its binary is on PATH (a fixed voice and speed, so its output is deterministic).
 Without it, a tone synthesiser stands in: each word becomes a few vowel-like harmonic tones whose pitch
 and formants come from the word's letters, with pauses between words. That is not speech a model can
-understand, but it is audio with the shape of speech, different for every text, so the demo runs the
-whole spoken path on machines that lack espeak-ng; the report says which synthesiser spoke.
+understand, but it is audio with the shape of speech, different for every text, so the whole spoken
+path can run on machines that lack espeak-ng; each clip says which synthesiser spoke it.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ class PolicyConfig(GrpcServiceConfig):
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9101
     grpc: GrpcLimits = field(default_factory=lambda: GrpcLimits(
-        max_workers=64, max_concurrent_rpcs=128, max_message_mib=72.0))
+        max_workers=64, max_concurrent_rpcs=128, max_message_mib=88.0))
     """What the gRPC server takes on at once. Each Generate holds a thread while it waits on its batch,
     so max_workers bounds the requests being generated; a request may carry max_images images of
-    image_max_bytes each, which max_message_mib must hold."""
+    image_max_bytes each and max_audio clips of audio_max_bytes, which max_message_mib must hold."""
     http_listen: str = ""
     """Address of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models), host:port; empty
     (the default) serves none. modalign up and the chart turn it on. HTTPS with the gRPC listener's
@@ -94,6 +94,13 @@ class PolicyConfig(GrpcServiceConfig):
     """Largest encoded image accepted."""
     image_max_pixels: int = ImageLimits.max_pixels
     """Most pixels (width x height) of a decoded image."""
+    max_audio: int = 2
+    """Most audio clips (spoken parts) in one request, over all turns; only a model that takes audio
+    accepts any."""
+    audio_max_bytes: int = 8 * 1024 * 1024
+    """Largest encoded audio clip accepted."""
+    audio_max_seconds: float = 30.0
+    """Longest audio clip accepted, read from its header before it is decoded."""
     max_pending_rows: int = 512
     """Candidates allowed to queue for a batch; past this, requests get RESOURCE_EXHAUSTED."""
     head_to_head_percent: int = 50
@@ -119,10 +126,12 @@ class PolicyConfig(GrpcServiceConfig):
             host, _, port = self.http_listen.rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError("http_listen", f"host:port, got {self.http_listen!r}")
-        largest_request = self.max_images * self.image_max_bytes + self.max_turns * self.max_text_bytes
+        largest_request = (self.max_images * self.image_max_bytes + self.max_audio * self.audio_max_bytes
+                           + self.max_turns * self.max_text_bytes)
         if self.grpc.max_message_bytes < largest_request:
             raise ConfigError("grpc.max_message_mib", f"{self.grpc.max_message_mib} MiB cannot hold a request of "
-                              f"max_images images of image_max_bytes and max_turns texts ({largest_request} bytes)")
+                              f"max_images images of image_max_bytes, max_audio clips of audio_max_bytes and "
+                              f"max_turns texts ({largest_request} bytes)")
 
     @property
     def http_url(self) -> str:

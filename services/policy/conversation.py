@@ -110,11 +110,11 @@ def logged(generation: events_pb2.GenerationLogged) -> Conversation:
 
 
 def of_messages(messages: Sequence[common_pb2.LoggedMessage]) -> Conversation:
-    """A conversation from its logged form, images keyed by sha256."""
+    """A conversation from its logged form, images and audio clips keyed by sha256."""
     return tuple(
         Turn(ROLES[message.role], tuple(
-            Part("image", part.image.sha256) if part.WhichOneof("part") == "image" else Part("text", part.text)
-            for part in message.content
+            Part("text", part.text) if part.WhichOneof("part") == "text" else Part(kind, getattr(part, kind).sha256)
+            for part in message.content for kind in [part.WhichOneof("part")]
         ))
         for message in messages
     )

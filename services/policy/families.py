@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin, SequenceFeatureExtractor
 
 from modalign.core.service import CannotStart
 
@@ -272,8 +272,8 @@ _BY_MODEL_TYPE: Mapping[str, Family] = {model_type: family for family in FAMILIE
 
 
 def takes_audio(processor: ProcessorMixin) -> bool:
-    """Whether the checkpoint's processor turns audio into model inputs (it has a feature extractor)."""
-    return getattr(processor, "feature_extractor", None) is not None
+    """Whether the checkpoint's processor turns audio into model inputs (it has an audio feature extractor)."""
+    return isinstance(getattr(processor, "feature_extractor", None), SequenceFeatureExtractor)
 
 
 def supported_model_types() -> list[str]:

@@ -21,6 +21,7 @@ from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Histogram
 from transformers import ProcessorMixin
 
+from modalign.core.audio import Audio, AudioLimits, InvalidAudio, decode_audio
 from modalign.core.blobs import BlobStore
 from modalign.core.images import ImageLimits, InvalidImage, decode_image
 from modalign.core.kafka import BrokerUnavailable, DurableProducer
@@ -29,6 +30,7 @@ from modalign.policy.batcher import BatcherOverloaded
 from modalign.policy.config import PolicyConfig
 from modalign.policy.conversation import ROLES, last_user_text, of_messages
 from modalign.policy.engine import GenerationRequest, PromptTooLong, Sample, SamplingParams
+from modalign.policy.families import takes_audio
 from modalign.policy.model import format_conversation
 from modalign.policy.routing import VersionRouter
 from modalign.v1 import common_pb2, events_pb2, policy_pb2
@@ -43,6 +45,10 @@ REQUESTS = Counter(
     "Requests (gRPC Generate and GenerateStream, HTTP chat completions) by the version they were routed to and "
     "the status they ended with, by gRPC's name of it (HTTP 400 is INVALID_ARGUMENT, 429 RESOURCE_EXHAUSTED, ...).",
     ["policy_version", "grpc_code"],
+)
+AUDIO_SECONDS = Counter(
+    "modalign_policy_audio_seconds_total", "Seconds of users' audio (spoken questions) answered, by version.",
+    ["policy_version"],
 )
 REQUEST_SECONDS = Histogram(
     "modalign_policy_request_seconds",
@@ -100,8 +106,8 @@ def validate_request(request: policy_pb2.GenerateRequest, config: PolicyConfig) 
         validate_conversation(request, config)
     else:
         text_bytes = len(request.text.encode())
-        if not request.text.strip():
-            raise InvalidRequest("text: required and not only whitespace")
+        if not request.text.strip() and not request.HasField("audio"):
+            raise InvalidRequest("text: required and not only whitespace, unless the question is spoken (audio)")
         if text_bytes > config.max_text_bytes:
             raise InvalidRequest(f"text: {text_bytes} UTF-8 bytes, above the limit of {config.max_text_bytes}")
         if not 1 <= len(request.images) <= config.max_images:
@@ -116,11 +122,11 @@ def validate_request(request: policy_pb2.GenerateRequest, config: PolicyConfig) 
 def validate_conversation(request: policy_pb2.GenerateRequest, config: PolicyConfig) -> None:
     """The limits of GenerateRequest.conversation (see policy.proto), but its token count, which the engine checks."""
     turns = request.conversation
-    if request.text or request.images:
-        raise InvalidRequest("conversation: give either a conversation or text and images, not both")
+    if request.text or request.images or request.HasField("audio"):
+        raise InvalidRequest("conversation: give either a conversation or text, images and audio, not both")
     if len(turns) > config.max_turns:
         raise InvalidRequest(f"conversation: at most {config.max_turns} turns, got {len(turns)}")
-    images = 0
+    images = clips = 0
     for index, turn in enumerate(turns):
         where = f"conversation[{index}]"
         if turn.role not in ROLES:
@@ -132,13 +138,16 @@ def validate_conversation(request: policy_pb2.GenerateRequest, config: PolicyCon
         for part_index, part in enumerate(turn.content):
             kind = part.WhichOneof("part")
             if kind is None:
-                raise InvalidRequest(f"{where}.content[{part_index}]: a text or an image required")
-            if kind == "image" and turn.role != common_pb2.ROLE_USER:
-                raise InvalidRequest(f"{where}.content[{part_index}].image: images only in user turns")
+                raise InvalidRequest(f"{where}.content[{part_index}]: a text, an image or audio required")
+            if kind in ("image", "audio") and turn.role != common_pb2.ROLE_USER:
+                raise InvalidRequest(f"{where}.content[{part_index}].{kind}: {kind} only in user turns")
             if kind == "text" and len(part.text.encode()) > config.max_text_bytes:
                 raise InvalidRequest(f"{where}.content[{part_index}].text: {len(part.text.encode())} UTF-8 bytes, "
                                      f"above the limit of {config.max_text_bytes}")
             images += kind == "image"
+            clips += kind == "audio"
+    if clips > config.max_audio:
+        raise InvalidRequest(f"conversation: at most {config.max_audio} audio clips over all turns, got {clips}")
     if turns[-1].role != common_pb2.ROLE_USER:
         raise InvalidRequest(f"conversation[{len(turns) - 1}].role: the last turn must be the user's, to be answered")
     if not 1 <= images <= config.max_images:
@@ -146,10 +155,15 @@ def validate_conversation(request: policy_pb2.GenerateRequest, config: PolicyCon
 
 
 def shorthand_conversation(request: policy_pb2.GenerateRequest) -> list[common_pb2.Message]:
-    """The conversation a request stands for: its own, or one user turn of its images, then its text."""
+    """The conversation a request stands for: its own, or one user turn of its images, then its spoken
+    question (if any), then its text (if any)."""
     if request.conversation:
         return list(request.conversation)
-    parts = [common_pb2.ContentPart(image=image) for image in request.images] + [common_pb2.ContentPart(text=request.text)]
+    parts = [common_pb2.ContentPart(image=image) for image in request.images]
+    if request.HasField("audio"):
+        parts.append(common_pb2.ContentPart(audio=request.audio))
+    if request.text:
+        parts.append(common_pb2.ContentPart(text=request.text))
     return [common_pb2.Message(role=common_pb2.ROLE_USER, content=parts)]
 
 
@@ -197,6 +211,7 @@ class Generations:
         self._processor = processor
         self._blobs = blobs
         self._limits = ImageLimits(max_bytes=config.image_max_bytes, max_pixels=config.image_max_pixels)
+        self._audio_limits = AudioLimits(max_bytes=config.audio_max_bytes, max_seconds=config.audio_max_seconds)
         self._producer = DurableProducer(config.kafka)
         self._topic = config.kafka.topic("generations")
         self._per_user = PerUserLimiter(config.user_rate_limit)
@@ -268,15 +283,23 @@ class Generations:
         text of its last user turn."""
         validate_request(request, self._config)
         params = sampling_params(request, self._config)
-        images, logged = [], []
+        images, audio, logged = [], [], []
         for turn_index, turn in enumerate(shorthand_conversation(request)):
             parts = []
             for part_index, part in enumerate(turn.content):
-                if part.WhichOneof("part") == "text":
+                kind = part.WhichOneof("part")
+                if kind == "text":
                     parts.append(common_pb2.LoggedContentPart(text=part.text))
                     continue
-                where = (f"conversation[{turn_index}].content[{part_index}].image" if request.conversation
-                         else f"images[{part_index}]")
+                where = (f"conversation[{turn_index}].content[{part_index}].{kind}" if request.conversation
+                         else "audio" if kind == "audio" else f"images[{part_index}]")
+                if kind == "audio":
+                    clip = self._audio(part.audio, where)
+                    audio.append(clip.samples)
+                    parts.append(common_pb2.LoggedContentPart(audio=common_pb2.AudioRef(
+                        sha256=self._blobs.put(part.audio.data), mime_type=part.audio.mime_type, seconds=clip.seconds,
+                    )))
+                    continue
                 try:
                     decoded = decode_image(part.image.data, part.image.mime_type, self._limits)
                 except InvalidImage as error:
@@ -292,8 +315,18 @@ class Generations:
             prompt = format_conversation(self._processor, asked)
         except ValueError as error:
             raise InvalidRequest(f"{'conversation' if request.conversation else 'text'}: {error}") from error
-        generation = GenerationRequest(prompt_text=prompt, images=images, params=params, n=request.n or 1)
+        generation = GenerationRequest(prompt_text=prompt, images=images, params=params, n=request.n or 1, audio=audio)
         return generation, logged, last_user_text(asked)
+
+    def _audio(self, clip: common_pb2.Audio, where: str) -> Audio:
+        """A client's clip decoded at the model's sampling rate, or InvalidRequest naming it (at `where`)."""
+        if not takes_audio(self._processor):
+            raise InvalidRequest(f"{where}: this policy's model takes no audio; send the question as text")
+        try:
+            return decode_audio(clip.data, clip.mime_type, self._processor.feature_extractor.sampling_rate,
+                                self._audio_limits)
+        except InvalidAudio as error:
+            raise InvalidRequest(f"{where}: {error}") from error
 
     def _log(self, started: Started, samples: list[Sample]) -> list[policy_pb2.Candidate]:
         """Writes one GenerationLogged per candidate and waits for every acknowledgement."""
@@ -302,6 +335,8 @@ class Generations:
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         images = [part.image for turn in conversation for part in turn.content if part.WhichOneof("part") == "image"]
+        audio_seconds = sum(part.audio.seconds for turn in conversation for part in turn.content
+                            if part.WhichOneof("part") == "audio")
         candidates, records = [], []
         for index, (sample, response_id) in enumerate(zip(samples, response_ids)):
             finish_reason = FINISH_REASONS[sample.finish_reason]
@@ -326,6 +361,8 @@ class Generations:
         except BrokerUnavailable as error:
             log.warning("generation %s not logged: %s", prompt_id, error)
             raise Refused(grpc.StatusCode.UNAVAILABLE, f"the generation could not be logged, retry later: {error}") from error
+        if audio_seconds:
+            AUDIO_SECONDS.labels(started.version).inc(audio_seconds)
         return candidates
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API of the policy service: the chat-completions format every client speaks.
 
-    POST /v1/chat/completions   messages (content a string or text and image_url parts, images as data:
-                                URLs), n, temperature, top_p, max_tokens / max_completion_tokens, seed,
+    POST /v1/chat/completions   messages (content a string or text, image_url and input_audio parts,
+                                images as data: URLs, audio as base64 WAV or MP3), n, temperature,
+                                top_p, max_tokens / max_completion_tokens, seed,
                                 stop, user, stream (server-sent events, ending with [DONE];
                                 stream_options.include_usage); usage with token counts
     GET  /v1/models             the served model, with its stable and canary versions
@@ -52,6 +53,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from modalign.core import auth
+from modalign.core.audio import InvalidAudio, decode_input_audio
 from modalign.core.images import ImageLimits, InvalidImage, decode_data_url
 from modalign.policy.conversation import ROLE_VALUES
 from modalign.policy.generations import OPAQUE_ID, Generated, Generations, Refused, Started, observed
@@ -92,6 +94,7 @@ _FIELD_NAMES = [
     (re.compile(r"^sampling\.max_new_tokens"), "max_tokens"),
     (re.compile(r"^sampling\.stop"), "stop"),
     (re.compile(r"^conversation\[(\d+)\]\.content\[(\d+)\]\.image"), r"messages[\1].content[\2].image_url.url"),
+    (re.compile(r"^conversation\[(\d+)\]\.content\[(\d+)\]\.audio"), r"messages[\1].content[\2].input_audio"),
     (re.compile(r"^conversation"), "messages"),
     (re.compile(r"^user_id"), "user"),
     (re.compile(r"^session_id"), SESSION_HEADER),
@@ -169,6 +172,18 @@ def image_part(url: Any, where: str, remote: RemoteImages) -> common_pb2.Content
     return common_pb2.ContentPart(image=common_pb2.Image(data=decoded, mime_type=mime_type))
 
 
+def audio_part(input_audio: Any, where: str) -> common_pb2.ContentPart:
+    """An input_audio part's clip ({"data": base64, "format": "wav" or "mp3"}); the policy decodes and checks
+    it as it does a gRPC client's."""
+    if not isinstance(input_audio, dict) or not isinstance(input_audio.get("data"), str):
+        raise invalid(f"{where}: must be an object with base64 data and a format (wav or mp3)")
+    try:
+        data, mime_type = decode_input_audio(input_audio["data"], str(input_audio.get("format")))
+    except InvalidAudio as error:
+        raise invalid(f"{where}: {error}") from error
+    return common_pb2.ContentPart(audio=common_pb2.Audio(data=data, mime_type=mime_type))
+
+
 def conversation_of(messages: Any, remote: RemoteImages) -> list[common_pb2.Message]:
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: a non-empty list of messages is required")
@@ -194,8 +209,12 @@ def conversation_of(messages: Any, remote: RemoteImages) -> list[common_pb2.Mess
                     image_url = part.get("image_url")
                     parts.append(image_part(image_url.get("url") if isinstance(image_url, dict) else image_url,
                                             f"{at}.image_url.url", remote))
+                elif kind == "input_audio":
+                    parts.append(audio_part(part.get("input_audio"), f"{at}.input_audio"))
                 else:
-                    raise invalid(f"{at}: must be a text part or an image_url part, got type {json.dumps(kind)}")
+                    raise invalid(
+                        f"{at}: must be a text, image_url or input_audio part, got type {json.dumps(kind)}"
+                    )
         else:
             raise invalid(f"{where}.content: must be a string or a list of parts")
         turns.append(common_pb2.Message(role=ROLES[role], content=parts))

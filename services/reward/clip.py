@@ -37,6 +37,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -89,10 +90,13 @@ class ClipRewardModel(nn.Module):
         return None
 
     def encode(
-        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str]
+        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str],
+        audio_per_sample: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> BatchFeature:
         """Text ids (right padded) and, for the images of all rows together, pixel values and the
-        row each image belongs to."""
+        row each image belongs to. CLIP hears nothing: audio clips are refused."""
+        if audio_per_sample is not None and any(audio_per_sample):
+            raise ValueError("the CLIP reward model takes no audio")
         require_equal_batch_sizes(prompts, images_per_sample, responses)
         tokenizer = self.processor.tokenizer
         rows = []
@@ -137,10 +141,11 @@ class ClipRewardModel(nn.Module):
         return self.head(features.to(self.head[0].weight.dtype)).squeeze(-1)
 
     def score(
-        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str]
+        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str],
+        audio_per_sample: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> torch.Tensor:
         """Rewards [B] on the model's device, without autograd."""
-        inputs = self.encode(prompts, images_per_sample, responses).to(self.head[0].weight.device)
+        inputs = self.encode(prompts, images_per_sample, responses, audio_per_sample).to(self.head[0].weight.device)
         with torch.inference_mode():
             return self(**inputs)
 

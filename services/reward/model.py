@@ -31,6 +31,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -114,17 +115,20 @@ class RewardModel(nn.Module):
         self.likelihood_weights = nn.Parameter(torch.zeros(2)) if likelihood_features else None
 
     def encode(
-        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str]
+        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str],
+        audio_per_sample: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> BatchFeature:
         """One padded batch: the chat-formatted prompt (a conversation, or a question's text) with its
-        images, then the response, then EOS."""
+        images and audio clips (none by default), then the response, then EOS."""
         require_equal_batch_sizes(prompts, images_per_sample, responses)
+        audio = audio_per_sample if audio_per_sample is not None else [()] * len(prompts)
         tokenizer = self.processor.tokenizer
         texts = []
         for row, conversation in enumerate(prompt_conversations(tokenizer, prompts, images_per_sample)):
             refuse_reserved_tokens(tokenizer, f"response {row}", responses[row])
             texts.append(format_conversation(self.processor, conversation) + responses[row] + tokenizer.eos_token)
-        rows = [self.family.encode(self.processor, text, images) for text, images in zip(texts, images_per_sample)]
+        rows = [self.family.encode(self.processor, text, images, clips)
+                for text, images, clips in zip(texts, images_per_sample, audio, strict=True)]
         inputs = self.family.model_inputs(self.backbone, rows, tokenizer.pad_token_id)
         if self.likelihood_weights is not None:
             # Tokens of each response and its EOS, which end every row: the ones the likelihood is taken of.
@@ -177,11 +181,12 @@ class RewardModel(nn.Module):
         return (logprobs * valid).sum(-1)
 
     def score(
-        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str]
+        self, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]], responses: list[str],
+        audio_per_sample: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> torch.Tensor:
         """Rewards [B] on the model's device, without autograd; uses the current train/eval mode
         (models here load in eval)."""
-        inputs = self.encode(prompts, images_per_sample, responses).to(self.head.weight.device)
+        inputs = self.encode(prompts, images_per_sample, responses, audio_per_sample).to(self.head.weight.device)
         with torch.inference_mode():
             return self(**inputs)
 

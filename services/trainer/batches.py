@@ -9,16 +9,20 @@ between sampled and recomputed log-probs start at exactly 1).
 from __future__ import annotations
 
 import io
+import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from modalign.core.audio import AudioLimits, decode_audio
 from modalign.core.blobs import BlobStore
-from modalign.policy.conversation import Conversation, image_keys, last_user_text, logged, single_question
+from modalign.policy.conversation import Conversation, audio_keys, image_keys, last_user_text, logged, single_question
 from modalign.policy.engine import Sample, mask_unsampleable
 from modalign.policy.families import Inputs, family_of
 from modalign.policy.model import format_conversation
@@ -53,6 +57,11 @@ class Prompt:
         """Every image of the conversation, in order."""
         return tuple(image_keys(self.conversation))
 
+    @property
+    def audio_sha256(self) -> tuple[str, ...]:
+        """Every audio clip of the conversation, in order."""
+        return tuple(audio_keys(self.conversation))
+
 
 @dataclass
 class ResponseBatch:
@@ -78,44 +87,62 @@ class ResponseBatch:
         )
 
 
-class ImageCache:
-    """Decoded images by sha256, from the blob store; the most recently used 1024 are kept."""
+@dataclass(frozen=True)
+class Media:
+    """A prompt's images and audio clips, decoded, each in the order the model reads them."""
 
-    def __init__(self, blobs: BlobStore, capacity: int = 1024) -> None:
+    images: list[Image.Image]
+    audio: list[np.ndarray]
+    """Mono float samples at the processor's sampling rate."""
+
+
+class MediaCache:
+    """Decoded images and audio clips by sha256, from the blob store; the most recently used `capacity` of
+    each are kept. Clips are decoded at sampling_rate, the policy processor's (None: a model without audio)."""
+
+    def __init__(self, blobs: BlobStore, sampling_rate: int | None = None, capacity: int = 1024) -> None:
         self.blobs = blobs
+        self.sampling_rate = sampling_rate
         self.capacity = capacity
-        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._decoded: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
-    def get(self, shas: Iterable[str]) -> list[Image.Image]:
-        return [self._image(sha) for sha in shas]
+    def of_prompt(self, prompt: Prompt) -> Media:
+        return Media([self._get("image", sha) for sha in prompt.image_sha256],
+                     [self._get("audio", sha) for sha in prompt.audio_sha256])
 
-    def of_prompt(self, prompt: Prompt) -> list[Image.Image]:
-        return self.get(prompt.image_sha256)
+    def of_pair(self, pair: PreferencePair) -> Media:
+        return self.of_prompt(Prompt.of(pair.prompt))
 
-    def of_pair(self, pair: PreferencePair) -> list[Image.Image]:
-        return self.get(ref.sha256 for ref in pair.prompt.images)
+    def _get(self, kind: str, sha256: str) -> Any:
+        key = (kind, sha256)
+        if key not in self._decoded:
+            self._decoded[key] = self._decode(kind, self.blobs.get(sha256))
+            while len(self._decoded) > 2 * self.capacity:
+                self._decoded.popitem(last=False)
+        self._decoded.move_to_end(key)
+        return self._decoded[key]
 
-    def _image(self, sha256: str) -> Image.Image:
-        if sha256 not in self._images:
-            self._images[sha256] = Image.open(io.BytesIO(self.blobs.get(sha256))).convert("RGB")
-            while len(self._images) > self.capacity:
-                self._images.popitem(last=False)
-        self._images.move_to_end(sha256)
-        return self._images[sha256]
+    def _decode(self, kind: str, data: bytes) -> Any:
+        if kind == "image":
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        if self.sampling_rate is None:
+            raise ValueError("a prompt has audio, but the policy's model takes no audio")
+        # Checked when a client sent it; decoded again without the client's limits on length.
+        return decode_audio(data, None, self.sampling_rate, AudioLimits(max_bytes=len(data), max_seconds=math.inf)).samples
 
 
 class ResponseBatches:
     """Builds response batches for the policy's family and processor, and reads log-probs off them."""
 
     def __init__(
-        self, policy: PreTrainedModel, processor: ProcessorMixin, images: ImageCache, device: torch.device,
+        self, policy: PreTrainedModel, processor: ProcessorMixin, media: MediaCache, device: torch.device,
         unsampleable_token_ids: torch.Tensor, sampling_temperature: float, prompt_cache_size: int = 4096,
     ) -> None:
         self.policy = policy
         """Any model of the policy's family (position ids depend on the architecture, not the weights)."""
         self.processor = processor
         self.family = family_of(policy.config.model_type)
-        self.images = images
+        self.media = media
         self.device = device
         self.unsampleable_token_ids = unsampleable_token_ids
         self.sampling_temperature = sampling_temperature
@@ -128,7 +155,8 @@ class ResponseBatches:
         used prompts are kept, since every round reads the same prompts many times."""
         if prompt not in self._prompts:
             text = format_conversation(self.processor, prompt.conversation)
-            self._prompts[prompt] = self.family.encode(self.processor, text, self.images.of_prompt(prompt))
+            media = self.media.of_prompt(prompt)
+            self._prompts[prompt] = self.family.encode(self.processor, text, media.images, media.audio)
             while len(self._prompts) > self._prompt_cache_size:
                 self._prompts.popitem(last=False)
         self._prompts.move_to_end(prompt)

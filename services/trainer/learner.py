@@ -25,11 +25,12 @@ import torch
 from modalign.core.blobs import BlobStore
 from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.policy.engine import PolicyEngine
+from modalign.policy.families import takes_audio
 from modalign.reward.config import BACKBONES
 from modalign.trainer.advantages import GRPO_REWARD_SCALES
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.algorithms.context import PolicyContext
-from modalign.trainer.batches import ImageCache, Prompt, ResponseBatches
+from modalign.trainer.batches import MediaCache, Prompt, ResponseBatches
 from modalign.trainer.distributed import Shards
 from modalign.trainer.evaluation import evaluate_candidate
 from modalign.trainer.join import PreferencePair
@@ -202,13 +203,15 @@ class Learner:
         )
         models = self.models
         self.shards = Shards(config.seed, rank, world_size)
-        self.images = ImageCache(blobs)
+        self.media = MediaCache(
+            blobs, models.processor.feature_extractor.sampling_rate if takes_audio(models.processor) else None,
+        )
         self.batches = ResponseBatches(
-            models.policy, models.processor, self.images, device,
+            models.policy, models.processor, self.media, device,
             unsampleable_token_ids=PolicyEngine(models.policy, models.processor).unsampleable_token_ids,
             sampling_temperature=config.sampling_temperature,
         )
-        self.reward = RewardLearning(models, self.images, self.shards, epochs=config.reward_epochs,
+        self.reward = RewardLearning(models, self.media, self.shards, epochs=config.reward_epochs,
                                      batch_size=config.reward_batch_size, max_grad_norm=config.max_grad_norm)
         self.sampler = Sampler(
             policy=models.policy, reference=models.reference, processor=models.processor, batches=self.batches,

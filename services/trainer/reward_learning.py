@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from modalign.policy.engine import Sample
-from modalign.trainer.batches import ImageCache, Prompt
+from modalign.trainer.batches import MediaCache, Prompt
 from modalign.trainer.distributed import Shards
 from modalign.trainer.join import PreferencePair
 from modalign.trainer.losses import bradley_terry_loss, preference_accuracy
@@ -19,9 +19,9 @@ from modalign.trainer.models import Models, optimizer_step
 
 
 class RewardLearning:
-    def __init__(self, models: Models, images: ImageCache, shards: Shards, *, epochs: int, batch_size: int,
+    def __init__(self, models: Models, media: MediaCache, shards: Shards, *, epochs: int, batch_size: int,
                  max_grad_norm: float) -> None:
-        self.models, self.images, self.shards = models, images, shards
+        self.models, self.media, self.shards = models, media, shards
         self.epochs, self.batch_size, self.max_grad_norm = epochs, batch_size, max_grad_norm
 
     def train(self, pairs: list[PreferencePair]) -> dict[str, float]:
@@ -47,9 +47,11 @@ class RewardLearning:
         default the reward model itself; the data-parallel wrapper when training)."""
         reward_model = self.models.reward_model
         prompts = [Prompt.of(p.prompt).conversation for p in pairs] * 2
-        images = [self.images.of_pair(p) for p in pairs] * 2
+        media = [self.media.of_pair(p) for p in pairs] * 2
         responses = [p.chosen.text for p in pairs] + [p.rejected.text for p in pairs]
-        inputs = reward_model.encode(prompts, images, responses).to(self.models.device)
+        inputs = reward_model.encode(
+            prompts, [m.images for m in media], responses, audio_per_sample=[m.audio for m in media],
+        ).to(self.models.device)
         rewards = (model or reward_model)(**inputs)
         return rewards[: len(pairs)], rewards[len(pairs):]
 
@@ -57,8 +59,10 @@ class RewardLearning:
     def score(self, prompts: list[Prompt], samples: list[Sample]) -> torch.Tensor:
         """Reward-model scores [batch] of sampled responses to prompts (one prompt per sample)."""
         reward_model = self.models.reward_model
+        media = [self.media.of_prompt(p) for p in prompts]
         inputs = reward_model.encode(
-            [p.conversation for p in prompts], [self.images.of_prompt(p) for p in prompts], [s.text for s in samples]
+            [p.conversation for p in prompts], [m.images for m in media], [s.text for s in samples],
+            audio_per_sample=[m.audio for m in media],
         ).to(self.models.device)
         return reward_model(**inputs).float()
 

@@ -91,11 +91,13 @@ class Sampler:
         requests = [
             GenerationRequest(
                 prompt_text=format_conversation(self.processor, prompt.conversation),
-                images=self.batches.images.of_prompt(prompt),
+                images=media.images,
                 params=SamplingParams(**{**params.__dict__, "seed": seed + index * samples_per_prompt}),
                 n=samples_per_prompt,
+                audio=media.audio,
             )
             for index, prompt in enumerate(prompts)
+            for media in [self.batches.media.of_prompt(prompt)]
         ]
         return [sample for samples in engine.generate(requests) for sample in samples]
 

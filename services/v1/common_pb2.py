@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modalign/v1/common.proto\x12\x0bmodalign.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"L\n\x08ImageRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"U\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.modalign.v1.Role\x12)\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x18.modalign.v1.ContentPart\"J\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.modalign.v1.ImageH\x00\x42\x06\n\x04part\"a\n\rLoggedMessage\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.modalign.v1.Role\x12/\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1e.modalign.v1.LoggedContentPart\"S\n\x11LoggedContentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.modalign.v1.ImageRefH\x00\x42\x06\n\x04part\"\xb2\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x11\n\x0f_max_new_tokensB\x07\n\x05_seed*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x42+P\x01Z\'modalign.dev/api/modalign/v1;modalignv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modalign/v1/common.proto\x12\x0bmodalign.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"L\n\x08ImageRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"(\n\x05\x41udio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\">\n\x08\x41udioRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x02\"U\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.modalign.v1.Role\x12)\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x18.modalign.v1.ContentPart\"o\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.modalign.v1.ImageH\x00\x12#\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x12.modalign.v1.AudioH\x00\x42\x06\n\x04part\"a\n\rLoggedMessage\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.modalign.v1.Role\x12/\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1e.modalign.v1.LoggedContentPart\"{\n\x11LoggedContentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.modalign.v1.ImageRefH\x00\x12&\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x15.modalign.v1.AudioRefH\x00\x42\x06\n\x04part\"\xb2\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x11\n\x0f_max_new_tokensB\x07\n\x05_seed*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x42+P\x01Z\'modalign.dev/api/modalign/v1;modalignv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,22 +32,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modalign.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\'modalign.dev/api/modalign/v1;modalignv1'
-  _globals['_ROLE']._serialized_start=689
-  _globals['_ROLE']._serialized_end=769
-  _globals['_FINISHREASON']._serialized_start=771
-  _globals['_FINISHREASON']._serialized_end=866
+  _globals['_ROLE']._serialized_start=872
+  _globals['_ROLE']._serialized_end=952
+  _globals['_FINISHREASON']._serialized_start=954
+  _globals['_FINISHREASON']._serialized_end=1049
   _globals['_IMAGE']._serialized_start=41
   _globals['_IMAGE']._serialized_end=81
   _globals['_IMAGEREF']._serialized_start=83
   _globals['_IMAGEREF']._serialized_end=159
-  _globals['_MESSAGE']._serialized_start=161
-  _globals['_MESSAGE']._serialized_end=246
-  _globals['_CONTENTPART']._serialized_start=248
-  _globals['_CONTENTPART']._serialized_end=322
-  _globals['_LOGGEDMESSAGE']._serialized_start=324
-  _globals['_LOGGEDMESSAGE']._serialized_end=421
-  _globals['_LOGGEDCONTENTPART']._serialized_start=423
-  _globals['_LOGGEDCONTENTPART']._serialized_end=506
-  _globals['_SAMPLINGPARAMS']._serialized_start=509
-  _globals['_SAMPLINGPARAMS']._serialized_end=687
+  _globals['_AUDIO']._serialized_start=161
+  _globals['_AUDIO']._serialized_end=201
+  _globals['_AUDIOREF']._serialized_start=203
+  _globals['_AUDIOREF']._serialized_end=265
+  _globals['_MESSAGE']._serialized_start=267
+  _globals['_MESSAGE']._serialized_end=352
+  _globals['_CONTENTPART']._serialized_start=354
+  _globals['_CONTENTPART']._serialized_end=465
+  _globals['_LOGGEDMESSAGE']._serialized_start=467
+  _globals['_LOGGEDMESSAGE']._serialized_end=564
+  _globals['_LOGGEDCONTENTPART']._serialized_start=566
+  _globals['_LOGGEDCONTENTPART']._serialized_end=689
+  _globals['_SAMPLINGPARAMS']._serialized_start=692
+  _globals['_SAMPLINGPARAMS']._serialized_end=870
 # @@protoc_insertion_point(module_scope)

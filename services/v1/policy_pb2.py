@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from modalign.v1 import common_pb2 as modalign_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modalign/v1/policy.proto\x12\x0bmodalign.v1\x1a\x18modalign/v1/common.proto\"\xce\x01\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.modalign.v1.Image\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.modalign.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12*\n\x0c\x63onversation\x18\x07 \x03(\x0b\x32\x14.modalign.v1.Message\"u\n\tCandidate\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.modalign.v1.FinishReason\"i\n\x10GenerateResponse\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12*\n\ncandidates\x18\x03 \x03(\x0b\x32\x16.modalign.v1.Candidate\"\xc9\x01\n\x13GenerateStreamChunk\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_index\x18\x03 \x01(\r\x12\x13\n\x0bresponse_id\x18\x04 \x01(\t\x12\x12\n\ntext_delta\x18\x05 \x01(\t\x12\x13\n\x0btoken_count\x18\x06 \x01(\r\x12\x30\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x19.modalign.v1.FinishReason2\xac\x01\n\rPolicyService\x12G\n\x08Generate\x12\x1c.modalign.v1.GenerateRequest\x1a\x1d.modalign.v1.GenerateResponse\x12R\n\x0eGenerateStream\x12\x1c.modalign.v1.GenerateRequest\x1a .modalign.v1.GenerateStreamChunk0\x01\x42+P\x01Z\'modalign.dev/api/modalign/v1;modalignv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modalign/v1/policy.proto\x12\x0bmodalign.v1\x1a\x18modalign/v1/common.proto\"\xf1\x01\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.modalign.v1.Image\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.modalign.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12*\n\x0c\x63onversation\x18\x07 \x03(\x0b\x32\x14.modalign.v1.Message\x12!\n\x05\x61udio\x18\x08 \x01(\x0b\x32\x12.modalign.v1.Audio\"u\n\tCandidate\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.modalign.v1.FinishReason\"i\n\x10GenerateResponse\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12*\n\ncandidates\x18\x03 \x03(\x0b\x32\x16.modalign.v1.Candidate\"\xc9\x01\n\x13GenerateStreamChunk\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_index\x18\x03 \x01(\r\x12\x13\n\x0bresponse_id\x18\x04 \x01(\t\x12\x12\n\ntext_delta\x18\x05 \x01(\t\x12\x13\n\x0btoken_count\x18\x06 \x01(\r\x12\x30\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x19.modalign.v1.FinishReason2\xac\x01\n\rPolicyService\x12G\n\x08Generate\x12\x1c.modalign.v1.GenerateRequest\x1a\x1d.modalign.v1.GenerateResponse\x12R\n\x0eGenerateStream\x12\x1c.modalign.v1.GenerateRequest\x1a .modalign.v1.GenerateStreamChunk0\x01\x42+P\x01Z\'modalign.dev/api/modalign/v1;modalignv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\'modalign.dev/api/modalign/v1;modalignv1'
   _globals['_GENERATEREQUEST']._serialized_start=68
-  _globals['_GENERATEREQUEST']._serialized_end=274
-  _globals['_CANDIDATE']._serialized_start=276
-  _globals['_CANDIDATE']._serialized_end=393
-  _globals['_GENERATERESPONSE']._serialized_start=395
-  _globals['_GENERATERESPONSE']._serialized_end=500
-  _globals['_GENERATESTREAMCHUNK']._serialized_start=503
-  _globals['_GENERATESTREAMCHUNK']._serialized_end=704
-  _globals['_POLICYSERVICE']._serialized_start=707
-  _globals['_POLICYSERVICE']._serialized_end=879
+  _globals['_GENERATEREQUEST']._serialized_end=309
+  _globals['_CANDIDATE']._serialized_start=311
+  _globals['_CANDIDATE']._serialized_end=428
+  _globals['_GENERATERESPONSE']._serialized_start=430
+  _globals['_GENERATERESPONSE']._serialized_end=535
+  _globals['_GENERATESTREAMCHUNK']._serialized_start=538
+  _globals['_GENERATESTREAMCHUNK']._serialized_end=739
+  _globals['_POLICYSERVICE']._serialized_start=742
+  _globals['_POLICYSERVICE']._serialized_end=914
 # @@protoc_insertion_point(module_scope)

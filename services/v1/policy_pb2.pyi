@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "images", "sampling", "n", "user_id", "session_id", "conversation")
+    __slots__ = ("text", "images", "sampling", "n", "user_id", "session_id", "conversation", "audio")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class GenerateRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
     text: str
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     sampling: _common_pb2.SamplingParams
@@ -23,7 +24,8 @@ class GenerateRequest(_message.Message):
     user_id: str
     session_id: str
     conversation: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
-    def __init__(self, text: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ...) -> None: ...
+    audio: _common_pb2.Audio
+    def __init__(self, text: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("response_id", "text", "token_count", "finish_reason")

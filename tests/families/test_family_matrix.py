@@ -20,12 +20,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from modalign.core.blobs import BlobStore
 from modalign.policy.conversation import Part, Turn
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams, mask_unsampleable
-from modalign.policy.families import family_of
+from modalign.policy.families import family_of, takes_audio
 from modalign.policy.model import format_conversation, format_prompt, load_policy
 from modalign.reward.model import RewardModel
 from modalign.trainer.algorithms import ALGORITHMS
-from modalign.trainer.batches import Prompt
+from modalign.trainer.batches import MediaCache, Prompt
 
+from tests.clips import wav
 from tests.families.tiny import TINY_CHECKPOINTS
 from tests.trainer.learning import differing, make_learner, parameters, seed_everything, traffic_pairs
 
@@ -56,13 +57,18 @@ def blobs(tmp_path_factory: pytest.TempPathFactory) -> BlobStore:
 
 
 @pytest.fixture(scope="module")
-def prompts(blobs: BlobStore) -> list[Prompt]:
-    """Prompts with two images of different sizes, one image, and none."""
+def prompts(blobs: BlobStore, policy) -> list[Prompt]:
+    """Prompts with two images of different sizes, one image, and none; a conversation; and for a family that
+    takes audio, a question spoken about an image."""
     shas = {}
     for colour, size in (("red", (32, 32)), ("blue", (64, 48)), ("green", (40, 32))):
         data = io.BytesIO()
         square(colour, size).save(data, "PNG")
         shas[colour] = blobs.put(data.getvalue())
+    spoken = []
+    if takes_audio(policy[1]):
+        spoken = [Prompt((Turn("user", (Part("image", shas["red"]), Part("audio", blobs.put(wav(seconds=1.0))),
+                                        Part("text", "Answer the question."))),))]
     return [
         Prompt.question("Compare these two pictures, please.", (shas["red"], shas["blue"])),
         Prompt.question("What colour is the square?", (shas["green"],)),
@@ -73,26 +79,31 @@ def prompts(blobs: BlobStore) -> list[Prompt]:
             Turn("assistant", (Part("text", "It is green."),)),
             Turn("user", (Part("text", "And in this one?"), Part("image", shas["red"]))),
         )),
-    ]
+    ] + spoken
+
+
+def media_of(processor, blobs: BlobStore) -> MediaCache:
+    """The prompts' images and clips as the trainer decodes them (clips at the processor's rate)."""
+    return MediaCache(blobs, processor.feature_extractor.sampling_rate if takes_audio(processor) else None)
 
 
 def requests_of(processor, blobs: BlobStore, prompts: list[Prompt], **params) -> list[GenerationRequest]:
+    media = media_of(processor, blobs)
     return [
         GenerationRequest(
-            format_conversation(processor, p.conversation),
-            [Image.open(io.BytesIO(blobs.get(sha))).convert("RGB") for sha in p.image_sha256],
-            SamplingParams(**({"max_new_tokens": 8} | params)),
+            format_conversation(processor, p.conversation), m.images,
+            SamplingParams(**({"max_new_tokens": 8} | params)), audio=m.audio,
         )
-        for p in prompts
+        for p in prompts for m in [media.of_prompt(p)]
     ]
 
 
 def test_the_engine_decodes_what_transformers_generate_decodes(policy, blobs, prompts) -> None:
     model, processor = policy
     engine = PolicyEngine(model, processor)
-    for request in requests_of(processor, blobs, [prompts[0], prompts[1], prompts[3]], temperature=0.0):
+    for request in requests_of(processor, blobs, [prompts[0], prompts[1], *prompts[3:]], temperature=0.0):
         sample = engine.generate([request])[0][0]
-        inputs = engine.family.encode(processor, request.prompt_text, request.images)  # the processor's own output
+        inputs = engine.family.encode(processor, request.prompt_text, request.images, request.audio)  # the processor's
         with torch.no_grad():
             expected = model.generate(
                 **inputs, do_sample=False, max_new_tokens=8, suppress_tokens=engine.unsampleable_token_ids,
@@ -123,7 +134,7 @@ JOINING = {"idefics3", "llava", "llava_onevision", "qwen2_5_omni_thinker", "qwen
 def test_requests_that_join_a_running_batch_get_what_they_get_alone(policy, blobs, prompts) -> None:
     model, processor = policy
     engine = PolicyEngine(model, processor)
-    first, *later = requests_of(processor, blobs, [prompts[2], prompts[0], prompts[1], prompts[3]],
+    first, *later = requests_of(processor, blobs, [prompts[2], prompts[0], prompts[1], *prompts[3:]],
                                 temperature=1.0, seed=5, max_new_tokens=12)
     batch = engine.start([first], [engine.encode(first)])
     answers = {}
@@ -157,12 +168,13 @@ def test_the_reward_model_scores_a_batch_as_each_row_alone(policy, blobs, prompt
     with torch.no_grad():
         reward_model.likelihood_weights.fill_(0.1)  # the likelihood features take part too
     conversations = [p.conversation for p in prompts]
-    images = [[Image.open(io.BytesIO(blobs.get(sha))).convert("RGB") for sha in p.image_sha256] for p in prompts]
-    responses = ["A red square.", "It is green.", "Hello! How can I help you today?", "It is red."]
-    together = reward_model.score(conversations, images, responses)
-    alone = torch.cat([reward_model.score([c], [i], [r]) for c, i, r in zip(conversations, images, responses)])
+    media = [media_of(processor, blobs).of_prompt(p) for p in prompts]
+    images, audio = [m.images for m in media], [m.audio for m in media]
+    responses = ["A red square.", "It is green.", "Hello! How can I help you today?", "It is red.", "Yes."][:len(prompts)]
+    together = reward_model.score(conversations, images, responses, audio)
+    alone = torch.cat([reward_model.score([c], [i], [r], [a]) for c, i, r, a in zip(conversations, images, responses, audio)])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
-    other = reward_model.score(conversations, images, ["Nothing."] * len(prompts))
+    other = reward_model.score(conversations, images, ["Nothing."] * len(prompts), audio)
     assert not torch.allclose(together, other)  # the score reads the response
 
 
@@ -197,8 +209,8 @@ def test_the_trainers_logprobs_equal_the_engines_and_a_plain_forward(checkpoint,
     family = family_of(policy.config.model_type)
     for row, (prompt, sample) in enumerate(zip(prompts, samples)):
         text = format_conversation(processor, prompt.conversation)
-        images = learner.images.of_prompt(prompt)
-        inputs = family.encode(processor, text, images)  # the processor's own output, as the engine gets it
+        media = learner.media.of_prompt(prompt)
+        inputs = family.encode(processor, text, media.images, media.audio)  # the processor's own, as the engine gets it
         response = torch.tensor([sample.token_ids])
         inputs["input_ids"] = torch.cat([inputs["input_ids"], response], 1)
         for key in {"attention_mask"} | (family.sequence_keys & inputs.keys()):

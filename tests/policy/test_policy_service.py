@@ -25,6 +25,7 @@ from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingPara
 from modalign.policy.model import build_default_policy, format_conversation
 from modalign.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 
+from tests.clips import wav
 from tests.services import start_grpc_service
 
 pytestmark = pytest.mark.integration
@@ -234,6 +235,8 @@ BAD_REQUESTS = [
     (lambda r: setattr(r, "user_id", "no spaces allowed"), "user_id"),
     (lambda r: setattr(r, "session_id", "s" * 129), "session_id"),
     (lambda r: setattr(r, "text", "sneaky <image> token"), "text"),
+    # The default policy's model hears nothing: a spoken question is refused, not silently dropped.
+    (lambda r: r.audio.CopyFrom(common_pb2.Audio(data=wav(), mime_type="audio/wav")), "audio"),
 ]
 
 

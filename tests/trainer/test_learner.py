@@ -169,7 +169,7 @@ def test_a_later_turns_response_is_learned_on_the_whole_conversation(blobs: Blob
         logprobs = learner.batches.logprobs(learner.models.policy, batch)[0, : len(sample.token_ids)]
         question_only = learner.batches.logprobs(learner.models.policy, learner.batches.build([alone], [sample.token_ids]))[0]
         rewards = learner.reward.pair_rewards([pair])
-        rewards_alone = learner.models.reward_model.score(["And this one?"] * 2, [learner.images.of_prompt(alone)] * 2,
+        rewards_alone = learner.models.reward_model.score(["And this one?"] * 2, [learner.media.of_prompt(alone).images] * 2,
                                                           [sample.text, "It is green."])
     torch.testing.assert_close(logprobs, torch.tensor(sample.logprobs), atol=2e-5, rtol=0)  # the behaviour policy's
     assert (question_only[: len(sample.token_ids)] - logprobs).abs().max() > 1e-3  # earlier turns matter

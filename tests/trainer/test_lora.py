@@ -239,7 +239,7 @@ def test_the_reward_model_and_the_critic_can_be_adapters_on_the_policys_base(
     # Published: the base with the reward adapter merged in, scoring as the trainer's reward model does.
     models.export_reward(tmp_path / "r1")
     published = RewardModel.load(tmp_path / "r1")
-    inputs = published.encode([p.conversation for p in prompts], [learner.images.of_prompt(p) for p in prompts],
+    inputs = published.encode([p.conversation for p in prompts], [learner.media.of_prompt(p).images for p in prompts],
                               [s.text for s in samples])
     with torch.no_grad():
         torch.testing.assert_close(published(**inputs), rewards, rtol=1e-5, atol=1e-5)
