@@ -47,7 +47,7 @@ from modalign.policy.model import save_policy
 from modalign.reward.config import RewardServerConfig
 from modalign.rollout.analysis import analyse
 from modalign.rollout.controller import STATE_KEY, StateStore
-from modalign.rollout.evidence import EvidenceCollector, RewardScorer, _ServedResponse
+from modalign.rollout.evidence import EvidenceCollector, RewardScorer, ServedResponse
 from modalign.trainer.batches import Prompt
 from modalign.trainer.learner import Learner
 from modalign.trainer.service import Trainer, TrainerConfig
@@ -440,7 +440,7 @@ def test_the_reward_service_scores_only_for_a_role_that_may_over_tls(secured: Se
         scorer = RewardScorer(f"127.0.0.1:{config.http_port}", "reward", blobs, ClientTls(secured.authority.cert),
                               ClientAuth(tokens, "reader"))
         asked = json.dumps(chat_messages(single_question("What colour is the square?", [image])))
-        served = _ServedResponse("v0", "What colour is the square?", "It is red.", (image,), asked)
+        served = ServedResponse("v0", "What colour is the square?", "It is red.", (image,), asked)
         scores, _ = scorer.score([served])
         assert len(scores) == 1
         with pytest.raises(InferenceServerException):

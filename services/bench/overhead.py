@@ -176,7 +176,7 @@ def measure_policy(bootstrap_servers: str, work: Path, *, requests: int, concurr
 
 def in_process_reward(batcher: ScoringBatcher) -> Callable[[Question], float]:
     def score(question: Question) -> float:
-        scores, _ = batcher.submit(ScoreBatch([question.text], [[question.image]], [question.answer])).result()
+        scores, _ = batcher.submit(ScoreBatch([question.text], [[question.image]], [question.answer], [[]])).result()
         return float(scores[0])
     return score
 

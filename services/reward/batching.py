@@ -91,7 +91,7 @@ class ScoringBatcher:
                 self._score_alone(taken[0])
                 continue
             merged = ScoreBatch([p for w in taken for p in w.batch.prompts], [i for w in taken for i in w.batch.images],
-                                [r for w in taken for r in w.batch.responses])
+                                [r for w in taken for r in w.batch.responses], [a for w in taken for a in w.batch.audio])
             try:
                 scores, version = self._score(merged)
             except Exception:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from modalign.core.audio import AudioLimits
 from modalign.core.auth import AuthConfig
 from modalign.core.broker import port_open
 from modalign.core.config import DTYPES, ConfigError, require_one_of
@@ -36,6 +37,10 @@ class RequestLimits:
     """Largest conversation (its JSON), in UTF-8 bytes."""
     image: ImageLimits = ImageLimits()
     """Bounds on each image."""
+    max_audio_per_row: int = 2
+    """Most non-empty audio clips in one row."""
+    audio: AudioLimits = AudioLimits()
+    """Bounds on each audio clip."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ Model name configurable (--model-name), default "reward":
                                      {"type": "text", "text": "..."}]}, {"role": "assistant", ...}, ...]),
                                      its image parts in the order of the row's images; the model then reads
                                      it instead of `prompt` (which stays required: the last user text)
+             audio     BYTES [B, K]  optional, with `conversation`: encoded audio clips (WAV, MP3, FLAC or
+                                     Ogg) of each row, raw or base64, in the order of its conversation's
+                                     audio parts; an empty element is "no clip". Only a reward model whose
+                                     processor takes audio accepts any (docs/models.md, "Speech")
     output   score     FP32  [B]     scalar reward per row, read at the last response token
 
 Send images base64 over REST: KServe 0.21 turns every REST BYTES element into UTF-8 text while
@@ -35,6 +39,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest
 from PIL import Image
 
+from modalign.core.audio import InvalidAudio, decode_audio
 from modalign.core.images import InvalidImage, decode_image
 from modalign.policy.conversation import Conversation, audio_keys, from_chat_messages, image_keys
 from modalign.reward.config import RequestLimits
@@ -44,7 +49,10 @@ INPUTS = [
     {"name": "response", "datatype": "BYTES", "shape": [-1]},
     {"name": "images", "datatype": "BYTES", "shape": [-1, -1]},
 ]
-OPTIONAL_INPUTS = [{"name": "conversation", "datatype": "BYTES", "shape": [-1]}]
+OPTIONAL_INPUTS = [
+    {"name": "conversation", "datatype": "BYTES", "shape": [-1]},
+    {"name": "audio", "datatype": "BYTES", "shape": [-1, -1]},
+]
 OUTPUTS = [{"name": "score", "datatype": "FP32", "shape": [-1]}]
 
 # Magic numbers of the formats modalign.core.images accepts: the protocol carries no MIME type.
@@ -62,6 +70,8 @@ class ScoreBatch:
     """Each row's prompt: its conversation when the request gave one, else its text."""
     images: list[list[Image.Image]]
     responses: list[str]
+    audio: list[list[np.ndarray]]
+    """Each row's audio clips, at the reward model's sampling rate (none for most rows)."""
 
 
 def _sniff_mime(data: bytes) -> str | None:
@@ -147,7 +157,39 @@ def _images(array: np.ndarray, limits: RequestLimits) -> list[list[Image.Image]]
     return rows
 
 
-def _conversations(array: np.ndarray, images: list[list[Image.Image]], limits: RequestLimits) -> list[Conversation]:
+# The first bytes of the containers modalign.core.audio reads: raw clips are told from base64 by them.
+_AUDIO_SIGNATURES = (b"RIFF", b"RIFX", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"fLaC", b"OggS")
+
+
+def _audio(array: np.ndarray, limits: RequestLimits, sampling_rate: int | None) -> list[list[np.ndarray]]:
+    rows = []
+    for row, elements in enumerate(array):
+        present = [(column, data) for column, data in enumerate(_as_bytes(e, "audio") for e in elements) if data]
+        if len(present) > limits.max_audio_per_row:
+            raise InvalidInput(
+                f"input 'audio'[{row}] holds {len(present)} clips, above the limit of {limits.max_audio_per_row}"
+            )
+        if present and sampling_rate is None:
+            raise InvalidInput("input 'audio': this reward model takes no audio")
+        clips = []
+        for column, data in present:
+            if not data.startswith(_AUDIO_SIGNATURES):
+                try:
+                    data = base64.b64decode(data, validate=True)
+                except binascii.Error:
+                    raise InvalidInput(f"input 'audio'[{row}][{column}] is not WAV, MP3, FLAC or Ogg audio, raw or "
+                                       "base64") from None
+            try:
+                clips.append(decode_audio(data, None, sampling_rate, limits.audio).samples)  # type: ignore[arg-type]
+            except InvalidAudio as error:
+                raise InvalidInput(f"input 'audio'[{row}][{column}] {error}") from error
+        rows.append(clips)
+    return rows
+
+
+def _conversations(
+    array: np.ndarray, images: list[list[Image.Image]], audio: list[list[np.ndarray]], limits: RequestLimits
+) -> list[Conversation]:
     conversations = []
     for row, element in enumerate(array):
         where = f"input 'conversation'[{row}]"
@@ -158,8 +200,9 @@ def _conversations(array: np.ndarray, images: list[list[Image.Image]], limits: R
             conversation = from_chat_messages(json.loads(data))
         except (ValueError, UnicodeDecodeError) as error:
             raise InvalidInput(f"{where} is not a conversation in the chat messages format ({error})") from error
-        if audio_keys(conversation):
-            raise InvalidInput(f"{where} has audio parts; the reward service scores text and images only")
+        if len(audio_keys(conversation)) != len(audio[row]):
+            raise InvalidInput(f"{where} has {len(audio_keys(conversation))} audio parts for the row's "
+                               f"{len(audio[row])} audio clips")
         if len(image_keys(conversation)) != len(images[row]):
             raise InvalidInput(f"{where} has {len(image_keys(conversation))} image parts for the row's "
                                f"{len(images[row])} images")
@@ -167,8 +210,9 @@ def _conversations(array: np.ndarray, images: list[list[Image.Image]], limits: R
     return conversations
 
 
-def parse_request(request: InferRequest, limits: RequestLimits) -> ScoreBatch:
-    """Validates an OIP v2 request against the contract; every refusal names the input at fault."""
+def parse_request(request: InferRequest, limits: RequestLimits, sampling_rate: int | None = None) -> ScoreBatch:
+    """Validates an OIP v2 request against the contract; every refusal names the input at fault. Audio clips
+    are decoded at sampling_rate, the reward model's processor's (None: a model that takes no audio)."""
     names = [infer_input.name for infer_input in request.inputs]
     expected = [spec["name"] for spec in INPUTS]
     for name in expected:
@@ -193,10 +237,18 @@ def parse_request(request: InferRequest, limits: RequestLimits) -> ScoreBatch:
         if array.shape[0] != batch_size:
             raise InvalidInput(f"input '{name}' has {array.shape[0]} rows but input 'prompt' has {batch_size}")
     decoded = _images(images, limits)
+    clips: list[list[np.ndarray]] = [[] for _ in range(batch_size)]
+    if "audio" in names:
+        if "conversation" not in names:
+            raise InvalidInput("input 'audio' needs input 'conversation', whose audio parts say where each clip goes")
+        audio = _tensor(request, "audio", rank=2)
+        if audio.shape[0] != batch_size:
+            raise InvalidInput(f"input 'audio' has {audio.shape[0]} rows but input 'prompt' has {batch_size}")
+        clips = _audio(audio, limits, sampling_rate)
     prompts: list[str | Conversation] = list(_texts(prompt, "prompt", limits))
     if "conversation" in names:
         conversation = _tensor(request, "conversation", rank=1)
         if conversation.shape[0] != batch_size:
             raise InvalidInput(f"input 'conversation' has {conversation.shape[0]} rows but input 'prompt' has {batch_size}")
-        prompts = list(_conversations(conversation, decoded, limits))
-    return ScoreBatch(prompts=prompts, images=decoded, responses=_texts(response, "response", limits))
+        prompts = list(_conversations(conversation, decoded, clips, limits))
+    return ScoreBatch(prompts=prompts, images=decoded, responses=_texts(response, "response", limits), audio=clips)

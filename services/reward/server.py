@@ -54,6 +54,7 @@ from modalign.core.modelstore import (
 )
 from modalign.core.service import run_service
 from modalign.core.versions import follow_newest_version
+from modalign.policy.families import takes_audio
 from modalign.reward.backbones import AnyRewardModel, build_default_reward_model, load_reward_model
 from modalign.reward.batching import ScoringBatcher
 from modalign.reward.config import RequestLimits, RewardServerConfig
@@ -227,14 +228,21 @@ class RewardKServeModel(kserve.Model):
         # and /metrics stay responsive while a batch is scored.
         return await asyncio.get_running_loop().run_in_executor(None, self._infer, payload)
 
+    @property
+    def _sampling_rate(self) -> int | None:
+        """The audio sampling rate of the model served: None when it takes no audio (or none is loaded yet)."""
+        served = self._served
+        processor = getattr(served.reward, "processor", None) if served is not None else None
+        return processor.feature_extractor.sampling_rate if processor is not None and takes_audio(processor) else None
+
     def _score(self, batch: ScoreBatch) -> tuple[torch.Tensor, str]:
         """The batcher's forward pass: one snapshot of the model served, so a reload never splits it."""
         served = self._served
         assert served is not None, "load() runs before the server starts"
-        return served.reward.score(batch.prompts, batch.images, batch.responses), served.version
+        return served.reward.score(batch.prompts, batch.images, batch.responses, batch.audio), served.version
 
     def _infer(self, request: InferRequest) -> InferResponse:
-        batch = parse_request(request, self.limits)
+        batch = parse_request(request, self.limits, self._sampling_rate)
         try:
             scores, version = self._batcher.submit(batch).result()
         except UnscorableText as error:

@@ -60,7 +60,7 @@ class _Vote:
 
 
 @dataclass(frozen=True)
-class _ServedResponse:
+class ServedResponse:
     """A response a policy version served, kept until the reward service has scored it."""
 
     version: str
@@ -69,6 +69,8 @@ class _ServedResponse:
     image_sha256s: tuple[str, ...]
     conversation: str
     """The whole conversation the response answered, as the reward service's `conversation` input (JSON)."""
+    audio_sha256s: tuple[str, ...] = ()
+    """The conversation's spoken parts, in order."""
 
 
 class RewardScorer:
@@ -88,22 +90,27 @@ class RewardScorer:
         self._blobs = blobs
         self._auth = auth
 
-    def score(self, served: list[_ServedResponse]) -> tuple[list[float], str]:
-        """The scores, and the version of the reward model that gave them."""
-        most_images = max(len(s.image_sha256s) for s in served)
-        # Images go base64 over REST: KServe decodes REST BYTES as UTF-8 text (see the reward server).
-        images = np.array(
-            [[base64.b64encode(self._blobs.get(sha)) for sha in s.image_sha256s]
-             + [b""] * (most_images - len(s.image_sha256s)) for s in served],
+    def _blob_rows(self, rows: list[tuple[str, ...]]) -> np.ndarray:
+        """A BYTES [rows, most] tensor of blobs, base64 (KServe decodes REST BYTES as UTF-8 text: see the
+        reward server), each row padded with empty elements."""
+        most = max(len(row) for row in rows)
+        return np.array(
+            [[base64.b64encode(self._blobs.get(sha)) for sha in row] + [b""] * (most - len(row)) for row in rows],
             dtype=np.object_,
-        ).reshape(len(served), most_images)
-        inputs = []
-        for name, array in (
+        ).reshape(len(rows), most)
+
+    def score(self, served: list[ServedResponse]) -> tuple[list[float], str]:
+        """The scores, and the version of the reward model that gave them."""
+        tensors = [
             ("prompt", np.array([s.prompt_text.encode() for s in served], dtype=np.object_)),
             ("response", np.array([s.response_text.encode() for s in served], dtype=np.object_)),
-            ("images", images),
+            ("images", self._blob_rows([s.image_sha256s for s in served])),
             ("conversation", np.array([s.conversation.encode() for s in served], dtype=np.object_)),
-        ):
+        ]
+        if any(s.audio_sha256s for s in served):
+            tensors.append(("audio", self._blob_rows([s.audio_sha256s for s in served])))
+        inputs = []
+        for name, array in tensors:
             infer_input = self._http.InferInput(name, list(array.shape), "BYTES")
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
@@ -144,7 +151,7 @@ class EvidenceCollector:
         """The evidence as last tallied, after how many votes had been added."""
         self._served_by: OrderedDict[str, str] = OrderedDict()
         self._pending: OrderedDict[str, events_pb2.FeedbackReceived] = OrderedDict()
-        self._unscored: deque[_ServedResponse] = deque(maxlen=MAX_UNSCORED)
+        self._unscored: deque[ServedResponse] = deque(maxlen=MAX_UNSCORED)
         self.reward_model_version: str | None = None
         """The reward model behind evidence.rewards: every score compared comes from one model."""
 
@@ -224,10 +231,11 @@ class EvidenceCollector:
         while len(self._served_by) > MAX_SERVED_RESPONSES:
             self._served_by.popitem(last=False)
         if self._scorer is not None:
-            self._unscored.append(_ServedResponse(
+            asked = conversation.logged(generation)
+            self._unscored.append(ServedResponse(
                 generation.policy_version, generation.prompt_text, generation.response_text,
-                tuple(image.sha256 for image in generation.images),
-                json.dumps(conversation.chat_messages(conversation.logged(generation))),
+                tuple(image.sha256 for image in generation.images), json.dumps(conversation.chat_messages(asked)),
+                tuple(conversation.audio_keys(asked)),
             ))
 
     def _resolve_pending(self) -> None:

@@ -24,7 +24,7 @@ def reward():
 def request(rows: int, start: int, response: str = "It is {} red.") -> ScoreBatch:
     image = Image.new("RGB", (32, 32), "red")
     return ScoreBatch(["What colour is the square?"] * rows, [[image]] * rows,
-                      [response.format(start + i) for i in range(rows)])
+                      [response.format(start + i) for i in range(rows)], [[]] * rows)
 
 
 class HeldScore:

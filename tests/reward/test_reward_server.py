@@ -45,6 +45,7 @@ from modalign.reward.model import HEAD_FILE, RewardModel
 from modalign.rollout.evidence import EvidenceCollector, RewardScorer
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2
 
+from tests.clips import wav
 from tests.services import start_service
 
 pytestmark = pytest.mark.integration
@@ -312,7 +313,7 @@ def test_a_conversation_input_is_scored_as_the_model_scores_the_whole_conversati
     ([[{"role": "robot", "content": []}], *CONVERSATIONS[1:]], "'conversation'[0] is not a conversation"),
     (CONVERSATIONS[:2], "'conversation' has 2 rows"),
     ([[{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "Hm?"}]}],
-      *CONVERSATIONS[1:]], "'conversation'[0] has audio parts; the reward service scores text and images only"),
+      *CONVERSATIONS[1:]], "'conversation'[0] has 1 audio parts for the row's 0 audio clips"),
 ], ids=["image-count", "role", "rows", "audio"])
 def test_a_bad_conversation_is_refused_with_400_naming_the_row(
     http: httpclient.InferenceServerClient, conversations: list, named: str
@@ -321,6 +322,16 @@ def test_a_bad_conversation_is_refused_with_400_naming_the_row(
         http.infer(MODEL_NAME, [*_request(), _conversation_input(conversations)])
     assert refused.value.status() == "400", refused.value.message()
     assert named in refused.value.message(), refused.value.message()
+
+
+def test_audio_is_refused_by_a_reward_model_that_takes_none(http: httpclient.InferenceServerClient) -> None:
+    spoken = [[{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "Hm?"}]}],
+              *CONVERSATIONS[1:]]
+    with pytest.raises(InferenceServerException) as refused:
+        http.infer(MODEL_NAME, [*_request(), _conversation_input(spoken),
+                                _bytes_input("audio", [[base64.b64encode(wav())], [b""], [b""]])])
+    assert refused.value.status() == "400", refused.value.message()
+    assert "input 'audio': this reward model takes no audio" in refused.value.message()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
