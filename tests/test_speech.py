@@ -12,7 +12,6 @@ import base64
 import hashlib
 import io
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ from modalign.reward.config import RewardServerConfig
 from modalign.reward.model import RewardModel
 from modalign.rollout.evidence import RewardScorer, ServedResponse
 from modalign.trainer.service import is_heldout
-from modalign.trainer.state import TrainerState
 from modalign.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 from tests.clips import wav
@@ -49,7 +47,7 @@ from tests.families.tiny.qwen_omni import build_qwen2_5_omni
 from tests.policy.test_openai_api import data_url
 from tests.policy.test_policy_service import png
 from tests.services import counter_total, start_grpc_service, start_service
-from tests.trainer.test_trainer_crash import live_checkpoint
+from tests.trainer.test_trainer_crash import trained_through
 from tests.trainer.test_trainer_learns import trainer_process
 
 pytestmark = pytest.mark.integration
@@ -205,19 +203,9 @@ def test_feedback_on_answers_to_spoken_questions_is_trained_on(speech: Speech) -
         "min_pairs_to_learn": 2, "rounds_per_version": 100, "learner.algorithm": "dpo", "learner.max_new_tokens": 6,
         "learner.eval_prompts": 2,
     })
-    state = None
     trainer.start()
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            checkpoint = live_checkpoint(speech.work / "trainer")
-            candidate = TrainerState.from_json(checkpoint["ranks"][0]) if checkpoint else None
-            if candidate is not None and set(sent) <= set(candidate.consumed_ids) and len(candidate.pending_pairs) < 2:
-                state = candidate
-                break
-            assert trainer.process.poll() is None, trainer.log_tail()
-            time.sleep(1)
-        assert state is not None, trainer.log_tail()
+        state = trained_through(trainer, speech.work / "trainer", sent)
     finally:
         trainer.stop()
     heldout = {f for f in sent if is_heldout(f, 10)}

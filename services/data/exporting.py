@@ -23,7 +23,7 @@ as it is (its DataCollatorForVisionPreference), in TRL's conversational preferen
 Feedback the join cannot use is left out and counted: a feedback id seen before (read once, as the trainer
 does), a tie (no pair: TRL's format has no ties), a preference of responses to different prompts, an edit
 equal to the original, feedback whose generations are not on the topic (expired, or never logged), an image
-no longer in the blob store.
+no longer in the blob store, a spoken question (TRL's preference format has no place for audio).
 """
 
 from __future__ import annotations
@@ -110,9 +110,16 @@ def joined_pairs(kafka: KafkaConfig) -> tuple[list[PreferencePair], collections.
     return pairs, left_out
 
 
+class Spoken(ValueError):
+    """A pair whose conversation has audio: TRL's preference format holds text and images only."""
+
+
 def row_of(pair: PreferencePair, blobs: BlobStore) -> dict:
-    """A pair as one row of the dataset. Raises FileNotFoundError when an image is not in the blob store."""
+    """A pair as one row of the dataset. Raises FileNotFoundError when an image is not in the blob store, Spoken
+    when the conversation has audio."""
     asked = conversation.logged(pair.prompt)
+    if conversation.audio_keys(asked):
+        raise Spoken(pair.feedback_id)
     return {
         "prompt": [{"role": turn.role, "content": [
             {"type": "image", "text": None} if part.kind == "image" else {"type": "text", "text": part.value}
@@ -145,6 +152,9 @@ def export(config: ExportConfig, out: Path) -> Exported:
                     rows.append(row_of(pair, blobs))
                 except FileNotFoundError:
                     exported.left_out["an image is no longer in the blob store"] += 1
+                    continue
+                except Spoken:
+                    exported.left_out["spoken: the conversation has audio, which the preference format has no place for"] += 1
                     continue
                 exported.rows[pair.source] += 1
                 if len(rows) == ROWS_PER_GROUP:

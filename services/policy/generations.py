@@ -112,6 +112,8 @@ def validate_request(request: policy_pb2.GenerateRequest, config: PolicyConfig) 
             raise InvalidRequest(f"text: {text_bytes} UTF-8 bytes, above the limit of {config.max_text_bytes}")
         if not 1 <= len(request.images) <= config.max_images:
             raise InvalidRequest(f"images: between 1 and {config.max_images} images required, got {len(request.images)}")
+        if request.HasField("audio") and config.max_audio < 1:
+            raise InvalidRequest("audio: this policy accepts no audio clips (max_audio 0)")
     if request.n > config.max_candidates:
         raise InvalidRequest(f"n: at most {config.max_candidates} candidates, got {request.n}")
     for name in ("user_id", "session_id"):

@@ -133,15 +133,21 @@ def _texts(array: np.ndarray, name: str, limits: RequestLimits) -> list[str]:
     return texts
 
 
-def _images(array: np.ndarray, limits: RequestLimits) -> list[list[Image.Image]]:
+def _present(array: np.ndarray, name: str, most: int, what: str) -> list[list[tuple[int, bytes]]]:
+    """Each row's non-empty elements of a [B, K] BYTES input, with their columns; counted before any decoding,
+    so an oversized row costs nothing."""
     rows = []
     for row, elements in enumerate(array):
-        present = [(column, data) for column, data in enumerate(_as_bytes(e, "images") for e in elements) if data]
-        # Counted before any decoding, so an oversized row costs nothing.
-        if len(present) > limits.max_images_per_row:
-            raise InvalidInput(
-                f"input 'images'[{row}] holds {len(present)} images, above the limit of {limits.max_images_per_row}"
-            )
+        present = [(column, data) for column, data in enumerate(_as_bytes(e, name) for e in elements) if data]
+        if len(present) > most:
+            raise InvalidInput(f"input '{name}'[{row}] holds {len(present)} {what}, above the limit of {most}")
+        rows.append(present)
+    return rows
+
+
+def _images(array: np.ndarray, limits: RequestLimits) -> list[list[Image.Image]]:
+    rows = []
+    for row, present in enumerate(_present(array, "images", limits.max_images_per_row, "images")):
         images = []
         for column, data in present:
             image = _image_bytes(data)
@@ -162,14 +168,12 @@ _AUDIO_SIGNATURES = (b"RIFF", b"RIFX", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\
 
 
 def _audio(array: np.ndarray, limits: RequestLimits, sampling_rate: int | None) -> list[list[np.ndarray]]:
-    rows = []
-    for row, elements in enumerate(array):
-        present = [(column, data) for column, data in enumerate(_as_bytes(e, "audio") for e in elements) if data]
-        if len(present) > limits.max_audio_per_row:
-            raise InvalidInput(
-                f"input 'audio'[{row}] holds {len(present)} clips, above the limit of {limits.max_audio_per_row}"
-            )
-        if present and sampling_rate is None:
+    rows: list[list[np.ndarray]] = []
+    for row, present in enumerate(_present(array, "audio", limits.max_audio_per_row, "clips")):
+        if not present:
+            rows.append([])
+            continue
+        if sampling_rate is None:
             raise InvalidInput("input 'audio': this reward model takes no audio")
         clips = []
         for column, data in present:
@@ -180,7 +184,7 @@ def _audio(array: np.ndarray, limits: RequestLimits, sampling_rate: int | None) 
                     raise InvalidInput(f"input 'audio'[{row}][{column}] is not WAV, MP3, FLAC or Ogg audio, raw or "
                                        "base64") from None
             try:
-                clips.append(decode_audio(data, None, sampling_rate, limits.audio).samples)  # type: ignore[arg-type]
+                clips.append(decode_audio(data, None, sampling_rate, limits.audio).samples)
             except InvalidAudio as error:
                 raise InvalidInput(f"input 'audio'[{row}][{column}] {error}") from error
         rows.append(clips)

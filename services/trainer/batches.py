@@ -97,8 +97,9 @@ class Media:
 
 
 class MediaCache:
-    """Decoded images and audio clips by sha256, from the blob store; the most recently used `capacity` of
-    each are kept. Clips are decoded at sampling_rate, the policy processor's (None: a model without audio)."""
+    """Decoded images and audio clips by sha256, from the blob store; the 2 x capacity most recently used,
+    images and clips together, are kept. Clips are decoded at sampling_rate, the policy processor's (None: a
+    model without audio)."""
 
     def __init__(self, blobs: BlobStore, sampling_rate: int | None = None, capacity: int = 1024) -> None:
         self.blobs = blobs

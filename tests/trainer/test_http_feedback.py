@@ -5,7 +5,6 @@ learns from gRPC feedback. Real broker, services and trainer process."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,11 +16,10 @@ from modalign.core.processes import free_port
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
 from modalign.trainer.service import is_heldout
-from modalign.trainer.state import TrainerState
 
 from tests.policy.test_openai_api import data_url
 from tests.services import start_grpc_service
-from tests.trainer.test_trainer_crash import live_checkpoint
+from tests.trainer.test_trainer_crash import trained_through
 from tests.trainer.test_trainer_learns import trainer_process
 
 pytestmark = pytest.mark.integration
@@ -62,16 +60,7 @@ def test_feedback_posted_over_http_is_trained_on(kafka_config: KafkaConfig, tmp_
             sent.append(f"web-{index}")
 
         trainer.start()
-        deadline, state = time.monotonic() + 240, None
-        while time.monotonic() < deadline:
-            checkpoint = live_checkpoint(tmp_path / "trainer")
-            candidate = TrainerState.from_json(checkpoint["ranks"][0]) if checkpoint else None
-            if candidate is not None and set(sent) <= set(candidate.consumed_ids) and len(candidate.pending_pairs) < 2:
-                state = candidate
-                break
-            assert trainer.process.poll() is None, trainer.log_tail()
-            time.sleep(1)
-        assert state is not None, trainer.log_tail()
+        state = trained_through(trainer, tmp_path / "trainer", sent)
     finally:
         trainer.stop()
         policy.stop()

@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from modalign.core.kafka import KafkaConfig, read_topic
+from modalign.core.processes import ManagedProcess
 from modalign.core.version_names import STARTING_VERSION
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
@@ -77,6 +78,20 @@ def live_checkpoint(directory: Path) -> dict | None:
                 raise
             time.sleep(0.05)
     return None
+
+
+def trained_through(trainer: ManagedProcess, directory: Path, sent: list[str], timeout_s: float = 240) -> TrainerState:
+    """The running trainer's state once it has consumed every feedback_id in sent and left fewer than two pairs
+    pending (it trains in rounds of at least two); fails with the trainer's log if it stops or never gets there."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        checkpoint = live_checkpoint(directory)
+        state = TrainerState.from_json(checkpoint["ranks"][0]) if checkpoint else None
+        if state is not None and set(sent) <= set(state.consumed_ids) and len(state.pending_pairs) < 2:
+            return state
+        assert trainer.process.poll() is None, trainer.log_tail()
+        time.sleep(1)
+    raise AssertionError(f"not trained through {len(sent)} feedback in {timeout_s} s: {trainer.log_tail()}")
 
 
 def wait_for_log(process, pattern: str, after: int, timeout_s: float = 180) -> None:
