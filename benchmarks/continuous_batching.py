@@ -16,6 +16,7 @@ import statistics
 import torch
 
 from modalign.bench.serving import compare, make_requests
+from modalign.policy.config import PolicyConfig
 from modalign.policy.engine import PolicyEngine
 from modalign.policy.model import build_default_policy
 
@@ -27,15 +28,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="requests outstanding at most")
     parser.add_argument("--min-new-tokens", type=int, default=4, help="fewest tokens a request wants")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens a request wants")
-    parser.add_argument("--max-batch-rows", type=int, default=32, help="batch bound of both sides (the server's default)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for company of both sides (the server's default)")
+    defaults = PolicyConfig()
+    parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
+                        help="batch bound of both sides (the server's default)")
+    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_batch_wait_ms,
+                        help="wait for company of both sides (the server's default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per side, after an untimed warm-up")
     args = parser.parse_args()
     model, processor = build_default_policy(0)
     engine = PolicyEngine(model, processor)
     requests = make_requests(processor, args.requests, args.min_new_tokens, args.max_new_tokens, seed=0)
-    result = compare(engine, requests, rate=args.rate, concurrency=args.concurrency, max_batch_rows=args.max_batch_rows,
-                     max_wait_ms=args.max_wait_ms, repeats=args.repeats)
+    policy = PolicyConfig(max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_wait_ms)
+    result = compare(engine, requests, rate=args.rate, concurrency=args.concurrency, policy=policy, repeats=args.repeats)
     print(f"# {platform.node()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.requests} requests, "
           f"Poisson {args.rate}/s, concurrency {args.concurrency}, {args.min_new_tokens}-{args.max_new_tokens} new tokens "
           f"(greedy), max_batch_rows {args.max_batch_rows}, max_wait_ms {args.max_wait_ms}, repeats {args.repeats}")

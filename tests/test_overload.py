@@ -28,7 +28,7 @@ from tests.services import counter_total, start_grpc_service
 
 pytestmark = pytest.mark.integration
 
-BOUND = GrpcLimits(max_workers=2, max_concurrent_rpcs=4, max_message_mib=72)
+BOUND = GrpcLimits(max_workers=2, max_concurrent_rpcs=4, max_message_mib=88)  # the policy's default: room for its images and clips
 
 
 def long_request(text: str, max_new_tokens: int = 512, n: int = 4) -> policy_pb2.GenerateRequest:

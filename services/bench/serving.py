@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from modalign.bench.common import Comparison, compared, interleaved
 from modalign.policy.batcher import DynamicBatcher
+from modalign.policy.config import PolicyConfig
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams
 from modalign.policy.model import IMAGE_SIZE, format_prompt
 
@@ -152,19 +153,20 @@ def run(submit: Callable[[GenerationRequest], Future], token_ids: Callable[[Any]
 
 
 def compare(engine: PolicyEngine, requests: list[GenerationRequest], *, rate: float, concurrency: int,
-            max_batch_rows: int, max_wait_ms: float, repeats: int) -> Comparison:
-    """Both sides on the same requests (module docstring), after an untimed warm-up of each. Raises
-    ValueError when a side answers any request with other tokens than transformers' generate."""
+            policy: PolicyConfig, repeats: int) -> Comparison:
+    """Both sides on the same requests (module docstring), after an untimed warm-up of each, with policy's
+    batch bounds (max_batch_rows, max_batch_wait_ms). Raises ValueError when a side answers any request with
+    other tokens than transformers' generate."""
 
     def side_a() -> Run:
-        server = StaticGenerateServer(engine, max_batch_rows, max_wait_ms)
+        server = StaticGenerateServer(engine, policy.max_batch_rows, policy.max_batch_wait_ms)
         try:
             return run(server.submit, lambda tokens: tokens, requests, rate, concurrency, seed=1)
         finally:
             server.close()
 
     def side_b() -> Run:
-        batcher = DynamicBatcher(engine, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms)
+        batcher = DynamicBatcher(engine, max_batch_rows=policy.max_batch_rows, max_wait_ms=policy.max_batch_wait_ms)
         try:
             return run(batcher.submit, lambda samples: samples[0].token_ids, requests, rate, concurrency, seed=1)
         finally:
