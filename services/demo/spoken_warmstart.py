@@ -57,7 +57,7 @@ from modalign.demo.warmstart import (
     target_answer,
 )
 from modalign.policy.conversation import Part, Turn
-from modalign.policy.model import format_conversation, save_policy
+from modalign.policy.model import format_conversation, load_policy, save_policy
 from modalign.policy.omni import MEL_BINS, build_omni_policy
 
 log = logging.getLogger(__name__)
@@ -352,10 +352,12 @@ def evaluate(model: PreTrainedModel, inputs: Inputs, spoken: bool, seed: int = 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m modalign.demo.spoken_warmstart [--out FOLDER] [--STEPS N ...]`: build the spoken v0, then
-    print its held-out Evaluation for typed and for spoken questions and the build's timings, one JSON line."""
+    """`python -m modalign.demo.spoken_warmstart [--out FOLDER] [--SETTING VALUE ...]`: build the spoken v0, then
+    print its held-out Evaluation for typed and for spoken questions and the build's timings, one JSON line.
+    With --evaluate FOLDER: only the evaluations, of a saved policy."""
     parser = argparse.ArgumentParser(prog="python -m modalign.demo.spoken_warmstart", description=main.__doc__)
     parser.add_argument("--out", type=Path, help="save the policy here")
+    parser.add_argument("--evaluate", type=Path, help="evaluate this saved policy instead of building one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-n", type=int, default=256, help="held-out scenes")
     for field in dataclasses.fields(SpokenWarmStartConfig):
@@ -368,18 +370,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SpokenWarmStartConfig)
                  if getattr(args, f.name, None) is not None}
-    config = SpokenWarmStartConfig(**overrides)
-    model, processor, timings = build_spoken_warm_start(args.seed, config)
-    if args.out is not None:
-        save_policy(model, processor, args.out)
+    result: dict[str, object] = {}
+    if args.evaluate is not None:
+        model, processor = load_policy(args.evaluate)
+        result["policy"] = str(args.evaluate)
+    else:
+        config = SpokenWarmStartConfig(**overrides)
+        model, processor, timings = build_spoken_warm_start(args.seed, config)
+        if args.out is not None:
+            save_policy(model, processor, args.out)
+        result["config"] = dataclasses.asdict(config)
+        result["build_seconds"] = {k: round(v) for k, v in timings.items()}
     inputs = Inputs(processor)
     started = time.monotonic()
-    result = {
-        "config": dataclasses.asdict(config),
-        "build_seconds": {k: round(v) for k, v in timings.items()},
-        "typed": dataclasses.asdict(evaluate(model, inputs, spoken=False, n=args.n)),
-        "spoken": dataclasses.asdict(evaluate(model, inputs, spoken=True, n=args.n)),
-    }
+    result["typed"] = dataclasses.asdict(evaluate(model, inputs, spoken=False, n=args.n))
+    result["spoken"] = dataclasses.asdict(evaluate(model, inputs, spoken=True, n=args.n))
     result["eval_seconds"] = round(time.monotonic() - started)
     print(json.dumps(result), flush=True)
 
