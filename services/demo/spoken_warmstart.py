@@ -83,6 +83,9 @@ class SpokenWarmStartConfig:
     noise: float = 0.3
     spoken: float = 1 / 3
     """Fraction of SFT questions asked aloud."""
+    train_audio_in_sft: bool = True
+    """Whether SFT trains the audio encoder too. Measured with it on: after SFT a fresh linear probe still read
+    the position a clip names from 98.5% of its audio tokens, but its colour from only 82% (100% after stage 2)."""
     spoken_batches: bool = True
     """Whether a batch is all spoken or all typed (a spoken batch with probability `spoken`), rather than each
     question spoken with probability `spoken`. A spoken prompt is about twice as long as a typed one (~45
@@ -272,7 +275,8 @@ def pretrain_audio(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmSta
 
 def sft(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmStartConfig, seed: int) -> None:
     """warmstart.sft, with questions spoken with probability config.spoken (see spoken_batches)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr)
+    model.model.audio_tower.requires_grad_(config.train_audio_in_sft)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.sft_lr)
     total, clean_steps = config.sft_steps, config.clean_steps
     style_scale = config.style_lr / config.sft_lr
 
@@ -301,6 +305,7 @@ def sft(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmStartConfig, s
         schedule.step()
         if step % 100 == 0:
             log.info("sft step %d loss %.3f", step, loss.item())
+    model.model.audio_tower.requires_grad_(True)
 
 
 # ---- measurement ---------------------------------------------------------------------------------
