@@ -87,6 +87,16 @@ MEL_BINS = 80
 """Whisper's own number. The tiny test checkpoint's 16 blur the formants that tell "red" from "green"."""
 
 
+def config_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The thinker config's fields naming its special tokens: where images and clips go, and where they start."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "audio_token_index": ids(AUDIO), "image_token_index": ids(IMAGE), "video_token_index": ids(VIDEO),
+        "audio_start_token_id": ids(AUDIO_BOS), "audio_end_token_id": ids(AUDIO_EOS),
+        "vision_start_token_id": ids(VISION_BOS), "vision_end_token_id": ids(VISION_EOS),
+    }
+
+
 def build_omni_tokenizer() -> PreTrainedTokenizerFast:
     """Qwen's special tokens on the project's offline BPE: no BOS or UNK, <|im_end|> ends turns, <|endoftext|> pads."""
     return build_tokenizer(
@@ -159,13 +169,7 @@ def build_omni_policy(seed: int = 0, mel_bins: int = MEL_BINS) -> tuple[PreTrain
             "max_source_positions": 2 * AUDIO_WINDOW,
             "output_dim": text_hidden,
         },
-        audio_token_index=ids(AUDIO),
-        image_token_index=ids(IMAGE),
-        video_token_index=ids(VIDEO),
-        audio_start_token_id=ids(AUDIO_BOS),
-        audio_end_token_id=ids(AUDIO_EOS),
-        vision_start_token_id=ids(VISION_BOS),
-        vision_end_token_id=ids(VISION_EOS),
+        **config_token_ids(tokenizer),
         tie_word_embeddings=True,
     )
     # A forked RNG: the same seed gives the same weights without disturbing the caller's global RNG.

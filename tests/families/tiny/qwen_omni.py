@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from modalign.policy.model import build_tokenizer
+from modalign.policy.omni import ENDOFTEXT, IM_END, NAMED_TOKENS, SPECIAL_TOKENS, config_token_ids
 
 from tests.families.tiny.common import init_model, save_checkpoint
 from tests.families.tiny.qwen import (
@@ -42,28 +43,8 @@ from tests.families.tiny.qwen import (
     VISION_LAYERS,
 )
 
-ENDOFTEXT = "<|endoftext|>"
-IM_END = "<|im_end|>"
-AUDIO = "<|AUDIO|>"
-AUDIO_BOS = "<|audio_bos|>"
-AUDIO_EOS = "<|audio_eos|>"
-VISION_BOS = "<|vision_bos|>"
-VISION_EOS = "<|vision_eos|>"
-IMAGE = "<|IMAGE|>"
-VIDEO = "<|VIDEO|>"
-# Qwen2.5-Omni's special tokens, in the real vocabulary's order (ids 151643 onwards there).
-SPECIAL_TOKENS = (
-    ENDOFTEXT, "<|im_start|>", IM_END, AUDIO, AUDIO_BOS, AUDIO_EOS, "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
-    VISION_BOS, VISION_EOS, "<|vision_pad|>", IMAGE, VIDEO,
-)
-# Read by the processor as tokenizer attributes.
-NAMED_TOKENS = {
-    "image_token": IMAGE, "audio_token": AUDIO, "video_token": VIDEO,
-    "vision_bos_token": VISION_BOS, "vision_eos_token": VISION_EOS,
-    "audio_bos_token": AUDIO_BOS, "audio_eos_token": AUDIO_EOS,
-}
-
-# Qwen2.5-Omni's template (its default system turn shortened): ChatML turns; an image part becomes
+# Qwen2.5-Omni's special tokens are modalign.policy.omni's. Its template (its default system turn shortened,
+# which omni.py, for the demo's short rows, drops): ChatML turns; an image part becomes
 # <|vision_bos|><|IMAGE|><|vision_eos|> and an audio part <|audio_bos|><|AUDIO|><|audio_eos|>, which the processor
 # expands to the image's and the clip's tokens.
 CHAT_TEMPLATE = (
@@ -126,7 +107,6 @@ def build_qwen2_5_omni(folder: Path, seed: int = 0) -> None:
     """A tiny Qwen2.5-Omni thinker: Whisper-style audio encoder, Qwen2.5-VL's windowed ViT, Qwen2 decoder with M-RoPE."""
     processor = _processor()
     tokenizer = processor.tokenizer
-    ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5OmniThinkerConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -165,13 +145,7 @@ def build_qwen2_5_omni(folder: Path, seed: int = 0) -> None:
             "output_dim": TEXT_HIDDEN_SIZE,
             "initializer_range": INIT_STD,
         },
-        audio_token_index=ids(AUDIO),
-        image_token_index=ids(IMAGE),
-        video_token_index=ids(VIDEO),
-        audio_start_token_id=ids(AUDIO_BOS),
-        audio_end_token_id=ids(AUDIO_EOS),
-        vision_start_token_id=ids(VISION_BOS),
-        vision_end_token_id=ids(VISION_EOS),
+        **config_token_ids(tokenizer),
         initializer_range=INIT_STD,
     )
     model = init_model(Qwen2_5OmniThinkerForConditionalGeneration, config, seed)
