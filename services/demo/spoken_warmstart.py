@@ -62,12 +62,12 @@ from modalign.demo.scenes import (
 )
 from modalign.demo.speech import synthesise
 from modalign.demo.warmstart import (
-    _HEADS,
+    QUADRANT_HEADS,
     Evaluation,
-    _accuracy,
-    _quadrant_labels,
-    _weighted_examples,
+    head_accuracy,
+    quadrant_labels,
     target_answer,
+    weighted_examples,
 )
 from modalign.policy.conversation import Part, Turn
 from modalign.policy.model import format_conversation, load_policy, save_policy
@@ -214,21 +214,21 @@ def pretrain_vision(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmSt
     if config.vision_steps == 0:
         return
     hidden = model.config.text_config.hidden_size
-    heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in _HEADS.items()})
+    heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in QUADRANT_HEADS.items()})
     optimizer = torch.optim.AdamW([*model.model.visual.parameters(), *heads.parameters()], lr=config.vision_lr)
     stream = examples(seed + 1)
     model.train()
     for step in range(config.vision_steps):
         batch = [next(stream) for _ in range(config.batch_size)]
         tokens = torch.stack(model.model.get_image_features(**inputs.pixels(batch)).pooler_output)  # (B, 4, hidden)
-        labels = _quadrant_labels(batch)
+        labels = quadrant_labels(batch)
         logits = {name: head(tokens).flatten(0, 1) for name, head in heads.items()}
         loss = sum(nn.functional.cross_entropy(logits[n], labels[n].flatten(), ignore_index=-100) for n in heads)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == config.vision_steps - 1:
-            accuracy = {n: _accuracy(logits[n], labels[n].flatten()) for n in heads}
+            accuracy = {n: head_accuracy(logits[n], labels[n].flatten()) for n in heads}
             log.info("vision step %d loss %.3f quadrant accuracy %s", step, loss.item(), accuracy)
 
 
@@ -264,7 +264,7 @@ def pretrain_audio(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmSta
     hidden = model.config.text_config.hidden_size
     heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in _AUDIO_HEADS.items()})
     optimizer = torch.optim.AdamW([*model.model.audio_tower.parameters(), *heads.parameters()], lr=config.audio_lr)
-    stream = _weighted_examples(seed + 4, config.question_weights)
+    stream = weighted_examples(seed + 4, config.question_weights)
     model.train()
     for step in range(config.audio_steps):
         questions = [next(stream).question for _ in range(config.batch_size)]
@@ -279,7 +279,7 @@ def pretrain_audio(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmSta
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == config.audio_steps - 1:
-            accuracy = {n: _accuracy(logits[n], labels[n]) for n in heads}
+            accuracy = {n: head_accuracy(logits[n], labels[n]) for n in heads}
             log.info("audio step %d loss %.3f token accuracy %s", step, loss.item(), accuracy)
 
 
@@ -297,7 +297,7 @@ def sft(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmStartConfig, s
         return 1.0 if step < clean_steps else style_scale * (total - step) / max(1, total - clean_steps)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
-    stream = _weighted_examples(seed + 2, config.question_weights)
+    stream = weighted_examples(seed + 2, config.question_weights)
     rng = random.Random(seed + 3)
     model.train()
     for step in range(total):

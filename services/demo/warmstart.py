@@ -141,12 +141,12 @@ def config_hash(seed: int, config: WarmStartConfig) -> str:
 # Per quadrant: is it empty, and if not, the colour, shape and size of its object.
 # Also which quadrant it is: the language model must say where an object is, so each image token
 # should carry its own place, not only its contents.
-_HEADS = {"empty": 2, "colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES), "quadrant": len(POSITIONS)}
+QUADRANT_HEADS = {"empty": 2, "colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES), "quadrant": len(POSITIONS)}
 
 
-def _quadrant_labels(batch: list[Example]) -> dict[str, torch.Tensor]:
+def quadrant_labels(batch: list[Example]) -> dict[str, torch.Tensor]:
     """Targets of shape (batch, 4 quadrants); -100 where a quadrant is empty (nothing to classify)."""
-    labels = {name: torch.full((len(batch), len(POSITIONS)), -100) for name in _HEADS}
+    labels = {name: torch.full((len(batch), len(POSITIONS)), -100) for name in QUADRANT_HEADS}
     labels["empty"].fill_(1)
     labels["quadrant"][:] = torch.arange(len(POSITIONS))
     for row, example in enumerate(batch):
@@ -174,7 +174,7 @@ def pretrain_vision(model: PreTrainedModel, processor: ProcessorMixin, config: W
     if config.vision_steps == 0:
         return
     hidden = model.config.text_config.hidden_size
-    heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in _HEADS.items()})
+    heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in QUADRANT_HEADS.items()})
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=config.vision_lr)
     stream = examples(seed + 1)
@@ -184,18 +184,18 @@ def pretrain_vision(model: PreTrainedModel, processor: ProcessorMixin, config: W
         pixels = processor.image_processor([e.scene.image() for e in batch], return_tensors="pt")["pixel_values"]
         # pooler_output: the projected image tokens, one (16, hidden) tensor per image.
         pooled = _quadrant_pool(torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output))
-        labels = _quadrant_labels(batch)
+        labels = quadrant_labels(batch)
         logits = {name: head(pooled).flatten(0, 1) for name, head in heads.items()}
         loss = sum(nn.functional.cross_entropy(logits[n], labels[n].flatten(), ignore_index=-100) for n in heads)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == config.vision_steps - 1:
-            accuracy = {n: _accuracy(logits[n], labels[n].flatten()) for n in heads}
+            accuracy = {n: head_accuracy(logits[n], labels[n].flatten()) for n in heads}
             log.info("vision step %d loss %.3f quadrant accuracy %s", step, loss.item(), accuracy)
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def head_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     known = labels != -100
     return round((logits.argmax(-1)[known] == labels[known]).float().mean().item(), 3)
 
@@ -251,7 +251,7 @@ def target_answer(example: Example, rng: random.Random, style: Style, noise: flo
     return reference_answer(example.scene, example.question, style)
 
 
-def _weighted_examples(seed: int, weights: tuple[float, ...]) -> Iterator[Example]:
+def weighted_examples(seed: int, weights: tuple[float, ...]) -> Iterator[Example]:
     """Like scenes.examples, with question kinds drawn in the given proportions."""
     rng = random.Random(seed)
     while True:
@@ -275,7 +275,7 @@ def sft(model: PreTrainedModel, processor: ProcessorMixin, config: WarmStartConf
         return 1.0 if step < clean_steps else style_scale * (total - step) / max(1, total - clean_steps)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
-    stream = _weighted_examples(seed + 2, config.question_weights)
+    stream = weighted_examples(seed + 2, config.question_weights)
     rng = random.Random(seed + 3)
     model.train()
     for step in range(total):
