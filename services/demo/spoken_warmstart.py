@@ -38,7 +38,7 @@ import json
 import logging
 import random
 import time
-from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +49,15 @@ from torch import nn
 from transformers import PreTrainedModel, ProcessorMixin
 
 from modalign.core.audio import decode_audio
+from modalign.demo import warmstart
 from modalign.demo.scenes import (
     COLOURS,
     POSITIONS,
     QUESTION_KINDS,
     SHAPES,
-    STYLES,
     Example,
     Style,
     examples,
-    faithfulness,
 )
 from modalign.demo.speech import synthesise
 from modalign.demo.warmstart import (
@@ -324,49 +323,19 @@ def sft(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmStartConfig, s
 # ---- measurement ---------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(model: PreTrainedModel, inputs: Inputs, spoken: bool, seed: int = 12345, n: int = 256,
              batch_size: int = 64, max_new_tokens: int = 48) -> Evaluation:
     """warmstart.evaluate with every question typed, or every question spoken."""
-    model.eval()
     processor = inputs.processor
-    stream = examples(seed)
-    held_out = [next(stream) for _ in range(n)]
-    tokenizer = processor.tokenizer
-    suppress = sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
-    torch.manual_seed(seed)
-    correct, total = Counter(), Counter()
-    greedy_bad = sampled_bad = 0
-    styles: Counter[str] = Counter()
-    for start in range(0, n, batch_size):
-        batch = held_out[start : start + batch_size]
+
+    def encode(batch: list[Example]) -> Mapping[str, torch.Tensor]:
         media = {"audio": [inputs.clip(e.question.text) for e in batch]} if spoken else {}
-        encoded = processor(
+        return processor(
             text=[format_conversation(processor, prompt_conversation(e.question.text, spoken)) for e in batch],
             images=[e.scene.image() for e in batch], return_tensors="pt", padding=True, **media,
         )
-        width = encoded["input_ids"].shape[1]
-        for do_sample in (False, True):
-            output = model.generate(
-                **encoded, do_sample=do_sample, temperature=1.0 if do_sample else None, top_p=None, top_k=None,
-                max_new_tokens=max_new_tokens, suppress_tokens=suppress,
-            )
-            texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-            for example, text in zip(batch, texts):
-                verdict = faithfulness(text, example.scene, example.question)
-                if do_sample:
-                    sampled_bad += verdict.hallucinated
-                    styles["verbose" if text.startswith("Sure") else "concise"] += 1
-                else:
-                    greedy_bad += verdict.hallucinated
-                    correct[example.question.kind] += bool(verdict.correct)
-                    total[example.question.kind] += 1
-    return Evaluation(
-        accuracy={kind: round(correct[kind] / total[kind], 3) for kind in QUESTION_KINDS if total[kind]},
-        greedy_hallucination=greedy_bad / n,
-        hallucination=sampled_bad / n,
-        styles={s: styles[s] for s in STYLES},
-    )
+
+    return warmstart.evaluate(model, processor, seed, n, batch_size, max_new_tokens, prompts=encode)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,10 +315,26 @@ class Evaluation:
     styles: dict[str, int]
 
 
+PromptInputs = Callable[[list[Example]], Mapping[str, torch.Tensor]]
+"""The model inputs of a batch of examples' prompts, left-padded (generate continues from the right edge)."""
+
+
+def typed_prompts(processor: ProcessorMixin) -> PromptInputs:
+    """Each example's question typed after its scene, as the default policy's chat template writes it."""
+    def encode(batch: list[Example]) -> Mapping[str, torch.Tensor]:
+        return processor(
+            text=[format_prompt(processor, e.question.text, 1) for e in batch],
+            images=[e.scene.image() for e in batch], return_tensors="pt", padding=True,
+        )
+    return encode
+
+
 @torch.no_grad()
 def evaluate(model: PreTrainedModel, processor: ProcessorMixin, seed: int = 12345, n: int = 256,
-             batch_size: int = 64, max_new_tokens: int = 48) -> Evaluation:
-    """Judge greedy and temperature-1 answers on n held-out examples (a seed training never uses)."""
+             batch_size: int = 64, max_new_tokens: int = 48, prompts: PromptInputs | None = None) -> Evaluation:
+    """Judge greedy and temperature-1 answers on n held-out examples (a seed training never uses), their
+    prompts encoded by `prompts` (typed_prompts by default)."""
+    encode = prompts if prompts is not None else typed_prompts(processor)
     model.eval()
     stream = examples(seed)
     held_out = [next(stream) for _ in range(n)]
@@ -331,10 +347,7 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, seed: int = 1234
     styles: Counter[str] = Counter()
     for start in range(0, n, batch_size):
         batch = held_out[start : start + batch_size]
-        inputs = processor(
-            text=[format_prompt(processor, e.question.text, 1) for e in batch],
-            images=[e.scene.image() for e in batch], return_tensors="pt", padding=True,
-        )
+        inputs = encode(batch)
         width = inputs["input_ids"].shape[1]
         for do_sample in (False, True):
             output = model.generate(
