@@ -56,16 +56,15 @@ from modalign.demo.scenes import (
     QUESTION_KINDS,
     SHAPES,
     Example,
-    Style,
     examples,
 )
 from modalign.demo.speech import synthesise
 from modalign.demo.warmstart import (
     QUADRANT_HEADS,
     Evaluation,
+    fine_tune,
     head_accuracy,
     quadrant_labels,
-    target_answer,
     weighted_examples,
 )
 from modalign.policy.conversation import Part, Turn
@@ -286,37 +285,17 @@ def pretrain_audio(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmSta
 
 
 def sft(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmStartConfig, seed: int) -> None:
-    """warmstart.sft, with questions spoken with probability config.spoken (see spoken_batches)."""
+    """warmstart.fine_tune, with questions spoken with probability config.spoken (see spoken_batches)."""
     model.model.audio_tower.requires_grad_(config.train_audio_in_sft)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.sft_lr)
-    total, clean_steps = config.sft_steps, config.clean_steps
-    style_scale = config.style_lr / config.sft_lr
 
-    def lr_scale(step: int) -> float:
-        return 1.0 if step < clean_steps else style_scale * (total - step) / max(1, total - clean_steps)
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
-    stream = weighted_examples(seed + 2, config.question_weights)
-    rng = random.Random(seed + 3)
-    model.train()
-    for step in range(total):
-        clean = step < clean_steps
-        style: Style = "verbose" if not clean and rng.random() < config.verbose else "concise"
-        noise = 0.0 if clean else config.noise
-        batch = [next(stream) for _ in range(config.batch_size)]
-        answers = [target_answer(e, rng, style, noise) for e in batch]
+    def inputs_of(batch: list[Example], answers: list[str], rng: random.Random) -> dict[str, torch.Tensor]:
         if config.spoken_batches:
             spoken = [rng.random() < config.spoken] * len(batch)
         else:
             spoken = [rng.random() < config.spoken for _ in batch]
-        loss = model(**inputs.training_batch(batch, answers, spoken)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0:
-            log.info("sft step %d loss %.3f", step, loss.item())
+        return inputs.training_batch(batch, answers, spoken)
+
+    fine_tune(model, [p for p in model.parameters() if p.requires_grad], config, seed, inputs_of)
     model.model.audio_tower.requires_grad_(True)
 
 

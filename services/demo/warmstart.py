@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -259,15 +260,40 @@ def weighted_examples(seed: int, weights: tuple[float, ...]) -> Iterator[Example
         yield Example(scene, make_question(scene, rng, rng.choices(QUESTION_KINDS, weights)[0]))
 
 
-def sft(model: PreTrainedModel, processor: ProcessorMixin, config: WarmStartConfig, seed: int,
-        callback: Callable[[int], None] | None = None) -> None:
-    """Stage 2: next-token loss on the answer (and its EOS); callback(step) after each step.
+class FineTuning(Protocol):
+    """The settings of stage 2 that WarmStartConfig and the spoken warm start's config share."""
+
+    @property
+    def sft_steps(self) -> int: ...
+    @property
+    def clean_steps(self) -> int: ...
+    @property
+    def sft_lr(self) -> float: ...
+    @property
+    def style_lr(self) -> float: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def question_weights(self) -> tuple[float, float, float, float, float]: ...
+    @property
+    def verbose(self) -> float: ...
+    @property
+    def noise(self) -> float: ...
+
+
+BatchInputs = Callable[[list[Example], list[str], random.Random], dict[str, torch.Tensor]]
+"""The model's inputs (labels included) for examples and their target answers; may draw from the build's rng."""
+
+
+def fine_tune(model: PreTrainedModel, parameters: list[nn.Parameter], config: FineTuning, seed: int,
+              inputs_of: BatchInputs) -> None:
+    """Next-token loss on the answer (and its EOS): clean concise answers for config.clean_steps at sft_lr,
+    then verbose and noisy ones at style_lr decaying to zero.
 
     One optimizer runs through the whole stage: a fresh one met the verbose targets' large first
     gradients with no second-moment estimate and knocked out much of the grounding just learned.
     """
-    tokens = _Tokens(processor)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr)
+    optimizer = torch.optim.AdamW(parameters, lr=config.sft_lr)
     total, clean_steps = config.sft_steps, config.clean_steps
     style_scale = config.style_lr / config.sft_lr
 
@@ -283,8 +309,8 @@ def sft(model: PreTrainedModel, processor: ProcessorMixin, config: WarmStartConf
         style: Style = "verbose" if not clean and rng.random() < config.verbose else "concise"
         noise = 0.0 if clean else config.noise
         batch = [next(stream) for _ in range(config.batch_size)]
-        inputs = training_batch(batch, [target_answer(e, rng, style, noise) for e in batch], tokens)
-        loss = model(**inputs).loss
+        answers = [target_answer(e, rng, style, noise) for e in batch]
+        loss = model(**inputs_of(batch, answers, rng)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -292,9 +318,13 @@ def sft(model: PreTrainedModel, processor: ProcessorMixin, config: WarmStartConf
         schedule.step()
         if step % 100 == 0:
             log.info("sft step %d loss %.3f", step, loss.item())
-        if callback is not None:
-            callback(step)
-            model.train()
+
+
+def sft(model: PreTrainedModel, processor: ProcessorMixin, config: WarmStartConfig, seed: int) -> None:
+    """Stage 2 (fine_tune) on typed questions."""
+    tokens = _Tokens(processor)
+    fine_tune(model, list(model.parameters()), config, seed,
+              lambda batch, answers, _rng: training_batch(batch, answers, tokens))
 
 
 # ---- measurement ---------------------------------------------------------------------------------
