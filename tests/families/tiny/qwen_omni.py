@@ -24,6 +24,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from modalign.policy import omni
 from modalign.policy.model import build_tokenizer
 from modalign.policy.omni import ENDOFTEXT, IM_END, NAMED_TOKENS, SPECIAL_TOKENS, config_token_ids
 
@@ -43,31 +44,15 @@ from tests.families.tiny.qwen import (
     VISION_LAYERS,
 )
 
-# Qwen2.5-Omni's special tokens are modalign.policy.omni's. Its template (its default system turn shortened,
-# which omni.py, for the demo's short rows, drops): ChatML turns; an image part becomes
+# Qwen2.5-Omni's special tokens and template are modalign.policy.omni's, with the real template's default
+# system turn (shortened) put back, which omni.py drops for the demo's short rows. An image part becomes
 # <|vision_bos|><|IMAGE|><|vision_eos|> and an audio part <|audio_bos|><|AUDIO|><|audio_eos|>, which the processor
 # expands to the image's and the clip's tokens.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_bos|><|IMAGE|><|vision_eos|>"
-    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
-    "<|audio_bos|><|AUDIO|><|audio_eos|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "<|vision_bos|><|VIDEO|><|vision_eos|>"
-    "{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+CHAT_TEMPLATE = omni.CHAT_TEMPLATE.replace(
+    "{% for message in messages %}",
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}",
+    1,
 )
 
 SAMPLING_RATE = 16_000
