@@ -271,9 +271,15 @@ FAMILIES: tuple[Family, ...] = (
 _BY_MODEL_TYPE: Mapping[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
 
+def audio_sampling_rate(processor: ProcessorMixin) -> int | None:
+    """The sampling rate the checkpoint's audio feature extractor takes clips at; None for a model without audio."""
+    extractor = getattr(processor, "feature_extractor", None)
+    return extractor.sampling_rate if isinstance(extractor, SequenceFeatureExtractor) else None
+
+
 def takes_audio(processor: ProcessorMixin) -> bool:
     """Whether the checkpoint's processor turns audio into model inputs (it has an audio feature extractor)."""
-    return isinstance(getattr(processor, "feature_extractor", None), SequenceFeatureExtractor)
+    return audio_sampling_rate(processor) is not None
 
 
 def supported_model_types() -> list[str]:

@@ -30,7 +30,7 @@ from modalign.policy.batcher import BatcherOverloaded
 from modalign.policy.config import PolicyConfig
 from modalign.policy.conversation import ROLES, last_user_text, of_messages
 from modalign.policy.engine import GenerationRequest, PromptTooLong, Sample, SamplingParams
-from modalign.policy.families import takes_audio
+from modalign.policy.families import audio_sampling_rate
 from modalign.policy.model import format_conversation
 from modalign.policy.routing import VersionRouter
 from modalign.v1 import common_pb2, events_pb2, policy_pb2
@@ -322,11 +322,11 @@ class Generations:
 
     def _audio(self, clip: common_pb2.Audio, where: str) -> Audio:
         """A client's clip decoded at the model's sampling rate, or InvalidRequest naming it (at `where`)."""
-        if not takes_audio(self._processor):
+        sampling_rate = audio_sampling_rate(self._processor)
+        if sampling_rate is None:
             raise InvalidRequest(f"{where}: this policy's model takes no audio; send the question as text")
         try:
-            return decode_audio(clip.data, clip.mime_type, self._processor.feature_extractor.sampling_rate,
-                                self._audio_limits)
+            return decode_audio(clip.data, clip.mime_type, sampling_rate, self._audio_limits)
         except InvalidAudio as error:
             raise InvalidRequest(f"{where}: {error}") from error
 

@@ -54,7 +54,7 @@ from modalign.core.modelstore import (
 )
 from modalign.core.service import run_service
 from modalign.core.versions import follow_newest_version
-from modalign.policy.families import takes_audio
+from modalign.policy.families import audio_sampling_rate
 from modalign.reward.backbones import AnyRewardModel, build_default_reward_model, load_reward_model
 from modalign.reward.batching import ScoringBatcher
 from modalign.reward.config import RequestLimits, RewardServerConfig
@@ -233,7 +233,7 @@ class RewardKServeModel(kserve.Model):
         """The audio sampling rate of the model served: None when it takes no audio (or none is loaded yet)."""
         served = self._served
         processor = getattr(served.reward, "processor", None) if served is not None else None
-        return processor.feature_extractor.sampling_rate if processor is not None and takes_audio(processor) else None
+        return audio_sampling_rate(processor) if processor is not None else None
 
     def _score(self, batch: ScoreBatch) -> tuple[torch.Tensor, str]:
         """The batcher's forward pass: one snapshot of the model served, so a reload never splits it."""

@@ -25,7 +25,7 @@ import torch
 from modalign.core.blobs import BlobStore
 from modalign.core.config import DTYPES, ConfigError, require_one_of
 from modalign.policy.engine import PolicyEngine
-from modalign.policy.families import takes_audio
+from modalign.policy.families import audio_sampling_rate
 from modalign.reward.config import BACKBONES
 from modalign.trainer.advantages import GRPO_REWARD_SCALES
 from modalign.trainer.algorithms import ALGORITHMS
@@ -204,7 +204,7 @@ class Learner:
         models = self.models
         self.shards = Shards(config.seed, rank, world_size)
         self.media = MediaCache(
-            blobs, models.processor.feature_extractor.sampling_rate if takes_audio(models.processor) else None,
+            blobs, audio_sampling_rate(models.processor),
         )
         self.batches = ResponseBatches(
             models.policy, models.processor, self.media, device,

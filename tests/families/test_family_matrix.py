@@ -20,7 +20,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from modalign.core.blobs import BlobStore
 from modalign.policy.conversation import Part, Turn
 from modalign.policy.engine import GenerationRequest, PolicyEngine, SamplingParams, mask_unsampleable
-from modalign.policy.families import family_of, takes_audio
+from modalign.policy.families import audio_sampling_rate, family_of, takes_audio
 from modalign.policy.model import format_conversation, format_prompt, load_policy
 from modalign.reward.model import RewardModel
 from modalign.trainer.algorithms import ALGORITHMS
@@ -84,7 +84,7 @@ def prompts(blobs: BlobStore, policy) -> list[Prompt]:
 
 def media_of(processor, blobs: BlobStore) -> MediaCache:
     """The prompts' images and clips as the trainer decodes them (clips at the processor's rate)."""
-    return MediaCache(blobs, processor.feature_extractor.sampling_rate if takes_audio(processor) else None)
+    return MediaCache(blobs, audio_sampling_rate(processor))
 
 
 def requests_of(processor, blobs: BlobStore, prompts: list[Prompt], **params) -> list[GenerationRequest]:
