@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 
 from modalign.demo.scenes import STYLES, Example, examples, faithfulness, reference_answer
+from modalign.demo.speech import spoken_clip
 from modalign.demo.users import preference
 from modalign.evaluation.metrics import bleu, mean_interval, pope, rouge_l, wilson_interval
-from modalign.evaluation.run import answers_of, reward_scores
+from modalign.evaluation.run import Prompt, answers_of, reward_scores
 from modalign.policy.engine import PolicyEngine, Sample, mask_unsampleable
-from modalign.policy.model import format_prompt, load_policy
+from modalign.policy.families import audio_sampling_rate
+from modalign.policy.model import format_conversation, load_policy
 from modalign.reward.backbones import AnyRewardModel, load_reward_model
 
 HELD_OUT_SEED = 424242
@@ -56,6 +58,8 @@ class VersionResult:
     """Mean ROUGE-L F-measure (0-1) against the same references."""
     pope: dict | None = None
     """POPE's figures over the held-out yes/no questions; None when there were none."""
+    spoken: Judged | None = None
+    """The hallucination and win rate of the same questions asked aloud; None when the demo asked none aloud."""
     reward_model_accuracy: float | None = None
     reward_model_pairs: int = 0
     """Scenes whose two answers (this version's, v0's) the users do not rate as a tie."""
@@ -70,23 +74,25 @@ def held_out_examples(n: int) -> list[Example]:
     return [next(stream) for _ in range(n)]
 
 
-def sample_answers(engine: PolicyEngine, held_out: list[Example], max_new_tokens: int) -> list[Sample]:
-    return answers_of(engine, [(e.question.text, [e.scene.image()]) for e in held_out], max_new_tokens, HELD_OUT_SEED)
+def held_out_prompts(held_out: list[Example], sampling_rate: int | None = None) -> list[Prompt]:
+    """The held-out questions typed, or spoken (speech.spoken_clip) at sampling_rate when one is given."""
+    return [Prompt(e.question.text, [e.scene.image()], None if sampling_rate is None else spoken_clip(e.question.text, sampling_rate))
+            for e in held_out]
 
 
 @torch.no_grad()
-def kl_to(reference: PolicyEngine, samples: list[Sample], held_out: list[Example]) -> float:
+def kl_to(reference: PolicyEngine, samples: list[Sample], prompts: list[Prompt]) -> float:
     """Mean over samples of log pi(answer) - log pi_reference(answer): an unbiased estimate of
     KL(pi || pi_reference) per answer, pi being the policy that sampled them."""
     differences = []
-    for sample, example in zip(samples, held_out):
+    for sample, prompt in zip(samples, prompts):
         if not sample.token_ids:
             differences.append(0.0)
             continue
         device = reference.model.device
         family, processor = reference.family, reference.processor
-        prompt = family.encode(processor, format_prompt(processor, example.question.text, 1), [example.scene.image()])
-        row = family.extend(prompt, list(sample.token_ids))
+        encoded = family.encode(processor, format_conversation(processor, prompt.conversation), prompt.images, prompt.audio)
+        row = family.extend(encoded, list(sample.token_ids))
         logits = reference.model(**family.model_inputs(reference.model, [row], reference.pad_token_id)).logits[0]
         # The logits at position t predict token t + 1: the answer's tokens are predicted by the positions before them.
         predicting = mask_unsampleable(logits[-len(sample.token_ids) - 1:-1].float(), reference.unsampleable_token_ids)
@@ -96,55 +102,77 @@ def kl_to(reference: PolicyEngine, samples: list[Sample], held_out: list[Example
     return sum(differences) / len(differences)
 
 
+@dataclass
+class Judged:
+    """One version's answers to the held-out questions as the users' hidden preference judges them."""
+
+    hallucination_rate: float
+    hallucination_ci: list[float]
+    win_rate_vs_v0: float
+    win_rate_ci: list[float]
+    samples: int
+
+
+def judge(answers: list[str], baseline: list[str], held_out: list[Example]) -> Judged:
+    """answers (one per held-out question) judged, and compared with v0's (baseline)."""
+    hallucinated = sum(faithfulness(a, e.scene, e.question).hallucinated for a, e in zip(answers, held_out))
+    win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(answers, baseline, held_out)])
+    return Judged(hallucinated / len(answers), wilson_interval(hallucinated, len(answers)), win_rate, win_ci, len(answers))
+
+
 def evaluate_versions(
     versions: list[tuple[str, Path, bool, Path | None]], held_out: list[Example], max_new_tokens: int = 32,
-    device: str = "cpu",
+    device: str = "cpu", spoken: bool = False,
 ) -> list[VersionResult]:
     """versions: (name, model folder, promoted, its reward model's folder or None), v0 first. Mean rewards
-    are scored by the last version's reward model."""
+    are scored by the last version's reward model. With spoken, every version also answers the same questions
+    asked aloud (VersionResult.spoken)."""
     reward_folders = [folder for *_, folder in versions if folder is not None]
     reward = load_reward_model(reward_folders[-1]).to(device) if reward_folders else None
     engines = {name: PolicyEngine(*load_policy(folder, device=device), policy_version=name) for name, folder, *_ in versions}
-    samples = {name: sample_answers(engine, held_out, max_new_tokens) for name, engine in engines.items()}
     reference = versions[0][0]
+    typed = held_out_prompts(held_out)
+    samples = {name: answers_of(engine, typed, max_new_tokens, HELD_OUT_SEED) for name, engine in engines.items()}
     baseline = [s.text for s in samples[reference]]
+    said: dict[str, list[str]] = {}
+    if spoken:
+        rate = audio_sampling_rate(engines[reference].processor)
+        if rate is None:
+            raise ValueError(f"{reference} hears nothing: its answers to spoken questions cannot be evaluated")
+        aloud = held_out_prompts(held_out, rate)
+        said = {name: [s.text for s in answers_of(engine, aloud, max_new_tokens, HELD_OUT_SEED)] for name, engine in engines.items()}
     references = [[reference_answer(e.scene, e.question, style) for style in STYLES] for e in held_out]
+    exists = [i for i, e in enumerate(held_out) if e.question.kind == "exists"]
     results = []
     for name, folder, promoted, reward_folder in versions:
         mine = [s.text for s in samples[name]]
-        verdicts = [faithfulness(a, e.scene, e.question) for a, e in zip(mine, held_out)]
-        hallucinated = sum(v.hallucinated for v in verdicts)
-        win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(mine, baseline, held_out)])
-        mean_reward = score(reward, held_out, mine).mean().item() if reward is not None else float("nan")
-        exists = [i for i, e in enumerate(held_out) if e.question.kind == "exists"]
+        judged = judge(mine, baseline, held_out)
+        mean_reward = reward_scores(reward, typed, mine).mean().item() if reward is not None else float("nan")
         accuracy, pairs = (None, 0)
         if reward_folder is not None:
-            accuracy, pairs = reward_model_accuracy(load_reward_model(reward_folder).to(device), held_out, mine, baseline)
+            accuracy, pairs = reward_model_accuracy(load_reward_model(reward_folder).to(device), held_out, typed, mine, baseline)
         results.append(VersionResult(
-            version=name, promoted=promoted, mean_reward=mean_reward, win_rate_vs_v0=win_rate, win_rate_ci=win_ci,
-            hallucination_rate=hallucinated / len(mine), hallucination_ci=wilson_interval(hallucinated, len(mine)),
-            kl=0.0 if name == reference else kl_to(engines[reference], samples[name], held_out), samples=len(mine),
+            version=name, promoted=promoted, mean_reward=mean_reward, win_rate_vs_v0=judged.win_rate_vs_v0,
+            win_rate_ci=judged.win_rate_ci, hallucination_rate=judged.hallucination_rate,
+            hallucination_ci=judged.hallucination_ci, samples=judged.samples,
+            kl=0.0 if name == reference else kl_to(engines[reference], samples[name], typed),
+            spoken=judge(said[name], said[reference], held_out) if spoken else None,
             reward_model_accuracy=accuracy, reward_model_pairs=pairs,
             size_bytes=sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()),
             bleu=bleu(mine, references)[0], rouge_l=rouge_l(mine, references)[0],
             pope=pope([mine[i] for i in exists], [held_out[i].question.answer_is_yes for i in exists]) if exists else None,
-            examples=[{"question": e.question.text, "answer": a, "hallucinated": v.hallucinated}
-                      for e, a, v in list(zip(held_out, mine, verdicts))[:3]],
+            examples=[{"question": e.question.text, "answer": a, "hallucinated": faithfulness(a, e.scene, e.question).hallucinated}
+                      for e, a in list(zip(held_out, mine))[:3]],
         ))
     return results
 
 
-def score(reward: AnyRewardModel, held_out: list[Example], answers: list[str]) -> torch.Tensor:
-    """The reward model's scores [len(answers)] of one answer per held-out scene."""
-    return reward_scores(reward, [(e.question.text, [e.scene.image()]) for e in held_out], answers)
-
-
 def reward_model_accuracy(
-    reward: AnyRewardModel, held_out: list[Example], answers: list[str], baseline: list[str]
+    reward: AnyRewardModel, held_out: list[Example], prompts: list[Prompt], answers: list[str], baseline: list[str]
 ) -> tuple[float | None, int]:
     """Share of scenes, among those where the users' hidden preference between answers[i] and
     baseline[i] is not a tie, on which the reward model prefers the same one; and how many there were."""
-    mine, theirs = score(reward, held_out, answers), score(reward, held_out, baseline)
+    mine, theirs = reward_scores(reward, prompts, answers), reward_scores(reward, prompts, baseline)
     agree = [(m > t).item() == (verdict == 1.0)
              for m, t, verdict in zip(mine, theirs, (preference(a, b, e) for a, b, e in zip(answers, baseline, held_out)))
              if verdict != 0.5]
@@ -155,6 +183,10 @@ def _accuracy(result: VersionResult) -> str:
     if result.reward_model_accuracy is None:
         return "-"
     return f"{result.reward_model_accuracy:.1%} ({result.reward_model_pairs})"
+
+
+def _rate(value: float, interval: list[float]) -> str:
+    return f"{value:.1%} ({interval[0]:.1%}-{interval[1]:.1%})"
 
 
 def _pope(result: VersionResult) -> str:
@@ -207,6 +239,8 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
     report = {**summary, "versions": [asdict(r) for r in results], "timeline": timeline}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
+    spoken = results[0].spoken is not None
+    spoken_header = " spoken: hallucination rate (95% CI) | spoken: win rate vs v0 (95% CI) |" if spoken else ""
     names = [r.version for r in results]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for axis, title, values, intervals in (
@@ -230,23 +264,25 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f" (warm start {summary['warm_start_seconds']:.0f} s, 0 when cached). Final version serving all traffic:"
         f" **{summary['final']}**.", "",
         f"Traffic: {summary['requests']} requests, {summary['conversations']} of them follow-ups in a two-turn"
-        f" conversation and {summary['http_requests']} over the OpenAI-compatible HTTP API (the rest over gRPC);"
-        f" {summary['feedback']} feedback messages.", "",
+        f" conversation and {summary['http_requests']} over the OpenAI-compatible HTTP API (the rest over gRPC)"
+        + (f", {summary['spoken_requests']} asked aloud" if summary.get("spoken_requests") else "")
+        + f"; {summary['feedback']} feedback messages.", "",
         freshness_line(summary["freshness_seconds"]), "",
         memory_line(summary["memory_mib"]), "",
         "![per version](versions.png)", "",
         "| version | promoted | hallucination rate (95% CI) | win rate vs v0 (95% CI) | mean reward"
         " | reward model accuracy (pairs) | KL to v0 (nats per answer) | BLEU | ROUGE-L | POPE accuracy, yes-ratio"
-        " | size (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f" | size (MB) |{spoken_header}",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (2 if spoken else 0),
     ]
     for r in results:
         lines.append(
-            f"| {r.version} | {'yes' if r.promoted else 'no'} | {r.hallucination_rate:.1%}"
-            f" ({r.hallucination_ci[0]:.1%}-{r.hallucination_ci[1]:.1%}) | {r.win_rate_vs_v0:.1%}"
-            f" ({r.win_rate_ci[0]:.1%}-{r.win_rate_ci[1]:.1%}) | {r.mean_reward:.3f}"
+            f"| {r.version} | {'yes' if r.promoted else 'no'} | {_rate(r.hallucination_rate, r.hallucination_ci)}"
+            f" | {_rate(r.win_rate_vs_v0, r.win_rate_ci)} | {r.mean_reward:.3f}"
             f" | {_accuracy(r)} | {r.kl:.3f} | {r.bleu:.1f} | {r.rouge_l:.3f} | {_pope(r)}"
-            f" | {r.size_bytes / 1e6:.1f} |")
+            f" | {r.size_bytes / 1e6:.1f} |"
+            + (f" {_rate(r.spoken.hallucination_rate, r.spoken.hallucination_ci)}"
+               f" | {_rate(r.spoken.win_rate_vs_v0, r.spoken.win_rate_ci)} |" if r.spoken is not None else ""))
     lines += [
         "", "## How these were measured", "",
         f"Each version answered the same {results[0].samples} held-out scenes (never shown to the simulated users),"
@@ -260,7 +296,9 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         " model prefers the same answer (a reward model that tracks the users keeps it high while the win rate"
         " rises; one being gamed does not). POPE is over the held-out questions that ask whether an object is"
         " there (half of them about one that is not): accuracy, and how often the version said yes; a version"
-        " that hallucinates objects says yes too often.",
+        " that hallucinates objects says yes too often."
+        + (" The spoken columns are the same questions asked aloud (the clip the users send, no text), judged the"
+           " same way against v0's spoken answers." if spoken else ""),
         "", "## Canary decisions", "",
     ]
     for entry in timeline:

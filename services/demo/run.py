@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoProcessor
+
 from modalign.core.auth import CLIENT, READER, AuthConfig, ClientAuth
 from modalign.core.broker import BrokerConfig
 from modalign.core.config import DTYPES, FLATTEN, ConfigError, parse_config, require_one_of
@@ -36,8 +38,10 @@ from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.freshness import Freshness, freshness
 from modalign.demo.memory import MemorySampler, ResidentMemory, resident_mib, summarise, system_pids
 from modalign.demo.report import evaluate_versions, head_to_head, held_out_examples, write_report
+from modalign.demo.spoken_warmstart import build_spoken_warm_start
 from modalign.demo.users import SimulatedUsers, Tally, UsersConfig
 from modalign.demo.warmstart import build_warm_start
+from modalign.policy.families import audio_sampling_rate
 from modalign.reward.config import BACKBONES
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.up import LocalPorts, local_services, local_tokens
@@ -107,8 +111,14 @@ class DemoConfig:
     matters to ppo, a2c, rloo and grpo, which optimise against it)."""
     users: int = 4
     """Simulated users sending requests at once."""
+    spoken_share: float = 0.0
+    """Share of the users' questions asked aloud (a WAV of the question spoken by espeak-ng, or by a tone
+    synthesiser where it is not installed: services/demo/speech.py). Above 0, v0 is the spoken warm start, a
+    Qwen2.5-Omni thinker that hears (built on first use and cached, like the LLaVA's), and the report gives
+    hallucination and win rate for spoken questions beside typed ones."""
     policy_model: Path | None = None
-    """A Hugging Face image-text-to-text checkpoint folder to start from instead of the warm start."""
+    """A Hugging Face image-text-to-text checkpoint folder to start from instead of the warm start (one that
+    hears, with --spoken-share)."""
     device: str = "cpu"
     """Torch device of the policy, reward model, trainer and evaluation: cpu, cuda, cuda:1, ..."""
     dtype: str = "float32"
@@ -130,6 +140,10 @@ class DemoConfig:
             raise ConfigError("algorithm", f"unknown {self.algorithm!r}; known: {', '.join(sorted(ALGORITHMS))}")
         require_one_of("dtype", self.dtype, DTYPES)
         require_one_of("reward_backbone", self.reward_backbone, BACKBONES)
+        if not 0.0 <= self.spoken_share <= 1.0:
+            raise ConfigError("spoken_share", f"{self.spoken_share} is not a share between 0 and 1")
+        if self.spoken_share > 0 and self.reward_backbone == "clip":
+            raise ConfigError("spoken_share", "spoken questions need the generative reward model: CLIP hears nothing")
 
 
 def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[str, Any]]:
@@ -161,10 +175,13 @@ def starting_policy(config: DemoConfig) -> tuple[Path, float]:
     """v0's folder, --policy-model or the warm start (built on first use, then cached), and the seconds
     the warm start took (0 for --policy-model)."""
     if config.policy_model is not None:
+        if config.spoken_share > 0 and audio_sampling_rate(AutoProcessor.from_pretrained(config.policy_model)) is None:
+            raise ConfigError("policy_model", f"{config.policy_model} hears nothing: --spoken-share needs a model that takes audio")
         return config.policy_model, 0.0
     started = time.monotonic()
-    print("warm start: building or loading v0 ...", flush=True)
-    policy_model = build_warm_start(config.cache_dir, seed=config.seed)
+    print(f"warm start: building or loading {'the spoken ' if config.spoken_share > 0 else ''}v0 ...", flush=True)
+    build = build_spoken_warm_start if config.spoken_share > 0 else build_warm_start
+    policy_model = build(config.cache_dir, seed=config.seed)
     seconds = time.monotonic() - started
     print(f"warm start: {policy_model} ({seconds:.0f} s)", flush=True)
     return policy_model, seconds
@@ -206,7 +223,8 @@ def run_loop(config: DemoConfig, policy_model: Path, stopping: list[bool]) -> Lo
         pids = system_pids(system, config.broker)
         idle = resident_mib(pids)
         print(f"demo: services up (logs in {home / 'logs'}); users start", flush=True)
-        users = SimulatedUsers(UsersConfig(users=config.users, seed=config.seed), ports.policy, ports.feedback,
+        users = SimulatedUsers(UsersConfig(users=config.users, seed=config.seed, spoken_share=config.spoken_share),
+                               ports.policy, ports.feedback,
                                http_url=f"http://{ports.policy_http}/v1", token=ClientAuth(tokens, CLIENT).token())
         loop_started = time.monotonic()
         with MemorySampler(pids) as sampler:
@@ -247,7 +265,7 @@ def watch(rollout_address: str, token: str, users: SimulatedUsers, started: floa
             tally = users.tally
             print(f"[{time.monotonic() - started:5.0f} s] stable {state.stable_version}{canary};"
                   f" requests {tally.requests} (failed {tally.failed}, {tally.conversations} follow-ups,"
-                  f" {tally.http} over HTTP), feedback {dict(tally.feedback)}", flush=True)
+                  f" {tally.http} over HTTP, {tally.spoken} spoken), feedback {dict(tally.feedback)}", flush=True)
     return len(stables) - 1
 
 
@@ -259,7 +277,8 @@ def report(config: DemoConfig, loop: Loop, policy_model: Path, warm_start_second
     versions = [(STARTING_VERSION, policy_model, True, None)] + [
         (e.version, fetch(e.uri), e.version in promoted, store.fetch("reward", e.reward_model_version)) for e in loop.published
     ]
-    results = evaluate_versions(versions, held_out_examples(config.held_out), device=config.device)
+    results = evaluate_versions(versions, held_out_examples(config.held_out), device=config.device,
+                                spoken=config.spoken_share > 0)
     timeline = [
         {"time": datetime.fromtimestamp(s.updated_at.seconds, UTC).strftime("%H:%M:%S"),
          "revision": s.revision, "canary": s.canary_version, "stable": s.stable_version,
@@ -270,10 +289,12 @@ def report(config: DemoConfig, loop: Loop, policy_model: Path, warm_start_second
     write_report(config.out, results, timeline,
                  {"seconds": loop.seconds, "warm_start_seconds": warm_start_seconds, "final": final, "seed": config.seed,
                   "algorithm": config.algorithm, "requests": tally.requests, "failed_requests": tally.failed,
-                  "conversations": tally.conversations, "http_requests": tally.http,
+                  "conversations": tally.conversations, "http_requests": tally.http, "spoken_requests": tally.spoken,
                   "feedback": sum(tally.feedback.values()), "freshness_seconds": asdict(loop.freshness),
                   "memory_mib": {name: asdict(memory) for name, memory in loop.memory.items()}})
     for r in results:
-        print(f"  {r.version}: hallucination {r.hallucination_rate:.1%}, win rate vs v0 {r.win_rate_vs_v0:.1%}"
+        spoken = "" if r.spoken is None else (
+            f"; spoken: hallucination {r.spoken.hallucination_rate:.1%}, win rate vs v0 {r.spoken.win_rate_vs_v0:.1%}")
+        print(f"  {r.version}: hallucination {r.hallucination_rate:.1%}, win rate vs v0 {r.win_rate_vs_v0:.1%}{spoken}"
               f" {'(promoted)' if r.promoted else ''}")
     print(f"demo: report in {config.out / 'report.md'} and {config.out / 'report.json'}; final version {final}")

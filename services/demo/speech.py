@@ -9,6 +9,7 @@ path can run on machines that lack espeak-ng; each clip says which synthesiser s
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import shutil
@@ -23,6 +24,8 @@ import numpy as np
 import numpy.typing as npt
 import soundfile
 import soxr
+
+from modalign.core.audio import decode_audio
 
 Synthesiser = Literal["espeak-ng", "tones"]
 
@@ -57,12 +60,28 @@ def synthesise(text: str, sampling_rate: int = 16_000, synthesiser: Synthesiser 
     """`text` spoken as a WAV at `sampling_rate`, by `synthesiser` (by default the available one)."""
     if not re.search(r"\w", text):
         raise ValueError(f"there is nothing to say in {text!r}")
-    chosen = synthesiser or available_synthesiser()
-    samples = _espeak(text, sampling_rate) if chosen == "espeak-ng" else _tones(text, sampling_rate)
+    return _synthesise(text, sampling_rate, synthesiser or available_synthesiser())
+
+
+@functools.lru_cache(maxsize=1024)
+def _synthesise(text: str, sampling_rate: int, synthesiser: Synthesiser) -> Spoken:
+    """Cached: the demo's users ask a few dozen distinct questions thousands of times."""
+    samples = _espeak(text, sampling_rate) if synthesiser == "espeak-ng" else _tones(text, sampling_rate)
     samples = samples * (PEAK / np.abs(samples).max())
     buffer = io.BytesIO()
     soundfile.write(buffer, samples, sampling_rate, format="WAV", subtype="PCM_16")
-    return Spoken(wav=buffer.getvalue(), synthesiser=chosen)
+    return Spoken(wav=buffer.getvalue(), synthesiser=synthesiser)
+
+
+def spoken_clip(text: str, sampling_rate: int) -> npt.NDArray[np.float32]:
+    """`text` spoken (by the available synthesiser) and decoded at `sampling_rate` as the policy decodes a
+    request's clip: the model input a spoken question becomes. Cached, so shared: callers do not modify it."""
+    return _decoded(synthesise(text, sampling_rate).wav, sampling_rate)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decoded(wav: bytes, sampling_rate: int) -> npt.NDArray[np.float32]:
+    return decode_audio(wav, "audio/wav", sampling_rate).samples
 
 
 def _espeak(text: str, sampling_rate: int) -> npt.NDArray[np.float64]:

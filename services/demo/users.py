@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import json_format
 
+from modalign.core.audio import MIME_BY_INPUT_AUDIO_FORMAT
 from modalign.core.grpc_server import dial
 from modalign.core.ratelimit import politely
 from modalign.demo.scenes import Example, examples, faithfulness, make_question, reference_answer
+from modalign.demo.speech import synthesise
 from modalign.policy.conversation import ROLES
 from modalign.policy.generations import shorthand_conversation
 from modalign.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -92,6 +94,9 @@ class UsersConfig:
     shorthand_share: float = 0.0
     """Share of first questions over gRPC sent in the single-question shorthand (the request's text and
     images) instead of as a conversation of one user turn."""
+    spoken_share: float = 0.0
+    """Share of first questions asked aloud: the scene and a WAV of the question (speech.synthesise), no
+    text. Needs a policy that hears (modalign.demo.spoken_warmstart)."""
     stream_share: float = 0.0
     """Share of gRPC requests sent to GenerateStream (the answer streamed token by token) instead of Generate."""
     think_s: float = 0.0
@@ -115,6 +120,8 @@ class Tally:
     """Requests that were follow-ups: a conversation of two user turns."""
     http: int = 0
     """Requests over the OpenAI-compatible HTTP API (the rest over gRPC)."""
+    spoken: int = 0
+    """Requests whose question was asked aloud."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,9 @@ class Call:
     feedback_id: str = ""
     """The feedback a Submit or HTTP feedback call carried."""
 
+
+INPUT_AUDIO_FORMATS = {mime: audio_format for audio_format, mime in MIME_BY_INPUT_AUDIO_FORMAT.items()}
+"""The OpenAI API's input_audio format of a clip, by its MIME type."""
 
 CALL_ERRORS = (grpc.RpcError, OSError, http.client.HTTPException, json.JSONDecodeError)
 """What a call can fail with: a gRPC status, an HTTP error status or a lost connection (urllib's errors are
@@ -228,9 +238,13 @@ class HttpClient:
 def openai_message(turn: common_pb2.Message) -> dict:
     content = []
     for part in turn.content:
-        if part.WhichOneof("part") == "image":
+        kind = part.WhichOneof("part")
+        if kind == "image":
             url = f"data:{part.image.mime_type};base64,{base64.b64encode(part.image.data).decode()}"
             content.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "audio":
+            content.append({"type": "input_audio", "input_audio": {
+                "data": base64.b64encode(part.audio.data).decode(), "format": INPUT_AUDIO_FORMATS[part.audio.mime_type]}})
         else:
             content.append({"type": "text", "text": part.text})
     return {"role": ROLES[turn.role], "content": content}
@@ -278,11 +292,12 @@ class SimulatedUsers:
                     client = self._http if over_http else grpc_client
                 turns += 1
                 example = next(stream)
-                # Drawn only when asked for, so that runs without the shorthand draw the demo's sequence.
+                # Drawn only when asked for, so that runs without the shorthand or speech draw the demo's sequence.
                 shorthand = client is grpc_client and config.shorthand_share > 0 and rng.random() < config.shorthand_share
+                spoken = config.spoken_share > 0 and rng.random() < config.spoken_share
                 request = request_for(example, n=2, seed=rng.getrandbits(31), user_id=user_id, session_id=session,
-                                      max_new_tokens=config.max_new_tokens, shorthand=shorthand)
-                reply = self._ask(client, request, example, rng, user_id, follow_up=False)
+                                      max_new_tokens=config.max_new_tokens, shorthand=shorthand, spoken=spoken)
+                reply = self._ask(client, request, example, rng, user_id, follow_up=False, spoken=spoken)
                 if reply is None:
                     self._stop.wait(config.pause_after_failure_s)
                 elif rng.random() < config.follow_up_share:
@@ -293,13 +308,13 @@ class SimulatedUsers:
                 self._stop.wait(config.think_s)
 
     def _ask(self, client: GrpcClient | HttpClient, request: policy_pb2.GenerateRequest, example: Example,
-             rng: random.Random, user_id: str, follow_up: bool) -> Reply | None:
+             rng: random.Random, user_id: str, follow_up: bool, spoken: bool = False) -> Reply | None:
         """One request and the user's feedback on its answers; None when the request failed."""
         kind, generate = "HTTP chat completions", client.generate
         if isinstance(client, GrpcClient):
             streamed = self.config.stream_share > 0 and rng.random() < self.config.stream_share
             kind, generate = ("GenerateStream", client.generate_stream) if streamed else (
-                "Generate" if request.text else "Generate conversation", client.generate)
+                "Generate conversation" if request.conversation else "Generate", client.generate)
         try:
             with self._observed(kind):
                 reply = generate(request)
@@ -312,6 +327,7 @@ class SimulatedUsers:
             self.tally.requests += 1
             self.tally.conversations += follow_up
             self.tally.http += isinstance(client, HttpClient)
+            self.tally.spoken += spoken
             self.tally.served[reply.policy_version] += 1
         if rng.random() < self.config.feedback_rate:
             for message in self._feedback(reply, example, rng, user_id):
@@ -377,22 +393,28 @@ class SimulatedUsers:
 
 
 def request_for(example: Example, n: int, seed: int, user_id: str = "", session_id: str = "",
-                max_new_tokens: int = 32, temperature: float = 1.0, shorthand: bool = False) -> policy_pb2.GenerateRequest:
-    """A question about a scene: one user turn, the scene's image, then the question; in the single-question
-    shorthand (the request's text and images) when shorthand."""
+                max_new_tokens: int = 32, temperature: float = 1.0, shorthand: bool = False,
+                spoken: bool = False) -> policy_pb2.GenerateRequest:
+    """A question about a scene: one user turn, the scene's image, then the question, typed or (spoken) as a WAV
+    of it said aloud; in the single-question shorthand (the request's images, audio and text) when shorthand."""
     buffer = io.BytesIO()
     example.scene.image().save(buffer, format="PNG")
     image = common_pb2.Image(data=buffer.getvalue(), mime_type="image/png")
+    question = (common_pb2.ContentPart(audio=common_pb2.Audio(data=synthesise(example.question.text).wav, mime_type="audio/wav"))
+                if spoken else common_pb2.ContentPart(text=example.question.text))
     request = policy_pb2.GenerateRequest(
         sampling=common_pb2.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
         n=n, user_id=user_id, session_id=session_id,
     )
     if shorthand:
-        request.text = example.question.text
         request.images.append(image)
+        if spoken:
+            request.audio.CopyFrom(question.audio)
+        else:
+            request.text = question.text
     else:
         request.conversation.append(common_pb2.Message(role=common_pb2.ROLE_USER, content=[
-            common_pb2.ContentPart(image=image), common_pb2.ContentPart(text=example.question.text)]))
+            common_pb2.ContentPart(image=image), question]))
     return request
 
 

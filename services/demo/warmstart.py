@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -109,22 +109,32 @@ class WarmStartConfig:
 
 def build_warm_start(cache_dir: str | Path, seed: int = 0, config: WarmStartConfig = WarmStartConfig()) -> Path:
     """The folder of the v0 policy for (seed, config), built (minutes) unless the cache already holds it."""
-    folder = Path(cache_dir) / f"warmstart-{config_hash(seed, config)}"
+
+    def build() -> tuple[PreTrainedModel, ProcessorMixin]:
+        torch.manual_seed(seed)  # the vision heads' initialisation; data streams have their own seeds
+        model, processor = build_default_policy(seed=seed, patch_size=config.patch_size)
+        started = time.monotonic()
+        pretrain_vision(model, processor, config, seed)
+        log.info("vision pretraining took %.0f s", time.monotonic() - started)
+        sft(model, processor, config, seed)
+        log.info("warm start took %.0f s", time.monotonic() - started)
+        return model, processor
+
+    return cached_policy(Path(cache_dir) / f"warmstart-{config_hash(seed, config)}", {"seed": seed, **dataclasses.asdict(config)}, build)
+
+
+def cached_policy(folder: Path, settings: dict, build: Callable[[], tuple[PreTrainedModel, ProcessorMixin]]) -> Path:
+    """folder, holding the policy build() makes (in eval mode) and the settings it was built with (warmstart.json),
+    unless it already does."""
     if (folder / "config.json").exists():
         return folder
-    torch.manual_seed(seed)  # the vision heads' initialisation; data streams have their own seeds
-    model, processor = build_default_policy(seed=seed, patch_size=config.patch_size)
-    started = time.monotonic()
-    pretrain_vision(model, processor, config, seed)
-    log.info("vision pretraining took %.0f s", time.monotonic() - started)
-    sft(model, processor, config, seed)
-    log.info("warm start took %.0f s", time.monotonic() - started)
+    model, processor = build()
     model.eval()
     # Written under a temporary name and renamed: a crash never leaves a half-written cache entry.
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".warmstart-", dir=folder.parent))
     save_policy(model, processor, staging)
-    (staging / "warmstart.json").write_text(json.dumps({"seed": seed, **dataclasses.asdict(config)}, indent=2))
+    (staging / "warmstart.json").write_text(json.dumps(settings, indent=2))
     try:
         os.rename(staging, folder)
     except OSError:  # another process built the same config first; theirs is as good as ours
@@ -132,7 +142,8 @@ def build_warm_start(cache_dir: str | Path, seed: int = 0, config: WarmStartConf
     return folder
 
 
-def config_hash(seed: int, config: WarmStartConfig) -> str:
+def config_hash(seed: int, config: Any) -> str:
+    """A build's settings (a config dataclass, the seed and BUILD_VERSION) as a short hash: its cache folder's name."""
     settings = json.dumps({"build_version": BUILD_VERSION, "seed": seed, **dataclasses.asdict(config)}, sort_keys=True)
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
 

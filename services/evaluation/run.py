@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -37,12 +38,30 @@ from modalign.core.images import InvalidImage, decode_data_url
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
 from modalign.core.version_names import reward_version_for
 from modalign.evaluation.metrics import bleu, exact_match, mean_interval, pope, rouge_l
+from modalign.policy.conversation import Conversation, Part, Turn, single_question
 from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams
-from modalign.policy.model import format_prompt, load_policy
+from modalign.policy.model import format_conversation, load_policy
 from modalign.reward.backbones import AnyRewardModel, load_reward_model
 
-Prompt = tuple[str, list[Image.Image]]
-"""A question and its images."""
+
+@dataclass(frozen=True)
+class Prompt:
+    """A question and its images: typed, or spoken (its clip at the model's rate, then no text)."""
+
+    question: str
+    images: list[Image.Image]
+    clip: np.ndarray | None = None
+
+    @property
+    def conversation(self) -> Conversation:
+        """The one user turn the prompt stands for: its images, then its clip or its text."""
+        if self.clip is None:
+            return single_question(self.question, [""] * len(self.images))
+        return (Turn("user", (*(Part("image", "") for _ in self.images), Part("audio", ""))),)
+
+    @property
+    def audio(self) -> list[np.ndarray]:
+        return [] if self.clip is None else [self.clip]
 
 
 @dataclass(frozen=True)
@@ -171,9 +190,10 @@ def answers_of(engine: PolicyEngine, prompts: list[Prompt], max_new_tokens: int,
                temperature: float = 1.0, batch: int = 32) -> list[Sample]:
     """One answer per prompt, through the serving engine; prompt i is sampled with seed + i."""
     requests = [
-        GenerationRequest(format_prompt(engine.processor, question, len(images)), images,
-                          SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i))
-        for i, (question, images) in enumerate(prompts)
+        GenerationRequest(format_conversation(engine.processor, prompt.conversation), prompt.images,
+                          SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i),
+                          audio=prompt.audio)
+        for i, prompt in enumerate(prompts)
     ]
     samples = []
     for start in range(0, len(requests), batch):
@@ -183,10 +203,10 @@ def answers_of(engine: PolicyEngine, prompts: list[Prompt], max_new_tokens: int,
 
 def reward_scores(reward: AnyRewardModel, prompts: list[Prompt], answers: list[str], batch: int = 32) -> torch.Tensor:
     """The reward model's scores [len(answers)] of one answer per prompt."""
+    chunks = [(prompts[start:start + batch], answers[start:start + batch]) for start in range(0, len(prompts), batch)]
     return torch.cat([
-        reward.score([question for question, _ in prompts[start:start + batch]],
-                     [images for _, images in prompts[start:start + batch]], answers[start:start + batch])
-        for start in range(0, len(prompts), batch)
+        reward.score([p.conversation for p in chunk], [p.images for p in chunk], said, [p.audio for p in chunk])
+        for chunk, said in chunks
     ]).float()
 
 
@@ -196,7 +216,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     store = open_store(config.model_store, config.s3)
     folder = Path(config.model_dir) if config.model_dir else store.fetch("policy", config.version)
     name = config.version or folder.name
-    prompts = [(item.question, item.images) for item in items]
+    prompts = [Prompt(item.question, item.images) for item in items]
 
     def answers(policy_folder: Path, version: str) -> list[str]:
         engine = PolicyEngine(*load_policy(policy_folder, device=config.device), policy_version=version)

@@ -70,13 +70,15 @@ def test_demo_runs_the_loop_and_writes_its_report(kafka_broker: BrokerConfig, tm
     assert "## How these were measured" in markdown and "Freshness:" in markdown and "Resident memory" in markdown
 
 
-@pytest.mark.parametrize(("family", "flags"), [("qwen2_vl", ()), ("idefics", ("--lora",))], ids=["qwen2_vl", "idefics-lora"])
+@pytest.mark.parametrize(("family", "flags"), [("qwen2_5_omni", ("--spoken-share", "0.5")), ("idefics", ("--lora",))],
+                         ids=["qwen2_5_omni-spoken", "idefics-lora"])
 def test_the_whole_loop_runs_on_another_model_family(
     kafka_broker: BrokerConfig, tmp_path: Path, family: str, flags: tuple[str, ...]
 ) -> None:
-    """Qwen2-VL (3-D rope, dynamic resolution) and Idefics (Flamingo's gated cross-attention) as v0: versions are
-    published, rolled out behind the canary and promoted, and no user request fails. Learning at this size is not
-    the point. Idefics trains a LoRA adapter: its decoder holds its vision tower, which the adapter must leave out."""
+    """Qwen2.5-Omni's thinker (3-D rope, dynamic resolution, audio) with half the questions asked aloud, and Idefics
+    (Flamingo's gated cross-attention) as v0: versions are published, rolled out behind the canary and promoted, and
+    no user request fails. Learning at this size is not the point. Idefics trains a LoRA adapter: its decoder holds
+    its vision tower, which the adapter must leave out."""
     model = tmp_path / family
     TINY_CHECKPOINTS[family](model, 0)
     out = tmp_path / "report"
@@ -96,5 +98,14 @@ def test_the_whole_loop_runs_on_another_model_family(
     assert report["failed_requests"] == 0 and report["conversations"] > 0 and report["http_requests"] > 0
     # The promoted version served canary traffic, and it was trained on feedback: that feedback's freshness was measured.
     assert report["freshness_seconds"]["measured"] > 0 and report["freshness_seconds"]["median"] > 0
+    spoken = [version["spoken"] for version in report["versions"]]
+    if "--spoken-share" in flags:
+        # Spoken questions were served over both front doors without a failure, and the report judged every
+        # version on the held-out questions asked aloud.
+        assert 0 < report["spoken_requests"] < report["requests"], report
+        assert all(s is not None and s["samples"] == 16 for s in spoken), spoken
+        assert spoken[0]["win_rate_vs_v0"] == 0.5 and "spoken: hallucination rate" in (out / "report.md").read_text()
+    else:
+        assert report["spoken_requests"] == 0 and spoken == [None] * len(spoken)
     v1 = out / "work" / "models" / "policy" / "v1"
     assert (v1 / "adapter" / "adapter_config.json").exists() == ("--lora" in flags)

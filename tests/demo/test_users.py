@@ -8,12 +8,19 @@ import random
 import pytest
 import torch
 
-from modalign.demo.report import held_out_examples, kl_to, sample_answers
+from modalign.core.audio import decode_audio, decode_input_audio
+from modalign.demo.report import HELD_OUT_SEED, held_out_examples, held_out_prompts, kl_to
 from modalign.demo.scenes import examples, hallucinated_answer, reference_answer
-from modalign.demo.users import preference, rating
+from modalign.demo.speech import synthesise
+from modalign.demo.users import openai_message, preference, rating, request_for
 from modalign.evaluation.metrics import mean_interval, wilson_interval
+from modalign.evaluation.run import answers_of
 from modalign.policy.engine import PolicyEngine
+from modalign.policy.families import audio_sampling_rate
+from modalign.policy.generations import shorthand_conversation
 from modalign.policy.model import build_default_policy
+from modalign.policy.omni import build_omni_policy
+from modalign.v1 import common_pb2
 
 
 @pytest.fixture
@@ -46,17 +53,41 @@ def test_intervals_cover_their_estimates() -> None:
     assert mean == pytest.approx(0.625) and low < mean < high
 
 
-def test_kl_scores_each_answer_as_its_sampler_did() -> None:
+@pytest.mark.parametrize("spoken", [False, True], ids=["typed", "spoken"])
+def test_kl_scores_each_answer_as_its_sampler_did(spoken: bool) -> None:
     """Scored by the policy that sampled them, answers give KL 0 to float precision: the teacher-forced
-    log-probs match the sampler's own, masking included. A perturbed policy is measurably away."""
+    log-probs match the sampler's own, masking (and a spoken question's clip) included. A perturbed policy is
+    measurably away."""
     torch.set_num_threads(1)
-    model, processor = build_default_policy(seed=0)
-    held_out = held_out_examples(12)
+    model, processor = build_omni_policy(seed=0) if spoken else build_default_policy(seed=0)
+    prompts = held_out_prompts(held_out_examples(12), audio_sampling_rate(processor) if spoken else None)
+    assert all((p.clip is not None) == spoken for p in prompts)
     reference = PolicyEngine(model, processor, "v0")
-    assert kl_to(reference, sample_answers(reference, held_out, max_new_tokens=6), held_out) == pytest.approx(0, abs=1e-4)
+    assert kl_to(reference, answers_of(reference, prompts, 6, HELD_OUT_SEED), prompts) == pytest.approx(0, abs=1e-4)
     perturbed = copy.deepcopy(model)
     with torch.no_grad():
         for parameter in perturbed.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
-    moved = sample_answers(PolicyEngine(perturbed, processor, "v1"), held_out, max_new_tokens=6)
-    assert kl_to(reference, moved, held_out) > 0.1
+    moved = answers_of(PolicyEngine(perturbed, processor, "v1"), prompts, 6, HELD_OUT_SEED)
+    assert kl_to(reference, moved, prompts) > 0.1
+
+
+@pytest.mark.parametrize("shorthand", [False, True], ids=["conversation", "shorthand"])
+def test_a_spoken_question_is_the_scene_and_a_wav_of_the_question_with_no_text(stream, shorthand: bool) -> None:
+    """What a speaking user sends, over gRPC (a request) and over HTTP (its OpenAI message): the question is only
+    in the clip, and the clip is the question said aloud."""
+    example = next(stream)
+    request = request_for(example, n=2, seed=1, shorthand=shorthand, spoken=True)
+    wav = synthesise(example.question.text).wav
+    turn = shorthand_conversation(request)[0]
+    assert [part.WhichOneof("part") for part in turn.content] == ["image", "audio"]
+    assert turn.content[1].audio == common_pb2.Audio(data=wav, mime_type="audio/wav") and not request.text
+    assert decode_audio(turn.content[1].audio.data, "audio/wav", 16_000).seconds > 0.5
+
+    message = openai_message(turn)
+    assert [part["type"] for part in message["content"]] == ["image_url", "input_audio"]
+    assert decode_input_audio(message["content"][1]["input_audio"]["data"],
+                              message["content"][1]["input_audio"]["format"]) == (wav, "audio/wav")
+
+    typed = request_for(example, n=2, seed=1, shorthand=shorthand)
+    assert [part.WhichOneof("part") for part in shorthand_conversation(typed)[0].content] == ["image", "text"]
