@@ -243,14 +243,25 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
     spoken_header = " spoken: hallucination rate (95% CI) | spoken: win rate vs v0 (95% CI) |" if spoken else ""
     names = [r.version for r in results]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for axis, title, values, intervals in (
-        (axes[0], "hallucination rate (sampled)", [r.hallucination_rate for r in results], [r.hallucination_ci for r in results]),
-        (axes[1], "win rate vs v0 (hidden preference)", [r.win_rate_vs_v0 for r in results], [r.win_rate_ci for r in results]),
-    ):
-        errors = [[v - lo for v, (lo, _) in zip(values, intervals)], [hi - v for v, (_, hi) in zip(values, intervals)]]
-        axis.bar(names, values, yerr=errors, capsize=4, color=["#4878d0" if r.promoted else "#b0b0b0" for r in results])
+    # Typed questions' bars (blue if promoted, grey if not), and with spoken questions a hatched bar beside each.
+    groups = [("typed", [(r.hallucination_rate, r.hallucination_ci, r.win_rate_vs_v0, r.win_rate_ci) for r in results])]
+    if spoken:
+        groups.append(("spoken", [(r.spoken.hallucination_rate, r.spoken.hallucination_ci, r.spoken.win_rate_vs_v0,
+                                   r.spoken.win_rate_ci) for r in results if r.spoken is not None]))
+    width = 0.8 / len(groups)
+    for index, (label, figures) in enumerate(groups):
+        where = [i + (index - (len(groups) - 1) / 2) * width for i in range(len(results))]
+        for axis, value, interval in ((axes[0], 0, 1), (axes[1], 2, 3)):
+            values = [f[value] for f in figures]
+            errors = [[v - f[interval][0] for v, f in zip(values, figures)], [f[interval][1] - v for v, f in zip(values, figures)]]
+            axis.bar(where, values, width=width, yerr=errors, capsize=3, label=label, hatch="//" if label == "spoken" else None,
+                     color=["#4878d0" if r.promoted else "#b0b0b0" for r in results], edgecolor="white")
+    for axis, title in ((axes[0], "hallucination rate (sampled)"), (axes[1], "win rate vs v0 (hidden preference)")):
+        axis.set_xticks(range(len(results)), names)
         axis.set_title(title)
         axis.set_ylim(0, 1)
+        if spoken:
+            axis.legend(fontsize="small")
     axes[1].axhline(0.5, color="black", linewidth=0.8, linestyle=":")
     axes[2].plot(names, [r.mean_reward for r in results], marker="o")
     axes[2].set_title("mean reward (last reward model)")

@@ -1,8 +1,13 @@
-"""The demo report's reading of rollout decisions: pure functions on the controller's verdicts."""
+"""The demo report: its reading of rollout decisions (pure functions on the controller's verdicts) and what it writes."""
 
 from __future__ import annotations
 
-from modalign.demo.report import head_to_head
+import json
+from pathlib import Path
+
+import pytest
+
+from modalign.demo.report import Judged, VersionResult, head_to_head, write_report
 from modalign.rollout.analysis import Evidence, analyse
 
 
@@ -34,3 +39,31 @@ def test_only_ties_still_make_a_head_to_head() -> None:
 
 def test_a_decision_without_comparisons_has_no_head_to_head() -> None:
     assert head_to_head(analyse(Evidence(), "v2", "v1", alpha=0.05, looks=2, min_samples=10)) is None
+
+
+@pytest.mark.parametrize("spoken", [False, True], ids=["typed", "spoken"])
+def test_the_report_splits_spoken_and_typed_questions_when_some_were_spoken(tmp_path: Path, spoken: bool) -> None:
+    def result(version: str, hallucination: float, win: float) -> VersionResult:
+        heard = judge_of(hallucination + 0.1, win - 0.05) if spoken else None
+        return VersionResult(version, True, 0.0, win, [win - 0.05, win + 0.05], hallucination,
+                             [hallucination - 0.05, hallucination + 0.05], 0.0, 200, spoken=heard)
+
+    def judge_of(hallucination: float, win: float) -> Judged:
+        return Judged(hallucination, [hallucination - 0.06, hallucination + 0.06], win, [win - 0.06, win + 0.06], 200)
+
+    summary = {"seconds": 540, "warm_start_seconds": 0, "final": "v1", "requests": 100, "conversations": 20,
+               "http_requests": 25, "spoken_requests": 30 if spoken else 0, "feedback": 90,
+               "freshness_seconds": {"measured": 0, "left_out": 0}, "memory_mib": {}}
+    write_report(tmp_path, [result("v0", 0.5, 0.5), result("v1", 0.2, 0.75)], [], summary)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    markdown = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "versions.png").stat().st_size > 0
+    row = next(line for line in markdown.splitlines() if line.startswith("| v1 |"))
+    if spoken:
+        assert report["versions"][1]["spoken"]["hallucination_rate"] == pytest.approx(0.3)
+        assert "spoken: hallucination rate" in markdown and "30 asked aloud" in markdown
+        assert row.endswith("| 30.0% (24.0%-36.0%) | 70.0% (64.0%-76.0%) |"), row
+    else:
+        assert report["versions"][1]["spoken"] is None and "spoken" not in markdown and "aloud" not in markdown
+        assert row.endswith("| 0.0 |"), row
