@@ -79,6 +79,15 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 DEMO_ALGORITHM: dict[str, dict[str, Any]] = {"a2c": {"learner.policy_lr": 3e-4}}
 
 
+# With --spoken-share: the trainer's settings that replace DEMO_SETTINGS's (and DEMO_ALGORITHM's) for the spoken v0,
+# a Qwen2.5-Omni thinker. With the LLaVA's settings its rounds took ~48 s where the LLaVA's take ~30 (a spoken prompt
+# is ~45 audio tokens longer), 70% of it training the reward model (py-spy), and it published 5 versions in the 9
+# minutes, which cut spoken questions' hallucination by 41%. One pass over the reward model's pairs a round instead
+# of two brought rounds to ~34 s, and twice the learning rate moves each version further: 8 versions, a 56% cut
+# (docs/demo.md has the runs).
+DEMO_SPOKEN: dict[str, Any] = {"learner.policy_lr": 2e-4, "learner.reward_epochs": 1}
+
+
 # With --lora: the trainer's settings that replace DEMO_SETTINGS's (and DEMO_ALGORITHM's). An adapter's update is a low-rank
 # slice of a full one, so it takes a larger learning rate to move as far per step.
 DEMO_LORA: dict[str, Any] = {"learner.lora_rank": 16, "learner.lora_alpha": 32.0, "learner.policy_lr": 1e-3}
@@ -144,10 +153,13 @@ class DemoConfig:
             raise ConfigError("spoken_share", f"{self.spoken_share} is not a share between 0 and 1")
         if self.spoken_share > 0 and self.reward_backbone == "clip":
             raise ConfigError("spoken_share", "spoken questions need the generative reward model: CLIP hears nothing")
+        if self.spoken_share > 0 and self.policy_model is not None and audio_sampling_rate(
+                AutoProcessor.from_pretrained(self.policy_model)) is None:
+            raise ConfigError("policy_model", f"{self.policy_model} hears nothing: --spoken-share needs a model that takes audio")
 
 
 def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[str, Any]]:
-    """DEMO_SETTINGS (with the algorithm's and --lora's) with where the demo's models are and the device they run on."""
+    """DEMO_SETTINGS (with the algorithm's, --spoken-share's and --lora's) with where the demo's models are and the device they run on."""
     return {
         **DEMO_SETTINGS,
         "policy": {"model_dir": str(policy_model), "device": config.device, "dtype": config.dtype},
@@ -155,7 +167,7 @@ def service_settings(config: DemoConfig, policy_model: Path) -> dict[str, dict[s
         "trainer": {**DEMO_SETTINGS["trainer"], "learner.algorithm": config.algorithm, "learner.policy_model_dir": str(policy_model),
                     "learner.seed": config.seed, "learner.device": config.device, "learner.dtype": config.dtype,
                     "learner.reward_backbone": config.reward_backbone, **DEMO_ALGORITHM.get(config.algorithm, {}),
-                    **(DEMO_LORA if config.lora else {})},
+                    **(DEMO_SPOKEN if config.spoken_share > 0 else {}), **(DEMO_LORA if config.lora else {})},
     }
 
 
@@ -175,8 +187,6 @@ def starting_policy(config: DemoConfig) -> tuple[Path, float]:
     """v0's folder, --policy-model or the warm start (built on first use, then cached), and the seconds
     the warm start took (0 for --policy-model)."""
     if config.policy_model is not None:
-        if config.spoken_share > 0 and audio_sampling_rate(AutoProcessor.from_pretrained(config.policy_model)) is None:
-            raise ConfigError("policy_model", f"{config.policy_model} hears nothing: --spoken-share needs a model that takes audio")
         return config.policy_model, 0.0
     started = time.monotonic()
     print(f"warm start: building or loading {'the spoken ' if config.spoken_share > 0 else ''}v0 ...", flush=True)

@@ -16,9 +16,10 @@ from modalign.core.broker import BrokerConfig
 from modalign.core.config import ConfigError, add_arguments, field_docs, parse_config, to_arguments, with_overrides
 from modalign.core.kafka import KafkaConfig
 from modalign.core.launch import LocalSystem, on_broker, service_argv
-from modalign.demo.run import DEMO_SETTINGS, DemoConfig, service_settings
+from modalign.demo.run import DEMO_SETTINGS, DEMO_SPOKEN, DemoConfig, service_settings
 from modalign.feedback.server import FeedbackConfig
 from modalign.policy.config import PolicyConfig
+from modalign.policy.model import build_default_policy, save_policy
 from modalign.reward.config import RewardServerConfig
 from modalign.rollout.server import RolloutConfig
 from modalign.trainer.service import TrainerConfig
@@ -181,3 +182,22 @@ def test_the_demos_reward_backbone_reaches_the_trainer_and_the_reward_service(tm
     assert DemoConfig().reward_backbone == TrainerConfig().learner.reward_backbone == RewardServerConfig().backbone == "generative"
     with pytest.raises(SystemExit):
         parse_config(DemoConfig, ["--reward-backbone", "vit"])
+
+
+def test_a_spoken_demo_learns_at_its_own_rate_and_refuses_a_share_it_cannot_run(tmp_path: Path) -> None:
+    demo = parse_config(DemoConfig, ["--spoken-share", "0.5"])
+    services = local_services(KafkaConfig(), tmp_path, LocalPorts(), INSECURE, service_settings(demo, Path("/warm")))
+    trainer = parse_config(TrainerConfig, to_arguments(services["trainer"]))  # as the trainer process reads it
+    assert demo.spoken_share == 0.5 and (trainer.learner.policy_lr, trainer.learner.reward_epochs) == (2e-4, 1)
+    assert set(DEMO_SPOKEN) == {"learner.policy_lr", "learner.reward_epochs"}
+    for flags in (["--spoken-share", "1.5"], ["--spoken-share", "-0.1"], ["--spoken-share", "0.3", "--reward-backbone", "clip"]):
+        with pytest.raises(SystemExit):
+            parse_config(DemoConfig, flags)
+
+
+def test_a_spoken_demo_refuses_a_starting_model_that_hears_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    save_policy(*build_default_policy(seed=0), tmp_path / "llava")
+    assert parse_config(DemoConfig, ["--policy-model", str(tmp_path / "llava")]).spoken_share == 0
+    with pytest.raises(SystemExit):
+        parse_config(DemoConfig, ["--policy-model", str(tmp_path / "llava"), "--spoken-share", "0.3"])
+    assert "hears nothing" in capsys.readouterr().err
