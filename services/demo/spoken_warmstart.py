@@ -17,17 +17,19 @@ are synthesised once per text and cached. The audio side therefore learns 26 cli
 as the demo's users need, and no better.
 
 Measured (2026-12-05, seed 0, 256 held-out scenes, greedy accuracy per kind; sampled hallucination at T=1),
-`uv run python -m modalign.demo.spoken_warmstart [--audio-steps 0 | --no-train-audio-in-sft]`:
+`uv run python -m modalign.demo.spoken_warmstart [--audio-steps 0 | --train-audio-in-sft]`:
 
 | run | build | typed count/colour/position/describe/exists | spoken, same | halluc. typed / spoken |
 | --- | --- | --- | --- | --- |
-| B defaults | 1769 s, loaded machine | 0.94 0.77 0.69 0.96 0.49 | 0.92 0.63 0.74 0.98 0.49 | 49% / 41% |
+| B audio trained in SFT | 1769 s, loaded machine | 0.94 0.77 0.69 0.96 0.49 | 0.92 0.63 0.74 0.98 0.49 | 49% / 41% |
 | C no audio stage | 857 s, half loaded | 1.00 0.73 0.61 0.96 0.43 | 0.98 0.54 0.68 0.98 0.49 | 45% / 43% |
-| D audio frozen in SFT | 489 s, idle | 1.00 0.56 0.65 0.98 0.53 | 1.00 0.60 0.63 0.96 0.43 | 49% / 48% |
+| D audio frozen in SFT (the default) | 489 s, idle | 1.00 0.56 0.65 0.98 0.53 | 1.00 0.60 0.63 0.96 0.43 | 49% / 48% |
+| D again, a later session | 799 s, beside seed 1's | 1.00 0.73 0.73 1.00 0.60 | 1.00 0.67 0.76 1.00 0.51 | 48% / 47% |
 
 Spoken questions come out about as well as typed ones (within the spread between runs) when the audio stage
 ran. Without it, "What colour is the shape at the top right?" (the position named at the end of the longest
-clips) was answered right 16/79 times spoken against 41/79 typed; with it 34/79 (B) and 42/79 (D).
+clips) was answered right 16/79 times spoken against 41/79 typed; with it 34/79 (B) and 42/79 (D). The demo
+(`modalign demo --spoken-share`) starts from the default build, cached by build_spoken_warm_start.
 """
 
 from __future__ import annotations
