@@ -87,3 +87,10 @@ def test_training_dashboard_shows_progress_learning_and_versions() -> None:
             "rm_heldout_accuracy_rating", "preference_shift", "kl_coef", "policy_loss", "value_loss", "reward_mean", "kl",
             "kl_to_reference",
             "clip_fraction", "entropy"} <= learning
+
+
+def test_serving_dashboard_shows_what_each_version_generates_and_hears() -> None:
+    (serving,) = [d for d in DASHBOARDS if d.stem == "serving"]
+    metrics = set().union(*(queried_metric_names(expr) for _, expr in dashboard_queries(serving)))
+    assert {"modalign_policy_generated_tokens_total", "modalign_policy_audio_seconds_total",
+            "modalign_policy_version_info", "modalign_policy_batch_rows_bucket"} <= metrics
