@@ -80,11 +80,11 @@ DEMO_ALGORITHM: dict[str, dict[str, Any]] = {"a2c": {"learner.policy_lr": 3e-4}}
 
 
 # With --spoken-share: the trainer's settings that replace DEMO_SETTINGS's (and DEMO_ALGORITHM's) for the spoken v0,
-# a Qwen2.5-Omni thinker. With the LLaVA's settings its rounds took ~48 s where the LLaVA's take ~30 (a spoken prompt
-# is ~45 audio tokens longer), 70% of it training the reward model (py-spy), and it published 5 versions in the 9
-# minutes, which cut spoken questions' hallucination by 41%. One pass over the reward model's pairs a round instead
-# of two brought rounds to ~34 s, and twice the learning rate moves each version further: 8 versions published (7 promoted), a 56% cut
-# (docs/demo.md has the runs).
+# a Qwen2.5-Omni thinker. With the LLaVA's settings its rounds took ~48 s where the LLaVA's took ~23 on the same
+# machine (a spoken prompt is ~45 audio tokens longer), 70% of it training the reward model (py-spy), and it published
+# 5 versions in the 9 minutes, which cut spoken questions' hallucination by 41%. One pass over the reward model's
+# pairs a round instead of two brought rounds to ~32 s, and twice the learning rate moves each version further:
+# 8 versions published (7 promoted), a 56% cut (docs/demo.md has the runs).
 DEMO_SPOKEN: dict[str, Any] = {"learner.policy_lr": 2e-4, "learner.reward_epochs": 1}
 
 
