@@ -276,7 +276,7 @@ def write_report(out: Path, results: list[VersionResult], timeline: list[dict], 
         f" **{summary['final']}**.", "",
         f"Traffic: {summary['requests']} requests, {summary['conversations']} of them follow-ups in a two-turn"
         f" conversation and {summary['http_requests']} over the OpenAI-compatible HTTP API (the rest over gRPC)"
-        + (f", {summary['spoken_requests']} asked aloud" if summary.get("spoken_requests") else "")
+        + (f", {summary['spoken_requests']} asked aloud (spoken by {summary['synthesiser']})" if summary.get("spoken_requests") else "")
         + f"; {summary['feedback']} feedback messages.", "",
         freshness_line(summary["freshness_seconds"]), "",
         memory_line(summary["memory_mib"]), "",

@@ -38,6 +38,7 @@ from modalign.core.versions import ACTIVE_PHASES
 from modalign.demo.freshness import Freshness, freshness
 from modalign.demo.memory import MemorySampler, ResidentMemory, resident_mib, summarise, system_pids
 from modalign.demo.report import evaluate_versions, head_to_head, held_out_examples, write_report
+from modalign.demo.speech import available_synthesiser
 from modalign.demo.spoken_warmstart import build_spoken_warm_start
 from modalign.demo.users import SimulatedUsers, Tally, UsersConfig
 from modalign.demo.warmstart import build_warm_start
@@ -189,6 +190,8 @@ def starting_policy(config: DemoConfig) -> tuple[Path, float]:
     if config.policy_model is not None:
         return config.policy_model, 0.0
     started = time.monotonic()
+    if config.spoken_share > 0:
+        print(f"speech: the users' spoken questions are spoken by {available_synthesiser()}", flush=True)
     print(f"warm start: building or loading {'the spoken ' if config.spoken_share > 0 else ''}v0 ...", flush=True)
     build = build_spoken_warm_start if config.spoken_share > 0 else build_warm_start
     policy_model = build(config.cache_dir, seed=config.seed)
@@ -300,6 +303,7 @@ def report(config: DemoConfig, loop: Loop, policy_model: Path, warm_start_second
                  {"seconds": loop.seconds, "warm_start_seconds": warm_start_seconds, "final": final, "seed": config.seed,
                   "algorithm": config.algorithm, "requests": tally.requests, "failed_requests": tally.failed,
                   "conversations": tally.conversations, "http_requests": tally.http, "spoken_requests": tally.spoken,
+                  "synthesiser": available_synthesiser() if config.spoken_share > 0 else None,
                   "feedback": sum(tally.feedback.values()), "freshness_seconds": asdict(loop.freshness),
                   "memory_mib": {name: asdict(memory) for name, memory in loop.memory.items()}})
     for r in results:

@@ -14,6 +14,7 @@ import pytest
 
 from modalign.core.broker import BrokerConfig
 from modalign.core.processes import free_run
+from modalign.demo.speech import available_synthesiser
 from modalign.policy.model import build_default_policy, save_policy
 
 from tests.families.tiny import TINY_CHECKPOINTS
@@ -102,10 +103,10 @@ def test_the_whole_loop_runs_on_another_model_family(
     if "--spoken-share" in flags:
         # Spoken questions were served over both front doors without a failure, and the report judged every
         # version on the held-out questions asked aloud.
-        assert 0 < report["spoken_requests"] < report["requests"], report
+        assert 0 < report["spoken_requests"] < report["requests"] and report["synthesiser"] == available_synthesiser(), report
         assert all(s is not None and s["samples"] == 16 for s in spoken), spoken
         assert spoken[0]["win_rate_vs_v0"] == 0.5 and "spoken: hallucination rate" in (out / "report.md").read_text()
     else:
-        assert report["spoken_requests"] == 0 and spoken == [None] * len(spoken)
+        assert report["spoken_requests"] == 0 and report["synthesiser"] is None and spoken == [None] * len(spoken)
     v1 = out / "work" / "models" / "policy" / "v1"
     assert (v1 / "adapter" / "adapter_config.json").exists() == ("--lora" in flags)

@@ -53,6 +53,7 @@ def test_the_report_splits_spoken_and_typed_questions_when_some_were_spoken(tmp_
 
     summary = {"seconds": 540, "warm_start_seconds": 0, "final": "v1", "requests": 100, "conversations": 20,
                "http_requests": 25, "spoken_requests": 30 if spoken else 0, "feedback": 90,
+               "synthesiser": "espeak-ng" if spoken else None,
                "freshness_seconds": {"measured": 0, "left_out": 0}, "memory_mib": {}}
     write_report(tmp_path, [result("v0", 0.5, 0.5), result("v1", 0.2, 0.75)], [], summary)
 
@@ -62,7 +63,7 @@ def test_the_report_splits_spoken_and_typed_questions_when_some_were_spoken(tmp_
     row = next(line for line in markdown.splitlines() if line.startswith("| v1 |"))
     if spoken:
         assert report["versions"][1]["spoken"]["hallucination_rate"] == pytest.approx(0.3)
-        assert "spoken: hallucination rate" in markdown and "30 asked aloud" in markdown
+        assert "spoken: hallucination rate" in markdown and "30 asked aloud (spoken by espeak-ng)" in markdown
         assert row.endswith("| 30.0% (24.0%-36.0%) | 70.0% (64.0%-76.0%) |"), row
     else:
         assert report["versions"][1]["spoken"] is None and "spoken" not in markdown and "aloud" not in markdown
