@@ -1,6 +1,7 @@
 """`modalign demo`: the whole online RLHF loop with simulated users, ending with a report.
 
-1. v0: the warm start (built by modalign.demo.warmstart on first use and cached), or --policy-model.
+1. v0: the warm start (built by modalign.demo.warmstart on first use and cached; with --spoken-share, the one that
+   also hears, by modalign.demo.spoken_warmstart), or --policy-model.
 2. The broker (started if it is not running; the demo's topics get their own prefix) and every
    service: feedback, policy, reward, trainer (--algorithm: DPO on the users' preferences by default,
    or PPO, A2C, RLOO or GRPO against the reward model learned from them) and the rollout controller, with
@@ -122,10 +123,10 @@ class DemoConfig:
     users: int = 4
     """Simulated users sending requests at once."""
     spoken_share: float = 0.0
-    """Share of the users' questions asked aloud (a WAV of the question spoken by espeak-ng, or by a tone
-    synthesiser where it is not installed: services/demo/speech.py). Above 0, v0 is the spoken warm start, a
-    Qwen2.5-Omni thinker that hears (built on first use and cached, like the LLaVA's), and the report gives
-    hallucination and win rate for spoken questions beside typed ones."""
+    """Share of the users' first questions asked aloud, follow-ups staying typed (a WAV of the question spoken by
+    espeak-ng, or by a tone synthesiser where it is not installed: services/demo/speech.py). Above 0, v0 is the
+    spoken warm start, a Qwen2.5-Omni thinker that hears (built on first use and cached, like the LLaVA's), and the
+    report gives hallucination and win rate for spoken questions beside typed ones."""
     policy_model: Path | None = None
     """A Hugging Face image-text-to-text checkpoint folder to start from instead of the warm start (one that
     hears, with --spoken-share)."""
