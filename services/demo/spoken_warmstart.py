@@ -70,7 +70,7 @@ from modalign.demo.warmstart import (
     quadrant_labels,
     weighted_examples,
 )
-from modalign.policy.conversation import Part, Turn
+from modalign.policy.conversation import Conversation, single_question
 from modalign.policy.model import format_conversation, load_policy, save_policy
 from modalign.policy.omni import MEL_BINS, build_omni_policy
 
@@ -139,9 +139,9 @@ def train_spoken_warm_start(
 # ---- inputs --------------------------------------------------------------------------------------
 
 
-def prompt_conversation(question: str, spoken: bool) -> tuple[Turn, ...]:
+def prompt_conversation(question: str, spoken: bool) -> Conversation:
     """The user turn a question stands for: the image, then the question's clip (spoken) or text (typed)."""
-    return (Turn("user", (Part("image", ""), Part("audio", "") if spoken else Part("text", question))),)
+    return single_question("" if spoken else question, [""], [""] if spoken else [])
 
 
 class Inputs:

@@ -38,7 +38,7 @@ from modalign.core.images import InvalidImage, decode_data_url
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
 from modalign.core.version_names import reward_version_for
 from modalign.evaluation.metrics import bleu, exact_match, mean_interval, pope, rouge_l
-from modalign.policy.conversation import Conversation, Part, Turn, single_question
+from modalign.policy.conversation import Conversation, single_question
 from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams
 from modalign.policy.model import format_conversation, load_policy
 from modalign.reward.backbones import AnyRewardModel, load_reward_model
@@ -55,9 +55,7 @@ class Prompt:
     @property
     def conversation(self) -> Conversation:
         """The one user turn the prompt stands for: its images, then its clip or its text."""
-        if self.clip is None:
-            return single_question(self.question, [""] * len(self.images))
-        return (Turn("user", (*(Part("image", "") for _ in self.images), Part("audio", ""))),)
+        return single_question(self.question if self.clip is None else "", [""] * len(self.images), [""] * len(self.audio))
 
     @property
     def audio(self) -> list[np.ndarray]:

@@ -43,9 +43,13 @@ class Turn:
 Conversation = tuple[Turn, ...]
 
 
-def single_question(text: str, image_keys: Sequence[str]) -> Conversation:
-    """The shorthand every single-question request stands for: one user turn, its images, then its text."""
-    return (Turn("user", (*(Part("image", key) for key in image_keys), Part("text", text))),)
+def single_question(text: str, image_keys: Sequence[str], audio_keys: Sequence[str] = ()) -> Conversation:
+    """The shorthand every single-question request stands for: one user turn, its images, then its audio clips
+    (a spoken question), then its text; a spoken question without text has no text part (as
+    generations.shorthand_conversation builds it)."""
+    text_part = (Part("text", text),) if text or not audio_keys else ()
+    return (Turn("user", (*(Part("image", key) for key in image_keys), *(Part("audio", key) for key in audio_keys),
+                          *text_part)),)
 
 
 def as_conversation(prompt: str | Conversation, num_images: int) -> Conversation:

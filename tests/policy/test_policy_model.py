@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from modalign.policy.conversation import single_question
+from modalign.policy.generations import shorthand_conversation
 from modalign.policy.model import (
     NUM_IMAGE_TOKENS,
     build_default_policy,
@@ -9,6 +11,7 @@ from modalign.policy.model import (
     load_policy,
     save_policy,
 )
+from modalign.v1 import common_pb2, policy_pb2
 
 
 def test_default_policy_is_small_and_in_eval_mode(policy):
@@ -91,3 +94,14 @@ def test_save_load_round_trip_gives_identical_logits(policy, images, tmp_path):
     assert torch.equal(inputs["pixel_values"], loaded_inputs["pixel_values"])
     with torch.inference_mode():
         assert torch.equal(model(**inputs).logits, loaded_model(**loaded_inputs).logits)
+
+
+def test_the_single_question_shorthand_is_the_conversation_a_shorthand_request_logs() -> None:
+    """single_question (the trainer's, the evaluation's and the warm start's prompts) has the parts, in the order,
+    of the turn the policy builds from a shorthand request: images, the spoken clip, then the text if any."""
+    image, clip = common_pb2.Image(data=b"i", mime_type="image/png"), common_pb2.Audio(data=b"a", mime_type="audio/wav")
+    for text, audio in (("What is there?", None), ("", clip), ("and this?", clip)):
+        request = policy_pb2.GenerateRequest(text=text, images=[image], **({"audio": audio} if audio else {}))
+        logged = [part.WhichOneof("part") for part in shorthand_conversation(request)[0].content]
+        built = single_question(text, ["key"], ["key"] if audio else [])
+        assert [part.kind for part in built[0].parts] == logged and built[0].text == text
