@@ -7,7 +7,7 @@ phantom object, a miscount), so answers sampled at temperature 1 often hallucina
 the online loop then closes from user feedback.
 
 Seeing is the hard part for a ~1M-parameter model trained from random init on one core: the language
-side is fluent within a minute, grounding is not. So the build has three stages:
+side is fluent within a minute, grounding is not. So the build has two stages:
 1. The vision tower and projector alone learn to classify each quadrant of the image (empty, or the
    colour, shape and size of its object) from the projected image tokens. This is cheap (no text) and
    puts exactly the facts the answers need into the image tokens the language model attends to.
@@ -16,9 +16,6 @@ side is fluent within a minute, grounding is not. So the build has three stages:
    concise and verbose answers of which a fraction are fluent hallucinations (the pre-RLHF habits).
    Mixing the noisy targets in from the start was measured to stall grounding: colour and position
    answers stayed near 60% correct.
-3. Yes/no questions ("Is there a red circle in the image?", POPE's kind) alone, at a lower learning rate
-   from a fresh optimizer, then the noisy style steps once more. Their answer depends on neither the
-   image nor the question alone, only on both, and stage 2 leaves the model answering them at chance.
 
 The result is saved with save_policy, so it stays a plain Hugging Face image-text-to-text model, in a
 cache folder named by a hash of the build settings: a second build with the same settings is instant.
@@ -108,15 +105,6 @@ class WarmStartConfig:
     noise: float = 0.3
     """Fraction of targets (after clean_steps) that are fluent hallucinations: about half of v0's
     sampled answers then hallucinate, while its concise greedy answers stay mostly grounded."""
-    yes_no_steps: int = 700
-    """Stage 3 (teach_yes_no): steps on yes/no questions alone ("Is there a red circle in the image?"), with
-    clean concise answers, at yes_no_lr; then the style steps once more. Without it v0 answers them at chance
-    (POPE accuracy ~50%, docs/demo.md): "yes" is true half the time for every image and every question, so
-    only their combination predicts it, and stage 2's mixed batches at sft_lr never leave that plateau.
-    Measured from a built v0, with a fresh optimizer at 3e-4: yes/no accuracy left 50% after 250-500 steps
-    and reached 80-89% by 700, in each of four runs; at 1e-3, or with stage 2's optimizer, or straight after
-    the clean steps, it stayed at chance for 600+ steps."""
-    yes_no_lr: float = 3e-4
 
 
 def build_warm_start(cache_dir: str | Path, seed: int = 0, config: WarmStartConfig = WarmStartConfig()) -> Path:
@@ -309,74 +297,45 @@ BatchInputs = Callable[[list[Example], list[str], random.Random], dict[str, torc
 
 
 def fine_tune(model: PreTrainedModel, parameters: list[nn.Parameter], config: FineTuning, seed: int,
-              inputs_of: BatchInputs) -> torch.optim.Optimizer:
+              inputs_of: BatchInputs) -> None:
     """Next-token loss on the answer (and its EOS): clean concise answers for config.clean_steps at sft_lr,
-    then verbose and noisy ones at style_lr decaying to zero. Returns the optimizer.
+    then verbose and noisy ones at style_lr decaying to zero.
 
     One optimizer runs through the whole stage: a fresh one met the verbose targets' large first
     gradients with no second-moment estimate and knocked out much of the grounding just learned.
     """
     optimizer = torch.optim.AdamW(parameters, lr=config.sft_lr)
+    total, clean_steps = config.sft_steps, config.clean_steps
+    style_scale = config.style_lr / config.sft_lr
+
+    def lr_scale(step: int) -> float:
+        return 1.0 if step < clean_steps else style_scale * (total - step) / max(1, total - clean_steps)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
     stream = weighted_examples(seed + 2, config.question_weights)
     rng = random.Random(seed + 3)
     model.train()
-    train_steps(model, optimizer, [config.sft_lr] * config.clean_steps, stream, rng, config, inputs_of, clean=True)
-    train_steps(model, optimizer, style_rates(config), stream, rng, config, inputs_of, clean=False)
-    return optimizer
-
-
-def style_rates(config: FineTuning) -> list[float]:
-    """The learning rate of each style step: style_lr, decaying linearly towards zero (written as a scale of
-    sft_lr, as the builds cached before stage 3 computed it, so that they stay bit-identical)."""
-    steps, style_scale = config.sft_steps - config.clean_steps, config.style_lr / config.sft_lr
-    return [config.sft_lr * (style_scale * (steps - step) / max(1, steps)) for step in range(steps)]
-
-
-def train_steps(model: PreTrainedModel, optimizer: torch.optim.Optimizer, rates: list[float], stream: Iterator[Example],
-                rng: random.Random, config: FineTuning, inputs_of: BatchInputs, clean: bool, phase: str = "") -> None:
-    """One step per learning rate in rates, on batches from stream: concise faithful targets if clean, else a
-    batch in the verbose style with probability config.verbose and each target a hallucination with
-    probability config.noise. phase names them in the log."""
-    for step, rate in enumerate(rates):
-        for group in optimizer.param_groups:
-            group["lr"] = rate
+    for step in range(total):
+        clean = step < clean_steps
         style: Style = "verbose" if not clean and rng.random() < config.verbose else "concise"
+        noise = 0.0 if clean else config.noise
         batch = [next(stream) for _ in range(config.batch_size)]
-        answers = [target_answer(e, rng, style, 0.0 if clean else config.noise) for e in batch]
+        answers = [target_answer(e, rng, style, noise) for e in batch]
         loss = model(**inputs_of(batch, answers, rng)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         if step % 100 == 0:
-            log.info("%s step %d loss %.3f", phase or ("clean" if clean else "style"), step, loss.item())
-
-
-def teach_yes_no(model: PreTrainedModel, config: WarmStartConfig, seed: int, inputs_of: BatchInputs) -> None:
-    """Stage 3: yes/no questions alone, clean and concise, at yes_no_lr from a fresh optimizer (see
-    WarmStartConfig.yes_no_steps); then the style steps again, with that optimizer, so that v0 keeps the
-    pre-RLHF habits the yes/no steps trained away (other kinds' grounding and style fade during them)."""
-    if config.yes_no_steps == 0:
-        return
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.yes_no_lr)
-    rng = random.Random(seed + 5)
-    model.train()
-    yes_no = weighted_examples(seed + 4, tuple(float(kind == "exists") for kind in QUESTION_KINDS))
-    train_steps(model, optimizer, [config.yes_no_lr] * config.yes_no_steps, yes_no, rng, config, inputs_of, clean=True,
-                phase="yes/no")
-    stream = weighted_examples(seed + 6, config.question_weights)
-    train_steps(model, optimizer, style_rates(config), stream, rng, config, inputs_of, clean=False)
+            log.info("sft step %d loss %.3f", step, loss.item())
 
 
 def sft(model: PreTrainedModel, processor: ProcessorMixin, config: WarmStartConfig, seed: int) -> None:
-    """Stage 2 (fine_tune) and stage 3 (teach_yes_no) on typed questions."""
+    """Stage 2 (fine_tune) on typed questions."""
     tokens = _Tokens(processor)
-
-    def inputs_of(batch: list[Example], answers: list[str], _rng: random.Random) -> dict[str, torch.Tensor]:
-        return training_batch(batch, answers, tokens)
-
-    fine_tune(model, list(model.parameters()), config, seed, inputs_of)
-    teach_yes_no(model, config, seed, inputs_of)
+    fine_tune(model, list(model.parameters()), config, seed,
+              lambda batch, answers, _rng: training_batch(batch, answers, tokens))
 
 
 # ---- measurement ---------------------------------------------------------------------------------
