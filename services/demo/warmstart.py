@@ -346,13 +346,15 @@ class Evaluation:
     """Held-out quality of a policy on the scenes task.
 
     accuracy: per question kind, the fraction of greedy answers the judge calls correct.
-    hallucination: the fraction of answers sampled at temperature 1 that the judge calls hallucinated.
+    hallucination: the fraction of answers sampled at temperature 1 that the judge calls hallucinated;
+    hallucination_by_kind: the same per question kind (which kinds RLHF has left to fix).
     styles: how many sampled answers look verbose ("Sure!...") or concise.
     """
 
     accuracy: dict[str, float]
     greedy_hallucination: float
     hallucination: float
+    hallucination_by_kind: dict[str, float]
     styles: dict[str, int]
 
 
@@ -383,8 +385,8 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, seed: int = 1234
     # Sample as the serving engine does: never a special token other than EOS.
     suppress = sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
     torch.manual_seed(seed)
-    correct, total = Counter(), Counter()
-    greedy_bad = sampled_bad = 0
+    correct, total, sampled_bad = Counter(), Counter(), Counter()
+    greedy_bad = 0
     styles: Counter[str] = Counter()
     for start in range(0, n, batch_size):
         batch = held_out[start : start + batch_size]
@@ -399,7 +401,7 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, seed: int = 1234
             for example, text in zip(batch, texts):
                 verdict = faithfulness(text, example.scene, example.question)
                 if do_sample:
-                    sampled_bad += verdict.hallucinated
+                    sampled_bad[example.question.kind] += verdict.hallucinated
                     styles["verbose" if text.startswith("Sure") else "concise"] += 1
                 else:
                     greedy_bad += verdict.hallucinated
@@ -408,7 +410,8 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, seed: int = 1234
     return Evaluation(
         accuracy={kind: correct[kind] / total[kind] for kind in QUESTION_KINDS if total[kind]},
         greedy_hallucination=greedy_bad / n,
-        hallucination=sampled_bad / n,
+        hallucination=sum(sampled_bad.values()) / n,
+        hallucination_by_kind={kind: sampled_bad[kind] / total[kind] for kind in QUESTION_KINDS if total[kind]},
         styles={s: styles[s] for s in STYLES},
     )
 

@@ -2,9 +2,13 @@
 
 import dataclasses
 import json
+from collections import Counter
+from itertools import islice
 
+import pytest
 import torch
 
+from modalign.demo.scenes import examples
 from modalign.demo.warmstart import WarmStartConfig, build_warm_start, config_hash, evaluate, main
 from modalign.policy.model import load_policy
 
@@ -29,6 +33,10 @@ def test_a_tiny_warm_start_is_cached_and_loads_with_load_policy(tmp_path, capsys
     result = evaluate(model, processor, n=4, batch_size=4, max_new_tokens=4)
     assert set(result.accuracy) <= {"count", "colour", "position", "describe", "exists"}
     assert 0.0 <= result.hallucination <= 1.0
+    held_out = Counter(example.question.kind for example in islice(examples(12345), 4))  # evaluate's default seed
+    assert result.hallucination_by_kind.keys() == held_out.keys()
+    assert sum(rate * held_out[kind] for kind, rate in result.hallucination_by_kind.items()) / 4 == pytest.approx(
+        result.hallucination)
 
     main([str(folder), "-n", "4"])  # the command docs/demo.md measures warm starts and versions with
     printed_folder, evaluation = capsys.readouterr().out.strip().split(" ", 1)
