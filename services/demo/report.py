@@ -3,7 +3,7 @@
 Every version answers the same held-out scenes (scenes no simulated user ever sees) with the same
 sampling seeds at temperature 1, so versions differ only by their weights:
 - hallucination_rate: share of sampled answers the judge (scenes.faithfulness) flags, with a 95%
-  Wilson interval;
+  Wilson interval; hallucination_by_kind: the same share per kind of question;
 - win_rate_vs_v0: per scene, the users' hidden preference (without their noise) between this
   version's answer and v0's, ties counted half; mean and 95% normal interval over scenes;
 - mean_reward: the last published reward model's mean score of the answers (one model for all
@@ -23,12 +23,13 @@ sampling seeds at temperature 1, so versions differ only by their weights:
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from modalign.demo.scenes import STYLES, Example, examples, faithfulness, reference_answer
+from modalign.demo.scenes import QUESTION_KINDS, STYLES, Example, examples, faithfulness, reference_answer
 from modalign.demo.speech import spoken_clip
 from modalign.demo.users import preference
 from modalign.evaluation.metrics import bleu, mean_interval, pope, rouge_l, wilson_interval
@@ -58,6 +59,8 @@ class VersionResult:
     """Mean ROUGE-L F-measure (0-1) against the same references."""
     pope: dict | None = None
     """POPE's figures over the held-out yes/no questions; None when there were none."""
+    hallucination_by_kind: dict[str, float] = field(default_factory=dict)
+    """The hallucination rate per kind of question (count, colour, position, describe, exists)."""
     spoken: Judged | None = None
     """The hallucination and win rate of the same questions asked aloud; None when the demo asked none aloud."""
     reward_model_accuracy: float | None = None
@@ -111,13 +114,20 @@ class Judged:
     win_rate_vs_v0: float
     win_rate_ci: list[float]
     samples: int
+    hallucination_by_kind: dict[str, float] = field(default_factory=dict)
+    """The hallucination rate per kind of question: which kinds RLHF has left to fix."""
 
 
 def judge(answers: list[str], baseline: list[str], held_out: list[Example]) -> Judged:
     """answers (one per held-out question) judged, and compared with v0's (baseline)."""
-    hallucinated = sum(faithfulness(a, e.scene, e.question).hallucinated for a, e in zip(answers, held_out))
+    bad, asked = Counter(), Counter()
+    for answer, example in zip(answers, held_out):
+        bad[example.question.kind] += faithfulness(answer, example.scene, example.question).hallucinated
+        asked[example.question.kind] += 1
+    hallucinated = sum(bad.values())
     win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(answers, baseline, held_out)])
-    return Judged(hallucinated / len(answers), wilson_interval(hallucinated, len(answers)), win_rate, win_ci, len(answers))
+    return Judged(hallucinated / len(answers), wilson_interval(hallucinated, len(answers)), win_rate, win_ci, len(answers),
+                  {kind: bad[kind] / asked[kind] for kind in QUESTION_KINDS if asked[kind]})
 
 
 def evaluate_versions(
@@ -154,7 +164,7 @@ def evaluate_versions(
         results.append(VersionResult(
             version=name, promoted=promoted, mean_reward=mean_reward, win_rate_vs_v0=judged.win_rate_vs_v0,
             win_rate_ci=judged.win_rate_ci, hallucination_rate=judged.hallucination_rate,
-            hallucination_ci=judged.hallucination_ci, samples=judged.samples,
+            hallucination_ci=judged.hallucination_ci, samples=judged.samples, hallucination_by_kind=judged.hallucination_by_kind,
             kl=0.0 if name == reference else kl_to(engines[reference], samples[name], typed),
             spoken=judge(said[name], said[reference], held_out) if spoken else None,
             reward_model_accuracy=accuracy, reward_model_pairs=pairs,

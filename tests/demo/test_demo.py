@@ -14,6 +14,7 @@ import pytest
 
 from modalign.core.broker import BrokerConfig
 from modalign.core.processes import free_run
+from modalign.demo.report import held_out_examples
 from modalign.demo.speech import available_synthesiser
 from modalign.policy.model import build_default_policy, save_policy
 
@@ -53,6 +54,7 @@ def test_demo_runs_the_loop_and_writes_its_report(kafka_broker: BrokerConfig, tm
         low, high = version["win_rate_ci"]
         assert 0 <= low <= version["win_rate_vs_v0"] <= high <= 1
         assert 0 <= version["hallucination_rate"] <= 1 and version["samples"] == 16
+        assert version["hallucination_by_kind"].keys() == {e.question.kind for e in held_out_examples(16)}
         assert version["size_bytes"] > 1_000_000  # the whole model, its processor files and manifest
         # Two of the 16 held-out questions ask whether an object is there: POPE's figures are over them.
         assert version["pope"]["questions"] == 2 and 0 <= version["pope"]["accuracy"] <= 1, version["pope"]

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
-from modalign.demo.report import Judged, VersionResult, head_to_head, write_report
+from modalign.demo.report import Judged, VersionResult, head_to_head, judge, write_report
+from modalign.demo.scenes import (
+    QUESTION_KINDS,
+    Example,
+    hallucinated_answer,
+    make_question,
+    make_scene,
+    reference_answer,
+)
 from modalign.rollout.analysis import Evidence, analyse
 
 
@@ -68,3 +77,16 @@ def test_the_report_splits_spoken_and_typed_questions_when_some_were_spoken(tmp_
     else:
         assert report["versions"][1]["spoken"] is None and "spoken" not in markdown and "aloud" not in markdown
         assert row.endswith("| 0.0 |"), row
+
+
+def test_judge_gives_the_hallucination_rate_per_kind_of_question():
+    """Faithful answers to every question but the colour ones, which are hallucinated: the colour kind is at 100%,
+    every other kind at 0%, and the overall rate is the colour questions' share."""
+    rng = random.Random(0)
+    held_out = [Example(scene, make_question(scene, rng, kind)) for kind in QUESTION_KINDS
+                for scene in (make_scene(rng) for _ in range(4))]
+    answers = [hallucinated_answer(e.scene, e.question, "concise", rng) if e.question.kind == "colour"
+               else reference_answer(e.scene, e.question) for e in held_out]
+    judged = judge(answers, answers, held_out)
+    assert judged.hallucination_by_kind == {kind: float(kind == "colour") for kind in QUESTION_KINDS}
+    assert judged.hallucination_rate == pytest.approx(1 / len(QUESTION_KINDS))
