@@ -23,13 +23,12 @@ sampling seeds at temperature 1, so versions differ only by their weights:
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from modalign.demo.scenes import QUESTION_KINDS, STYLES, Example, examples, faithfulness, reference_answer
+from modalign.demo.scenes import STYLES, Example, examples, faithfulness, rate_by_kind, reference_answer
 from modalign.demo.speech import spoken_clip
 from modalign.demo.users import preference
 from modalign.evaluation.metrics import bleu, mean_interval, pope, rouge_l, wilson_interval
@@ -120,14 +119,11 @@ class Judged:
 
 def judge(answers: list[str], baseline: list[str], held_out: list[Example]) -> Judged:
     """answers (one per held-out question) judged, and compared with v0's (baseline)."""
-    bad, asked = Counter(), Counter()
-    for answer, example in zip(answers, held_out):
-        bad[example.question.kind] += faithfulness(answer, example.scene, example.question).hallucinated
-        asked[example.question.kind] += 1
-    hallucinated = sum(bad.values())
+    flags = [(e.question.kind, faithfulness(a, e.scene, e.question).hallucinated) for a, e in zip(answers, held_out)]
+    hallucinated = sum(flag for _, flag in flags)
     win_rate, win_ci = mean_interval([preference(a, b, e) for a, b, e in zip(answers, baseline, held_out)])
     return Judged(hallucinated / len(answers), wilson_interval(hallucinated, len(answers)), win_rate, win_ci, len(answers),
-                  {kind: bad[kind] / asked[kind] for kind in QUESTION_KINDS if asked[kind]})
+                  rate_by_kind(flags))
 
 
 def evaluate_versions(

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -383,6 +384,16 @@ def faithfulness(answer: str, scene: Scene, question: Question | None = None) ->
     if not answered:
         problems.append("does not answer the question")
     return Verdict(hallucinated, answered and not hallucinated, tuple(problems))
+
+
+def rate_by_kind(flags: Iterable[tuple[QuestionKind, bool]]) -> dict[str, float]:
+    """Per kind of question, the share of (kind, flag) pairs whose flag is set (say, answers judged hallucinated),
+    over the kinds that occur, in QUESTION_KINDS order."""
+    flagged, asked = Counter[str](), Counter[str]()
+    for kind, flag in flags:
+        flagged[kind] += flag
+        asked[kind] += 1
+    return {kind: flagged[kind] / asked[kind] for kind in QUESTION_KINDS if asked[kind]}
 
 
 def _answers(answer: str, scene: Scene, question: Question) -> bool:

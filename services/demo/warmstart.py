@@ -53,12 +53,14 @@ from modalign.demo.scenes import (
     SIZES,
     STYLES,
     Example,
+    QuestionKind,
     Style,
     examples,
     faithfulness,
     hallucinated_answer,
     make_question,
     make_scene,
+    rate_by_kind,
     reference_answer,
 )
 from modalign.policy.model import build_default_policy, format_prompt, load_policy, save_policy
@@ -385,8 +387,9 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, seed: int = 1234
     # Sample as the serving engine does: never a special token other than EOS.
     suppress = sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
     torch.manual_seed(seed)
-    correct, total, sampled_bad = Counter(), Counter(), Counter()
     greedy_bad = 0
+    correct: list[tuple[QuestionKind, bool]] = []  # (kind, judged correct) per greedy answer
+    sampled: list[tuple[QuestionKind, bool]] = []  # (kind, hallucinated) per sampled answer
     styles: Counter[str] = Counter()
     for start in range(0, n, batch_size):
         batch = held_out[start : start + batch_size]
@@ -401,17 +404,16 @@ def evaluate(model: PreTrainedModel, processor: ProcessorMixin, seed: int = 1234
             for example, text in zip(batch, texts):
                 verdict = faithfulness(text, example.scene, example.question)
                 if do_sample:
-                    sampled_bad[example.question.kind] += verdict.hallucinated
+                    sampled.append((example.question.kind, verdict.hallucinated))
                     styles["verbose" if text.startswith("Sure") else "concise"] += 1
                 else:
                     greedy_bad += verdict.hallucinated
-                    correct[example.question.kind] += bool(verdict.correct)
-                    total[example.question.kind] += 1
+                    correct.append((example.question.kind, bool(verdict.correct)))
     return Evaluation(
-        accuracy={kind: correct[kind] / total[kind] for kind in QUESTION_KINDS if total[kind]},
+        accuracy=rate_by_kind(correct),
         greedy_hallucination=greedy_bad / n,
-        hallucination=sum(sampled_bad.values()) / n,
-        hallucination_by_kind={kind: sampled_bad[kind] / total[kind] for kind in QUESTION_KINDS if total[kind]},
+        hallucination=sum(flag for _, flag in sampled) / n,
+        hallucination_by_kind=rate_by_kind(sampled),
         styles={s: styles[s] for s in STYLES},
     )
 
