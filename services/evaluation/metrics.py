@@ -13,6 +13,7 @@ import functools
 import math
 import random
 import re
+from collections.abc import Callable
 
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
@@ -59,15 +60,19 @@ def bleu(answers: list[str], references: list[list[str]], seed: int = 0) -> tupl
     """Corpus BLEU of answers against their references (0-100), and a 95% bootstrap interval over items."""
     streams = _reference_streams(references)
     metric = BLEU(effective_order=True)
-    score = metric.corpus_score(answers, streams).score
+    return bootstrap(lambda picks: metric.corpus_score([answers[i] for i in picks],
+                                                       [[stream[i] for i in picks] for stream in streams]).score,
+                     len(answers), seed)
+
+
+def bootstrap(figure: Callable[[list[int]], float], n: int, seed: int = 0) -> tuple[float, list[float]]:
+    """figure(items), a figure computed on the items at the given indices (repeats allowed), on all n items,
+    and its 95% percentile bootstrap interval over items. For a paired comparison, let the figure be one
+    version's minus another's on the same items: both are then resampled alike, and what the items share
+    (one simply harder than another) cancels out of the interval."""
     rng = random.Random(seed)
-    resampled = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        picks = [rng.randrange(len(answers)) for _ in answers]
-        resampled.append(metric.corpus_score([answers[i] for i in picks],
-                                             [[stream[i] for i in picks] for stream in streams]).score)
-    resampled.sort()
-    return score, [resampled[int(0.025 * len(resampled))], resampled[int(0.975 * len(resampled)) - 1]]
+    resampled = sorted(figure([rng.randrange(n) for _ in range(n)]) for _ in range(BOOTSTRAP_RESAMPLES))
+    return figure(list(range(n))), [resampled[int(0.025 * len(resampled))], resampled[int(0.975 * len(resampled)) - 1]]
 
 
 @functools.cache
@@ -77,12 +82,17 @@ def _rouge_scorer() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
-def rouge_l(answers: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
-    """Mean ROUGE-L F-measure (0-1), each answer scored against its best reference, with its interval."""
+def rouge_l_scores(answers: list[str], references: list[list[str]]) -> list[float]:
+    """Each answer's ROUGE-L F-measure (0-1) against its best reference."""
     if any(not refs for refs in references):
         raise ValueError("every item needs at least one reference")
-    scores = [max(_rouge_scorer().score(ref, answer)["rougeL"].fmeasure for ref in refs) for answer, refs in zip(answers, references)]
-    return mean_interval(scores)
+    scorer = _rouge_scorer()
+    return [max(scorer.score(ref, answer)["rougeL"].fmeasure for ref in refs) for answer, refs in zip(answers, references)]
+
+
+def rouge_l(answers: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    """Mean ROUGE-L F-measure (0-1), each answer scored against its best reference, with its interval."""
+    return mean_interval(rouge_l_scores(answers, references))
 
 
 def _normalised(text: str) -> str:
@@ -90,10 +100,14 @@ def _normalised(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def exact_matches(answers: list[str], references: list[list[str]]) -> list[bool]:
+    """Whether each answer equals one of its references once normalised (case, punctuation, spacing)."""
+    return [_normalised(answer) in {_normalised(ref) for ref in refs} for answer, refs in zip(answers, references)]
+
+
 def exact_match(answers: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
-    """Share of answers equal to one of their references once normalised (case, punctuation, spacing),
-    with its Wilson interval."""
-    matched = sum(_normalised(answer) in {_normalised(ref) for ref in refs} for answer, refs in zip(answers, references))
+    """Share of answers equal to one of their references once normalised, with its Wilson interval."""
+    matched = sum(exact_matches(answers, references))
     return matched / len(answers), wilson_interval(matched, len(answers))
 
 

@@ -1,6 +1,6 @@
 """`modalign eval`: a policy version's answers on an evaluation set, scored against references.
 
-    modalign eval --version v7 [--against v0] [--dataset PATH] [--out DIR]
+    modalign eval --version v7 [--against v6 | --against-model-dir FOLDER] [--dataset PATH] [--out DIR]
     modalign eval --model-dir FOLDER ...
 
 The version comes from the model store (verified, as the policy service loads it) or a checkpoint
@@ -9,7 +9,10 @@ DIR/eval.json and DIR/eval.md with, each with a 95% interval:
   - bleu, rouge_l and exact_match over the items that have reference answers (modalign.evaluation.metrics);
   - pope (accuracy, precision, recall, F1, yes-ratio) over the items labelled yes or no;
   - reward: the mean score of the reward model published with the version (or --reward-version);
-  - win_rate: how often that reward model prefers this version's answer to --against's (ties half).
+  - win_rate: how often that reward model prefers this version's answer to --against's (ties half);
+  - compared: with --against, each figure above minus the other version's on the same items (the reward
+    model's mean score included), with a paired bootstrap interval, and "worse" where the whole interval
+    lies below zero: the test of "not worse than the version it would replace".
 
 An evaluation set is a JSONL or Parquet file, one item per line or row:
     {"question": "What colour is the circle?", "images": ["circle.png"],
@@ -25,6 +28,7 @@ import argparse
 import io
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,17 @@ from modalign.core.config import add_arguments, build_config
 from modalign.core.images import InvalidImage, decode_data_url
 from modalign.core.modelstore import DEFAULT_MODEL_STORE, S3Config, open_store
 from modalign.core.version_names import reward_version_for
-from modalign.evaluation.metrics import bleu, exact_match, mean_interval, pope, rouge_l
+from modalign.evaluation.metrics import (
+    bleu,
+    bleu_score,
+    bootstrap,
+    exact_match,
+    exact_matches,
+    mean_interval,
+    pope,
+    rouge_l,
+    rouge_l_scores,
+)
 from modalign.policy.conversation import Conversation, single_question
 from modalign.policy.engine import GenerationRequest, PolicyEngine, Sample, SamplingParams
 from modalign.policy.model import format_conversation, load_policy
@@ -84,7 +98,10 @@ class EvalConfig:
     model_dir: str = ""
     """A checkpoint folder to evaluate instead of a store version."""
     against: str = ""
-    """Another store version to compare answers with by the reward model (win rate); empty: none."""
+    """Another store version to compare with: every figure's paired difference, and the win rate by the
+    reward model; with --against-model-dir, only its name. Empty: none."""
+    against_model_dir: str = ""
+    """A checkpoint folder to compare with instead of a store version (a warm start's v0, say)."""
     reward_version: str = ""
     """The reward model (a store version, e.g. r7) that scores answers; empty: the one published with
     --version, if any."""
@@ -212,7 +229,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Every figure the module docstring lists, as eval.json holds them."""
     items = load_items(Path(config.dataset)) if config.dataset else builtin_items(config.builtin_items, config.seed)
     store = open_store(config.model_store, config.s3)
-    folder = Path(config.model_dir) if config.model_dir else store.fetch("policy", config.version)
+    folder = checkpoint("--model-dir", config.model_dir) if config.model_dir else store.fetch("policy", config.version)
     name = config.version or folder.name
     prompts = [Prompt(item.question, item.images) for item in items]
 
@@ -224,30 +241,86 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"version": name, "dataset": config.dataset or f"built-in ({len(items)} demo scenes)",
                               "items": len(items)}
     referenced = [i for i, item in enumerate(items) if item.references and item.label is None]
+    references = [list(items[i].references) for i in referenced]
     if referenced:
-        score, interval = bleu([mine[i] for i in referenced], [list(items[i].references) for i in referenced])
+        score, interval = bleu([mine[i] for i in referenced], references)
         result["bleu"] = {"score": score, "ci": interval, "items": len(referenced)}
-        score, interval = rouge_l([mine[i] for i in referenced], [list(items[i].references) for i in referenced])
+        score, interval = rouge_l([mine[i] for i in referenced], references)
         result["rouge_l"] = {"score": score, "ci": interval, "items": len(referenced)}
-        score, interval = exact_match([mine[i] for i in referenced], [list(items[i].references) for i in referenced])
+        score, interval = exact_match([mine[i] for i in referenced], references)
         result["exact_match"] = {"score": score, "ci": interval, "items": len(referenced)}
     labelled = [i for i, item in enumerate(items) if item.label is not None]
     if labelled:
         result["pope"] = pope([mine[i] for i in labelled], [bool(items[i].label) for i in labelled])
+    against_name = config.against or (Path(config.against_model_dir).name if config.against_model_dir else "")
+    theirs = answers(checkpoint("--against-model-dir", config.against_model_dir) if config.against_model_dir
+                     else store.fetch("policy", config.against), against_name) if against_name else None
     reward_version = config.reward_version or _published_reward(store, config.version)
+    scores = their_scores = None
     if reward_version:
         reward = load_reward_model(store.fetch("reward", reward_version)).to(config.device)
         scores = reward_scores(reward, prompts, mine)
         mean, interval = mean_interval(scores.tolist(), low=float("-inf"), high=float("inf"))
         result["reward"] = {"model": reward_version, "mean": mean, "ci": interval}
-        if config.against:
-            theirs = reward_scores(reward, prompts, answers(store.fetch("policy", config.against), config.against))
-            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores.tolist(), theirs.tolist())]
+        if theirs is not None:
+            their_scores = reward_scores(reward, prompts, theirs)
+            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores.tolist(), their_scores.tolist())]
             rate, interval = mean_interval(wins)
-            result["win_rate"] = {"against": config.against, "model": reward_version, "rate": rate, "ci": interval}
+            result["win_rate"] = {"against": against_name, "model": reward_version, "rate": rate, "ci": interval}
+    if theirs is not None:
+        rewards = (scores.tolist(), their_scores.tolist()) if scores is not None and their_scores is not None else None
+        result["compared"] = {"against": against_name,
+                              "differences": compare(mine, theirs, items, rewards, seed=config.seed)}
     result["examples"] = [{"question": item.question, "answer": answer, "references": list(item.references)}
                           for item, answer in list(zip(items, mine))[:5]]
     return result
+
+
+def checkpoint(flag: str, folder: str) -> Path:
+    """folder, if it holds a checkpoint; else a LookupError naming the flag that gave it."""
+    if not (Path(folder) / "config.json").is_file():
+        raise LookupError(f"{flag} {folder}: not a checkpoint folder (no config.json)")
+    return Path(folder)
+
+
+def compare(mine: list[str], theirs: list[str], items: list[EvalItem], rewards: tuple[list[float], list[float]] | None,
+            seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Each figure of one version's answers (mine) minus the same figure of another's (theirs) to the same items,
+    with its 95% paired bootstrap interval, and whether the version is worse on it (the whole interval below 0).
+    rewards: the reward model's score of each answer of both, if one was given. POPE's yes-ratio is left out:
+    it is a bias to read, not a score to raise."""
+    referenced = [i for i, item in enumerate(items) if item.references and item.label is None]
+    labelled = [i for i, item in enumerate(items) if item.label is not None]
+
+    def per_item(subset: list[int], mine_scores: list[float], their_scores: list[float]) -> tuple[int, Callable[[list[int]], float]]:
+        return len(subset), lambda picks: sum(mine_scores[i] - their_scores[i] for i in picks) / len(picks)
+
+    def corpus(subset: list[int], figure: Callable[[list[str], list[int]], float]) -> tuple[int, Callable[[list[int]], float]]:
+        """figure(answers, items): the figure of the answers to those items (indices into items)."""
+        def difference(picks: list[int]) -> float:
+            chosen = [subset[i] for i in picks]
+            return figure([mine[i] for i in chosen], chosen) - figure([theirs[i] for i in chosen], chosen)
+        return len(subset), difference
+
+    figures: dict[str, tuple[int, Callable[[list[int]], float]]] = {}
+    if referenced:
+        references = [list(items[i].references) for i in referenced]
+        figures["bleu"] = corpus(referenced, lambda answers, chosen: bleu_score(answers, [list(items[i].references) for i in chosen]))
+        figures["rouge_l"] = per_item(referenced, rouge_l_scores([mine[i] for i in referenced], references),
+                                      rouge_l_scores([theirs[i] for i in referenced], references))
+        figures["exact_match"] = per_item(referenced, [float(m) for m in exact_matches([mine[i] for i in referenced], references)],
+                                          [float(m) for m in exact_matches([theirs[i] for i in referenced], references)])
+    if labelled:
+        for key in ("accuracy", "precision", "recall", "f1"):
+            figures[f"pope_{key}"] = corpus(labelled, lambda answers, chosen, key=key: float(
+                pope(answers, [bool(items[i].label) for i in chosen])[key]))
+    if rewards is not None:
+        figures["reward"] = per_item(list(range(len(items))), *rewards)
+    differences = {}
+    for name, (n, figure) in figures.items():
+        value, interval = bootstrap(figure, n, seed)
+        differences[name] = {"difference": value, "ci": interval, "worse": interval[1] < 0}
+    return differences
 
 
 def _published_reward(store, version: str) -> str:
@@ -277,6 +350,14 @@ def markdown(result: dict[str, Any]) -> str:
         low, high = result["win_rate"]["ci"]
         lines.append(f"| win rate vs {result['win_rate']['against']} (by {result['win_rate']['model']}) |"
                      f" {result['win_rate']['rate']:.1%} | {low:.1%}-{high:.1%} |")
+    if "compared" in result:
+        lines += ["", f"## Against {result['compared']['against']}", "",
+                  "Each figure minus the other version's on the same items, with a paired bootstrap interval.", "",
+                  "| figure | difference | 95% CI | |", "| --- | --- | --- | --- |"]
+        for name, figure in result["compared"]["differences"].items():
+            low, high = figure["ci"]
+            lines.append(f"| {name} | {figure['difference']:+.3g} | {low:+.3g} to {high:+.3g} |"
+                         f" {'worse' if figure['worse'] else 'not worse'} |")
     lines += ["", "## Sample answers", ""]
     lines += [f"- *{e['question']}* → {e['answer']!r} (reference: {e['references'][0]!r})" if e["references"]
               else f"- *{e['question']}* → {e['answer']!r}" for e in result["examples"]]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from modalign import cli
 from modalign.core.modelstore import Manifest, open_store
+from modalign.evaluation.run import EvalItem, compare
 from modalign.policy.model import build_default_policy, save_policy
 from modalign.reward.backbones import build_default_reward_model
 
@@ -54,6 +55,58 @@ def test_a_store_version_is_scored_on_the_built_in_set_by_its_own_reward_model(s
     # Greedy answers against themselves: every comparison a tie.
     assert result["win_rate"] == {"against": "v1", "model": "r1", "rate": 0.5, "ci": [0.5, 0.5]}
     assert "| BLEU (4 items) |" in (out / "eval.md").read_text()
+
+
+def test_against_another_version_every_figure_is_a_paired_difference(store: Path, tmp_path: Path) -> None:
+    """v2 (another initialisation) against v1 from the store: each difference is v2's figure minus v1's own
+    evaluation's (sampled, as two random initialisations answer alike greedily). Then v1 against itself given
+    as a folder: every difference is zero and nothing is worse."""
+    results = {}
+    for version, against in (("v1", ()), ("v2", ("--against", "v1"))):
+        out = tmp_path / version
+        assert run_eval("--version", version, *against, "--reward-version", "r1", "--model-store", str(store),
+                        "--builtin-items", "8", "--temperature", "1", "--out", str(out)) == 0
+        results[version] = json.loads((out / "eval.json").read_text())
+    differences = results["v2"]["compared"]["differences"]
+    assert set(differences) == {"bleu", "rouge_l", "exact_match", "pope_accuracy", "pope_precision", "pope_recall",
+                                "pope_f1", "reward"}
+    mean_reward = {version: result["reward"]["mean"] for version, result in results.items()}
+    assert mean_reward["v2"] != mean_reward["v1"]
+    assert differences["reward"]["difference"] == pytest.approx(mean_reward["v2"] - mean_reward["v1"])
+    for name in ("bleu", "rouge_l", "exact_match"):
+        assert differences[name]["difference"] == pytest.approx(results["v2"][name]["score"] - results["v1"][name]["score"])
+    assert "## Against v1" in (tmp_path / "v2" / "eval.md").read_text()
+
+    folder = open_store(str(store)).fetch("policy", "v1")
+    out = tmp_path / "v1"
+    assert run_eval("--version", "v1", "--against-model-dir", str(folder), "--model-store", str(store),
+                    "--builtin-items", "8", "--out", str(out)) == 0
+    compared = json.loads((out / "eval.json").read_text())["compared"]
+    assert compared["against"] == folder.name
+    for figure in compared["differences"].values():
+        assert figure == {"difference": 0, "ci": [0, 0], "worse": False}
+
+
+def test_a_missing_folder_to_compare_with_is_refused_by_its_flag(store: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_eval("--version", "v1", "--against-model-dir", str(tmp_path / "nothing"), "--model-store", str(store),
+                    "--builtin-items", "2") == 2
+    assert "--against-model-dir" in capsys.readouterr().err
+
+
+def test_compare_calls_worse_only_what_is_worse_on_the_whole_interval() -> None:
+    items = [EvalItem(f"What colour is shape {i}?", [], (f"Red {i}.",)) for i in range(20)]
+    items += [EvalItem(f"Is there a shape {i}?", [], (), label=i % 2 == 0) for i in range(20)]
+    right = [f"Red {i}." for i in range(20)] + ["Yes." if i % 2 == 0 else "No." for i in range(20)]
+    wrong = [f"Blue {i}." for i in range(20)] + ["No." if i % 2 == 0 else "Yes." for i in range(20)]
+    better = compare(right, wrong, items, rewards=([1.0] * 40, [0.0] * 40))
+    worse = compare(wrong, right, items, rewards=([0.0] * 40, [1.0] * 40))
+    assert better.keys() == worse.keys() == {"bleu", "rouge_l", "exact_match", "pope_accuracy", "pope_precision",
+                                             "pope_recall", "pope_f1", "reward"}
+    for name in better:
+        assert better[name]["difference"] > 0 and not better[name]["worse"], name
+        assert worse[name]["difference"] == pytest.approx(-better[name]["difference"]) and worse[name]["worse"], name
+    assert better["exact_match"]["difference"] == 1.0 and better["pope_accuracy"]["difference"] == 1.0
 
 
 def png(colour: str) -> bytes:

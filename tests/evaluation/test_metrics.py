@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from sacrebleu.metrics import BLEU
 
-from modalign.evaluation.metrics import bleu, exact_match, pope, rouge_l, yes_or_no
+from modalign.evaluation.metrics import bleu, bootstrap, exact_match, pope, rouge_l, yes_or_no
 
 
 def test_perfect_answers_score_full_marks_and_worse_ones_less() -> None:
@@ -54,3 +56,23 @@ def test_exact_match_ignores_case_punctuation_and_spacing_but_not_words() -> Non
     assert exact_match(["the circle is  RED", "two"], references)[0] == 1.0
     share, (low, high) = exact_match(["The circle is blue.", "There are two shapes!"], references)
     assert share == 0.5 and low < 0.5 < high
+
+
+def test_a_paired_bootstrap_sees_a_small_steady_gain_that_unpaired_intervals_hide() -> None:
+    """Items of very different difficulty, and a version that does a little better on every one: the
+    difference's paired interval excludes zero, where the two versions' own intervals overlap."""
+    rng = random.Random(0)
+    difficulty = [rng.random() for _ in range(100)]
+    theirs = [d for d in difficulty]
+    mine = [d + 0.05 for d in difficulty]
+
+    def mean(values: list[float]):
+        return lambda picks: sum(values[i] for i in picks) / len(picks)
+
+    _, (their_low, their_high) = bootstrap(mean(theirs), 100)
+    _, (my_low, my_high) = bootstrap(mean(mine), 100)
+    assert my_low < their_high  # overlapping
+    difference, (low, high) = bootstrap(lambda picks: mean(mine)(picks) - mean(theirs)(picks), 100)
+    assert difference == pytest.approx(0.05) and low == pytest.approx(0.05) and high == pytest.approx(0.05)
+    same, interval = bootstrap(lambda picks: mean(theirs)(picks) - mean(theirs)(picks), 100)
+    assert same == 0 and interval == [0, 0]
