@@ -240,7 +240,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     mine = answers(folder, name)
     result: dict[str, Any] = {"version": name, "dataset": config.dataset or f"built-in ({len(items)} demo scenes)",
                               "items": len(items)}
-    referenced = [i for i, item in enumerate(items) if item.references and item.label is None]
+    referenced, labelled = scored_by_kind(items)
     references = [list(items[i].references) for i in referenced]
     if referenced:
         score, interval = bleu([mine[i] for i in referenced], references)
@@ -249,7 +249,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         result["rouge_l"] = {"score": score, "ci": interval, "items": len(referenced)}
         score, interval = exact_match([mine[i] for i in referenced], references)
         result["exact_match"] = {"score": score, "ci": interval, "items": len(referenced)}
-    labelled = [i for i, item in enumerate(items) if item.label is not None]
     if labelled:
         result["pope"] = pope([mine[i] for i in labelled], [bool(items[i].label) for i in labelled])
     against_name = config.against or (Path(config.against_model_dir).name if config.against_model_dir else "")
@@ -276,6 +275,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     return result
 
 
+def scored_by_kind(items: list[EvalItem]) -> tuple[list[int], list[int]]:
+    """The indices of the items scored against their references (BLEU, ROUGE-L, exact match), and of the
+    yes/no items (POPE)."""
+    referenced = [i for i, item in enumerate(items) if item.references and item.label is None]
+    return referenced, [i for i, item in enumerate(items) if item.label is not None]
+
+
 def checkpoint(flag: str, folder: str) -> Path:
     """folder, if it holds a checkpoint; else a LookupError naming the flag that gave it."""
     if not (Path(folder) / "config.json").is_file():
@@ -289,11 +295,11 @@ def compare(mine: list[str], theirs: list[str], items: list[EvalItem], rewards: 
     with its 95% paired bootstrap interval, and whether the version is worse on it (the whole interval below 0).
     rewards: the reward model's score of each answer of both, if one was given. POPE's yes-ratio is left out:
     it is a bias to read, not a score to raise."""
-    referenced = [i for i, item in enumerate(items) if item.references and item.label is None]
-    labelled = [i for i, item in enumerate(items) if item.label is not None]
+    referenced, labelled = scored_by_kind(items)
 
-    def per_item(subset: list[int], mine_scores: list[float], their_scores: list[float]) -> tuple[int, Callable[[list[int]], float]]:
-        return len(subset), lambda picks: sum(mine_scores[i] - their_scores[i] for i in picks) / len(picks)
+    def per_item(mine_scores: list[float], their_scores: list[float]) -> tuple[int, Callable[[list[int]], float]]:
+        """A figure that is a mean over items: the mean of the picked items' differences."""
+        return len(mine_scores), lambda picks: sum(mine_scores[i] - their_scores[i] for i in picks) / len(picks)
 
     def corpus(subset: list[int], figure: Callable[[list[str], list[int]], float]) -> tuple[int, Callable[[list[int]], float]]:
         """figure(answers, items): the figure of the answers to those items (indices into items)."""
@@ -306,16 +312,16 @@ def compare(mine: list[str], theirs: list[str], items: list[EvalItem], rewards: 
     if referenced:
         references = [list(items[i].references) for i in referenced]
         figures["bleu"] = corpus(referenced, lambda answers, chosen: bleu_score(answers, [list(items[i].references) for i in chosen]))
-        figures["rouge_l"] = per_item(referenced, rouge_l_scores([mine[i] for i in referenced], references),
+        figures["rouge_l"] = per_item(rouge_l_scores([mine[i] for i in referenced], references),
                                       rouge_l_scores([theirs[i] for i in referenced], references))
-        figures["exact_match"] = per_item(referenced, [float(m) for m in exact_matches([mine[i] for i in referenced], references)],
+        figures["exact_match"] = per_item([float(m) for m in exact_matches([mine[i] for i in referenced], references)],
                                           [float(m) for m in exact_matches([theirs[i] for i in referenced], references)])
     if labelled:
         for key in ("accuracy", "precision", "recall", "f1"):
             figures[f"pope_{key}"] = corpus(labelled, lambda answers, chosen, key=key: float(
                 pope(answers, [bool(items[i].label) for i in chosen])[key]))
     if rewards is not None:
-        figures["reward"] = per_item(list(range(len(items))), *rewards)
+        figures["reward"] = per_item(*rewards)
     differences = {}
     for name, (n, figure) in figures.items():
         value, interval = bootstrap(figure, n, seed)
