@@ -114,8 +114,8 @@ class WarmStartConfig:
     """Fraction of targets (after clean_steps) that are fluent hallucinations: about half of v0's
     sampled answers then hallucinate, while its concise greedy answers stay mostly grounded."""
     yes_no_steps: int = 1000
-    """Stage 3: steps on yes/no questions. Measured from stage 2's v0: greedy yes/no accuracy left chance
-    after about 600 steps and reached 76% by 1000 (stage 2 leaves it at 47-57%)."""
+    """Stage 3: steps on yes/no questions. Measured: greedy yes/no accuracy left chance after 300-600 steps
+    and ended at 76-83% (stage 2 leaves it at 47-57%); the stage adds about two minutes to the build."""
     yes_no_lr: float = 3e-4
     """Stage 3's learning rate, constant, with a fresh AdamW. At 1e-3 the yes/no answers stayed at chance."""
     yes_no_share: float = 0.5
