@@ -196,18 +196,9 @@ class Inputs:
         }
 
     def training_batch(self, batch: list[Example], answers: list[str], spoken: list[bool]) -> dict[str, torch.Tensor]:
-        """Right-padded input ids, attention mask and labels (answer tokens only), pixels and clips."""
+        """warmstart.answer_rows of the questions (typed or spoken) and their answers, pixels and clips."""
         rows = [(self.prompt(e.question.text, s), self.answer(a)) for e, a, s in zip(batch, answers, spoken)]
-        width = max(len(p) + len(a) for p, a in rows)
-        input_ids = torch.full((len(rows), width), self.pad)
-        labels = torch.full((len(rows), width), -100)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (prompt, answer) in enumerate(rows):
-            ids = torch.tensor(prompt + answer)
-            input_ids[i, : len(ids)] = ids
-            labels[i, len(prompt) : len(ids)] = ids[len(prompt) :]
-            attention[i, : len(ids)] = 1
-        inputs = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, **self.pixels(batch)}
+        inputs = {**warmstart.answer_rows(rows, self.pad), **self.pixels(batch)}
         said = [e.question.text for e, s in zip(batch, spoken) if s]
         return {**inputs, **self.audio(said)} if said else inputs
 

@@ -257,11 +257,10 @@ class _Tokens:
         return self._answers[text]
 
 
-def training_batch(batch: list[Example], answers: list[str], tokens: _Tokens) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels (answer tokens only), plus pixel values."""
-    rows = [(tokens.prompt(e.question.text), tokens.answer(a)) for e, a in zip(batch, answers)]
+def answer_rows(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, answer ids) per row as right-padded input ids, attention mask and labels (answer tokens only)."""
     width = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), width), tokens.pad)
+    input_ids = torch.full((len(rows), width), pad)
     labels = torch.full((len(rows), width), -100)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (prompt, answer) in enumerate(rows):
@@ -269,8 +268,14 @@ def training_batch(batch: list[Example], answers: list[str], tokens: _Tokens) ->
         input_ids[i, : len(ids)] = ids
         labels[i, len(prompt) : len(ids)] = ids[len(prompt) :]
         attention[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def training_batch(batch: list[Example], answers: list[str], tokens: _Tokens) -> dict[str, torch.Tensor]:
+    """answer_rows of the typed questions and their answers, plus pixel values."""
+    rows = [(tokens.prompt(e.question.text), tokens.answer(a)) for e, a in zip(batch, answers)]
     pixels = tokens.processor.image_processor([e.scene.image() for e in batch], return_tensors="pt")["pixel_values"]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "pixel_values": pixels}
+    return {**answer_rows(rows, tokens.pad), "pixel_values": pixels}
 
 
 def target_answer(example: Example, rng: random.Random, style: Style, noise: float) -> str:
