@@ -57,17 +57,15 @@ from modalign.demo.scenes import (
     QUESTION_KINDS,
     SHAPES,
     Example,
-    examples,
 )
 from modalign.demo.speech import spoken_clip
 from modalign.demo.warmstart import (
-    QUADRANT_HEADS,
     Evaluation,
     cached_policy,
     config_hash,
     fine_tune,
     head_accuracy,
-    quadrant_labels,
+    train_quadrant_heads,
     weighted_examples,
 )
 from modalign.policy.conversation import Conversation, single_question
@@ -209,25 +207,11 @@ class Inputs:
 def pretrain_vision(model: PreTrainedModel, inputs: Inputs, config: SpokenWarmStartConfig, seed: int) -> None:
     """warmstart.pretrain_vision for the Qwen ViT: merged image tokens are already one per quadrant, in
     reading order (top left, top right, bottom left, bottom right)."""
-    if config.vision_steps == 0:
-        return
-    hidden = model.config.text_config.hidden_size
-    heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in QUADRANT_HEADS.items()})
-    optimizer = torch.optim.AdamW([*model.model.visual.parameters(), *heads.parameters()], lr=config.vision_lr)
-    stream = examples(seed + 1)
-    model.train()
-    for step in range(config.vision_steps):
-        batch = [next(stream) for _ in range(config.batch_size)]
-        tokens = torch.stack(model.model.get_image_features(**inputs.pixels(batch)).pooler_output)  # (B, 4, hidden)
-        labels = quadrant_labels(batch)
-        logits = {name: head(tokens).flatten(0, 1) for name, head in heads.items()}
-        loss = sum(nn.functional.cross_entropy(logits[n], labels[n].flatten(), ignore_index=-100) for n in heads)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == config.vision_steps - 1:
-            accuracy = {n: head_accuracy(logits[n], labels[n].flatten()) for n in heads}
-            log.info("vision step %d loss %.3f quadrant accuracy %s", step, loss.item(), accuracy)
+
+    def quadrant_tokens(batch: list[Example]) -> torch.Tensor:
+        return torch.stack(model.model.get_image_features(**inputs.pixels(batch)).pooler_output)
+
+    train_quadrant_heads(model, list(model.model.visual.parameters()), quadrant_tokens, config, seed)
 
 
 # ---- stage 2: the question, from the audio tokens ------------------------------------------------

@@ -200,22 +200,43 @@ def _quadrant_pool(image_tokens: torch.Tensor) -> torch.Tensor:
 
 def pretrain_vision(model: PreTrainedModel, processor: ProcessorMixin, config: WarmStartConfig, seed: int) -> None:
     """Stage 1: train the vision tower and projector to make each quadrant's facts readable from the
-    projected image tokens, with small linear heads that are thrown away afterwards."""
+    projected image tokens (train_quadrant_heads)."""
+
+    def quadrant_tokens(batch: list[Example]) -> torch.Tensor:
+        pixels = processor.image_processor([e.scene.image() for e in batch], return_tensors="pt")["pixel_values"]
+        # pooler_output: the projected image tokens, one (16, hidden) tensor per image.
+        return _quadrant_pool(torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output))
+
+    parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    train_quadrant_heads(model, parameters, quadrant_tokens, config, seed)
+
+
+class VisionSteps(Protocol):
+    """The settings of stage 1 that WarmStartConfig and the spoken warm start's config share."""
+
+    @property
+    def vision_steps(self) -> int: ...
+    @property
+    def vision_lr(self) -> float: ...
+    @property
+    def batch_size(self) -> int: ...
+
+
+def train_quadrant_heads(model: PreTrainedModel, parameters: list[nn.Parameter],
+                         quadrant_tokens: Callable[[list[Example]], torch.Tensor], config: VisionSteps, seed: int) -> None:
+    """Train parameters so that each quadrant's facts (QUADRANT_HEADS) can be read off its image token,
+    quadrant_tokens(batch) of shape (batch, 4 quadrants, hidden), by small linear heads thrown away afterwards."""
     if config.vision_steps == 0:
         return
-    hidden = model.config.text_config.hidden_size
-    heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in QUADRANT_HEADS.items()})
-    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
-    optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=config.vision_lr)
+    heads = nn.ModuleDict({name: nn.Linear(model.config.text_config.hidden_size, n) for name, n in QUADRANT_HEADS.items()})
+    optimizer = torch.optim.AdamW([*parameters, *heads.parameters()], lr=config.vision_lr)
     stream = examples(seed + 1)
     model.train()
     for step in range(config.vision_steps):
         batch = [next(stream) for _ in range(config.batch_size)]
-        pixels = processor.image_processor([e.scene.image() for e in batch], return_tensors="pt")["pixel_values"]
-        # pooler_output: the projected image tokens, one (16, hidden) tensor per image.
-        pooled = _quadrant_pool(torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output))
+        tokens = quadrant_tokens(batch)
         labels = quadrant_labels(batch)
-        logits = {name: head(pooled).flatten(0, 1) for name, head in heads.items()}
+        logits = {name: head(tokens).flatten(0, 1) for name, head in heads.items()}
         loss = sum(nn.functional.cross_entropy(logits[n], labels[n].flatten(), ignore_index=-100) for n in heads)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
