@@ -211,19 +211,33 @@ def pretrain_vision(model: PreTrainedModel, processor: ProcessorMixin, config: W
     train_quadrant_heads(model, parameters, quadrant_tokens, config, seed)
 
 
-class VisionSteps(Protocol):
-    """The settings of stage 1 that WarmStartConfig and the spoken warm start's config share."""
+class SharedSettings(Protocol):
+    """The settings of stages 1 and 2 that WarmStartConfig and the spoken warm start's config share."""
 
     @property
     def vision_steps(self) -> int: ...
     @property
     def vision_lr(self) -> float: ...
     @property
+    def sft_steps(self) -> int: ...
+    @property
+    def clean_steps(self) -> int: ...
+    @property
+    def sft_lr(self) -> float: ...
+    @property
+    def style_lr(self) -> float: ...
+    @property
     def batch_size(self) -> int: ...
+    @property
+    def question_weights(self) -> tuple[float, float, float, float, float]: ...
+    @property
+    def verbose(self) -> float: ...
+    @property
+    def noise(self) -> float: ...
 
 
 def train_quadrant_heads(model: PreTrainedModel, parameters: list[nn.Parameter],
-                         quadrant_tokens: Callable[[list[Example]], torch.Tensor], config: VisionSteps, seed: int) -> None:
+                         quadrant_tokens: Callable[[list[Example]], torch.Tensor], config: SharedSettings, seed: int) -> None:
     """Train parameters so that each quadrant's facts (QUADRANT_HEADS) can be read off its image token,
     quadrant_tokens(batch) of shape (batch, 4 quadrants, hidden), by small linear heads thrown away afterwards."""
     if config.vision_steps == 0:
@@ -315,32 +329,11 @@ def weighted_examples(seed: int, weights: tuple[float, ...]) -> Iterator[Example
         yield Example(scene, make_question(scene, rng, rng.choices(QUESTION_KINDS, weights)[0]))
 
 
-class FineTuning(Protocol):
-    """The settings of stage 2 that WarmStartConfig and the spoken warm start's config share."""
-
-    @property
-    def sft_steps(self) -> int: ...
-    @property
-    def clean_steps(self) -> int: ...
-    @property
-    def sft_lr(self) -> float: ...
-    @property
-    def style_lr(self) -> float: ...
-    @property
-    def batch_size(self) -> int: ...
-    @property
-    def question_weights(self) -> tuple[float, float, float, float, float]: ...
-    @property
-    def verbose(self) -> float: ...
-    @property
-    def noise(self) -> float: ...
-
-
 BatchInputs = Callable[[list[Example], list[str], random.Random], dict[str, torch.Tensor]]
 """The model's inputs (labels included) for examples and their target answers; may draw from the build's rng."""
 
 
-def fine_tune(model: PreTrainedModel, parameters: list[nn.Parameter], config: FineTuning, seed: int,
+def fine_tune(model: PreTrainedModel, parameters: list[nn.Parameter], config: SharedSettings, seed: int,
               inputs_of: BatchInputs) -> None:
     """Next-token loss on the answer (and its EOS): clean concise answers for config.clean_steps at sft_lr,
     then verbose and noisy ones at style_lr decaying to zero.
