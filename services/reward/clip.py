@@ -56,11 +56,12 @@ from modalign.policy.conversation import Conversation
 from modalign.reward.model import (
     CONFIG_FILE,
     HEAD_FILE,
+    EncodedRow,
     UnusableRewardModel,
+    encode_batch,
     last_token_index,
-    prompt_conversations,
+    prompt_conversation,
     refuse_reserved_tokens,
-    require_equal_batch_sizes,
 )
 
 FORMAT = "modalign.reward.clip/1"
@@ -95,30 +96,41 @@ class ClipRewardModel(nn.Module):
     ) -> BatchFeature:
         """Text ids (right padded) and, for the images of all rows together, pixel values and the
         row each image belongs to. CLIP hears nothing: audio clips are refused."""
-        if audio_per_sample is not None and any(audio_per_sample):
+        return encode_batch(self, prompts, images_per_sample, responses, audio_per_sample)
+
+    def encode_row(self, row: int, prompt: str | Conversation, images: Sequence[Image.Image], response: str,
+                   clips: Sequence[np.ndarray] = ()) -> EncodedRow:
+        """Row `row` of a batch (the number its errors name): its text ids and its images' pixel values."""
+        if clips:
             raise ValueError("the CLIP reward model takes no audio")
-        require_equal_batch_sizes(prompts, images_per_sample, responses)
         tokenizer = self.processor.tokenizer
-        rows = []
-        for row, (conversation, response) in enumerate(zip(prompt_conversations(tokenizer, prompts, images_per_sample), responses)):
-            refuse_reserved_tokens(tokenizer, f"response {row}", response)
-            prompt = "\n".join(turn.text for turn in conversation)
-            # bos (where the tokenizer has one), the text's last tokens that fit, and eos, whose state
-            # is the text's embedding.
-            start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-            fits = self.text_window - len(start) - 1
-            ids = tokenizer(f"{prompt}\n{response}", add_special_tokens=False).input_ids
-            rows.append(start + ids[max(len(ids) - fits, 0):] + [tokenizer.eos_token_id])
-        width = max(len(ids) for ids in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        inputs = {
-            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]),
-            "image_rows": torch.tensor([row for row, images in enumerate(images_per_sample) for _ in images], dtype=torch.long),
-        }
-        images = [image for row_images in images_per_sample for image in row_images]
+        conversation = prompt_conversation(tokenizer, row, prompt, images)
+        refuse_reserved_tokens(tokenizer, f"response {row}", response)
+        text = "\n".join(turn.text for turn in conversation)
+        # bos (where the tokenizer has one), the text's last tokens that fit, and eos, whose state
+        # is the text's embedding.
+        start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        fits = self.text_window - len(start) - 1
+        ids = tokenizer(f"{text}\n{response}", add_special_tokens=False).input_ids
+        inputs = {"input_ids": torch.tensor(start + ids[max(len(ids) - fits, 0):] + [tokenizer.eos_token_id])}
         if images:
-            inputs["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            inputs["pixel_values"] = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return EncodedRow(inputs)
+
+    def collate(self, rows: Sequence[EncodedRow]) -> BatchFeature:
+        """Text ids right padded, and the pixel values of every row's images with the row each belongs to."""
+        tokenizer = self.processor.tokenizer
+        ids = [row.inputs["input_ids"] for row in rows]
+        width = max(len(row_ids) for row_ids in ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        images = [(number, row.inputs["pixel_values"]) for number, row in enumerate(rows) if "pixel_values" in row.inputs]
+        inputs = {
+            "input_ids": torch.stack([nn.functional.pad(row_ids, (0, width - len(row_ids)), value=pad) for row_ids in ids]),
+            "attention_mask": torch.stack([(torch.arange(width) < len(row_ids)).long() for row_ids in ids]),
+            "image_rows": torch.tensor([number for number, pixels in images for _ in range(len(pixels))], dtype=torch.long),
+        }
+        if images:
+            inputs["pixel_values"] = torch.cat([pixels for _, pixels in images])
         return BatchFeature(inputs)
 
     def forward(

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -65,20 +67,50 @@ def require_equal_batch_sizes(prompts: Sequence[object], images_per_sample: list
         )
 
 
-def prompt_conversations(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]]
-) -> list[Conversation]:
-    """Each row's prompt as a conversation whose image parts match its images and whose text holds no
+def prompt_conversation(
+    tokenizer: PreTrainedTokenizerBase, row: int, prompt: str | Conversation, images: Sequence[Image.Image]
+) -> Conversation:
+    """Row `row`'s prompt as a conversation whose image parts match its images and whose text holds no
     reserved token (UnscorableText naming the row otherwise)."""
-    conversations = []
-    for row, (prompt, images) in enumerate(zip(prompts, images_per_sample, strict=True)):
-        conversation = as_conversation(prompt, len(images))
-        if len(image_keys(conversation)) != len(images):
-            raise UnscorableText(f"prompt {row} has {len(image_keys(conversation))} image parts for {len(images)} images")
-        for turn in conversation:
-            refuse_reserved_tokens(tokenizer, f"prompt {row}", turn.text)
-        conversations.append(conversation)
-    return conversations
+    conversation = as_conversation(prompt, len(images))
+    if len(image_keys(conversation)) != len(images):
+        raise UnscorableText(f"prompt {row} has {len(image_keys(conversation))} image parts for {len(images)} images")
+    for turn in conversation:
+        refuse_reserved_tokens(tokenizer, f"prompt {row}", turn.text)
+    return conversation
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """One (prompt, response) row as a reward model encodes it, before it is padded into a batch with others
+    (collate): encoding is the costly part of scoring a small model's rows, and the trainer keeps the rows it
+    scores again and again (modalign.trainer.reward_learning.EncodedRows)."""
+
+    inputs: dict[str, torch.Tensor]
+    response_length: int = 0
+    """Tokens of the response and its EOS, where the model scores the response's likelihood."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in self.inputs.values())
+
+
+class RowEncoder(Protocol):
+    def encode_row(self, row: int, prompt: str | Conversation, images: Sequence[Image.Image], response: str,
+                   clips: Sequence[np.ndarray] = ()) -> EncodedRow: ...
+
+    def collate(self, rows: Sequence[EncodedRow]) -> BatchFeature: ...
+
+
+def encode_batch(
+    model: RowEncoder, prompts: Sequence[str | Conversation], images_per_sample: list[list[Image.Image]],
+    responses: list[str], audio_per_sample: Sequence[Sequence[np.ndarray]] | None = None,
+) -> BatchFeature:
+    """A reward model's padded batch of rows, each encoded by model.encode_row (which names the row in its errors)."""
+    require_equal_batch_sizes(prompts, images_per_sample, responses)
+    audio = audio_per_sample if audio_per_sample is not None else [()] * len(prompts)
+    return model.collate([model.encode_row(row, prompt, images, response, clips) for row, (prompt, images, response, clips)
+                          in enumerate(zip(prompts, images_per_sample, responses, audio, strict=True))])
 
 
 def refuse_reserved_tokens(tokenizer: PreTrainedTokenizerBase, what: str, text: str) -> None:
@@ -120,26 +152,29 @@ class RewardModel(nn.Module):
     ) -> BatchFeature:
         """One padded batch: the chat-formatted prompt (a conversation, or a question's text) with its
         images and audio clips (none by default), then the response, then EOS."""
-        require_equal_batch_sizes(prompts, images_per_sample, responses)
-        audio = audio_per_sample if audio_per_sample is not None else [()] * len(prompts)
+        return encode_batch(self, prompts, images_per_sample, responses, audio_per_sample)
+
+    def encode_row(self, row: int, prompt: str | Conversation, images: Sequence[Image.Image], response: str,
+                   clips: Sequence[np.ndarray] = ()) -> EncodedRow:
+        """Row `row` of a batch (the number its errors name), unpadded."""
         tokenizer = self.processor.tokenizer
-        texts = []
-        for row, conversation in enumerate(prompt_conversations(tokenizer, prompts, images_per_sample)):
-            refuse_reserved_tokens(tokenizer, f"response {row}", responses[row])
-            texts.append(format_conversation(self.processor, conversation) + responses[row] + tokenizer.eos_token)
-        rows = [self.family.encode(self.processor, text, images, clips)
-                for text, images, clips in zip(texts, images_per_sample, audio, strict=True)]
-        inputs = self.family.model_inputs(self.backbone, rows, tokenizer.pad_token_id)
-        if self.likelihood_weights is not None:
-            # Tokens of each response and its EOS, which end every row: the ones the likelihood is taken of.
-            inputs["response_lengths"] = torch.tensor(
-                [len(tokenizer(response + tokenizer.eos_token, add_special_tokens=False).input_ids) for response in responses]
-            )
-        lengths = inputs["attention_mask"].sum(dim=-1)
-        too_long = [(row, int(length)) for row, length in enumerate(lengths) if length > self.max_positions]
-        if too_long:
-            row, length = too_long[0]
+        conversation = prompt_conversation(tokenizer, row, prompt, images)
+        refuse_reserved_tokens(tokenizer, f"response {row}", response)
+        text = format_conversation(self.processor, conversation) + response + tokenizer.eos_token
+        inputs = self.family.encode(self.processor, text, list(images), clips)
+        length = int(inputs["attention_mask"].sum())
+        if length > self.max_positions:
             raise UnscorableText(f"row {row} is {length} tokens, above the model's limit of {self.max_positions}")
+        if self.likelihood_weights is None:
+            return EncodedRow(inputs)
+        # Tokens of the response and its EOS, which end the row: the ones the likelihood is taken of.
+        return EncodedRow(inputs, len(tokenizer(response + tokenizer.eos_token, add_special_tokens=False).input_ids))
+
+    def collate(self, rows: Sequence[EncodedRow]) -> BatchFeature:
+        """Rows right-padded into one batch on the model's device."""
+        inputs = self.family.model_inputs(self.backbone, [row.inputs for row in rows], self.processor.tokenizer.pad_token_id)
+        if self.likelihood_weights is not None:
+            inputs["response_lengths"] = torch.tensor([row.response_length for row in rows])
         return BatchFeature(inputs)
 
     def forward(

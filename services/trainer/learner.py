@@ -73,6 +73,9 @@ class LearnerConfig:
     reward_replay: int = 256
     """Earlier training pairs replayed beside each round's new ones when the reward model trains, so it
     keeps what it learned from earlier traffic (0: the new pairs only)."""
+    reward_row_cache_mib: float = 256.0
+    """Memory for the reward model's encoded rows (token ids, pixel values) of the pairs it scored last, so
+    that later epochs, replays and held-out checks do not encode them again (0: encode every time)."""
     policy_lr: float = 3e-4
     """Learning rate of the policy (and of the value head, for PPO and A2C)."""
     lora_rank: int = 0
@@ -212,7 +215,8 @@ class Learner:
             sampling_temperature=config.sampling_temperature,
         )
         self.reward = RewardLearning(models, self.media, self.shards, epochs=config.reward_epochs,
-                                     batch_size=config.reward_batch_size, max_grad_norm=config.max_grad_norm)
+                                     batch_size=config.reward_batch_size, max_grad_norm=config.max_grad_norm,
+                                     row_cache_bytes=int(config.reward_row_cache_mib * 2**20))
         self.sampler = Sampler(
             policy=models.policy, reference=models.reference, processor=models.processor, batches=self.batches,
             score=self.reward.score, shards=self.shards, temperature=config.sampling_temperature,

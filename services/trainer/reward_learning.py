@@ -3,13 +3,21 @@
 Every rank holds the same pairs and trains on its shard of each minibatch, through the data-parallel
 wrapper, so the reward model stays identical on every rank. Margins (from ratings) ask the chosen
 response to win by that much.
+
+The same pairs are scored round after round (each round's epochs, the replayed pairs, the held-out pairs
+measured every round), so their encoded rows are kept (EncodedRows) rather than encoded again:
+benchmarks/reward_rows.py measures what that saves.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+
 import torch
 
 from modalign.policy.engine import Sample
+from modalign.reward.model import EncodedRow
 from modalign.trainer.batches import MediaCache, Prompt
 from modalign.trainer.distributed import Shards
 from modalign.trainer.join import PreferencePair
@@ -18,11 +26,39 @@ from modalign.trainer.metrics import mean
 from modalign.trainer.models import Models, optimizer_step
 
 
+class EncodedRows:
+    """Encoded rows by (prompt, response), the most recently used kept within max_bytes (their tensors'
+    sizes): with a small model, encoding a row (tokenising it, processing its images) costs about half as
+    much as scoring it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._rows: OrderedDict[tuple[Prompt, str], EncodedRow] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, key: tuple[Prompt, str], encode: Callable[[], EncodedRow]) -> EncodedRow:
+        """key's row, encode()d if it is not kept; kept afterwards, the least recently used forgotten
+        past max_bytes."""
+        if (row := self._rows.get(key)) is not None:
+            self._rows.move_to_end(key)
+            return row
+        row = encode()
+        self._rows[key] = row
+        self._bytes += row.nbytes
+        while self._bytes > self.max_bytes and self._rows:
+            self._bytes -= self._rows.popitem(last=False)[1].nbytes
+        return row
+
+
 class RewardLearning:
     def __init__(self, models: Models, media: MediaCache, shards: Shards, *, epochs: int, batch_size: int,
-                 max_grad_norm: float) -> None:
+                 max_grad_norm: float, row_cache_bytes: int) -> None:
         self.models, self.media, self.shards = models, media, shards
         self.epochs, self.batch_size, self.max_grad_norm = epochs, batch_size, max_grad_norm
+        self.rows = EncodedRows(row_cache_bytes)
 
     def train(self, pairs: list[PreferencePair]) -> dict[str, float]:
         """`epochs` passes over the pairs; every rank takes as many steps."""
@@ -46,13 +82,16 @@ class RewardLearning:
         """Reward-model scores of (chosen, rejected) for each pair, in one forward pass of model (by
         default the reward model itself; the data-parallel wrapper when training)."""
         reward_model = self.models.reward_model
-        prompts = [Prompt.of(p.prompt).conversation for p in pairs] * 2
-        media = [self.media.of_pair(p) for p in pairs] * 2
+        prompts = [Prompt.of(p.prompt) for p in pairs] * 2
         responses = [p.chosen.text for p in pairs] + [p.rejected.text for p in pairs]
-        inputs = reward_model.encode(
-            prompts, [m.images for m in media], responses, audio_per_sample=[m.audio for m in media],
-        ).to(self.models.device)
-        rewards = (model or reward_model)(**inputs)
+
+        def encode(row: int) -> EncodedRow:
+            media = self.media.of_prompt(prompts[row])
+            return reward_model.encode_row(row, prompts[row].conversation, media.images, responses[row], media.audio)
+
+        rows = [self.rows.get((prompt, response), lambda row=row: encode(row))
+                for row, (prompt, response) in enumerate(zip(prompts, responses))]
+        rewards = (model or reward_model)(**reward_model.collate(rows).to(self.models.device))
         return rewards[: len(pairs)], rewards[len(pairs):]
 
     @torch.no_grad()

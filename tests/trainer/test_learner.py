@@ -18,7 +18,7 @@ from modalign.policy.conversation import Part, Turn
 from modalign.policy.engine import Sample
 from modalign.reward.backbones import load_reward_model
 from modalign.reward.clip import ClipRewardModel
-from modalign.reward.model import RewardModel
+from modalign.reward.model import EncodedRow, RewardModel
 from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.algorithms.a2c import a2c_update
 from modalign.trainer.algorithms.critic_free import critic_free_update
@@ -31,6 +31,7 @@ from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.learner import Learner
 from modalign.trainer.logprobs import sequence_logprobs
 from modalign.trainer.masked import masked_mean
+from modalign.trainer.reward_learning import EncodedRows
 from modalign.trainer.service import TrainerConfig
 
 from tests.trainer.learning import (
@@ -224,6 +225,67 @@ def test_the_reward_model_learns_a_preference_for_red_and_generalises_to_held_ou
     assert heldout_margin() > margin_before + 0.5
     # DPO on the same pairs moved the policy's implicit reward the same way.
     assert metrics["dpo_reward_accuracy"] == 1.0 and metrics["dpo_reward_margin"] > 0
+
+
+def count_calls(target: object, method: str) -> list[tuple]:
+    """The arguments of every later call of target.method, in order."""
+    calls: list[tuple] = []
+    original = getattr(target, method)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(target, method, counted)
+    return calls
+
+
+def test_kept_reward_rows_train_the_reward_model_exactly_as_encoding_them_anew(
+    blobs: BlobStore, prompts: list[Prompt]
+) -> None:
+    """Epochs, replays and held-out checks score the same pairs again: the kept rows spare their encoding and
+    change nothing the reward model learns."""
+    shapes, positions = ["circle", "square", "star", "dot"], ["left", "right", "top", "bottom"]
+    combos = list(itertools.product(shapes, positions))
+    runs = {}
+    for cache_mib in (0.0, 256.0):
+        seed_everything(0)
+        learner = make_learner(blobs, algorithm="dpo", reward_epochs=2, reward_batch_size=8, reward_row_cache_mib=cache_mib)
+        encoded = count_calls(learner.models.reward_model, "encode_row")
+        train = [colour_pairs(learner, prompt, combos[:8], f"t{i}") for i, prompt in enumerate(prompts[1:3])]
+        heldout = colour_pairs(learner, prompts[1], combos[8:], "h")
+        metrics = [learner.reward.train(train[0]), learner.heldout_accuracy(heldout),
+                   learner.reward.train(train[1] + train[0][:4]), learner.heldout_accuracy(heldout)]
+        runs[cache_mib] = metrics, parameters(learner.models.reward_model), len(encoded)
+
+    (plain, plain_weights, plain_encoded), (kept, kept_weights, kept_encoded) = runs[0.0], runs[256.0]
+    assert kept == plain and differing(kept_weights, plain_weights) == []
+    # Anew: 2 rows per pair, per epoch and per held-out check. Kept: each distinct row once (8 + 8 training
+    # pairs, 8 held-out pairs), with its first encoding.
+    assert plain_encoded == 2 * (2 * 8 + 8 + 2 * 12 + 8)
+    assert kept_encoded == 2 * (8 + 8 + 8)
+
+
+def test_encoded_rows_forget_the_least_recently_used_past_their_bytes() -> None:
+    def row(values: int) -> EncodedRow:
+        return EncodedRow({"input_ids": torch.zeros(values, dtype=torch.int64)})  # 8 bytes a value
+
+    rows = EncodedRows(max_bytes=80)
+    encoded = []
+
+    def get(key: str, values: int = 4) -> EncodedRow:
+        return rows.get((Prompt.question(key), ""), lambda: encoded.append(key) or row(values))
+
+    for key in ("a", "b"):
+        get(key)
+    get("a")  # used: b is now the least recent
+    get("c", values=3)  # 88 bytes: b goes
+    assert len(rows) == 2
+    get("a")
+    get("b")
+    assert encoded == ["a", "b", "c", "b"]
+    get("huge", values=11)  # larger than the whole budget: returned, and kept by nothing
+    assert len(rows) == 0 and get("huge", values=11).inputs["input_ids"].numel() == 11
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "ppo", "grpo", "a2c"])
