@@ -13,8 +13,9 @@ from modalign.bench.run import main
 
 pytestmark = pytest.mark.integration
 
-FLAT = ("serving_vs_hf_generate_poisson_c32", "serving_vs_hf_generate_static", "ingestion_vs_raw_producer",
-        "rm_training_vs_trl", "policy_grpc_vs_in_process", "policy_http_vs_in_process", "reward_oip_vs_in_process")
+FLAT = ("serving_vs_hf_generate_poisson_c1", "serving_vs_hf_generate_poisson_c8", "serving_vs_hf_generate_poisson_c32",
+        "serving_vs_hf_generate_static", "ingestion_vs_raw_producer", "rm_training_vs_trl", "policy_grpc_vs_in_process",
+        "policy_http_vs_in_process", "reward_oip_vs_in_process")
 POLICY_UPDATES = ("dpo", "rloo")
 SERVICES = ("policy", "feedback", "reward", "trainer", "rollout")
 

@@ -7,7 +7,7 @@ section for docs/benchmarks.md with the command that produced it.
 
 Measured, each module's docstring saying exactly what its two sides are:
 - policy serving against transformers' `generate` (bench/serving.py), under Poisson arrivals at
-  concurrency 32 and as one static batch;
+  concurrency 1, 8 and 32 and as one static batch;
 - the services' transports against calling the same model in this process (bench/overhead.py): the
   policy over gRPC and over its OpenAI-compatible HTTP API, the reward model over OIP v2 REST;
 - feedback ingestion through the feedback service against kafka-python's producer on the same broker
@@ -70,23 +70,27 @@ class BenchConfig:
 
 
 def measure_serving(quick: bool, repeats: int) -> dict[str, Measured]:
-    """Continuous batching against transformers' generate (serving.py): Poisson arrivals at most 32
-    outstanding, and one static batch of 32 requests arriving at once; the policy service's own bounds
+    """Continuous batching against transformers' generate (serving.py): Poisson arrivals with at most 1, 8
+    and 32 outstanding, and one static batch of 32 requests arriving at once; the policy service's own bounds
     (32 rows, up to 5 ms of waiting for company)."""
     model, processor = build_default_policy(0)
     engine = PolicyEngine(model, processor)
     new_tokens = (2, 8) if quick else (4, 64)
-    # Poisson arrivals faster than either side serves (each waits for one of the 32 places to free up):
-    # throughput is then what each side can do, not the arrival rate.
-    loads = {"serving_vs_hf_generate_poisson_c32": (12 if quick else 192, 1000.0),
-             "serving_vs_hf_generate_static": (8 if quick else 32, 0.0)}
+    # Poisson arrivals faster than either side serves (each waits for one of the places to free up):
+    # throughput is then what each side can do, not the arrival rate. Fewer requests where fewer run at once.
+    loads = {  # name: (requests, arrivals per second, most outstanding)
+        "serving_vs_hf_generate_poisson_c1": (3 if quick else 24, 1000.0, 1),
+        "serving_vs_hf_generate_poisson_c8": (6 if quick else 64, 1000.0, 8),
+        "serving_vs_hf_generate_poisson_c32": (12 if quick else 192, 1000.0, 32),
+        "serving_vs_hf_generate_static": (8 if quick else 32, 0.0, 32),
+    }
     measured = {}
-    for name, (count, rate) in loads.items():
+    for name, (count, rate, concurrency) in loads.items():
         requests = make_requests(processor, count, *new_tokens, seed=0)
         arrivals = f"Poisson {rate:g}/s" if rate else "all at once"
         measured[name] = Measured(
-            f"{count} requests, {arrivals}, at most 32 outstanding, {new_tokens[0]}-{new_tokens[1]} new tokens",
-            "tokens/s", serving.compare(engine, requests, rate=rate, concurrency=32, policy=PolicyConfig(),
+            f"{count} requests, {arrivals}, at most {concurrency} outstanding, {new_tokens[0]}-{new_tokens[1]} new tokens",
+            "tokens/s", serving.compare(engine, requests, rate=rate, concurrency=concurrency, policy=PolicyConfig(),
                                         repeats=repeats))
     return measured
 
