@@ -91,6 +91,11 @@ class EncodedRow:
     """Tokens of the response and its EOS, where the model scores the response's likelihood."""
 
     @property
+    def length(self) -> int:
+        """Its tokens: the width it pads a batch to."""
+        return self.inputs["input_ids"].shape[-1]
+
+    @property
     def nbytes(self) -> int:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.inputs.values())
 

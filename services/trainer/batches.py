@@ -200,6 +200,11 @@ class ResponseBatches:
         """The chosen responses of the pairs, one row each."""
         return self.build([Prompt.of(p.prompt) for p in pairs], [self.token_ids(p.chosen) for p in pairs])
 
+    def pair_width(self, pair: PreferencePair) -> int:
+        """Tokens of the pair's longer row (its prompt, then its response): the width it pads a batch to."""
+        prompt = self.encode_prompt(Prompt.of(pair.prompt))["input_ids"].shape[1]
+        return prompt + max(len(self.token_ids(pair.chosen)), len(self.token_ids(pair.rejected)))
+
     def token_ids(self, response: Response) -> list[int]:
         """A logged response's token ids as generated; an edit's text tokenised, EOS-terminated."""
         if response.token_ids is not None:

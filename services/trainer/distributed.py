@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -48,6 +49,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+LENGTH_GROUP = 8
+"""Minibatches whose items shared_minibatches sorts by length together: more saves more padding, fewer keeps
+more of the shuffle's randomness in which items share a minibatch (transformers' LengthGroupedSampler takes 50)."""
+
+
 class Shards:
     """How the ranks split the work of a round, and the random draws that go with it.
 
@@ -68,10 +74,22 @@ class Shards:
         """This rank's share of a list every rank holds alike."""
         return items[self.rank::self.world_size]
 
-    def shared_minibatches(self, items: list[T], size: int) -> list[list[T]]:
+    def shared_minibatches(self, items: list[T], size: int, length: Callable[[T], int] | None = None) -> list[list[T]]:
         """Minibatches of `size` per rank from a list every rank holds alike, shuffled alike on every rank;
-        each rank gets its shard of each, so all ranks take the same number of steps."""
+        each rank gets its shard of each, so all ranks take the same number of steps.
+
+        With length (an item's padded width, in tokens), padding-aware: the shuffled items are taken
+        LENGTH_GROUP minibatches at a time, each group sorted by length before it is cut, and the minibatches
+        then shuffled, so that each holds items of about one length (a batch is as wide as its widest row)
+        while which items share it, and the order of the minibatches, stay random."""
         order = list(range(len(items)))
         self.shared_rng.shuffle(order)
         step = size * self.world_size
-        return [self.shard([items[i] for i in order[start:start + step]]) for start in range(0, len(order), step)]
+        if length is not None:
+            group = step * LENGTH_GROUP
+            order = [i for start in range(0, len(order), group)
+                     for i in sorted(order[start:start + group], key=lambda i: length(items[i]))]
+        batches = [order[start:start + step] for start in range(0, len(order), step)]
+        if length is not None:
+            self.shared_rng.shuffle(batches)
+        return [self.shard([items[i] for i in batch]) for batch in batches]

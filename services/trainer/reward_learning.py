@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +54,20 @@ class EncodedRows:
         return row
 
 
+@dataclass(frozen=True)
+class EncodedPair:
+    """A preference pair with its chosen and rejected rows as the reward model encodes them."""
+
+    pair: PreferencePair
+    chosen: EncodedRow
+    rejected: EncodedRow
+
+    @property
+    def width(self) -> int:
+        """Tokens of its longer row: the width it pads a minibatch to."""
+        return max(self.chosen.length, self.rejected.length)
+
+
 class RewardLearning:
     def __init__(self, models: Models, media: MediaCache, shards: Shards, *, epochs: int, batch_size: int,
                  max_grad_norm: float, row_cache_bytes: int) -> None:
@@ -61,38 +76,50 @@ class RewardLearning:
         self.rows = EncodedRows(row_cache_bytes)
 
     def train(self, pairs: list[PreferencePair]) -> dict[str, float]:
-        """`epochs` passes over the pairs; every rank takes as many steps."""
+        """`epochs` passes over the pairs, each row encoded once, in minibatches of pairs of about one width
+        (Shards.shared_minibatches); every rank takes as many steps."""
         if not pairs:
             return {}
         models = self.models
+        encoded = self.encode(pairs)
         losses, accuracies = [], []
         for _ in range(self.epochs):
-            for batch in self.shards.shared_minibatches(pairs, self.batch_size):
-                chosen, rejected = self.pair_rewards(batch, models.training_reward_model)
-                margins = torch.tensor([p.margin for p in batch], dtype=chosen.dtype, device=chosen.device)
+            for batch in self.shards.shared_minibatches(encoded, self.batch_size, length=lambda one: one.width):
+                chosen, rejected = self.rewards(batch, models.training_reward_model)
+                margins = torch.tensor([one.pair.margin for one in batch], dtype=chosen.dtype, device=chosen.device)
                 loss = bradley_terry_loss(chosen, rejected, margin=margins)
                 optimizer_step(loss, self.max_grad_norm, (models.reward_model, models.reward_optimizer))
                 losses.append(loss.item())
                 accuracies.append(preference_accuracy(chosen.detach(), rejected.detach()).item())
         return {"rm_loss": mean(losses), "rm_train_accuracy": mean(accuracies)}
 
-    def pair_rewards(
-        self, pairs: list[PreferencePair], model: torch.nn.Module | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, pairs: list[PreferencePair]) -> list[EncodedPair]:
+        """The pairs' rows (kept ones taken as kept); errors name chosen rows 0 to n - 1, rejected n to 2n - 1."""
+        reward_model = self.models.reward_model
+
+        def row(number: int, prompt: Prompt, response: str) -> EncodedRow:
+            def encode() -> EncodedRow:
+                media = self.media.of_prompt(prompt)
+                return reward_model.encode_row(number, prompt.conversation, media.images, response, media.audio)
+            return self.rows.get((prompt, response), encode)
+
+        prompts = [Prompt.of(pair.prompt) for pair in pairs]
+        return [EncodedPair(pair, row(i, prompt, pair.chosen.text), row(len(pairs) + i, prompt, pair.rejected.text))
+                for i, (pair, prompt) in enumerate(zip(pairs, prompts))]
+
+    def rewards(self, encoded: list[EncodedPair], model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward-model scores of (chosen, rejected) for each pair, in one forward pass of model (by
         default the reward model itself; the data-parallel wrapper when training)."""
         reward_model = self.models.reward_model
-        prompts = [Prompt.of(p.prompt) for p in pairs] * 2
-        responses = [p.chosen.text for p in pairs] + [p.rejected.text for p in pairs]
-
-        def encode(row: int) -> EncodedRow:
-            media = self.media.of_prompt(prompts[row])
-            return reward_model.encode_row(row, prompts[row].conversation, media.images, responses[row], media.audio)
-
-        rows = [self.rows.get((prompt, response), lambda row=row: encode(row))
-                for row, (prompt, response) in enumerate(zip(prompts, responses))]
+        rows = [one.chosen for one in encoded] + [one.rejected for one in encoded]
         rewards = (model or reward_model)(**reward_model.collate(rows).to(self.models.device))
-        return rewards[: len(pairs)], rewards[len(pairs):]
+        return rewards[: len(encoded)], rewards[len(encoded):]
+
+    def pair_rewards(
+        self, pairs: list[PreferencePair], model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rewards() of the pairs, encoded."""
+        return self.rewards(self.encode(pairs), model)
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], samples: list[Sample]) -> torch.Tensor:

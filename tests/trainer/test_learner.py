@@ -260,9 +260,9 @@ def test_kept_reward_rows_train_the_reward_model_exactly_as_encoding_them_anew(
 
     (plain, plain_weights, plain_encoded), (kept, kept_weights, kept_encoded) = runs[0.0], runs[256.0]
     assert kept == plain and differing(kept_weights, plain_weights) == []
-    # Anew: 2 rows per pair, per epoch and per held-out check. Kept: each distinct row once (8 + 8 training
-    # pairs, 8 held-out pairs), with its first encoding.
-    assert plain_encoded == 2 * (2 * 8 + 8 + 2 * 12 + 8)
+    # Anew: 2 rows per pair, once per round (for all its epochs) and per held-out check. Kept: each distinct
+    # row once (8 + 8 training pairs, 8 held-out pairs), with its first encoding.
+    assert plain_encoded == 2 * (8 + 8 + 12 + 8)
     assert kept_encoded == 2 * (8 + 8 + 8)
 
 

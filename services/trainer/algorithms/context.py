@@ -90,6 +90,7 @@ class PolicyContext:
         history["sft_loss"].append(nll.item())
         return self.config.sft_weight * nll
 
-    def shared_minibatches(self, items: list[T], size: int) -> list[list[T]]:
-        """Minibatches of a list every rank holds alike (e.g. the round's pairs): this rank's share of each."""
-        return self._shards.shared_minibatches(items, size)
+    def shared_minibatches(self, items: list[T], size: int, length: Callable[[T], int] | None = None) -> list[list[T]]:
+        """Minibatches of a list every rank holds alike (e.g. the round's pairs): this rank's share of each;
+        with length, of items of about one length (Shards.shared_minibatches)."""
+        return self._shards.shared_minibatches(items, size, length)

@@ -27,7 +27,7 @@ def dpo(ctx: PolicyContext, pairs: list[PreferencePair], prompts: list[Prompt]) 
         return {}
     losses, accuracies, margins = [], [], []
     for _ in range(config.policy_epochs):
-        for chunk in ctx.shared_minibatches(pairs, config.minibatch_size):
+        for chunk in ctx.shared_minibatches(pairs, config.minibatch_size, length=ctx.batches.pair_width):
             batch = ctx.batches.of_pairs(chunk)  # the chosen responses' rows, then the rejected ones'
             logps = sequence_logprobs(ctx.batches.logits(ctx.policy, batch), batch.response_ids, batch.response_mask)
             with torch.no_grad():
