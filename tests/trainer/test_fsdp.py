@@ -62,7 +62,8 @@ def weights(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 def test_two_sharded_ranks_train_as_one_process_does(sharded_run: Path, blobs: BlobStore, prompts: list[Prompt]) -> None:
     """DPO and the reward model on shards of the same pairs: each rank's gradients are over its half of a
     minibatch, so one process taking whole minibatches (world size times larger) must land on the same
-    weights, up to the order of float additions: within 2e-5 after three steps of 3e-4 (the learning rate).
+    weights, up to the order of float additions: within 2e-5 after three steps of 3e-4 (the learning rate),
+    but for a few entries.
     Gradients left local to each rank differ by the step itself, and so does a wrong minibatch."""
     seed_everything(0)
     pairs = traffic_pairs(make_learner(blobs, algorithm="dpo"), prompts)
@@ -79,9 +80,13 @@ def test_two_sharded_ranks_train_as_one_process_does(sharded_run: Path, blobs: B
         theirs = full_state(getattr(single.models, name))
         assert ours.keys() == theirs.keys()
         assert any(not torch.equal(ours[key], start[key]) for key in ours), f"the sharded {name} did not learn"
-        compared = [key for key in ours if not key.endswith(GRADIENT_FREE)]
-        farthest = max(compared, key=lambda key: (ours[key] - theirs[key]).abs().max().item())
-        assert (ours[farthest] - theirs[farthest]).abs().max().item() < 2e-5, f"{name} {farthest}"
+        for key in (key for key in ours if not key.endswith(GRADIENT_FREE)):
+            apart = (ours[key] - theirs[key]).abs()
+            # Float residue: within 2e-5 but for a few entries whose gradient is near zero, where Adam's
+            # normalised step turns the residue into a fraction of a step (one entry of 49,152 at 2.9e-5 is
+            # seen). A wrong minibatch or gradients left local move most entries by about a step (3e-4).
+            assert apart.max().item() < 1e-4 and (apart > 2e-5).float().mean().item() < 1e-3, \
+                f"{name} {key}: {apart.max().item():.2e} apart at most, {int((apart > 2e-5).sum())} entries beyond 2e-5"
 
 
 def test_sharded_ranks_sample_and_evaluate_at_their_own_pace_and_stay_one_model(sharded_run: Path) -> None:
