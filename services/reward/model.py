@@ -83,8 +83,8 @@ def prompt_conversation(
 @dataclass(frozen=True)
 class EncodedRow:
     """One (prompt, response) row as a reward model encodes it, before it is padded into a batch with others
-    (collate): encoding is the costly part of scoring a small model's rows, and the trainer keeps the rows it
-    scores again and again (modalign.trainer.reward_learning.EncodedRows)."""
+    (collate). Encoding a row (tokenising, processing its images) costs a small model about half what scoring
+    it does, so the trainer keeps the rows it scores again and again (modalign.trainer.reward_learning.EncodedRows)."""
 
     inputs: dict[str, torch.Tensor]
     response_length: int = 0
