@@ -1,4 +1,4 @@
-"""Benchmark: what keeping the reward model's encoded rows (trainer/reward_learning.py, EncodedRows) saves the
+"""Benchmark: what keeping the reward model's encoded rows (trainer/reward_learning.py, RewardLearning.rows) saves the
 trainer's rounds.
 
 Two learners with the trainer's defaults (DPO, the built-in LLaVA as policy and reward backbone, reward

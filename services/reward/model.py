@@ -84,7 +84,7 @@ def prompt_conversation(
 class EncodedRow:
     """One (prompt, response) row as a reward model encodes it, before it is padded into a batch with others
     (collate). Encoding a row (tokenising, processing its images) costs a small model about half what scoring
-    it does, so the trainer keeps the rows it scores again and again (modalign.trainer.reward_learning.EncodedRows)."""
+    it does, so the trainer keeps the rows it scores again and again (modalign.trainer.reward_learning)."""
 
     inputs: dict[str, torch.Tensor]
     response_length: int = 0

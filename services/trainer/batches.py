@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -96,6 +96,34 @@ class Media:
     """Mono float samples at the processor's sampling rate."""
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class RecentlyUsed(Generic[K, V]):
+    """Values by key, each made on its first use; the most recently used are kept while their sizes (1 each,
+    or size(value)) add up to at most capacity, the least recently used forgotten first."""
+
+    def __init__(self, capacity: int, size: Callable[[V], int] = lambda _: 1) -> None:
+        self.capacity, self._size = capacity, size
+        self._values: OrderedDict[K, V] = OrderedDict()
+        self._total = 0
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: K, make: Callable[[], V]) -> V:
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        value = make()
+        self._values[key] = value
+        self._total += self._size(value)
+        while self._total > self.capacity and self._values:
+            self._total -= self._size(self._values.popitem(last=False)[1])
+        return value
+
+
 class MediaCache:
     """Decoded images and audio clips by sha256, from the blob store; the 2 x capacity most recently used,
     images and clips together, are kept. Clips are decoded at sampling_rate, the policy processor's (None: a
@@ -105,7 +133,7 @@ class MediaCache:
         self.blobs = blobs
         self.sampling_rate = sampling_rate
         self.capacity = capacity
-        self._decoded: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._decoded: RecentlyUsed[tuple[str, str], Any] = RecentlyUsed(2 * capacity)
 
     def of_prompt(self, prompt: Prompt) -> Media:
         return Media([self._get("image", sha) for sha in prompt.image_sha256],
@@ -115,13 +143,7 @@ class MediaCache:
         return self.of_prompt(Prompt.of(pair.prompt))
 
     def _get(self, kind: str, sha256: str) -> Any:
-        key = (kind, sha256)
-        if key not in self._decoded:
-            self._decoded[key] = self._decode(kind, self.blobs.get(sha256))
-            while len(self._decoded) > 2 * self.capacity:
-                self._decoded.popitem(last=False)
-        self._decoded.move_to_end(key)
-        return self._decoded[key]
+        return self._decoded.get((kind, sha256), lambda: self._decode(kind, self.blobs.get(sha256)))
 
     def _decode(self, kind: str, data: bytes) -> Any:
         if kind == "image":
@@ -148,20 +170,16 @@ class ResponseBatches:
         self.unsampleable_token_ids = unsampleable_token_ids
         self.sampling_temperature = sampling_temperature
         """The default temperature of log-probs: the one responses are sampled at."""
-        self._prompts: OrderedDict[Prompt, Inputs] = OrderedDict()
-        self._prompt_cache_size = prompt_cache_size
+        self._prompts: RecentlyUsed[Prompt, Inputs] = RecentlyUsed(prompt_cache_size)
 
     def encode_prompt(self, prompt: Prompt) -> Inputs:
         """The prompt's row as the engine encodes it (the policy's chat template, its images); recently
         used prompts are kept, since every round reads the same prompts many times."""
-        if prompt not in self._prompts:
-            text = format_conversation(self.processor, prompt.conversation)
+        def encode() -> Inputs:
             media = self.media.of_prompt(prompt)
-            self._prompts[prompt] = self.family.encode(self.processor, text, media.images, media.audio)
-            while len(self._prompts) > self._prompt_cache_size:
-                self._prompts.popitem(last=False)
-        self._prompts.move_to_end(prompt)
-        return self._prompts[prompt]
+            return self.family.encode(self.processor, format_conversation(self.processor, prompt.conversation),
+                                      media.images, media.audio)
+        return self._prompts.get(prompt, encode)
 
     def build(self, prompts: list[Prompt], response_ids: list[list[int]]) -> ResponseBatch:
         rows, prompt_lengths = [], []

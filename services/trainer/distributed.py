@@ -85,11 +85,12 @@ class Shards:
         order = list(range(len(items)))
         self.shared_rng.shuffle(order)
         step = size * self.world_size
-        if length is not None:
+        if length is None:
+            batches = [order[start:start + step] for start in range(0, len(order), step)]
+        else:
             group = step * LENGTH_GROUP
-            order = [i for start in range(0, len(order), group)
-                     for i in sorted(order[start:start + group], key=lambda i: length(items[i]))]
-        batches = [order[start:start + step] for start in range(0, len(order), step)]
-        if length is not None:
+            by_length = [i for start in range(0, len(order), group)
+                         for i in sorted(order[start:start + group], key=lambda i: length(items[i]))]
+            batches = [by_length[start:start + step] for start in range(0, len(by_length), step)]
             self.shared_rng.shuffle(batches)
         return [self.shard([items[i] for i in batch]) for batch in batches]

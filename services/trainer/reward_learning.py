@@ -5,53 +5,24 @@ wrapper, so the reward model stays identical on every rank. Margins (from rating
 response to win by that much.
 
 The same pairs are scored round after round (each round's epochs, the replayed pairs, the held-out pairs
-measured every round), so their encoded rows are kept (EncodedRows) rather than encoded again:
+measured every round), so their encoded rows are kept (RewardLearning.rows) rather than encoded again:
 benchmarks/reward_rows.py measures what that saves.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from modalign.policy.engine import Sample
 from modalign.reward.model import EncodedRow
-from modalign.trainer.batches import MediaCache, Prompt
+from modalign.trainer.batches import MediaCache, Prompt, RecentlyUsed
 from modalign.trainer.distributed import Shards
 from modalign.trainer.join import PreferencePair
 from modalign.trainer.losses import bradley_terry_loss, preference_accuracy
 from modalign.trainer.metrics import mean
 from modalign.trainer.models import Models, optimizer_step
-
-
-class EncodedRows:
-    """Encoded rows by (prompt, response), the most recently used kept within max_bytes (their tensors'
-    sizes): with a small model, encoding a row (tokenising it, processing its images) costs about half as
-    much as scoring it."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._rows: OrderedDict[tuple[Prompt, str], EncodedRow] = OrderedDict()
-        self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def get(self, key: tuple[Prompt, str], encode: Callable[[], EncodedRow]) -> EncodedRow:
-        """key's row, encode()d if it is not kept; kept afterwards, the least recently used forgotten
-        past max_bytes."""
-        if (row := self._rows.get(key)) is not None:
-            self._rows.move_to_end(key)
-            return row
-        row = encode()
-        self._rows[key] = row
-        self._bytes += row.nbytes
-        while self._bytes > self.max_bytes and self._rows:
-            self._bytes -= self._rows.popitem(last=False)[1].nbytes
-        return row
 
 
 @dataclass(frozen=True)
@@ -73,7 +44,9 @@ class RewardLearning:
                  max_grad_norm: float, row_cache_bytes: int) -> None:
         self.models, self.media, self.shards = models, media, shards
         self.epochs, self.batch_size, self.max_grad_norm = epochs, batch_size, max_grad_norm
-        self.rows = EncodedRows(row_cache_bytes)
+        # Kept within row_cache_bytes: with a small model, encoding a row (tokenising it, processing its images)
+        # costs about half as much as scoring it.
+        self.rows: RecentlyUsed[tuple[Prompt, str], EncodedRow] = RecentlyUsed(row_cache_bytes, lambda row: row.nbytes)
 
     def train(self, pairs: list[PreferencePair]) -> dict[str, float]:
         """`epochs` passes over the pairs, each row encoded once, in minibatches of pairs of about one width

@@ -23,7 +23,7 @@ from modalign.trainer.algorithms import ALGORITHMS
 from modalign.trainer.algorithms.a2c import a2c_update
 from modalign.trainer.algorithms.critic_free import critic_free_update
 from modalign.trainer.algorithms.ppo import critic_advantages, ppo_update
-from modalign.trainer.batches import Prompt
+from modalign.trainer.batches import Prompt, RecentlyUsed
 from modalign.trainer.checkpoint import load_checkpoint, save_checkpoint
 from modalign.trainer.evaluation import heldout_preference_shift
 from modalign.trainer.gate import GateConfig, gate_candidate, gate_failures
@@ -31,7 +31,6 @@ from modalign.trainer.join import PreferencePair, Response
 from modalign.trainer.learner import Learner
 from modalign.trainer.logprobs import sequence_logprobs
 from modalign.trainer.masked import masked_mean
-from modalign.trainer.reward_learning import EncodedRows
 from modalign.trainer.service import TrainerConfig
 
 from tests.trainer.learning import (
@@ -270,7 +269,7 @@ def test_encoded_rows_forget_the_least_recently_used_past_their_bytes() -> None:
     def row(values: int) -> EncodedRow:
         return EncodedRow({"input_ids": torch.zeros(values, dtype=torch.int64)})  # 8 bytes a value
 
-    rows = EncodedRows(max_bytes=80)
+    rows: RecentlyUsed[tuple[Prompt, str], EncodedRow] = RecentlyUsed(80, lambda row: row.nbytes)
     encoded = []
 
     def get(key: str, values: int = 4) -> EncodedRow:
